@@ -1,0 +1,1 @@
+pytest_plugins = ["cairn_testkit.fixtures"]

@@ -1,0 +1,91 @@
+"""Every message that crosses an exchange. Each carries its schema version in the body.
+
+A consumer validates the body against the model named here; a body that does not validate is
+dead-lettered with the validation error as its reason, never half-processed.
+"""
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cairn_contracts.jobs import JobSpec
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    message_type: ClassVar[str]
+    schema_version: int
+
+
+class StartJob(Message):
+    """Command gateway → scheduler: plan this recorded job into shards and dispatch them."""
+
+    message_type: ClassVar[str] = "cairn.command.start_job"
+    schema_version: Literal[1] = 1
+    job_id: str
+    tenant: str
+    spec: JobSpec
+    submitted_at: datetime = Field(default_factory=utcnow)
+
+
+class RunShard(Message):
+    """Celery task payload scheduler → ingest worker. The shard document is authoritative."""
+
+    message_type: ClassVar[str] = "cairn.task.run_shard"
+    schema_version: Literal[1] = 1
+    job_id: str
+    shard_key: str
+
+
+class ShardFinished(Message):
+    """Event ingest worker → scheduler: a shard reached a terminal state."""
+
+    message_type: ClassVar[str] = "cairn.event.shard_finished"
+    schema_version: Literal[1] = 1
+    job_id: str
+    shard_key: str
+    outcome: Literal["succeeded", "failed"]
+    records_done: int
+    error: str | None = None
+    finished_at: datetime = Field(default_factory=utcnow)
+
+
+DeadLetterReason = Literal["non_retryable", "retries_exhausted", "contract_violation", "poison"]
+
+
+class OriginalMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    body: str
+    body_encoding: Literal["utf-8", "base64"] = "utf-8"
+    headers: dict[str, Any] = Field(default_factory=dict)
+    routing_key: str | None = None
+
+
+class DeadLetter(Message):
+    """Published to the dead-letter exchange by a service that gives up on a message.
+
+    Messages the broker itself dead-letters (rejected, expired) reach the DLQ in their original
+    form with `x-death` headers instead; the DLQ handler records both kinds.
+    """
+
+    message_type: ClassVar[str] = "cairn.dead_letter"
+    schema_version: Literal[1] = 1
+    dead_letter_id: str
+    source_service: str
+    source_queue: str
+    reason: DeadLetterReason
+    error_type: str
+    error_message: str
+    stack: str | None = Field(None, description="Bounded stack summary")
+    job_id: str | None = None
+    shard_key: str | None = None
+    attempts: int = 0
+    original: OriginalMessage
+    dead_lettered_at: datetime = Field(default_factory=utcnow)

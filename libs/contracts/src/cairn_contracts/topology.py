@@ -1,0 +1,84 @@
+"""Exchanges, queues, bindings and routing keys: the broker layout every service declares.
+
+Declaring is idempotent, so each service declares the whole layout at start-up; the arguments
+below must therefore be identical everywhere (RabbitMQ refuses a redeclare with other arguments).
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+EXCHANGE_COMMANDS = "cairn.commands"  # direct: commands to the scheduler
+EXCHANGE_EVENTS = "cairn.events"  # topic: facts published by workers
+EXCHANGE_TASKS = "cairn.tasks"  # direct: Celery shard tasks
+EXCHANGE_DLX = "cairn.dlx"  # topic: everything that could not succeed
+
+ROUTING_START_JOB = "job.start"
+ROUTING_SHARD_SUCCEEDED = "shard.succeeded"
+ROUTING_SHARD_FAILED = "shard.failed"
+ROUTING_INGEST = "ingest"
+
+QUEUE_SCHEDULER_COMMANDS = "cairn.scheduler.commands"
+QUEUE_SCHEDULER_EVENTS = "cairn.scheduler.events"
+QUEUE_INGEST = "cairn.ingest"
+QUEUE_DLQ = "cairn.dlq"
+
+MAX_PRIORITY = 4
+
+# Headers carried by every Cairn message besides the W3C `traceparent`/`tracestate`.
+HEADER_MESSAGE_TYPE = "x-cairn-type"
+HEADER_SCHEMA_VERSION = "x-cairn-schema"
+HEADER_CORRELATION_ID = "x-correlation-id"
+HEADER_SOURCE_QUEUE = "x-cairn-source-queue"
+
+
+@dataclass(frozen=True)
+class ExchangeSpec:
+    name: str
+    type: str  # "direct" | "topic" | "fanout"
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    name: str
+    bindings: tuple[tuple[str, str], ...]  # (exchange, routing key)
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+def _work_queue_arguments(*, priorities: bool) -> dict[str, Any]:
+    arguments: dict[str, Any] = {"x-dead-letter-exchange": EXCHANGE_DLX}
+    if priorities:
+        arguments["x-max-priority"] = MAX_PRIORITY
+    return arguments
+
+
+EXCHANGES: tuple[ExchangeSpec, ...] = (
+    ExchangeSpec(EXCHANGE_COMMANDS, "direct"),
+    ExchangeSpec(EXCHANGE_EVENTS, "topic"),
+    ExchangeSpec(EXCHANGE_TASKS, "direct"),
+    ExchangeSpec(EXCHANGE_DLX, "topic"),
+)
+
+QUEUES: tuple[QueueSpec, ...] = (
+    QueueSpec(
+        QUEUE_SCHEDULER_COMMANDS,
+        bindings=((EXCHANGE_COMMANDS, ROUTING_START_JOB),),
+        arguments=_work_queue_arguments(priorities=True),
+    ),
+    QueueSpec(
+        QUEUE_SCHEDULER_EVENTS,
+        bindings=((EXCHANGE_EVENTS, "shard.*"),),
+        arguments=_work_queue_arguments(priorities=False),
+    ),
+    QueueSpec(
+        QUEUE_INGEST,
+        bindings=((EXCHANGE_TASKS, ROUTING_INGEST),),
+        arguments=_work_queue_arguments(priorities=True),
+    ),
+    # The DLQ has no dead-letter exchange of its own: a message that cannot even be recorded
+    # stays in it (unacked messages are redelivered) rather than vanish.
+    QueueSpec(QUEUE_DLQ, bindings=((EXCHANGE_DLX, "#"),)),
+)
+
+
+def queue_spec(name: str) -> QueueSpec:
+    return next(q for q in QUEUES if q.name == name)

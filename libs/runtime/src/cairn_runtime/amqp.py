@@ -1,0 +1,212 @@
+"""RabbitMQ for the asyncio services: the topology, the one confirmed publisher, decoding.
+
+Every publish is persistent (delivery mode 2), mandatory (an unroutable message is an error, not
+a silent drop) and waits for the broker's publisher confirm. A publish that is not confirmed in
+time raises `PublishNotConfirmed`; the caller decides whether to retry, requeue or report it.
+"""
+
+import asyncio
+import base64
+import logging
+import traceback
+import uuid
+from typing import Any, TypeVar
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from opentelemetry import propagate
+from pydantic import ValidationError
+
+from cairn_contracts.messages import DeadLetter, DeadLetterReason, Message, OriginalMessage
+from cairn_contracts.topology import (
+    EXCHANGE_DLX,
+    EXCHANGES,
+    HEADER_CORRELATION_ID,
+    HEADER_MESSAGE_TYPE,
+    HEADER_SCHEMA_VERSION,
+    HEADER_SOURCE_QUEUE,
+    QUEUES,
+)
+from cairn_runtime.log import correlation_id as correlation_id_var
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+STACK_LIMIT = 4000  # characters of a stack summary kept in a dead letter
+
+
+class PublishNotConfirmed(Exception):
+    """The broker did not confirm a publish: nacked, returned as unroutable, or timed out."""
+
+
+class ContractViolation(Exception):
+    """A message body does not validate against the contract its consumer expects."""
+
+    def __init__(self, message_type: str, error: ValidationError | ValueError) -> None:
+        super().__init__(f"body is not a valid {message_type}: {error}")
+        self.error = error
+
+
+async def connect(url: str, connection_name: str) -> AbstractRobustConnection:
+    return await aio_pika.connect_robust(url, client_properties={"connection_name": connection_name})
+
+
+async def declare_topology(channel: AbstractChannel) -> dict[str, AbstractQueue]:
+    """Declare every exchange, queue and binding; idempotent, so every service does it."""
+    for spec in EXCHANGES:
+        await channel.declare_exchange(spec.name, spec.type, durable=True)
+    queues: dict[str, AbstractQueue] = {}
+    for spec in QUEUES:
+        queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+        for exchange, routing_key in spec.bindings:
+            await queue.bind(exchange, routing_key)
+        queues[spec.name] = queue
+    return queues
+
+
+def message_headers(message_type: str, schema_version: int, correlation_id: str | None) -> dict[str, Any]:
+    headers: dict[str, Any] = {
+        HEADER_MESSAGE_TYPE: message_type,
+        HEADER_SCHEMA_VERSION: schema_version,
+    }
+    correlation = correlation_id or correlation_id_var.get()
+    if correlation:
+        headers[HEADER_CORRELATION_ID] = correlation
+    propagate.inject(headers)  # W3C traceparent / tracestate of the current span
+    return headers
+
+
+class Publisher:
+    """Publishes contract messages with persistence, mandatory routing and publisher confirms."""
+
+    def __init__(self, channel: AbstractChannel, timeout_s: float) -> None:
+        self._channel = channel
+        self._timeout_s = timeout_s
+
+    @classmethod
+    async def open(cls, connection: AbstractRobustConnection, timeout_s: float) -> "Publisher":
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        return cls(channel, timeout_s)
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        message: Message,
+        *,
+        priority: int | None = None,
+        correlation_id: str | None = None,
+        extra_headers: dict[str, Any] | None = None,
+    ) -> None:
+        headers = message_headers(message.message_type, message.schema_version, correlation_id)
+        headers.update(extra_headers or {})
+        await self.publish_bytes(
+            exchange,
+            routing_key,
+            message.model_dump_json().encode(),
+            headers=headers,
+            priority=priority,
+            message_id=str(uuid.uuid4()),
+            correlation_id=headers.get(HEADER_CORRELATION_ID),
+        )
+
+    async def publish_bytes(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        headers: dict[str, Any],
+        priority: int | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        content_type: str = "application/json",
+    ) -> None:
+        amqp_message = aio_pika.Message(
+            body,
+            headers=headers,
+            content_type=content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            priority=priority,
+            message_id=message_id,
+            correlation_id=correlation_id,
+        )
+        try:
+            target = await self._channel.get_exchange(exchange, ensure=False)
+            await target.publish(amqp_message, routing_key, mandatory=True, timeout=self._timeout_s)
+        except (aio_pika.exceptions.AMQPError, asyncio.TimeoutError, ConnectionError, RuntimeError) as exc:
+            raise PublishNotConfirmed(f"{exchange}/{routing_key}: {exc!r}") from exc
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def decode(message: AbstractIncomingMessage, model: type[M]) -> M:
+    try:
+        return model.model_validate_json(message.body)
+    except ValidationError as exc:
+        raise ContractViolation(model.message_type, exc) from exc
+
+
+def original_of(message: AbstractIncomingMessage) -> OriginalMessage:
+    try:
+        body, encoding = message.body.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        body, encoding = base64.b64encode(message.body).decode("ascii"), "base64"
+    headers = {key: _plain(value) for key, value in (message.headers or {}).items()}
+    return OriginalMessage(body=body, body_encoding=encoding, headers=headers, routing_key=message.routing_key)
+
+
+def _plain(value: Any) -> Any:
+    """AMQP header values as JSON-friendly Python values (x-death holds nested tables)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+def dead_letter_for(
+    *,
+    source_service: str,
+    source_queue: str,
+    reason: DeadLetterReason,
+    error: BaseException,
+    original: OriginalMessage,
+    job_id: str | None = None,
+    shard_key: str | None = None,
+    attempts: int = 0,
+) -> DeadLetter:
+    stack = "".join(traceback.format_exception(error))[-STACK_LIMIT:]
+    return DeadLetter(
+        dead_letter_id=str(uuid.uuid4()),
+        source_service=source_service,
+        source_queue=source_queue,
+        reason=reason,
+        error_type=type(error).__name__,
+        error_message=str(error)[:2000],
+        stack=stack,
+        job_id=job_id,
+        shard_key=shard_key,
+        attempts=attempts,
+        original=original,
+    )
+
+
+async def publish_dead_letter(publisher: Publisher, dead_letter: DeadLetter) -> None:
+    await publisher.publish(
+        EXCHANGE_DLX,
+        dead_letter.source_queue,
+        dead_letter,
+        extra_headers={HEADER_SOURCE_QUEUE: dead_letter.source_queue},
+    )

@@ -1,0 +1,46 @@
+"""The Celery configuration shared by the scheduler (which sends shard tasks) and the worker.
+
+Both sides must declare the ingest queue with the same arguments as `declare_topology` does, or
+RabbitMQ refuses the second declaration; so the kombu objects are built from the contracts.
+"""
+
+from typing import Any
+
+from kombu import Exchange, Queue
+
+from cairn_contracts.tasks import TASK_RUN_SHARD
+from cairn_contracts.topology import EXCHANGE_TASKS, QUEUE_INGEST, queue_spec
+
+INGEST_QUEUE = Queue(
+    QUEUE_INGEST,
+    Exchange(EXCHANGE_TASKS, type="direct", durable=True),
+    routing_key=queue_spec(QUEUE_INGEST).bindings[0][1],
+    durable=True,
+    queue_arguments=dict(queue_spec(QUEUE_INGEST).arguments),
+)
+
+
+def celery_config(broker_url: str) -> dict[str, Any]:
+    return {
+        "broker_url": broker_url,
+        # Publisher confirms for every message Celery publishes (tasks, retries).
+        "broker_transport_options": {"confirm_publish": True},
+        "broker_connection_retry_on_startup": True,
+        "task_queues": (INGEST_QUEUE,),
+        "task_default_queue": QUEUE_INGEST,
+        "task_routes": {TASK_RUN_SHARD: {"queue": QUEUE_INGEST}},
+        "task_create_missing_queues": False,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_backend": None,  # results live in MongoDB, not in Celery
+        "task_ignore_result": True,
+        # Ack only after the shard's work is durable; a killed worker's message is redelivered.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_delivery_mode": "persistent",
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "worker_enable_remote_control": False,
+    }

@@ -1,0 +1,33 @@
+"""One settings pattern for every service: pydantic-settings from the environment and `.env`.
+
+Each service subclasses `ServiceSettings` with its own fields; every variable is `CAIRN_<FIELD>`,
+except the MongoDB address, which also honours the conventional `MONGODB_URI`.
+"""
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAIRN_", env_file=".env", extra="ignore")
+
+    service_name: str = "cairn"
+    mongodb_uri: str = Field(
+        "mongodb://127.0.0.1:27017",
+        validation_alias=AliasChoices("MONGODB_URI", "CAIRN_MONGODB_URI"),
+    )
+    mongodb_database: str = "cairn"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "cairn"
+
+    log_level: str = "INFO"
+    log_format: str = Field("auto", pattern="^(auto|json|text)$")
+
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(0, ge=0, le=65535, description="0: no metrics server")
+    trace_exporter: str = Field("none", pattern="^(none|console|otlp|file)$")
+    trace_file: str = "cairn-spans.jsonl"
+    otlp_endpoint: str = "http://127.0.0.1:4318"
+
+    publish_timeout_s: float = Field(10.0, gt=0)

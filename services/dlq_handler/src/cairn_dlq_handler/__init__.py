@@ -1,0 +1,1 @@
+"""Cairn dlq_handler service."""

@@ -1,0 +1,68 @@
+"""The gateway's app factory: settings → connections → JobService → routes."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from prometheus_client import make_asgi_app
+
+from cairn_gateway.api import router
+from cairn_gateway.errors import install_error_handlers
+from cairn_gateway.http_metrics import HttpMetricsMiddleware
+from cairn_gateway.jobs import JobService
+from cairn_gateway.settings import GatewaySettings
+from cairn_runtime.amqp import Publisher, connect, declare_topology
+from cairn_runtime.mongo import async_client, ensure_indexes
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        mongo = async_client(settings.mongodb_uri)
+        db = mongo[settings.mongodb_database]
+        await ensure_indexes(db)
+        cache = aioredis.Redis.from_url(settings.redis_url)
+        connection = await connect(settings.amqp_url, "cairn-gateway")
+        async with connection.channel() as channel:
+            await declare_topology(channel)
+        publisher = await Publisher.open(connection, settings.publish_timeout_s)
+        app.state.mongo = mongo
+        app.state.jobs = JobService(
+            db=db,
+            publisher=publisher,
+            cache=cache,
+            cache_prefix=settings.redis_prefix,
+            cache_ttl_s=settings.status_cache_ttl_s,
+        )
+        try:
+            yield
+        finally:
+            await connection.close()
+            await cache.aclose()
+            await mongo.close()
+
+    app = FastAPI(
+        title="Cairn gateway",
+        version="0.1.0",
+        description="Start long, resumable ingest jobs and follow them. Jobs run in the background; no call waits for one.",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    app.add_middleware(HttpMetricsMiddleware)
+    app.mount("/metrics", make_asgi_app())
+    install_error_handlers(app)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> JSONResponse:
+        try:
+            await app.state.mongo.admin.command("ping")
+        except Exception as error:
+            return JSONResponse(status_code=503, content={"status": "unavailable", "mongodb": str(error)})
+        return JSONResponse(content={"status": "ok"})
+
+    return app

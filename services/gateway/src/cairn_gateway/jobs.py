@@ -1,0 +1,157 @@
+"""The gateway's job logic: record, publish, report. Collaborators come in as arguments."""
+
+import hashlib
+import json
+import logging
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from cairn_contracts.jobs import JobSpec
+from cairn_contracts.messages import StartJob
+from cairn_contracts.states import JobState
+from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
+from cairn_contracts.topology import EXCHANGE_COMMANDS, ROUTING_START_JOB
+from cairn_gateway.schemas import ShardCounts, TaskResult, TaskStatus
+from cairn_runtime.amqp import PublishNotConfirmed, Publisher
+
+logger = logging.getLogger(__name__)
+
+
+class JobNotFound(Exception):
+    pass
+
+
+class JobStillRunning(Exception):
+    def __init__(self, state: str) -> None:
+        super().__init__(f"the job is {state}; its result exists once it is SUCCESS or FAILURE")
+
+
+class IdempotencyConflict(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Submission:
+    job_id: str
+    state: JobState
+    created: bool
+
+
+def spec_fingerprint(spec: JobSpec) -> str:
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class JobService:
+    db: AsyncDatabase
+    publisher: Publisher
+    cache: aioredis.Redis
+    cache_prefix: str
+    cache_ttl_s: int
+
+    async def submit(self, spec: JobSpec, tenant: str, idempotency_key: str | None) -> Submission:
+        """Record the job, then publish its command with a confirm.
+
+        Accepted means recorded: if the broker does not confirm, the job stays PENDING with no
+        `command_published_at`, and the scheduler's relay publishes it once the broker is back.
+        """
+        job_id = uuid.uuid4().hex
+        fingerprint = spec_fingerprint(spec)
+        document: dict[str, Any] = {
+            "_id": job_id,
+            "tenant": tenant,
+            "name": spec.name,
+            "pipeline": spec.pipeline,
+            "priority": int(spec.priority),
+            "spec": spec.model_dump(mode="json"),
+            "spec_fingerprint": fingerprint,
+            "state": JobState.PENDING,
+            "created_at": utcnow(),
+            "command_published_at": None,
+        }
+        if idempotency_key is not None:
+            document["idempotency_key"] = idempotency_key
+        try:
+            await self.db[JOBS].insert_one(document)
+        except DuplicateKeyError:
+            existing = await self.db[JOBS].find_one({"tenant": tenant, "idempotency_key": idempotency_key})
+            if existing is None:  # the unique key is ours only if the tenant/key matched
+                raise
+            if existing["spec_fingerprint"] != fingerprint:
+                raise IdempotencyConflict(
+                    f"Idempotency-Key {idempotency_key!r} was used for a different job ({existing['_id']})"
+                ) from None
+            return Submission(existing["_id"], JobState(existing["state"]), created=False)
+        await self._publish_start(job_id, tenant, spec)
+        return Submission(job_id, JobState.PENDING, created=True)
+
+    async def _publish_start(self, job_id: str, tenant: str, spec: JobSpec) -> None:
+        command = StartJob(job_id=job_id, tenant=tenant, spec=spec)
+        try:
+            await self.publisher.publish(
+                EXCHANGE_COMMANDS, ROUTING_START_JOB, command, priority=int(spec.priority), correlation_id=job_id
+            )
+        except PublishNotConfirmed:
+            logger.warning("job %s recorded; its command was not confirmed and will be relayed", job_id, exc_info=True)
+            return
+        await self.db[JOBS].update_one({"_id": job_id}, {"$set": {"command_published_at": utcnow()}})
+
+    async def status(self, job_id: str, tenant: str) -> TaskStatus:
+        cache_key = f"{self.cache_prefix}:status:{tenant}:{job_id}"
+        cached = await self.cache.get(cache_key)
+        if cached is not None:
+            return TaskStatus.model_validate_json(cached)
+        job = await self._job(job_id, tenant)
+        states = Counter([s["state"] async for s in self.db[SHARDS].find({"job_id": job_id}, {"state": 1})])
+        covered = records_done = 0
+        async for checkpoint in self.db[CHECKPOINTS].find(
+            {"job_id": job_id}, {"cursor": 1, "range_start": 1, "records_done": 1}
+        ):
+            covered += int(checkpoint["cursor"]) - int(checkpoint["range_start"])
+            records_done += int(checkpoint.get("records_done", 0))
+        total = job.get("records_total")
+        state = JobState(job["state"])
+        progress = 100.0 if state == JobState.SUCCESS else (round(100.0 * covered / total, 2) if total else 0.0)
+        status = TaskStatus(
+            task_id=job_id,
+            state=state,
+            progress=progress,
+            records_done=records_done,
+            records_total=total,
+            shards=ShardCounts(total=job.get("shard_count", 0), **{k.lower(): v for k, v in states.items()}),
+            pipeline=job["pipeline"],
+            name=job.get("name"),
+            priority=job["priority"],
+            created_at=job["created_at"],
+            started_at=job.get("started_at"),
+            finished_at=job.get("finished_at"),
+        )
+        if state.is_terminal and self.cache_ttl_s:
+            # Only finished jobs are cached: their status can no longer change.
+            await self.cache.set(cache_key, status.model_dump_json(), ex=self.cache_ttl_s)
+        return status
+
+    async def result(self, job_id: str, tenant: str) -> TaskResult:
+        job = await self._job(job_id, tenant)
+        state = JobState(job["state"])
+        if not state.is_terminal:
+            raise JobStillRunning(state)
+        return TaskResult(task_id=job_id, state=state, result=job.get("result") or {}, finished_at=job.get("finished_at"))
+
+    async def _job(self, job_id: str, tenant: str) -> dict[str, Any]:
+        job = await self.db[JOBS].find_one({"_id": job_id, "tenant": tenant})
+        if job is None:
+            raise JobNotFound(job_id)
+        return job

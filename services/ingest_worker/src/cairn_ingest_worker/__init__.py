@@ -1,0 +1,1 @@
+"""Cairn ingest_worker service."""

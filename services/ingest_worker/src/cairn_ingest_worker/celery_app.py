@@ -1,0 +1,60 @@
+"""The worker's bootstrap: settings, Celery app, signals wiring logging, tracing, metrics, indexes.
+
+`celery -A cairn_ingest_worker.celery_app worker` and the `cairn-ingest-worker` script both load it.
+"""
+
+import logging
+
+from celery import Celery, signals
+from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+from cairn_ingest_worker.context import ContextPerProcess
+from cairn_ingest_worker.publisher import declare_topology
+from cairn_ingest_worker.settings import WorkerSettings
+from cairn_ingest_worker.tasks import register_tasks
+from cairn_runtime.celery_config import celery_config
+from cairn_runtime.log import configure_logging
+from cairn_runtime.metrics import serve_metrics
+from cairn_runtime.mongo import ensure_indexes_sync, sync_client
+from cairn_runtime.tracing import setup_tracing
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: WorkerSettings) -> Celery:
+    app = Celery("cairn-ingest-worker")
+    app.conf.update(celery_config(settings.amqp_url))
+    app.conf.worker_concurrency = settings.worker_concurrency
+    contexts = ContextPerProcess(settings, app)
+    register_tasks(app, contexts.get)
+
+    @signals.setup_logging.connect(weak=False)
+    def _logging(**_: object) -> None:
+        configure_logging(settings.service_name, settings.log_level, settings.log_format)
+
+    @signals.worker_init.connect(weak=False)
+    def _prepare(**_: object) -> None:
+        client = sync_client(settings.mongodb_uri)
+        try:
+            ensure_indexes_sync(client[settings.mongodb_database])
+        finally:
+            client.close()
+        with app.connection_for_write() as connection:
+            declare_topology(connection)
+        serve_metrics(settings.metrics_port, settings.metrics_host)
+
+    @signals.worker_process_init.connect(weak=False)
+    def _child(**_: object) -> None:
+        setup_tracing(
+            settings.service_name,
+            settings.trace_exporter,
+            trace_file=settings.trace_file,
+            otlp_endpoint=settings.otlp_endpoint,
+        )
+        CeleryInstrumentor().instrument()
+
+    return app
+
+
+settings = WorkerSettings()
+app = create_app(settings)

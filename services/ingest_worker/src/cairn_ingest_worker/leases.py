@@ -1,0 +1,158 @@
+"""A worker's hold on one shard: the lease, its heartbeat, and every write fenced by its token.
+
+Claiming increments the shard's fencing token. Every later write (checkpoint, completion,
+failure) is conditional on that token, so a worker whose lease expired (paused, partitioned,
+slow) cannot overwrite the progress of the worker that took the shard over.
+"""
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo import ReturnDocument
+from pymongo.collection import Collection
+
+from cairn_contracts.states import ShardState
+from cairn_contracts.store import MAIN_SUB_KEY
+
+logger = logging.getLogger(__name__)
+
+CLAIMABLE = [ShardState.PLANNED, ShardState.QUEUED, ShardState.RETRY]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def epoch_ms(moment: datetime | None = None) -> int:
+    """Lease deadlines are integer epoch milliseconds: they compare the same on every server
+    (the MongoDB stand-in stores a datetime written by $set as text, which no date query matches)."""
+    return int((moment or utcnow()).timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class Claim:
+    shard: dict[str, Any]
+    token: int
+    cursor: int
+
+    @property
+    def shard_key(self) -> str:
+        return self.shard["task_key"]
+
+    @property
+    def attempt(self) -> int:
+        return int(self.shard["attempts"])
+
+
+class ShardLeases:
+    def __init__(self, shards: Collection, checkpoints: Collection, worker_id: str, ttl_s: float) -> None:
+        self._shards = shards
+        self._checkpoints = checkpoints
+        self._worker_id = worker_id
+        self._ttl_ms = int(ttl_s * 1000)
+
+    def claim(self, shard_key: str) -> Claim | None:
+        """Take the shard if it is waiting or its holder's lease expired; None if not ours to run."""
+        now = utcnow()
+        now_ms = epoch_ms(now)
+        shard = self._shards.find_one_and_update(
+            {
+                "task_key": shard_key,
+                "$or": [
+                    {"state": {"$in": CLAIMABLE}},
+                    {"state": ShardState.RUNNING, "lease_until": {"$lt": now_ms}},
+                ],
+            },
+            {
+                "$set": {
+                    "state": ShardState.RUNNING,
+                    "taken_by": self._worker_id,
+                    "lease_until": now_ms + self._ttl_ms,
+                    "started_at": now,
+                },
+                "$inc": {"fencing_token": 1, "attempts": 1},
+            },
+            return_document=ReturnDocument.AFTER,
+        )
+        if shard is None:
+            return None
+        token = int(shard["fencing_token"])
+        # Adopt the checkpoint: from now on only writes carrying this token move it.
+        checkpoint = self._checkpoints.find_one_and_update(
+            {"shard_key": shard_key, "sub_key": MAIN_SUB_KEY, "fencing_token": {"$lt": token}},
+            {"$set": {"fencing_token": token, "taken_by": self._worker_id}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if checkpoint is None:
+            logger.warning("shard %s: checkpoint held by a newer token than %d", shard_key, token)
+            return None
+        return Claim(shard=shard, token=token, cursor=int(checkpoint["cursor"]))
+
+    def renew(self, claim: Claim) -> bool:
+        result = self._shards.update_one(
+            {"task_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING},
+            {"$set": {"lease_until": epoch_ms() + self._ttl_ms}},
+        )
+        return result.matched_count == 1
+
+    def advance(self, claim: Claim, cursor: int, records: int, written: int, duplicates: int) -> bool:
+        """Record a stored batch; False if another worker holds the shard now."""
+        result = self._checkpoints.update_one(
+            {"shard_key": claim.shard_key, "sub_key": MAIN_SUB_KEY, "fencing_token": claim.token},
+            {
+                "$set": {"cursor": cursor, "updated_at": utcnow()},
+                "$inc": {"records_done": records, "records_written": written, "records_redone": duplicates, "batches": 1},
+            },
+        )
+        return result.matched_count == 1
+
+    def succeed(self, claim: Claim) -> bool:
+        return self._finish(claim, {"state": ShardState.SUCCEEDED})
+
+    def fail(self, claim: Claim, error: str, dead_letter_id: str) -> bool:
+        return self._finish(claim, {"state": ShardState.FAILED, "last_error": error, "dead_letter_id": dead_letter_id})
+
+    def schedule_retry(self, claim: Claim, error: str, retry_at: datetime) -> bool:
+        return self._finish(
+            claim, {"state": ShardState.RETRY, "last_error": error, "next_retry_at": retry_at, "lease_until": None}
+        )
+
+    def _finish(self, claim: Claim, fields: dict[str, Any]) -> bool:
+        result = self._shards.update_one(
+            {"task_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING},
+            {"$set": {**fields, "finished_at": utcnow(), "taken_by": None}},
+        )
+        return result.matched_count == 1
+
+
+class Heartbeat:
+    """Renews a claim's lease in the background; `lost` turns true once a renewal is refused."""
+
+    def __init__(self, leases: ShardLeases, claim: Claim, interval_s: float) -> None:
+        self._leases = leases
+        self._claim = claim
+        self._interval_s = interval_s
+        self._stopped = threading.Event()
+        self.lost = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.shard_key}", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=self._interval_s + 5)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            try:
+                if not self._leases.renew(self._claim):
+                    logger.warning("shard %s: lease lost (token %d)", self._claim.shard_key, self._claim.token)
+                    self.lost.set()
+                    return
+            except Exception:  # a store hiccup: keep trying until the lease really expires
+                logger.exception("shard %s: heartbeat failed", self._claim.shard_key)

@@ -1,0 +1,42 @@
+"""Copies documents of a MongoDB collection whose integer key lies in the shard's range."""
+
+from typing import Any
+
+from pymongo.database import Database
+
+from cairn_contracts.pipelines import MongoRangeParams
+from cairn_ingest_worker.pipelines.base import Batch
+
+
+class MongoRangePipeline:
+    def __init__(self, params: MongoRangeParams, source: Database) -> None:
+        self._params = params
+        self._collection = source[params.collection]
+        self._projection = {name: 1 for name in {*params.fields, params.key_field}} if params.fields else None
+
+    def read(self, cursor: int, end: int, limit: int) -> Batch:
+        key = self._params.key_field
+        documents = list(
+            self._collection.find({key: {"$gte": cursor, "$lt": end}}, self._projection)
+            .sort(key, 1)
+            .limit(limit)
+        )
+        exhausted = len(documents) < limit
+        next_cursor = end if exhausted or not documents else int(_field(documents[-1], key)) + 1
+        return Batch(documents, next_cursor)
+
+    def clean(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        key = _field(record, self._params.key_field)
+        if not isinstance(key, int) or isinstance(key, bool):
+            return None
+        cleaned = {name: value for name, value in record.items() if name != "_id"}
+        cleaned["_id"] = f"{self._params.collection}:{key}"
+        cleaned["source_key"] = key
+        return cleaned
+
+
+def _field(document: dict[str, Any], dotted: str) -> Any:
+    value: Any = document
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value

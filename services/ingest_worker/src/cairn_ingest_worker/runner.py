@@ -1,0 +1,110 @@
+"""Runs one shard: claim, then read → clean → store → checkpoint, batch by batch, until done.
+
+Plain code over its collaborators (collections, leases); the Celery task around it only decodes
+the message and turns outcomes into acks, retries and dead letters.
+"""
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from opentelemetry import trace
+from pymongo.collection import Collection
+from pymongo.database import Database
+
+from cairn_contracts.messages import RunShard
+from cairn_ingest_worker import metrics
+from cairn_ingest_worker.leases import Claim, Heartbeat, ShardLeases, utcnow
+from cairn_ingest_worker.pipelines import build_pipeline
+from cairn_ingest_worker.store import store_records
+from cairn_runtime.tracing import span_attributes
+
+logger = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+
+@dataclass(frozen=True)
+class ShardRunner:
+    leases: ShardLeases
+    jobs: Collection
+    shards: Collection
+    records_db: Database
+    source_db: Database
+    heartbeat_interval_s: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: Literal["succeeded", "not_claimable", "lease_lost", "poison"]
+    claim: Claim | None = None
+    records: int = 0
+
+
+class ShardFailed(Exception):
+    """The pipeline raised while this worker held the shard."""
+
+    def __init__(self, claim: Claim, pipeline: str, error: BaseException) -> None:
+        super().__init__(f"shard {claim.shard_key}: {type(error).__name__}: {error}")
+        self.claim = claim
+        self.pipeline = pipeline
+        self.error = error
+
+
+def run_shard(runner: ShardRunner, request: RunShard, *, max_attempts: int) -> Outcome:
+    claim = runner.leases.claim(request.shard_key)
+    if claim is None:
+        return Outcome("not_claimable")
+    if claim.attempt > max_attempts:
+        # Earlier attempts died without recording a failure: the shard kills its workers.
+        return Outcome("poison", claim)
+    job = runner.jobs.find_one({"_id": request.job_id}, {"spec": 1})
+    if job is None:
+        raise ShardFailed(claim, "unknown", LookupError(f"job {request.job_id} is not recorded"))
+    spec: dict[str, Any] = job["spec"]
+    pipeline_name = spec["pipeline"]
+    try:
+        pipeline = build_pipeline(pipeline_name, spec["params"], attempt=claim.attempt, source=runner.source_db)
+    except Exception as error:
+        raise ShardFailed(claim, pipeline_name, error) from error
+    target = runner.records_db[spec["target_collection"]]
+    end = int(claim.shard["range_end"])
+    cursor = claim.cursor
+    records = 0
+    with Heartbeat(runner.leases, claim, runner.heartbeat_interval_s) as heartbeat:
+        while cursor < end:
+            if heartbeat.lost.is_set():
+                return Outcome("lease_lost", claim, records)
+            started = time.perf_counter()
+            with tracer.start_as_current_span(
+                "cairn.batch", attributes=span_attributes(job_id=request.job_id, shard_id=claim.shard_key, cursor=cursor, pipeline=pipeline_name)
+            ):
+                try:
+                    batch = pipeline.read(cursor, end, int(spec["batch_size"]))
+                    cleaned = [r for r in map(pipeline.clean, batch.records) if r is not None]
+                    stored = store_records(target, cleaned, request.job_id)
+                except Exception as error:
+                    raise ShardFailed(claim, pipeline_name, error) from error
+                if not runner.leases.advance(claim, batch.next_cursor, len(batch.records), stored.written, stored.duplicates):
+                    return Outcome("lease_lost", claim, records)
+            cursor = batch.next_cursor
+            records += len(batch.records)
+            metrics.RECORDS.labels(pipeline_name).inc(len(batch.records))
+            metrics.RECORDS_REDONE.labels(pipeline_name).inc(stored.duplicates)
+            metrics.BATCHES.labels(pipeline_name).inc()
+            metrics.BATCH_SECONDS.labels(pipeline_name).observe(time.perf_counter() - started)
+    if not runner.leases.succeed(claim):
+        return Outcome("lease_lost", claim, records)
+    return Outcome("succeeded", claim, records)
+
+
+def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""
+    ceiling = min(max_s, base_s * (2 ** max(0, attempt - 1)))
+    return (rng or random).uniform(0, ceiling)
+
+
+def retry_time(delay_s: float) -> datetime:
+    return utcnow() + timedelta(seconds=delay_s)

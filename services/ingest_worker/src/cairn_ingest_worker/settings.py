@@ -1,0 +1,18 @@
+import os
+import socket
+
+from pydantic import Field
+
+from cairn_runtime.settings import ServiceSettings
+
+
+class WorkerSettings(ServiceSettings):
+    service_name: str = "ingest-worker"
+    worker_concurrency: int = Field(2, ge=1, le=64)
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    lease_ttl_s: float = Field(30.0, gt=0, description="A lease not renewed for this long may be taken over")
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    max_attempts: int = Field(5, ge=1, description="Attempts of a shard before it is dead-lettered")
+    retry_base_delay_s: float = Field(1.0, ge=0)
+    retry_max_delay_s: float = Field(60.0, ge=0)
+    source_database: str | None = Field(None, description="Database of mongo_range sources (default: Cairn's)")

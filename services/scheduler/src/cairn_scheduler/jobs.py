@@ -1,0 +1,172 @@
+"""The scheduler's handlers: plan and dispatch a job, roll shard outcomes up into the job.
+
+Every state change is one conditional single-document update, so any handler may run twice
+(redelivery, two schedulers) with the same end state.
+"""
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
+
+from cairn_contracts.jobs import JobSpec
+from cairn_contracts.messages import RunShard, ShardFinished, StartJob
+from cairn_contracts.states import JobState, ShardState
+from cairn_contracts.store import CHECKPOINTS, JOBS, MAIN_SUB_KEY, SHARDS
+from cairn_runtime.consumer import Unprocessable
+from cairn_scheduler.planner import ShardPlan, plan_range
+
+logger = logging.getLogger(__name__)
+
+DUPLICATE_KEY = 11000
+
+
+class ShardDispatcher(Protocol):
+    async def dispatch(self, task: RunShard, priority: int) -> None:
+        """Put the shard's task on the ingest queue; returns once the broker confirmed it."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class JobScheduler:
+    db: AsyncDatabase
+    dispatcher: ShardDispatcher
+
+    async def start_job(self, command: StartJob) -> None:
+        job = await self.db[JOBS].find_one({"_id": command.job_id})
+        if job is None:
+            raise Unprocessable(f"job {command.job_id} is not recorded")
+        if JobState(job["state"]).is_terminal:
+            logger.info("job %s is already %s; command ignored", command.job_id, job["state"])
+            return
+        spec = command.spec
+        plans = plan_range(command.job_id, *spec.params.key_range(), spec.sharding.shards)
+        await self._record_shards(command.job_id, spec, plans)
+        await self.db[JOBS].update_one(
+            {"_id": command.job_id, "state": JobState.PENDING},
+            {
+                "$set": {
+                    "state": JobState.STARTED,
+                    "shard_count": len(plans),
+                    "records_total": sum(p.size for p in plans),
+                    "started_at": utcnow(),
+                }
+            },
+        )
+        await self._dispatch_planned(command.job_id, int(spec.priority))
+
+    async def _record_shards(self, job_id: str, spec: JobSpec, plans: list[ShardPlan]) -> None:
+        now = utcnow()
+        # Checkpoints first: a shard is only claimable once its checkpoint exists.
+        await _insert_new(
+            self.db[CHECKPOINTS],
+            [
+                {
+                    "_id": f"{p.key}/{MAIN_SUB_KEY}",
+                    "shard_key": p.key,
+                    "sub_key": MAIN_SUB_KEY,
+                    "job_id": job_id,
+                    "cursor": p.start,
+                    "range_start": p.start,
+                    "range_end": p.end,
+                    "records_done": 0,
+                    "records_written": 0,
+                    "records_redone": 0,
+                    "batches": 0,
+                    "fencing_token": 0,
+                    "updated_at": now,
+                }
+                for p in plans
+            ],
+        )
+        await _insert_new(
+            self.db[SHARDS],
+            [
+                {
+                    "_id": p.key,
+                    "task_key": p.key,
+                    "job_id": job_id,
+                    "index": p.index,
+                    "strategy": spec.sharding.strategy,
+                    "range_start": p.start,
+                    "range_end": p.end,
+                    "records_total": p.size,
+                    "priority": int(spec.priority),
+                    "state": ShardState.PLANNED,
+                    "attempts": 0,
+                    "fencing_token": 0,
+                    "lease_until": None,
+                    "taken_by": None,
+                    "created_at": now,
+                }
+                for p in plans
+            ],
+        )
+
+    async def _dispatch_planned(self, job_id: str, priority: int) -> None:
+        # Publish first, then mark: a crash in between re-dispatches on redelivery, and the
+        # worker's lease claim makes the second task a no-op. The reverse order could lose a shard.
+        async for shard in self.db[SHARDS].find({"job_id": job_id, "state": ShardState.PLANNED}, {"task_key": 1}):
+            await self.dispatcher.dispatch(RunShard(job_id=job_id, shard_key=shard["task_key"]), priority)
+            await self.db[SHARDS].update_one(
+                {"_id": shard["_id"], "state": ShardState.PLANNED},
+                {"$set": {"state": ShardState.QUEUED, "queued_at": utcnow()}},
+            )
+
+    async def shard_finished(self, event: ShardFinished) -> None:
+        await self.roll_up(event.job_id)
+
+    async def roll_up(self, job_id: str) -> JobState | None:
+        """Derive the job's state from its shards' states (idempotent; safe to run anywhere)."""
+        job = await self.db[JOBS].find_one({"_id": job_id}, {"state": 1, "shard_count": 1})
+        if job is None or JobState(job["state"]).is_terminal or not job.get("shard_count"):
+            return None
+        states = Counter([s["state"] async for s in self.db[SHARDS].find({"job_id": job_id}, {"state": 1})])
+        state = job_state_from(states, int(job["shard_count"]))
+        update: dict[str, Any] = {"state": state, "shard_states": dict(states)}
+        if state.is_terminal:
+            update["finished_at"] = utcnow()
+            update["result"] = await self._result(job_id, states)
+        await self.db[JOBS].update_one({"_id": job_id, "state": {"$nin": [JobState.SUCCESS, JobState.FAILURE]}}, {"$set": update})
+        return state
+
+    async def _result(self, job_id: str, states: Counter) -> dict[str, Any]:
+        totals = Counter()
+        async for checkpoint in self.db[CHECKPOINTS].find({"job_id": job_id}):
+            for field in ("records_done", "records_written", "records_redone", "batches"):
+                totals[field] += int(checkpoint.get(field, 0))
+        failed = [s["task_key"] async for s in self.db[SHARDS].find({"job_id": job_id, "state": ShardState.FAILED}, {"task_key": 1})]
+        return {
+            **{field: totals[field] for field in ("records_done", "records_written", "records_redone", "batches")},
+            "shards_succeeded": states.get(ShardState.SUCCEEDED, 0),
+            "shards_failed": states.get(ShardState.FAILED, 0),
+            "failed_shards": failed,
+        }
+
+
+def job_state_from(states: Counter, shard_count: int) -> JobState:
+    succeeded = states.get(ShardState.SUCCEEDED, 0)
+    failed = states.get(ShardState.FAILED, 0)
+    if succeeded == shard_count:
+        return JobState.SUCCESS
+    if succeeded + failed == shard_count:
+        return JobState.FAILURE
+    if states.get(ShardState.RETRY, 0):
+        return JobState.RETRY
+    return JobState.STARTED
+
+
+async def _insert_new(collection: Any, documents: list[dict[str, Any]]) -> None:
+    """Insert what is not there yet: a replanned job's existing documents stay as they are."""
+    try:
+        await collection.insert_many(documents, ordered=False)
+    except BulkWriteError as error:
+        if any(e.get("code") != DUPLICATE_KEY for e in error.details.get("writeErrors", [])):
+            raise
