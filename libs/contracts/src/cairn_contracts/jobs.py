@@ -17,6 +17,9 @@ class RangeSharding(BaseModel):
     shards: int = Field(1, ge=1, le=1024)
 
 
+SHARDING_STRATEGIES = ("range",)
+
+
 def strategy(value: Any) -> str | None:
     """The sharding strategy named by a spec; `range` when the client names none."""
     if isinstance(value, dict):

@@ -7,6 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.encoders import jsonable_encoder
 
+from cairn_contracts.jobs import SHARDING_STRATEGIES
 from cairn_contracts.pipelines import PIPELINE_NAMES
 from cairn_gateway.jobs import IdempotencyConflict, JobNotFound, JobStillRunning
 
@@ -14,19 +15,22 @@ from cairn_gateway.jobs import IdempotencyConflict, JobNotFound, JobStillRunning
 def _field_located(error: dict[str, Any]) -> dict[str, Any]:
     """Point errors of the pipeline union at the field itself.
 
-    pydantic reports an unknown pipeline at the body root and puts the chosen pipeline's name
-    into the location of its parameters' errors; clients want `body.pipeline` and
+    pydantic reports an unknown tag at the union itself and puts the chosen member's tag into
+    the location of its fields' errors; clients want `body.pipeline` and
     `body.params.count`.
     """
-    loc = list(error.get("loc", ()))
-    if len(loc) > 1 and loc[0] == "body" and loc[1] in PIPELINE_NAMES:
-        del loc[1]
+    raw = list(error.get("loc", ()))
+    loc = [part for before, part in zip([None, *raw], raw) if not _is_union_tag(before, part)]
     if error.get("type") in ("union_tag_invalid", "union_tag_not_found"):
         # A callable discriminator reports itself as "name()"; ours are named after the field.
         discriminator = str(error.get("ctx", {}).get("discriminator", "")).strip("'").removesuffix("()")
         if discriminator and discriminator.isidentifier() and (not loc or loc[-1] != discriminator):
             loc.append(discriminator)
     return {**error, "loc": loc}
+
+
+def _is_union_tag(parent: object, part: object) -> bool:
+    return (parent == "body" and part in PIPELINE_NAMES) or (parent == "sharding" and part in SHARDING_STRATEGIES)
 
 
 def install_error_handlers(app: FastAPI) -> None:

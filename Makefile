@@ -1,0 +1,63 @@
+# Cairn: developer and CI entry points. `make` alone lists the targets.
+# CI runs exactly `make test` (see .ci/run).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+# `pip install --user uv` lands in ~/.local/bin.
+export PATH := $(HOME)/.local/bin:$(PATH)
+
+PYTEST := uv run --no-sync pytest
+# Extra pytest arguments, e.g. make test-unit PYTEST_ARGS="-k lease -x"
+PYTEST_ARGS ?=
+
+.PHONY: help install local-services test-services up down test test-unit test-e2e logs lock compose-config
+
+help: ## List the targets
+	@echo "Cairn make targets:"
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-16s %s\n", $$1, $$2}'
+
+install: ## Install uv if missing, then sync the workspace venv (.venv, all packages + dev)
+	@infra/local/ensure-uv.sh
+	@if [ -f uv.lock ]; then \
+		echo "uv sync --all-packages --frozen"; uv sync --all-packages --frozen; \
+	else \
+		echo "uv sync --all-packages (no uv.lock yet)"; uv sync --all-packages; \
+	fi
+
+local-services: ## Make sure RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379) answer
+	@infra/local/services.sh
+
+test-services: ## local-services, plus the tools the tests call (rabbitmqctl, docker-compose)
+	@infra/local/services.sh --test-tools
+
+up: ## Run the system: docker compose if a Docker engine answers, else local processes (CAIRN_LOCAL=1 forces local)
+	@infra/local/up.sh
+
+down: ## Stop what `make up` started
+	@infra/local/down.sh
+
+test: install test-services ## What CI runs: every test suite (libs, services, tests-e2e)
+	$(PYTEST) libs services tests-e2e $(PYTEST_ARGS)
+
+test-unit: install test-services ## Tests of libs/ and services/ only
+	$(PYTEST) libs services $(PYTEST_ARGS)
+
+test-e2e: install test-services ## Whole-system tests only (tests-e2e/)
+	$(PYTEST) tests-e2e $(PYTEST_ARGS)
+
+logs: ## Follow the logs of the local processes (.run/logs)
+	@ls .run/logs/*.log >/dev/null 2>&1 || { echo "no logs in .run/logs (start with: make up; with Docker: docker compose logs -f)"; exit 1; }
+	tail -n 50 -F .run/logs/*.log
+
+lock: ## Update uv.lock
+	@infra/local/ensure-uv.sh
+	uv lock
+
+compose-config: ## Validate docker-compose.yml
+	@if command -v docker-compose >/dev/null 2>&1; then \
+		docker-compose -f docker-compose.yml config -q; \
+	else \
+		docker compose -f docker-compose.yml config -q; \
+	fi
+	@echo "docker-compose.yml is valid"

@@ -1,0 +1,214 @@
+"""The whole system as separate processes, for end-to-end tests.
+
+Each service runs as its own OS process (its own session, so a kill reaches its children: the
+Celery worker's prefork pool), pointed at this run's MongoDB database, RabbitMQ vhost and Redis
+prefix. Processes can be killed and restarted by the tests.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pymongo.database import Database
+
+from cairn_testkit.servers import free_port
+
+MODULES = {
+    "gateway": "cairn_gateway.main",
+    "scheduler": "cairn_scheduler.main",
+    "ingest_worker": "cairn_ingest_worker.main",
+    "dlq_handler": "cairn_dlq_handler.main",
+}
+
+
+class ServiceProcess:
+    def __init__(self, name: str, module: str, env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.module = module
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def signal_group(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the service and every process it started (no chance to clean up)."""
+        self.signal_group(signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait(timeout=10)
+
+    def stop(self, timeout_s: float = 15) -> None:
+        if self.process is None:
+            return
+        self.signal_group(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        # Leftover pool children of a worker that was stopped mid-task.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+@dataclass
+class System:
+    base_url: str
+    db: Database
+    vhost: str
+    amqp_url: str
+    env: dict[str, str]
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    # --- HTTP -------------------------------------------------------------------------------
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=30)
+
+    def start_job(self, body: dict[str, Any], **headers: str) -> str:
+        with self.client() as client:
+            response = client.post("/task/start", json=body, headers=headers)
+        assert response.status_code == 202, response.text
+        return response.json()["task_id"]
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        with self.client() as client:
+            response = client.get(f"/task/status/{job_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_for_state(
+        self,
+        job_id: str,
+        states: set[str],
+        timeout_s: float = 120,
+        on_status: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status(job_id)
+            if on_status:
+                on_status(status)
+            if status["state"] in states:
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} still {status} after {timeout_s} s\n{self.logs()}")
+            time.sleep(0.2)
+
+    # --- broker -------------------------------------------------------------------------------
+    def queue_depth(self, queue: str) -> int:
+        """Ready + unacknowledged messages of a queue, as the broker counts them."""
+        out = subprocess.run(
+            ["rabbitmqctl", "-q", "list_queues", "-p", self.vhost, "name", "messages"],
+            check=True, capture_output=True, text=True, timeout=60,
+        ).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == queue:
+                return int(parts[1])
+        raise AssertionError(f"no queue {queue} in vhost {self.vhost}: {out}")
+
+    def wait_until_drained(self, queue: str, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.queue_depth(queue) > 0:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{queue} not drained after {timeout_s} s")
+            time.sleep(0.3)
+
+    # --- processes ----------------------------------------------------------------------------
+    def start_services(self, names: list[str] | None = None) -> None:
+        for name in names or list(MODULES):
+            self.services[name].start()
+        if names is None or "gateway" in names:
+            self._wait_for_gateway()
+
+    def stop_services(self) -> None:
+        for service in self.services.values():
+            service.stop()
+
+    def _wait_for_gateway(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            gateway = self.services["gateway"].process
+            if gateway is not None and gateway.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError(f"gateway did not become healthy\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name} ---\n{s.log_tail()}" for name, s in self.services.items())
+
+
+def build_system(base_env: dict[str, str], db: Database, vhost: str, amqp_url: str, work_dir: Path) -> System:
+    port = free_port()
+    log_dir = work_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    prom_dir = work_dir / "prometheus"
+    prom_dir.mkdir(exist_ok=True)
+    env = {
+        **os.environ,
+        **base_env,
+        "CAIRN_HTTP_PORT": str(port),
+        "CAIRN_LOG_FORMAT": "text",
+        # Short leases and retries keep crash and retry scenarios to seconds.
+        "CAIRN_LEASE_TTL_S": "4",
+        "CAIRN_HEARTBEAT_INTERVAL_S": "1",
+        "CAIRN_MAX_ATTEMPTS": "3",
+        "CAIRN_RETRY_BASE_DELAY_S": "0.2",
+        "CAIRN_RETRY_MAX_DELAY_S": "2",
+        "CAIRN_RECONCILE_INTERVAL_S": "2",
+        "CAIRN_RELAY_AFTER_S": "3",
+        "CAIRN_WORKER_CONCURRENCY": "2",
+        "CAIRN_TRACE_EXPORTER": "none",
+    }
+    services = {}
+    for name, module in MODULES.items():
+        service_env = dict(env)
+        if name == "ingest_worker":
+            service_env["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
+        services[name] = ServiceProcess(name, module, service_env, log_dir)
+    return System(
+        base_url=f"http://127.0.0.1:{port}", db=db, vhost=vhost, amqp_url=amqp_url, env=env, services=services
+    )
+
+
+def dump(value: Any) -> str:
+    return json.dumps(value, indent=1, default=str)
