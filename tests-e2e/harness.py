@@ -93,6 +93,29 @@ class System:
     amqp_url: str
     env: dict[str, str]
     services: dict[str, ServiceProcess] = field(default_factory=dict)
+    rabbit_node: str | None = None  # a test's own RabbitMQ node, else the machine's
+    # Observability: every service appends its finished spans to `trace_file` (JSON lines); the
+    # services other than the gateway serve /metrics on `metrics_ports[name]` (the gateway on its
+    # HTTP port).
+    trace_file: Path | None = None
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+
+    # --- observability -------------------------------------------------------------------------
+    def metrics_url(self, name: str) -> str:
+        if name == "gateway":
+            return f"{self.base_url}/metrics"
+        return f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
+
+    def metrics_text(self, name: str) -> str:
+        response = httpx.get(self.metrics_url(name), timeout=10)
+        assert response.status_code == 200, response.text
+        return response.text
+
+    def spans(self) -> list[dict[str, Any]]:
+        """Every span exported so far, in the order they ended."""
+        if self.trace_file is None or not self.trace_file.exists():
+            return []
+        return [json.loads(line) for line in self.trace_file.read_text().splitlines() if line.strip()]
 
     # --- HTTP -------------------------------------------------------------------------------
     def client(self) -> httpx.Client:
@@ -131,8 +154,9 @@ class System:
     # --- broker -------------------------------------------------------------------------------
     def queue_depth(self, queue: str) -> int:
         """Ready + unacknowledged messages of a queue, as the broker counts them."""
+        node = ["-n", self.rabbit_node] if self.rabbit_node else []
         out = subprocess.run(
-            ["rabbitmqctl", "-q", "list_queues", "-p", self.vhost, "name", "messages"],
+            ["rabbitmqctl", *node, "-q", "list_queues", "-p", self.vhost, "name", "messages"],
             check=True, capture_output=True, text=True, timeout=60,
         ).stdout
         for line in out.splitlines():
@@ -150,7 +174,7 @@ class System:
 
     # --- processes ----------------------------------------------------------------------------
     def start_services(self, names: list[str] | None = None) -> None:
-        for name in names or list(MODULES):
+        for name in names or list(self.services):
             self.services[name].start()
         if names is None or "gateway" in names:
             self._wait_for_gateway()
@@ -177,7 +201,18 @@ class System:
         return "\n".join(f"--- {name} ---\n{s.log_tail()}" for name, s in self.services.items())
 
 
-def build_system(base_env: dict[str, str], db: Database, vhost: str, amqp_url: str, work_dir: Path) -> System:
+def build_system(
+    base_env: dict[str, str],
+    db: Database,
+    vhost: str,
+    amqp_url: str,
+    work_dir: Path,
+    *,
+    workers: int = 1,
+    overrides: dict[str, str] | None = None,
+    rabbit_node: str | None = None,
+) -> System:
+    """The four services (and `workers` ingest worker instances: ingest_worker, ingest_worker_2…)."""
     port = free_port()
     log_dir = work_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -197,16 +232,33 @@ def build_system(base_env: dict[str, str], db: Database, vhost: str, amqp_url: s
         "CAIRN_RECONCILE_INTERVAL_S": "2",
         "CAIRN_RELAY_AFTER_S": "3",
         "CAIRN_WORKER_CONCURRENCY": "2",
-        "CAIRN_TRACE_EXPORTER": "none",
+        "CAIRN_TRACE_EXPORTER": "file",  # every service appends to the same JSON-lines file
+        "CAIRN_TRACE_FILE": str(work_dir / "spans.jsonl"),
+        "CAIRN_GAUGES_INTERVAL_S": "0.5",
+        **(overrides or {}),
     }
     services = {}
     for name, module in MODULES.items():
-        service_env = dict(env)
-        if name == "ingest_worker":
-            service_env["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
-        services[name] = ServiceProcess(name, module, service_env, log_dir)
+        services[name] = ServiceProcess(name, module, dict(env), log_dir)
+    for number in range(1, workers + 1):
+        name = "ingest_worker" if number == 1 else f"ingest_worker_{number}"
+        worker_prom_dir = prom_dir / name
+        worker_prom_dir.mkdir(exist_ok=True)
+        worker_env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(worker_prom_dir), "CAIRN_WORKER_ID": f"worker-{number}"}
+        services[name] = ServiceProcess(name, MODULES["ingest_worker"], worker_env, log_dir)
+    metrics_ports = {name: free_port() for name in services if name != "gateway"}
+    for name, metrics_port in metrics_ports.items():
+        services[name].env["CAIRN_METRICS_PORT"] = str(metrics_port)
     return System(
-        base_url=f"http://127.0.0.1:{port}", db=db, vhost=vhost, amqp_url=amqp_url, env=env, services=services
+        trace_file=Path(env["CAIRN_TRACE_FILE"]),
+        metrics_ports=metrics_ports,
+        base_url=f"http://127.0.0.1:{port}",
+        db=db,
+        vhost=vhost,
+        amqp_url=amqp_url,
+        env=env,
+        services=services,
+        rabbit_node=rabbit_node,
     )
 
 

@@ -6,7 +6,8 @@
 # Only these two local servers are managed; it never stops anything.
 #
 #   --test-tools            also install what the test suites call: docker-compose (Debian's,
-#                           to validate docker-compose.yml) and rabbitmqctl (per-run vhosts)
+#                           to validate docker-compose.yml), rabbitmqctl (per-run vhosts) and
+#                           promtool (Debian's prometheus: checks infra/prometheus)
 #   CAIRN_SERVICES_TIMEOUT  seconds to wait for each server to answer (default 60)
 set -euo pipefail
 SCRIPT_TAG=services
@@ -119,6 +120,7 @@ ensure_rabbitmq
 if [[ "${1:-}" == "--test-tools" ]]; then
     ensure_command rabbitmqctl rabbitmq-server
     ensure_command docker-compose docker-compose
-    say "test tools ready: $(command -v rabbitmqctl) $(command -v docker-compose)"
+    ensure_command promtool prometheus
+    say "test tools ready: $(command -v rabbitmqctl) $(command -v docker-compose) $(command -v promtool)"
 fi
 say "local services ready: amqp://$HOST:$AMQP_PORT redis://$HOST:$REDIS_PORT"

@@ -3,7 +3,14 @@
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from cairn_contracts.jobs import JobSpec, MongoRangeJobSpec, RangeSharding, SyntheticJobSpec
+from cairn_contracts.jobs import (
+    HashModSharding,
+    JobSpec,
+    LeaseFrontierSharding,
+    MongoRangeJobSpec,
+    RangeSharding,
+    SyntheticJobSpec,
+)
 from cairn_contracts.pipelines import MongoRangeParams, SyntheticParams
 from cairn_contracts.states import JobState, Priority, ShardState
 
@@ -64,11 +71,39 @@ def test_sharding_strategy_defaults_to_range() -> None:
 
 
 def test_unknown_sharding_strategy_is_rejected() -> None:
-    errors = _errors({"pipeline": "synthetic", "params": {"count": 8}, "sharding": {"strategy": "hash_mod", "shards": 2}})
+    errors = _errors({"pipeline": "synthetic", "params": {"count": 8}, "sharding": {"strategy": "round_robin", "shards": 2}})
 
     assert [e["type"] for e in errors] == ["union_tag_invalid"]
     assert errors[0]["loc"] == ("synthetic", "sharding")
-    assert errors[0]["ctx"]["tag"] == "hash_mod"
+    assert errors[0]["ctx"]["tag"] == "round_robin"
+
+
+@pytest.mark.parametrize(
+    "sharding, model",
+    [
+        ({"strategy": "range", "shards": 3}, RangeSharding),
+        ({"strategy": "hash_mod", "shards": 3}, HashModSharding),
+        ({"strategy": "lease_frontier", "shards": 3, "item_size": 50}, LeaseFrontierSharding),
+    ],
+)
+def test_sharding_strategy_selects_its_model(sharding: dict, model: type) -> None:
+    spec = SPEC.validate_python({"pipeline": "synthetic", "params": {"count": 8}, "sharding": sharding})
+
+    assert isinstance(spec.sharding, model)
+    assert spec.sharding.strategy == sharding["strategy"] and spec.sharding.shards == 3
+
+
+def test_lease_frontier_item_size_has_a_default() -> None:
+    spec = SPEC.validate_python({"pipeline": "synthetic", "params": {"count": 8}, "sharding": {"strategy": "lease_frontier", "shards": 2}})
+
+    assert spec.sharding.item_size == 10_000
+
+
+@pytest.mark.parametrize("strategy", ["hash_mod", "lease_frontier"])
+def test_explicit_strategies_require_a_shard_count(strategy: str) -> None:
+    errors = _errors({"pipeline": "synthetic", "params": {"count": 8}, "sharding": {"strategy": strategy}})
+
+    assert [(e["type"], e["loc"][-1]) for e in errors] == [("missing", "shards")]
 
 
 @pytest.mark.parametrize("shards", [0, 1025])

@@ -6,7 +6,7 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from cairn_contracts.jobs import JobSpec
-from cairn_contracts.messages import DeadLetter, Message, OriginalMessage, RunShard, ShardFinished, StartJob
+from cairn_contracts.messages import DeadLetter, Message, OriginalMessage, RunFrontier, RunShard, ShardFinished, StartJob
 
 SPEC = TypeAdapter(JobSpec)
 
@@ -91,3 +91,10 @@ def test_dead_letter_reason_is_a_closed_set() -> None:
 def test_invalid_json_is_a_validation_error() -> None:
     with pytest.raises(ValidationError):
         RunShard.model_validate_json(b"not json")
+
+
+def test_run_frontier_round_trips() -> None:
+    message = RunFrontier(job_id="job-1", lane=3)
+
+    assert RunFrontier.model_validate_json(message.model_dump_json()) == message
+    assert RunFrontier.message_type not in {type(m).message_type for m in MESSAGES}

@@ -73,3 +73,12 @@ def test_index_names_are_unique_per_collection() -> None:
     names = [(spec.collection, spec.name) for spec in store.INDEXES]
 
     assert len(set(names)) == len(names)
+
+
+def test_idempotency_index_only_covers_jobs_that_have_a_key() -> None:
+    # A sparse compound index would index every job (tenant is always set) with a null key, so a
+    # second job without Idempotency-Key would collide with the first on real MongoDB.
+    spec = next(s for s in store.INDEXES if s.keys == (("tenant", 1), ("idempotency_key", 1)))
+
+    assert spec.unique and not spec.sparse
+    assert spec.partial_filter == {"idempotency_key": {"$type": "string"}}

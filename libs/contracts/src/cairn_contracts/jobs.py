@@ -2,14 +2,14 @@
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from cairn_contracts.pipelines import MONGO_RANGE, SYNTHETIC, MongoRangeParams, SyntheticParams
 from cairn_contracts.states import Priority
 
 
 class RangeSharding(BaseModel):
-    """Split the pipeline's key range into `shards` contiguous, near-equal ranges."""
+    """Split the pipeline's key range into `shards` contiguous, near-equal ranges, one task each."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -17,7 +17,28 @@ class RangeSharding(BaseModel):
     shards: int = Field(1, ge=1, le=1024)
 
 
-SHARDING_STRATEGIES = ("range",)
+class HashModSharding(BaseModel):
+    """`shards` buckets: a record belongs to bucket `stable_hash(key) % shards`; one task per
+    bucket, each scanning the whole key range with its own cursor and keeping its own records."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: Literal["hash_mod"] = "hash_mod"
+    shards: int = Field(..., ge=1, le=1024)
+
+
+class LeaseFrontierSharding(BaseModel):
+    """The key range cut into work items of `item_size` keys kept in the shards collection;
+    `shards` runner tasks pull items one at a time by lease until none is left."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: Literal["lease_frontier"] = "lease_frontier"
+    shards: int = Field(..., ge=1, le=256, description="Runner tasks pulling items in parallel")
+    item_size: int = Field(10_000, ge=1, le=1_000_000_000, description="Keys per work item")
+
+
+SHARDING_STRATEGIES = ("range", "hash_mod", "lease_frontier")
 
 
 def strategy(value: Any) -> str | None:
@@ -27,7 +48,35 @@ def strategy(value: Any) -> str | None:
     return getattr(value, "strategy", None)
 
 
-Sharding = Annotated[Union[Annotated[RangeSharding, Tag("range")]], Discriminator(strategy)]
+Sharding = Annotated[
+    Union[
+        Annotated[RangeSharding, Tag("range")],
+        Annotated[HashModSharding, Tag("hash_mod")],
+        Annotated[LeaseFrontierSharding, Tag("lease_frontier")],
+    ],
+    Discriminator(strategy),
+]
+
+
+class RetryPolicy(BaseModel):
+    """How often and how patiently a shard's retryable failures are retried.
+
+    Any field left out falls back to the pipeline's declared default, then to the worker's
+    settings (`CAIRN_MAX_ATTEMPTS`, `CAIRN_RETRY_BASE_DELAY_S`, `CAIRN_RETRY_MAX_DELAY_S`). The
+    delay before retry n is uniform in [0, min(max_delay_s, base_delay_s * 2^(n-1))].
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_attempts: int | None = Field(None, ge=1, le=100, description="Attempts before the shard is dead-lettered")
+    base_delay_s: float | None = Field(None, ge=0, le=3600, description="Backoff ceiling of the first retry")
+    max_delay_s: float | None = Field(None, ge=0, le=86_400, description="Largest backoff ceiling")
+
+    @model_validator(mode="after")
+    def _max_not_below_base(self) -> "RetryPolicy":
+        if self.base_delay_s is not None and self.max_delay_s is not None and self.max_delay_s < self.base_delay_s:
+            raise ValueError("max_delay_s must not be below base_delay_s")
+        return self
 
 
 class _JobSpecBase(BaseModel):
@@ -40,6 +89,7 @@ class _JobSpecBase(BaseModel):
     target_collection: str = Field(
         "records", pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$", description="Collection the records go to"
     )
+    retry: RetryPolicy | None = Field(None, description="Retry policy of this job (default: the pipeline's, then the worker's)")
 
 
 class SyntheticJobSpec(_JobSpecBase):

@@ -43,6 +43,16 @@ class RunShard(Message):
     shard_key: str
 
 
+class RunFrontier(Message):
+    """Celery task payload scheduler → ingest worker: pull and run this job's work items by
+    lease until none is claimable (lease-frontier sharding). `lane` tells runners apart."""
+
+    message_type: ClassVar[str] = "cairn.task.run_frontier"
+    schema_version: Literal[1] = 1
+    job_id: str
+    lane: int
+
+
 class ShardFinished(Message):
     """Event ingest worker → scheduler: a shard reached a terminal state."""
 
@@ -89,3 +99,24 @@ class DeadLetter(Message):
     attempts: int = 0
     original: OriginalMessage
     dead_lettered_at: datetime = Field(default_factory=utcnow)
+
+
+DeadLetterAction = Literal["replay", "discard"]
+
+
+class DeadLetterCommand(Message):
+    """Command gateway → DLQ handler: replay or discard one recorded dead letter (task_errors).
+
+    `command_id` tells two requests apart: a redelivered command continues its own replay, while
+    a second replay of an entry that is already replaying is refused (the work never runs twice
+    at once).
+    """
+
+    message_type: ClassVar[str] = "cairn.command.dead_letter"
+    schema_version: Literal[1] = 1
+    command_id: str
+    action: DeadLetterAction
+    dead_letter_id: str
+    requested_by: str = Field(..., min_length=1, max_length=200)
+    note: str | None = Field(None, max_length=2000)
+    requested_at: datetime = Field(default_factory=utcnow)

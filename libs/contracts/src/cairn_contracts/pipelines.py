@@ -35,6 +35,18 @@ class SyntheticParams(_Params):
     fail_times: int | None = Field(
         None, ge=1, description="Fail only on the first N attempts of the shard (default: always)"
     )
+    fail_while_flag: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.:-]{1,120}$",
+        description="Test scaffolding: the injected failure happens only while a document with this "
+        "_id exists in the `fault_flags` collection (delete it to 'fix the source')",
+    )
+
+    @model_validator(mode="after")
+    def _flag_needs_a_failure_point(self) -> "SyntheticParams":
+        if self.fail_while_flag is not None and self.fail_at_key is None:
+            raise ValueError("fail_while_flag needs fail_at_key")
+        return self
 
     def key_range(self) -> tuple[int, int]:
         return self.start, self.start + self.count

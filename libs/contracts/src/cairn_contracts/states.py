@@ -36,6 +36,21 @@ class ShardState(StrEnum):
 TERMINAL_SHARD_STATES = frozenset({ShardState.SUCCEEDED, ShardState.FAILED})
 
 
+class DeadLetterStatus(StrEnum):
+    """A task_errors entry's life: waiting for an operator, being replayed, closed."""
+
+    OPEN = "open"  # recorded; may be replayed or discarded
+    REPLAYING = "replaying"  # a replay re-dispatched its shard; the outcome is not known yet
+    REPLAYED = "replayed"  # the replay ended; `replay.outcome` says how
+    DISCARDED = "discarded"  # closed by an operator without replay (kept for audit)
+
+
+class ReplayOutcome(StrEnum):
+    SUCCEEDED = "succeeded"  # the replayed shard finished
+    FAILED_AGAIN = "failed_again"  # it failed again: a new entry (`superseded_by`) holds that failure
+    REFUSED = "refused"  # nothing was re-dispatched (the entry or its shard was not in a replayable state)
+
+
 class Priority(IntEnum):
     """Maps one to one onto RabbitMQ message priorities (queues declare x-max-priority 4)."""
 

@@ -16,11 +16,15 @@ ROUTING_START_JOB = "job.start"
 ROUTING_SHARD_SUCCEEDED = "shard.succeeded"
 ROUTING_SHARD_FAILED = "shard.failed"
 ROUTING_INGEST = "ingest"
+ROUTING_DLQ_REPLAY = "dlq.replay"
+ROUTING_DLQ_DISCARD = "dlq.discard"
 
 QUEUE_SCHEDULER_COMMANDS = "cairn.scheduler.commands"
 QUEUE_SCHEDULER_EVENTS = "cairn.scheduler.events"
 QUEUE_INGEST = "cairn.ingest"
 QUEUE_DLQ = "cairn.dlq"
+QUEUE_DLQ_COMMANDS = "cairn.dlq_handler.commands"  # replay / discard a recorded dead letter
+QUEUE_DLQ_EVENTS = "cairn.dlq_handler.events"  # shard outcomes settle the replays in flight
 
 MAX_PRIORITY = 4
 
@@ -29,6 +33,8 @@ HEADER_MESSAGE_TYPE = "x-cairn-type"
 HEADER_SCHEMA_VERSION = "x-cairn-schema"
 HEADER_CORRELATION_ID = "x-correlation-id"
 HEADER_SOURCE_QUEUE = "x-cairn-source-queue"
+# Celery shard tasks: when the message was handed to the broker (epoch seconds), for queue wait.
+HEADER_ENQUEUED_AT = "x-cairn-enqueued-at"
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,16 @@ QUEUES: tuple[QueueSpec, ...] = (
         QUEUE_INGEST,
         bindings=((EXCHANGE_TASKS, ROUTING_INGEST),),
         arguments=_work_queue_arguments(priorities=True),
+    ),
+    QueueSpec(
+        QUEUE_DLQ_COMMANDS,
+        bindings=((EXCHANGE_COMMANDS, ROUTING_DLQ_REPLAY), (EXCHANGE_COMMANDS, ROUTING_DLQ_DISCARD)),
+        arguments=_work_queue_arguments(priorities=False),
+    ),
+    QueueSpec(
+        QUEUE_DLQ_EVENTS,
+        bindings=((EXCHANGE_EVENTS, "shard.*"),),
+        arguments=_work_queue_arguments(priorities=False),
     ),
     # The DLQ has no dead-letter exchange of its own: a message that cannot even be recorded
     # stays in it (unacked messages are redelivered) rather than vanish.

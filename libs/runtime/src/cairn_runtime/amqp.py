@@ -33,6 +33,8 @@ from cairn_contracts.topology import (
     QUEUES,
 )
 from cairn_runtime.log import correlation_id as correlation_id_var
+from cairn_runtime.metrics import timed_publish
+from cairn_runtime.tracing import producer_span
 
 logger = logging.getLogger(__name__)
 
@@ -104,17 +106,18 @@ class Publisher:
         correlation_id: str | None = None,
         extra_headers: dict[str, Any] | None = None,
     ) -> None:
-        headers = message_headers(message.message_type, message.schema_version, correlation_id)
-        headers.update(extra_headers or {})
-        await self.publish_bytes(
-            exchange,
-            routing_key,
-            message.model_dump_json().encode(),
-            headers=headers,
-            priority=priority,
-            message_id=str(uuid.uuid4()),
-            correlation_id=headers.get(HEADER_CORRELATION_ID),
-        )
+        with producer_span(exchange, routing_key, message):
+            headers = message_headers(message.message_type, message.schema_version, correlation_id)
+            headers.update(extra_headers or {})
+            await self.publish_bytes(
+                exchange,
+                routing_key,
+                message.model_dump_json().encode(),
+                headers=headers,
+                priority=priority,
+                message_id=str(uuid.uuid4()),
+                correlation_id=headers.get(HEADER_CORRELATION_ID),
+            )
 
     async def publish_bytes(
         self,
@@ -138,8 +141,9 @@ class Publisher:
             correlation_id=correlation_id,
         )
         try:
-            target = await self._channel.get_exchange(exchange, ensure=False)
-            await target.publish(amqp_message, routing_key, mandatory=True, timeout=self._timeout_s)
+            with timed_publish(exchange):
+                target = await self._channel.get_exchange(exchange, ensure=False)
+                await target.publish(amqp_message, routing_key, mandatory=True, timeout=self._timeout_s)
         except (aio_pika.exceptions.AMQPError, asyncio.TimeoutError, ConnectionError, RuntimeError) as exc:
             raise PublishNotConfirmed(f"{exchange}/{routing_key}: {exc!r}") from exc
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
-from cairn_contracts.tasks import TASK_RUN_SHARD
+from cairn_contracts.messages import RunFrontier, RunShard
+from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
 from cairn_contracts.topology import EXCHANGE_TASKS, QUEUE_INGEST, queue_spec
 
 INGEST_QUEUE = Queue(
@@ -28,7 +29,7 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "task_queues": (INGEST_QUEUE,),
         "task_default_queue": QUEUE_INGEST,
-        "task_routes": {TASK_RUN_SHARD: {"queue": QUEUE_INGEST}},
+        "task_routes": {TASK_RUN_SHARD: {"queue": QUEUE_INGEST}, TASK_RUN_FRONTIER: {"queue": QUEUE_INGEST}},
         "task_create_missing_queues": False,
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -44,3 +45,19 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         "task_send_sent_event": False,
         "worker_enable_remote_control": False,
     }
+
+
+def send_shard_task(app: Any, job_id: str, shard: dict[str, Any], priority: int) -> None:
+    """Send the Celery task that runs `shard` (a shards document), blocking until the broker confirms.
+
+    `app` is a Celery app configured with `celery_config` (confirm_publish on): a range or
+    hash-mod shard gets its `run_shard` task, a lease-frontier work item a `run_frontier` runner
+    for its job (the runner pulls every claimable item, this one included). Call it from asyncio
+    code through `asyncio.to_thread`.
+    """
+    task: RunShard | RunFrontier
+    if shard.get("strategy") == "lease_frontier":
+        name, task = TASK_RUN_FRONTIER, RunFrontier(job_id=job_id, lane=int(shard.get("index", 0)))
+    else:
+        name, task = TASK_RUN_SHARD, RunShard(job_id=job_id, shard_key=shard["task_key"])
+    app.send_task(name, kwargs=task.model_dump(), priority=priority)

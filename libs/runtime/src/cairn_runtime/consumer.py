@@ -9,7 +9,8 @@
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
@@ -17,9 +18,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from cairn_contracts.messages import DeadLetterReason, Message
-from cairn_contracts.topology import HEADER_CORRELATION_ID
+from cairn_contracts.topology import HEADER_CORRELATION_ID, HEADER_MESSAGE_TYPE
 from cairn_runtime.amqp import ContractViolation, Publisher, dead_letter_for, decode, original_of, publish_dead_letter
-from cairn_runtime.log import correlation_id
+from cairn_runtime.log import log_context
+from cairn_runtime.tracing import describe_work, message_attributes
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -53,15 +55,8 @@ class ContractConsumer(Generic[M]):
         return await self._queue.consume(self.on_message)
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
-        headers = message.headers or {}
-        token = otel_context.attach(propagate.extract({k: v for k, v in headers.items() if isinstance(v, str)}))
-        correlation_token = correlation_id.set(_text(headers.get(HEADER_CORRELATION_ID)))
-        try:
-            with tracer.start_as_current_span(f"consume {self._queue.name}", kind=trace.SpanKind.CONSUMER):
-                await self._process(message)
-        finally:
-            correlation_id.reset(correlation_token)
-            otel_context.detach(token)
+        with consuming(message, self._queue.name):
+            await self._process(message)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -69,6 +64,7 @@ class ContractConsumer(Generic[M]):
         except ContractViolation as error:
             await self._dead_letter(message, "contract_violation", error)
             return
+        describe_work(**message_attributes(payload))
         try:
             await self._handler(payload)
         except Unprocessable as error:
@@ -103,3 +99,28 @@ def _text(value: object) -> str | None:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return value if isinstance(value, str) else None
+
+
+@contextmanager
+def consuming(message: AbstractIncomingMessage, queue: str) -> Iterator[None]:
+    """The context every consumed message is handled in: the publisher's trace context from the
+    W3C headers, a CONSUMER span (its child), and the message's correlation id for the logs.
+    The log context (job, shard) set while handling it is dropped afterwards."""
+    headers = message.headers or {}
+    token = otel_context.attach(propagate.extract({k: v for k, v in headers.items() if isinstance(v, str)}))
+    attributes = {
+        "messaging.system": "rabbitmq",
+        "messaging.operation": "process",
+        "messaging.source.name": queue,
+        "messaging.destination.name": message.exchange or "",
+        "messaging.rabbitmq.destination.routing_key": message.routing_key or "",
+        "messaging.message.id": message.message_id or "",
+        "messaging.message.type": _text(headers.get(HEADER_MESSAGE_TYPE)) or "",
+        "messaging.message.redelivered": bool(message.redelivered),
+    }
+    try:
+        with log_context(correlation_id=_text(headers.get(HEADER_CORRELATION_ID)), job_id=None, shard_id=None):
+            with tracer.start_as_current_span(f"consume {queue}", kind=trace.SpanKind.CONSUMER, attributes=attributes):
+                yield
+    finally:
+        otel_context.detach(token)

@@ -1,10 +1,12 @@
 """MongoDB connections and the shared indexes. Plain MongoDB: nothing here knows the stand-in."""
 
+from typing import Any
+
 from pymongo import AsyncMongoClient, MongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.database import Database
 
-from cairn_contracts.store import INDEXES
+from cairn_contracts.store import INDEXES, IndexSpec
 
 # Fail fast when the server is away instead of hanging a request for pymongo's default 30 s.
 _CLIENT_OPTIONS = {"serverSelectionTimeoutMS": 5000, "tz_aware": True}
@@ -18,15 +20,20 @@ def sync_client(uri: str) -> MongoClient:
     return MongoClient(uri, **_CLIENT_OPTIONS)
 
 
+def _index_options(spec: IndexSpec) -> dict[str, Any]:
+    options: dict[str, Any] = {"name": spec.name, "unique": spec.unique}
+    if spec.partial_filter is not None:
+        options["partialFilterExpression"] = spec.partial_filter  # MongoDB refuses it with `sparse`
+    else:
+        options["sparse"] = spec.sparse
+    return options
+
+
 async def ensure_indexes(db: AsyncDatabase) -> None:
     for spec in INDEXES:
-        await db[spec.collection].create_index(
-            list(spec.keys), name=spec.name, unique=spec.unique, sparse=spec.sparse
-        )
+        await db[spec.collection].create_index(list(spec.keys), **_index_options(spec))
 
 
 def ensure_indexes_sync(db: Database) -> None:
     for spec in INDEXES:
-        db[spec.collection].create_index(
-            list(spec.keys), name=spec.name, unique=spec.unique, sparse=spec.sparse
-        )
+        db[spec.collection].create_index(list(spec.keys), **_index_options(spec))

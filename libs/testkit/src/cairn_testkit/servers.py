@@ -109,3 +109,69 @@ def delete_redis_prefix(redis_url: str, prefix: str) -> None:
             client.delete(*keys)
     finally:
         client.close()
+
+
+class RabbitNode:
+    """A RabbitMQ node of a test's own (own name, ports, data and config), so a test can stop
+    and restart a real broker without touching the machine's shared one."""
+
+    def __init__(self, base_dir: Path, name: str) -> None:
+        self.base_dir = base_dir
+        self.node = f"{name}@localhost"
+        self.port = free_port()
+        self._dist_port = free_port()
+
+    @property
+    def amqp_url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    def _env(self) -> dict[str, str]:
+        return {
+            **{k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")},
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_DIST_PORT": str(self._dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.base_dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base_dir / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base_dir / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(self.base_dir / "node.pid"),
+            "RABBITMQ_CONFIG_FILE": str(self.base_dir / "rabbitmq.conf"),
+        }
+
+    def start(self, timeout_s: float = 90) -> None:
+        if not (self.base_dir / "rabbitmq.conf").exists():
+            for sub in ("mnesia", "log"):
+                (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
+            (self.base_dir / "enabled_plugins").write_text("[].\n")
+            # The machine's /etc/rabbitmq/rabbitmq.conf may pin 5672: this node gets its own.
+            (self.base_dir / "rabbitmq.conf").write_text(
+                f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n"
+            )
+            if os.geteuid() == 0:  # the server drops to the rabbitmq user
+                for path in [self.base_dir, *self.base_dir.rglob("*")]:
+                    shutil.chown(path, "rabbitmq", "rabbitmq")
+        subprocess.run(["rabbitmq-server", "-detached"], env=self._env(), check=True, timeout=60)
+        # -detached returns before the node exists; the AMQP listener opens last in its boot.
+        wait_for_port("127.0.0.1", self.port, timeout_s)
+        subprocess.run(
+            ["rabbitmqctl", "-n", self.node, "-q", "await_startup", "--timeout", str(int(timeout_s))],
+            env=self._env(), check=True, capture_output=True, timeout=timeout_s + 10,
+        )
+
+    def stop(self) -> None:
+        """Stop the whole node (the Erlang VM too); durable queues and messages stay on disk."""
+        subprocess.run(["rabbitmqctl", "-n", self.node, "-q", "stop"], env=self._env(), capture_output=True, timeout=120)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def queue_depth(self, queue: str, vhost: str = "/") -> int:
+        out = subprocess.run(
+            ["rabbitmqctl", "-n", self.node, "-q", "list_queues", "-p", vhost, "name", "messages"],
+            env=self._env(), check=True, capture_output=True, text=True, timeout=60,
+        ).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == queue:
+                return int(parts[1])
+        raise LookupError(f"no queue {queue}")

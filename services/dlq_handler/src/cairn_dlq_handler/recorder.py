@@ -5,6 +5,7 @@ error), and raw messages the broker dead-lettered (rejected, expired), described
 The document id is derived from the message, so a redelivery after a crash records nothing new.
 """
 
+import base64
 import hashlib
 import json
 import logging
@@ -17,24 +18,82 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
 from cairn_contracts.messages import DeadLetter
+from cairn_contracts.store import DEFAULT_TENANT
 from cairn_contracts.topology import HEADER_MESSAGE_TYPE
+from cairn_dlq_handler.metrics import DEAD_LETTER_DUPLICATES, count_recorded
 from cairn_runtime.amqp import original_of
+from cairn_runtime.payloads import RawPayloads
+from cairn_runtime.tracing import describe_work
 
 logger = logging.getLogger(__name__)
 
+RAW_PAYLOAD_THRESHOLD_BYTES = 64 * 1024
+PREVIEW_CHARS = 1024
+
 
 class ErrorRecorder:
-    def __init__(self, task_errors: AsyncCollection) -> None:
+    """`jobs`: to note each entry's pipeline and tenant (filters of the DLQ API). `payloads`: where
+    an original body over `raw_payload_threshold_bytes` goes (GridFS), leaving a pointer here."""
+
+    def __init__(
+        self,
+        task_errors: AsyncCollection,
+        *,
+        jobs: AsyncCollection | None = None,
+        payloads: RawPayloads | None = None,
+        raw_payload_threshold_bytes: int = RAW_PAYLOAD_THRESHOLD_BYTES,
+    ) -> None:
         self._task_errors = task_errors
+        self._jobs = jobs
+        self._payloads = payloads
+        self._threshold = raw_payload_threshold_bytes
 
     async def record(self, message: AbstractIncomingMessage) -> dict[str, Any]:
         document = error_document(message)
+        describe_work(job_id=document.get("job_id"), shard_id=document.get("shard_key"), dead_letter_id=document["_id"])
+        if await self._task_errors.find_one({"_id": document["_id"]}, {"_id": 1}) is not None:
+            logger.info("dead letter %s was already recorded", document["_id"])
+            DEAD_LETTER_DUPLICATES.inc()
+            return document
+        await self._describe_job(document)
+        await self._keep_large_body_aside(document)
         try:
             await self._task_errors.insert_one(document)
             logger.info("recorded dead letter %s (%s)", document["_id"], document["reason"])
+            count_recorded(document)
         except DuplicateKeyError:
             logger.info("dead letter %s was already recorded", document["_id"])
         return document
+
+    async def _describe_job(self, document: dict[str, Any]) -> None:
+        job = None
+        if self._jobs is not None and document.get("job_id"):
+            job = await self._jobs.find_one({"_id": document["job_id"]}, {"pipeline": 1, "tenant": 1})
+        document["pipeline"] = (job or {}).get("pipeline")
+        document["tenant"] = (job or {}).get("tenant") or DEFAULT_TENANT
+
+    async def _keep_large_body_aside(self, document: dict[str, Any]) -> None:
+        """Store an original body over the threshold in GridFS; the entry keeps a pointer and a preview."""
+        original = document.get("original") or {}
+        body = original.get("body")
+        if self._payloads is None or not isinstance(body, str):
+            return
+        encoding = original.get("body_encoding", "utf-8")
+        raw = base64.b64decode(body) if encoding == "base64" else body.encode("utf-8")
+        if len(raw) <= self._threshold:
+            return
+        headers = original.get("headers") or {}
+        ref = await self._payloads.save(
+            f"{document['_id']}.body",
+            raw,
+            owner=document["_id"],
+            encoding=encoding,
+            content_type=headers.get("content_type") if isinstance(headers, dict) else None,
+        )
+        original["body"] = None
+        original["body_preview"] = body[:PREVIEW_CHARS]
+        original["payload_ref"] = ref.as_document()
+        document["raw_payload_id"] = ref.raw_payload_id
 
 
 def error_document(message: AbstractIncomingMessage) -> dict[str, Any]:
@@ -59,9 +118,9 @@ def _broker_dead_letter(message: AbstractIncomingMessage) -> dict[str, Any]:
     original = original_of(message)
     deaths = original.headers.get("x-death") or []
     first_death = deaths[0] if deaths else {}
-    fingerprint = hashlib.sha256(
-        message.body + json.dumps([message.message_id, first_death], sort_keys=True, default=str).encode()
-    ).hexdigest()
+    # Celery's task messages have no message_id; its task id travels as the correlation id.
+    identity = [message.message_id, message.correlation_id, first_death]
+    fingerprint = hashlib.sha256(message.body + json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
     task = _celery_task(original.headers, message.body)
     return {
         "_id": f"broker-{fingerprint[:32]}",

@@ -10,12 +10,15 @@ from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 
 from cairn_gateway.api import router
+from cairn_gateway.dlq import DeadLetterService
+from cairn_gateway.dlq_api import router as dlq_router
 from cairn_gateway.errors import install_error_handlers
 from cairn_gateway.http_metrics import HttpMetricsMiddleware
 from cairn_gateway.jobs import JobService
 from cairn_gateway.settings import GatewaySettings
 from cairn_runtime.amqp import Publisher, connect, declare_topology
 from cairn_runtime.mongo import async_client, ensure_indexes
+from cairn_runtime.payloads import RawPayloads
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             cache_prefix=settings.redis_prefix,
             cache_ttl_s=settings.status_cache_ttl_s,
         )
+        app.state.dead_letters = DeadLetterService(db=db, publisher=publisher, payloads=RawPayloads(db))
         try:
             yield
         finally:
@@ -53,6 +57,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(dlq_router)
     app.add_middleware(HttpMetricsMiddleware)
     app.mount("/metrics", make_asgi_app())
     install_error_handlers(app)

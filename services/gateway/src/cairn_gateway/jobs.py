@@ -15,11 +15,13 @@ from pymongo.errors import DuplicateKeyError
 
 from cairn_contracts.jobs import JobSpec
 from cairn_contracts.messages import StartJob
-from cairn_contracts.states import JobState
-from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
+from cairn_contracts.states import JobState, ShardState
+from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, STATUS_CACHE_KEY
 from cairn_contracts.topology import EXCHANGE_COMMANDS, ROUTING_START_JOB
+from cairn_gateway.failures import failed_shards, retrying_shards
 from cairn_gateway.schemas import ShardCounts, TaskResult, TaskStatus
 from cairn_runtime.amqp import PublishNotConfirmed, Publisher
+from cairn_runtime.tracing import describe_work
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class JobService:
         `command_published_at`, and the scheduler's relay publishes it once the broker is back.
         """
         job_id = uuid.uuid4().hex
+        describe_work(job_id=job_id, tenant=tenant, pipeline=spec.pipeline)  # span + log context
         fingerprint = spec_fingerprint(spec)
         document: dict[str, Any] = {
             "_id": job_id,
@@ -109,21 +112,30 @@ class JobService:
         await self.db[JOBS].update_one({"_id": job_id}, {"$set": {"command_published_at": utcnow()}})
 
     async def status(self, job_id: str, tenant: str) -> TaskStatus:
-        cache_key = f"{self.cache_prefix}:status:{tenant}:{job_id}"
+        cache_key = STATUS_CACHE_KEY.format(prefix=self.cache_prefix, tenant=tenant, job_id=job_id)
         cached = await self.cache.get(cache_key)
         if cached is not None:
             return TaskStatus.model_validate_json(cached)
         job = await self._job(job_id, tenant)
         states = Counter([s["state"] async for s in self.db[SHARDS].find({"job_id": job_id}, {"state": 1})])
-        covered = records_done = 0
+        done_weight = total_weight = 0.0
+        records_done = 0
         async for checkpoint in self.db[CHECKPOINTS].find(
-            {"job_id": job_id}, {"cursor": 1, "range_start": 1, "records_done": 1}
+            {"job_id": job_id}, {"cursor": 1, "range_start": 1, "range_end": 1, "records_estimate": 1, "records_done": 1}
         ):
-            covered += int(checkpoint["cursor"]) - int(checkpoint["range_start"])
+            # Each shard's share of its key range, weighted by its expected records: hash-mod
+            # shards each scan the whole range, range shards their own part of it.
+            span = max(1, int(checkpoint["range_end"]) - int(checkpoint["range_start"]))
+            weight = float(checkpoint.get("records_estimate", span))
+            done_weight += weight * (int(checkpoint["cursor"]) - int(checkpoint["range_start"])) / span
+            total_weight += weight
             records_done += int(checkpoint.get("records_done", 0))
         total = job.get("records_total")
         state = JobState(job["state"])
-        progress = 100.0 if state == JobState.SUCCESS else (round(100.0 * covered / total, 2) if total else 0.0)
+        if state == JobState.SUCCESS:
+            progress = 100.0
+        else:
+            progress = round(100.0 * done_weight / total_weight, 2) if total_weight else 0.0
         status = TaskStatus(
             task_id=job_id,
             state=state,
@@ -137,6 +149,9 @@ class JobService:
             created_at=job["created_at"],
             started_at=job.get("started_at"),
             finished_at=job.get("finished_at"),
+            retrying=await retrying_shards(self.db, job_id) if states.get(ShardState.RETRY) else [],
+            failed_shards=await failed_shards(self.db, job_id) if states.get(ShardState.FAILED) else [],
+            dead_letters_url=f"/dlq/entries?job_id={job_id}" if states.get(ShardState.FAILED) else None,
         )
         if state.is_terminal and self.cache_ttl_s:
             # Only finished jobs are cached: their status can no longer change.

@@ -33,6 +33,27 @@ class ShardCounts(BaseModel):
     failed: int = 0
 
 
+class ShardRetryInfo(BaseModel):
+    """A shard waiting for its retry: which attempt failed, of how many, and when the next one starts."""
+
+    shard_key: str
+    attempt: int = Field(description="Attempts made so far (since the shard was planned or last replayed)")
+    max_attempts: int | None = None
+    next_retry_at: UtcDatetime | None = None
+    delay_s: float | None = None
+    last_error: str | None = None
+
+
+class FailedShardInfo(BaseModel):
+    """A dead-lettered shard and the task_errors entry that tells why (GET /dlq/entries/{id})."""
+
+    shard_key: str
+    task_error_id: str | None
+    attempts: int
+    error: str | None = None
+    entry_url: str | None = None
+
+
 class TaskStatus(BaseModel):
     task_id: str
     state: JobState
@@ -46,6 +67,11 @@ class TaskStatus(BaseModel):
     created_at: UtcDatetime
     started_at: UtcDatetime | None = None
     finished_at: UtcDatetime | None = None
+    retrying: list[ShardRetryInfo] = Field(default_factory=list, description="Shards waiting for a retry (first 50)")
+    failed_shards: list[FailedShardInfo] = Field(
+        default_factory=list, description="Dead-lettered shards with their task_errors ids (first 50)"
+    )
+    dead_letters_url: str | None = Field(None, description="The job's entries in the dead-letter queue")
 
 
 class TaskResult(BaseModel):

@@ -6,13 +6,14 @@
 import logging
 
 from celery import Celery, signals
-from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
 from cairn_ingest_worker.context import ContextPerProcess
+from cairn_ingest_worker.observability import connect_signals
 from cairn_ingest_worker.publisher import declare_topology
 from cairn_ingest_worker.settings import WorkerSettings
 from cairn_ingest_worker.tasks import register_tasks
 from cairn_runtime.celery_config import celery_config
+from cairn_runtime.instrumentation import instrument_celery, instrument_clients
 from cairn_runtime.log import configure_logging
 from cairn_runtime.metrics import serve_metrics
 from cairn_runtime.mongo import ensure_indexes_sync, sync_client
@@ -25,6 +26,8 @@ def create_app(settings: WorkerSettings) -> Celery:
     app = Celery("cairn-ingest-worker")
     app.conf.update(celery_config(settings.amqp_url))
     app.conf.worker_concurrency = settings.worker_concurrency
+    # Messages Celery cannot read are dead-lettered, not dropped (consumer.py).
+    app.conf.worker_consumer = "cairn_ingest_worker.consumer:DeadLetteringConsumer"
     contexts = ContextPerProcess(settings, app)
     register_tasks(app, contexts.get)
 
@@ -51,7 +54,9 @@ def create_app(settings: WorkerSettings) -> Celery:
             trace_file=settings.trace_file,
             otlp_endpoint=settings.otlp_endpoint,
         )
-        CeleryInstrumentor().instrument()
+        instrument_celery()  # before connect_signals: its task span must be current for ours
+        instrument_clients()  # before this child's MongoClient is built
+        connect_signals()
 
     return app
 

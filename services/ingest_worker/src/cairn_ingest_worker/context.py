@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from celery import Celery
 
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
+from cairn_ingest_worker.bench_only import UncheckpointedLeases
 from cairn_ingest_worker.leases import ShardLeases
 from cairn_ingest_worker.publisher import BrokerPublisher
 from cairn_ingest_worker.runner import ShardRunner
@@ -29,12 +30,16 @@ def build_context(settings: WorkerSettings, app: Celery) -> WorkerContext:
     db = client[settings.mongodb_database]
     worker_id = f"{settings.worker_id}/{os.getpid()}"
     runner = ShardRunner(
-        leases=ShardLeases(db[SHARDS], db[CHECKPOINTS], worker_id, settings.lease_ttl_s),
+        # UncheckpointedLeases: benchmark-only switch, see bench_only.py.
+        leases=(UncheckpointedLeases if settings.bench_disable_checkpoints else ShardLeases)(
+            db[SHARDS], db[CHECKPOINTS], worker_id, settings.lease_ttl_s
+        ),
         jobs=db[JOBS],
         shards=db[SHARDS],
         records_db=db,
         source_db=client[settings.source_database or settings.mongodb_database],
         heartbeat_interval_s=settings.heartbeat_interval_s,
+        slice_s=settings.task_slice_s,
     )
     return WorkerContext(settings=settings, runner=runner, publisher=BrokerPublisher(app))
 

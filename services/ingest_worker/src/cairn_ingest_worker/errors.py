@@ -1,11 +1,17 @@
 """Which failures are worth retrying.
 
-Transient trouble (network, timeouts, an unavailable store) retries with backoff; bad input and
-programming errors in a pipeline's declared non-retryable set go straight to the dead-letter queue.
-A pipeline raises `RetryableError` or `NonRetryableError` to decide for itself.
+Transient trouble (network, timeouts, an unavailable store, HTTP 429 and 5xx) retries with
+backoff; bad input, HTTP 4xx and programming errors go straight to the dead-letter queue.
+A pipeline decides for itself in two ways: it raises `RetryableError` / `NonRetryableError`, or
+it declares a `FailurePolicy` (its own retryable and non-retryable exception types, checked
+before the defaults, and its default retry policy).
 """
 
+from dataclasses import dataclass
+
 from pymongo.errors import AutoReconnect, ConnectionFailure, NetworkTimeout, ServerSelectionTimeoutError
+
+from cairn_contracts.jobs import RetryPolicy
 
 
 class RetryableError(Exception):
@@ -24,7 +30,57 @@ _RETRYABLE = (RetryableError, ConnectionError, TimeoutError, AutoReconnect, Conn
 _NON_RETRYABLE = (NonRetryableError, ValueError, TypeError, KeyError, AttributeError)
 
 
-def is_retryable(error: BaseException) -> bool:
+class HttpStatusError(Exception):
+    """An HTTP source answered with an error status; `retry_after_s` is its Retry-After, if any."""
+
+    def __init__(self, status: int, message: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(f"HTTP {status}{': ' + message if message else ''}")
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+# 408 Request Timeout and 425 Too Early are timeouts in HTTP clothing; 429 asks to come back later.
+_RETRYABLE_4XX = frozenset({408, 425, 429})
+# 501 Not Implemented and 505 HTTP Version Not Supported answer the same however often we ask.
+_PERMANENT_5XX = frozenset({501, 505})
+
+
+def classify_http_status(status: int) -> bool:
+    """True if a request that got this error status is worth retrying.
+
+    Retryable: 429, 408, 425 and every 5xx except 501 and 505. Not retryable: every other 4xx
+    (the request itself is wrong: bad input, unauthorised, not found, gone...).
+    """
+    if not 400 <= status <= 599:
+        raise ValueError(f"{status} is not an HTTP error status")
+    if status >= 500:
+        return status not in _PERMANENT_5XX
+    return status in _RETRYABLE_4XX
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    """What a pipeline declares about its failures; every part is optional.
+
+    `retryable` / `non_retryable` are checked (in that order) before the defaults below, so a
+    pipeline can say that its client library's `QuotaExceeded` is transient or that a
+    `ParseError` never is. `retry` is the pipeline's default retry policy; a job's own `retry`
+    fields win over it, the worker's settings fill in whatever neither sets.
+    """
+
+    retryable: tuple[type[BaseException], ...] = ()
+    non_retryable: tuple[type[BaseException], ...] = ()
+    retry: RetryPolicy | None = None
+
+
+def is_retryable(error: BaseException, declared: FailurePolicy | None = None) -> bool:
+    if declared is not None:
+        if declared.retryable and isinstance(error, declared.retryable):
+            return True
+        if declared.non_retryable and isinstance(error, declared.non_retryable):
+            return False
+    if isinstance(error, HttpStatusError):
+        return classify_http_status(error.status)
     if isinstance(error, _RETRYABLE):
         return True
     if isinstance(error, _NON_RETRYABLE):

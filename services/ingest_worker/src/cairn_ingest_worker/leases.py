@@ -16,6 +16,7 @@ from pymongo.collection import Collection
 
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import MAIN_SUB_KEY
+from cairn_ingest_worker import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Claim:
     shard: dict[str, Any]
     token: int
     cursor: int
+    reclaimed: bool = False  # taken over from a holder whose lease had expired
 
     @property
     def shard_key(self) -> str:
@@ -56,9 +58,8 @@ class ShardLeases:
 
     def claim(self, shard_key: str) -> Claim | None:
         """Take the shard if it is waiting or its holder's lease expired; None if not ours to run."""
-        now = utcnow()
-        now_ms = epoch_ms(now)
-        shard = self._shards.find_one_and_update(
+        now_ms = epoch_ms()
+        return self._claim(
             {
                 "task_key": shard_key,
                 "$or": [
@@ -66,19 +67,43 @@ class ShardLeases:
                     {"state": ShardState.RUNNING, "lease_until": {"$lt": now_ms}},
                 ],
             },
-            {
-                "$set": {
-                    "state": ShardState.RUNNING,
-                    "taken_by": self._worker_id,
-                    "lease_until": now_ms + self._ttl_ms,
-                    "started_at": now,
-                },
-                "$inc": {"fencing_token": 1, "attempts": 1},
-            },
-            return_document=ReturnDocument.AFTER,
+            now_ms,
         )
-        if shard is None:
+
+    def claim_next(self, job_id: str) -> Claim | None:
+        """Lease frontier: take the job's first claimable work item (a RETRY item once it is due)."""
+        now_ms = epoch_ms()
+        return self._claim(
+            {
+                "job_id": job_id,
+                "$or": [
+                    {"state": {"$in": [ShardState.PLANNED, ShardState.QUEUED]}},
+                    {"state": ShardState.RETRY, "next_retry_at_ms": {"$lte": now_ms}},
+                    {"state": ShardState.RUNNING, "lease_until": {"$lt": now_ms}},
+                ],
+            },
+            now_ms,
+            sort=[("index", 1)],
+        )
+
+    def _claim(self, query: dict[str, Any], now_ms: int, sort: list[tuple[str, int]] | None = None) -> Claim | None:
+        now = utcnow()
+        taken = {"state": ShardState.RUNNING, "taken_by": self._worker_id, "lease_until": now_ms + self._ttl_ms, "started_at": now}
+        before = self._shards.find_one_and_update(
+            query,
+            {"$set": taken, "$inc": {"fencing_token": 1, "attempts": 1}},
+            sort=sort,
+            return_document=ReturnDocument.BEFORE,  # tells whether an expired lease was taken over
+        )
+        if before is None:
             return None
+        shard = {**before, **taken, "fencing_token": int(before["fencing_token"]) + 1, "attempts": int(before["attempts"]) + 1}
+        # A handed-off lease (lease_until 0) was given up, not lost: taking it is no reclaim.
+        reclaimed = before["state"] == ShardState.RUNNING and bool(before.get("lease_until"))
+        if reclaimed:
+            metrics.LEASE_TAKEOVERS.inc()
+            logger.warning("shard %s: took over the expired lease of %s", before["task_key"], before.get("taken_by"))
+        shard_key = shard["task_key"]
         token = int(shard["fencing_token"])
         # Adopt the checkpoint: from now on only writes carrying this token move it.
         checkpoint = self._checkpoints.find_one_and_update(
@@ -89,7 +114,7 @@ class ShardLeases:
         if checkpoint is None:
             logger.warning("shard %s: checkpoint held by a newer token than %d", shard_key, token)
             return None
-        return Claim(shard=shard, token=token, cursor=int(checkpoint["cursor"]))
+        return Claim(shard=shard, token=token, cursor=int(checkpoint["cursor"]), reclaimed=reclaimed)
 
     def renew(self, claim: Claim) -> bool:
         result = self._shards.update_one(
@@ -115,10 +140,33 @@ class ShardLeases:
     def fail(self, claim: Claim, error: str, dead_letter_id: str) -> bool:
         return self._finish(claim, {"state": ShardState.FAILED, "last_error": error, "dead_letter_id": dead_letter_id})
 
-    def schedule_retry(self, claim: Claim, error: str, retry_at: datetime) -> bool:
+    def schedule_retry(self, claim: Claim, error: str, retry_at: datetime, extra: dict[str, Any] | None = None) -> bool:
+        """`extra`: more fields set in the same fenced write (the retry record, see retry.py)."""
         return self._finish(
-            claim, {"state": ShardState.RETRY, "last_error": error, "next_retry_at": retry_at, "lease_until": None}
+            claim,
+            {
+                "state": ShardState.RETRY,
+                "last_error": error,
+                "next_retry_at": retry_at,
+                "next_retry_at_ms": epoch_ms(retry_at),
+                "lease_until": None,
+                **(extra or {}),
+            },
         )
+
+    def hand_off(self, claim: Claim) -> bool:
+        """End this run's lease now, keeping the shard RUNNING: the continuation task (or any
+        runner) may claim it at once, and if none is sent the reaper finds an expired lease.
+        A handed-off run is not a failed attempt, so the claim's attempt is given back."""
+        result = self._shards.update_one(
+            {"task_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING},
+            {"$set": {"lease_until": 0}, "$inc": {"attempts": -1, "hand_offs": 1}},
+        )
+        return result.matched_count == 1
+
+    def note_fenced_write(self, claim: Claim) -> None:
+        """Count a write refused because a newer holder took the shard (evidence for operators)."""
+        self._shards.update_one({"task_key": claim.shard_key}, {"$inc": {"fenced_writes": 1}})
 
     def _finish(self, claim: Claim, fields: dict[str, Any]) -> bool:
         result = self._shards.update_one(

@@ -9,6 +9,8 @@ from kombu import Connection, Exchange, Queue
 from cairn_contracts.messages import DeadLetter, Message
 from cairn_contracts.topology import EXCHANGE_DLX, EXCHANGES, HEADER_SOURCE_QUEUE, QUEUES
 from cairn_runtime.amqp import message_headers
+from cairn_runtime.metrics import timed_publish
+from cairn_runtime.tracing import producer_span
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +22,11 @@ class BrokerPublisher:
         self._app = app
 
     def publish(self, exchange: str, routing_key: str, message: Message, extra_headers: dict | None = None) -> None:
+        # The producer span is current while the headers are built: they carry its trace context.
+        with producer_span(exchange, routing_key, message), timed_publish(exchange):
+            self._publish(exchange, routing_key, message, extra_headers)
+
+    def _publish(self, exchange: str, routing_key: str, message: Message, extra_headers: dict | None) -> None:
         headers = message_headers(message.message_type, message.schema_version, None)
         headers.update(extra_headers or {})
         with self._app.producer_or_acquire() as producer:

@@ -18,7 +18,8 @@ from pymongo.database import Database
 from cairn_contracts.messages import RunShard
 from cairn_ingest_worker import metrics
 from cairn_ingest_worker.leases import Claim, Heartbeat, ShardLeases, utcnow
-from cairn_ingest_worker.pipelines import build_pipeline
+from cairn_ingest_worker.observability import note_shard
+from cairn_ingest_worker.pipelines import Bucket, build_pipeline
 from cairn_ingest_worker.store import store_records
 from cairn_runtime.tracing import span_attributes
 
@@ -34,11 +35,12 @@ class ShardRunner:
     records_db: Database
     source_db: Database
     heartbeat_interval_s: float
+    slice_s: float  # longest run of one task before it hands off to a continuation
 
 
 @dataclass(frozen=True)
 class Outcome:
-    kind: Literal["succeeded", "not_claimable", "lease_lost", "poison"]
+    kind: Literal["succeeded", "not_claimable", "lease_lost", "poison", "sliced"]
     claim: Claim | None = None
     records: int = 0
 
@@ -57,37 +59,61 @@ def run_shard(runner: ShardRunner, request: RunShard, *, max_attempts: int) -> O
     claim = runner.leases.claim(request.shard_key)
     if claim is None:
         return Outcome("not_claimable")
+    return run_claimed(runner, claim, max_attempts=max_attempts, deadline=time.monotonic() + runner.slice_s)
+
+
+def run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadline: float) -> Outcome:
+    """Run a claimed shard from its checkpoint until it is done, the lease is lost, or the
+    deadline passes (then the lease is handed off at a batch boundary: outcome `sliced`)."""
     if claim.attempt > max_attempts:
         # Earlier attempts died without recording a failure: the shard kills its workers.
         return Outcome("poison", claim)
-    job = runner.jobs.find_one({"_id": request.job_id}, {"spec": 1})
+    job_id = claim.shard["job_id"]
+    job = runner.jobs.find_one({"_id": job_id}, {"spec": 1, "tenant": 1})
     if job is None:
-        raise ShardFailed(claim, "unknown", LookupError(f"job {request.job_id} is not recorded"))
+        raise ShardFailed(claim, "unknown", LookupError(f"job {job_id} is not recorded"))
     spec: dict[str, Any] = job["spec"]
     pipeline_name = spec["pipeline"]
+    note_shard(job_id=job_id, shard_id=claim.shard_key, pipeline=pipeline_name, tenant=job.get("tenant"), attempt=claim.attempt)
+    bucket = claim.shard.get("bucket")
     try:
-        pipeline = build_pipeline(pipeline_name, spec["params"], attempt=claim.attempt, source=runner.source_db)
+        pipeline = build_pipeline(
+            pipeline_name,
+            spec["params"],
+            attempt=claim.attempt,
+            source=runner.source_db,
+            bucket=Bucket(bucket["modulus"], bucket["remainder"]) if bucket else None,
+        )
     except Exception as error:
         raise ShardFailed(claim, pipeline_name, error) from error
     target = runner.records_db[spec["target_collection"]]
     end = int(claim.shard["range_end"])
     cursor = claim.cursor
+    if cursor > int(claim.shard["range_start"]):
+        logger.info("shard %s: resuming at cursor %d (token %d)", claim.shard_key, cursor, claim.token)
     records = 0
     with Heartbeat(runner.leases, claim, runner.heartbeat_interval_s) as heartbeat:
         while cursor < end:
             if heartbeat.lost.is_set():
                 return Outcome("lease_lost", claim, records)
+            if time.monotonic() >= deadline:
+                if runner.leases.hand_off(claim):
+                    return Outcome("sliced", claim, records)
+                return Outcome("lease_lost", claim, records)
             started = time.perf_counter()
             with tracer.start_as_current_span(
-                "cairn.batch", attributes=span_attributes(job_id=request.job_id, shard_id=claim.shard_key, cursor=cursor, pipeline=pipeline_name)
+                "cairn.batch",
+                attributes=span_attributes(job_id=job_id, shard_id=claim.shard_key, cursor=cursor, pipeline=pipeline_name),
             ):
                 try:
                     batch = pipeline.read(cursor, end, int(spec["batch_size"]))
                     cleaned = [r for r in map(pipeline.clean, batch.records) if r is not None]
-                    stored = store_records(target, cleaned, request.job_id)
+                    stored = store_records(target, cleaned, job_id)
                 except Exception as error:
                     raise ShardFailed(claim, pipeline_name, error) from error
                 if not runner.leases.advance(claim, batch.next_cursor, len(batch.records), stored.written, stored.duplicates):
+                    runner.leases.note_fenced_write(claim)
+                    logger.warning("shard %s: checkpoint refused, token %d is stale", claim.shard_key, claim.token)
                     return Outcome("lease_lost", claim, records)
             cursor = batch.next_cursor
             records += len(batch.records)
@@ -96,6 +122,7 @@ def run_shard(runner: ShardRunner, request: RunShard, *, max_attempts: int) -> O
             metrics.BATCHES.labels(pipeline_name).inc()
             metrics.BATCH_SECONDS.labels(pipeline_name).observe(time.perf_counter() - started)
     if not runner.leases.succeed(claim):
+        runner.leases.note_fenced_write(claim)
         return Outcome("lease_lost", claim, records)
     return Outcome("succeeded", claim, records)
 

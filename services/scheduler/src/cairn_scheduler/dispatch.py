@@ -5,8 +5,8 @@ import asyncio
 
 from celery import Celery
 
-from cairn_contracts.messages import RunShard
-from cairn_contracts.tasks import TASK_RUN_SHARD
+from cairn_contracts.messages import RunFrontier, RunShard
+from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
 from cairn_runtime.celery_config import celery_config
 
 
@@ -20,6 +20,7 @@ class CeleryDispatcher:
         app.conf.update(celery_config(broker_url))
         return cls(app)
 
-    async def dispatch(self, task: RunShard, priority: int) -> None:
+    async def dispatch(self, task: RunShard | RunFrontier, priority: int) -> None:
         # kombu is blocking; with confirm_publish the call returns once the broker confirmed.
-        await asyncio.to_thread(self._app.send_task, TASK_RUN_SHARD, kwargs=task.model_dump(), priority=priority)
+        name = TASK_RUN_FRONTIER if isinstance(task, RunFrontier) else TASK_RUN_SHARD
+        await asyncio.to_thread(self._app.send_task, name, kwargs=task.model_dump(), priority=priority)

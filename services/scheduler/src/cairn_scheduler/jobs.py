@@ -5,6 +5,7 @@ Every state change is one conditional single-document update, so any handler may
 """
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,11 +15,12 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from cairn_contracts.jobs import JobSpec
-from cairn_contracts.messages import RunShard, ShardFinished, StartJob
+from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, MAIN_SUB_KEY, SHARDS
 from cairn_runtime.consumer import Unprocessable
-from cairn_scheduler.planner import ShardPlan, plan_range
+from cairn_scheduler.metrics import observe_job_finished
+from cairn_scheduler.planner import Plan, plan_job
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +28,17 @@ DUPLICATE_KEY = 11000
 
 
 class ShardDispatcher(Protocol):
-    async def dispatch(self, task: RunShard, priority: int) -> None:
+    async def dispatch(self, task: RunShard | RunFrontier, priority: int) -> None:
         """Put the shard's task on the ingest queue; returns once the broker confirmed it."""
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def epoch_ms() -> int:
+    """For times that queries compare: integers compare the same on every MongoDB-wire server."""
+    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)
@@ -47,22 +54,27 @@ class JobScheduler:
             logger.info("job %s is already %s; command ignored", command.job_id, job["state"])
             return
         spec = command.spec
-        plans = plan_range(command.job_id, *spec.params.key_range(), spec.sharding.shards)
-        await self._record_shards(command.job_id, spec, plans)
+        start, end = spec.params.key_range()
+        plan = plan_job(command.job_id, (start, end), spec.sharding)
+        await self._record_shards(command.job_id, spec, plan)
         await self.db[JOBS].update_one(
             {"_id": command.job_id, "state": JobState.PENDING},
             {
                 "$set": {
                     "state": JobState.STARTED,
-                    "shard_count": len(plans),
-                    "records_total": sum(p.size for p in plans),
+                    "shard_count": len(plan.shards),
+                    "records_total": end - start,
                     "started_at": utcnow(),
                 }
             },
         )
-        await self._dispatch_planned(command.job_id, int(spec.priority))
+        if plan.runners is None:
+            await self._dispatch_planned(command.job_id, int(spec.priority))
+        else:
+            await self._dispatch_runners(command.job_id, plan.runners, int(spec.priority))
 
-    async def _record_shards(self, job_id: str, spec: JobSpec, plans: list[ShardPlan]) -> None:
+    async def _record_shards(self, job_id: str, spec: JobSpec, plan: Plan) -> None:
+        plans = plan.shards
         now = utcnow()
         # Checkpoints first: a shard is only claimable once its checkpoint exists.
         await _insert_new(
@@ -76,6 +88,7 @@ class JobScheduler:
                     "cursor": p.start,
                     "range_start": p.start,
                     "range_end": p.end,
+                    "records_estimate": p.records_estimate,
                     "records_done": 0,
                     "records_written": 0,
                     "records_redone": 0,
@@ -97,7 +110,8 @@ class JobScheduler:
                     "strategy": spec.sharding.strategy,
                     "range_start": p.start,
                     "range_end": p.end,
-                    "records_total": p.size,
+                    "bucket": {"modulus": p.bucket[0], "remainder": p.bucket[1]} if p.bucket else None,
+                    "records_estimate": p.records_estimate,
                     "priority": int(spec.priority),
                     "state": ShardState.PLANNED,
                     "attempts": 0,
@@ -117,15 +131,24 @@ class JobScheduler:
             await self.dispatcher.dispatch(RunShard(job_id=job_id, shard_key=shard["task_key"]), priority)
             await self.db[SHARDS].update_one(
                 {"_id": shard["_id"], "state": ShardState.PLANNED},
-                {"$set": {"state": ShardState.QUEUED, "queued_at": utcnow()}},
+                {"$set": {"state": ShardState.QUEUED, "queued_at": utcnow(), "queued_at_ms": epoch_ms()}},
             )
+
+    async def _dispatch_runners(self, job_id: str, runners: int, priority: int) -> None:
+        """Lease frontier: the items stay claimable in MongoDB; `runners` tasks pull them."""
+        job = await self.db[JOBS].find_one({"_id": job_id}, {"runners_dispatched_at": 1})
+        if job and job.get("runners_dispatched_at"):
+            return  # a redelivered command: the runners are out already
+        for lane in range(runners):
+            await self.dispatcher.dispatch(RunFrontier(job_id=job_id, lane=lane), priority)
+        await self.db[JOBS].update_one({"_id": job_id}, {"$set": {"runners_dispatched_at": utcnow()}})
 
     async def shard_finished(self, event: ShardFinished) -> None:
         await self.roll_up(event.job_id)
 
     async def roll_up(self, job_id: str) -> JobState | None:
         """Derive the job's state from its shards' states (idempotent; safe to run anywhere)."""
-        job = await self.db[JOBS].find_one({"_id": job_id}, {"state": 1, "shard_count": 1})
+        job = await self.db[JOBS].find_one({"_id": job_id}, {"state": 1, "shard_count": 1, "created_at": 1, "pipeline": 1})
         if job is None or JobState(job["state"]).is_terminal or not job.get("shard_count"):
             return None
         states = Counter([s["state"] async for s in self.db[SHARDS].find({"job_id": job_id}, {"state": 1})])
@@ -134,7 +157,9 @@ class JobScheduler:
         if state.is_terminal:
             update["finished_at"] = utcnow()
             update["result"] = await self._result(job_id, states)
-        await self.db[JOBS].update_one({"_id": job_id, "state": {"$nin": [JobState.SUCCESS, JobState.FAILURE]}}, {"$set": update})
+        written = await self.db[JOBS].update_one({"_id": job_id, "state": {"$nin": [JobState.SUCCESS, JobState.FAILURE]}}, {"$set": update})
+        if state.is_terminal and written.modified_count:
+            observe_job_finished(job, state, update["finished_at"])
         return state
 
     async def _result(self, job_id: str, states: Counter) -> dict[str, Any]:

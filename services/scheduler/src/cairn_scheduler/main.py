@@ -4,19 +4,20 @@ import asyncio
 import logging
 import signal
 
-from opentelemetry.instrumentation.celery import CeleryInstrumentor
-
 from cairn_contracts.messages import ShardFinished, StartJob
 from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_EVENTS
 from cairn_runtime.amqp import Publisher, connect, declare_topology
 from cairn_runtime.consumer import ContractConsumer
+from cairn_runtime.instrumentation import instrument_celery, instrument_clients
 from cairn_runtime.log import configure_logging
 from cairn_runtime.metrics import serve_metrics
 from cairn_runtime.mongo import async_client, ensure_indexes
 from cairn_runtime.tracing import setup_tracing
 from cairn_scheduler.dispatch import CeleryDispatcher
+from cairn_scheduler.gauges import GaugeCollector
 from cairn_scheduler.jobs import JobScheduler
 from cairn_scheduler.maintenance import Maintenance
+from cairn_scheduler.reaper import LeaseReaper
 from cairn_scheduler.settings import SchedulerSettings
 
 logger = logging.getLogger(__name__)
@@ -32,16 +33,25 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
         await channel.set_qos(prefetch_count=settings.prefetch)
         queues = await declare_topology(channel)
         publisher = await Publisher.open(connection, settings.publish_timeout_s)
-        scheduler = JobScheduler(db, CeleryDispatcher.for_broker(settings.amqp_url))
+        dispatcher = CeleryDispatcher.for_broker(settings.amqp_url)
+        scheduler = JobScheduler(db, dispatcher)
         common = {"service": settings.service_name, "publisher": publisher}
         await ContractConsumer(queue=queues[QUEUE_SCHEDULER_COMMANDS], model=StartJob, handler=scheduler.start_job, **common).start()
         await ContractConsumer(queue=queues[QUEUE_SCHEDULER_EVENTS], model=ShardFinished, handler=scheduler.shard_finished, **common).start()
         maintenance = asyncio.create_task(
-            Maintenance(scheduler, publisher, settings.relay_after_s).run_forever(settings.reconcile_interval_s)
+            Maintenance(
+                scheduler,
+                publisher,
+                LeaseReaper(db, dispatcher),
+                relay_after_s=settings.relay_after_s,
+                redispatch_after_s=settings.redispatch_after_s,
+            ).run_forever(settings.reconcile_interval_s)
         )
+        gauges = asyncio.create_task(GaugeCollector(db, connection).run_forever(settings.gauges_interval_s))
         logger.info("scheduler consuming %s and %s", QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_EVENTS)
         await stop.wait()
         maintenance.cancel()
+        gauges.cancel()
     finally:
         await connection.close()
         await mongo.close()
@@ -51,7 +61,8 @@ def main() -> None:
     settings = SchedulerSettings()
     configure_logging(settings.service_name, settings.log_level, settings.log_format)
     setup_tracing(settings.service_name, settings.trace_exporter, trace_file=settings.trace_file, otlp_endpoint=settings.otlp_endpoint)
-    CeleryInstrumentor().instrument()
+    instrument_celery()
+    instrument_clients()
     serve_metrics(settings.metrics_port, settings.metrics_host)
 
     async def _main() -> None:

@@ -1,5 +1,6 @@
-"""Periodic safety nets: roll up running jobs whose shard events were lost, and relay job
-commands the gateway recorded but could not publish (the broker was down at the time)."""
+"""Periodic safety nets: reclaim shards whose lease expired, re-send lost shard tasks, roll up
+running jobs whose shard events were lost, and relay job commands the gateway recorded but
+could not publish (the broker was down at the time)."""
 
 import asyncio
 import logging
@@ -15,6 +16,7 @@ from cairn_contracts.store import JOBS
 from cairn_contracts.topology import EXCHANGE_COMMANDS, ROUTING_START_JOB
 from cairn_runtime.amqp import Publisher
 from cairn_scheduler.jobs import JobScheduler, utcnow
+from cairn_scheduler.reaper import LeaseReaper
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +27,15 @@ _SPEC = TypeAdapter(JobSpec)
 class Maintenance:
     scheduler: JobScheduler
     publisher: Publisher
+    reaper: LeaseReaper
     relay_after_s: float
+    redispatch_after_s: float
 
     async def run_forever(self, interval_s: float) -> None:
         while True:
             try:
+                await self.reaper.reap()
+                await self.reaper.redispatch_stale(self.redispatch_after_s)
                 await self.reconcile_running()
                 await self.relay_unpublished()
             except Exception:

@@ -5,6 +5,8 @@ from cairn_runtime.settings import ServiceSettings
 
 class SchedulerSettings(ServiceSettings):
     service_name: str = "scheduler"
-    reconcile_interval_s: float = Field(5.0, gt=0, description="How often running jobs are rolled up again")
+    reconcile_interval_s: float = Field(5.0, gt=0, description="How often leases are reaped and running jobs rolled up again")
     relay_after_s: float = Field(10.0, gt=0, description="Republish a job's command if unpublished this long")
+    redispatch_after_s: float = Field(300.0, gt=0, description="Re-send the task of a shard queued this long")
     prefetch: int = Field(8, ge=1)
+    gauges_interval_s: float = Field(15.0, gt=0, description="How often queue depths and job/shard counts are refreshed")

@@ -1,16 +1,26 @@
 """Copies documents of a MongoDB collection whose integer key lies in the shard's range."""
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pymongo.database import Database
+from pymongo.errors import CursorNotFound, ExecutionTimeout, OperationFailure, WriteConcernError
 
 from cairn_contracts.pipelines import MongoRangeParams
-from cairn_ingest_worker.pipelines.base import Batch
+from cairn_ingest_worker.errors import FailurePolicy
+from cairn_ingest_worker.pipelines.base import Batch, Bucket
 
 
 class MongoRangePipeline:
-    def __init__(self, params: MongoRangeParams, source: Database) -> None:
+    # A query the server refuses (bad projection, not authorised, ...) is refused again next
+    # time; its timeouts, a lost cursor and a write-concern hiccup are worth another try.
+    failures: ClassVar[FailurePolicy] = FailurePolicy(
+        retryable=(ExecutionTimeout, CursorNotFound, WriteConcernError),
+        non_retryable=(OperationFailure,),
+    )
+
+    def __init__(self, params: MongoRangeParams, source: Database, bucket: Bucket | None = None) -> None:
         self._params = params
+        self._bucket = bucket
         self._collection = source[params.collection]
         self._projection = {name: 1 for name in {*params.fields, params.key_field}} if params.fields else None
 
@@ -23,6 +33,9 @@ class MongoRangePipeline:
         )
         exhausted = len(documents) < limit
         next_cursor = end if exhausted or not documents else int(_field(documents[-1], key)) + 1
+        if self._bucket is not None:
+            # The bucket's records of this window; the scan is shared cost of hash-mod sharding.
+            documents = [d for d in documents if self._bucket.holds(_field(d, key))]
         return Batch(documents, next_cursor)
 
     def clean(self, record: dict[str, Any]) -> dict[str, Any] | None:

@@ -5,29 +5,49 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, ClassVar
+
+from pymongo.collection import Collection
 
 from cairn_contracts.pipelines import SyntheticParams
-from cairn_ingest_worker.errors import NonRetryableError, RetryableError
-from cairn_ingest_worker.pipelines.base import Batch
+from cairn_ingest_worker.errors import FailurePolicy, NonRetryableError, RetryableError
+from cairn_ingest_worker.pipelines.base import Batch, Bucket
 
 logger = logging.getLogger(__name__)
 
 
 class SyntheticPipeline:
-    def __init__(self, params: SyntheticParams, attempt: int) -> None:
+    failures: ClassVar[FailurePolicy] = FailurePolicy()  # the defaults: RetryableError / NonRetryableError
+
+    def __init__(
+        self, params: SyntheticParams, attempt: int, bucket: Bucket | None = None, fault_flags: Collection | None = None
+    ) -> None:
         self._params = params
+        self._fault_flags = fault_flags
         self._attempt = attempt
+        self._bucket = bucket
         self._filler = ("cairn" * (params.record_size // 5 + 1))[: params.record_size]
 
     def read(self, cursor: int, end: int, limit: int) -> Batch:
-        stop = min(end, cursor + limit)
+        keys = self._keys(cursor, end, limit)
+        stop = keys[-1] + 1 if keys else end
         fail_at = self._params.fail_at_key
-        if fail_at is not None and cursor <= fail_at < stop and self._failure_applies():
+        if fail_at is not None and fail_at in keys and self._failure_applies():
             self._fail(fail_at)
         if self._params.delay_ms_per_record:
-            time.sleep(self._params.delay_ms_per_record * (stop - cursor) / 1000)
-        return Batch([self._record(i) for i in range(cursor, stop)], stop)
+            time.sleep(self._params.delay_ms_per_record * len(keys) / 1000)
+        return Batch([self._record(i) for i in keys], stop)
+
+    def _keys(self, cursor: int, end: int, limit: int) -> list[int]:
+        if self._bucket is None:
+            return list(range(cursor, min(end, cursor + limit)))
+        keys: list[int] = []
+        for index in range(cursor, end):
+            if self._bucket.holds(self._params.record_key(index)):
+                keys.append(index)
+                if len(keys) == limit:
+                    break
+        return keys
 
     def clean(self, record: dict[str, Any]) -> dict[str, Any] | None:
         record["checksum"] = hashlib.blake2b(record["payload"].encode(), digest_size=8).hexdigest()
@@ -37,7 +57,13 @@ class SyntheticPipeline:
         return {"_id": self._params.record_key(index), "seq": index, "payload": self._filler}
 
     def _failure_applies(self) -> bool:
-        return self._params.fail_times is None or self._attempt <= self._params.fail_times
+        if self._params.fail_times is not None and self._attempt > self._params.fail_times:
+            return False
+        flag = self._params.fail_while_flag
+        if flag is not None:
+            # "The source is broken" for as long as the flag document exists (test scaffolding).
+            return self._fault_flags is not None and self._fault_flags.find_one({"_id": flag}, {"_id": 1}) is not None
+        return True
 
     def _fail(self, key: int) -> None:
         kind = self._params.failure

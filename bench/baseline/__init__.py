@@ -1,0 +1,1 @@
+"""Baselines measured side by side with Cairn (benchmark code only, never deployed)."""

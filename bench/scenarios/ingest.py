@@ -1,0 +1,219 @@
+"""Scenario 1: ingest throughput end to end, Cairn vs one Celery task per record.
+
+Cairn: POST /task/start of a synthetic job (N records of `record_size` bytes in `shards` range
+shards) to the bench's gateway, with a scheduler and one ingest worker of 1, 2, 4 prefork
+processes (CAIRN_WORKER_CONCURRENCY); the clock runs from the POST until the bench sees the job
+SUCCESS in MongoDB (polled every 50 ms). Every stored record is then counted.
+
+Baseline: `bench/baseline/celery_records.py`, one `delay()` per record from the bench process,
+one `insert_one` per task, with the same number of worker processes; the clock runs from the
+first `delay()` until all N records are in the collection.
+
+Each run writes to a collection of its own, dropped afterwards, so every run sees the same store.
+"""
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+from bench.baseline import celery_records as baseline
+from bench.procs import Proc
+from bench.stats import fmt_summary, summary
+from bench.system import BenchContext, synthetic_job
+
+logger = logging.getLogger(__name__)
+
+NAME = "ingest"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ingest (scenario 1)")
+    group.add_argument("--records", type=int, default=50_000, help="records of the Cairn job (default 50,000; the issue's figure is 1,000,000)")
+    group.add_argument("--record-size", type=int, default=1024, help="payload bytes per record (default 1024)")
+    group.add_argument("--workers", type=_ints, default=[1, 2, 4], help="worker processes to measure (default 1,2,4)")
+    group.add_argument("--shards", type=int, default=8, help="range shards of the Cairn job (default 8)")
+    group.add_argument("--batch-size", type=int, default=1000, help="records per batch and checkpoint (default 1000)")
+    group.add_argument("--baseline-records", type=int, default=5_000, help="records of a baseline run (default 5,000)")
+    group.add_argument("--baseline-workers", type=_ints, default=None, help="worker processes of the baseline (default: --workers)")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
+    gateway, url = ctx.start_gateway()
+    scheduler = ctx.start_scheduler()
+    cairn: dict[str, Any] = {}
+    for workers in args.workers:
+        worker = ctx.start_worker(workers)
+        warm_up(ctx, url, workers, [worker, scheduler])
+        runs = []
+        for rep in range(args.repeats):
+            runs.append(cairn_run(ctx, url, args, tag=f"w{workers}r{rep}", worker=worker, gateway=gateway, scheduler=scheduler))
+            logger.info("ingest: cairn %d workers run %d: %.0f records/s", workers, rep + 1, runs[-1]["records_per_s"])
+        ctx.stop(worker)
+        cairn[str(workers)] = _summarise(runs)
+    ctx.stop(gateway, scheduler)
+
+    base: dict[str, Any] = {}
+    baseline.app.conf.broker_url = ctx.amqp_url
+    for workers in args.baseline_workers or args.workers:
+        worker = start_baseline_worker(ctx, workers)
+        baseline_run(ctx, args, tag=f"warm{workers}", worker=worker, records=max(50, 20 * workers))
+        runs = []
+        for rep in range(args.repeats):
+            runs.append(baseline_run(ctx, args, tag=f"w{workers}r{rep}", worker=worker, records=args.baseline_records))
+            logger.info("ingest: baseline %d workers run %d: %.0f records/s", workers, rep + 1, runs[-1]["records_per_s"])
+        ctx.stop(worker)
+        base[str(workers)] = _summarise(runs)
+    ctx.purge(baseline.QUEUE)
+
+    ratio = {
+        w: round(cairn[w]["records_per_s"]["median"] / base[w]["records_per_s"]["median"], 1)
+        for w in cairn
+        if w in base and base[w]["records_per_s"]["median"]
+    }
+    return {
+        "params": {
+            "records": args.records,
+            "record_size": args.record_size,
+            "shards": args.shards,
+            "batch_size": args.batch_size,
+            "baseline_records": args.baseline_records,
+            "repeats": args.repeats,
+        },
+        "cairn": cairn,
+        "baseline": base,
+        "ratio": ratio,
+    }
+
+
+def warm_up(ctx: BenchContext, url: str, workers: int, procs: list[Proc]) -> None:
+    """A small job first, so every pool process has its connections before the clock runs."""
+    body = synthetic_job(
+        records=200 * workers, record_size=100, shards=workers, batch_size=100,
+        key_prefix=f"warm{ctx.run_id}{workers}", collection="bench_warmup", name="bench warm-up",
+    )
+    job_id = ctx.submit(url, body)
+    ctx.wait_job(job_id, timeout_s=120, procs=procs)
+    ctx.drop("bench_warmup")
+
+
+def cairn_run(ctx: BenchContext, url: str, args: argparse.Namespace, *, tag: str, worker: Proc, gateway: Proc, scheduler: Proc) -> dict[str, Any]:
+    collection = f"bench_s1_{tag}"
+    body = synthetic_job(
+        records=args.records, record_size=args.record_size, shards=args.shards, batch_size=args.batch_size,
+        key_prefix=f"s1{tag}", collection=collection, name="bench ingest",
+    )
+    meter = ctx.cpu_meter(workers=worker, gateway=gateway, scheduler=scheduler).start()
+    started = time.monotonic()
+    job_id = ctx.submit(url, body)
+    job, finished = ctx.wait_job(job_id, timeout_s=120 + args.records / 500, procs=[worker, scheduler])
+    cpu = meter.stop()
+    seconds = finished - started
+    stored = ctx.db[collection].count_documents({})
+    ctx.drop(collection)
+    if job["state"] != "SUCCESS" or stored != args.records:
+        raise RuntimeError(f"ingest run {tag}: job {job['state']}, {stored} of {args.records} records stored")
+    result = job.get("result") or {}
+    return {
+        "records": args.records,
+        "seconds": round(seconds, 3),
+        "records_per_s": args.records / seconds,
+        "records_redone": result.get("records_redone"),
+        "cpu": cpu,
+    }
+
+
+def start_baseline_worker(ctx: BenchContext, concurrency: int) -> Proc:
+    before = ctx.consumers(baseline.QUEUE)
+    proc = ctx.start(
+        f"baseline-worker-{concurrency}",
+        [
+            sys.executable, "-m", "celery", "-A", "bench.baseline.celery_records", "worker",
+            "-Q", baseline.QUEUE, f"--concurrency={concurrency}", "--loglevel=WARNING",
+            "-n", f"bench-baseline-{concurrency}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ],
+        ctx.service_env(BENCH_BASELINE_BROKER=ctx.amqp_url, BENCH_BASELINE_DATABASE=ctx.database),
+    )
+    ctx.wait_consumers(baseline.QUEUE, before + 1, proc)
+    ctx.wait_pool(proc, concurrency)
+    return proc
+
+
+def baseline_run(ctx: BenchContext, args: argparse.Namespace, *, tag: str, worker: Proc, records: int) -> dict[str, Any]:
+    collection = f"bench_s1b_{tag}"
+    job_id = f"baseline-{ctx.run_id}-{tag}"
+    fill = baseline.filler(args.record_size)
+    target = ctx.db[collection]
+    meter = ctx.cpu_meter(workers=worker).start()
+    started = time.monotonic()
+    for index in range(records):
+        baseline.store_record.delay(baseline.make_record(f"s1b{tag}", index, fill), collection, job_id)
+    published = time.monotonic()
+    deadline = started + 120 + records / 50
+    stored = 0
+    while True:
+        stored = target.count_documents({})
+        if stored >= records:
+            break
+        if time.monotonic() > deadline or not worker.alive():
+            raise RuntimeError(f"baseline run {tag}: {stored} of {records} records stored:\n{worker.log_tail()}")
+        time.sleep(0.05)
+    finished = time.monotonic()
+    cpu = meter.stop()
+    ctx.drop(collection)
+    seconds = finished - started
+    return {
+        "records": records,
+        "seconds": round(seconds, 3),
+        "records_per_s": records / seconds,
+        "publish_s": round(published - started, 3),
+        "cpu": cpu,
+    }
+
+
+def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def share(run: dict[str, Any], key: str) -> float:
+        return 100 * run["cpu"].get(key, 0.0) / run["cpu"]["wall"] if run["cpu"]["wall"] else 0.0
+
+    return {
+        "runs": runs,
+        "records_per_s": summary([r["records_per_s"] for r in runs]),
+        "seconds": summary([r["seconds"] for r in runs]),
+        "stand_in_busy_pct": summary([share(r, "stand_in") for r in runs]) if runs and "stand_in" in runs[0]["cpu"] else None,
+        "cpu_cores": {
+            key: round(sum(r["cpu"].get(key, 0.0) for r in runs) / sum(r["cpu"]["wall"] for r in runs), 2)
+            for key in ("stand_in", "mongodb", "workers", "rabbitmq", "gateway", "scheduler", "bench", "other", "machine_busy")
+            if runs and key in runs[0]["cpu"]
+        },
+    }
+
+
+# --- reporting ---------------------------------------------------------------------------------
+def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    headers = ["workers", "Cairn records/s", "baseline records/s", "ratio", "stand-in CPU (Cairn)"]
+    rows = []
+    for w, cairn in result["cairn"].items():
+        base = result["baseline"].get(w)
+        busy = cairn.get("stand_in_busy_pct")
+        rows.append([
+            w,
+            fmt_summary(cairn["records_per_s"]),
+            fmt_summary(base["records_per_s"]) if base else "-",
+            f"{result['ratio'][w]}×" if w in result["ratio"] else "-",
+            fmt_summary(busy, "%") if busy else "-",
+        ])
+    return headers, rows
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    two = result["cairn"].get("2")
+    return {
+        "cairn_2_workers_records_per_s": two["records_per_s"]["median"] if two else None,
+        "baseline_2_workers_records_per_s": result["baseline"].get("2", {}).get("records_per_s", {}).get("median"),
+        "ratio_2_workers": result["ratio"].get("2"),
+    }

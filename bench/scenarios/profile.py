@@ -1,0 +1,98 @@
+"""The hot path of scenario 1, profiled: where a worker's time goes, and how much is MongoDB's.
+
+One ingest worker process (`bench/profile_worker.py`: the production Celery app with the solo
+pool, under pyinstrument, with a pymongo CommandListener) runs the scenario-1 job with
+`--profile-records` records. Reported: records/s of the one process, the time of every MongoDB
+command by name (the stand-in's share of the hot path), and the profiled time by code area.
+The full profile is kept as profile.html / profile.txt in the results directory.
+"""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from bench.scenarios.ingest import warm_up
+from bench.system import QUEUE_INGEST, BenchContext, synthetic_job
+
+logger = logging.getLogger(__name__)
+
+NAME = "profile"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("profile (hot path of scenario 1)")
+    group.add_argument("--profile-records", type=int, default=30_000, help="records of the profiled job (default 30,000)")
+
+
+def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
+    out = ctx.out_dir / "profile"
+    gateway, url = ctx.start_gateway()
+    scheduler = ctx.start_scheduler()
+    before = ctx.consumers(QUEUE_INGEST)
+    worker = ctx.start(
+        "worker-profiled",
+        [sys.executable, "-m", "bench.profile_worker"],
+        ctx.service_env(BENCH_PROFILE_DIR=out, BENCH_PROFILE_SKIP_TASKS=1, CAIRN_WORKER_CONCURRENCY=1),
+    )
+    ctx.wait_consumers(QUEUE_INGEST, before + 1, worker)
+    warm_up(ctx, url, 1, [worker, scheduler])
+    records = args.profile_records
+    collection = "bench_profile"
+    body = synthetic_job(
+        records=records, record_size=args.record_size, shards=1, batch_size=args.batch_size,
+        key_prefix=f"prof{ctx.run_id}", collection=collection, name="bench profile",
+    )
+    meter = ctx.cpu_meter(workers=worker, scheduler=scheduler, gateway=gateway).start()
+    started = time.monotonic()
+    job_id = ctx.submit(url, body)
+    job, finished = ctx.wait_job(job_id, timeout_s=120 + records / 300, procs=[worker, scheduler])
+    cpu = meter.stop()
+    stored = ctx.db[collection].count_documents({})
+    ctx.drop(collection)
+    ctx.stop(worker, gateway, scheduler)
+    if job["state"] != "SUCCESS" or stored != records:
+        raise RuntimeError(f"profile run: job {job['state']}, {stored} of {records} records stored")
+    deadline = time.monotonic() + 30
+    while not (out / "profile.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    mongo = json.loads((out / "mongo_commands.json").read_text())
+    profile = json.loads((out / "profile.json").read_text())
+    task_s = mongo["task_seconds"]
+    mongo_s = sum(c["seconds"] for c in mongo["commands"].values())
+    text = (out / "profile.txt").read_text()
+    return {
+        "params": {"records": records, "record_size": args.record_size, "batch_size": args.batch_size, "pool": "solo (1 process)"},
+        "seconds": round(finished - started, 3),
+        "records_per_s": records / (finished - started),
+        "task_seconds": task_s,
+        "mongo_seconds": round(mongo_s, 3),
+        "mongo_share_pct": round(100 * mongo_s / task_s, 1) if task_s else None,
+        "mongo_commands": mongo["commands"],
+        "areas": profile["areas"],
+        "profile_duration_s": profile["duration_s"],
+        "profile_excerpt": "\n".join(text.splitlines()[:60]),
+        "files": {"html": str(out / "profile.html"), "text": str(out / "profile.txt")},
+        "cpu": cpu,
+    }
+
+
+def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    headers = ["measure", "value"]
+    rows = [
+        ["records/s (1 process, solo pool)", f"{result['records_per_s']:,.0f}"],
+        ["time in tasks", f"{result['task_seconds']:.2f} s"],
+        ["of which in MongoDB commands", f"{result['mongo_seconds']:.2f} s ({result['mongo_share_pct']}%)"],
+    ]
+    for name, c in sorted(result["mongo_commands"].items(), key=lambda kv: -kv[1]["seconds"])[:5]:
+        rows.append([f"  {name}", f"{c['count']:,} calls, {c['seconds']:.2f} s"])
+    total = sum(result["areas"].values()) or 1
+    for area, seconds in list(result["areas"].items())[:6]:
+        rows.append([f"profile: {area}", f"{seconds:.2f} s ({100 * seconds / total:.0f}%)"])
+    return headers, rows
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    return {"records_per_s": result["records_per_s"], "mongo_share_pct": result["mongo_share_pct"]}

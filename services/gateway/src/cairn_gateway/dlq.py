@@ -1,0 +1,207 @@
+"""Inspect and act on the dead-letter queue's record (task_errors).
+
+Reads answer from MongoDB. Replay and discard are commands to the DLQ handler, published with a
+confirm; the gateway checks the entry first (404 unknown, 409 not open) so a client gets a
+clear answer, but the DLQ handler's conditional updates are what make a replay happen at most
+once at a time. A command the broker does not confirm is an error for the client (503): nothing
+was changed, and the request may simply be repeated.
+"""
+
+import base64
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo.asynchronous.database import AsyncDatabase
+
+from cairn_contracts.messages import DeadLetterAction, DeadLetterCommand
+from cairn_contracts.states import DeadLetterStatus
+from cairn_contracts.store import DEFAULT_TENANT, TASK_ERRORS
+from cairn_contracts.topology import EXCHANGE_COMMANDS, ROUTING_DLQ_DISCARD, ROUTING_DLQ_REPLAY
+from cairn_gateway.dlq_schemas import (
+    BulkReplayAccepted,
+    BulkReplayRequest,
+    CommandAccepted,
+    DeadLetterEntry,
+    DeadLetterPage,
+    DeadLetterSummary,
+)
+from cairn_runtime.amqp import PublishNotConfirmed, Publisher
+from cairn_runtime.payloads import RawPayloads
+
+logger = logging.getLogger(__name__)
+
+ROUTING = {"replay": ROUTING_DLQ_REPLAY, "discard": ROUTING_DLQ_DISCARD}
+_SUMMARY_FIELDS = {
+    "stack": 0,
+    "original": 0,
+    "death_headers": 0,
+    "replays": 0,
+}
+
+
+class EntryNotFound(Exception):
+    pass
+
+
+class EntryConflict(Exception):
+    """The entry is not in a state the requested action can start from."""
+
+
+class CommandNotPublished(Exception):
+    """The broker did not confirm the command: nothing was requested."""
+
+    def __init__(self, message: str, accepted: list[CommandAccepted] | None = None) -> None:
+        super().__init__(message)
+        self.accepted = accepted or []
+
+
+@dataclass(frozen=True)
+class EntryFilter:
+    job_id: str | None = None
+    pipeline: str | None = None
+    error_type: str | None = None
+    reason: str | None = None
+    status: str | None = None
+    shard_key: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def query(self, tenant: str) -> dict[str, Any]:
+        # Entries without a tenant (no job, or recorded before tenants) belong to the default one.
+        query: dict[str, Any] = {"tenant": tenant} if tenant != DEFAULT_TENANT else {"tenant": {"$in": [tenant, None]}}
+        for field in ("job_id", "pipeline", "error_type", "reason", "status", "shard_key"):
+            value = getattr(self, field)
+            if value is not None:
+                query[field] = value
+        if self.since is not None or self.until is not None:
+            created: dict[str, datetime] = {}
+            if self.since is not None:
+                created["$gte"] = _utc(self.since)
+            if self.until is not None:
+                created["$lt"] = _utc(self.until)
+            query["created_at"] = created  # an insert-time date: compares as a date on every server
+        return query
+
+
+def replayable(entry: dict[str, Any]) -> bool:
+    return (
+        entry.get("status") == DeadLetterStatus.OPEN
+        and isinstance(entry.get("shard_key"), str)
+        and isinstance(entry.get("job_id"), str)
+    )
+
+
+@dataclass(frozen=True)
+class DeadLetterService:
+    db: AsyncDatabase
+    publisher: Publisher
+    payloads: RawPayloads
+
+    async def list(self, tenant: str, entry_filter: EntryFilter, offset: int, limit: int) -> DeadLetterPage:
+        query = entry_filter.query(tenant)
+        total = await self.db[TASK_ERRORS].count_documents(query)
+        found = (
+            self.db[TASK_ERRORS]
+            .find(query, _SUMMARY_FIELDS)
+            .sort([("created_at", -1), ("_id", -1)])
+            .skip(offset)
+            .limit(limit)
+        )
+        items = [DeadLetterSummary.model_validate(_shape(entry)) async for entry in found]
+        return DeadLetterPage(
+            items=items,
+            total=total,
+            offset=offset,
+            limit=limit,
+            next_offset=offset + len(items) if offset + len(items) < total else None,
+        )
+
+    async def get(self, tenant: str, entry_id: str) -> DeadLetterEntry:
+        return DeadLetterEntry.model_validate(_shape(await self._entry(tenant, entry_id)))
+
+    async def payload(self, tenant: str, entry_id: str) -> tuple[bytes, str]:
+        """The original message body, from GridFS when it was kept aside; and its content type."""
+        entry = await self._entry(tenant, entry_id)
+        original = entry.get("original") or {}
+        ref = original.get("payload_ref") or {}
+        if ref.get("raw_payload_id"):
+            data = await self.payloads.read(ref["raw_payload_id"])
+            if data is None:
+                raise EntryNotFound(f"{entry_id}: its raw payload is not stored")
+            content_type = (await self.payloads.describe(ref["raw_payload_id"]) or {}).get("content_type")
+            return data, content_type or "application/octet-stream"
+        body = original.get("body")
+        if body is None:
+            raise EntryNotFound(f"{entry_id}: it holds no original body")
+        if original.get("body_encoding") == "base64":
+            return base64.b64decode(body), "application/octet-stream"
+        return body.encode("utf-8"), "text/plain; charset=utf-8"
+
+    async def request(
+        self, tenant: str, entry_id: str, action: DeadLetterAction, requested_by: str, note: str | None = None
+    ) -> CommandAccepted:
+        entry = await self._entry(tenant, entry_id)
+        if entry.get("status") != DeadLetterStatus.OPEN:
+            raise EntryConflict(f"dead letter {entry_id} is {entry.get('status')}; only open entries can be {action}ed")
+        if action == "replay" and not replayable(entry):
+            raise EntryConflict(f"dead letter {entry_id} names no shard to re-dispatch; it can only be discarded")
+        return await self._publish(entry, action, requested_by, note)
+
+    async def replay_matching(self, tenant: str, request: BulkReplayRequest, requested_by: str) -> BulkReplayAccepted:
+        entry_filter = EntryFilter(
+            job_id=request.job_id,
+            pipeline=request.pipeline,
+            error_type=request.error_type,
+            reason=request.reason,
+            status=DeadLetterStatus.OPEN,
+            shard_key=request.shard_key,
+            since=request.since,
+            until=request.until,
+        )
+        query = {**entry_filter.query(tenant), "shard_key": request.shard_key or {"$type": "string"}, "job_id": request.job_id or {"$type": "string"}}
+        matched = await self.db[TASK_ERRORS].count_documents(query)
+        accepted: list[CommandAccepted] = []
+        found = self.db[TASK_ERRORS].find(query, {"_id": 1, "job_id": 1}).sort([("created_at", 1), ("_id", 1)]).limit(request.limit)
+        async for entry in found:
+            try:
+                accepted.append(await self._publish(entry, "replay", requested_by, request.note))
+            except CommandNotPublished as error:
+                raise CommandNotPublished(str(error), accepted) from error
+        return BulkReplayAccepted(matched=matched, published=len(accepted), remaining=max(0, matched - len(accepted)), commands=accepted)
+
+    async def _publish(self, entry: dict[str, Any], action: DeadLetterAction, requested_by: str, note: str | None) -> CommandAccepted:
+        command = DeadLetterCommand(
+            command_id=uuid.uuid4().hex, action=action, dead_letter_id=entry["_id"], requested_by=requested_by, note=note
+        )
+        try:
+            await self.publisher.publish(
+                EXCHANGE_COMMANDS, ROUTING[action], command, correlation_id=entry.get("job_id") or entry["_id"]
+            )
+        except PublishNotConfirmed as error:
+            logger.warning("%s of dead letter %s not confirmed by the broker", action, entry["_id"], exc_info=True)
+            raise CommandNotPublished(f"the {action} command was not confirmed by the broker: {error}") from error
+        logger.info("%s of dead letter %s requested by %s (command %s)", action, entry["_id"], requested_by, command.command_id)
+        return CommandAccepted(
+            command_id=command.command_id, action=action, dead_letter_id=entry["_id"], entry_url=f"/dlq/entries/{entry['_id']}"
+        )
+
+    async def _entry(self, tenant: str, entry_id: str) -> dict[str, Any]:
+        entry = await self.db[TASK_ERRORS].find_one({"_id": entry_id, **EntryFilter().query(tenant)})
+        if entry is None:
+            raise EntryNotFound(entry_id)
+        return entry
+
+
+def _shape(entry: dict[str, Any]) -> dict[str, Any]:
+    shaped = {key: value for key, value in entry.items() if key != "_id"}
+    shaped["id"] = entry["_id"]
+    shaped["replayable"] = replayable(entry)
+    shaped["replays"] = [r for r in entry.get("replays") or [] if isinstance(r, dict)]
+    return shaped
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

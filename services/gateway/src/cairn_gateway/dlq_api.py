@@ -1,0 +1,134 @@
+"""The dead-letter API: list, read, replay and discard what could not succeed.
+
+Replay and discard answer 202 once the DLQ handler's command is confirmed by the broker; the
+entry (GET /dlq/entries/{id}) shows the outcome. Who asked is taken from `X-Cairn-Actor` (the
+tenant's name when absent) until API keys exist.
+"""
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request, Response, status
+
+from cairn_gateway.api import Tenant
+from cairn_gateway.dlq import CommandNotPublished, DeadLetterService, EntryConflict, EntryFilter, EntryNotFound
+from cairn_gateway.dlq_schemas import (
+    BulkReplayAccepted,
+    BulkReplayRequest,
+    CommandAccepted,
+    DeadLetterEntry,
+    DeadLetterPage,
+    DiscardRequest,
+    ReplayRequest,
+)
+from cairn_gateway.schemas import ErrorBody
+
+router = APIRouter(prefix="/dlq", tags=["dead letters"])
+
+
+def dead_letters(request: Request) -> DeadLetterService:
+    return request.app.state.dead_letters
+
+
+def actor(tenant: Tenant, x_cairn_actor: Annotated[str | None, Header(max_length=200)] = None) -> str:
+    return x_cairn_actor.strip() if x_cairn_actor and x_cairn_actor.strip() else tenant
+
+
+DeadLetters = Annotated[DeadLetterService, Depends(dead_letters)]
+Actor = Annotated[str, Depends(actor)]
+NOT_FOUND = {404: {"model": ErrorBody}}
+COMMAND_ERRORS = {
+    404: {"model": ErrorBody},
+    409: {"model": ErrorBody, "description": "The entry is not open (or names no shard to replay)"},
+    503: {"model": ErrorBody, "description": "The broker did not confirm the command; nothing was requested"},
+}
+
+
+@router.get("/entries", response_model=DeadLetterPage)
+async def list_entries(
+    service: DeadLetters,
+    tenant: Tenant,
+    job_id: str | None = None,
+    pipeline: str | None = None,
+    error_type: str | None = None,
+    reason: str | None = None,
+    status_: Annotated[str | None, Query(alias="status", pattern="^(open|replaying|replayed|discarded)$")] = None,
+    shard_key: str | None = None,
+    since: Annotated[datetime | None, Query(description="Recorded at or after (ISO 8601)")] = None,
+    until: Annotated[datetime | None, Query(description="Recorded before (ISO 8601)")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> DeadLetterPage:
+    """Dead-lettered entries, newest first, filtered by every parameter given."""
+    entry_filter = EntryFilter(job_id, pipeline, error_type, reason, status_, shard_key, since, until)
+    return await service.list(tenant, entry_filter, offset, limit)
+
+
+@router.get("/entries/{entry_id}", response_model=DeadLetterEntry, responses=NOT_FOUND)
+async def get_entry(entry_id: str, service: DeadLetters, tenant: Tenant) -> DeadLetterEntry:
+    """One entry in full: error, bounded stack, original message (or its GridFS pointer), replays."""
+    try:
+        return await service.get(tenant, entry_id)
+    except EntryNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dead letter {entry_id}") from None
+
+
+@router.get("/entries/{entry_id}/payload", responses={200: {"content": {"application/octet-stream": {}}}, **NOT_FOUND})
+async def get_payload(entry_id: str, service: DeadLetters, tenant: Tenant) -> Response:
+    """The original message body as it was received (read back from GridFS if it was large)."""
+    try:
+        data, content_type = await service.payload(tenant, entry_id)
+    except EntryNotFound as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no payload: {error}") from None
+    return Response(content=data, media_type=content_type)
+
+
+@router.post("/entries/{entry_id}/replay", status_code=status.HTTP_202_ACCEPTED, response_model=CommandAccepted, responses=COMMAND_ERRORS)
+async def replay_entry(
+    entry_id: str, service: DeadLetters, tenant: Tenant, requested_by: Actor, body: Annotated[ReplayRequest | None, Body()] = None
+) -> CommandAccepted:
+    """Re-dispatch the entry's shard; it resumes from its checkpoint with a fresh attempt budget."""
+    return await _command(service.request(tenant, entry_id, "replay", requested_by, body.note if body else None), entry_id)
+
+
+@router.post("/entries/{entry_id}/discard", status_code=status.HTTP_202_ACCEPTED, response_model=CommandAccepted, responses=COMMAND_ERRORS)
+async def discard_entry(
+    entry_id: str, service: DeadLetters, tenant: Tenant, requested_by: Actor, body: Annotated[DiscardRequest | None, Body()] = None
+) -> CommandAccepted:
+    """Close the entry without replay; it stays in task_errors as `discarded` for audit."""
+    return await _command(service.request(tenant, entry_id, "discard", requested_by, body.note if body else None), entry_id)
+
+
+@router.post(
+    "/replay",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=BulkReplayAccepted,
+    responses={422: {"description": "No filter given"}, 503: COMMAND_ERRORS[503]},
+)
+async def replay_matching(body: BulkReplayRequest, service: DeadLetters, tenant: Tenant, requested_by: Actor) -> BulkReplayAccepted:
+    """Replay the open, replayable entries matching the filter (all of a job: `{"job_id": ...}`)."""
+    filters = ("job_id", "pipeline", "error_type", "reason", "shard_key", "since", "until")
+    if all(getattr(body, name) is None for name in filters):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            [{"loc": ["body"], "msg": f"give at least one filter: {', '.join(filters)}", "type": "value_error"}],
+        )
+    try:
+        return await service.replay_matching(tenant, body, requested_by)
+    except CommandNotPublished as error:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"{error}; {len(error.accepted)} replay command(s) were published before: "
+            + ", ".join(c.dead_letter_id for c in error.accepted),
+        ) from None
+
+
+async def _command(pending, entry_id: str) -> CommandAccepted:  # type: ignore[no-untyped-def]
+    try:
+        return await pending
+    except EntryNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dead letter {entry_id}") from None
+    except EntryConflict as error:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
+    except CommandNotPublished as error:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from None

@@ -1,0 +1,29 @@
+"""BENCHMARK ONLY: leases that skip every checkpoint write but a shard's last one.
+
+Enabled by `CAIRN_BENCH_DISABLE_CHECKPOINTS=1` (never in production), so that scenario 2 of
+`make bench` can measure what checkpointing every batch costs: the same job, the same worker, the
+same code path, minus the per-batch `advance` (a fenced `update_one` of the checkpoint).
+
+With the switch on, a crash loses the whole shard's progress (it restarts from its first key and
+every record it already stored counts as redone), a lost lease is only noticed by the heartbeat,
+and a task slice that hands off early restarts its shard from the last checkpoint. That is the
+price the benchmark puts a figure on; it is not a mode to run.
+"""
+
+from cairn_ingest_worker.leases import Claim, ShardLeases
+
+
+class UncheckpointedLeases(ShardLeases):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._unrecorded: dict[tuple[str, int], tuple[int, int, int]] = {}
+
+    def advance(self, claim: Claim, cursor: int, records: int, written: int, duplicates: int) -> bool:
+        key = (claim.shard_key, claim.token)
+        done, stored, redone = self._unrecorded.pop(key, (0, 0, 0))
+        done, stored, redone = done + records, stored + written, redone + duplicates
+        if cursor < int(claim.shard["range_end"]):
+            self._unrecorded[key] = (done, stored, redone)
+            return True
+        # The shard's last batch: one checkpoint write with the totals, so results stay right.
+        return super().advance(claim, cursor, done, stored, redone)

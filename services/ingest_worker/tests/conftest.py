@@ -1,0 +1,133 @@
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+from pydantic import TypeAdapter
+from pymongo.database import Database
+
+from cairn_contracts.jobs import JobSpec
+from cairn_contracts.states import JobState, ShardState
+from cairn_contracts.store import CHECKPOINTS, JOBS, MAIN_SUB_KEY, SHARDS
+from cairn_runtime.amqp import Publisher, connect, declare_topology
+from cairn_runtime.mongo import ensure_indexes_sync
+from cairn_testkit.fixtures import TestEnvironment
+
+
+@dataclass
+class Broker:
+    connection: AbstractRobustConnection
+    channel: AbstractChannel
+    queues: dict[str, AbstractQueue]
+    publisher: Publisher
+
+
+@pytest.fixture
+async def broker(test_env: TestEnvironment) -> AsyncIterator[Broker]:
+    """Cairn's topology declared in this run's vhost, every queue empty before and after the test."""
+    connection = await connect(test_env.amqp_url, "cairn-worker-tests")
+    try:
+        channel = await connection.channel()
+        queues = await declare_topology(channel)
+        for queue in queues.values():
+            await queue.purge()
+        publisher = await Publisher.open(connection, timeout_s=5.0)
+        yield Broker(connection, channel, queues, publisher)
+        cleanup = await connection.channel()
+        for name in queues:
+            await (await cleanup.get_queue(name)).purge()
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def db(mongo_db: Database) -> Database:
+    """A fresh database with Cairn's indexes, as the worker finds it at start-up."""
+    ensure_indexes_sync(mongo_db)
+    return mongo_db
+
+
+# --- documents as the scheduler and the gateway record them ------------------------------------
+# (mirrors cairn_scheduler.jobs.JobScheduler._record_shards: services share no code)
+
+_SPEC = TypeAdapter(JobSpec)
+
+
+def _seed_shard(
+    db: Database,
+    job_id: str,
+    index: int,
+    start: int,
+    end: int,
+    *,
+    state: ShardState = ShardState.QUEUED,
+    attempts: int = 0,
+) -> str:
+    key = f"{job_id}:{index:04d}"
+    now = datetime.now(UTC)
+    db[CHECKPOINTS].insert_one(
+        {
+            "_id": f"{key}/{MAIN_SUB_KEY}",
+            "shard_key": key,
+            "sub_key": MAIN_SUB_KEY,
+            "job_id": job_id,
+            "cursor": start,
+            "range_start": start,
+            "range_end": end,
+            "records_done": 0,
+            "records_written": 0,
+            "records_redone": 0,
+            "batches": 0,
+            "fencing_token": 0,
+            "updated_at": now,
+        }
+    )
+    db[SHARDS].insert_one(
+        {
+            "_id": key,
+            "task_key": key,
+            "job_id": job_id,
+            "index": index,
+            "strategy": "range",
+            "range_start": start,
+            "range_end": end,
+            "records_total": end - start,
+            "priority": 2,
+            "state": state,
+            "attempts": attempts,
+            "fencing_token": 0,
+            "lease_until": None,
+            "taken_by": None,
+            "created_at": now,
+        }
+    )
+    return key
+
+
+def _seed_job(db: Database, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+    validated = _SPEC.validate_python(spec)
+    document = {
+        "_id": job_id,
+        "tenant": "default",
+        "pipeline": validated.pipeline,
+        "priority": int(validated.priority),
+        "spec": validated.model_dump(mode="json"),
+        "state": JobState.STARTED,
+        "created_at": datetime.now(UTC),
+    }
+    db[JOBS].insert_one(document)
+    return document
+
+
+@pytest.fixture
+def seed_shard() -> Callable[..., str]:
+    """seed_shard(db, job_id, index, start, end, *, state=QUEUED, attempts=0) -> the shard key"""
+    return _seed_shard
+
+
+@pytest.fixture
+def seed_job() -> Callable[..., dict[str, Any]]:
+    """seed_job(db, job_id, spec) -> the recorded job document (state STARTED)"""
+    return _seed_job

@@ -1,0 +1,89 @@
+"""The worker's kombu side of the broker: same topology as the asyncio services, confirmed publishes."""
+
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery
+
+from cairn_contracts.messages import DeadLetter, OriginalMessage, ShardFinished
+from cairn_contracts.topology import (
+    EXCHANGE_COMMANDS,
+    EXCHANGE_EVENTS,
+    EXCHANGE_TASKS,
+    HEADER_MESSAGE_TYPE,
+    HEADER_SCHEMA_VERSION,
+    HEADER_SOURCE_QUEUE,
+    QUEUE_DLQ,
+    QUEUE_INGEST,
+    QUEUE_SCHEDULER_COMMANDS,
+    QUEUE_SCHEDULER_EVENTS,
+    ROUTING_INGEST,
+    ROUTING_SHARD_FAILED,
+    ROUTING_START_JOB,
+)
+from cairn_ingest_worker.publisher import BrokerPublisher, declare_topology
+from cairn_runtime.celery_config import celery_config
+from cairn_testkit.aio import next_message
+
+
+@pytest.fixture
+def celery_app(test_env) -> Iterator[Celery]:
+    app = Celery("cairn-worker-tests")
+    app.conf.update(celery_config(test_env.amqp_url))
+    yield app
+    app.close()
+
+
+async def test_kombu_declares_the_same_topology_as_aio_pika(broker, celery_app) -> None:
+    # `broker` declared everything with aio-pika; a redeclare with other arguments would be refused.
+    with celery_app.connection_for_write() as connection:
+        declare_topology(connection)
+        declare_topology(connection)
+
+    # and the bindings kombu declared route as the contracts say
+    await broker.publisher.publish_bytes(EXCHANGE_COMMANDS, ROUTING_START_JOB, b"ping", headers={})
+    assert (await next_message(broker.queues[QUEUE_SCHEDULER_COMMANDS])).body == b"ping"
+
+
+async def test_celery_declares_the_ingest_queue_compatibly(broker, celery_app) -> None:
+    with celery_app.connection_for_write() as connection:
+        queue = celery_app.amqp.queues[QUEUE_INGEST](connection.default_channel)
+        assert queue.declare() == QUEUE_INGEST  # PRECONDITION_FAILED if the arguments differed
+
+    await broker.publisher.publish_bytes(EXCHANGE_TASKS, ROUTING_INGEST, b"task", headers={})
+    assert (await next_message(broker.queues[QUEUE_INGEST])).body == b"task"
+
+
+async def test_broker_publisher_publishes_a_persistent_event_with_contract_headers(broker, celery_app) -> None:
+    event = ShardFinished(job_id="job", shard_key="job:0001", outcome="failed", records_done=0, error="boom")
+
+    BrokerPublisher(celery_app).publish(EXCHANGE_EVENTS, ROUTING_SHARD_FAILED, event)
+
+    message = await next_message(broker.queues[QUEUE_SCHEDULER_EVENTS])
+    assert ShardFinished.model_validate_json(message.body) == event
+    assert message.delivery_mode == 2
+    assert message.headers[HEADER_MESSAGE_TYPE] == ShardFinished.message_type
+    assert message.headers[HEADER_SCHEMA_VERSION] == 1
+    assert message.routing_key == ROUTING_SHARD_FAILED
+
+
+async def test_broker_publisher_dead_letters_reach_the_dlq(broker, celery_app) -> None:
+    letter = DeadLetter(
+        dead_letter_id="dl-worker-1",
+        source_service="ingest-worker",
+        source_queue=QUEUE_INGEST,
+        reason="poison",
+        error_type="RuntimeError",
+        error_message="shard was started 5 times without finishing",
+        job_id="job",
+        shard_key="job:0000",
+        attempts=6,
+        original=OriginalMessage(body="{}", headers={"task": "cairn.ingest.run_shard"}),
+    )
+
+    BrokerPublisher(celery_app).publish_dead_letter(letter)
+
+    message = await next_message(broker.queues[QUEUE_DLQ])
+    assert DeadLetter.model_validate_json(message.body) == letter
+    assert message.headers[HEADER_SOURCE_QUEUE] == QUEUE_INGEST
+    assert message.routing_key == QUEUE_INGEST

@@ -1,0 +1,52 @@
+"""CeleryDispatcher puts a genuine Celery task on the ingest queue of the real broker."""
+
+import json
+
+from celery import Celery
+
+from cairn_contracts.messages import RunFrontier, RunShard
+from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
+from cairn_contracts.topology import QUEUE_INGEST
+from cairn_runtime.celery_config import celery_config
+from cairn_scheduler.dispatch import CeleryDispatcher
+from cairn_testkit.aio import next_message
+
+
+async def test_dispatch_puts_a_persistent_celery_task_with_priority_on_the_ingest_queue(broker, test_env) -> None:
+    app = Celery("cairn-scheduler-tests")
+    app.conf.update(celery_config(test_env.amqp_url))
+    try:
+        await CeleryDispatcher(app).dispatch(RunShard(job_id="job-x", shard_key="job-x:0002"), priority=3)
+    finally:
+        app.close()
+
+    message = await next_message(broker.queues[QUEUE_INGEST])
+    assert message.headers["task"] == TASK_RUN_SHARD
+    assert message.priority == 3
+    assert message.delivery_mode == 2
+    args, kwargs, _ = json.loads(message.body)
+    assert args == []
+    assert RunShard.model_validate(kwargs) == RunShard(job_id="job-x", shard_key="job-x:0002")
+
+
+async def test_dispatch_of_a_frontier_runner_sends_the_run_frontier_task(broker, test_env) -> None:
+    app = Celery("cairn-scheduler-tests")
+    app.conf.update(celery_config(test_env.amqp_url))
+    try:
+        await CeleryDispatcher(app).dispatch(RunFrontier(job_id="job-y", lane=1), priority=1)
+    finally:
+        app.close()
+
+    message = await next_message(broker.queues[QUEUE_INGEST])
+    assert message.headers["task"] == TASK_RUN_FRONTIER
+    _, kwargs, _ = json.loads(message.body)
+    assert RunFrontier.model_validate(kwargs) == RunFrontier(job_id="job-y", lane=1)
+
+
+def test_for_broker_configures_celery_from_the_shared_config() -> None:
+    dispatcher = CeleryDispatcher.for_broker("amqp://guest:guest@127.0.0.1:5672/some-vhost")
+    conf = dispatcher._app.conf
+
+    assert conf.broker_url == "amqp://guest:guest@127.0.0.1:5672/some-vhost"
+    assert conf.task_routes[TASK_RUN_SHARD] == {"queue": QUEUE_INGEST}
+    assert conf.broker_transport_options == {"confirm_publish": True}

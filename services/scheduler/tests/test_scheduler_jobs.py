@@ -1,0 +1,307 @@
+"""JobScheduler against the MongoDB-wire server, with an in-memory recording dispatcher."""
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
+from cairn_contracts.states import JobState, ShardState
+from cairn_contracts.store import CHECKPOINTS, JOBS, MAIN_SUB_KEY, SHARDS
+from cairn_runtime.amqp import PublishNotConfirmed
+from cairn_runtime.consumer import Unprocessable
+from cairn_runtime.mongo import ensure_indexes
+from cairn_scheduler.jobs import JobScheduler
+
+
+class RecordingDispatcher:
+    """Records each dispatched task with the state its shard had at that moment; can fail once."""
+
+    def __init__(self, db: Any, *, fail_on_call: int | None = None) -> None:
+        self.db = db
+        self.fail_on_call = fail_on_call
+        self.calls = 0
+        self.dispatched: list[tuple[RunShard, int, str]] = []
+
+    async def dispatch(self, task: RunShard | RunFrontier, priority: int) -> None:
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise PublishNotConfirmed("the broker did not confirm")
+        if isinstance(task, RunShard):
+            shard = await self.db[SHARDS].find_one({"task_key": task.shard_key})
+            self.dispatched.append((task, priority, shard["state"]))
+        else:
+            self.dispatched.append((task, priority, None))
+
+    @property
+    def keys(self) -> list[str]:
+        return [task.shard_key for task, _, _ in self.dispatched]
+
+
+def command(
+    job_id: str, *, count: int = 100, shards: int = 4, priority: int = 2, start: int = 0, sharding: dict | None = None
+) -> StartJob:
+    return StartJob.model_validate(
+        {
+            "job_id": job_id,
+            "tenant": "default",
+            "spec": {
+                "pipeline": "synthetic",
+                "params": {"start": start, "count": count},
+                "sharding": sharding or {"shards": shards},
+                "priority": priority,
+            },
+        }
+    )
+
+
+async def record_job(db: Any, cmd: StartJob, *, state: JobState = JobState.PENDING) -> None:
+    """The job document as the gateway records it."""
+    await db[JOBS].insert_one(
+        {
+            "_id": cmd.job_id,
+            "tenant": cmd.tenant,
+            "name": cmd.spec.name,
+            "pipeline": cmd.spec.pipeline,
+            "priority": int(cmd.spec.priority),
+            "spec": cmd.spec.model_dump(mode="json"),
+            "state": state,
+            "created_at": datetime.now(UTC),
+            "command_published_at": datetime.now(UTC),
+        }
+    )
+
+
+@pytest.fixture
+async def db(async_mongo_db):
+    await ensure_indexes(async_mongo_db)
+    return async_mongo_db
+
+
+async def shard_states(db: Any, job_id: str) -> dict[str, str]:
+    return {s["task_key"]: s["state"] async for s in db[SHARDS].find({"job_id": job_id})}
+
+
+async def test_start_job_records_shards_and_checkpoints_and_dispatches_each_once(db) -> None:
+    cmd = command("job-a", count=10, shards=3, priority=3, start=5)
+    await record_job(db, cmd)
+    dispatcher = RecordingDispatcher(db)
+
+    await JobScheduler(db, dispatcher).start_job(cmd)
+
+    keys = ["job-a:0000", "job-a:0001", "job-a:0002"]
+    shards = {s["_id"]: s async for s in db[SHARDS].find({"job_id": "job-a"})}
+    assert sorted(shards) == keys
+    assert [(shards[k]["range_start"], shards[k]["range_end"]) for k in keys] == [(5, 9), (9, 12), (12, 15)]
+    assert all(s["task_key"] == s["_id"] and s["attempts"] == 0 and s["fencing_token"] == 0 for s in shards.values())
+    assert all(s["priority"] == 3 and s["strategy"] == "range" for s in shards.values())
+    checkpoints = {c["shard_key"]: c async for c in db[CHECKPOINTS].find({"job_id": "job-a"})}
+    assert sorted(checkpoints) == keys
+    for key in keys:
+        checkpoint = checkpoints[key]
+        assert checkpoint["_id"] == f"{key}/{MAIN_SUB_KEY}" and checkpoint["sub_key"] == MAIN_SUB_KEY
+        assert checkpoint["cursor"] == checkpoint["range_start"] == shards[key]["range_start"]
+        assert checkpoint["range_end"] == shards[key]["range_end"]
+        assert checkpoint["records_done"] == 0 and checkpoint["fencing_token"] == 0
+    job = await db[JOBS].find_one({"_id": "job-a"})
+    assert job["state"] == JobState.STARTED
+    assert job["records_total"] == 10 and job["shard_count"] == 3
+    assert sorted(dispatcher.keys) == keys
+    assert all(task.job_id == "job-a" and priority == 3 for task, priority, _ in dispatcher.dispatched)
+    # published first, marked QUEUED only after the broker confirmed
+    assert {state for _, _, state in dispatcher.dispatched} == {ShardState.PLANNED}
+    assert set((await shard_states(db, "job-a")).values()) == {ShardState.QUEUED}
+
+
+async def test_start_job_twice_creates_nothing_new_and_dispatches_nothing(db) -> None:
+    cmd = command("job-b", count=40, shards=4)
+    await record_job(db, cmd)
+    dispatcher = RecordingDispatcher(db)
+    scheduler = JobScheduler(db, dispatcher)
+    await scheduler.start_job(cmd)
+    first_shards = [s async for s in db[SHARDS].find({"job_id": "job-b"})]
+
+    await scheduler.start_job(cmd)
+
+    assert dispatcher.calls == 4
+    assert [s async for s in db[SHARDS].find({"job_id": "job-b"})] == first_shards
+    assert await db[CHECKPOINTS].count_documents({"job_id": "job-b"}) == 4
+    assert (await db[JOBS].find_one({"_id": "job-b"}))["state"] == JobState.STARTED
+
+
+async def test_start_job_of_an_unknown_job_is_unprocessable(db) -> None:
+    dispatcher = RecordingDispatcher(db)
+
+    with pytest.raises(Unprocessable, match="job-missing"):
+        await JobScheduler(db, dispatcher).start_job(command("job-missing"))
+
+    assert dispatcher.calls == 0
+    assert await db[SHARDS].count_documents({}) == 0
+
+
+async def test_start_job_of_a_finished_job_is_ignored(db) -> None:
+    cmd = command("job-done")
+    await record_job(db, cmd, state=JobState.SUCCESS)
+    dispatcher = RecordingDispatcher(db)
+
+    await JobScheduler(db, dispatcher).start_job(cmd)
+
+    assert dispatcher.calls == 0
+    assert await db[SHARDS].count_documents({"job_id": "job-done"}) == 0
+    assert (await db[JOBS].find_one({"_id": "job-done"}))["state"] == JobState.SUCCESS
+
+
+async def test_failed_dispatch_leaves_the_rest_planned_and_a_redelivery_dispatches_only_those(db) -> None:
+    cmd = command("job-c", count=40, shards=4)
+    await record_job(db, cmd)
+    failing = RecordingDispatcher(db, fail_on_call=2)
+
+    with pytest.raises(PublishNotConfirmed):
+        await JobScheduler(db, failing).start_job(cmd)
+
+    states = await shard_states(db, "job-c")
+    assert len(failing.keys) == 1
+    assert states[failing.keys[0]] == ShardState.QUEUED
+    remaining = sorted(k for k in states if k != failing.keys[0])
+    assert [states[k] for k in remaining] == [ShardState.PLANNED] * 3
+
+    retry = RecordingDispatcher(db)
+    await JobScheduler(db, retry).start_job(cmd)
+
+    assert sorted(retry.keys) == remaining
+    assert set((await shard_states(db, "job-c")).values()) == {ShardState.QUEUED}
+    assert await db[SHARDS].count_documents({"job_id": "job-c"}) == 4
+
+
+async def set_shards(db: Any, job_id: str, states: list[ShardState], per_shard: dict[str, int] | None = None) -> None:
+    keys = sorted(await shard_states(db, job_id))
+    for key, state in zip(keys, states, strict=True):
+        await db[SHARDS].update_one({"_id": key}, {"$set": {"state": state}})
+        if per_shard:
+            await db[CHECKPOINTS].update_one({"shard_key": key}, {"$set": per_shard})
+
+
+async def started_job(db: Any, job_id: str, shards: int = 3) -> JobScheduler:
+    cmd = command(job_id, count=30, shards=shards)
+    await record_job(db, cmd)
+    scheduler = JobScheduler(db, RecordingDispatcher(db))
+    await scheduler.start_job(cmd)
+    return scheduler
+
+
+async def test_roll_up_all_succeeded_is_success_with_totals_from_checkpoints(db) -> None:
+    scheduler = await started_job(db, "job-d")
+    await set_shards(
+        db, "job-d", [ShardState.SUCCEEDED] * 3, {"records_done": 10, "records_written": 9, "records_redone": 1, "batches": 2}
+    )
+
+    assert await scheduler.roll_up("job-d") is JobState.SUCCESS
+
+    job = await db[JOBS].find_one({"_id": "job-d"})
+    assert job["state"] == JobState.SUCCESS
+    assert job["finished_at"] is not None
+    assert job["result"] == {
+        "records_done": 30,
+        "records_written": 27,
+        "records_redone": 3,
+        "batches": 6,
+        "shards_succeeded": 3,
+        "shards_failed": 0,
+        "failed_shards": [],
+    }
+    assert job["shard_states"] == {ShardState.SUCCEEDED: 3}
+
+
+async def test_roll_up_one_failed_is_failure_naming_the_failed_shard(db) -> None:
+    scheduler = await started_job(db, "job-e")
+    await set_shards(db, "job-e", [ShardState.SUCCEEDED, ShardState.FAILED, ShardState.SUCCEEDED])
+
+    assert await scheduler.roll_up("job-e") is JobState.FAILURE
+
+    job = await db[JOBS].find_one({"_id": "job-e"})
+    assert job["state"] == JobState.FAILURE
+    assert job["result"]["failed_shards"] == ["job-e:0001"]
+    assert job["result"]["shards_failed"] == 1 and job["result"]["shards_succeeded"] == 2
+
+
+async def test_roll_up_of_running_shards_keeps_the_job_open(db) -> None:
+    scheduler = await started_job(db, "job-f")
+    await set_shards(db, "job-f", [ShardState.SUCCEEDED, ShardState.RETRY, ShardState.RUNNING])
+
+    assert await scheduler.roll_up("job-f") is JobState.RETRY
+
+    job = await db[JOBS].find_one({"_id": "job-f"})
+    assert job["state"] == JobState.RETRY
+    assert "result" not in job
+    assert job["shard_states"] == {ShardState.SUCCEEDED: 1, ShardState.RETRY: 1, ShardState.RUNNING: 1}
+
+
+async def test_a_terminal_job_is_never_changed_again(db) -> None:
+    scheduler = await started_job(db, "job-g")
+    await set_shards(db, "job-g", [ShardState.SUCCEEDED] * 3)
+    await scheduler.roll_up("job-g")
+    before = await db[JOBS].find_one({"_id": "job-g"})
+
+    await set_shards(db, "job-g", [ShardState.FAILED] * 3)
+    assert await scheduler.roll_up("job-g") is None
+    await scheduler.shard_finished(ShardFinished(job_id="job-g", shard_key="job-g:0000", outcome="failed", records_done=0))
+    await scheduler.start_job(command("job-g", count=30, shards=3))
+
+    assert await db[JOBS].find_one({"_id": "job-g"}) == before
+
+
+async def test_roll_up_of_a_pending_or_unknown_job_does_nothing(db) -> None:
+    cmd = command("job-h")
+    await record_job(db, cmd)
+    scheduler = JobScheduler(db, RecordingDispatcher(db))
+
+    assert await scheduler.roll_up("job-h") is None
+    assert await scheduler.roll_up("job-nobody") is None
+    assert (await db[JOBS].find_one({"_id": "job-h"}))["state"] == JobState.PENDING
+
+
+async def test_shard_finished_rolls_the_job_up(db) -> None:
+    scheduler = await started_job(db, "job-i", shards=2)
+    await set_shards(db, "job-i", [ShardState.SUCCEEDED, ShardState.SUCCEEDED])
+
+    await scheduler.shard_finished(ShardFinished(job_id="job-i", shard_key="job-i:0001", outcome="succeeded", records_done=15))
+
+    assert (await db[JOBS].find_one({"_id": "job-i"}))["state"] == JobState.SUCCESS
+
+
+async def test_hash_mod_job_records_one_bucket_per_shard_over_the_whole_range(db) -> None:
+    cmd = command("job-hm", count=90, start=10, sharding={"strategy": "hash_mod", "shards": 3})
+    await record_job(db, cmd)
+    dispatcher = RecordingDispatcher(db)
+
+    await JobScheduler(db, dispatcher).start_job(cmd)
+
+    shards = [s async for s in db[SHARDS].find({"job_id": "job-hm"}).sort("index", 1)]
+    assert [(s["range_start"], s["range_end"]) for s in shards] == [(10, 100)] * 3
+    assert [s["bucket"] for s in shards] == [{"modulus": 3, "remainder": r} for r in range(3)]
+    assert all(s["strategy"] == "hash_mod" for s in shards)
+    assert await db[CHECKPOINTS].count_documents({"job_id": "job-hm"}) == 3
+    job = await db[JOBS].find_one({"_id": "job-hm"})
+    assert (job["records_total"], job["shard_count"]) == (90, 3)
+    assert sorted(dispatcher.keys) == ["job-hm:0000", "job-hm:0001", "job-hm:0002"]
+
+
+async def test_lease_frontier_job_records_items_and_dispatches_its_runners_once(db) -> None:
+    cmd = command("job-lf", count=100, sharding={"strategy": "lease_frontier", "shards": 2, "item_size": 10})
+    await record_job(db, cmd)
+    dispatcher = RecordingDispatcher(db)
+    scheduler = JobScheduler(db, dispatcher)
+
+    await scheduler.start_job(cmd)
+    await scheduler.start_job(cmd)  # a redelivered command
+
+    assert await db[SHARDS].count_documents({"job_id": "job-lf"}) == 10
+    assert await db[CHECKPOINTS].count_documents({"job_id": "job-lf"}) == 10
+    # the items wait in MongoDB for the runners to claim them
+    assert set((await shard_states(db, "job-lf")).values()) == {ShardState.PLANNED}
+    assert [(task, priority) for task, priority, _ in dispatcher.dispatched] == [
+        (RunFrontier(job_id="job-lf", lane=0), 2),
+        (RunFrontier(job_id="job-lf", lane=1), 2),
+    ]
+    job = await db[JOBS].find_one({"_id": "job-lf"})
+    assert (job["state"], job["shard_count"], job["records_total"]) == (JobState.STARTED, 10, 100)

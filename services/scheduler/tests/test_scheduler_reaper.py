@@ -1,0 +1,100 @@
+"""LeaseReaper against the MongoDB-wire server: expired leases go back to ready and are
+dispatched again; lost tasks of queued shards are sent again."""
+
+from typing import Any
+
+import pytest
+
+from cairn_contracts.messages import RunFrontier, RunShard
+from cairn_contracts.states import ShardState
+from cairn_contracts.store import SHARDS
+from cairn_runtime.mongo import ensure_indexes
+from cairn_scheduler.jobs import epoch_ms
+from cairn_scheduler.reaper import LeaseReaper
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.dispatched: list[tuple[RunShard | RunFrontier, int]] = []
+
+    async def dispatch(self, task: RunShard | RunFrontier, priority: int) -> None:
+        self.dispatched.append((task, priority))
+
+
+@pytest.fixture
+async def db(async_mongo_db):
+    await ensure_indexes(async_mongo_db)
+    return async_mongo_db
+
+
+async def shard(db: Any, key: str, state: ShardState, *, strategy: str = "range", index: int = 0, **fields: Any) -> None:
+    await db[SHARDS].insert_one(
+        {
+            "_id": key,
+            "task_key": key,
+            "job_id": key.split(":")[0],
+            "index": index,
+            "strategy": strategy,
+            "priority": 3,
+            "state": state,
+            "fencing_token": 2,
+            "attempts": 2,
+            "lease_until": None,
+            "taken_by": None,
+            **fields,
+        }
+    )
+
+
+async def test_reap_returns_shards_with_an_expired_lease_to_ready_and_dispatches_them(db) -> None:
+    now = epoch_ms()
+    await shard(db, "job:0000", ShardState.RUNNING, lease_until=now - 1_000, taken_by="dead-worker")
+    await shard(db, "job:0001", ShardState.RUNNING, lease_until=now + 60_000, taken_by="live-worker")
+    await shard(db, "job:0002", ShardState.SUCCEEDED, lease_until=now - 1_000)
+    recorder = Recorder()
+
+    assert await LeaseReaper(db, recorder).reap() == 1
+
+    reaped = await db[SHARDS].find_one({"_id": "job:0000"})
+    assert (reaped["state"], reaped["taken_by"], reaped["reclaims"]) == (ShardState.QUEUED, None, 1)
+    assert reaped["fencing_token"] == 2  # the next claim raises it; the dead holder stays fenced out
+    assert recorder.dispatched == [(RunShard(job_id="job", shard_key="job:0000"), 3)]
+    live = await db[SHARDS].find_one({"_id": "job:0001"})
+    assert (live["state"], live["taken_by"]) == (ShardState.RUNNING, "live-worker")
+    assert (await db[SHARDS].find_one({"_id": "job:0002"}))["state"] == ShardState.SUCCEEDED
+
+
+async def test_reap_twice_reclaims_once(db) -> None:
+    await shard(db, "job:0000", ShardState.RUNNING, lease_until=epoch_ms() - 1_000)
+    recorder = Recorder()
+    reaper = LeaseReaper(db, recorder)
+
+    assert await reaper.reap() == 1
+    assert await reaper.reap() == 0
+    assert len(recorder.dispatched) == 1
+
+
+async def test_reap_of_a_lease_frontier_item_sends_a_runner_for_its_lane(db) -> None:
+    await shard(db, "job:0005", ShardState.RUNNING, strategy="lease_frontier", index=5, lease_until=epoch_ms() - 1_000)
+    recorder = Recorder()
+
+    assert await LeaseReaper(db, recorder).reap() == 1
+
+    assert recorder.dispatched == [(RunFrontier(job_id="job", lane=5), 3)]
+
+
+async def test_redispatch_stale_resends_the_task_of_a_shard_queued_too_long(db) -> None:
+    now = epoch_ms()
+    await shard(db, "job:0000", ShardState.QUEUED, queued_at_ms=now - 600_000)
+    await shard(db, "job:0001", ShardState.QUEUED, queued_at_ms=now)
+    await shard(db, "job:0002", ShardState.QUEUED, strategy="lease_frontier", queued_at_ms=now - 600_000)
+    recorder = Recorder()
+    reaper = LeaseReaper(db, recorder)
+
+    assert await reaper.redispatch_stale(older_than_s=300) == 1
+
+    assert recorder.dispatched == [(RunShard(job_id="job", shard_key="job:0000"), 3)]
+    stale = await db[SHARDS].find_one({"_id": "job:0000"})
+    assert stale["redispatches"] == 1
+    assert stale["queued_at_ms"] >= now
+    assert await reaper.redispatch_stale(older_than_s=300) == 0  # the clock restarted
