@@ -54,7 +54,7 @@ class GaugeCollector:
         for name in self._queues:
             channel = await self._open_channel()
             try:
-                queue = await channel.declare_queue(name, passive=True)
+                queue = await channel.declare_queue(name, passive=True, robust=False)  # robust: cached, stale counts
             except Exception:
                 self._channel = None  # a failed passive declare (no such queue) closes the channel
                 raise
