@@ -4,7 +4,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlparse
+from urllib.parse import quote
 
 import pytest
 from pymongo import MongoClient
@@ -22,19 +22,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def system(test_env: TestEnvironment, mongo_client: MongoClient, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    vhost = unquote(urlparse(test_env.amqp_url).path.lstrip("/"))
-    system = build_system(
-        test_env.service_env(),
-        mongo_client[test_env.mongodb_database],
-        vhost,
-        test_env.amqp_url,
-        tmp_path_factory.mktemp("system"),
-    )
-    try:
-        system.start_services()
+    """The whole system shared by the e2e tests that do not break parts of it. It has a vhost and
+    database of its own, so its consumers never take messages the unit tests are reading."""
+    with isolated_system(test_env, mongo_client, tmp_path_factory.mktemp("system"), "main") as system:
         yield system
-    finally:
-        system.stop_services()
 
 
 @contextlib.contextmanager

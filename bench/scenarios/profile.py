@@ -25,10 +25,13 @@ NAME = "profile"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("profile (hot path of scenario 1)")
     group.add_argument("--profile-records", type=int, default=30_000, help="records of the profiled job (default 30,000)")
+    group.add_argument("--profile-history", type=int, default=2_000,
+                       help="finished shards (and their checkpoints) already in the store, as after 250 jobs of 8 shards (default 2,000)")
 
 
 def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
     out = ctx.out_dir / "profile"
+    add_history(ctx, args.profile_history)
     gateway, url = ctx.start_gateway()
     scheduler = ctx.start_scheduler()
     before = ctx.consumers(QUEUE_INGEST)
@@ -64,7 +67,8 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
     mongo_s = sum(c["seconds"] for c in mongo["commands"].values())
     text = (out / "profile.txt").read_text()
     return {
-        "params": {"records": records, "record_size": args.record_size, "batch_size": args.batch_size, "pool": "solo (1 process)"},
+        "params": {"records": records, "record_size": args.record_size, "batch_size": args.batch_size, "pool": "solo (1 process)",
+                   "history_shards": args.profile_history},
         "seconds": round(finished - started, 3),
         "records_per_s": records / (finished - started),
         "task_seconds": task_s,
@@ -77,6 +81,24 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
         "files": {"html": str(out / "profile.html"), "text": str(out / "profile.txt")},
         "cpu": cpu,
     }
+
+
+def add_history(ctx: BenchContext, shards: int) -> None:
+    """Finished shards and checkpoints of earlier jobs: a store with a past, as in any deployment."""
+    for start in range(0, shards, 1000):
+        keys = [(f"hist{ctx.run_id}{i // 8:05d}", f"hist{ctx.run_id}{i // 8:05d}:{i % 8:04d}", i % 8) for i in range(start, min(shards, start + 1000))]
+        ctx.db["shards"].insert_many([
+            {"_id": key, "task_key": key, "job_id": job, "index": index, "strategy": "range", "range_start": index * 1000,
+             "range_end": (index + 1) * 1000, "records_total": 1000, "priority": 2, "state": "SUCCEEDED", "attempts": 1,
+             "fencing_token": 1, "lease_until": None, "taken_by": None}
+            for job, key, index in keys
+        ])
+        ctx.db["checkpoints"].insert_many([
+            {"_id": f"{key}/main", "shard_key": key, "sub_key": "main", "job_id": job, "cursor": (index + 1) * 1000,
+             "range_start": index * 1000, "range_end": (index + 1) * 1000, "records_done": 1000, "records_written": 1000,
+             "records_redone": 0, "batches": 1, "fencing_token": 1}
+            for job, key, index in keys
+        ])
 
 
 def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

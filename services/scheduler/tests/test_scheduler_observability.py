@@ -14,7 +14,6 @@ from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import JOBS, SHARDS
 from cairn_contracts.topology import (
     EXCHANGE_COMMANDS,
-    EXCHANGE_TASKS,
     HEADER_ENQUEUED_AT,
     QUEUE_DLQ,
     QUEUE_INGEST,
@@ -80,7 +79,8 @@ async def test_every_celery_task_message_carries_its_enqueue_time_and_trace_cont
     instrument_celery()
     app = Celery("cairn-scheduler-tests")
     app.conf.update(celery_config(test_env.amqp_url))
-    confirmed = sample("cairn_publish_confirm_seconds_count", {"exchange": EXCHANGE_TASKS}) or 0
+    # routed by queue: through the default exchange, labelled with the queue
+    confirmed = sample("cairn_publish_confirm_seconds_count", {"exchange": QUEUE_INGEST}) or 0
     tracer = TracerProvider().get_tracer("tests")
     try:
         with tracer.start_as_current_span("consume cairn.scheduler.commands") as span:
@@ -93,7 +93,7 @@ async def test_every_celery_task_message_carries_its_enqueue_time_and_trace_cont
     message = await next_message(broker.queues[QUEUE_INGEST])
     assert sent_after <= float(message.headers[HEADER_ENQUEUED_AT]) <= time.time()
     assert message.headers["traceparent"].split("-")[1] == trace_id
-    assert sample("cairn_publish_confirm_seconds_count", {"exchange": EXCHANGE_TASKS}) == confirmed + 1
+    assert sample("cairn_publish_confirm_seconds_count", {"exchange": QUEUE_INGEST}) == confirmed + 1
 
 
 # --------------------------------------------------------------------------------- store

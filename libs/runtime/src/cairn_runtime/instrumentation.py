@@ -60,10 +60,12 @@ def _before_task_publish(headers: dict[str, Any] | None = None, **_: Any) -> Non
     _sending.started = time.perf_counter()
 
 
-def _after_task_publish(exchange: str | None = None, **_: Any) -> None:
+def _after_task_publish(exchange: str | None = None, routing_key: str | None = None, **_: Any) -> None:
     started = getattr(_sending, "started", None)
     if started is not None:
-        PUBLISH_SECONDS.labels(exchange or "(default)").observe(time.perf_counter() - started)
+        # Celery sends a task routed by queue through the default exchange, straight to the queue:
+        # the queue's name is the label then (cairn.ingest).
+        PUBLISH_SECONDS.labels(exchange or routing_key or "(default)").observe(time.perf_counter() - started)
         _sending.started = None
 
 

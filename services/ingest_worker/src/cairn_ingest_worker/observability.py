@@ -60,7 +60,10 @@ def _task_prerun(task_id: str | None = None, task: Any = None, kwargs: dict[str,
     _running[task_id] = (time.perf_counter(), context)
     annotate_current_span(job_id=job_id, shard_id=shard_id, task_id=task_id)
     request = task.request
-    wait = queue_wait_s(request.get(HEADER_ENQUEUED_AT), request.get("eta"), time.time())
+    # A message's own headers are attributes of the request (an eagerly applied task has them
+    # under `headers`).
+    enqueued_at = request.get(HEADER_ENQUEUED_AT) or (request.get("headers") or {}).get(HEADER_ENQUEUED_AT)
+    wait = queue_wait_s(enqueued_at, request.get("eta"), time.time())
     if wait is not None:
         metrics.QUEUE_WAIT_SECONDS.observe(wait)
     metrics.TASKS_RUNNING.inc()
