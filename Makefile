@@ -28,7 +28,7 @@ install: ## Install uv if missing, then sync the workspace venv (.venv, all pack
 local-services: ## Make sure RabbitMQ (127.0.0.1:5672) and Redis (127.0.0.1:6379) answer
 	@infra/local/services.sh
 
-test-services: ## local-services, plus the tools the tests call (rabbitmqctl, docker-compose)
+test-services: ## local-services, plus the tools the tests call (rabbitmqctl, docker-compose, promtool)
 	@infra/local/services.sh --test-tools
 
 up: ## Run the system: docker compose if a Docker engine answers, else local processes (CAIRN_LOCAL=1 forces local)
@@ -45,6 +45,13 @@ test-unit: install test-services ## Tests of libs/ and services/ only
 
 test-e2e: install test-services ## Whole-system tests only (tests-e2e/)
 	$(PYTEST) tests-e2e $(PYTEST_ARGS)
+
+# Not part of `make test`. Needs the system `make up` runs; writes bench/results/<time>/REPORT.md.
+# One scenario or other sizes: make bench BENCH_ARGS="ingest --records 1000000" (see bench/README.md)
+BENCH_ARGS ?= all
+.PHONY: bench
+bench: ## Benchmarks against the `make up` system: table, JSON, REPORT.md with plots (bench/results/)
+	uv run --no-sync python -m bench $(BENCH_ARGS)
 
 logs: ## Follow the logs of the local processes (.run/logs)
 	@ls .run/logs/*.log >/dev/null 2>&1 || { echo "no logs in .run/logs (start with: make up; with Docker: docker compose logs -f)"; exit 1; }

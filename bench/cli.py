@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--publish", dest="publish", action="store_true", default=None,
                         help="copy the report to bench/REPORT.md and bench/plots/ (default: only when all scenarios ran)")
     parser.add_argument("--no-publish", dest="publish", action="store_false")
+    parser.add_argument("--settle", type=float, default=5.0,
+                        help="before each measurement, wait up to this many seconds for other programs to leave the CPU idle")
+    parser.add_argument("--settle-budget", type=float, default=60.0, help="total seconds the bench may spend waiting so")
     parser.add_argument("-v", "--verbose", action="store_true")
     for scenario in SCENARIOS.values():
         scenario.add_arguments(parser)
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     started = time.monotonic()
     with bench_context(out_dir, mongodb_uri, args.amqp_host, args.redis_url) as ctx:
+        ctx.settle_s, ctx.settle_budget_s = args.settle, args.settle_budget
         result["servers"] = {
             "mongodb": ctx.mongo,
             "rabbitmq": ctx.rabbit,
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             result["timings_s"][name] = round(time.monotonic() - t0, 1)
             logger.info("=== scenario %s took %.0f s", name, result["timings_s"][name])
             _write_json(out_dir / "result.json", result)
+        result["settled_s"] = round(ctx.settled_s, 1)
     result["total_s"] = round(time.monotonic() - started, 1)
     result["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     _write_json(out_dir / "result.json", result)

@@ -99,6 +99,9 @@ class System:
     # HTTP port).
     trace_file: Path | None = None
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    # The API key every `client()` sends (an admin key of the `default` tenant, made with the
+    # gateway's bootstrap command once the services run); `create_key` makes others.
+    token: str | None = None
 
     # --- observability -------------------------------------------------------------------------
     def metrics_url(self, name: str) -> str:
@@ -107,7 +110,7 @@ class System:
         return f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
 
     def metrics_text(self, name: str) -> str:
-        response = httpx.get(self.metrics_url(name), timeout=10)
+        response = httpx.get(self.metrics_url(name), timeout=10, follow_redirects=True)  # the gateway's: /metrics/
         assert response.status_code == 200, response.text
         return response.text
 
@@ -118,8 +121,29 @@ class System:
         return [json.loads(line) for line in self.trace_file.read_text().splitlines() if line.strip()]
 
     # --- HTTP -------------------------------------------------------------------------------
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30)
+    def client(self, token: str | None = None, *, auth: bool = True) -> httpx.Client:
+        """An HTTP client of the gateway sending `token` (default: the system's admin key);
+        `auth=False`: no Authorization header at all."""
+        headers = {"Authorization": f"Bearer {token or self.token}"} if auth and (token or self.token) else {}
+        return httpx.Client(base_url=self.base_url, timeout=30, headers=headers)
+
+    def async_client(self, token: str | None = None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.base_url, timeout=60, headers={"Authorization": f"Bearer {token or self.token}"}
+        )
+
+    def create_key(self, tenant: str = "default", scopes: str = "admin", name: str = "e2e", rate_limit: int | None = None) -> str:
+        """A new API key, made by the gateway's bootstrap command (`python -m cairn_gateway.admin`)."""
+        command = [sys.executable, "-m", "cairn_gateway.admin", "create-key", "--tenant", tenant, "--scopes", scopes, "--name", name]
+        if rate_limit is not None:
+            command += ["--rate-limit", str(rate_limit)]
+        done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    def client_for(self, tenant: str, scopes: str = "submit,read") -> httpx.Client:
+        """A client holding a new key of another tenant (or other scopes)."""
+        return self.client(self.create_key(tenant, scopes, name=f"e2e {tenant}"))
 
     def start_job(self, body: dict[str, Any], **headers: str) -> str:
         with self.client() as client:
@@ -178,6 +202,8 @@ class System:
             self.services[name].start()
         if names is None or "gateway" in names:
             self._wait_for_gateway()
+            if self.token is None:
+                self.token = self.create_key("default", "admin", "e2e harness")
 
     def stop_services(self) -> None:
         for service in self.services.values():
@@ -209,10 +235,12 @@ def build_system(
     work_dir: Path,
     *,
     workers: int = 1,
+    schedulers: int = 1,
     overrides: dict[str, str] | None = None,
     rabbit_node: str | None = None,
 ) -> System:
-    """The four services (and `workers` ingest worker instances: ingest_worker, ingest_worker_2…)."""
+    """The four services (and `workers` ingest worker instances: ingest_worker, ingest_worker_2…;
+    `schedulers` scheduler instances: scheduler, scheduler_2…)."""
     port = free_port()
     log_dir = work_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -235,6 +263,10 @@ def build_system(
         "CAIRN_TRACE_EXPORTER": "file",  # every service appends to the same JSON-lines file
         "CAIRN_TRACE_FILE": str(work_dir / "spans.jsonl"),
         "CAIRN_GAUGES_INTERVAL_S": "0.5",
+        "CAIRN_SCHEDULE_TICK_S": "0.5",  # schedules fire within half a second of their time
+        # The shared suite (concurrency and fuzz tests included) stays under the rate limit; the
+        # limit itself is tested with a key of its own (`create_key(rate_limit=...)`).
+        "CAIRN_RATE_LIMIT_PER_MINUTE": "100000",
         **(overrides or {}),
     }
     services = {}
@@ -246,6 +278,8 @@ def build_system(
         worker_prom_dir.mkdir(exist_ok=True)
         worker_env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(worker_prom_dir), "CAIRN_WORKER_ID": f"worker-{number}"}
         services[name] = ServiceProcess(name, MODULES["ingest_worker"], worker_env, log_dir)
+    for number in range(2, schedulers + 1):
+        services[f"scheduler_{number}"] = ServiceProcess(f"scheduler_{number}", MODULES["scheduler"], dict(env), log_dir)
     metrics_ports = {name: free_port() for name in services if name != "gateway"}
     for name, metrics_port in metrics_ports.items():
         services[name].env["CAIRN_METRICS_PORT"] = str(metrics_port)

@@ -112,12 +112,19 @@ class Trace:
         ]
 
 
-def trace_of_job(system: System, job_id: str) -> Trace:
-    roots = [
+def submission_span(system: System, job_id: str) -> dict[str, Any]:
+    """The gateway's span of the request that submitted the job."""
+    found = [
         s for s in system.spans()
-        if s["name"] == "POST /task/start" and s["attributes"].get("cairn.job_id") == job_id
+        if s["kind"] == "SpanKind.SERVER" and s["attributes"].get("http.method") == "POST"
+        and s["attributes"].get("cairn.job_id") == job_id
     ]
-    assert len(roots) == 1, f"{len(roots)} gateway spans name job {job_id}"
+    assert len(found) == 1, f"{len(found)} gateway request spans name job {job_id}"
+    return found[0]
+
+
+def trace_of_job(system: System, job_id: str) -> Trace:
+    roots = [submission_span(system, job_id)]
     trace_id = roots[0]["context"]["trace_id"]
     return Trace([s for s in system.spans() if s["context"]["trace_id"] == trace_id])
 
@@ -133,7 +140,7 @@ def observed(system_factory: Callable[..., System]) -> System:
 
 def _answers(url: str) -> bool:
     try:
-        return httpx.get(url, timeout=2).status_code == 200
+        return httpx.get(url, timeout=2, follow_redirects=True).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -163,10 +170,12 @@ def _trace_complete(system: System, job_id: str) -> bool:
 def test_a_job_with_a_retry_and_a_dead_letter_is_one_trace_across_the_four_services(observed: System, failed_job: str) -> None:
     job_id, failing_shard, healthy_shard = failed_job, f"{failed_job}:0001", f"{failed_job}:0000"
     trace = trace_of_job(observed, job_id)
+    tenant = observed.db.jobs.find_one({"_id": job_id})["tenant"]
 
     # One tree: a single root (the gateway's request), every other span's parent in the trace.
     roots = [s for s in trace.spans if not s["parent_id"]]
-    assert [(r["name"], trace.service(r)) for r in roots] == [("POST /task/start", "gateway")]
+    assert [r["context"]["span_id"] for r in roots] == [submission_span(observed, job_id)["context"]["span_id"]]
+    assert trace.service(roots[0]) == "gateway"
     orphans = [s["name"] for s in trace.spans if s["parent_id"] and s["parent_id"] not in trace.by_id]
     assert not orphans, f"spans whose parent is not in the trace: {orphans}"
     assert {trace.service(s) for s in trace.spans} == {"gateway", "scheduler", "ingest-worker", "dlq-handler"}
@@ -201,7 +210,7 @@ def test_a_job_with_a_retry_and_a_dead_letter_is_one_trace_across_the_four_servi
     # The spans name the work: job, shard, tenant, pipeline, and each batch's cursor.
     for span in (roots[0], publish_command, consume_command, *runs[healthy_shard]):
         assert span["attributes"]["cairn.job_id"] == job_id
-        assert span["attributes"]["cairn.tenant"] == "default"
+        assert span["attributes"]["cairn.tenant"] == tenant
         assert span["attributes"]["cairn.pipeline"] == "synthetic"
     batches = trace.named("cairn.batch", shard_id=healthy_shard)
     assert sorted(b["attributes"]["cairn.cursor"] for b in batches) == list(range(0, 1000, 100))
@@ -217,21 +226,28 @@ def test_a_job_with_a_retry_and_a_dead_letter_is_one_trace_across_the_four_servi
     assert len(inserts) == 15, "one insert per stored batch"
 
 
-def test_redis_calls_are_child_spans_of_the_gateway_request(observed: System, failed_job: str) -> None:
+def test_redis_calls_are_child_spans_of_the_work_they_serve(observed: System, failed_job: str) -> None:
     observed.status(failed_job)  # a finished job's status is cached in Redis
     observed.status(failed_job)  # ...and read from it
 
-    def redis_spans() -> list[dict[str, Any]]:
+    def redis_spans() -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
         spans = observed.spans()
         by_id = {s["context"]["span_id"]: s for s in spans}
-        return [
-            (s["name"], by_id[s["parent_id"]]["name"])
-            for s in spans
-            if s["attributes"].get("db.system") == "redis" and s["parent_id"] in by_id
-        ]
+        return [(s, by_id.get(s["parent_id"])) for s in spans if s["attributes"].get("db.system") == "redis"]
 
-    found = eventually(lambda: {"SET", "GET"} <= {name for name, _ in redis_spans()} and redis_spans(), 10)
-    assert {parent for _, parent in found} == {"GET /task/status/{task_id}"}
+    def status_calls() -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+        found = redis_spans()
+        in_requests = {
+            s["name"] for s, parent in found
+            if parent and Trace.service(parent) == "gateway" and parent["kind"] == "SpanKind.SERVER"
+            and parent["attributes"].get("http.method") == "GET"
+        }
+        return found if {"SET", "GET"} <= in_requests else []
+
+    found = eventually(status_calls, 10, "the status requests' cache calls")
+    assert all(s["kind"] == "SpanKind.CLIENT" for s, _ in found)
+    orphans = [s["name"] for s, parent in found if parent is None]
+    assert not orphans, f"Redis calls outside any traced work were recorded: {orphans}"
 
 
 def test_every_log_line_about_the_work_names_its_trace_job_and_shard(observed: System, failed_job: str) -> None:
@@ -275,8 +291,10 @@ def test_every_metric_is_on_its_service_with_the_values_of_the_job(observed: Sys
     assert worker.value("cairn_worker_tasks_running") == 0  # prefork children: multiprocess, livesum
 
     gateway = scrape(observed, "gateway")
-    assert gateway.value("cairn_http_requests_total", method="POST", route="/task/start", status="202") == 1
-    assert gateway.value("cairn_http_request_duration_seconds_count", method="POST", route="/task/start") == 1
+    request = submission_span(observed, failed_job)["attributes"]
+    route, status = request["http.route"], str(request["http.status_code"])
+    assert gateway.value("cairn_http_requests_total", method="POST", route=route, status=status) == 1
+    assert gateway.value("cairn_http_request_duration_seconds_count", method="POST", route=route) == 1
     assert gateway.value("cairn_publish_confirm_seconds_count", exchange=EXCHANGE_COMMANDS) == 1
 
     dlq = scrape(observed, "dlq_handler")
@@ -301,6 +319,7 @@ def test_every_metric_is_on_its_service_with_the_values_of_the_job(observed: Sys
 
 
 def test_queue_depth_rises_while_no_worker_consumes_and_falls_to_zero(observed: System, failed_job: str) -> None:
+    waits_before = scrape(observed, "ingest_worker").value("cairn_task_queue_wait_seconds_sum") or 0
     observed.services["ingest_worker"].stop()
     try:
         job_id = observed.start_job(
@@ -316,7 +335,6 @@ def test_queue_depth_rises_while_no_worker_consumes_and_falls_to_zero(observed: 
         assert page.value("cairn_queue_consumers", queue=QUEUE_INGEST) == 0
         assert page.value("cairn_shards", state="QUEUED") == 4
         eventually(lambda: scrape(observed, "scheduler").value("cairn_oldest_queued_shard_age_seconds") >= 1, 10, "backlog ages")
-        waits_before = scrape(observed, "ingest_worker").value("cairn_task_queue_wait_seconds_sum") or 0
     finally:
         observed.services["ingest_worker"].start()
     waited_s = time.monotonic() - stopped_at

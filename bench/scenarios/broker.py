@@ -48,11 +48,13 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
     runs["broker_limit"] = []
     for rep in range(args.repeats):
         for in_flight in args.broker_in_flight:
+            ctx.settle()
             meter = ctx.cpu_meter().start()
             figures = asyncio.run(cairn_path(ctx.amqp_url, args.messages, in_flight))
             figures["cpu"] = meter.stop()
             runs[f"cairn_{in_flight}"].append(figures)
             logger.info("broker: cairn path, %d in flight, run %d: %.0f msg/s", in_flight, rep + 1, figures["messages_per_s"])
+        ctx.settle()
         meter = ctx.cpu_meter().start()
         figures = asyncio.run(minimal_pair(ctx.amqp_url, args.messages * 4))
         figures["cpu"] = meter.stop()

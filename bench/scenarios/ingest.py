@@ -16,12 +16,13 @@ import argparse
 import logging
 import sys
 import time
+import uuid
 from typing import Any
 
 from bench.baseline import celery_records as baseline
 from bench.procs import Proc
 from bench.stats import fmt_summary, summary
-from bench.system import BenchContext, synthetic_job
+from bench.system import BenchContext, parse_time, synthetic_job
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +31,12 @@ NAME = "ingest"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("ingest (scenario 1)")
-    group.add_argument("--records", type=int, default=50_000, help="records of the Cairn job (default 50,000; the issue's figure is 1,000,000)")
+    group.add_argument("--records", type=int, default=40_000, help="records of the Cairn job (default 40,000; the issue's figure is 1,000,000)")
     group.add_argument("--record-size", type=int, default=1024, help="payload bytes per record (default 1024)")
     group.add_argument("--workers", type=_ints, default=[1, 2, 4], help="worker processes to measure (default 1,2,4)")
     group.add_argument("--shards", type=int, default=8, help="range shards of the Cairn job (default 8)")
     group.add_argument("--batch-size", type=int, default=1000, help="records per batch and checkpoint (default 1000)")
-    group.add_argument("--baseline-records", type=int, default=5_000, help="records of a baseline run (default 5,000)")
+    group.add_argument("--baseline-records", type=int, default=2_500, help="records of a baseline run (default 2,500)")
     group.add_argument("--baseline-workers", type=_ints, default=None, help="worker processes of the baseline (default: --workers)")
 
 
@@ -95,7 +96,7 @@ def warm_up(ctx: BenchContext, url: str, workers: int, procs: list[Proc]) -> Non
     """A small job first, so every pool process has its connections before the clock runs."""
     body = synthetic_job(
         records=200 * workers, record_size=100, shards=workers, batch_size=100,
-        key_prefix=f"warm{ctx.run_id}{workers}", collection="bench_warmup", name="bench warm-up",
+        key_prefix=f"warm{uuid.uuid4().hex[:12]}", collection="bench_warmup", name="bench warm-up",
     )
     job_id = ctx.submit(url, body)
     ctx.wait_job(job_id, timeout_s=120, procs=procs)
@@ -108,12 +109,14 @@ def cairn_run(ctx: BenchContext, url: str, args: argparse.Namespace, *, tag: str
         records=args.records, record_size=args.record_size, shards=args.shards, batch_size=args.batch_size,
         key_prefix=f"s1{tag}", collection=collection, name="bench ingest",
     )
+    ctx.settle()
     meter = ctx.cpu_meter(workers=worker, gateway=gateway, scheduler=scheduler).start()
-    started = time.monotonic()
+    started, started_wall = time.monotonic(), time.time()
     job_id = ctx.submit(url, body)
     job, finished = ctx.wait_job(job_id, timeout_s=120 + args.records / 500, procs=[worker, scheduler])
     cpu = meter.stop()
     seconds = finished - started
+    timeline = _timeline(ctx, job_id, started_wall, started_wall + seconds)
     stored = ctx.db[collection].count_documents({})
     ctx.drop(collection)
     if job["state"] != "SUCCESS" or stored != args.records:
@@ -124,7 +127,19 @@ def cairn_run(ctx: BenchContext, url: str, args: argparse.Namespace, *, tag: str
         "seconds": round(seconds, 3),
         "records_per_s": args.records / seconds,
         "records_redone": result.get("records_redone"),
+        "timeline": timeline,
         "cpu": cpu,
+    }
+
+
+def _timeline(ctx: BenchContext, job_id: str, posted: float, seen: float) -> dict[str, float | None]:
+    """Fixed costs around the work: POST → first shard claimed, last shard done → SUCCESS seen."""
+    shards = list(ctx.db["shards"].find({"job_id": job_id}, {"started_at": 1, "finished_at": 1}))
+    starts = [t.timestamp() for t in (parse_time(s.get("started_at")) for s in shards) if t]
+    ends = [t.timestamp() for t in (parse_time(s.get("finished_at")) for s in shards) if t]
+    return {
+        "to_first_claim_s": round(min(starts) - posted, 3) if starts else None,
+        "last_shard_to_seen_s": round(seen - max(ends), 3) if ends else None,
     }
 
 
@@ -149,6 +164,7 @@ def baseline_run(ctx: BenchContext, args: argparse.Namespace, *, tag: str, worke
     job_id = f"baseline-{ctx.run_id}-{tag}"
     fill = baseline.filler(args.record_size)
     target = ctx.db[collection]
+    ctx.settle()
     meter = ctx.cpu_meter(workers=worker).start()
     started = time.monotonic()
     for index in range(records):
@@ -184,6 +200,8 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "runs": runs,
         "records_per_s": summary([r["records_per_s"] for r in runs]),
         "seconds": summary([r["seconds"] for r in runs]),
+        "to_first_claim_s": summary([r["timeline"]["to_first_claim_s"] for r in runs if r.get("timeline", {}).get("to_first_claim_s") is not None]),
+        "last_shard_to_seen_s": summary([r["timeline"]["last_shard_to_seen_s"] for r in runs if r.get("timeline", {}).get("last_shard_to_seen_s") is not None]),
         "stand_in_busy_pct": summary([share(r, "stand_in") for r in runs]) if runs and "stand_in" in runs[0]["cpu"] else None,
         "cpu_cores": {
             key: round(sum(r["cpu"].get(key, 0.0) for r in runs) / sum(r["cpu"]["wall"] for r in runs), 2)

@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+from bench.profiles.checkpoint_filter_ab import run_ab
 from bench.scenarios.ingest import warm_up
 from bench.system import QUEUE_INGEST, BenchContext, synthetic_job
 
@@ -48,6 +49,7 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
         records=records, record_size=args.record_size, shards=1, batch_size=args.batch_size,
         key_prefix=f"prof{ctx.run_id}", collection=collection, name="bench profile",
     )
+    ctx.settle()
     meter = ctx.cpu_meter(workers=worker, scheduler=scheduler, gateway=gateway).start()
     started = time.monotonic()
     job_id = ctx.submit(url, body)
@@ -61,6 +63,10 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
     deadline = time.monotonic() + 30
     while not (out / "profile.json").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
+    # The hot-path change, A/B in the same conditions: the per-batch checkpoint write matched by
+    # (shard_key, sub_key) as before, and by _id as now, alternating (bench/profiles/checkpoint_filter_ab.py).
+    ctx.settle()
+    ab = run_ab(ctx.mongodb_uri, history=args.profile_history, repeats=max(3, args.repeats))
     mongo = json.loads((out / "mongo_commands.json").read_text())
     profile = json.loads((out / "profile.json").read_text())
     task_s = mongo["task_seconds"]
@@ -80,6 +86,7 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
         "profile_excerpt": "\n".join(text.splitlines()[:60]),
         "files": {"html": str(out / "profile.html"), "text": str(out / "profile.txt")},
         "cpu": cpu,
+        "checkpoint_filter_ab": ab,
     }
 
 

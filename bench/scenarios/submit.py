@@ -15,6 +15,7 @@ its CPU share is reported.
 
 import argparse
 import asyncio
+import itertools
 import logging
 import time
 from typing import Any
@@ -39,6 +40,9 @@ BODY = {
 }
 
 
+_JOB_NUMBERS = itertools.count()  # every submitted job distinct within a bench process
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("submit (scenario 3)")
     group.add_argument("--clients", type=_ints, default=[1, 8, 64], help="concurrent clients (default 1,8,64)")
@@ -54,8 +58,9 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
         for rep in range(args.repeats):
             for variant, (url, proc) in variants.items() if rep % 2 == 0 else reversed(variants.items()):
                 for clients in args.clients:
+                    ctx.settle()
                     meter = ctx.cpu_meter(server=proc).start()
-                    figures = asyncio.run(load(url, clients, args.requests))
+                    figures = asyncio.run(load(url, clients, args.requests, ctx.api_headers()))
                     figures["cpu"] = meter.stop()
                     runs[variant][str(clients)].append(figures)
                     logger.info("submit: %s, %d clients, run %d: %.0f req/s, p99 %.1f ms", variant, clients, rep + 1, figures["rps"], figures["p99_ms"])
@@ -81,31 +86,51 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-async def load(url: str, clients: int, requests: int) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-        async def send() -> tuple[float, int]:
-            t0 = time.perf_counter()
-            response = await client.post("/task/start", json=BODY)
-            return time.perf_counter() - t0, response.status_code
+async def load(url: str, clients: int, requests: int, headers: dict[str, str]) -> dict[str, Any]:
+    """`clients` clients, each with its own connection (an httpx.AsyncClient of one connection:
+    one shared pool for 64 clients costs the load generator more than the server), each sending
+    one request at a time until `requests` are answered."""
+    latencies: list[float] = []
+    errors = 0
+    last_status = 202
+    remaining = requests
+    warmed = 0
 
-        await asyncio.gather(*(send() for _ in range(2 * clients)))  # warm-up: connections, caches
-        latencies: list[float] = []
-        errors = 0
-        remaining = requests
+    async def one_client(warm_up: int) -> None:
+        nonlocal remaining, errors, last_status, warmed
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60, headers=headers) as client:
+            async def send() -> tuple[float, int]:
+                # Every job a distinct one, as from real clients (a gateway may refuse duplicates).
+                body = {**BODY, "params": {**BODY["params"], "start": next(_JOB_NUMBERS)}}
+                t0 = time.perf_counter()
+                response = await client.post("/task/start", json=body)
+                return time.perf_counter() - t0, response.status_code
 
-        async def one_client() -> None:
-            nonlocal remaining, errors
+            for _ in range(warm_up):  # the connection, and the server's caches
+                await send()
+            warmed += 1
+            await ready.wait()
             while remaining > 0:
                 remaining -= 1
                 latency, status = await send()
                 latencies.append(latency)
                 if status != 202:
                     errors += 1
+                    last_status = status
 
-        started = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(one_client() for _ in range(clients))), timeout=300)
-        wall = time.perf_counter() - started
+    ready = asyncio.Event()
+    tasks = [asyncio.create_task(one_client(2)) for _ in range(clients)]
+    # Start the clock once every client is warm (bounded: a dead server fails the gather below).
+    deadline = time.monotonic() + 60
+    while warmed < clients and time.monotonic() < deadline and not any(t.done() for t in tasks):
+        await asyncio.sleep(0.02)
+    started = time.perf_counter()
+    ready.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=300)
+    wall = time.perf_counter() - started
+    if errors > len(latencies) // 100:
+        raise RuntimeError(f"submit: {errors} of {len(latencies)} requests to {url} were not answered 202 (last: {last_status})")
     if errors:
         logger.warning("submit: %d of %d requests to %s were not 202", errors, requests, url)
     ms = [x * 1000 for x in latencies]

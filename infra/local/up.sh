@@ -38,6 +38,8 @@ Cairn is up (docker compose):
   Prometheus  http://127.0.0.1:9090
   Grafana     http://127.0.0.1:3000
   logs        $compose logs -f
+first API key (every call needs one; printed once):
+  $compose exec gateway cairn-gateway-admin create-key --tenant default --scopes admin --name me
 stop with: make down
 MSG
     exit 0
@@ -191,5 +193,7 @@ Cairn is up (local processes):
   MongoDB     $MONGO_DESC
   RabbitMQ    127.0.0.1:5672   Redis 127.0.0.1:6379
   logs        ${LOG_DIR#"$CAIRN_ROOT"/}/  (make logs)   pids ${PID_DIR#"$CAIRN_ROOT"/}/
+first API key (every call needs one; printed once):
+  uv run --no-sync cairn-gateway-admin create-key --tenant default --scopes admin --name me
 stop with: make down
 MSG

@@ -185,5 +185,6 @@ def test_specs_are_frozen() -> None:
 
 
 def test_terminal_states() -> None:
-    assert {s for s in JobState if s.is_terminal} == {JobState.SUCCESS, JobState.FAILURE}
-    assert {s for s in ShardState if s.is_terminal} == {ShardState.SUCCEEDED, ShardState.FAILED}
+    assert {s for s in JobState if s.is_terminal} == {JobState.SUCCESS, JobState.FAILURE, JobState.CANCELLED}
+    assert {s for s in ShardState if s.is_terminal} == {ShardState.SUCCEEDED, ShardState.FAILED, ShardState.CANCELLED}
+    assert not JobState.CANCELLING.is_terminal  # a cancel in progress

@@ -16,6 +16,7 @@ from cairn_contracts.messages import StartJob
 from cairn_contracts.states import JobState
 from cairn_contracts.store import JOBS
 from cairn_contracts.topology import HEADER_CORRELATION_ID, QUEUE_SCHEDULER_COMMANDS
+from cairn_gateway.admin import create_key
 from cairn_gateway.app import create_app
 from cairn_gateway.settings import GatewaySettings
 from cairn_testkit.aio import drain, next_message
@@ -45,18 +46,25 @@ def settings_for(test_env, database: str) -> GatewaySettings:
         amqp_url=test_env.amqp_url,
         redis_url=test_env.redis_url,
         redis_prefix=test_env.redis_prefix,
+        job_lock_ttl_s=0,  # these tests submit one spec many times; the lock has its own tests
     )
 
 
-async def running(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=10)
+def admin_token(db: Database, tenant: str = "default") -> str:
+    """An API key of `tenant` (admin scope), as `cairn-gateway-admin create-key` makes one."""
+    return create_key(db, tenant, ["admin"], "gateway tests")
+
+
+async def running(app: FastAPI, token: str | None = None) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=10, headers=headers)
 
 
 @pytest.fixture(scope="module")
 async def gateway(mongo_client, test_env, gateway_database) -> AsyncIterator[Gateway]:
     settings = settings_for(test_env, gateway_database)
     app = create_app(settings)
-    async with app.router.lifespan_context(app), await running(app) as client:
+    async with app.router.lifespan_context(app), await running(app, admin_token(mongo_client[gateway_database])) as client:
         yield Gateway(app, client, mongo_client[gateway_database], settings)
 
 
@@ -238,7 +246,7 @@ async def test_a_job_whose_command_is_not_confirmed_is_still_accepted_and_left_f
     test_env, gateway_database, mongo_client, commands
 ) -> None:
     app = create_app(settings_for(test_env, gateway_database))
-    async with app.router.lifespan_context(app), await running(app) as client:
+    async with app.router.lifespan_context(app), await running(app, admin_token(mongo_client[gateway_database])) as client:
         await app.state.jobs.publisher.close()  # the broker channel is gone: no confirm possible
 
         response = await client.post("/task/start", json=SPEC)

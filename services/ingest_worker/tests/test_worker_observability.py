@@ -77,17 +77,24 @@ def app() -> Celery:
     return app
 
 
-def test_a_task_runs_with_its_job_and_shard_in_the_log_context_and_nothing_after(app) -> None:
+def context() -> tuple[str | None, str | None, str | None]:
+    return log.job_id.get(), log.shard_id.get(), log.correlation_id.get()
+
+
+def test_a_task_runs_with_its_job_and_shard_in_the_log_context_and_restores_it_after(app) -> None:
+    before = context()
+
     result = app.tasks["tests.run_shard"].apply(kwargs={"job_id": "j7", "shard_key": "j7:0001"})
 
     assert tuple(result.get()) == ("j7", "j7:0001", "j7", "synthetic")  # correlation id = job id
-    assert (log.job_id.get(), log.shard_id.get(), log.correlation_id.get()) == (None, None, None)
+    assert context() == before
 
 
 def test_task_durations_are_observed_by_outcome_and_the_gauge_returns_to_zero(app) -> None:
     labels = {"task": "tests.named_outcome", "outcome": "already_done"}
     failed = {"task": "tests.run_shard", "outcome": "failure"}
     done, failures = sample("cairn_shard_run_duration_seconds_count", labels), sample("cairn_shard_run_duration_seconds_count", failed)
+    before = context()
 
     app.tasks["tests.named_outcome"].apply(kwargs={"outcome": "already_done"})
     app.tasks["tests.run_shard"].apply(kwargs={"job_id": "j8", "shard_key": "j8:0000", "fail": True})
@@ -95,7 +102,7 @@ def test_task_durations_are_observed_by_outcome_and_the_gauge_returns_to_zero(ap
     assert sample("cairn_shard_run_duration_seconds_count", labels) == done + 1
     assert sample("cairn_shard_run_duration_seconds_count", failed) == failures + 1
     assert sample("cairn_worker_tasks_running") == 0
-    assert log.job_id.get() is None
+    assert context() == before  # restored after a failing task too
 
 
 def test_queue_wait_is_observed_from_the_enqueue_time_the_message_carries(app) -> None:

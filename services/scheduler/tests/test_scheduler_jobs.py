@@ -207,6 +207,7 @@ async def test_roll_up_all_succeeded_is_success_with_totals_from_checkpoints(db)
         "batches": 6,
         "shards_succeeded": 3,
         "shards_failed": 0,
+        "shards_cancelled": 0,
         "failed_shards": [],
     }
     assert job["shard_states"] == {ShardState.SUCCEEDED: 3}

@@ -110,9 +110,8 @@ async def test_jobs_and_shards_are_counted_by_state_with_zero_for_empty_states(b
 
     assert await GaugeCollector(db, broker.connection).collect_once()
 
-    assert {s.value: sample("cairn_jobs", {"state": s.value}) for s in JobState} == {
-        "PENDING": 0, "STARTED": 2, "RETRY": 0, "SUCCESS": 0, "FAILURE": 1,
-    }
+    jobs = {s.value: sample("cairn_jobs", {"state": s.value}) for s in JobState}  # every state has a sample
+    assert jobs == {**dict.fromkeys(jobs, 0), "STARTED": 2, "FAILURE": 1}
     assert sample("cairn_shards", {"state": "RUNNING"}) == 2
     assert sample("cairn_shards", {"state": "QUEUED"}) == 1
     assert sample("cairn_shards", {"state": "SUCCEEDED"}) == 0

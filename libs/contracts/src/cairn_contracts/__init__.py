@@ -10,6 +10,7 @@ from cairn_contracts.jobs import (
     SyntheticJobSpec,
 )
 from cairn_contracts.messages import (
+    CancelJob,
     DeadLetter,
     DeadLetterCommand,
     Message,
@@ -23,6 +24,7 @@ from cairn_contracts.pipelines import MongoRangeParams, SyntheticParams
 from cairn_contracts.states import DeadLetterStatus, JobState, Priority, ReplayOutcome, ShardState
 
 __all__ = [
+    "CancelJob",
     "DeadLetter",
     "DeadLetterCommand",
     "DeadLetterStatus",

@@ -34,6 +34,20 @@ class StartJob(Message):
     submitted_at: datetime = Field(default_factory=utcnow)
 
 
+class CancelJob(Message):
+    """Command gateway → scheduler: stop this job. Cooperative: shards that have not started are
+    cancelled, running ones stop at their next batch boundary. The job is marked
+    `cancel_requested` in MongoDB before this is published, so a lost command is made up for by
+    the scheduler's periodic sweep; handling it twice changes nothing."""
+
+    message_type: ClassVar[str] = "cairn.command.cancel_job"
+    schema_version: Literal[1] = 1
+    job_id: str
+    tenant: str
+    requested_by: str | None = Field(None, max_length=200)
+    requested_at: datetime = Field(default_factory=utcnow)
+
+
 class RunShard(Message):
     """Celery task payload scheduler → ingest worker. The shard document is authoritative."""
 
@@ -60,7 +74,7 @@ class ShardFinished(Message):
     schema_version: Literal[1] = 1
     job_id: str
     shard_key: str
-    outcome: Literal["succeeded", "failed"]
+    outcome: Literal["succeeded", "failed", "cancelled"]
     records_done: int
     error: str | None = None
     finished_at: datetime = Field(default_factory=utcnow)
@@ -117,6 +131,7 @@ class DeadLetterCommand(Message):
     command_id: str
     action: DeadLetterAction
     dead_letter_id: str
-    requested_by: str = Field(..., min_length=1, max_length=200)
+    requested_by: str = Field(..., min_length=1, max_length=200, description="Who asked (operator name)")
+    api_key_id: str | None = Field(None, max_length=64, description="The API key the request came with")
     note: str | None = Field(None, max_length=2000)
     requested_at: datetime = Field(default_factory=utcnow)

@@ -13,6 +13,10 @@ MONGO_RANGE = "mongo_range"
 
 FailureKind = Literal["non_retryable", "retryable", "crash"]
 
+# Keys are stored as MongoDB 64-bit integers: a larger number could never be recorded, so it is
+# refused as the client's error (422 on the field), not found out at the insert (500).
+MAX_KEY = 2**62
+
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -25,15 +29,15 @@ class _Params(BaseModel):
 class SyntheticParams(_Params):
     """Deterministic generated records: record i of a job is the same on every run."""
 
-    start: int = Field(0, ge=0, description="First record key")
+    start: int = Field(0, ge=0, le=MAX_KEY, description="First record key")
     count: int = Field(..., ge=1, le=1_000_000_000, description="Number of records")
     record_size: int = Field(100, ge=1, le=1_048_576, description="Bytes of payload per record")
     delay_ms_per_record: float = Field(0, ge=0, le=10_000, description="Simulated work per record")
     key_prefix: str = Field("syn", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    fail_at_key: int | None = Field(None, ge=0, description="Inject a failure when reaching this key")
+    fail_at_key: int | None = Field(None, ge=0, le=MAX_KEY, description="Inject a failure when reaching this key")
     failure: FailureKind = Field("non_retryable", description="What the injected failure does")
     fail_times: int | None = Field(
-        None, ge=1, description="Fail only on the first N attempts of the shard (default: always)"
+        None, ge=1, le=1_000_000, description="Fail only on the first N attempts of the shard (default: always)"
     )
     fail_while_flag: str | None = Field(
         None,
@@ -60,8 +64,8 @@ class MongoRangeParams(_Params):
 
     collection: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,120}$")
     key_field: str = Field("_id", pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")
-    start: int
-    end: int
+    start: int = Field(..., ge=-MAX_KEY, le=MAX_KEY)
+    end: int = Field(..., ge=-MAX_KEY, le=MAX_KEY)
     fields: list[str] | None = Field(None, max_length=100, description="Fields to copy (all if unset)")
 
     @model_validator(mode="after")

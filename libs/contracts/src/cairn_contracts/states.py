@@ -11,13 +11,17 @@ class JobState(StrEnum):
     RETRY = "RETRY"  # at least one shard waits for a retry, none failed for good
     SUCCESS = "SUCCESS"
     FAILURE = "FAILURE"
+    CANCELLED = "CANCELLED"  # cancelled: every shard terminal, at least one CANCELLED
+    # Reported by the API only, never stored: a cancel was requested (`cancel_requested` on the
+    # job) and its running shards have not all stopped yet; the stored state stays the roll-up's.
+    CANCELLING = "CANCELLING"
 
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL_JOB_STATES
 
 
-TERMINAL_JOB_STATES = frozenset({JobState.SUCCESS, JobState.FAILURE})
+TERMINAL_JOB_STATES = frozenset({JobState.SUCCESS, JobState.FAILURE, JobState.CANCELLED})
 
 
 class ShardState(StrEnum):
@@ -27,13 +31,14 @@ class ShardState(StrEnum):
     RETRY = "RETRY"  # failed with a retryable error; its retry task is queued
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"  # dead-lettered
+    CANCELLED = "CANCELLED"  # its job was cancelled: never started, or stopped at a batch boundary
 
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL_SHARD_STATES
 
 
-TERMINAL_SHARD_STATES = frozenset({ShardState.SUCCEEDED, ShardState.FAILED})
+TERMINAL_SHARD_STATES = frozenset({ShardState.SUCCEEDED, ShardState.FAILED, ShardState.CANCELLED})
 
 
 class DeadLetterStatus(StrEnum):

@@ -4,8 +4,17 @@ Every service creates the indexes it relies on at start-up (creating an existing
 no-op), so a fresh database is usable by whichever service starts first.
 """
 
+import hashlib
+import json
+import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from cairn_contracts.jobs import JobSpec
+from cairn_contracts.states import JobState
 
 JOBS = "jobs"
 SHARDS = "shards"
@@ -14,6 +23,7 @@ DEDUP = "dedup"
 TASK_ERRORS = "task_errors"
 RAW_PAYLOADS = "raw_payloads"
 SCHEDULES = "schedules"
+API_KEYS = "api_keys"  # {_id: key id, tenant, scopes, secret_hash (sha256 hex), name, created_at, revoked_at}
 # GridFS bucket of large raw payloads (collections raw_payload_blobs.files / .chunks); the
 # RawPayload metadata document in `raw_payloads` points at its file.
 RAW_PAYLOAD_BUCKET = "raw_payload_blobs"
@@ -24,6 +34,11 @@ FAULT_FLAGS = "fault_flags"
 # Redis key of a finished job's cached status (the gateway fills it; whoever reopens a finished
 # job, the DLQ handler on replay, deletes it).
 STATUS_CACHE_KEY = "{prefix}:status:{tenant}:{job_id}"
+
+# Redis lock of a job fingerprint (value: the job id holding it): an identical job of the same
+# tenant is refused while it is held by an unfinished job. The gateway takes it on create, the
+# scheduler releases it (only if it still holds that job id) when the job is terminal.
+JOB_LOCK_KEY = "{prefix}:joblock:{tenant}:{fingerprint}"
 
 DEFAULT_TENANT = "default"
 MAIN_SUB_KEY = "main"  # sub-key of a shard's only cursor; multi-cursor shards use others
@@ -54,6 +69,10 @@ INDEXES: tuple[IndexSpec, ...] = (
     ),
     IndexSpec(JOBS, (("tenant", 1), ("created_at", 1))),
     IndexSpec(JOBS, (("state", 1), ("command_published_at", 1))),
+    IndexSpec(JOBS, (("tenant", 1), ("created_at_ms", 1))),
+    IndexSpec(JOBS, (("tenant", 1), ("state", 1))),
+    IndexSpec(JOBS, (("cancel_requested", 1), ("state", 1))),
+    IndexSpec(JOBS, (("finished_at_ms", 1),)),
     IndexSpec(SHARDS, (("task_key", 1),), unique=True),
     IndexSpec(SHARDS, (("job_id", 1), ("state", 1))),
     IndexSpec(SHARDS, (("lease_until", 1),)),
@@ -66,4 +85,98 @@ INDEXES: tuple[IndexSpec, ...] = (
     IndexSpec(TASK_ERRORS, (("created_at", 1),)),
     IndexSpec(RAW_PAYLOADS, (("task_error_id", 1),)),
     IndexSpec(SCHEDULES, (("next_run_at", 1),)),
+    IndexSpec(SCHEDULES, (("paused", 1), ("next_run_at_ms", 1))),
+    IndexSpec(SCHEDULES, (("tenant", 1), ("created_at_ms", 1))),
+    IndexSpec(API_KEYS, (("tenant", 1),)),
 )
+
+
+# --- the jobs document -------------------------------------------------------------------------
+# Both the gateway (API submissions) and the scheduler (schedule runs) create job documents, so
+# their shape is defined once here.
+
+_JOB_SPEC: TypeAdapter[Any] = TypeAdapter(JobSpec)
+
+
+def spec_fingerprint(spec: Any) -> str:
+    """sha256 of the spec's canonical JSON: equal specs, equal fingerprints (idempotency, job lock)."""
+    canonical = json.dumps(_JOB_SPEC.dump_python(spec, mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def job_id_for(tenant: str, idempotency_key: str) -> str:
+    """The id of the job a tenant submits under an idempotency key: the same for every request
+    that carries the key, so concurrent identical requests race for one document and one lock."""
+    return hashlib.sha256(f"{tenant}\x00{idempotency_key}".encode()).hexdigest()[:32]
+
+
+def epoch_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+class JobRecord(BaseModel):
+    """A `jobs` document as it is inserted (state PENDING, command not yet published).
+
+    Timestamps that queries compare or sort on are also kept as integer epoch milliseconds
+    (`created_at_ms`; the scheduler adds `finished_at_ms`): see docs/mongodb-stand-in.md.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    tenant: str
+    name: str | None
+    pipeline: str
+    priority: int
+    spec: dict[str, Any]
+    spec_fingerprint: str
+    state: JobState = JobState.PENDING
+    created_at: datetime
+    created_at_ms: int
+    command_published_at: datetime | None = None
+    idempotency_key: str | None = Field(None, max_length=200)
+    schedule_id: str | None = Field(None, description="The schedule that fired this job")
+    schedule_run: int | None = Field(None, description="Its run number (manual runs: none)")
+
+    @classmethod
+    def new(
+        cls,
+        spec: Any,
+        tenant: str,
+        *,
+        job_id: str | None = None,
+        idempotency_key: str | None = None,
+        schedule_id: str | None = None,
+        schedule_run: int | None = None,
+        now: datetime | None = None,
+    ) -> "JobRecord":
+        spec = _JOB_SPEC.validate_python(spec)
+        moment = now or datetime.now(UTC)
+        if job_id is None:
+            job_id = job_id_for(tenant, idempotency_key) if idempotency_key is not None else uuid.uuid4().hex
+        return cls(
+            id=job_id,
+            tenant=tenant,
+            name=spec.name,
+            pipeline=spec.pipeline,
+            priority=int(spec.priority),
+            spec=spec.model_dump(mode="json"),
+            spec_fingerprint=spec_fingerprint(spec),
+            created_at=moment,
+            created_at_ms=epoch_ms(moment),
+            idempotency_key=idempotency_key,
+            schedule_id=schedule_id,
+            schedule_run=schedule_run,
+        )
+
+    def job_spec(self) -> Any:
+        return _JOB_SPEC.validate_python(self.spec)
+
+    def to_document(self) -> dict[str, Any]:
+        document = self.model_dump(exclude={"id"})
+        document["_id"] = self.id
+        document["state"] = str(self.state)
+        for optional in ("idempotency_key", "schedule_id", "schedule_run"):
+            if document[optional] is None:
+                del document[optional]  # the unique (tenant, idempotency_key) index covers strings only
+        return document

@@ -7,19 +7,24 @@ below must therefore be identical everywhere (RabbitMQ refuses a redeclare with 
 from dataclasses import dataclass, field
 from typing import Any
 
-EXCHANGE_COMMANDS = "cairn.commands"  # direct: commands to the scheduler
+EXCHANGE_COMMANDS = "cairn.commands"  # direct: commands to the scheduler and the DLQ handler
 EXCHANGE_EVENTS = "cairn.events"  # topic: facts published by workers
 EXCHANGE_TASKS = "cairn.tasks"  # direct: Celery shard tasks
 EXCHANGE_DLX = "cairn.dlx"  # topic: everything that could not succeed
 
 ROUTING_START_JOB = "job.start"
+ROUTING_CANCEL_JOB = "job.cancel"
 ROUTING_SHARD_SUCCEEDED = "shard.succeeded"
 ROUTING_SHARD_FAILED = "shard.failed"
+ROUTING_SHARD_CANCELLED = "shard.cancelled"
 ROUTING_INGEST = "ingest"
 ROUTING_DLQ_REPLAY = "dlq.replay"
 ROUTING_DLQ_DISCARD = "dlq.discard"
 
 QUEUE_SCHEDULER_COMMANDS = "cairn.scheduler.commands"
+# Control commands (cancel) have a queue of their own: a cancel never waits behind a backlog of
+# start commands.
+QUEUE_SCHEDULER_CONTROL = "cairn.scheduler.control"
 QUEUE_SCHEDULER_EVENTS = "cairn.scheduler.events"
 QUEUE_INGEST = "cairn.ingest"
 QUEUE_DLQ = "cairn.dlq"
@@ -69,6 +74,11 @@ QUEUES: tuple[QueueSpec, ...] = (
         QUEUE_SCHEDULER_COMMANDS,
         bindings=((EXCHANGE_COMMANDS, ROUTING_START_JOB),),
         arguments=_work_queue_arguments(priorities=True),
+    ),
+    QueueSpec(
+        QUEUE_SCHEDULER_CONTROL,
+        bindings=((EXCHANGE_COMMANDS, ROUTING_CANCEL_JOB),),
+        arguments=_work_queue_arguments(priorities=False),
     ),
     QueueSpec(
         QUEUE_SCHEDULER_EVENTS,

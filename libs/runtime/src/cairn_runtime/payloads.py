@@ -5,20 +5,27 @@ go to the GridFS bucket `raw_payload_blobs` under a deterministic id, the `raw_p
 describes them (size, sha256, encoding, owner), and the task_errors entry carries only a pointer.
 The gateway reads them back for `GET /dlq/entries/{id}/payload`.
 
-Saving is idempotent and crash-safe without transactions: the metadata document is written
-after the upload completed, so its presence means the bytes are all there; without it, whatever
-a crashed upload left behind is deleted and the upload starts over.
+Saving is idempotent and crash-safe without transactions: every upload goes to a GridFS file of
+its own (`<payload id>:<random>`), and the metadata document, inserted under the payload's
+deterministic id once the upload completed, names the one that counts. Its presence means the
+bytes are all there; a second saver (a redelivery) that loses the insert deletes its own copy.
+What a crash leaves (a partial upload, or a complete one whose metadata was never inserted) is
+unreferenced and harmless: it is never read, and never collides with a later upload (the
+MongoDB stand-in cannot delete a GridFS file that has no files document, so nothing relies on
+cleaning it up; see docs/mongodb-stand-in.md).
 """
 
 import hashlib
 import logging
-import time
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from gridfs import AsyncGridFSBucket
 from gridfs.errors import NoFile
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
 
 from cairn_contracts.store import RAW_PAYLOAD_BUCKET, RAW_PAYLOADS
 
@@ -52,32 +59,30 @@ class RawPayloads:
         content_type: str | None = None,
     ) -> RawPayloadRef:
         existing = await self._meta.find_one({"_id": payload_id})
-        if existing is not None and existing.get("state") == STORED:
-            return RawPayloadRef(payload_id, int(existing["size"]), str(existing["sha256"]))
-        try:
-            await self._bucket.delete(payload_id)  # the remains of an upload that did not finish
-        except NoFile:
-            pass
-        await self._bucket.upload_from_stream_with_id(payload_id, payload_id, data, metadata={"owner": owner})
+        if existing is not None:
+            return _ref(existing)
+        gridfs_id = f"{payload_id}:{uuid.uuid4().hex[:12]}"
+        await self._bucket.upload_from_stream_with_id(gridfs_id, payload_id, data, metadata={"owner": owner})
         ref = RawPayloadRef(payload_id, len(data), hashlib.sha256(data).hexdigest())
-        await self._meta.update_one(
-            {"_id": payload_id},
-            {
-                "$set": {
+        try:
+            await self._meta.insert_one(
+                {
+                    "_id": payload_id,
                     **ref.as_document(),
                     "task_error_id": owner,
                     "storage": "gridfs",
                     "bucket": RAW_PAYLOAD_BUCKET,
-                    "gridfs_id": payload_id,
+                    "gridfs_id": gridfs_id,
                     "encoding": encoding,
                     "content_type": content_type,
-                    "stored_at_ms": int(time.time() * 1000),
+                    "created_at": datetime.now(UTC),
                     "state": STORED,
                 }
-            },
-            upsert=True,
-        )
-        logger.info("raw payload %s stored in GridFS (%d bytes)", payload_id, len(data))
+            )
+        except DuplicateKeyError:  # saved meanwhile by another delivery of the same message
+            await self._bucket.delete(gridfs_id)
+            return _ref(await self._meta.find_one({"_id": payload_id}) or {})
+        logger.info("raw payload %s stored in GridFS as %s (%d bytes)", payload_id, gridfs_id, len(data))
         return ref
 
     async def describe(self, payload_id: str) -> dict[str, Any] | None:
@@ -85,10 +90,15 @@ class RawPayloads:
 
     async def read(self, payload_id: str) -> bytes | None:
         """The payload's bytes; None if no complete payload is stored under this id."""
-        if await self.describe(payload_id) is None:
+        meta = await self.describe(payload_id)
+        if meta is None:
             return None
         try:
-            stream = await self._bucket.open_download_stream(payload_id)
+            stream = await self._bucket.open_download_stream(meta["gridfs_id"])
         except NoFile:
             return None
         return await stream.read()
+
+
+def _ref(meta: dict[str, Any]) -> RawPayloadRef:
+    return RawPayloadRef(str(meta["_id"]), int(meta["size"]), str(meta["sha256"]))

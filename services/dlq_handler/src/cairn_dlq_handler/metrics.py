@@ -16,3 +16,13 @@ def count_recorded(document: dict) -> None:
     DEAD_LETTERS.labels(
         str(document.get("reason") or "unknown"), str(document.get("source_queue") or "unknown"), str(document.get("kind") or "unknown")
     ).inc()
+
+
+REPLAY_COMMANDS = Counter(
+    "cairn_dead_letter_commands_total",
+    "Replay and discard commands handled, by what came of them (dispatched, discarded, refused, already_done)",
+    ["action", "result"],
+)
+REPLAY_OUTCOMES = Counter(
+    "cairn_dead_letter_replays_total", "Replays settled, by outcome (succeeded, failed_again)", ["outcome"]
+)

@@ -28,8 +28,9 @@ from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts.messages import DeadLetterCommand, ShardFinished
-from cairn_contracts.states import DeadLetterStatus, JobState, ReplayOutcome, ShardState
+from cairn_contracts.states import TERMINAL_SHARD_STATES, DeadLetterStatus, JobState, ReplayOutcome, ShardState
 from cairn_contracts.store import DEFAULT_TENANT, JOBS, SHARDS, TASK_ERRORS
+from cairn_dlq_handler.metrics import REPLAY_COMMANDS, REPLAY_OUTCOMES
 from cairn_runtime.consumer import Unprocessable
 
 logger = logging.getLogger(__name__)
@@ -62,10 +63,8 @@ class DeadLetterCommands:
 
     # --- commands -------------------------------------------------------------------------------
     async def handle(self, command: DeadLetterCommand) -> None:
-        if command.action == "replay":
-            await self.replay(command)
-        else:
-            await self.discard(command)
+        result = await (self.replay(command) if command.action == "replay" else self.discard(command))
+        REPLAY_COMMANDS.labels(command.action, result).inc()
 
     async def replay(self, command: DeadLetterCommand) -> str:
         """Start (or, for a redelivered command, continue) the replay of one entry."""
@@ -110,7 +109,8 @@ class DeadLetterCommands:
         discard = {
             "command_id": command.command_id,
             "requested_by": command.requested_by,
-            "requested_at": command.requested_at.isoformat(),
+            "api_key_id": command.api_key_id,
+            "requested_at": _iso(command.requested_at),
             "at_ms": epoch_ms(),
             "note": command.note,
         }
@@ -155,6 +155,7 @@ class DeadLetterCommands:
             return None
         if await self._close(entry, outcome, superseded_by=superseded_by):
             logger.info("replay of %s ended: %s", entry_id, outcome)
+            REPLAY_OUTCOMES.labels(str(outcome)).inc()
             await self._repair_job(shard["job_id"])
         return outcome
 
@@ -166,6 +167,9 @@ class DeadLetterCommands:
             raise NotReplayable(f"shard {entry['shard_key']} is not recorded")
         if shard.get("replay_command_id") == command.command_id:
             return shard  # reopened by this very command before a crash or a failed dispatch
+        job = await self.db[JOBS].find_one({"_id": shard["job_id"]}, {"state": 1, "cancel_requested": 1})
+        if job is not None and (job.get("state") == JobState.CANCELLED or job.get("cancel_requested")):
+            raise NotReplayable(f"job {shard['job_id']} is cancelled")
         now_ms = epoch_ms()
         marks = {"replay_of": entry["_id"], "replay_command_id": command.command_id, "queued_at_ms": now_ms}
         if shard["state"] == ShardState.FAILED and shard.get("dead_letter_id") == entry["_id"]:
@@ -232,7 +236,7 @@ class DeadLetterCommands:
         if job is None or job["state"] != JobState.FAILURE:
             return
         states = {s["state"] async for s in self.db[SHARDS].find({"job_id": job_id}, {"state": 1})}
-        if ShardState.FAILED not in states or states - {ShardState.SUCCEEDED, ShardState.FAILED}:
+        if ShardState.FAILED not in states or states - TERMINAL_SHARD_STATES:
             await self._reopen_job(job_id)
 
     async def _close(
@@ -273,6 +277,7 @@ def _replay_record(command: DeadLetterCommand) -> dict[str, Any]:
     return {
         "command_id": command.command_id,
         "requested_by": command.requested_by,
+        "api_key_id": command.api_key_id,
         "requested_at": _iso(command.requested_at),
         "requested_at_ms": int(command.requested_at.timestamp() * 1000),
         "started_at_ms": epoch_ms(),

@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Depends, Header, Request, Response, status
 
 from cairn_contracts.jobs import JobSpec
-from cairn_contracts.store import DEFAULT_TENANT
+from cairn_gateway.auth import Principal, authorized
 from cairn_gateway.jobs import JobService
 from cairn_gateway.schemas import ErrorBody, TaskAccepted, TaskResult, TaskStatus
 
@@ -16,8 +16,9 @@ def job_service(request: Request) -> JobService:
     return request.app.state.jobs
 
 
-def tenant() -> str:
-    return DEFAULT_TENANT  # API keys and tenants arrive with the tenancy work; one tenant until then
+def tenant(principal: Annotated[Principal, Depends(authorized)]) -> str:
+    """The authenticated caller's tenant (from its API key; a GET needs `read`, the rest `submit`)."""
+    return principal.tenant
 
 
 Jobs = Annotated[JobService, Depends(job_service)]

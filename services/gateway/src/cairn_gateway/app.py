@@ -5,17 +5,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 
 from cairn_gateway.api import router
+from cairn_gateway.auth import require_scope
 from cairn_gateway.dlq import DeadLetterService
 from cairn_gateway.dlq_api import router as dlq_router
 from cairn_gateway.errors import install_error_handlers
 from cairn_gateway.http_metrics import HttpMetricsMiddleware
 from cairn_gateway.jobs import JobService
+from cairn_gateway.problems import AUTH_RESPONSES
 from cairn_gateway.settings import GatewaySettings
+from cairn_gateway.task_api import install_task_api, job_locks, start_task_api
 from cairn_runtime.amqp import Publisher, connect, declare_topology
 from cairn_runtime.mongo import async_client, ensure_indexes
 from cairn_runtime.payloads import RawPayloads
@@ -41,8 +44,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             cache=cache,
             cache_prefix=settings.redis_prefix,
             cache_ttl_s=settings.status_cache_ttl_s,
+            locks=job_locks(settings, cache, db),
         )
         app.state.dead_letters = DeadLetterService(db=db, publisher=publisher, payloads=RawPayloads(db))
+        await start_task_api(app, settings, db, cache, publisher)  # keys, limits, /v1 services
         try:
             yield
         finally:
@@ -56,8 +61,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         description="Start long, resumable ingest jobs and follow them. Jobs run in the background; no call waits for one.",
         lifespan=lifespan,
     )
-    app.include_router(router)
-    app.include_router(dlq_router)
+    app.include_router(router, responses=AUTH_RESPONSES)
+    app.include_router(dlq_router, dependencies=[Depends(require_scope("admin"))], responses=AUTH_RESPONSES)
+    install_task_api(app, settings)  # /v1 jobs, schedules, keys; body limit; error answers
     app.add_middleware(HttpMetricsMiddleware)
     app.mount("/metrics", make_asgi_app())
     install_error_handlers(app)

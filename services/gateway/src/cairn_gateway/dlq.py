@@ -141,16 +141,24 @@ class DeadLetterService:
         return body.encode("utf-8"), "text/plain; charset=utf-8"
 
     async def request(
-        self, tenant: str, entry_id: str, action: DeadLetterAction, requested_by: str, note: str | None = None
+        self,
+        tenant: str,
+        entry_id: str,
+        action: DeadLetterAction,
+        requested_by: str,
+        note: str | None = None,
+        api_key_id: str | None = None,
     ) -> CommandAccepted:
         entry = await self._entry(tenant, entry_id)
         if entry.get("status") != DeadLetterStatus.OPEN:
             raise EntryConflict(f"dead letter {entry_id} is {entry.get('status')}; only open entries can be {action}ed")
         if action == "replay" and not replayable(entry):
             raise EntryConflict(f"dead letter {entry_id} names no shard to re-dispatch; it can only be discarded")
-        return await self._publish(entry, action, requested_by, note)
+        return await self._publish(entry, action, requested_by, note, api_key_id)
 
-    async def replay_matching(self, tenant: str, request: BulkReplayRequest, requested_by: str) -> BulkReplayAccepted:
+    async def replay_matching(
+        self, tenant: str, request: BulkReplayRequest, requested_by: str, api_key_id: str | None = None
+    ) -> BulkReplayAccepted:
         entry_filter = EntryFilter(
             job_id=request.job_id,
             pipeline=request.pipeline,
@@ -167,14 +175,21 @@ class DeadLetterService:
         found = self.db[TASK_ERRORS].find(query, {"_id": 1, "job_id": 1}).sort([("created_at", 1), ("_id", 1)]).limit(request.limit)
         async for entry in found:
             try:
-                accepted.append(await self._publish(entry, "replay", requested_by, request.note))
+                accepted.append(await self._publish(entry, "replay", requested_by, request.note, api_key_id))
             except CommandNotPublished as error:
                 raise CommandNotPublished(str(error), accepted) from error
         return BulkReplayAccepted(matched=matched, published=len(accepted), remaining=max(0, matched - len(accepted)), commands=accepted)
 
-    async def _publish(self, entry: dict[str, Any], action: DeadLetterAction, requested_by: str, note: str | None) -> CommandAccepted:
+    async def _publish(
+        self, entry: dict[str, Any], action: DeadLetterAction, requested_by: str, note: str | None, api_key_id: str | None
+    ) -> CommandAccepted:
         command = DeadLetterCommand(
-            command_id=uuid.uuid4().hex, action=action, dead_letter_id=entry["_id"], requested_by=requested_by, note=note
+            command_id=uuid.uuid4().hex,
+            action=action,
+            dead_letter_id=entry["_id"],
+            requested_by=requested_by,
+            api_key_id=api_key_id,
+            note=note,
         )
         try:
             await self.publisher.publish(

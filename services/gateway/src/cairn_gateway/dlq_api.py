@@ -1,16 +1,18 @@
 """The dead-letter API: list, read, replay and discard what could not succeed.
 
 Replay and discard answer 202 once the DLQ handler's command is confirmed by the broker; the
-entry (GET /dlq/entries/{id}) shows the outcome. Who asked is taken from `X-Cairn-Actor` (the
-tenant's name when absent) until API keys exist.
+entry (GET /dlq/entries/{id}) shows the outcome. Who asked: the `X-Cairn-Actor` header (an
+operator's name), else the API key's name (else its id); the key's id is recorded either way.
 """
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request, Response, status
 
 from cairn_gateway.api import Tenant
+from cairn_gateway.auth import Caller
 from cairn_gateway.dlq import CommandNotPublished, DeadLetterService, EntryConflict, EntryFilter, EntryNotFound
 from cairn_gateway.dlq_schemas import (
     BulkReplayAccepted,
@@ -30,12 +32,19 @@ def dead_letters(request: Request) -> DeadLetterService:
     return request.app.state.dead_letters
 
 
-def actor(tenant: Tenant, x_cairn_actor: Annotated[str | None, Header(max_length=200)] = None) -> str:
-    return x_cairn_actor.strip() if x_cairn_actor and x_cairn_actor.strip() else tenant
+@dataclass(frozen=True)
+class Requester:
+    name: str
+    api_key_id: str | None
+
+
+def requester(caller: Caller, x_cairn_actor: Annotated[str | None, Header(max_length=200)] = None) -> Requester:
+    named = x_cairn_actor.strip() if x_cairn_actor else ""
+    return Requester(named or caller.name or caller.key_id or caller.tenant, caller.key_id)
 
 
 DeadLetters = Annotated[DeadLetterService, Depends(dead_letters)]
-Actor = Annotated[str, Depends(actor)]
+Actor = Annotated[Requester, Depends(requester)]
 NOT_FOUND = {404: {"model": ErrorBody}}
 COMMAND_ERRORS = {
     404: {"model": ErrorBody},
@@ -88,7 +97,7 @@ async def replay_entry(
     entry_id: str, service: DeadLetters, tenant: Tenant, requested_by: Actor, body: Annotated[ReplayRequest | None, Body()] = None
 ) -> CommandAccepted:
     """Re-dispatch the entry's shard; it resumes from its checkpoint with a fresh attempt budget."""
-    return await _command(service.request(tenant, entry_id, "replay", requested_by, body.note if body else None), entry_id)
+    return await _command(service.request(tenant, entry_id, "replay", requested_by.name, body.note if body else None, requested_by.api_key_id), entry_id)
 
 
 @router.post("/entries/{entry_id}/discard", status_code=status.HTTP_202_ACCEPTED, response_model=CommandAccepted, responses=COMMAND_ERRORS)
@@ -96,7 +105,7 @@ async def discard_entry(
     entry_id: str, service: DeadLetters, tenant: Tenant, requested_by: Actor, body: Annotated[DiscardRequest | None, Body()] = None
 ) -> CommandAccepted:
     """Close the entry without replay; it stays in task_errors as `discarded` for audit."""
-    return await _command(service.request(tenant, entry_id, "discard", requested_by, body.note if body else None), entry_id)
+    return await _command(service.request(tenant, entry_id, "discard", requested_by.name, body.note if body else None, requested_by.api_key_id), entry_id)
 
 
 @router.post(
@@ -110,11 +119,11 @@ async def replay_matching(body: BulkReplayRequest, service: DeadLetters, tenant:
     filters = ("job_id", "pipeline", "error_type", "reason", "shard_key", "since", "until")
     if all(getattr(body, name) is None for name in filters):
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            422,
             [{"loc": ["body"], "msg": f"give at least one filter: {', '.join(filters)}", "type": "value_error"}],
         )
     try:
-        return await service.replay_matching(tenant, body, requested_by)
+        return await service.replay_matching(tenant, body, requested_by.name, requested_by.api_key_id)
     except CommandNotPublished as error:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,

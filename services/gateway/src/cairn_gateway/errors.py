@@ -30,7 +30,8 @@ def _field_located(error: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_union_tag(parent: object, part: object) -> bool:
-    return (parent == "body" and part in PIPELINE_NAMES) or (parent == "sharding" and part in SHARDING_STRATEGIES)
+    # `job`: the job spec inside a schedule (POST /v1/schedules) is the same union.
+    return (parent in ("body", "job") and part in PIPELINE_NAMES) or (parent == "sharding" and part in SHARDING_STRATEGIES)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,9 +1,6 @@
 """The gateway's job logic: record, publish, report. Collaborators come in as arguments."""
 
-import hashlib
-import json
 import logging
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,9 +13,11 @@ from pymongo.errors import DuplicateKeyError
 from cairn_contracts.jobs import JobSpec
 from cairn_contracts.messages import StartJob
 from cairn_contracts.states import JobState, ShardState
-from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, STATUS_CACHE_KEY
+from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, STATUS_CACHE_KEY, JobRecord
+from cairn_contracts.store import spec_fingerprint as store_spec_fingerprint
 from cairn_contracts.topology import EXCHANGE_COMMANDS, ROUTING_START_JOB
 from cairn_gateway.failures import failed_shards, retrying_shards
+from cairn_gateway.joblock import JobLocks
 from cairn_gateway.schemas import ShardCounts, TaskResult, TaskStatus
 from cairn_runtime.amqp import PublishNotConfirmed, Publisher
 from cairn_runtime.tracing import describe_work
@@ -47,8 +46,7 @@ class Submission:
 
 
 def spec_fingerprint(spec: JobSpec) -> str:
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return store_spec_fingerprint(spec)
 
 
 def utcnow() -> datetime:
@@ -62,43 +60,55 @@ class JobService:
     cache: aioredis.Redis
     cache_prefix: str
     cache_ttl_s: int
+    locks: JobLocks | None = None  # the Redis lock per job fingerprint (None: no lock)
 
-    async def submit(self, spec: JobSpec, tenant: str, idempotency_key: str | None) -> Submission:
+    async def submit(
+        self, spec: JobSpec, tenant: str, idempotency_key: str | None, *, schedule_id: str | None = None
+    ) -> Submission:
         """Record the job, then publish its command with a confirm.
 
         Accepted means recorded: if the broker does not confirm, the job stays PENDING with no
         `command_published_at`, and the scheduler's relay publishes it once the broker is back.
+
+        Duplicates, two layers (joblock.py): the same tenant and Idempotency-Key give the same job
+        (the unique index; its id derives from the key, so concurrent identical requests race for
+        one document), and a job identical to an unfinished one is refused (`DuplicateJob`, the
+        Redis lock per spec fingerprint).
         """
-        job_id = uuid.uuid4().hex
-        describe_work(job_id=job_id, tenant=tenant, pipeline=spec.pipeline)  # span + log context
-        fingerprint = spec_fingerprint(spec)
-        document: dict[str, Any] = {
-            "_id": job_id,
-            "tenant": tenant,
-            "name": spec.name,
-            "pipeline": spec.pipeline,
-            "priority": int(spec.priority),
-            "spec": spec.model_dump(mode="json"),
-            "spec_fingerprint": fingerprint,
-            "state": JobState.PENDING,
-            "created_at": utcnow(),
-            "command_published_at": None,
-        }
+        record = JobRecord.new(spec, tenant, idempotency_key=idempotency_key, schedule_id=schedule_id)
+        describe_work(job_id=record.id, tenant=tenant, pipeline=spec.pipeline)  # span + log context
         if idempotency_key is not None:
-            document["idempotency_key"] = idempotency_key
+            existing = await self.db[JOBS].find_one({"tenant": tenant, "idempotency_key": idempotency_key})
+            if existing is not None:
+                return self._same_job(existing, record)
+        lock = await self.locks.acquire(tenant, record.spec_fingerprint, record.id) if self.locks else None
         try:
-            await self.db[JOBS].insert_one(document)
+            await self.db[JOBS].insert_one(record.to_document())
         except DuplicateKeyError:
             existing = await self.db[JOBS].find_one({"tenant": tenant, "idempotency_key": idempotency_key})
             if existing is None:  # the unique key is ours only if the tenant/key matched
                 raise
-            if existing["spec_fingerprint"] != fingerprint:
-                raise IdempotencyConflict(
-                    f"Idempotency-Key {idempotency_key!r} was used for a different job ({existing['_id']})"
-                ) from None
-            return Submission(existing["_id"], JobState(existing["state"]), created=False)
-        await self._publish_start(job_id, tenant, spec)
-        return Submission(job_id, JobState.PENDING, created=True)
+            if self.locks and lock:
+                same = existing["_id"] == record.id and existing.get("spec_fingerprint") == record.spec_fingerprint
+                if not same or JobState(existing["state"]).is_terminal:
+                    await self.locks.release(lock)  # the lock we took names no unfinished job
+            return self._same_job(existing, record)
+        except BaseException:
+            if self.locks and lock:
+                await self.locks.release(lock)
+            raise
+        if self.locks and lock:
+            await self.locks.hold(lock)
+        await self._publish_start(record.id, tenant, spec)
+        return Submission(record.id, JobState.PENDING, created=True)
+
+    @staticmethod
+    def _same_job(existing: dict[str, Any], record: JobRecord) -> Submission:
+        if existing.get("spec_fingerprint") != record.spec_fingerprint:
+            raise IdempotencyConflict(
+                f"Idempotency-Key {record.idempotency_key!r} was used for a different job ({existing['_id']})"
+            )
+        return Submission(existing["_id"], JobState(existing["state"]), created=False)
 
     async def _publish_start(self, job_id: str, tenant: str, spec: JobSpec) -> None:
         command = StartJob(job_id=job_id, tenant=tenant, spec=spec)
@@ -132,6 +142,8 @@ class JobService:
             records_done += int(checkpoint.get("records_done", 0))
         total = job.get("records_total")
         state = JobState(job["state"])
+        if job.get("cancel_requested") and not state.is_terminal:
+            state = JobState.CANCELLING  # reported, never stored: the running shards are stopping
         if state == JobState.SUCCESS:
             progress = 100.0
         else:

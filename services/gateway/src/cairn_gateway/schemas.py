@@ -31,6 +31,7 @@ class ShardCounts(BaseModel):
     retry: int = 0
     succeeded: int = 0
     failed: int = 0
+    cancelled: int = 0
 
 
 class ShardRetryInfo(BaseModel):

@@ -8,3 +8,9 @@ class GatewaySettings(ServiceSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
     status_cache_ttl_s: int = Field(300, ge=0, description="Cache of finished jobs' status in Redis (0: off)")
+    # The task API (issue 5): keys, limits, duplicates, result retention.
+    rate_limit_per_minute: int = Field(600, ge=0, description="Requests per minute per API key (0: no limit)")
+    max_body_bytes: int = Field(1_048_576, ge=0, description="Largest request body (413 above; 0: no limit)")
+    auth_cache_ttl_s: float = Field(10.0, ge=0, description="How long a looked-up API key is trusted (revocations wait this long)")
+    job_lock_ttl_s: int = Field(86_400, ge=0, description="Longest hold of the lock per job fingerprint (0: no lock)")
+    result_ttl_s: int = Field(7 * 86_400, ge=1, description="A finished job's result is kept this long (then 410 Gone)")

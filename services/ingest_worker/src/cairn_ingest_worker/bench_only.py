@@ -2,7 +2,7 @@
 
 Enabled by `CAIRN_BENCH_DISABLE_CHECKPOINTS=1` (never in production), so that scenario 2 of
 `make bench` can measure what checkpointing every batch costs: the same job, the same worker, the
-same code path, minus the per-batch `advance` (a fenced `update_one` of the checkpoint).
+same code path, minus the per-batch checkpoint write (`commit`: a fenced write of the checkpoint).
 
 With the switch on, a crash loses the whole shard's progress (it restarts from its first key and
 every record it already stored counts as redone), a lost lease is only noticed by the heartbeat,
@@ -10,7 +10,7 @@ and a task slice that hands off early restarts its shard from the last checkpoin
 price the benchmark puts a figure on; it is not a mode to run.
 """
 
-from cairn_ingest_worker.leases import Claim, ShardLeases
+from cairn_ingest_worker.leases import Claim, Commit, ShardLeases
 
 
 class UncheckpointedLeases(ShardLeases):
@@ -18,12 +18,12 @@ class UncheckpointedLeases(ShardLeases):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._unrecorded: dict[tuple[str, int], tuple[int, int, int]] = {}
 
-    def advance(self, claim: Claim, cursor: int, records: int, written: int, duplicates: int) -> bool:
+    def commit(self, claim: Claim, cursor: int, records: int, written: int, duplicates: int) -> Commit:
         key = (claim.shard_key, claim.token)
         done, stored, redone = self._unrecorded.pop(key, (0, 0, 0))
         done, stored, redone = done + records, stored + written, redone + duplicates
         if cursor < int(claim.shard["range_end"]):
             self._unrecorded[key] = (done, stored, redone)
-            return True
+            return Commit(stored=True)  # (a cancel is only seen at the shard's last batch)
         # The shard's last batch: one checkpoint write with the totals, so results stay right.
-        return super().advance(claim, cursor, done, stored, redone)
+        return super().commit(claim, cursor, done, stored, redone)

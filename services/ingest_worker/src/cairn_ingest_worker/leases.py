@@ -34,11 +34,18 @@ def epoch_ms(moment: datetime | None = None) -> int:
 
 
 @dataclass(frozen=True)
+class Commit:
+    stored: bool  # False: another worker holds the shard now (a stale fencing token)
+    cancel_requested: bool = False  # the job was cancelled: stop at this batch boundary
+
+
+@dataclass(frozen=True)
 class Claim:
     shard: dict[str, Any]
     token: int
     cursor: int
     reclaimed: bool = False  # taken over from a holder whose lease had expired
+    checkpoint_id: Any = None  # the adopted checkpoint's _id: later checkpoint writes match on it
 
     @property
     def shard_key(self) -> str:
@@ -62,6 +69,8 @@ class ShardLeases:
         return self._claim(
             {
                 "task_key": shard_key,
+                # a cancelled job's shard never starts ($in, not $ne: the stand-in's updates skip missing fields on $ne)
+                "cancel_requested": {"$in": [False, None]},
                 "$or": [
                     {"state": {"$in": CLAIMABLE}},
                     {"state": ShardState.RUNNING, "lease_until": {"$lt": now_ms}},
@@ -76,6 +85,7 @@ class ShardLeases:
         return self._claim(
             {
                 "job_id": job_id,
+                "cancel_requested": {"$in": [False, None]},
                 "$or": [
                     {"state": {"$in": [ShardState.PLANNED, ShardState.QUEUED]}},
                     {"state": ShardState.RETRY, "next_retry_at_ms": {"$lte": now_ms}},
@@ -114,7 +124,9 @@ class ShardLeases:
         if checkpoint is None:
             logger.warning("shard %s: checkpoint held by a newer token than %d", shard_key, token)
             return None
-        return Claim(shard=shard, token=token, cursor=int(checkpoint["cursor"]), reclaimed=reclaimed)
+        return Claim(
+            shard=shard, token=token, cursor=int(checkpoint["cursor"]), reclaimed=reclaimed, checkpoint_id=checkpoint["_id"]
+        )
 
     def renew(self, claim: Claim) -> bool:
         result = self._shards.update_one(
@@ -125,17 +137,34 @@ class ShardLeases:
 
     def advance(self, claim: Claim, cursor: int, records: int, written: int, duplicates: int) -> bool:
         """Record a stored batch; False if another worker holds the shard now."""
-        result = self._checkpoints.update_one(
-            {"shard_key": claim.shard_key, "sub_key": MAIN_SUB_KEY, "fencing_token": claim.token},
+        return self.commit(claim, cursor, records, written, duplicates).stored
+
+    def commit(self, claim: Claim, cursor: int, records: int, written: int, duplicates: int) -> "Commit":
+        """Record a stored batch and learn, in the same round trip (a find_one_and_update that
+        returns the checkpoint's `cancel_requested`), whether the job was cancelled meanwhile."""
+        # Once per batch, so by primary key (read at claim time): one _id lookup on any server,
+        # where (shard_key, sub_key) needs the compound index (the stand-in scans instead).
+        if claim.checkpoint_id is not None:
+            where: dict[str, Any] = {"_id": claim.checkpoint_id}
+        else:
+            where = {"shard_key": claim.shard_key, "sub_key": MAIN_SUB_KEY}
+        after = self._checkpoints.find_one_and_update(
+            {**where, "fencing_token": claim.token},
             {
                 "$set": {"cursor": cursor, "updated_at": utcnow()},
                 "$inc": {"records_done": records, "records_written": written, "records_redone": duplicates, "batches": 1},
             },
+            projection={"cancel_requested": 1},
+            return_document=ReturnDocument.AFTER,
         )
-        return result.matched_count == 1
+        return Commit(stored=after is not None, cancel_requested=bool(after and after.get("cancel_requested")))
 
     def succeed(self, claim: Claim) -> bool:
         return self._finish(claim, {"state": ShardState.SUCCEEDED})
+
+    def cancel(self, claim: Claim) -> bool:
+        """Stop here for a cancel: CANCELLED, fenced, at a batch boundary (the checkpoint stays)."""
+        return self._finish(claim, {"state": ShardState.CANCELLED, "cancelled_at_ms": epoch_ms()})
 
     def fail(self, claim: Claim, error: str, dead_letter_id: str) -> bool:
         return self._finish(claim, {"state": ShardState.FAILED, "last_error": error, "dead_letter_id": dead_letter_id})

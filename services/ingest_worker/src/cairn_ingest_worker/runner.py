@@ -40,7 +40,7 @@ class ShardRunner:
 
 @dataclass(frozen=True)
 class Outcome:
-    kind: Literal["succeeded", "not_claimable", "lease_lost", "poison", "sliced"]
+    kind: Literal["succeeded", "not_claimable", "lease_lost", "poison", "sliced", "cancelled"]
     claim: Claim | None = None
     records: int = 0
 
@@ -111,7 +111,8 @@ def run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadlin
                     stored = store_records(target, cleaned, job_id)
                 except Exception as error:
                     raise ShardFailed(claim, pipeline_name, error) from error
-                if not runner.leases.advance(claim, batch.next_cursor, len(batch.records), stored.written, stored.duplicates):
+                commit = runner.leases.commit(claim, batch.next_cursor, len(batch.records), stored.written, stored.duplicates)
+                if not commit.stored:
                     runner.leases.note_fenced_write(claim)
                     logger.warning("shard %s: checkpoint refused, token %d is stale", claim.shard_key, claim.token)
                     return Outcome("lease_lost", claim, records)
@@ -121,6 +122,14 @@ def run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadlin
             metrics.RECORDS_REDONE.labels(pipeline_name).inc(stored.duplicates)
             metrics.BATCHES.labels(pipeline_name).inc()
             metrics.BATCH_SECONDS.labels(pipeline_name).observe(time.perf_counter() - started)
+            if commit.cancel_requested and cursor < end:
+                # The job was cancelled: stop at this batch boundary, the batch committed, the
+                # checkpoint where it is (cooperative: nothing is killed, nothing half-written).
+                if runner.leases.cancel(claim):
+                    logger.info("shard %s: cancelled at cursor %d after %d records", claim.shard_key, cursor, records)
+                    return Outcome("cancelled", claim, records)
+                runner.leases.note_fenced_write(claim)
+                return Outcome("lease_lost", claim, records)
     if not runner.leases.succeed(claim):
         runner.leases.note_fenced_write(claim)
         return Outcome("lease_lost", claim, records)

@@ -23,7 +23,13 @@ from pydantic import ValidationError
 from cairn_contracts.messages import OriginalMessage, RunFrontier, RunShard, ShardFinished
 from cairn_contracts.states import ShardState
 from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
-from cairn_contracts.topology import EXCHANGE_EVENTS, QUEUE_INGEST, ROUTING_SHARD_FAILED, ROUTING_SHARD_SUCCEEDED
+from cairn_contracts.topology import (
+    EXCHANGE_EVENTS,
+    QUEUE_INGEST,
+    ROUTING_SHARD_CANCELLED,
+    ROUTING_SHARD_FAILED,
+    ROUTING_SHARD_SUCCEEDED,
+)
 from cairn_ingest_worker import metrics
 from cairn_ingest_worker.context import WorkerContext
 from cairn_ingest_worker.retry import JobRetryRules, RetryDefaults, decide, retry_fields, rules_for_job
@@ -96,6 +102,10 @@ def _conclude(ctx: WorkerContext, task: Task, outcome: Outcome) -> str:
         _announce(ctx, claim.shard["job_id"], claim.shard_key, "succeeded", outcome.records)
         metrics.SHARD_OUTCOMES.labels(current_pipeline(), "succeeded").inc()
         return "succeeded"
+    if outcome.kind == "cancelled":
+        _announce(ctx, claim.shard["job_id"], claim.shard_key, "cancelled", outcome.records)
+        metrics.SHARD_OUTCOMES.labels(current_pipeline(), "cancelled").inc()
+        return "cancelled"
     if outcome.kind == "poison":
         error = RuntimeError(f"shard was started {claim.attempt - 1} times without finishing")
         _dead_letter_shard(ctx, task, claim, error, reason="poison")
@@ -165,6 +175,11 @@ def _not_claimable(ctx: WorkerContext, request: RunShard) -> str:
     if shard["state"] == ShardState.FAILED:
         _announce(ctx, request.job_id, request.shard_key, "failed", 0, error=shard.get("last_error"))
         return "already_failed"
+    if shard["state"] == ShardState.CANCELLED or shard.get("cancel_requested"):
+        if shard["state"] == ShardState.CANCELLED:
+            _announce(ctx, request.job_id, request.shard_key, "cancelled", 0)  # the first may have been lost
+        logger.info("shard %s belongs to a cancelled job; its task ends", request.shard_key)
+        return "cancelled"
     # A live lease elsewhere (a duplicate delivery, or a holder that will stop renewing if it
     # died: the scheduler's reaper then returns the shard to ready and dispatches it again).
     logger.info("shard %s is held by %s; this duplicate task ends", request.shard_key, shard.get("taken_by"))
@@ -192,7 +207,7 @@ def _dead_letter_invalid(ctx: WorkerContext, task: Task, payload: dict, error: V
 
 def _announce(ctx: WorkerContext, job_id: str, shard_key: str, outcome: str, records: int, error: str | None = None) -> None:
     event = ShardFinished(job_id=job_id, shard_key=shard_key, outcome=outcome, records_done=records, error=error)  # type: ignore[arg-type]
-    routing_key = ROUTING_SHARD_SUCCEEDED if outcome == "succeeded" else ROUTING_SHARD_FAILED
+    routing_key = {"succeeded": ROUTING_SHARD_SUCCEEDED, "cancelled": ROUTING_SHARD_CANCELLED}.get(outcome, ROUTING_SHARD_FAILED)
     ctx.publisher.publish(EXCHANGE_EVENTS, routing_key, event)
 
 

@@ -21,10 +21,16 @@ from cairn_contracts.store import CHECKPOINTS, JOBS, MAIN_SUB_KEY, SHARDS
 from cairn_runtime.consumer import Unprocessable
 from cairn_scheduler.metrics import observe_job_finished
 from cairn_scheduler.planner import Plan, plan_job
+from cairn_scheduler.stopping import finish_unplanned, stop_shards
 
 logger = logging.getLogger(__name__)
 
 DUPLICATE_KEY = 11000
+
+
+class LockRelease(Protocol):
+    async def release_job(self, job: dict[str, Any]) -> bool:
+        """Release the gateway's lock of this finished job (tenant, spec_fingerprint, _id)."""
 
 
 class ShardDispatcher(Protocol):
@@ -45,6 +51,7 @@ def epoch_ms() -> int:
 class JobScheduler:
     db: AsyncDatabase
     dispatcher: ShardDispatcher
+    locks: LockRelease | None = None  # the job-fingerprint lock, released when a job is terminal
 
     async def start_job(self, command: StartJob) -> None:
         job = await self.db[JOBS].find_one({"_id": command.job_id})
@@ -52,6 +59,9 @@ class JobScheduler:
             raise Unprocessable(f"job {command.job_id} is not recorded")
         if JobState(job["state"]).is_terminal:
             logger.info("job %s is already %s; command ignored", command.job_id, job["state"])
+            return
+        if job.get("cancel_requested"):
+            await self.stop(command.job_id)  # cancelled before it was planned: nothing starts
             return
         spec = command.spec
         start, end = spec.params.key_range()
@@ -68,6 +78,9 @@ class JobScheduler:
                 }
             },
         )
+        if (await self.db[JOBS].find_one({"_id": command.job_id}, {"cancel_requested": 1}) or {}).get("cancel_requested"):
+            await self.stop(command.job_id)  # cancelled while it was being planned: dispatch nothing
+            return
         if plan.runners is None:
             await self._dispatch_planned(command.job_id, int(spec.priority))
         else:
@@ -146,9 +159,24 @@ class JobScheduler:
     async def shard_finished(self, event: ShardFinished) -> None:
         await self.roll_up(event.job_id)
 
+    async def stop(self, job_id: str) -> JobState | None:
+        """Apply a cancel (idempotent): shards not started are cancelled, running ones are marked
+        to stop at their next batch boundary; the job is rolled up (CANCELLED once all stopped)."""
+        await stop_shards(self.db, job_id)
+        state = await self.roll_up(job_id)
+        if state is None and await finish_unplanned(self.db, job_id):
+            state = JobState.CANCELLED
+            logger.info("job %s cancelled before it was planned", job_id)
+            job = await self.db[JOBS].find_one({"_id": job_id}, {"tenant": 1, "spec_fingerprint": 1})
+            if job is not None and self.locks is not None:
+                await self.locks.release_job(job)
+        return state
+
     async def roll_up(self, job_id: str) -> JobState | None:
         """Derive the job's state from its shards' states (idempotent; safe to run anywhere)."""
-        job = await self.db[JOBS].find_one({"_id": job_id}, {"state": 1, "shard_count": 1, "created_at": 1, "pipeline": 1})
+        job = await self.db[JOBS].find_one(
+            {"_id": job_id}, {"state": 1, "shard_count": 1, "created_at": 1, "pipeline": 1, "tenant": 1, "spec_fingerprint": 1}
+        )
         if job is None or JobState(job["state"]).is_terminal or not job.get("shard_count"):
             return None
         states = Counter([s["state"] async for s in self.db[SHARDS].find({"job_id": job_id}, {"state": 1})])
@@ -156,10 +184,15 @@ class JobScheduler:
         update: dict[str, Any] = {"state": state, "shard_states": dict(states)}
         if state.is_terminal:
             update["finished_at"] = utcnow()
+            update["finished_at_ms"] = int(update["finished_at"].timestamp() * 1000)  # result retention compares it
             update["result"] = await self._result(job_id, states)
-        written = await self.db[JOBS].update_one({"_id": job_id, "state": {"$nin": [JobState.SUCCESS, JobState.FAILURE]}}, {"$set": update})
+        written = await self.db[JOBS].update_one(
+            {"_id": job_id, "state": {"$nin": [JobState.SUCCESS, JobState.FAILURE, JobState.CANCELLED]}}, {"$set": update}
+        )
         if state.is_terminal and written.modified_count:
             observe_job_finished(job, state, update["finished_at"])
+            if self.locks is not None:
+                await self.locks.release_job(job)
         return state
 
     async def _result(self, job_id: str, states: Counter) -> dict[str, Any]:
@@ -172,6 +205,7 @@ class JobScheduler:
             **{field: totals[field] for field in ("records_done", "records_written", "records_redone", "batches")},
             "shards_succeeded": states.get(ShardState.SUCCEEDED, 0),
             "shards_failed": states.get(ShardState.FAILED, 0),
+            "shards_cancelled": states.get(ShardState.CANCELLED, 0),
             "failed_shards": failed,
         }
 
@@ -179,6 +213,9 @@ class JobScheduler:
 def job_state_from(states: Counter, shard_count: int) -> JobState:
     succeeded = states.get(ShardState.SUCCEEDED, 0)
     failed = states.get(ShardState.FAILED, 0)
+    cancelled = states.get(ShardState.CANCELLED, 0)
+    if cancelled and succeeded + failed + cancelled == shard_count:
+        return JobState.CANCELLED  # every shard terminal, some stopped by a cancel
     if succeeded == shard_count:
         return JobState.SUCCESS
     if succeeded + failed == shard_count:

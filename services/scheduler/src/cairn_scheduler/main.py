@@ -13,6 +13,7 @@ from cairn_runtime.log import configure_logging
 from cairn_runtime.metrics import serve_metrics
 from cairn_runtime.mongo import async_client, ensure_indexes
 from cairn_runtime.tracing import setup_tracing
+from cairn_scheduler.control import job_lock_release, start_control
 from cairn_scheduler.dispatch import CeleryDispatcher
 from cairn_scheduler.gauges import GaugeCollector
 from cairn_scheduler.jobs import JobScheduler
@@ -34,7 +35,7 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
         queues = await declare_topology(channel)
         publisher = await Publisher.open(connection, settings.publish_timeout_s)
         dispatcher = CeleryDispatcher.for_broker(settings.amqp_url)
-        scheduler = JobScheduler(db, dispatcher)
+        scheduler = JobScheduler(db, dispatcher, locks=job_lock_release(settings))
         common = {"service": settings.service_name, "publisher": publisher}
         await ContractConsumer(queue=queues[QUEUE_SCHEDULER_COMMANDS], model=StartJob, handler=scheduler.start_job, **common).start()
         await ContractConsumer(queue=queues[QUEUE_SCHEDULER_EVENTS], model=ShardFinished, handler=scheduler.shard_finished, **common).start()
@@ -48,10 +49,12 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
             ).run_forever(settings.reconcile_interval_s)
         )
         gauges = asyncio.create_task(GaugeCollector(db, connection).run_forever(settings.gauges_interval_s))
+        control = await start_control(settings, scheduler, queues, publisher)  # cancel, schedules
         logger.info("scheduler consuming %s and %s", QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_EVENTS)
         await stop.wait()
         maintenance.cancel()
         gauges.cancel()
+        await control.stop()
     finally:
         await connection.close()
         await mongo.close()

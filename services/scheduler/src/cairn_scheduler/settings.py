@@ -10,3 +10,6 @@ class SchedulerSettings(ServiceSettings):
     redispatch_after_s: float = Field(300.0, gt=0, description="Re-send the task of a shard queued this long")
     prefetch: int = Field(8, ge=1)
     gauges_interval_s: float = Field(15.0, gt=0, description="How often queue depths and job/shard counts are refreshed")
+    # The task API (issue 5): schedules, cancel sweep, result retention.
+    schedule_tick_s: float = Field(1.0, gt=0, description="How often due schedules are looked for")
+    result_ttl_s: float = Field(7 * 86_400, gt=0, description="A finished job's result is dropped this long after it finished")

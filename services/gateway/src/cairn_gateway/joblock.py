@@ -1,0 +1,135 @@
+"""The Redis lock per job fingerprint: an identical job of the same tenant does not run twice at once.
+
+Two layers guard a job (docs/design.md, "Duplicate jobs"):
+- MongoDB's unique (tenant, idempotency_key) index stops the same submission from being stored
+  twice (the authority: it holds with Redis down);
+- this lock, `{prefix}:joblock:{tenant}:{fingerprint}` = job id, refuses a second job with the same
+  spec (any or no idempotency key) while the first one is unfinished (409 naming it).
+
+The gateway takes the lock before inserting the job, first with a short TTL (a gateway that dies
+before the insert leaves no lasting lock), then, once the job is stored, with the full
+`CAIRN_JOB_LOCK_TTL_S`. The scheduler deletes it when the job is terminal, only if it still names
+that job (compare and delete, a Lua script). A lock whose job is finished or gone is taken over
+(compare and set), so a missed release never blocks a tenant; the TTL bounds the rest. If Redis does
+not answer, jobs are accepted without the lock (logged).
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from pymongo.asynchronous.database import AsyncDatabase
+
+from cairn_contracts.states import JobState
+from cairn_contracts.store import JOB_LOCK_KEY, JOBS
+
+logger = logging.getLogger(__name__)
+
+PENDING_TTL_MS = 30_000  # the lock of a job being recorded
+
+# KEYS[1] lock; ARGV[1] expected holder; ARGV[2] new holder; ARGV[3] ttl ms
+_REPLACE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+# KEYS[1] lock; ARGV[1] holder; ARGV[2] ttl ms
+_EXTEND = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+class DuplicateJob(Exception):
+    """An identical job of the tenant is not finished yet."""
+
+    def __init__(self, running_job_id: str) -> None:
+        super().__init__(f"an identical job is not finished yet: {running_job_id}; cancel it or wait for it to end")
+        self.running_job_id = running_job_id
+
+
+@dataclass(frozen=True)
+class Lock:
+    key: str
+    job_id: str
+    taken: bool  # False: Redis was unavailable, or the lock is held by this same submission
+
+
+class JobLocks:
+    def __init__(self, redis: aioredis.Redis, prefix: str, ttl_s: int, db: AsyncDatabase) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._ttl_ms = int(ttl_s * 1000)
+        self._db = db
+
+    @property
+    def enabled(self) -> bool:
+        return self._ttl_ms > 0
+
+    def key(self, tenant: str, fingerprint: str) -> str:
+        return JOB_LOCK_KEY.format(prefix=self._prefix, tenant=tenant, fingerprint=fingerprint)
+
+    async def acquire(self, tenant: str, fingerprint: str, job_id: str) -> Lock:
+        key = self.key(tenant, fingerprint)
+        if not self.enabled:
+            return Lock(key, job_id, taken=False)
+        try:
+            for _ in range(5):
+                if await self._redis.set(key, job_id, nx=True, px=PENDING_TTL_MS):
+                    return Lock(key, job_id, taken=True)
+                holder = _text(await self._redis.get(key))
+                if holder is None:
+                    continue  # expired meanwhile: try again
+                if holder == job_id:
+                    return Lock(key, job_id, taken=False)  # this same submission (same idempotency key) in flight
+                job = await self._db[JOBS].find_one({"_id": holder, "tenant": tenant}, {"state": 1})
+                if job is None or not _finished(job):
+                    # Unfinished, or being recorded right now (its short TTL covers a gateway that died).
+                    raise DuplicateJob(holder)
+                if await self._redis.eval(_REPLACE, 1, key, holder, job_id, PENDING_TTL_MS):
+                    return Lock(key, job_id, taken=True)  # the holder had finished: taken over
+        except DuplicateJob:
+            raise
+        except Exception:
+            logger.warning("job lock not taken: Redis did not answer", exc_info=True)
+        return Lock(key, job_id, taken=False)
+
+    async def hold(self, lock: Lock) -> None:
+        """The job is stored: keep the lock for the full TTL (or until the job ends)."""
+        await self._call(_EXTEND, lock.key, lock.job_id, self._ttl_ms)
+
+    async def release(self, lock: Lock) -> None:
+        if lock.taken:
+            await self._call(_RELEASE, lock.key, lock.job_id)
+
+    async def release_job(self, job: dict[str, Any]) -> None:
+        if self.enabled and job.get("spec_fingerprint"):
+            await self._call(_RELEASE, self.key(job["tenant"], job["spec_fingerprint"]), job["_id"])
+
+    async def _call(self, script: str, *args: Any) -> None:
+        try:
+            await self._redis.eval(script, 1, *args)
+        except Exception:
+            logger.warning("job lock %s not updated: Redis did not answer", args[0], exc_info=True)
+
+
+def _finished(job: dict[str, Any]) -> bool:
+    try:
+        return JobState(job["state"]).is_terminal
+    except (KeyError, ValueError):
+        return False
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,135 @@
+"""`/v1/jobs`: the versioned jobs resource, beside `/task/*`.
+
+Create answers 202 with the id and a Location; the job runs in the background and nothing here
+waits for it. A GET needs the `read` scope, everything else `submit`.
+"""
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
+
+from cairn_contracts.jobs import JobSpec
+from cairn_contracts.pipelines import PIPELINE_NAMES
+from cairn_contracts.states import JobState
+from cairn_gateway.auth import Caller
+from cairn_gateway.jobs import IdempotencyConflict, JobService
+from cairn_gateway.jobs_v1 import JobDirectory, JobFilter
+from cairn_gateway.joblock import DuplicateJob
+from cairn_gateway.problems import ApiError, Problem
+from cairn_gateway.v1_schemas import JobAccepted, JobCounts, JobDetail, JobPage, JobResultBody, JobSummary
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No such job for this tenant"}}
+
+
+def directory(request: Request) -> JobDirectory:
+    return request.app.state.job_directory
+
+
+def job_service(request: Request) -> JobService:
+    return request.app.state.jobs
+
+
+Directory = Annotated[JobDirectory, Depends(directory)]
+Jobs = Annotated[JobService, Depends(job_service)]
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobAccepted,
+    responses={
+        409: {"model": Problem, "description": "Idempotency-Key reused with another body, or an identical job is not finished yet"},
+    },
+)
+async def create_job(
+    spec: Annotated[JobSpec, Body()],
+    jobs: Jobs,
+    caller: Caller,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200, description="Same key, same job")] = None,
+) -> JobAccepted:
+    """Record the job and publish its start command. The same Idempotency-Key (same tenant) returns
+    the same job; a job identical to an unfinished one of the tenant is refused (409)."""
+    try:
+        submission = await jobs.submit(spec, caller.tenant, idempotency_key)
+    except IdempotencyConflict as error:
+        raise ApiError(409, str(error), ["header", "Idempotency-Key"]) from None
+    except DuplicateJob as error:
+        raise ApiError(409, str(error), ["body"]) from None
+    url = f"/v1/jobs/{submission.job_id}"
+    response.headers["Location"] = url
+    return JobAccepted(id=submission.job_id, state=submission.state, created=submission.created, url=url)
+
+
+@router.get("", response_model=JobPage)
+async def list_jobs(
+    jobs: Directory,
+    caller: Caller,
+    state: JobState | None = None,
+    pipeline: Annotated[str | None, Query(pattern="^(" + "|".join(PIPELINE_NAMES) + ")$")] = None,
+    priority: Annotated[int | None, Query(ge=1, le=4)] = None,
+    created_after: Annotated[datetime | None, Query(description="Created at or after (ISO 8601)")] = None,
+    created_before: Annotated[datetime | None, Query(description="Created before (ISO 8601)")] = None,
+    q: Annotated[str | None, Query(min_length=1, max_length=200, description="Case-insensitive text in the name")] = None,
+    schedule_id: Annotated[str | None, Query(max_length=100)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500, description="`next_cursor` of the previous page")] = None,
+) -> JobPage:
+    """The tenant's jobs, newest first, filtered by every parameter given."""
+    job_filter = JobFilter(state, pipeline, priority, created_after, created_before, q, schedule_id)
+    return await jobs.list(caller.tenant, job_filter, limit, cursor)
+
+
+@router.get("/counts", response_model=JobCounts)
+async def count_jobs(jobs: Directory, caller: Caller) -> JobCounts:
+    """How many of the tenant's jobs are in each state."""
+    return await jobs.counts(caller.tenant)
+
+
+@router.get("/{job_id}", response_model=JobDetail, responses=NOT_FOUND)
+async def get_job(
+    job_id: str, jobs: Directory, caller: Caller, shard_limit: Annotated[int, Query(ge=0, le=5000)] = 1000
+) -> JobDetail:
+    """The job, its spec, progress and shards (state, attempts, checkpoint cursor, records)."""
+    return await jobs.get(caller.tenant, job_id, shard_limit)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobSummary,
+    responses={**NOT_FOUND, 409: {"model": Problem, "description": "The job has finished (SUCCESS or FAILURE)"}},
+)
+async def cancel_job(job_id: str, jobs: Directory, caller: Caller) -> JobSummary:
+    """Cancel cooperatively: shards not started never start, running ones stop at their next batch
+    boundary keeping their checkpoint; the job ends CANCELLED (CANCELLING until then)."""
+    return await jobs.cancel(caller.tenant, job_id, caller.name or caller.key_id)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses={**NOT_FOUND, 409: {"model": Problem, "description": "The job is not finished"}},
+)
+async def delete_job(job_id: str, jobs: Directory, caller: Caller) -> Response:
+    """Delete a finished job with its shards and checkpoints; the records it stored stay."""
+    await jobs.delete(caller.tenant, job_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(
+    "/{job_id}/result",
+    response_model=JobResultBody,
+    responses={
+        **NOT_FOUND,
+        409: {"model": Problem, "description": "The job has not finished"},
+        410: {"model": Problem, "description": "The result has expired (CAIRN_RESULT_TTL_S after the job finished)"},
+    },
+)
+async def job_result(job_id: str, jobs: Directory, caller: Caller) -> JobResultBody:
+    """The result summary of a finished job, kept for CAIRN_RESULT_TTL_S."""
+    return await jobs.result(caller.tenant, job_id)

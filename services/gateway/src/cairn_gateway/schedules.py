@@ -1,0 +1,259 @@
+"""Schedules as the gateway keeps them: create, read, change, pause, resume, delete, trigger now.
+
+The gateway records a schedule with its first `next_run_at_ms`; the scheduler service fires it
+(cairn_scheduler/schedules.py). Both compute run times with the same `ScheduleTiming`
+(cairn_contracts/schedules.py). Every change of a schedule the scheduler may be firing at the
+same moment is one conditional update on the fields the scheduler's claim changes
+(`next_run_at_ms`, `total_runs`), retried on a lost race, so a change never undoes a claimed run
+and a claim never fires a run the change removed.
+
+Trigger now submits the schedule's job like an API submission (JobService.submit: lock and
+idempotency included), with the idempotency key `schedule:<id>:manual:<Idempotency-Key or a
+uuid>`; it does not count toward `max_runs` and does not move the next run.
+"""
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import Field, TypeAdapter, ValidationError
+from pymongo import ReturnDocument
+from pymongo.asynchronous.database import AsyncDatabase
+
+from cairn_contracts.jobs import JobSpec
+from cairn_contracts.schedules import ScheduleTiming, from_ms
+from cairn_contracts.store import SCHEDULES
+from cairn_gateway.jobs import JobService
+from cairn_gateway.jobs_v1 import decode_cursor, encode_cursor
+from cairn_gateway.problems import ApiError, invalid, not_found
+from cairn_gateway.v1_schemas import SchedulePage, ScheduleUpdate, ScheduleView, TriggerAccepted
+from cairn_runtime.amqp import Publisher
+
+logger = logging.getLogger(__name__)
+
+TIMING_FIELDS = tuple(ScheduleTiming.model_fields)
+KIND_FIELDS = ("cron", "interval_s", "at")
+_RACE_RETRIES = 5
+_JOB_SPEC: TypeAdapter[Any] = TypeAdapter(JobSpec)
+
+
+class ScheduleCreate(ScheduleTiming):
+    """A schedule: when (the timing fields) and what (`job`, a job spec as POST /v1/jobs takes)."""
+
+    name: str | None = Field(None, max_length=200)
+    job: JobSpec
+    paused: bool = Field(False, description="Create it paused (resume to start it)")
+
+
+def epoch_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _ms_time(value: Any) -> datetime | None:
+    return from_ms(int(value)) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def schedule_view(doc: dict[str, Any]) -> ScheduleView:
+    if doc.get("paused"):
+        state = "paused"
+    elif doc.get("next_run_at_ms") is None:
+        state = "finished"
+    else:
+        state = "active"
+    return ScheduleView(
+        id=doc["_id"],
+        name=doc.get("name"),
+        kind=doc["kind"],
+        cron=doc.get("cron"),
+        timezone=doc.get("timezone") or "UTC",
+        interval_s=doc.get("interval_s"),
+        at=_ms_time(doc.get("at_ms")),
+        start_at=_ms_time(doc.get("start_at_ms")),
+        end_at=_ms_time(doc.get("end_at_ms")),
+        max_runs=doc.get("max_runs"),
+        job=doc["job"],
+        paused=bool(doc.get("paused")),
+        state=state,
+        next_run_at=_ms_time(doc.get("next_run_at_ms")),
+        last_run_at=_ms_time(doc.get("last_run_at_ms")),
+        last_job_id=doc.get("last_job_id"),
+        total_runs=int(doc.get("total_runs", 0)),
+        manual_runs=int(doc.get("manual_runs", 0)),
+        created_at=_ms_time(doc.get("created_at_ms")) or doc["created_at"],
+        updated_at=_ms_time(doc.get("updated_at_ms")),
+        url=f"/v1/schedules/{doc['_id']}",
+    )
+
+
+def timing_of(doc: dict[str, Any]) -> ScheduleTiming:
+    fields = {name: doc.get(name) for name in TIMING_FIELDS}
+    for name in ("at", "start_at", "end_at"):
+        fields[name] = _ms_time(doc.get(f"{name}_ms"))
+    fields["timezone"] = fields["timezone"] or "UTC"
+    return ScheduleTiming.model_validate(fields)
+
+
+def _next_run(timing: ScheduleTiming, now_ms: int, anchor_ms: int, runs_done: int) -> dict[str, Any]:
+    due = timing.next_run_ms(now_ms, anchor_ms=anchor_ms, runs_done=runs_done)
+    return {"next_run_at_ms": due, "next_run_at": from_ms(due) if due is not None else None}
+
+
+@dataclass(frozen=True)
+class ScheduleService:
+    db: AsyncDatabase
+    publisher: Publisher
+    jobs: JobService
+
+    async def create(self, tenant: str, body: ScheduleCreate) -> ScheduleView:
+        now_ms = epoch_ms()
+        timing = ScheduleTiming.model_validate(body.model_dump(include=set(TIMING_FIELDS)))
+        if timing.kind == "once" and timing.at is not None and timing.at.timestamp() * 1000 <= now_ms:
+            raise invalid("`at` is in the past: a one-off schedule would never run", ["body", "at"])
+        anchor_ms = timing.anchor_ms(now_ms)
+        upcoming = _next_run(timing, now_ms, anchor_ms, 0)
+        if upcoming["next_run_at_ms"] is None:
+            raise invalid("no run is left between now and end_at", ["body", "end_at"])
+        now = from_ms(now_ms)
+        document = {
+            "_id": uuid.uuid4().hex,
+            "tenant": tenant,
+            "name": body.name,
+            "job": body.job.model_dump(mode="json"),
+            "paused": body.paused,
+            **timing.timing_fields(),
+            "anchor_ms": anchor_ms,
+            **upcoming,
+            "last_run_at_ms": None,
+            "last_job_id": None,
+            "total_runs": 0,
+            "manual_runs": 0,
+            "created_at": now,
+            "created_at_ms": now_ms,
+            "updated_at_ms": now_ms,
+        }
+        await self.db[SCHEDULES].insert_one(document)
+        logger.info("schedule %s (%s) created for tenant %s", document["_id"], timing.kind, tenant)
+        return schedule_view(document)
+
+    async def list(self, tenant: str, limit: int, cursor: str | None) -> SchedulePage:
+        query: dict[str, Any] = {"tenant": tenant}
+        if cursor:
+            created_ms, schedule_id = decode_cursor(cursor)
+            query = {
+                "$and": [
+                    query,
+                    {"$or": [{"created_at_ms": {"$lt": created_ms}}, {"created_at_ms": created_ms, "_id": {"$lt": schedule_id}}]},
+                ]
+            }
+        found = self.db[SCHEDULES].find(query).sort([("created_at_ms", -1), ("_id", -1)]).limit(limit + 1)
+        docs = [doc async for doc in found]
+        more = len(docs) > limit
+        docs = docs[:limit]
+        return SchedulePage(
+            items=[schedule_view(d) for d in docs], next_cursor=encode_cursor(docs[-1]) if more and docs else None, limit=limit
+        )
+
+    async def get(self, tenant: str, schedule_id: str) -> ScheduleView:
+        return schedule_view(await self._doc(tenant, schedule_id))
+
+    async def update(self, tenant: str, schedule_id: str, patch: ScheduleUpdate) -> ScheduleView:
+        changed = patch.model_fields_set
+        for _ in range(_RACE_RETRIES):
+            doc = await self._doc(tenant, schedule_id)
+            now_ms = epoch_ms()
+            fields: dict[str, Any] = {"updated_at_ms": now_ms}
+            if "name" in changed:
+                fields["name"] = patch.name
+            if "job" in changed:
+                if patch.job is None:
+                    raise invalid("a schedule needs a job", ["body", "job"])
+                fields["job"] = patch.job.model_dump(mode="json")
+            timing_changes = changed & set(TIMING_FIELDS)
+            if timing_changes:
+                current = timing_of(doc).model_dump()
+                if "kind" in changed and patch.kind != current["kind"]:
+                    for name in KIND_FIELDS:  # the old kind's fields do not carry over
+                        current[name] = None
+                current.update({name: getattr(patch, name) for name in timing_changes})
+                if current.get("timezone") is None:
+                    current["timezone"] = "UTC"
+                try:
+                    timing = ScheduleTiming.model_validate(current)
+                except ValidationError as error:
+                    raise RequestValidationError(
+                        [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
+                    ) from None
+                anchor_ms = timing.anchor_ms(now_ms) if timing.kind == "interval" else int(doc.get("anchor_ms") or now_ms)
+                fields.update(timing.timing_fields(), anchor_ms=anchor_ms)
+                fields.update(_next_run(timing, now_ms, anchor_ms, int(doc.get("total_runs", 0))))
+            updated = await self._swap(doc, fields)
+            if updated is not None:
+                return schedule_view(updated)
+        raise ApiError(409, "the schedule kept changing while it was updated; try again", ["path", "schedule_id"])
+
+    async def delete(self, tenant: str, schedule_id: str) -> None:
+        result = await self.db[SCHEDULES].delete_one({"_id": schedule_id, "tenant": tenant})
+        if result.deleted_count == 0:
+            raise not_found("schedule", schedule_id, "schedule_id")
+        logger.info("schedule %s deleted (the jobs it fired stay)", schedule_id)
+
+    async def pause(self, tenant: str, schedule_id: str) -> ScheduleView:
+        doc = await self.db[SCHEDULES].find_one_and_update(
+            {"_id": schedule_id, "tenant": tenant},
+            {"$set": {"paused": True, "updated_at_ms": epoch_ms()}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if doc is None:
+            raise not_found("schedule", schedule_id, "schedule_id")
+        return schedule_view(doc)
+
+    async def resume(self, tenant: str, schedule_id: str) -> ScheduleView:
+        """Runs missed while paused are skipped: the next run is the first one after now."""
+        for _ in range(_RACE_RETRIES):
+            doc = await self._doc(tenant, schedule_id)
+            now_ms = epoch_ms()
+            timing = timing_of(doc)
+            fields = {"paused": False, "updated_at_ms": now_ms}
+            fields.update(_next_run(timing, now_ms, int(doc.get("anchor_ms") or now_ms), int(doc.get("total_runs", 0))))
+            updated = await self._swap(doc, fields)
+            if updated is not None:
+                return schedule_view(updated)
+        raise ApiError(409, "the schedule kept changing while it was resumed; try again", ["path", "schedule_id"])
+
+    async def trigger(self, tenant: str, schedule_id: str, idempotency_key: str | None) -> TriggerAccepted:
+        doc = await self._doc(tenant, schedule_id)
+        job_spec = _JOB_SPEC.validate_python(doc["job"])
+        key = f"schedule:{schedule_id}:manual:{idempotency_key or uuid.uuid4().hex}"
+        submission = await self.jobs.submit(job_spec, tenant, key, schedule_id=schedule_id)
+        if submission.created:
+            now_ms = epoch_ms()
+            await self.db[SCHEDULES].update_one(
+                {"_id": schedule_id, "tenant": tenant},
+                {"$inc": {"manual_runs": 1}, "$set": {"last_job_id": submission.job_id, "last_manual_run_at_ms": now_ms}},
+            )
+        return TriggerAccepted(
+            job_id=submission.job_id, schedule_id=schedule_id, created=submission.created, url=f"/v1/jobs/{submission.job_id}"
+        )
+
+    async def _swap(self, doc: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any] | None:
+        """Write `fields` unless the scheduler claimed a run since `doc` was read."""
+        return await self.db[SCHEDULES].find_one_and_update(
+            {
+                "_id": doc["_id"],
+                "tenant": doc["tenant"],
+                "next_run_at_ms": doc.get("next_run_at_ms"),
+                "total_runs": doc.get("total_runs", 0),
+            },
+            {"$set": fields},
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def _doc(self, tenant: str, schedule_id: str) -> dict[str, Any]:
+        doc = await self.db[SCHEDULES].find_one({"_id": schedule_id, "tenant": tenant})
+        if doc is None:
+            raise not_found("schedule", schedule_id, "schedule_id")
+        return doc

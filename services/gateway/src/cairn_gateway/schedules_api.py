@@ -1,0 +1,96 @@
+"""`/v1/schedules`: cron, interval and one-off schedules of a job, fired by the scheduler service.
+
+A GET needs the `read` scope, everything else `submit`. See schedules.py for the semantics.
+"""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
+
+from cairn_gateway.auth import Caller
+from cairn_gateway.jobs import IdempotencyConflict
+from cairn_gateway.joblock import DuplicateJob
+from cairn_gateway.problems import ApiError, Problem
+from cairn_gateway.schedules import ScheduleCreate, ScheduleService
+from cairn_gateway.v1_schemas import SchedulePage, ScheduleUpdate, ScheduleView, TriggerAccepted
+
+router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No such schedule for this tenant"}}
+RACE: dict[int | str, dict[str, Any]] = {409: {"model": Problem, "description": "The schedule kept changing (runs fired meanwhile); try again"}}
+
+
+def schedules(request: Request) -> ScheduleService:
+    return request.app.state.schedules
+
+
+Schedules = Annotated[ScheduleService, Depends(schedules)]
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=ScheduleView)
+async def create_schedule(body: Annotated[ScheduleCreate, Body()], service: Schedules, caller: Caller, response: Response) -> ScheduleView:
+    """Record a schedule; `next_run_at` says when it first runs."""
+    view = await service.create(caller.tenant, body)
+    response.headers["Location"] = view.url
+    return view
+
+
+@router.get("", response_model=SchedulePage)
+async def list_schedules(
+    service: Schedules,
+    caller: Caller,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> SchedulePage:
+    """The tenant's schedules, newest first."""
+    return await service.list(caller.tenant, limit, cursor)
+
+
+@router.get("/{schedule_id}", response_model=ScheduleView, responses=NOT_FOUND)
+async def get_schedule(schedule_id: str, service: Schedules, caller: Caller) -> ScheduleView:
+    return await service.get(caller.tenant, schedule_id)
+
+
+@router.patch("/{schedule_id}", response_model=ScheduleView, responses={**NOT_FOUND, **RACE})
+async def update_schedule(schedule_id: str, patch: Annotated[ScheduleUpdate, Body()], service: Schedules, caller: Caller) -> ScheduleView:
+    """Change fields; a timing change recomputes the next run from now (runs already fired count)."""
+    return await service.update(caller.tenant, schedule_id, patch)
+
+
+@router.delete("/{schedule_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response, responses=NOT_FOUND)
+async def delete_schedule(schedule_id: str, service: Schedules, caller: Caller) -> Response:
+    """Delete the schedule; the jobs it fired stay."""
+    await service.delete(caller.tenant, schedule_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{schedule_id}/pause", response_model=ScheduleView, responses=NOT_FOUND)
+async def pause_schedule(schedule_id: str, service: Schedules, caller: Caller) -> ScheduleView:
+    return await service.pause(caller.tenant, schedule_id)
+
+
+@router.post("/{schedule_id}/resume", response_model=ScheduleView, responses={**NOT_FOUND, **RACE})
+async def resume_schedule(schedule_id: str, service: Schedules, caller: Caller) -> ScheduleView:
+    """Runs missed while paused are skipped: the next run is the first one after now."""
+    return await service.resume(caller.tenant, schedule_id)
+
+
+@router.post(
+    "/{schedule_id}/trigger",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TriggerAccepted,
+    responses={**NOT_FOUND, 409: {"model": Problem, "description": "An identical job is not finished yet"}},
+)
+async def trigger_schedule(
+    schedule_id: str,
+    service: Schedules,
+    caller: Caller,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=150)] = None,
+) -> TriggerAccepted:
+    """Run the schedule's job now (a manual run: not counted in max_runs, the next run stays)."""
+    try:
+        return await service.trigger(caller.tenant, schedule_id, idempotency_key)
+    except DuplicateJob as error:
+        raise ApiError(409, str(error), ["path", "schedule_id"]) from None
+    except IdempotencyConflict as error:
+        raise ApiError(409, str(error), ["header", "Idempotency-Key"]) from None

@@ -1,0 +1,157 @@
+"""Bodies of the versioned task API (`/v1/jobs`, `/v1/schedules`, `/v1/keys`)."""
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cairn_contracts.jobs import JobSpec
+from cairn_contracts.schedules import ScheduleKind
+from cairn_contracts.states import JobState
+from cairn_gateway.schemas import UtcDatetime
+
+
+# --- jobs ----------------------------------------------------------------------------------------
+class JobAccepted(BaseModel):
+    id: str
+    state: JobState
+    created: bool = Field(description="False when the Idempotency-Key matched an existing job")
+    url: str = Field(description="GET it for the job and its shards")
+
+
+class JobSummary(BaseModel):
+    id: str
+    name: str | None = None
+    pipeline: str
+    priority: int = Field(description="1 LOW, 2 NORMAL, 3 HIGH, 4 CRITICAL")
+    state: JobState = Field(description="CANCELLING while a requested cancel waits for running shards to stop")
+    created_at: UtcDatetime
+    started_at: UtcDatetime | None = None
+    finished_at: UtcDatetime | None = None
+    shard_count: int | None = None
+    records_total: int | None = None
+    idempotency_key: str | None = None
+    schedule_id: str | None = Field(None, description="The schedule that fired the job")
+    cancel_requested: bool = False
+    url: str
+
+
+class JobPage(BaseModel):
+    items: list[JobSummary]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null on the last one")
+    limit: int
+
+
+class ShardView(BaseModel):
+    shard_key: str
+    index: int | None = None
+    state: str
+    attempts: int = 0
+    range_start: int | None = None
+    range_end: int | None = None
+    cursor: int | None = Field(None, description="Next key to process (the checkpoint)")
+    records_done: int = 0
+    records_written: int = 0
+    started_at: UtcDatetime | None = None
+    finished_at: UtcDatetime | None = None
+    last_error: str | None = None
+
+
+class JobDetail(JobSummary):
+    spec: dict[str, Any]
+    progress: float = Field(description="Percent of the key range covered by stored batches")
+    records_done: int
+    shards: list[ShardView] = Field(description="The job's shards in index order (at most `shard_limit`)")
+    shards_truncated: bool = False
+
+
+class JobCounts(BaseModel):
+    counts: dict[str, int] = Field(description="Jobs of the tenant by state (every state listed, CANCELLING included)")
+    total: int
+
+
+class JobResultBody(BaseModel):
+    id: str
+    state: JobState
+    result: dict[str, Any]
+    finished_at: UtcDatetime | None = None
+    expires_at: UtcDatetime | None = Field(None, description="After this the result is gone (410); CAIRN_RESULT_TTL_S")
+
+
+# --- schedules -----------------------------------------------------------------------------------
+class ScheduleView(BaseModel):
+    id: str
+    name: str | None = None
+    kind: ScheduleKind
+    cron: str | None = None
+    timezone: str = "UTC"
+    interval_s: int | None = None
+    at: UtcDatetime | None = None
+    start_at: UtcDatetime | None = None
+    end_at: UtcDatetime | None = None
+    max_runs: int | None = None
+    job: dict[str, Any] = Field(description="The job spec each run submits")
+    paused: bool
+    state: str = Field(description="active, paused or finished (no run left)")
+    next_run_at: UtcDatetime | None = None
+    last_run_at: UtcDatetime | None = None
+    last_job_id: str | None = None
+    total_runs: int = Field(description="Scheduled runs fired (manual triggers not counted)")
+    manual_runs: int = 0
+    created_at: UtcDatetime
+    updated_at: UtcDatetime | None = None
+    url: str
+
+
+class SchedulePage(BaseModel):
+    items: list[ScheduleView]
+    next_cursor: str | None = None
+    limit: int
+
+
+class ScheduleUpdate(BaseModel):
+    """Fields to change; the timing is validated as a whole after the change. Any timing change
+    recomputes the next run from now."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=200)
+    kind: ScheduleKind | None = None
+    cron: str | None = Field(None, max_length=200)
+    timezone: str | None = Field(None, max_length=64)
+    interval_s: int | None = None
+    at: datetime | None = None
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    max_runs: int | None = None
+    job: JobSpec | None = None
+
+
+class TriggerAccepted(BaseModel):
+    job_id: str
+    schedule_id: str
+    created: bool
+    url: str
+
+
+# --- keys ----------------------------------------------------------------------------------------
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    scopes: list[str] = Field(..., min_length=1, max_length=3, description="submit, read, admin")
+    name: str | None = Field(None, max_length=200)
+    rate_limit_per_minute: int | None = Field(None, ge=0, le=1_000_000)
+
+
+class KeyView(BaseModel):
+    id: str
+    tenant: str
+    scopes: list[str]
+    name: str | None = None
+    rate_limit_per_minute: int | None = None
+    created_at: UtcDatetime | None = None
+    revoked: bool
+
+
+class KeyCreated(KeyView):
+    token: str = Field(description="Shown once: only its hash is stored")

@@ -1,0 +1,77 @@
+"""The checkpoint write of every batch (the hot path `make bench` profiles) and the benchmark-only
+switch that turns it off: by primary key, still fenced; off means only a shard's last write."""
+
+import time
+from typing import Any
+
+from cairn_contracts.store import CHECKPOINTS, SHARDS
+from cairn_ingest_worker.bench_only import UncheckpointedLeases
+from cairn_ingest_worker.leases import ShardLeases
+from cairn_ingest_worker.settings import WorkerSettings
+
+
+class SpyCollection:
+    """Delegates to a real collection and remembers the filters of its single-document updates."""
+
+    def __init__(self, collection: Any) -> None:
+        self._collection = collection
+        self.update_filters: list[dict[str, Any]] = []
+
+    def update_one(self, filter: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        self.update_filters.append(filter)
+        return self._collection.update_one(filter, *args, **kwargs)
+
+    def find_one_and_update(self, filter: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        self.update_filters.append(filter)
+        return self._collection.find_one_and_update(filter, *args, **kwargs)
+
+    def find_one_and_update(self, filter: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        # The batch commit is a find_one_and_update (it reads the cancel flag in the same trip).
+        self.update_filters.append(filter)
+        return self._collection.find_one_and_update(filter, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._collection, name)
+
+
+def test_batch_checkpoints_match_the_checkpoint_by_id_and_stay_fenced(db, seed_shard) -> None:
+    key = seed_shard(db, "job", 0, 0, 300)
+    spy = SpyCollection(db[CHECKPOINTS])
+    holder = ShardLeases(db[SHARDS], spy, "worker-a", 0.05)
+    claim = holder.claim(key)
+    assert claim is not None and claim.checkpoint_id == f"{key}/main"
+
+    assert holder.advance(claim, 100, 100, 100, 0)
+    assert spy.update_filters[-1] == {"_id": claim.checkpoint_id, "fencing_token": claim.token}
+    assert db[CHECKPOINTS].find_one({"_id": f"{key}/main"})["cursor"] == 100
+
+    time.sleep(0.2)  # the first lease expires; another worker takes over
+    newer = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-b", 30).claim(key)
+    assert newer is not None and newer.token > claim.token
+
+    assert not holder.advance(claim, 200, 100, 100, 0)  # fenced: the old holder moves nothing
+    stored = db[CHECKPOINTS].find_one({"_id": f"{key}/main"})
+    assert (stored["cursor"], stored["records_done"], stored["fencing_token"]) == (100, 100, newer.token)
+
+
+def test_uncheckpointed_leases_write_only_the_last_checkpoint_with_the_totals(db, seed_shard) -> None:
+    key = seed_shard(db, "job", 0, 0, 300)
+    leases = UncheckpointedLeases(db[SHARDS], db[CHECKPOINTS], "bench-worker", 30)
+    claim = leases.claim(key)
+    assert claim is not None
+
+    assert leases.advance(claim, 100, 100, 100, 0)
+    assert leases.advance(claim, 200, 100, 90, 10)
+    untouched = db[CHECKPOINTS].find_one({"_id": f"{key}/main"})
+    assert (untouched["cursor"], untouched["records_done"], untouched["batches"]) == (0, 0, 0)
+
+    assert leases.advance(claim, 300, 100, 100, 0)
+    final = db[CHECKPOINTS].find_one({"_id": f"{key}/main"})
+    assert (final["cursor"], final["records_done"], final["records_written"], final["records_redone"]) == (300, 300, 290, 10)
+
+
+def test_the_benchmark_switch_is_off_unless_set(monkeypatch) -> None:
+    monkeypatch.delenv("CAIRN_BENCH_DISABLE_CHECKPOINTS", raising=False)
+    assert WorkerSettings(_env_file=None).bench_disable_checkpoints is False
+    monkeypatch.setenv("CAIRN_BENCH_DISABLE_CHECKPOINTS", "1")
+    assert WorkerSettings(_env_file=None).bench_disable_checkpoints is True

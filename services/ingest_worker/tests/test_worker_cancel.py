@@ -1,0 +1,76 @@
+"""Cooperative cancel in the worker, over real collections: a marked shard never starts, a
+running one stops at its next batch boundary with the batch committed and the checkpoint kept."""
+
+from cairn_contracts.messages import RunShard
+from cairn_contracts.states import ShardState
+from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
+from cairn_ingest_worker.leases import ShardLeases
+from cairn_ingest_worker.runner import ShardRunner, run_shard
+
+MAX_ATTEMPTS = 3
+
+
+def runner(db) -> ShardRunner:
+    return ShardRunner(
+        leases=ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=30),
+        jobs=db[JOBS],
+        shards=db[SHARDS],
+        records_db=db,
+        source_db=db,
+        heartbeat_interval_s=5,
+        slice_s=600,
+    )
+
+
+SPEC = {"pipeline": "synthetic", "params": {"count": 50}, "batch_size": 10, "target_collection": "out"}
+
+
+def test_a_marked_shard_is_never_claimed(db, seed_job, seed_shard) -> None:
+    seed_job(db, "job", SPEC)
+    key = seed_shard(db, "job", 0, 0, 50)
+    db[SHARDS].update_one({"_id": key}, {"$set": {"cancel_requested": True}})
+
+    assert ShardLeases(db[SHARDS], db[CHECKPOINTS], "w", 30).claim(key) is None
+    assert ShardLeases(db[SHARDS], db[CHECKPOINTS], "w", 30).claim_next("job") is None
+    assert db["out"].count_documents({}) == 0
+
+
+def test_commit_reports_the_cancel_in_the_same_write(db, seed_job, seed_shard) -> None:
+    seed_job(db, "job", SPEC)
+    key = seed_shard(db, "job", 0, 0, 50)
+    leases = ShardLeases(db[SHARDS], db[CHECKPOINTS], "w", 30)
+    claim = leases.claim(key)
+
+    first = leases.commit(claim, 10, 10, 10, 0)
+    db[CHECKPOINTS].update_one({"shard_key": key}, {"$set": {"cancel_requested": True}})
+    second = leases.commit(claim, 20, 10, 10, 0)
+
+    assert (first.stored, first.cancel_requested) == (True, False)
+    assert (second.stored, second.cancel_requested) == (True, True)
+
+
+def test_a_running_shard_stops_after_the_batch_that_sees_the_cancel(db, seed_job, seed_shard) -> None:
+    seed_job(db, "job", SPEC)
+    key = seed_shard(db, "job", 0, 0, 50)
+    # The cancel arrives after the claim: only the checkpoint carries the mark the batch commit reads.
+    db[CHECKPOINTS].update_one({"shard_key": key}, {"$set": {"cancel_requested": True}})
+
+    outcome = run_shard(runner(db), RunShard(job_id="job", shard_key=key), max_attempts=MAX_ATTEMPTS)
+
+    assert outcome.kind == "cancelled" and outcome.records == 10
+    shard = db[SHARDS].find_one({"_id": key})
+    checkpoint = db[CHECKPOINTS].find_one({"shard_key": key})
+    assert shard["state"] == ShardState.CANCELLED and shard["taken_by"] is None
+    assert (checkpoint["cursor"], checkpoint["records_done"], checkpoint["batches"]) == (10, 10, 1)
+    assert db["out"].count_documents({}) == checkpoint["records_done"]  # no partial batch
+
+
+def test_a_shard_whose_last_batch_sees_the_cancel_simply_succeeds(db, seed_job, seed_shard) -> None:
+    seed_job(db, "job", {**SPEC, "params": {"count": 10}})
+    key = seed_shard(db, "job", 0, 0, 10)
+    db[CHECKPOINTS].update_one({"shard_key": key}, {"$set": {"cancel_requested": True}})
+
+    outcome = run_shard(runner(db), RunShard(job_id="job", shard_key=key), max_attempts=MAX_ATTEMPTS)
+
+    assert outcome.kind == "succeeded"  # all its work is done: nothing to stop
+    assert db[SHARDS].find_one({"_id": key})["state"] == ShardState.SUCCEEDED

@@ -1,0 +1,71 @@
+"""Stopping a job's shards for a cancel: the bulk marks that the scheduler's cancel applies.
+
+- every shard and checkpoint of the job gets `cancel_requested: true` (update_many, idempotent):
+  a worker's claim refuses a marked shard, and a running shard sees the mark on its checkpoint
+  when it commits its next batch, then stops (leases.py, runner.py in the worker);
+- shards that have not started (PLANNED, QUEUED, RETRY) become CANCELLED at once (update_many
+  conditional on those states, so a shard a worker claimed a moment ago is left to stop itself).
+
+A job cancelled before it was planned has no shards: it is finished here directly, conditional
+on it still being PENDING with no unfinished shard.
+"""
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo.asynchronous.database import AsyncDatabase
+
+from cairn_contracts.states import TERMINAL_SHARD_STATES, JobState, ShardState
+from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
+
+NOT_STARTED = [ShardState.PLANNED, ShardState.QUEUED, ShardState.RETRY]
+
+
+async def stop_shards(db: AsyncDatabase, job_id: str) -> int:
+    """Mark the job's shards and checkpoints; cancel the ones not started. Returns how many were."""
+    unmarked = {"job_id": job_id, "cancel_requested": {"$in": [False, None]}}
+    await db[CHECKPOINTS].update_many(unmarked, {"$set": {"cancel_requested": True}})
+    await db[SHARDS].update_many(unmarked, {"$set": {"cancel_requested": True}})
+    moved = await db[SHARDS].update_many(
+        {"job_id": job_id, "state": {"$in": [str(s) for s in NOT_STARTED]}},
+        {
+            "$set": {
+                "state": ShardState.CANCELLED,
+                "finished_at": datetime.now(UTC),
+                "cancelled_at_ms": int(time.time() * 1000),
+                "lease_until": None,
+                "taken_by": None,
+            }
+        },
+    )
+    return moved.modified_count
+
+
+async def finish_unplanned(db: AsyncDatabase, job_id: str) -> bool:
+    """CANCELLED for a job that never got past PENDING; True if this call finished it."""
+    unfinished = await db[SHARDS].count_documents(
+        {"job_id": job_id, "state": {"$nin": [str(s) for s in TERMINAL_SHARD_STATES]}}
+    )
+    if unfinished:
+        return False
+    now = datetime.now(UTC)
+    written = await db[JOBS].update_one(
+        {"_id": job_id, "state": JobState.PENDING},
+        {
+            "$set": {
+                "state": JobState.CANCELLED,
+                "finished_at": now,
+                "finished_at_ms": int(now.timestamp() * 1000),
+                "result": empty_result(),
+            }
+        },
+    )
+    return written.modified_count == 1
+
+
+def empty_result() -> dict[str, Any]:
+    return {
+        "records_done": 0, "records_written": 0, "records_redone": 0, "batches": 0,
+        "shards_succeeded": 0, "shards_failed": 0, "shards_cancelled": 0, "failed_shards": [],
+    }
