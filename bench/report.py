@@ -1,6 +1,7 @@
 """The bench's outputs: tables on stdout, REPORT.md and PNG plots in the results directory."""
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.env import ROOT  # noqa: E402
 from bench.scenarios import SCENARIOS  # noqa: E402
-from bench.stats import fmt_summary  # noqa: E402
 
 CAIRN_COLOR, BASE_COLOR = "#2b6cb0", "#c05621"
 CPU_COLORS = {
@@ -492,8 +492,6 @@ def _before_after(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     lines = ["### Before and after the hot-path change", "", before.get("note", ""), ""]
     ab = after.get("checkpoint_filter_ab")
     if ab:
-        import statistics
-
         p = ab["params"]
         rows = []
         med = {}

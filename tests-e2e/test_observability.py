@@ -242,7 +242,9 @@ def test_redis_calls_are_child_spans_of_the_work_they_serve(observed: System, fa
             if parent and Trace.service(parent) == "gateway" and parent["kind"] == "SpanKind.SERVER"
             and parent["attributes"].get("http.method") == "GET"
         }
-        return found if {"SET", "GET"} <= in_requests else []
+        # A request's server span is exported when the request ends, a little after its Redis
+        # calls (the rate limit's, the cache's): wait until every parent has arrived too.
+        return found if {"SET", "GET"} <= in_requests and all(parent for _, parent in found) else []
 
     found = eventually(status_calls, 10, "the status requests' cache calls")
     assert all(s["kind"] == "SpanKind.CLIENT" for s, _ in found)
@@ -342,13 +344,14 @@ def test_queue_depth_rises_while_no_worker_consumes_and_falls_to_zero(observed: 
     assert observed.wait_for_state(job_id, {"SUCCESS", "FAILURE"}, timeout_s=120)["state"] == "SUCCESS"
 
     def drained() -> Scrape | None:
+        # The gauges are refreshed periodically: wait for a scrape taken after the job finished.
         page = scrape(observed, "scheduler")
         empty = page.value("cairn_queue_messages", queue=QUEUE_INGEST) == 0
-        return page if empty and page.value("cairn_queue_consumers", queue=QUEUE_INGEST) >= 1 else None
+        consumed = page.value("cairn_queue_consumers", queue=QUEUE_INGEST) >= 1
+        return page if empty and consumed and page.value("cairn_shards", state="SUCCEEDED") == 5 else None
 
-    page = eventually(drained, 30, "cairn.ingest drained and consumed again")
+    page = eventually(drained, 60, "cairn.ingest drained, consumed again, and the shard gauges refreshed")
     assert page.value("cairn_oldest_queued_shard_age_seconds") == 0
-    assert page.value("cairn_shards", state="SUCCEEDED") == 5
     worker = eventually(lambda: _serving(observed, "ingest_worker"), 30, "the restarted worker serves /metrics")
     # The four tasks waited about as long as no worker ran (each at least the restart's part of it).
     assert worker.value("cairn_task_queue_wait_seconds_count") == 8

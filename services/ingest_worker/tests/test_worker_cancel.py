@@ -1,13 +1,26 @@
 """Cooperative cancel in the worker, over real collections: a marked shard never starts, a
 running one stops at its next batch boundary with the batch committed and the checkpoint kept."""
 
+from collections.abc import Iterator
+
+import pytest
+
 from cairn_contracts.messages import RunShard
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
 from cairn_ingest_worker.leases import ShardLeases
 from cairn_ingest_worker.runner import ShardRunner, run_shard
+from cairn_runtime.log import log_context
 
 MAX_ATTEMPTS = 3
+
+
+@pytest.fixture(autouse=True)
+def own_log_context() -> Iterator[None]:
+    """run_shard binds the job and shard to the log context (a Celery task scopes it in the
+    worker); here, outside any task, the test scopes it so nothing leaks into later tests."""
+    with log_context(job_id=None, shard_id=None, correlation_id=None):
+        yield
 
 
 def runner(db) -> ShardRunner:
