@@ -172,12 +172,20 @@ def _headlines(result: dict[str, Any]) -> list[str]:
         cairn = {k: v["messages_per_s"]["median"] for k, v in paths.items() if k != "broker_limit"}
         out.append(
             "Broker: " + ", ".join(f"{v:,.0f} commands/s confirmed with {k.split('_')[1]} in flight" for k, v in cairn.items())
-            + f"; broker limit {limit:,.0f} msg/s"
+            + f"; minimal unconfirmed pair {limit:,.0f} msg/s"
+            + (f" (bound by its one Python process; RabbitMQ itself at {_cores(paths['broker_limit'], 'rabbitmq'):.2f} cores)"
+               if _cores(paths["broker_limit"], "bench") > 0.9 else "")
         )
     if "profile" in s:
         p = s["profile"]
         out.append(f"Hot path: {p['mongo_share_pct']}% of a worker's task time is spent in MongoDB commands ({server})")
     return out
+
+
+def _cores(node: dict[str, Any], key: str) -> float:
+    runs = node.get("runs", [])
+    wall = sum(r["cpu"]["wall"] for r in runs) or 1
+    return sum(r["cpu"].get(key, 0) for r in runs) / wall
 
 
 def _ingest(data: dict[str, Any], plots: Path, result: dict[str, Any]) -> str:
@@ -441,6 +449,13 @@ def _broker(data: dict[str, Any], plots: Path, result: dict[str, Any]) -> str:
     fig.tight_layout()
     fig.savefig(plots / "broker.png", dpi=110)
     plt.close(fig)
+    cpu_lines = []
+    for name, label in zip(names, labels):
+        runs = paths[name]["runs"]
+        wall = sum(r["cpu"]["wall"] for r in runs) or 1
+        share = {k: sum(r["cpu"].get(k, 0) for r in runs) / wall for k in ("rabbitmq", "bench", "other")}
+        cpu_lines.append(f"- {label}: RabbitMQ {share['rabbitmq']:.2f} cores, the client (bench process: publisher and consumer) "
+                         f"{share['bench']:.2f}, other programs {share['other']:.2f}.")
     return "\n".join([
         "## 5. Broker path",
         "",
@@ -452,6 +467,10 @@ def _broker(data: dict[str, Any], plots: Path, result: dict[str, Any]) -> str:
         markdown_table(headers, rows),
         "",
         "![broker](plots/broker.png)",
+        "",
+        "CPU during the runs. A client process near 1.0 core is bound by Python (one core per process), not by the broker:",
+        "",
+        *cpu_lines,
         "",
     ])
 

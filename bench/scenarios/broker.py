@@ -168,7 +168,7 @@ def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     limit = result["paths"]["broker_limit"]["messages_per_s"]["median"]
     rows = []
     for name, path in result["paths"].items():
-        label = "broker limit (no confirm, transient, auto-ack)" if name == "broker_limit" else (
+        label = "minimal pair: broker limit (no confirm, transient, auto-ack)" if name == "broker_limit" else (
             f"Cairn: confirm + persistent + manual ack, {name.split('_')[1]} in flight"
         )
         share = path["messages_per_s"]["median"] / limit * 100 if limit else 0

@@ -1,4 +1,4 @@
-"""The gateway's app factory: settings → connections → JobService → routes."""
+"""The gateway's app factory: settings → connections → services → routes, error answers, limits."""
 
 import logging
 from collections.abc import AsyncIterator
@@ -9,16 +9,21 @@ from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 
-from cairn_gateway.api import router
-from cairn_gateway.auth import require_scope
+from cairn_gateway.auth import KeyVerifier, require_scope
 from cairn_gateway.dlq import DeadLetterService
 from cairn_gateway.dlq_api import router as dlq_router
-from cairn_gateway.errors import install_error_handlers
 from cairn_gateway.http_metrics import HttpMetricsMiddleware
+from cairn_gateway.job_directory import JobDirectory
+from cairn_gateway.joblock import JobLocks
 from cairn_gateway.jobs import JobService
-from cairn_gateway.problems import AUTH_RESPONSES
+from cairn_gateway.jobs_api import router as jobs_router
+from cairn_gateway.keys_api import router as keys_router
+from cairn_gateway.limits import BodySizeLimit, RateLimiter
+from cairn_gateway.problems import AUTH_RESPONSES, install_problem_handlers
+from cairn_gateway.schedules import ScheduleService
+from cairn_gateway.schedules_api import router as schedules_router
 from cairn_gateway.settings import GatewaySettings
-from cairn_gateway.task_api import install_task_api, job_locks, start_task_api
+from cairn_gateway.tasks_api import router as tasks_router
 from cairn_runtime.amqp import Publisher, connect, declare_topology
 from cairn_runtime.mongo import async_client, ensure_indexes
 from cairn_runtime.payloads import RawPayloads
@@ -37,17 +42,23 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         async with connection.channel() as channel:
             await declare_topology(channel)
         publisher = await Publisher.open(connection, settings.publish_timeout_s)
-        app.state.mongo = mongo
-        app.state.jobs = JobService(
+        locks = JobLocks(cache, settings.redis_prefix, settings.job_lock_ttl_s, db)
+        jobs = JobService(
             db=db,
             publisher=publisher,
             cache=cache,
             cache_prefix=settings.redis_prefix,
             cache_ttl_s=settings.status_cache_ttl_s,
-            locks=job_locks(settings, cache, db),
+            locks=locks,
         )
+        app.state.mongo = mongo
+        app.state.mongo_db = db
+        app.state.jobs = jobs
+        app.state.job_directory = JobDirectory(db, publisher, cache, settings.redis_prefix, settings.result_ttl_s, locks)
+        app.state.schedules = ScheduleService(db, publisher, jobs)
         app.state.dead_letters = DeadLetterService(db=db, publisher=publisher, payloads=RawPayloads(db))
-        await start_task_api(app, settings, db, cache, publisher)  # keys, limits, /v1 services
+        app.state.keys = KeyVerifier(db, settings.auth_cache_ttl_s)
+        app.state.rate_limiter = RateLimiter(cache, settings.redis_prefix, settings.rate_limit_per_minute)
         try:
             yield
         finally:
@@ -61,12 +72,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         description="Start long, resumable ingest jobs and follow them. Jobs run in the background; no call waits for one.",
         lifespan=lifespan,
     )
-    app.include_router(router, responses=AUTH_RESPONSES)
+    for router in (tasks_router, jobs_router, schedules_router, keys_router):
+        app.include_router(router, responses=AUTH_RESPONSES)
     app.include_router(dlq_router, dependencies=[Depends(require_scope("admin"))], responses=AUTH_RESPONSES)
-    install_task_api(app, settings)  # /v1 jobs, schedules, keys; body limit; error answers
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(HttpMetricsMiddleware)
     app.mount("/metrics", make_asgi_app())
-    install_error_handlers(app)
+    install_problem_handlers(app)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> JSONResponse:

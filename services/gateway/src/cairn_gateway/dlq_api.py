@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request, Response, status
 
-from cairn_gateway.api import Tenant
+from cairn_gateway.tasks_api import Tenant
 from cairn_gateway.auth import Caller
 from cairn_gateway.dlq import CommandNotPublished, DeadLetterService, EntryConflict, EntryFilter, EntryNotFound
 from cairn_gateway.dlq_schemas import (

@@ -14,10 +14,10 @@ from cairn_contracts.pipelines import PIPELINE_NAMES
 from cairn_contracts.states import JobState
 from cairn_gateway.auth import Caller
 from cairn_gateway.jobs import IdempotencyConflict, JobService
-from cairn_gateway.jobs_v1 import JobDirectory, JobFilter
+from cairn_gateway.job_directory import JobDirectory, JobFilter
 from cairn_gateway.joblock import DuplicateJob
 from cairn_gateway.problems import ApiError, Problem
-from cairn_gateway.v1_schemas import JobAccepted, JobCounts, JobDetail, JobPage, JobResultBody, JobSummary
+from cairn_gateway.jobs_schemas import JobAccepted, JobCounts, JobDetail, JobPage, JobResultBody, JobSummary
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

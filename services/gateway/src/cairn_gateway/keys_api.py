@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response, status
 from cairn_contracts.store import API_KEYS
 from cairn_gateway.auth import Principal, new_key, require_scope
 from cairn_gateway.problems import Problem, invalid, not_found
-from cairn_gateway.v1_schemas import KeyCreate, KeyCreated, KeyView
+from cairn_gateway.jobs_schemas import KeyCreate, KeyCreated, KeyView
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 Admin = Annotated[Principal, Depends(require_scope("admin"))]

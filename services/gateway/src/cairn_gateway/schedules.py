@@ -28,9 +28,9 @@ from cairn_contracts.jobs import JobSpec
 from cairn_contracts.schedules import ScheduleTiming, from_ms
 from cairn_contracts.store import SCHEDULES
 from cairn_gateway.jobs import JobService
-from cairn_gateway.jobs_v1 import decode_cursor, encode_cursor
+from cairn_gateway.job_directory import decode_cursor, encode_cursor
 from cairn_gateway.problems import ApiError, invalid, not_found
-from cairn_gateway.v1_schemas import SchedulePage, ScheduleUpdate, ScheduleView, TriggerAccepted
+from cairn_gateway.jobs_schemas import SchedulePage, ScheduleUpdate, ScheduleView, TriggerAccepted
 from cairn_runtime.amqp import Publisher
 
 logger = logging.getLogger(__name__)

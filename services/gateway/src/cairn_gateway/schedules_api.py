@@ -12,7 +12,7 @@ from cairn_gateway.jobs import IdempotencyConflict
 from cairn_gateway.joblock import DuplicateJob
 from cairn_gateway.problems import ApiError, Problem
 from cairn_gateway.schedules import ScheduleCreate, ScheduleService
-from cairn_gateway.v1_schemas import SchedulePage, ScheduleUpdate, ScheduleView, TriggerAccepted
+from cairn_gateway.jobs_schemas import SchedulePage, ScheduleUpdate, ScheduleView, TriggerAccepted
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 

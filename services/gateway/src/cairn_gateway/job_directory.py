@@ -28,7 +28,7 @@ from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, STATUS_CACHE_KEY
 from cairn_contracts.topology import EXCHANGE_COMMANDS, ROUTING_CANCEL_JOB
 from cairn_gateway.joblock import JobLocks
 from cairn_gateway.problems import ApiError, invalid, not_found
-from cairn_gateway.v1_schemas import JobCounts, JobDetail, JobPage, JobResultBody, JobSummary, ShardView
+from cairn_gateway.jobs_schemas import JobCounts, JobDetail, JobPage, JobResultBody, JobSummary, ShardView
 from cairn_runtime.amqp import PublishNotConfirmed, Publisher
 
 logger = logging.getLogger(__name__)
@@ -296,14 +296,3 @@ class JobDirectory:
         if job is None:
             raise not_found("job", job_id, "job_id")
         return job
-
-
-async def backfill_created_at_ms(db: AsyncDatabase, limit: int = 10_000) -> int:
-    """Jobs recorded before `created_at_ms` existed get it (idempotent; at start-up)."""
-    filled = 0
-    async for job in db[JOBS].find({"created_at_ms": {"$exists": False}}, {"created_at": 1}).limit(limit):
-        created = moment_ms(job.get("created_at"))
-        if created is not None:
-            await db[JOBS].update_one({"_id": job["_id"], "created_at_ms": {"$exists": False}}, {"$set": {"created_at_ms": created}})
-            filled += 1
-    return filled
