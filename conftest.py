@@ -1,1 +1,1 @@
-pytest_plugins = ["cairn_testkit.fixtures"]
+pytest_plugins = ["cairn_testkit.fixtures", "cairn_testkit.aio", "cairn_testkit.broker"]

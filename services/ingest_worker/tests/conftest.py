@@ -1,45 +1,15 @@
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from pydantic import TypeAdapter
 from pymongo.database import Database
 
 from cairn_contracts.jobs import JobSpec
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, MAIN_SUB_KEY, SHARDS
-from cairn_runtime.amqp import Publisher, connect, declare_topology
 from cairn_runtime.mongo import ensure_indexes_sync
-from cairn_testkit.fixtures import TestEnvironment
-
-
-@dataclass
-class Broker:
-    connection: AbstractRobustConnection
-    channel: AbstractChannel
-    queues: dict[str, AbstractQueue]
-    publisher: Publisher
-
-
-@pytest.fixture
-async def broker(test_env: TestEnvironment) -> AsyncIterator[Broker]:
-    """Cairn's topology declared in this run's vhost, every queue empty before and after the test."""
-    connection = await connect(test_env.amqp_url, "cairn-worker-tests")
-    try:
-        channel = await connection.channel()
-        queues = await declare_topology(channel)
-        for queue in queues.values():
-            await queue.purge()
-        publisher = await Publisher.open(connection, timeout_s=5.0)
-        yield Broker(connection, channel, queues, publisher)
-        cleanup = await connection.channel()
-        for name in queues:
-            await (await cleanup.get_queue(name)).purge()
-    finally:
-        await connection.close()
 
 
 @pytest.fixture

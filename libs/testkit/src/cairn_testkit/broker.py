@@ -1,3 +1,6 @@
+"""The `broker` fixture: Cairn's topology declared in this run's vhost, every queue empty before
+and after the test, with a confirmed publisher. Loaded for every suite by the root conftest.py."""
+
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -5,7 +8,6 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
 from cairn_runtime.amqp import Publisher, connect, declare_topology
-from cairn_testkit.aio import async_mongo_db  # noqa: F401  (fixture)
 from cairn_testkit.fixtures import TestEnvironment
 
 
@@ -18,9 +20,8 @@ class Broker:
 
 
 @pytest.fixture
-async def broker(test_env: TestEnvironment) -> AsyncIterator[Broker]:
-    """Cairn's topology declared in this run's vhost, every queue empty before and after the test."""
-    connection = await connect(test_env.amqp_url, "cairn-gateway-tests")
+async def broker(test_env: TestEnvironment, request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    connection = await connect(test_env.amqp_url, f"cairn-tests:{request.node.name}")
     try:
         channel = await connection.channel()
         queues = await declare_topology(channel)
