@@ -2,7 +2,6 @@
 
 import asyncio
 import logging
-import signal
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -13,12 +12,10 @@ from cairn_dlq_handler.recorder import ErrorRecorder
 from cairn_dlq_handler.settings import DlqSettings
 from cairn_runtime.amqp import connect, declare_topology
 from cairn_runtime.consumer import consuming
-from cairn_runtime.instrumentation import instrument_celery, instrument_clients
-from cairn_runtime.log import configure_logging
-from cairn_runtime.metrics import serve_metrics
+from cairn_runtime.instrumentation import instrument_celery
 from cairn_runtime.mongo import async_client, ensure_indexes
+from cairn_runtime.service import run_service
 from cairn_runtime.payloads import RawPayloads
-from cairn_runtime.tracing import setup_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -64,20 +61,8 @@ async def run(settings: DlqSettings, stop: asyncio.Event) -> None:
 
 def main() -> None:
     settings = DlqSettings()
-    configure_logging(settings.service_name, settings.log_level, settings.log_format)
-    setup_tracing(settings.service_name, settings.trace_exporter, trace_file=settings.trace_file, otlp_endpoint=settings.otlp_endpoint)
-    instrument_clients()
-    instrument_celery()  # replays are Celery tasks: trace context and enqueue time travel with them
-    serve_metrics(settings.metrics_port, settings.metrics_host)
-
-    async def _main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await run(settings, stop)
-
-    asyncio.run(_main())
+    # Shard tasks are sent through Celery: trace context and enqueue time travel with them.
+    run_service(settings, lambda stop: run(settings, stop), instrument=instrument_celery)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,14 @@
 
 import asyncio
 import logging
-import signal
 
 from cairn_contracts.messages import ShardFinished, StartJob
 from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_EVENTS
 from cairn_runtime.amqp import Publisher, connect, declare_topology
 from cairn_runtime.consumer import ContractConsumer
-from cairn_runtime.instrumentation import instrument_celery, instrument_clients
-from cairn_runtime.log import configure_logging
-from cairn_runtime.metrics import serve_metrics
+from cairn_runtime.instrumentation import instrument_celery
 from cairn_runtime.mongo import async_client, ensure_indexes
-from cairn_runtime.tracing import setup_tracing
+from cairn_runtime.service import run_service
 from cairn_scheduler.control import job_lock_release, start_control
 from cairn_scheduler.dispatch import CeleryDispatcher
 from cairn_scheduler.gauges import GaugeCollector
@@ -62,20 +59,8 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
 
 def main() -> None:
     settings = SchedulerSettings()
-    configure_logging(settings.service_name, settings.log_level, settings.log_format)
-    setup_tracing(settings.service_name, settings.trace_exporter, trace_file=settings.trace_file, otlp_endpoint=settings.otlp_endpoint)
-    instrument_celery()
-    instrument_clients()
-    serve_metrics(settings.metrics_port, settings.metrics_host)
-
-    async def _main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await run(settings, stop)
-
-    asyncio.run(_main())
+    # Shard tasks are sent through Celery: trace context and enqueue time travel with them.
+    run_service(settings, lambda stop: run(settings, stop), instrument=instrument_celery)
 
 
 if __name__ == "__main__":
