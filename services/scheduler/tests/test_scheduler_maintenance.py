@@ -5,12 +5,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from pydantic import TypeAdapter
 
-from cairn_contracts.jobs import JobSpec
 from cairn_contracts.messages import RunShard, StartJob
 from cairn_contracts.states import JobState, ShardState
-from cairn_contracts.store import JOBS, SHARDS
+from cairn_contracts.store import JOBS, JobRecord, SHARDS
 from cairn_contracts.topology import HEADER_CORRELATION_ID, QUEUE_SCHEDULER_COMMANDS
 from cairn_runtime.mongo import ensure_indexes
 from cairn_scheduler.jobs import JobScheduler
@@ -39,18 +37,9 @@ async def db(async_mongo_db):
 
 async def record_job(db: Any, job_id: str, *, age_s: float, published: bool = False, state: JobState = JobState.PENDING) -> None:
     """The job document as the gateway records it, `age_s` seconds old."""
-    spec = TypeAdapter(JobSpec).validate_python(SPEC)
-    document = {
-        "_id": job_id,
-        "tenant": "default",
-        "name": None,
-        "pipeline": spec.pipeline,
-        "priority": int(spec.priority),
-        "spec": spec.model_dump(mode="json"),
-        "state": state,
-        "created_at": datetime.now(UTC) - timedelta(seconds=age_s),
-        "command_published_at": datetime.now(UTC) if published else None,
-    }
+    record = JobRecord.new(SPEC, "default", job_id=job_id, now=datetime.now(UTC) - timedelta(seconds=age_s))
+    document = record.to_document()
+    document.update(state=state, command_published_at=datetime.now(UTC) if published else None)
     await db[JOBS].insert_one(document)
 
 

@@ -5,7 +5,6 @@ could not publish (the broker was down at the time)."""
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
 
 from pydantic import TypeAdapter
 
@@ -15,7 +14,7 @@ from cairn_contracts.states import JobState
 from cairn_contracts.store import JOBS
 from cairn_contracts.topology import EXCHANGE_COMMANDS, ROUTING_START_JOB
 from cairn_runtime.amqp import Publisher
-from cairn_scheduler.jobs import JobScheduler, utcnow
+from cairn_scheduler.jobs import JobScheduler, epoch_ms, utcnow
 from cairn_scheduler.reaper import LeaseReaper
 
 logger = logging.getLogger(__name__)
@@ -49,9 +48,9 @@ class Maintenance:
 
     async def relay_unpublished(self) -> int:
         jobs = self.scheduler.db[JOBS]
-        cutoff = utcnow() - timedelta(seconds=self.relay_after_s)
+        cutoff_ms = epoch_ms() - int(self.relay_after_s * 1000)
         relayed = 0
-        query = {"state": JobState.PENDING, "command_published_at": None, "created_at": {"$lt": cutoff}}
+        query = {"state": JobState.PENDING, "command_published_at": None, "created_at_ms": {"$lt": cutoff_ms}}
         async for job in jobs.find(query):
             command = StartJob(job_id=job["_id"], tenant=job["tenant"], spec=_SPEC.validate_python(job["spec"]))
             await self.publisher.publish(
