@@ -175,6 +175,17 @@ class System:
                 raise AssertionError(f"job {job_id} still {status} after {timeout_s} s\n{self.logs()}")
             time.sleep(0.2)
 
+    def wait_for(self, predicate: Callable[[], Any], what: str, timeout_s: float = 60, poll_s: float = 0.1) -> Any:
+        """The first truthy result of `predicate`, polled until `timeout_s`; fails with the logs."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{self.logs()}")
+            time.sleep(poll_s)
+
     # --- broker -------------------------------------------------------------------------------
     def queue_depth(self, queue: str) -> int:
         """Ready + unacknowledged messages of a queue, as the broker counts them."""

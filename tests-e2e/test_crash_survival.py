@@ -9,7 +9,6 @@ import random
 import shutil
 import signal
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +19,12 @@ from harness import System, dump
 
 BATCH = 1000
 # Short leases so a takeover happens within seconds; the scheduler reaps every 2 s.
-CRASH_ENV = {"CAIRN_WORKER_CONCURRENCY": "1", "CAIRN_LEASE_TTL_S": "3", "CAIRN_HEARTBEAT_INTERVAL_S": "0.5", "CAIRN_MAX_ATTEMPTS": "6"}
+CRASH_ENV = {
+    "CAIRN_WORKER_CONCURRENCY": "1",
+    "CAIRN_LEASE_TTL_S": "3",
+    "CAIRN_HEARTBEAT_INTERVAL_S": "0.5",
+    "CAIRN_MAX_ATTEMPTS": "6",
+}
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +38,14 @@ def running_shard_of(system: System, job_id: str, worker: str, min_batches: int)
         if not str(shard.get("taken_by") or "").startswith(f"{worker}/"):
             continue
         checkpoint = system.db.checkpoints.find_one({"shard_key": shard["task_key"]})
-        if checkpoint and checkpoint["fencing_token"] == shard["fencing_token"] and checkpoint["batches"] >= min_batches:
+        if (
+            checkpoint
+            and checkpoint["fencing_token"] == shard["fencing_token"]
+            and checkpoint["batches"] >= min_batches
+        ):
             if checkpoint["cursor"] < checkpoint["range_end"]:
                 return shard
     return None
-
-
-def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, system: System) -> object:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{system.logs()}")
-        time.sleep(0.05)
 
 
 def assert_stored_exactly_once(system: System, job_id: str, collection: str, total: int) -> list[dict]:
@@ -92,7 +89,9 @@ def test_killed_workers_resume_from_their_checkpoints(crash_system: System, shar
         worker = rng.choice(["ingest_worker", "ingest_worker_2"])
         worker_id = "worker-1" if worker == "ingest_worker" else "worker-2"
         at_batches = rng.randint(1, 6)
-        shard = wait_for(lambda: running_shard_of(system, job_id, worker_id, at_batches), 120, f"{worker_id} mid-shard", system)
+        shard = system.wait_for(
+            lambda: running_shard_of(system, job_id, worker_id, at_batches), f"{worker_id} mid-shard", 120
+        )
         system.services[worker].kill()
         killed.append(shard["task_key"])
         system.services[worker].start()
@@ -121,18 +120,17 @@ def test_a_frozen_worker_cannot_overwrite_the_shard_it_lost(crash_system: System
             "target_collection": "frozen",
         }
     )
-    shard = wait_for(lambda: running_shard_of(system, job_id, "worker-1", 2), 120, "worker-1 mid-shard", system)
+    shard = system.wait_for(lambda: running_shard_of(system, job_id, "worker-1", 2), "worker-1 mid-shard", 120)
     frozen = system.services["ingest_worker"]
     frozen.signal_group(signal.SIGSTOP)
     try:
         token = shard["fencing_token"]
-        taken_over = wait_for(
+        taken_over = system.wait_for(
             lambda: system.db.checkpoints.find_one(
                 {"shard_key": shard["task_key"], "fencing_token": {"$gt": token}, "taken_by": {"$ne": None}}
             ),
-            120,
             "another worker to take the frozen worker's shard over",
-            system,
+            120,
         )
         assert str(taken_over["taken_by"]).startswith("worker-2/")
     finally:
@@ -142,7 +140,11 @@ def test_a_frozen_worker_cannot_overwrite_the_shard_it_lost(crash_system: System
     assert final["state"] == "SUCCESS", dump(final)
     assert_stored_exactly_once(system, job_id, "frozen", total)
     # The woken worker finished its batch and tried to commit it: the fencing token refused it.
-    wait_for(lambda: system.db.shards.find_one({"_id": shard["task_key"], "fenced_writes": {"$gte": 1}}), 30, "a refused late write", system)
+    system.wait_for(
+        lambda: system.db.shards.find_one({"_id": shard["task_key"], "fenced_writes": {"$gte": 1}}),
+        "a refused late write",
+        30,
+    )
 
 
 def test_a_poison_shard_is_dead_lettered_while_the_others_complete(crash_system: System) -> None:
@@ -162,7 +164,9 @@ def test_a_poison_shard_is_dead_lettered_while_the_others_complete(crash_system:
     shard = system.db.shards.find_one({"_id": poison_key})
     assert shard["state"] == "FAILED"
     assert shard["attempts"] == int(CRASH_ENV["CAIRN_MAX_ATTEMPTS"]) + 1, dump(shard)
-    error = wait_for(lambda: system.db.task_errors.find_one({"shard_key": poison_key}), 30, "the poison dead letter", system)
+    error = system.wait_for(
+        lambda: system.db.task_errors.find_one({"shard_key": poison_key}), "the poison dead letter", 30
+    )
     assert error["reason"] == "poison"
     assert final["shards"]["succeeded"] == 3
     # The other shards stored every record once; the poison shard kept what it had committed.
@@ -181,7 +185,11 @@ def test_scheduler_killed_while_planning_loses_and_doubles_nothing(crash_system:
             "target_collection": "replanned",
         }
     )
-    wait_for(lambda: system.db.shards.count_documents({"job_id": job_id, "state": {"$ne": "PLANNED"}}) > 0, 60, "dispatch to start", system)
+    system.wait_for(
+        lambda: system.db.shards.count_documents({"job_id": job_id, "state": {"$ne": "PLANNED"}}) > 0,
+        "dispatch to start",
+        60,
+    )
     system.services["scheduler"].kill()
     dispatched_before_kill = system.db.shards.count_documents({"job_id": job_id, "state": {"$ne": "PLANNED"}})
     system.services["scheduler"].start()
@@ -212,7 +220,10 @@ def private_broker() -> Iterator[RabbitNode]:
 
 def test_rabbitmq_restarted_while_a_job_runs(system_factory: Callable[..., System], private_broker: RabbitNode) -> None:
     system = system_factory(
-        "broker", amqp_url=private_broker.amqp_url, rabbit_node=private_broker.node, overrides={"CAIRN_WORKER_CONCURRENCY": "2"}
+        "broker",
+        amqp_url=private_broker.amqp_url,
+        rabbit_node=private_broker.node,
+        overrides={"CAIRN_WORKER_CONCURRENCY": "2"},
     )
     total = 60_000
     job_id = system.start_job(
@@ -224,7 +235,9 @@ def test_rabbitmq_restarted_while_a_job_runs(system_factory: Callable[..., Syste
             "target_collection": "restarted",
         }
     )
-    wait_for(lambda: system.db.checkpoints.count_documents({"job_id": job_id, "batches": {"$gte": 2}}) >= 1, 120, "progress", system)
+    system.wait_for(
+        lambda: system.db.checkpoints.count_documents({"job_id": job_id, "batches": {"$gte": 2}}) >= 1, "progress", 120
+    )
     assert system.status(job_id)["state"] == "STARTED", "the restart must land while the job runs"
     private_broker.restart()
 

@@ -10,9 +10,7 @@ import base64
 import hashlib
 import json
 import threading
-import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,19 +26,10 @@ from harness import System, dump
 BASE_DELAY_S, MAX_DELAY_S, MAX_ATTEMPTS = 0.2, 2.0, 3  # the harness's settings
 
 
-def wait_for(system: System, predicate: Callable[[], Any], what: str, timeout_s: float = 60) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{system.logs()}")
-        time.sleep(0.1)
-
-
 def entry_of(system: System, job_id: str) -> dict:
-    return wait_for(system, lambda: system.db.task_errors.find_one({"job_id": job_id}), f"the dead letter of job {job_id}")
+    return system.wait_for(
+        lambda: system.db.task_errors.find_one({"job_id": job_id}), f"the dead letter of job {job_id}"
+    )
 
 
 def api(system: System, method: str, path: str, **kwargs: Any) -> Any:
@@ -53,8 +42,8 @@ def replay(system: System, entry_id: str, actor: str = "e2e-operator") -> Any:
 
 
 def settled_entry(system: System, entry_id: str, status: str = "replayed") -> dict:
-    return wait_for(
-        system, lambda: system.db.task_errors.find_one({"_id": entry_id, "status": status}), f"entry {entry_id} {status}"
+    return system.wait_for(
+        lambda: system.db.task_errors.find_one({"_id": entry_id, "status": status}), f"entry {entry_id} {status}"
     )
 
 
@@ -166,7 +155,9 @@ def test_a_source_failing_until_fixed_is_dead_lettered_then_a_replay_completes_t
 # --- the dead-letter queue --------------------------------------------------------------------------
 
 
-def test_a_non_retryable_error_is_not_retried_even_when_the_job_allows_retries_and_discard_keeps_it(system: System) -> None:
+def test_a_non_retryable_error_is_not_retried_even_when_the_job_allows_retries_and_discard_keeps_it(
+    system: System,
+) -> None:
     job_id = system.start_job(
         {
             "pipeline": "synthetic",
@@ -180,7 +171,13 @@ def test_a_non_retryable_error_is_not_retried_even_when_the_job_allows_retries_a
     entry = entry_of(system, job_id)
     assert entry["reason"] == "non_retryable" and entry["attempts"] == 1
 
-    response = api(system, "POST", f"/dlq/entries/{entry['_id']}/discard", json={"note": "bad input, won't fix"}, headers={"X-Cairn-Actor": "bob"})
+    response = api(
+        system,
+        "POST",
+        f"/dlq/entries/{entry['_id']}/discard",
+        json={"note": "bad input, won't fix"},
+        headers={"X-Cairn-Actor": "bob"},
+    )
     assert response.status_code == 202, response.text
     entry = settled_entry(system, entry["_id"], status="discarded")
     assert entry["discard"]["requested_by"] == "bob" and entry["discard"]["note"] == "bad input, won't fix"
@@ -226,7 +223,10 @@ def test_replaying_the_same_entry_twice_at_once_runs_the_shard_once(system: Syst
     assert system.wait_for_state(job_id, {"SUCCESS", "FAILURE"}, timeout_s=120)["state"] == "SUCCESS"
     entry = settled_entry(system, entry["_id"])
     # Every accepted command was handled: one replay ran, the other was refused.
-    wait_for(system, lambda: system.db.task_errors.find_one({"_id": entry["_id"]}).get("replays_refused", 0) == codes.count(202) - 1, "the refusal")
+    system.wait_for(
+        lambda: system.db.task_errors.find_one({"_id": entry["_id"]}).get("replays_refused", 0) == codes.count(202) - 1,
+        "the refusal",
+    )
     entry = system.db.task_errors.find_one({"_id": entry["_id"]})
     assert len(entry["replays"]) == 1 and entry["replay"]["dispatches"] == 1, dump(entry)
     shard = system.db.shards.find_one({"job_id": job_id})
@@ -253,7 +253,9 @@ def test_messages_that_are_not_valid_contracts_are_dead_lettered_and_the_worker_
                 (json.dumps({"hello": marker}).encode(), "application/json"),
                 (b"{broken json " + marker.encode(), "application/json"),
             ):
-                await publisher.publish_bytes(EXCHANGE_TASKS, ROUTING_INGEST, body, headers={}, content_type=content_type)
+                await publisher.publish_bytes(
+                    EXCHANGE_TASKS, ROUTING_INGEST, body, headers={}, content_type=content_type
+                )
         finally:
             await connection.close()
 
@@ -267,7 +269,9 @@ def test_messages_that_are_not_valid_contracts_are_dead_lettered_and_the_worker_
                 found.append(entry)
         return found
 
-    entries = wait_for(system, lambda: (found := ours()) and len(found) == 5 and found, "5 contract violations", timeout_s=60)
+    entries = system.wait_for(
+        lambda: (found := ours()) and len(found) == 5 and found, "5 contract violations", timeout_s=60
+    )
     by_type = sorted(e["error_type"] for e in entries)
     assert by_type == ["UnreadableMessage"] * 4 + ["ValidationError"], dump(entries)
     invalid_kwargs = next(e for e in entries if e["error_type"] == "ValidationError")
@@ -311,7 +315,7 @@ def test_list_filters_and_pages_of_dead_letters(system: System) -> None:
             await connection.close()
 
     asyncio.run(publish())
-    wait_for(system, lambda: system.db.task_errors.count_documents({"error_type": error_type}) == 5, "5 probes recorded")
+    system.wait_for(lambda: system.db.task_errors.count_documents({"error_type": error_type}) == 5, "5 probes recorded")
     after = datetime.now(UTC) + timedelta(seconds=1)
 
     def listed(**params: Any) -> dict:
@@ -346,8 +350,7 @@ def test_list_filters_and_pages_of_dead_letters(system: System) -> None:
     assert accepted["matched"] == 2 and accepted["published"] == 2 and accepted["remaining"] == 0
     assert {c["dead_letter_id"] for c in accepted["commands"]} == set(ids[:2])
     for letter_id in ids[:2]:
-        entry = wait_for(
-            system,
+        entry = system.wait_for(
             lambda: (e := system.db.task_errors.find_one({"_id": letter_id})) and e.get("replays") and e,
             f"replay of {letter_id} handled",
         )
@@ -357,7 +360,9 @@ def test_list_filters_and_pages_of_dead_letters(system: System) -> None:
 # --- the DLQ handler under SIGKILL ------------------------------------------------------------------
 
 
-def test_every_dead_letter_is_recorded_exactly_once_when_the_dlq_handler_is_killed_while_recording(system: System) -> None:
+def test_every_dead_letter_is_recorded_exactly_once_when_the_dlq_handler_is_killed_while_recording(
+    system: System,
+) -> None:
     marker = uuid.uuid4().hex
     envelopes = [f"kill-{marker}-{i}" for i in range(1200)]
     large = {envelopes[i]: (f"{i}:" + "x" * (80 * 1024)).encode() for i in range(0, 1200, 100)}  # 12 bodies > 64 KiB
@@ -376,12 +381,19 @@ def test_every_dead_letter_is_recorded_exactly_once_when_the_dlq_handler_is_kill
                     body=base64.b64encode(body).decode() if body else "{}", body_encoding="base64" if body else "utf-8"
                 )
                 letter = DeadLetter(
-                    dead_letter_id=letter_id, source_service="e2e", source_queue=QUEUE_INGEST, reason="poison",
-                    error_type="KillProbe", error_message=marker, original=original,
+                    dead_letter_id=letter_id,
+                    source_service="e2e",
+                    source_queue=QUEUE_INGEST,
+                    reason="poison",
+                    error_type="KillProbe",
+                    error_message=marker,
+                    original=original,
                 )
                 await publish_dead_letter(publisher, letter)
             for index, body in enumerate(raw_bodies):  # as the broker would dead-letter them, minus x-death
-                await publisher.publish_bytes(EXCHANGE_DLX, QUEUE_INGEST, body, headers={}, message_id=f"{marker}-{index}")
+                await publisher.publish_bytes(
+                    EXCHANGE_DLX, QUEUE_INGEST, body, headers={}, message_id=f"{marker}-{index}"
+                )
         finally:
             await connection.close()
 
@@ -391,7 +403,7 @@ def test_every_dead_letter_is_recorded_exactly_once_when_the_dlq_handler_is_kill
 
     dlq_handler.start()
     recorded = lambda: system.db.task_errors.count_documents({"error_message": marker})  # noqa: E731
-    wait_for(system, lambda: recorded() >= 50, "the restarted handler to record some", timeout_s=60)
+    system.wait_for(lambda: recorded() >= 50, "the restarted handler to record some", timeout_s=60)
     dlq_handler.kill()
     at_kill = recorded()
     assert at_kill < len(envelopes), "the handler finished before it could be killed mid-way"

@@ -22,10 +22,6 @@ class SpyCollection:
         return self._collection.update_one(filter, *args, **kwargs)
 
     def find_one_and_update(self, filter: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        self.update_filters.append(filter)
-        return self._collection.find_one_and_update(filter, *args, **kwargs)
-
-    def find_one_and_update(self, filter: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         # The batch commit is a find_one_and_update (it reads the cancel flag in the same trip).
         self.update_filters.append(filter)
         return self._collection.find_one_and_update(filter, *args, **kwargs)

@@ -102,9 +102,10 @@ def rabbitmq_vhost(name: str, user: str = "guest") -> Iterator[str]:
 
 
 def delete_redis_prefix(redis_url: str, prefix: str) -> None:
+    """Delete the run's keys: `<prefix>:…` and those of prefixes derived from it (`<prefix>-gwapi:…`)."""
     client = redis.Redis.from_url(redis_url)
     try:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=500))
+        keys = list(client.scan_iter(match=f"{prefix}*", count=500))
         if keys:
             client.delete(*keys)
     finally:
