@@ -206,6 +206,19 @@ async def test_result_of_a_finished_job_is_its_result(gateway) -> None:
     assert body["finished_at"] is not None
 
 
+async def test_result_past_its_retention_is_410(gateway) -> None:
+    task_id = (await start(gateway, SPEC)).json()["task_id"]
+    gateway.db[JOBS].update_one(
+        {"_id": task_id},
+        {"$set": {"state": JobState.SUCCESS, "finished_at": datetime.now(UTC), "result_expired": True}, "$unset": {"result": ""}},
+    )
+
+    response = await gateway.client.get(f"/task/result/{task_id}")
+
+    assert response.status_code == 410
+    assert response.json()["loc"] == ["path", "task_id"]
+
+
 async def test_status_of_a_finished_job_is_cached_in_redis(gateway) -> None:
     task_id = (await start(gateway, SPEC)).json()["task_id"]
     gateway.db[JOBS].update_one({"_id": task_id}, {"$set": {"state": JobState.FAILURE, "finished_at": datetime.now(UTC)}})

@@ -34,6 +34,11 @@ class JobStillRunning(Exception):
         super().__init__(f"the job is {state}; its result exists once it is SUCCESS or FAILURE")
 
 
+class ResultExpired(Exception):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"the result of job {job_id} has expired (results are kept CAIRN_RESULT_TTL_S after the job finished)")
+
+
 class IdempotencyConflict(Exception):
     pass
 
@@ -175,6 +180,8 @@ class JobService:
         state = JobState(job["state"])
         if not state.is_terminal:
             raise JobStillRunning(state)
+        if job.get("result_expired"):
+            raise ResultExpired(job_id)
         return TaskResult(task_id=job_id, state=state, result=job.get("result") or {}, finished_at=job.get("finished_at"))
 
     async def _job(self, job_id: str, tenant: str) -> dict[str, Any]:

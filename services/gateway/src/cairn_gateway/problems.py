@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from cairn_contracts.jobs import SHARDING_STRATEGIES
 from cairn_contracts.pipelines import PIPELINE_NAMES
 from cairn_gateway.joblock import DuplicateJob
-from cairn_gateway.jobs import IdempotencyConflict, JobNotFound, JobStillRunning
+from cairn_gateway.jobs import IdempotencyConflict, JobNotFound, JobStillRunning, ResultExpired
 
 
 class ApiError(Exception):
@@ -107,6 +107,10 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobStillRunning)
     async def _running(_: Request, exc: JobStillRunning) -> JSONResponse:
         return JSONResponse(status_code=409, content={"detail": str(exc)})
+
+    @app.exception_handler(ResultExpired)
+    async def _expired(_: Request, exc: ResultExpired) -> JSONResponse:
+        return JSONResponse(status_code=410, content={"detail": str(exc), "loc": ["path", "task_id"]})
 
     @app.exception_handler(IdempotencyConflict)
     async def _conflict(_: Request, exc: IdempotencyConflict) -> JSONResponse:

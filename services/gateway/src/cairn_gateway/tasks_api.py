@@ -53,7 +53,11 @@ async def task_status(task_id: str, jobs: Jobs, tenant: Tenant) -> TaskStatus:
 @router.get(
     "/result/{task_id}",
     response_model=TaskResult,
-    responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody, "description": "The job is still running"}},
+    responses={
+        404: {"model": ErrorBody},
+        409: {"model": ErrorBody, "description": "The job is still running"},
+        410: {"model": ErrorBody, "description": "The result was kept CAIRN_RESULT_TTL_S after the job finished, and has expired"},
+    },
 )
 async def task_result(task_id: str, jobs: Jobs, tenant: Tenant) -> TaskResult:
     return await jobs.result(task_id, tenant)
