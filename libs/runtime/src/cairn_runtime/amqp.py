@@ -159,12 +159,17 @@ def decode(message: AbstractIncomingMessage, model: type[M]) -> M:
 
 
 def original_of(message: AbstractIncomingMessage) -> OriginalMessage:
+    return original_message(message.body, message.headers, message.routing_key)
+
+
+def original_message(body: bytes, headers: dict[str, Any] | None, routing_key: str | None) -> OriginalMessage:
+    """A received message as it is kept in a dead letter (from aio-pika or kombu alike)."""
     try:
-        body, encoding = message.body.decode("utf-8"), "utf-8"
+        text, encoding = body.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        body, encoding = base64.b64encode(message.body).decode("ascii"), "base64"
-    headers = {key: _plain(value) for key, value in (message.headers or {}).items()}
-    return OriginalMessage(body=body, body_encoding=encoding, headers=headers, routing_key=message.routing_key)
+        text, encoding = base64.b64encode(body).decode("ascii"), "base64"
+    plain_headers = {str(key): _plain(value) for key, value in (headers or {}).items()}
+    return OriginalMessage(body=text, body_encoding=encoding, headers=plain_headers, routing_key=routing_key)
 
 
 def _plain(value: Any) -> Any:
@@ -172,12 +177,14 @@ def _plain(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if hasattr(value, "isoformat"):
         return value.isoformat()
-    return value
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
 
 
 def dead_letter_for(

@@ -9,7 +9,6 @@ requeue, and the ingest queue's own dead-letter exchange still takes it to the D
 Installed with Celery's `worker_consumer` setting (see celery_app.py).
 """
 
-import base64
 import logging
 from typing import Any
 
@@ -18,7 +17,7 @@ from celery.worker.consumer.consumer import Consumer
 from cairn_contracts.messages import OriginalMessage
 from cairn_contracts.topology import QUEUE_INGEST
 from cairn_ingest_worker.publisher import BrokerPublisher
-from cairn_runtime.amqp import dead_letter_for
+from cairn_runtime.amqp import dead_letter_for, original_message
 
 logger = logging.getLogger(__name__)
 
@@ -64,26 +63,10 @@ class DeadLetteringConsumer(Consumer):
 
 def original_of_kombu(message: Any) -> OriginalMessage:
     raw = getattr(message, "body", b"")
-    body_bytes = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw or b"")
-    try:
-        body, encoding = body_bytes.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        body, encoding = base64.b64encode(body_bytes).decode("ascii"), "base64"
-    headers = {str(k): _plain(v) for k, v in (getattr(message, "headers", None) or {}).items()}
-    properties = getattr(message, "properties", None) or {}
-    if properties.get("content_type") or getattr(message, "content_type", None):
-        headers.setdefault("content_type", properties.get("content_type") or message.content_type)
+    body = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw or b"")
+    headers = dict(getattr(message, "headers", None) or {})
+    content_type = (getattr(message, "properties", None) or {}).get("content_type") or getattr(message, "content_type", None)
+    if content_type:
+        headers.setdefault("content_type", content_type)
     routing_key = (getattr(message, "delivery_info", None) or {}).get("routing_key")
-    return OriginalMessage(body=body, body_encoding=encoding, headers=headers, routing_key=routing_key)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
+    return original_message(body, headers, routing_key)

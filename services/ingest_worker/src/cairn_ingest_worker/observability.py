@@ -6,7 +6,7 @@
 - after it ran: its duration by outcome (the task's return value, or `retry`/`failure`), the
   gauge goes down, the log context is restored.
 - `note_shard`, called by the runner once it knows the claimed shard's job: pipeline and tenant
-  on the span, the shard id in the log context, and the pipeline label for the outcome counters.
+  on the span and the pipeline label for the outcome counters (the runner scopes the log context).
 
 `connect_signals` must run after `instrument_celery` (receivers run in the order connected).
 """
@@ -22,7 +22,7 @@ from celery import signals
 from cairn_contracts.topology import HEADER_ENQUEUED_AT
 from cairn_ingest_worker import metrics
 from cairn_runtime.instrumentation import queue_wait_s
-from cairn_runtime.log import bind, log_context
+from cairn_runtime.log import log_context
 from cairn_runtime.tracing import annotate_current_span
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ def current_pipeline() -> str:
 
 def note_shard(*, job_id: str, shard_id: str, pipeline: str, tenant: str | None, attempt: int | None = None) -> None:
     _pipeline.set(pipeline)
-    bind(job_id=job_id, shard_id=shard_id)
     annotate_current_span(job_id=job_id, shard_id=shard_id, pipeline=pipeline, tenant=tenant, attempt=attempt)
 
 

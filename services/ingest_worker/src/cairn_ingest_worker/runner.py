@@ -21,6 +21,7 @@ from cairn_ingest_worker.leases import Claim, Heartbeat, ShardLeases, utcnow
 from cairn_ingest_worker.observability import note_shard
 from cairn_ingest_worker.pipelines import Bucket, build_pipeline
 from cairn_ingest_worker.store import store_records
+from cairn_runtime.log import log_context
 from cairn_runtime.tracing import span_attributes
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,13 @@ def run_shard(runner: ShardRunner, request: RunShard, *, max_attempts: int) -> O
 
 def run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadline: float) -> Outcome:
     """Run a claimed shard from its checkpoint until it is done, the lease is lost, or the
-    deadline passes (then the lease is handed off at a batch boundary: outcome `sliced`)."""
+    deadline passes (then the lease is handed off at a batch boundary: outcome `sliced`).
+    Its log lines name the job and shard, and only its own (a frontier runner runs several)."""
+    with log_context(job_id=claim.shard["job_id"], shard_id=claim.shard_key):
+        return _run_claimed(runner, claim, max_attempts=max_attempts, deadline=deadline)
+
+
+def _run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadline: float) -> Outcome:
     if claim.attempt > max_attempts:
         # Earlier attempts died without recording a failure: the shard kills its workers.
         return Outcome("poison", claim)
