@@ -37,7 +37,7 @@ def test_batch_checkpoints_match_the_checkpoint_by_id_and_stay_fenced(db, seed_s
     claim = holder.claim(key)
     assert claim is not None and claim.checkpoint_id == f"{key}/main"
 
-    assert holder.advance(claim, 100, 100, 100, 0)
+    assert holder.commit(claim, 100, 100, 100, 0).stored
     assert spy.update_filters[-1] == {"_id": claim.checkpoint_id, "fencing_token": claim.token}
     assert db[CHECKPOINTS].find_one({"_id": f"{key}/main"})["cursor"] == 100
 
@@ -45,7 +45,7 @@ def test_batch_checkpoints_match_the_checkpoint_by_id_and_stay_fenced(db, seed_s
     newer = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-b", 30).claim(key)
     assert newer is not None and newer.token > claim.token
 
-    assert not holder.advance(claim, 200, 100, 100, 0)  # fenced: the old holder moves nothing
+    assert not holder.commit(claim, 200, 100, 100, 0).stored  # fenced: the old holder moves nothing
     stored = db[CHECKPOINTS].find_one({"_id": f"{key}/main"})
     assert (stored["cursor"], stored["records_done"], stored["fencing_token"]) == (100, 100, newer.token)
 
@@ -56,12 +56,12 @@ def test_uncheckpointed_leases_write_only_the_last_checkpoint_with_the_totals(db
     claim = leases.claim(key)
     assert claim is not None
 
-    assert leases.advance(claim, 100, 100, 100, 0)
-    assert leases.advance(claim, 200, 100, 90, 10)
+    assert leases.commit(claim, 100, 100, 100, 0).stored
+    assert leases.commit(claim, 200, 100, 90, 10).stored
     untouched = db[CHECKPOINTS].find_one({"_id": f"{key}/main"})
     assert (untouched["cursor"], untouched["records_done"], untouched["batches"]) == (0, 0, 0)
 
-    assert leases.advance(claim, 300, 100, 100, 0)
+    assert leases.commit(claim, 300, 100, 100, 0).stored
     final = db[CHECKPOINTS].find_one({"_id": f"{key}/main"})
     assert (final["cursor"], final["records_done"], final["records_written"], final["records_redone"]) == (300, 300, 290, 10)
 

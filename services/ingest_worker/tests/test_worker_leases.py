@@ -72,14 +72,14 @@ def test_after_takeover_the_old_claim_cannot_write(db, seed_shard) -> None:
     key = seed_shard(db, "job", 0, 0, 100)
     old_leases = leases(db, "worker-a", TINY_TTL_S)
     old = old_leases.claim(key)
-    assert old_leases.advance(old, 10, 10, 10, 0)
+    assert old_leases.commit(old, 10, 10, 10, 0).stored
     expire_after(TINY_TTL_S)
     new_leases = leases(db, "worker-b")
     new = new_leases.claim(key)
     assert new.cursor == 10  # the new holder resumes from the old holder's last checkpoint
     checkpoint_before, shard_before = checkpoint(db, key), db[SHARDS].find_one({"_id": key})
 
-    assert old_leases.advance(old, 20, 10, 10, 0) is False
+    assert old_leases.commit(old, 20, 10, 10, 0).stored is False
     assert old_leases.succeed(old) is False
     assert old_leases.renew(old) is False
     assert old_leases.fail(old, "boom", "dl-1") is False
@@ -87,17 +87,17 @@ def test_after_takeover_the_old_claim_cannot_write(db, seed_shard) -> None:
 
     assert checkpoint(db, key) == checkpoint_before
     assert db[SHARDS].find_one({"_id": key}) == shard_before
-    assert new_leases.advance(new, 20, 10, 10, 0) is True
+    assert new_leases.commit(new, 20, 10, 10, 0).stored is True
     assert checkpoint(db, key)["cursor"] == 20
 
 
-def test_advance_moves_the_cursor_and_counts(db, seed_shard) -> None:
+def test_commit_moves_the_cursor_and_counts(db, seed_shard) -> None:
     key = seed_shard(db, "job", 0, 0, 100)
     lease = leases(db, "worker-a")
     claim = lease.claim(key)
 
-    assert lease.advance(claim, 10, 10, 8, 2)
-    assert lease.advance(claim, 20, 10, 10, 0)
+    assert lease.commit(claim, 10, 10, 8, 2).stored
+    assert lease.commit(claim, 20, 10, 10, 0).stored
 
     doc = checkpoint(db, key)
     assert (doc["cursor"], doc["records_done"], doc["records_written"], doc["records_redone"], doc["batches"]) == (20, 20, 18, 2, 2)

@@ -135,12 +135,9 @@ class ShardLeases:
         )
         return result.matched_count == 1
 
-    def advance(self, claim: Claim, cursor: int, records: int, written: int, duplicates: int) -> bool:
-        """Record a stored batch; False if another worker holds the shard now."""
-        return self.commit(claim, cursor, records, written, duplicates).stored
-
     def commit(self, claim: Claim, cursor: int, records: int, written: int, duplicates: int) -> "Commit":
-        """Record a stored batch and learn, in the same round trip (a find_one_and_update that
+        """Record a stored batch (`stored` is False if another worker holds the shard now) and
+        learn, in the same round trip (a find_one_and_update that
         returns the checkpoint's `cancel_requested`), whether the job was cancelled meanwhile."""
         # Once per batch, so by primary key (read at claim time): one _id lookup on any server,
         # where (shard_key, sub_key) needs the compound index (the stand-in scans instead).
