@@ -15,7 +15,8 @@ from cairn_contracts.states import DeadLetterStatus, JobState, ReplayOutcome, Sh
 from cairn_contracts.store import JOBS, SHARDS, STATUS_CACHE_KEY, TASK_ERRORS
 from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
 from cairn_contracts.topology import QUEUE_INGEST
-from cairn_dlq_handler.dispatch import CeleryShardDispatcher, RedisStatusCache
+from cairn_dlq_handler.status_cache import RedisStatusCache
+from cairn_runtime.celery_config import ShardTaskSender
 from cairn_dlq_handler.replay import DeadLetterCommands
 from cairn_runtime.consumer import Unprocessable
 from cairn_runtime.mongo import ensure_indexes
@@ -41,7 +42,7 @@ async def cache(test_env):
 
 @pytest.fixture
 def commands(db, broker, test_env, cache) -> DeadLetterCommands:
-    return DeadLetterCommands(db, CeleryShardDispatcher.for_broker(test_env.amqp_url), cache)
+    return DeadLetterCommands(db, ShardTaskSender.for_broker(test_env.amqp_url, "cairn-dlq-handler"), cache)
 
 
 async def seed_failure(db, *, strategy: str = "range", shard_state: ShardState = ShardState.FAILED, entry: dict | None = None) -> None:
@@ -128,14 +129,14 @@ async def test_a_second_replay_of_an_entry_in_flight_is_refused_and_sends_nothin
 
 async def test_a_replay_that_could_not_be_published_is_taken_up_again_by_the_redelivered_command(db, broker, test_env) -> None:
     await seed_failure(db)
-    unreachable = CeleryShardDispatcher.for_broker("amqp://guest:guest@127.0.0.1:1//")
+    unreachable = ShardTaskSender.for_broker("amqp://guest:guest@127.0.0.1:1//", "cairn-dlq-handler")
     unreachable._app.conf.broker_connection_timeout = 0.5
 
     with pytest.raises(Exception):
         await DeadLetterCommands(db, unreachable).replay(command())
     assert (await db[TASK_ERRORS].find_one({"_id": ENTRY}))["replay"]["dispatches"] == 0
 
-    working = DeadLetterCommands(db, CeleryShardDispatcher.for_broker(test_env.amqp_url))
+    working = DeadLetterCommands(db, ShardTaskSender.for_broker(test_env.amqp_url, "cairn-dlq-handler"))
     assert await working.replay(command()) == "dispatched"
     assert len(await drain(broker.queues[QUEUE_INGEST])) == 1
     assert (await db[SHARDS].find_one({"_id": FAILED_SHARD}))["replays"] == 1

@@ -266,3 +266,39 @@ def test_claim_next_takes_over_an_expired_item(db, seed_shard) -> None:
     taken = leases(db, "worker-b").claim_next("job")
 
     assert taken is not None and taken.token == first.token + 1
+
+
+def test_a_handed_off_lease_is_not_renewed(db, seed_shard) -> None:
+    key = seed_shard(db, "job", 0, 0, 100)
+    lease = leases(db, "worker-a")
+    claim = lease.claim(key)
+    assert lease.hand_off(claim)
+
+    assert lease.renew(claim) is False  # the continuation may claim at once
+    assert db[SHARDS].find_one({"_id": key})["lease_until"] == 0
+    assert leases(db, "worker-b").claim(key) is not None
+
+
+def test_a_heartbeat_refused_after_a_takeover_counts_as_a_fenced_write(db, seed_shard) -> None:
+    key = seed_shard(db, "job", 0, 0, 100)
+    old_leases = leases(db, "worker-a", TINY_TTL_S)
+    old = old_leases.claim(key)
+    expire_after(TINY_TTL_S)
+    assert leases(db, "worker-b").claim(key) is not None
+
+    with Heartbeat(old_leases, old, interval_s=0.02) as heartbeat:
+        assert heartbeat.lost.wait(5)
+
+    assert db[SHARDS].find_one({"_id": key})["fenced_writes"] == 1
+
+
+def test_a_heartbeat_that_ends_with_its_own_run_counts_no_fenced_write(db, seed_shard) -> None:
+    key = seed_shard(db, "job", 0, 0, 100)
+    lease = leases(db, "worker-a")
+    claim = lease.claim(key)
+    assert lease.succeed(claim)
+
+    with Heartbeat(lease, claim, interval_s=0.02) as heartbeat:
+        assert heartbeat.lost.wait(5)
+
+    assert db[SHARDS].find_one({"_id": key}).get("fenced_writes", 0) == 0

@@ -1,4 +1,4 @@
-"""CeleryDispatcher puts a genuine Celery task on the ingest queue of the real broker."""
+"""ShardTaskSender puts a genuine Celery task on the ingest queue of the real broker."""
 
 import json
 
@@ -8,7 +8,7 @@ from cairn_contracts.messages import RunFrontier, RunShard
 from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
 from cairn_contracts.topology import QUEUE_INGEST
 from cairn_runtime.celery_config import celery_config
-from cairn_scheduler.dispatch import CeleryDispatcher
+from cairn_runtime.celery_config import ShardTaskSender
 from cairn_testkit.aio import next_message
 
 
@@ -16,7 +16,7 @@ async def test_dispatch_puts_a_persistent_celery_task_with_priority_on_the_inges
     app = Celery("cairn-scheduler-tests")
     app.conf.update(celery_config(test_env.amqp_url))
     try:
-        await CeleryDispatcher(app).dispatch(RunShard(job_id="job-x", shard_key="job-x:0002"), priority=3)
+        await ShardTaskSender(app).dispatch(RunShard(job_id="job-x", shard_key="job-x:0002"), priority=3)
     finally:
         app.close()
 
@@ -33,7 +33,7 @@ async def test_dispatch_of_a_frontier_runner_sends_the_run_frontier_task(broker,
     app = Celery("cairn-scheduler-tests")
     app.conf.update(celery_config(test_env.amqp_url))
     try:
-        await CeleryDispatcher(app).dispatch(RunFrontier(job_id="job-y", lane=1), priority=1)
+        await ShardTaskSender(app).dispatch(RunFrontier(job_id="job-y", lane=1), priority=1)
     finally:
         app.close()
 
@@ -44,7 +44,7 @@ async def test_dispatch_of_a_frontier_runner_sends_the_run_frontier_task(broker,
 
 
 def test_for_broker_configures_celery_from_the_shared_config() -> None:
-    dispatcher = CeleryDispatcher.for_broker("amqp://guest:guest@127.0.0.1:5672/some-vhost")
+    dispatcher = ShardTaskSender.for_broker("amqp://guest:guest@127.0.0.1:5672/some-vhost", "cairn-scheduler")
     conf = dispatcher._app.conf
 
     assert conf.broker_url == "amqp://guest:guest@127.0.0.1:5672/some-vhost"

@@ -23,7 +23,7 @@ from cairn_contracts.topology import (
 from cairn_runtime.celery_config import celery_config
 from cairn_runtime.instrumentation import instrument_celery
 from cairn_runtime.mongo import ensure_indexes
-from cairn_scheduler.dispatch import CeleryDispatcher
+from cairn_runtime.celery_config import ShardTaskSender
 from cairn_scheduler.gauges import GaugeCollector, backlog_age_s
 from cairn_scheduler.jobs import JobScheduler
 from cairn_scheduler.metrics import epoch_s
@@ -85,7 +85,7 @@ async def test_every_celery_task_message_carries_its_enqueue_time_and_trace_cont
     try:
         with tracer.start_as_current_span("consume cairn.scheduler.commands") as span:
             sent_after = time.time()
-            await CeleryDispatcher(app).dispatch(RunShard(job_id="job-t", shard_key="job-t:0000"), priority=2)
+            await ShardTaskSender(app).dispatch(RunShard(job_id="job-t", shard_key="job-t:0000"), priority=2)
             trace_id = format(span.get_span_context().trace_id, "032x")
     finally:
         app.close()

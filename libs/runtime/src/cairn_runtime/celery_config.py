@@ -4,8 +4,10 @@ Both sides must declare the ingest queue with the same arguments as `declare_top
 RabbitMQ refuses the second declaration; so the kombu objects are built from the contracts.
 """
 
+import asyncio
 from typing import Any
 
+from celery import Celery
 from kombu import Exchange, Queue
 
 from cairn_contracts.messages import RunFrontier, RunShard
@@ -47,17 +49,30 @@ def celery_config(broker_url: str) -> dict[str, Any]:
     }
 
 
-def send_shard_task(app: Any, job_id: str, shard: dict[str, Any], priority: int) -> None:
-    """Send the Celery task that runs `shard` (a shards document), blocking until the broker confirms.
-
-    `app` is a Celery app configured with `celery_config` (confirm_publish on): a range or
-    hash-mod shard gets its `run_shard` task, a lease-frontier work item a `run_frontier` runner
-    for its job (the runner pulls every claimable item, this one included). Call it from asyncio
-    code through `asyncio.to_thread`.
-    """
-    task: RunShard | RunFrontier
+def task_for_shard(shard: dict[str, Any]) -> RunShard | RunFrontier:
+    """The task that runs a shards document: its own `run_shard` for range and hash-mod shards; a
+    `run_frontier` runner of its job for a lease-frontier item (the runner pulls every claimable
+    item, this one included)."""
     if shard.get("strategy") == "lease_frontier":
-        name, task = TASK_RUN_FRONTIER, RunFrontier(job_id=job_id, lane=int(shard.get("index", 0)))
-    else:
-        name, task = TASK_RUN_SHARD, RunShard(job_id=job_id, shard_key=shard["task_key"])
-    app.send_task(name, kwargs=task.model_dump(), priority=priority)
+        return RunFrontier(job_id=shard["job_id"], lane=int(shard.get("index", 0)))
+    return RunShard(job_id=shard["job_id"], shard_key=shard["task_key"])
+
+
+class ShardTaskSender:
+    """Sends shard tasks through Celery's own client, so each message is a genuine Celery task
+    (protocol, headers, trace context via the Celery instrumentation), with publisher confirms."""
+
+    def __init__(self, app: Celery) -> None:
+        self._app = app
+
+    @classmethod
+    def for_broker(cls, broker_url: str, app_name: str) -> "ShardTaskSender":
+        app = Celery(app_name)
+        app.conf.update(celery_config(broker_url))
+        return cls(app)
+
+    async def dispatch(self, task: RunShard | RunFrontier, priority: int) -> None:
+        """Returns once the broker confirmed the task; raises if it did not."""
+        name = TASK_RUN_FRONTIER if isinstance(task, RunFrontier) else TASK_RUN_SHARD
+        # kombu is blocking: off the event loop (contextvars, so the trace, are copied along).
+        await asyncio.to_thread(self._app.send_task, name, kwargs=task.model_dump(), priority=priority)

@@ -11,7 +11,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts.messages import DeadLetterCommand, ShardFinished
 from cairn_contracts.topology import QUEUE_DLQ_COMMANDS, QUEUE_DLQ_EVENTS
-from cairn_dlq_handler.dispatch import CeleryShardDispatcher, RedisStatusCache
+from cairn_dlq_handler.status_cache import RedisStatusCache
+from cairn_runtime.celery_config import ShardTaskSender
 from cairn_dlq_handler.replay import DeadLetterCommands
 from cairn_dlq_handler.settings import DlqSettings
 from cairn_runtime.amqp import Publisher
@@ -37,7 +38,7 @@ async def start_replays(
     settings: DlqSettings, db: AsyncDatabase, connection: AbstractRobustConnection, queues: dict[str, AbstractQueue]
 ) -> Replays:
     cache = RedisStatusCache(aioredis.Redis.from_url(settings.redis_url), settings.redis_prefix)
-    commands = DeadLetterCommands(db, CeleryShardDispatcher.for_broker(settings.amqp_url), cache)
+    commands = DeadLetterCommands(db, ShardTaskSender.for_broker(settings.amqp_url, "cairn-dlq-handler"), cache)
     publisher = await Publisher.open(connection, settings.publish_timeout_s)
     common = {"service": settings.service_name, "publisher": publisher}
     await ContractConsumer(queue=queues[QUEUE_DLQ_COMMANDS], model=DeadLetterCommand, handler=commands.handle, **common).start()

@@ -27,6 +27,8 @@ from typing import Any, Protocol
 from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 
+from cairn_contracts.messages import RunFrontier, RunShard
+from cairn_runtime.celery_config import task_for_shard
 from cairn_contracts.messages import DeadLetterCommand, ShardFinished
 from cairn_contracts.states import TERMINAL_SHARD_STATES, DeadLetterStatus, JobState, ReplayOutcome, ShardState
 from cairn_contracts.store import DEFAULT_TENANT, JOBS, SHARDS, TASK_ERRORS
@@ -39,8 +41,8 @@ WAITING_SHARD_STATES = [ShardState.PLANNED, ShardState.QUEUED, ShardState.RETRY]
 
 
 class ShardDispatcher(Protocol):
-    async def dispatch(self, job_id: str, shard: dict[str, Any], priority: int) -> None:
-        """Send the shard's task; returns once the broker confirmed it, raises otherwise."""
+    async def dispatch(self, task: RunShard | RunFrontier, priority: int) -> None:
+        """Send the task; returns once the broker confirmed it, raises otherwise."""
 
 
 class StatusCache(Protocol):
@@ -92,7 +94,7 @@ class DeadLetterCommands:
             logger.warning("replay of %s refused: %s", entry["_id"], refusal)
             return "refused"
         job = await self._reopen_job(shard["job_id"])
-        await self.dispatcher.dispatch(shard["job_id"], shard, int(shard.get("priority") or 2))
+        await self.dispatcher.dispatch(task_for_shard(shard), int(shard.get("priority") or 2))
         await entries.update_one(
             {"_id": entry["_id"], "status": DeadLetterStatus.REPLAYING, "replay.command_id": command.command_id},
             {"$set": {"replay.dispatched_at_ms": epoch_ms()}, "$inc": {"replay.dispatches": 1}},

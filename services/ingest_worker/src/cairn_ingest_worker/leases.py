@@ -129,11 +129,17 @@ class ShardLeases:
         )
 
     def renew(self, claim: Claim) -> bool:
+        # Not a handed-off lease (lease_until 0): renewing it would hold the continuation back.
         result = self._shards.update_one(
-            {"task_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING},
+            {"task_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING, "lease_until": {"$gt": 0}},
             {"$set": {"lease_until": epoch_ms() + self._ttl_ms}},
         )
         return result.matched_count == 1
+
+    def taken_over(self, claim: Claim) -> bool:
+        """Whether a newer claim holds the shard (not merely: this run finished or handed off)."""
+        shard = self._shards.find_one({"task_key": claim.shard_key}, {"fencing_token": 1})
+        return shard is not None and int(shard["fencing_token"]) > claim.token
 
     def commit(self, claim: Claim, cursor: int, records: int, written: int, duplicates: int) -> "Commit":
         """Record a stored batch (`stored` is False if another worker holds the shard now) and
@@ -225,7 +231,10 @@ class Heartbeat:
         while not self._stopped.wait(self._interval_s):
             try:
                 if not self._leases.renew(self._claim):
-                    logger.warning("shard %s: lease lost (token %d)", self._claim.shard_key, self._claim.token)
+                    if self._leases.taken_over(self._claim):
+                        # The renewal was a late write refused by the fencing token.
+                        self._leases.note_fenced_write(self._claim)
+                        logger.warning("shard %s: lease lost (token %d)", self._claim.shard_key, self._claim.token)
                     self.lost.set()
                     return
             except Exception:  # a store hiccup: keep trying until the lease really expires

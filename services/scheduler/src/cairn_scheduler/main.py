@@ -9,12 +9,12 @@ import redis.asyncio as aioredis
 from cairn_contracts.messages import CancelJob, ShardFinished, StartJob
 from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_CONTROL, QUEUE_SCHEDULER_EVENTS
 from cairn_runtime.amqp import Publisher, connect, declare_topology
+from cairn_runtime.celery_config import ShardTaskSender
 from cairn_runtime.consumer import ContractConsumer
 from cairn_runtime.instrumentation import instrument_celery
 from cairn_runtime.mongo import async_client, ensure_indexes
 from cairn_runtime.service import run_service
 from cairn_scheduler.cancel import Canceller
-from cairn_scheduler.dispatch import CeleryDispatcher
 from cairn_scheduler.gauges import GaugeCollector
 from cairn_scheduler.jobs import JobScheduler
 from cairn_scheduler.locks import JobLockRelease
@@ -38,7 +38,7 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
         await channel.set_qos(prefetch_count=settings.prefetch)
         queues = await declare_topology(channel)
         publisher = await Publisher.open(connection, settings.publish_timeout_s)
-        dispatcher = CeleryDispatcher.for_broker(settings.amqp_url)
+        dispatcher = ShardTaskSender.for_broker(settings.amqp_url, "cairn-scheduler")
         scheduler = JobScheduler(db, dispatcher, locks=locks)
         canceller = Canceller(scheduler, settings.result_ttl_s)
         common = {"service": settings.service_name, "publisher": publisher}

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from pymongo.asynchronous.database import AsyncDatabase
 
-from cairn_contracts.messages import RunFrontier, RunShard
+from cairn_contracts.messages import RunShard
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import SHARDS
+from cairn_runtime.celery_config import task_for_shard
 from cairn_scheduler.jobs import ShardDispatcher, epoch_ms, utcnow
 from cairn_scheduler.metrics import LEASE_RECLAIMS
 
@@ -48,14 +49,8 @@ class LeaseReaper:
                 "shard %s: lease of %s expired; back to ready (attempts so far counted at claim)",
                 shard["task_key"], shard.get("taken_by"),
             )
-            await self.dispatcher.dispatch(self._task_for(shard), int(shard.get("priority", 2)))
+            await self.dispatcher.dispatch(task_for_shard(shard), int(shard.get("priority", 2)))
         return reclaimed
-
-    @staticmethod
-    def _task_for(shard: dict) -> RunShard | RunFrontier:
-        if shard.get("strategy") == "lease_frontier":
-            return RunFrontier(job_id=shard["job_id"], lane=int(shard.get("index", 0)))
-        return RunShard(job_id=shard["job_id"], shard_key=shard["task_key"])
 
     async def redispatch_stale(self, older_than_s: float) -> int:
         """Send a task again for push-dispatched shards queued for too long (a lost task)."""
