@@ -11,7 +11,7 @@ PYTEST := uv run --no-sync pytest
 # Extra pytest arguments, e.g. make test-unit PYTEST_ARGS="-k lease -x"
 PYTEST_ARGS ?=
 
-.PHONY: help install local-services test-services up down test test-unit test-e2e logs lock compose-config
+.PHONY: help install local-services test-services up down status test test-unit test-e2e logs lock compose-config
 
 help: ## List the targets
 	@echo "Cairn make targets:"
@@ -37,6 +37,9 @@ up: ## Run the system: docker compose if a Docker engine answers, else local pro
 down: ## Stop what `make up` started
 	@infra/local/down.sh
 
+status: ## State of the local processes `make up` runs under supervisord (pid, uptime, restarts in .run/logs/supervisord.log)
+	@infra/local/status.sh
+
 test: install test-services ## What CI runs: every test suite (libs, services, tests-e2e)
 	$(PYTEST) libs services tests-e2e $(PYTEST_ARGS)
 
@@ -53,7 +56,7 @@ BENCH_ARGS ?= all
 bench: ## Benchmarks against the `make up` system: table, JSON, REPORT.md with plots (bench/results/)
 	uv run --no-sync python -m bench $(BENCH_ARGS)
 
-logs: ## Follow the logs of the local processes (.run/logs)
+logs: ## Follow the logs of the local processes and of their supervisor (.run/logs)
 	@ls .run/logs/*.log >/dev/null 2>&1 || { echo "no logs in .run/logs (start with: make up; with Docker: docker compose logs -f)"; exit 1; }
 	tail -n 50 -F .run/logs/*.log
 

@@ -162,7 +162,8 @@ def test_a_job_cancelled_before_it_starts_never_runs(system: System) -> None:
         job_id = client.post("/v1/jobs", json={**SMALL, "name": f"never {uuid.uuid4().hex}", "target_collection": "e2e_never"}).json()["id"]
         client.post(f"/v1/jobs/{job_id}/cancel")
         wait_for("the job is CANCELLED", lambda: job_state(client, job_id) == "CANCELLED", system=system)
-        assert client.post(f"/v1/jobs/{job_id}/cancel").json()["state"] == "CANCELLED"  # idempotent
+        again = client.post(f"/v1/jobs/{job_id}/cancel")  # nothing left to cancel: told so
+        assert again.status_code == 409 and again.json()["loc"] == ["path", "job_id"]
         assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
         assert client.get(f"/v1/jobs/{job_id}").status_code == 404
     stored = system.db.e2e_never.count_documents({"job_id": job_id})

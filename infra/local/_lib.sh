@@ -100,8 +100,50 @@ group_leftovers() {
 }
 
 # The local processes, in start order: name, then the extra metrics port (gateway: none, its
-# /metrics is on the HTTP port).
+# /metrics is on the HTTP port). Each port can be moved through the environment (tests run a
+# second `make up` beside a developer's this way).
 # shellcheck disable=SC2034 # used by the scripts that source this file
 CAIRN_SERVICES=(cairn-gateway cairn-scheduler cairn-ingest-worker cairn-dlq-handler)
 # shellcheck disable=SC2034
-declare -A CAIRN_METRICS_PORTS=([cairn-scheduler]=9102 [cairn-ingest-worker]=9103 [cairn-dlq-handler]=9104)
+declare -A CAIRN_METRICS_PORTS=(
+    [cairn-scheduler]="${CAIRN_SCHEDULER_METRICS_PORT:-9102}"
+    [cairn-ingest-worker]="${CAIRN_INGEST_WORKER_METRICS_PORT:-9103}"
+    [cairn-dlq-handler]="${CAIRN_DLQ_HANDLER_METRICS_PORT:-9104}"
+)
+
+# --- supervisord (the local path's process supervisor; up.sh writes its configuration)
+VENV_BIN="$CAIRN_ROOT/.venv/bin"
+SUPERVISOR_CONF="$RUN_DIR/supervisord.conf"
+SUPERVISOR_PIDFILE="$RUN_DIR/supervisord.pid"
+
+# sctl ARGS...: supervisorctl against this run directory's supervisord.
+sctl() {
+    "$VENV_BIN/supervisorctl" -c "$SUPERVISOR_CONF" "$@"
+}
+
+# supervisord_pid: prints the pid of this run directory's supervisord; false when none runs.
+# The pid must also carry the marker up.sh starts it with (a recycled pid is never taken for it).
+supervisord_pid() {
+    local pid
+    [[ -f "$SUPERVISOR_PIDFILE" ]] || return 1
+    pid=$(<"$SUPERVISOR_PIDFILE")
+    [[ "$pid" =~ ^[0-9]+$ ]] && proc_running "$pid" || return 1
+    grep -qxzF -- "CAIRN_SUPERVISOR=$RUN_DIR" "/proc/$pid/environ" 2>/dev/null || return 1
+    echo "$pid"
+}
+
+# supervised_leftovers: pids of live processes started under this run directory's supervisord
+# (they inherit its marker CAIRN_SUPERVISOR=RUN_DIR), e.g. Celery pool children orphaned when
+# their main process was killed; supervisord itself is not listed.
+supervised_leftovers() {
+    local environ pid self
+    self=$(supervisord_pid || true)
+    for environ in /proc/[0-9]*/environ; do
+        pid=${environ#/proc/}
+        pid=${pid%/environ}
+        [[ "$pid" == "$self" || "$pid" == "$$" || "$pid" == "$BASHPID" ]] && continue
+        grep -qxzF -- "CAIRN_SUPERVISOR=$RUN_DIR" "$environ" 2>/dev/null || continue
+        proc_running "$pid" && echo "$pid"
+    done
+    return 0
+}

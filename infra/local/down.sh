@@ -2,9 +2,12 @@
 # `make down`: stop what `make up` started.
 #
 # Docker path (a Docker engine answers and CAIRN_LOCAL is not 1): docker compose down.
-# Local path: every process recorded in .run/pids/ by up.sh (the four services, then nx-27017
-# if up.sh started it) gets SIGTERM, up to CAIRN_STOP_TIMEOUT (default 15) seconds to exit, then
-# SIGKILL (with its whole process group, e.g. Celery pool children). The system RabbitMQ and
+# Local path: `supervisorctl shutdown` to the supervisord that up.sh started (it sends SIGTERM to
+# each program's whole process group, gives it CAIRN_STOP_TIMEOUT (default 15) seconds, then
+# SIGKILL, and exits); anything it started that is still alive after that (e.g. the pool
+# children of a worker whose main process was killed) gets SIGKILL. Processes recorded in
+# .run/pids/ by an older up.sh (no supervisor) are stopped too: SIGTERM, up to
+# CAIRN_STOP_TIMEOUT seconds, then SIGKILL with their process group. The system RabbitMQ and
 # Redis are never stopped.
 set -euo pipefail
 SCRIPT_TAG=down
@@ -81,10 +84,37 @@ stop() {
     done
 }
 
+# stop_supervisord: shut down this run directory's supervisord and everything it started.
+stop_supervisord() {
+    local pid leftovers deadline
+    if pid=$(supervisord_pid); then
+        say "supervisord (pid $pid): shutdown (each program: SIGTERM to its process group, SIGKILL after ${STOP_TIMEOUT}s)"
+        sctl shutdown >/dev/null 2>&1 || { warn "supervisorctl shutdown failed: SIGTERM to supervisord"; kill -TERM "$pid" 2>/dev/null || true; }
+        # supervisord exits once every program has stopped (its own SIGKILL comes at STOP_TIMEOUT).
+        deadline=$((SECONDS + STOP_TIMEOUT + 10))
+        while proc_running "$pid" && ((SECONDS < deadline)); do sleep 0.3; done
+        if proc_running "$pid"; then
+            warn "supervisord still running after $((STOP_TIMEOUT + 10))s: SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        else
+            say "supervisord: stopped"
+        fi
+    fi
+    leftovers=$(supervised_leftovers)
+    if [[ -n "$leftovers" ]]; then
+        warn "still alive from the supervised processes (e.g. pool children of a killed worker): SIGKILL ${leftovers//$'\n'/ }"
+        # shellcheck disable=SC2086
+        kill -KILL $leftovers 2>/dev/null || true
+    fi
+    rm -f "$SUPERVISOR_PIDFILE"
+}
+stop_supervisord
+
 if [[ ! -d "$PID_DIR" ]] || [[ -z "$(ls -A "$PID_DIR" 2>/dev/null)" ]]; then
-    say "no local processes recorded in ${PID_DIR#"$CAIRN_ROOT"/}: nothing to stop"
+    say "done (system RabbitMQ and Redis left running)"
     exit 0
 fi
+say "stopping the processes recorded in ${PID_DIR#"$CAIRN_ROOT"/} by an older make up"
 
 # Services first (the gateway stops taking requests first), then the store they write to.
 stop "${CAIRN_SERVICES[@]}"

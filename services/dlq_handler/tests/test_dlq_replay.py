@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from cairn_contracts.messages import DeadLetterCommand, ShardFinished
 from cairn_contracts.states import DeadLetterStatus, JobState, ReplayOutcome, ShardState
-from cairn_contracts.store import JOBS, SHARDS, STATUS_CACHE_KEY, TASK_ERRORS
+from cairn_contracts.store import DLQ_COMMANDS, JOBS, SHARDS, STATUS_CACHE_KEY, TASK_ERRORS
 from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
 from cairn_contracts.topology import QUEUE_INGEST
 from cairn_dlq_handler.status_cache import RedisStatusCache
@@ -251,4 +251,35 @@ async def test_a_dead_letter_of_a_cancelled_job_is_not_replayed(commands, db, br
     entry = await db[TASK_ERRORS].find_one({"_id": ENTRY})
     assert entry["status"] == DeadLetterStatus.OPEN and "cancelled" in entry["replay"]["note"]
     assert (await db[SHARDS].find_one({"_id": FAILED_SHARD}))["state"] == ShardState.FAILED
+    assert await drain(broker.queues[QUEUE_INGEST]) == []
+
+
+async def test_each_command_outcome_is_recorded_by_its_id_and_a_redelivery_does_not_rewrite_it(commands, db, broker) -> None:
+    await seed_failure(db)
+    await db[TASK_ERRORS].update_one({"_id": ENTRY}, {"$set": {"pending_command": {"command_id": "cmd-1", "action": "replay", "at_ms": 1}}})
+
+    await commands.handle(command(command_id="cmd-1"))
+    await commands.handle(command(command_id="cmd-2"))
+    await commands.handle(command("discard", "d-1"))
+    await commands.handle(command(command_id="cmd-1"))  # redelivered
+    with pytest.raises(Unprocessable):
+        await commands.handle(command(command_id="cmd-3", entry="no-such-entry"))
+
+    outcomes = {c["_id"]: c async for c in db[DLQ_COMMANDS].find({})}
+    assert (outcomes["cmd-1"]["status"], outcomes["cmd-1"]["outcome"]) == ("done", "dispatched")
+    assert (outcomes["cmd-2"]["outcome"], outcomes["cmd-2"]["detail"]) == ("refused", "entry is replaying")
+    assert (outcomes["d-1"]["outcome"], outcomes["d-1"]["action"]) == ("refused", "discard")
+    assert outcomes["cmd-3"]["outcome"] == "refused" and "no-such-entry" in outcomes["cmd-3"]["detail"]
+    assert outcomes["cmd-1"]["dead_letter_id"] == ENTRY and outcomes["cmd-1"]["requested_by"] == "alice"
+    assert "pending_command" not in await db[TASK_ERRORS].find_one({"_id": ENTRY})  # the gateway's claim is released
+    await drain(broker.queues[QUEUE_INGEST])
+
+
+async def test_a_refused_replay_records_why(commands, db, broker) -> None:
+    await seed_failure(db, shard_state=ShardState.SUCCEEDED)
+
+    await commands.handle(command())
+
+    recorded = await db[DLQ_COMMANDS].find_one({"_id": "cmd-1"})
+    assert recorded["outcome"] == "refused" and "SUCCEEDED" in recorded["detail"]
     assert await drain(broker.queues[QUEUE_INGEST]) == []

@@ -156,10 +156,12 @@ async def test_replay_publishes_a_confirmed_command_naming_who_asked(client, db,
     assert (command.action, command.dead_letter_id, command.requested_by, command.note) == ("replay", entry_id, "alice", "fixed upstream")
     assert response.json() == {
         "command_id": command.command_id, "action": "replay", "dead_letter_id": entry_id, "entry_url": f"/dlq/entries/{entry_id}",
+        "command_url": f"/dlq/commands/{command.command_id}",
     }
     assert command.api_key_id is not None
     # Without an actor header, the API key (its name) asked.
-    assert (await client.post(f"/dlq/entries/{entry_id}/replay")).status_code == 202
+    [other] = seed(db)
+    assert (await client.post(f"/dlq/entries/{other}/replay")).status_code == 202
     again = DeadLetterCommand.model_validate_json((await next_message(commands)).body)
     assert (again.requested_by, again.api_key_id) == ("dlq-tests", command.api_key_id)
 
@@ -267,3 +269,45 @@ async def test_the_dead_letter_api_is_for_admin_keys_only(app, db) -> None:
         headers = {"Authorization": f"Bearer {reader}"}
         assert (await anonymous.get("/dlq/entries", headers=headers)).status_code == 403
         assert (await anonymous.post(f"/dlq/entries/{entry_id}/replay", headers=headers)).status_code == 403
+
+
+async def test_a_second_command_while_one_is_pending_is_409_and_the_outcome_is_readable(app, client, db, commands, test_env) -> None:
+    from cairn_dlq_handler.replay import DeadLetterCommands
+    from cairn_runtime.celery_config import ShardTaskSender
+
+    [entry_id] = seed(db)  # its shard is not recorded: the DLQ handler will refuse the replay
+
+    first = await client.post(f"/dlq/entries/{entry_id}/replay")
+    assert first.status_code == 202, first.text
+    command_url = first.json()["command_url"]
+    pending = (await client.get(command_url)).json()
+    assert (pending["status"], pending["outcome"], pending["entry_status"]) == ("pending", None, "open")
+
+    # The handler has not taken the first command yet: its outcome decides, the second is refused now.
+    for action in ("replay", "discard"):
+        second = await client.post(f"/dlq/entries/{entry_id}/{action}")
+        assert second.status_code == 409, second.text
+        assert first.json()["command_id"] in second.json()["detail"]
+    bulk = (await client.post("/dlq/replay", json={"job_id": db[TASK_ERRORS].find_one({"_id": entry_id})["job_id"]})).json()
+    assert (bulk["matched"], bulk["published"]) == (0, 0)
+
+    # The real DLQ handler handles the command it was sent.
+    [message] = await drain(commands)
+    handler = DeadLetterCommands(app.state.dead_letters.db, ShardTaskSender.for_broker(test_env.amqp_url, "gateway-tests"))
+    await handler.handle(DeadLetterCommand.model_validate_json(message.body))
+
+    done = (await client.get(command_url)).json()
+    assert (done["status"], done["outcome"], done["entry_status"]) == ("done", "refused", "open")
+    assert "not recorded" in done["detail"] and done["finished_at"] is not None
+    # Handled: the entry takes a new command again.
+    assert (await client.post(f"/dlq/entries/{entry_id}/discard")).status_code == 202
+    assert (await client.get("/dlq/commands/nope")).status_code == 404
+
+
+async def test_replay_of_an_entry_already_replaying_is_409(client, db, commands) -> None:
+    [entry_id] = seed(db, status=DeadLetterStatus.REPLAYING, replay={"command_id": "earlier"})
+
+    response = await client.post(f"/dlq/entries/{entry_id}/replay")
+
+    assert response.status_code == 409 and "replaying" in response.json()["detail"]
+    assert await drain(commands) == []

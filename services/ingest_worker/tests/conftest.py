@@ -1,4 +1,5 @@
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -101,3 +102,19 @@ def seed_shard() -> Callable[..., str]:
 def seed_job() -> Callable[..., dict[str, Any]]:
     """seed_job(db, job_id, spec) -> the recorded job document (state STARTED)"""
     return _seed_job
+
+
+@pytest.fixture
+def amqp_url(test_env) -> Iterator[str]:
+    """A RabbitMQ vhost of this test's own, with Cairn's topology declared; its URL."""
+    from kombu import Connection
+
+    from cairn_ingest_worker.publisher import declare_topology
+    from cairn_testkit.fixtures import AMQP_HOST
+    from cairn_testkit.servers import rabbitmq_vhost
+
+    with rabbitmq_vhost(f"cairn-test-{test_env.run_id}-{uuid.uuid4().hex[:8]}") as vhost:
+        url = f"amqp://guest:guest@{AMQP_HOST}/{vhost}"
+        with Connection(url) as connection:
+            declare_topology(connection)
+        yield url

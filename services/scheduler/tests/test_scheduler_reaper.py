@@ -83,18 +83,23 @@ async def test_reap_of_a_lease_frontier_item_sends_a_runner_for_its_lane(db) -> 
     assert recorder.dispatched == [(RunFrontier(job_id="job", lane=5), 3)]
 
 
-async def test_redispatch_stale_resends_the_task_of_a_shard_queued_too_long(db) -> None:
+async def test_redispatch_lost_resends_the_task_of_each_shard_queued_before_the_cutoff_once(db) -> None:
     now = epoch_ms()
     await shard(db, "job:0000", ShardState.QUEUED, queued_at_ms=now - 600_000)
     await shard(db, "job:0001", ShardState.QUEUED, queued_at_ms=now)
-    await shard(db, "job:0002", ShardState.QUEUED, strategy="lease_frontier", queued_at_ms=now - 600_000)
+    await shard(db, "job:0002", ShardState.RUNNING, queued_at_ms=now - 600_000)
+    await shard(db, "front:0003", ShardState.QUEUED, strategy="lease_frontier", index=3, queued_at_ms=now - 600_000)
+    await shard(db, "front:0004", ShardState.QUEUED, strategy="lease_frontier", index=4, queued_at_ms=now - 600_000)
     recorder = Recorder()
     reaper = LeaseReaper(db, recorder)
 
-    assert await reaper.redispatch_stale(older_than_s=300) == 1
+    assert await reaper.redispatch_lost(cutoff_ms=now - 1) == 2
 
-    assert recorder.dispatched == [(RunShard(job_id="job", shard_key="job:0000"), 3)]
+    # One runner for the frontier job: it pulls every claimable item.
+    assert sorted(recorder.dispatched, key=repr) == sorted(
+        [(RunShard(job_id="job", shard_key="job:0000"), 3), (RunFrontier(job_id="front", lane=3), 3)], key=repr
+    )
     stale = await db[SHARDS].find_one({"_id": "job:0000"})
     assert stale["redispatches"] == 1
     assert stale["queued_at_ms"] >= now
-    assert await reaper.redispatch_stale(older_than_s=300) == 0  # the clock restarted
+    assert await reaper.redispatch_lost(cutoff_ms=now - 1) == 0  # the clock restarted

@@ -2,13 +2,16 @@
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from cairn_contracts.bounds import ContractModel
 
 from cairn_contracts.pipelines import MONGO_RANGE, SYNTHETIC, MongoRangeParams, SyntheticParams
 from cairn_contracts.states import Priority
 
 
-class RangeSharding(BaseModel):
+class RangeSharding(ContractModel):
     """Split the pipeline's key range into `shards` contiguous, near-equal ranges, one task each."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -17,7 +20,7 @@ class RangeSharding(BaseModel):
     shards: int = Field(1, ge=1, le=1024)
 
 
-class HashModSharding(BaseModel):
+class HashModSharding(ContractModel):
     """`shards` buckets: a record belongs to bucket `stable_hash(key) % shards`; one task per
     bucket, each scanning the whole key range with its own cursor and keeping its own records."""
 
@@ -27,7 +30,7 @@ class HashModSharding(BaseModel):
     shards: int = Field(..., ge=1, le=1024)
 
 
-class LeaseFrontierSharding(BaseModel):
+class LeaseFrontierSharding(ContractModel):
     """The key range cut into work items of `item_size` keys kept in the shards collection;
     `shards` runner tasks pull items one at a time by lease until none is left."""
 
@@ -39,6 +42,18 @@ class LeaseFrontierSharding(BaseModel):
 
 
 SHARDING_STRATEGIES = ("range", "hash_mod", "lease_frontier")
+
+# The most shards or work items one job may plan. Every item is two documents (shard and
+# checkpoint) that the scheduler writes, the roll-up counts and the status reads, so a job's plan
+# must stay bounded whatever its key range: a larger range takes a larger `item_size`. Range and
+# hash-mod plans are bounded by `shards` (at most 1024) already.
+MAX_ITEMS_PER_JOB = 10_000
+
+
+def lease_frontier_items(key_range: tuple[int, int], item_size: int) -> int:
+    """How many work items a lease-frontier plan cuts [start, end) into."""
+    start, end = key_range
+    return -(-(end - start) // item_size)  # integer ceiling: keys reach 2^63, beyond a float's precision
 
 
 def strategy(value: Any) -> str | None:
@@ -58,7 +73,7 @@ Sharding = Annotated[
 ]
 
 
-class RetryPolicy(BaseModel):
+class RetryPolicy(ContractModel):
     """How often and how patiently a shard's retryable failures are retried.
 
     Any field left out falls back to the pipeline's declared default, then to the worker's
@@ -79,7 +94,7 @@ class RetryPolicy(BaseModel):
         return self
 
 
-class _JobSpecBase(BaseModel):
+class _JobSpecBase(ContractModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str | None = Field(None, max_length=200, description="Free text to find the job by")
@@ -90,6 +105,30 @@ class _JobSpecBase(BaseModel):
         "records", pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$", description="Collection the records go to"
     )
     retry: RetryPolicy | None = Field(None, description="Retry policy of this job (default: the pipeline's, then the worker's)")
+
+    @model_validator(mode="after")
+    def _plan_is_bounded(self) -> "_JobSpecBase":
+        """At most MAX_ITEMS_PER_JOB lease-frontier items; the error names `sharding.item_size`."""
+        sharding, params = self.sharding, getattr(self, "params", None)
+        if not isinstance(sharding, LeaseFrontierSharding) or params is None:
+            return self
+        key_range = params.key_range()
+        items = lease_frontier_items(key_range, sharding.item_size)
+        if items <= MAX_ITEMS_PER_JOB:
+            return self
+        smallest = lease_frontier_items(key_range, MAX_ITEMS_PER_JOB)  # the item_size giving exactly the maximum
+        error = PydanticCustomError(
+            "too_many_items",
+            "item_size {item_size} cuts the key range into {items} work items; a job plans at most "
+            "{max_items}: make item_size at least {smallest} or the key range smaller",
+            {"item_size": sharding.item_size, "items": items, "max_items": MAX_ITEMS_PER_JOB, "smallest": smallest},
+        )
+        # A ValidationError raised here keeps its own location, so the 422 names the field at fault
+        # (["body", "sharding", "item_size"]) instead of the whole spec.
+        raise ValidationError.from_exception_data(
+            type(self).__name__,
+            [InitErrorDetails(type=error, loc=("sharding", "item_size"), input=sharding.item_size)],
+        )
 
 
 class SyntheticJobSpec(_JobSpecBase):

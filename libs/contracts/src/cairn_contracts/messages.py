@@ -80,7 +80,8 @@ class ShardFinished(Message):
     finished_at: datetime = Field(default_factory=utcnow)
 
 
-DeadLetterReason = Literal["non_retryable", "retries_exhausted", "contract_violation", "poison"]
+# unknown_shard: a task naming a shard that is not recorded (a stale or forged task).
+DeadLetterReason = Literal["non_retryable", "retries_exhausted", "contract_violation", "poison", "unknown_shard"]
 
 
 class OriginalMessage(BaseModel):

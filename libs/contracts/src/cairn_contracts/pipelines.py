@@ -6,7 +6,9 @@ ingest worker holds the implementation registered under the same name.
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from cairn_contracts.bounds import ContractModel
 
 SYNTHETIC = "synthetic"
 MONGO_RANGE = "mongo_range"
@@ -18,7 +20,7 @@ FailureKind = Literal["non_retryable", "retryable", "crash"]
 MAX_KEY = 2**62
 
 
-class _Params(BaseModel):
+class _Params(ContractModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     def key_range(self) -> tuple[int, int]:

@@ -19,7 +19,9 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from cairn_contracts.bounds import ContractModel, Moment
 
 ScheduleKind = Literal["cron", "interval", "once"]
 SCHEDULE_KINDS: tuple[str, ...] = ("cron", "interval", "once")
@@ -38,8 +40,9 @@ def _utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
-class ScheduleTiming(BaseModel):
-    """When a schedule runs. Naive datetimes are read as UTC."""
+class ScheduleTiming(ContractModel):
+    """When a schedule runs. Naive datetimes are read as UTC; every moment lies between
+    cairn_contracts.bounds.MIN_MOMENT and MAX_MOMENT (else a 422 naming it)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,9 +52,9 @@ class ScheduleTiming(BaseModel):
     )
     timezone: str = Field("UTC", max_length=64, description="kind=cron: IANA time zone the expression is read in", examples=["Europe/Berlin"])
     interval_s: int | None = Field(None, ge=1, le=MAX_INTERVAL_S, validate_default=True, description="kind=interval: seconds between runs")
-    at: datetime | None = Field(None, validate_default=True, description="kind=once: when it runs")
-    start_at: datetime | None = Field(None, description="No run before this moment (interval: the first run)")
-    end_at: datetime | None = Field(None, description="No run after this moment")
+    at: Moment | None = Field(None, validate_default=True, description="kind=once: when it runs")
+    start_at: Moment | None = Field(None, description="No run before this moment (interval: the first run)")
+    end_at: Moment | None = Field(None, description="No run after this moment")
     max_runs: int | None = Field(None, ge=1, le=1_000_000, description="Stop after this many scheduled runs")
 
     @field_validator("cron")
@@ -155,6 +158,8 @@ class ScheduleTiming(BaseModel):
             return to_ms(next(CronSim(self.cron, start)))
         except (StopIteration, CronSimError):
             return None  # an expression that never matches again (e.g. 30 February)
+        except (OverflowError, ValueError):
+            return None  # its next match lies past the years datetime can hold: no run left
 
     def timing_fields(self) -> dict[str, Any]:
         """The timing as stored in a schedules document (datetimes also as *_ms integers)."""

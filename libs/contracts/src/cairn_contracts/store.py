@@ -23,6 +23,9 @@ DEDUP = "dedup"
 TASK_ERRORS = "task_errors"
 RAW_PAYLOADS = "raw_payloads"
 SCHEDULES = "schedules"
+# Replay/discard commands to the DLQ handler by command_id: the gateway records each one `pending`
+# before publishing it, the DLQ handler records its outcome (GET /dlq/commands/{command_id}).
+DLQ_COMMANDS = "dlq_commands"
 API_KEYS = "api_keys"  # {_id: key id, tenant, scopes, secret_hash (sha256 hex), name, created_at, revoked_at}
 # GridFS bucket of large raw payloads (collections raw_payload_blobs.files / .chunks); the
 # RawPayload metadata document in `raw_payloads` points at its file.
@@ -76,6 +79,9 @@ INDEXES: tuple[IndexSpec, ...] = (
     IndexSpec(SHARDS, (("task_key", 1),), unique=True),
     IndexSpec(SHARDS, (("job_id", 1), ("state", 1))),
     IndexSpec(SHARDS, (("lease_until", 1),)),
+    # The scheduler's due retries and lost-task scan (reaper.py).
+    IndexSpec(SHARDS, (("state", 1), ("next_retry_at_ms", 1))),
+    IndexSpec(SHARDS, (("state", 1), ("queued_at_ms", 1))),
     IndexSpec(CHECKPOINTS, (("shard_key", 1), ("sub_key", 1)), unique=True),
     IndexSpec(CHECKPOINTS, (("job_id", 1),)),
     IndexSpec(DEDUP, (("task_fingerprint", 1),), unique=True),

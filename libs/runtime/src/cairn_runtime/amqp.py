@@ -7,6 +7,7 @@ time raises `PublishNotConfirmed`; the caller decides whether to retry, requeue 
 
 import asyncio
 import base64
+import contextlib
 import logging
 import traceback
 import uuid
@@ -55,8 +56,10 @@ class ContractViolation(Exception):
         self.error = error
 
 
-async def connect(url: str, connection_name: str) -> AbstractRobustConnection:
-    return await aio_pika.connect_robust(url, client_properties={"connection_name": connection_name})
+async def connect(url: str, connection_name: str, timeout_s: float | None = None) -> AbstractRobustConnection:
+    """A robust connection (it reconnects by itself once made); the first attempt raises if the
+    broker does not answer (within `timeout_s`, if given)."""
+    return await aio_pika.connect_robust(url, client_properties={"connection_name": connection_name}, timeout=timeout_s)
 
 
 async def declare_topology(channel: AbstractChannel) -> dict[str, AbstractQueue]:
@@ -151,6 +154,84 @@ class Publisher:
         await self._channel.close()
 
 
+class BackgroundPublisher(Publisher):
+    """A Publisher for a service that must start, and keep answering, while RabbitMQ is away
+    (the gateway: what it publishes is recorded first, and the scheduler's relay publishes it later).
+
+    `start()` tries the broker once; if it does not answer, a background task keeps trying (backoff
+    doubling up to `retry_max_s`, one log line per attempt) and declares the topology once it does.
+    After that the robust connection reconnects by itself. Until connected, and whenever the
+    connection is down, `publish` raises `PublishNotConfirmed` at once instead of waiting for a
+    reconnect; a connected publish is bounded by `timeout_s` as a whole.
+    """
+
+    def __init__(self, url: str, connection_name: str, timeout_s: float, *, retry_max_s: float = 30.0) -> None:
+        super().__init__(None, timeout_s)  # type: ignore[arg-type]  # no channel until connected
+        self._url = url
+        self._connection_name = connection_name
+        self._retry_max_s = retry_max_s
+        self._connection: AbstractRobustConnection | None = None
+        self._connecting: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connect now if the broker answers, else keep trying in the background; never raises."""
+        if await self._attempt():
+            return
+        self._connecting = asyncio.create_task(self._keep_trying(), name=f"{self._connection_name}: connect to RabbitMQ")
+
+    @property
+    def connected(self) -> bool:
+        """True while a publish can be confirmed: connected, channel open."""
+        return (
+            self._connection is not None
+            and self._connection.connected.is_set()
+            and self._channel is not None
+            and not self._channel.is_closed
+        )
+
+    async def _keep_trying(self) -> None:
+        delay = 0.5
+        while not await self._attempt():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._retry_max_s)
+
+    async def _attempt(self) -> bool:
+        connection = None
+        try:
+            connection = await connect(self._url, self._connection_name, timeout_s=self._timeout_s)
+            async with connection.channel() as channel:
+                await declare_topology(channel)
+            self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        except Exception as exc:  # whatever stops this attempt, the next one may succeed: never end the loop
+            logger.warning("RabbitMQ does not answer (%r); publishes fail until it does, retrying", exc)
+            if connection is not None:
+                await connection.close()
+            return False
+        self._connection = connection
+        logger.info("connected to RabbitMQ as %s", self._connection_name)
+        return True
+
+    async def publish_bytes(self, exchange: str, routing_key: str, body: bytes, **options: Any) -> None:
+        if not self.connected:
+            raise PublishNotConfirmed(f"{exchange}/{routing_key}: not connected to RabbitMQ")
+        try:
+            # A robust channel would wait for a reconnect unbounded: bound the whole publish.
+            async with asyncio.timeout(self._timeout_s):
+                await super().publish_bytes(exchange, routing_key, body, **options)
+        except TimeoutError as exc:
+            raise PublishNotConfirmed(f"{exchange}/{routing_key}: not confirmed in {self._timeout_s} s") from exc
+
+    async def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = None
+        self._channel = None  # type: ignore[assignment]
+
+
 def decode(message: AbstractIncomingMessage, model: type[M]) -> M:
     try:
         return model.model_validate_json(message.body)
@@ -197,10 +278,13 @@ def dead_letter_for(
     job_id: str | None = None,
     shard_key: str | None = None,
     attempts: int = 0,
+    dead_letter_id: str | None = None,
 ) -> DeadLetter:
+    """`dead_letter_id`: derive it from the message when it may be dead-lettered again on a
+    redelivery (the DLQ handler records one task_errors entry per id); default a fresh uuid4."""
     stack = "".join(traceback.format_exception(error))[-STACK_LIMIT:]
     return DeadLetter(
-        dead_letter_id=str(uuid.uuid4()),
+        dead_letter_id=dead_letter_id or str(uuid.uuid4()),
         source_service=source_service,
         source_queue=source_queue,
         reason=reason,

@@ -29,6 +29,10 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         # Publisher confirms for every message Celery publishes (tasks, retries).
         "broker_transport_options": {"confirm_publish": True},
         "broker_connection_retry_on_startup": True,
+        # AMQP heartbeats: a broker connection that went silent (half-open) is noticed within ~2
+        # beats instead of a task blocking on it; connects give up after 10 s and are retried.
+        "broker_heartbeat": 30,
+        "broker_connection_timeout": 10,
         "task_queues": (INGEST_QUEUE,),
         "task_default_queue": QUEUE_INGEST,
         "task_routes": {TASK_RUN_SHARD: {"queue": QUEUE_INGEST}, TASK_RUN_FRONTIER: {"queue": QUEUE_INGEST}},

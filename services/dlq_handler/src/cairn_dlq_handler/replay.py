@@ -12,7 +12,12 @@ redelivered after a crash continues where it stopped:
    here it derives the job's state from its shards again), and its cached status is dropped;
 4. the shard's Celery task is sent, confirmed by the broker (else the command is requeued).
 
-The outcome is derived from the shard, never from an event's payload: when the shard is
+Each command's own outcome (dispatched, discarded, refused and why, already_done) is recorded in
+`dlq_commands` by its command_id, where the gateway serves it (GET /dlq/commands/{id}); the first
+outcome recorded stands (a redelivery does not rewrite it), and the entry's `pending_command`
+claim the gateway set for it is released.
+
+The replay's outcome is derived from the shard, never from an event's payload: when the shard is
 `SUCCEEDED` the entry is `replayed`/`succeeded`; when it failed again (a new dead letter, a new
 entry) it is `replayed`/`failed_again` with `superseded_by` naming the new entry. Shard events
 trigger settling promptly; a periodic pass settles whatever an event did not.
@@ -25,13 +30,14 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from pymongo import ReturnDocument
+from pymongo.errors import DuplicateKeyError
 from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts.messages import RunFrontier, RunShard
 from cairn_runtime.celery_config import task_for_shard
 from cairn_contracts.messages import DeadLetterCommand, ShardFinished
 from cairn_contracts.states import TERMINAL_SHARD_STATES, DeadLetterStatus, JobState, ReplayOutcome, ShardState
-from cairn_contracts.store import DEFAULT_TENANT, JOBS, SHARDS, TASK_ERRORS
+from cairn_contracts.store import DEFAULT_TENANT, DLQ_COMMANDS, JOBS, SHARDS, TASK_ERRORS
 from cairn_dlq_handler.metrics import REPLAY_COMMANDS, REPLAY_OUTCOMES
 from cairn_runtime.consumer import Unprocessable
 
@@ -65,7 +71,13 @@ class DeadLetterCommands:
 
     # --- commands -------------------------------------------------------------------------------
     async def handle(self, command: DeadLetterCommand) -> None:
-        result = await (self.replay(command) if command.action == "replay" else self.discard(command))
+        try:
+            result = await (self.replay(command) if command.action == "replay" else self.discard(command))
+        except Unprocessable as error:
+            await self._record(command, "refused", str(error))
+            raise
+        if result != "refused":  # a refusal was recorded with its reason where it was decided
+            await self._record(command, result)
         REPLAY_COMMANDS.labels(command.action, result).inc()
 
     async def replay(self, command: DeadLetterCommand) -> str:
@@ -92,6 +104,7 @@ class DeadLetterCommands:
         except NotReplayable as refusal:
             await self._close(entry, ReplayOutcome.REFUSED, note=str(refusal), status=DeadLetterStatus.OPEN)
             logger.warning("replay of %s refused: %s", entry["_id"], refusal)
+            await self._record(command, "refused", str(refusal))
             return "refused"
         job = await self._reopen_job(shard["job_id"])
         await self.dispatcher.dispatch(task_for_shard(shard), int(shard.get("priority") or 2))
@@ -272,7 +285,31 @@ class DeadLetterCommands:
         )
         if entry.get("_id"):
             await self.db[TASK_ERRORS].update_one({"_id": entry["_id"]}, {"$inc": {f"{command.action}s_refused": 1}})
+        await self._record(command, "refused", why)
         return "refused"
+
+    async def _record(self, command: DeadLetterCommand, outcome: str, detail: str | None = None) -> None:
+        """Record what this command did (by command_id) and release the entry's claim for it."""
+        try:
+            await self.db[DLQ_COMMANDS].update_one(
+                {"_id": command.command_id, "status": {"$ne": "done"}},
+                {
+                    "$set": {"status": "done", "outcome": outcome, "detail": detail, "finished_at_ms": epoch_ms()},
+                    "$setOnInsert": {
+                        "action": command.action,
+                        "dead_letter_id": command.dead_letter_id,
+                        "requested_by": command.requested_by,
+                        "api_key_id": command.api_key_id,
+                        "requested_at_ms": int(command.requested_at.timestamp() * 1000),
+                    },
+                },
+                upsert=True,
+            )
+        except DuplicateKeyError:
+            pass  # handled before (this is a redelivery): the first outcome stands
+        await self.db[TASK_ERRORS].update_one(
+            {"_id": command.dead_letter_id, "pending_command.command_id": command.command_id}, {"$unset": {"pending_command": ""}}
+        )
 
 
 def _replay_record(command: DeadLetterCommand) -> dict[str, Any]:

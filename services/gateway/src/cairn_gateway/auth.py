@@ -1,4 +1,4 @@
-"""API keys: every request but /healthz, /metrics and the OpenAPI pages needs one.
+"""API keys: every request but /healthz, /readyz, /metrics and the OpenAPI pages needs one.
 
 A key is `cairn_<key id>_<secret>`. The `api_keys` collection keeps its id, tenant, scopes, name
 and the sha256 of the secret (never the secret; compared in constant time). The tenant comes

@@ -1,10 +1,17 @@
 """Inspect and act on the dead-letter queue's record (task_errors).
 
 Reads answer from MongoDB. Replay and discard are commands to the DLQ handler, published with a
-confirm; the gateway checks the entry first (404 unknown, 409 not open) so a client gets a
-clear answer, but the DLQ handler's conditional updates are what make a replay happen at most
-once at a time. A command the broker does not confirm is an error for the client (503): nothing
-was changed, and the request may simply be repeated.
+confirm. Before publishing, the gateway claims the entry for the command (one conditional update:
+the entry is `open` and holds no other command not yet handled), so a second replay or discard
+of an entry whose outcome is already known answers 409 instead of a 202 the handler would
+refuse: 404 unknown, 409 not open or a command pending. The DLQ handler's own conditional updates
+are still what make a replay happen at most once at a time.
+
+Each command is recorded in `dlq_commands` by its id (`pending`); the DLQ handler records its
+outcome there (`done`: dispatched, discarded, refused with the reason, already_done), read with
+GET /dlq/commands/{command_id}. A command the broker does not confirm is an error for the client
+(503): it is recorded `not_published`, the entry's claim is released, nothing changed, and the
+request may simply be repeated.
 """
 
 import base64
@@ -18,12 +25,13 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts.messages import DeadLetterAction, DeadLetterCommand
 from cairn_contracts.states import DeadLetterStatus
-from cairn_contracts.store import DEFAULT_TENANT, TASK_ERRORS
+from cairn_contracts.store import DEFAULT_TENANT, DLQ_COMMANDS, TASK_ERRORS
 from cairn_contracts.topology import EXCHANGE_COMMANDS, ROUTING_DLQ_DISCARD, ROUTING_DLQ_REPLAY
 from cairn_gateway.dlq_schemas import (
     BulkReplayAccepted,
     BulkReplayRequest,
     CommandAccepted,
+    CommandStatus,
     DeadLetterEntry,
     DeadLetterPage,
     DeadLetterSummary,
@@ -42,7 +50,17 @@ _SUMMARY_FIELDS = {
 }
 
 
+# A command the DLQ handler has not handled this long after it was requested no longer holds its
+# entry: the handler may be down with the command queued. A new command may then be published;
+# the handler's conditional updates refuse whichever of the two comes second (and record why).
+PENDING_COMMAND_STALE_S = 300
+
+
 class EntryNotFound(Exception):
+    pass
+
+
+class CommandNotFound(Exception):
     pass
 
 
@@ -154,7 +172,29 @@ class DeadLetterService:
             raise EntryConflict(f"dead letter {entry_id} is {entry.get('status')}; only open entries can be {action}ed")
         if action == "replay" and not replayable(entry):
             raise EntryConflict(f"dead letter {entry_id} names no shard to re-dispatch; it can only be discarded")
-        return await self._publish(entry, action, requested_by, note, api_key_id)
+        return await self._publish(tenant, entry, action, requested_by, note, api_key_id)
+
+    async def command(self, tenant: str, command_id: str) -> CommandStatus:
+        """What became of a replay or discard command; CommandNotFound for an unknown id."""
+        command = await self.db[DLQ_COMMANDS].find_one({"_id": command_id, **EntryFilter().query(tenant)})
+        if command is None:
+            raise CommandNotFound(command_id)
+        entry = await self.db[TASK_ERRORS].find_one({"_id": command["dead_letter_id"]}, {"status": 1, "replay": 1}) or {}
+        replay = entry.get("replay") if isinstance(entry.get("replay"), dict) else {}
+        return CommandStatus(
+            command_id=command_id,
+            action=command["action"],
+            dead_letter_id=command["dead_letter_id"],
+            status=command.get("status") or "pending",
+            outcome=command.get("outcome"),
+            detail=command.get("detail"),
+            requested_by=command.get("requested_by"),
+            requested_at=_from_ms(command.get("requested_at_ms")),
+            finished_at=_from_ms(command.get("finished_at_ms")),
+            entry_status=entry.get("status"),
+            replay_outcome=replay.get("outcome") if replay.get("command_id") == command_id else None,
+            entry_url=f"/dlq/entries/{command['dead_letter_id']}",
+        )
 
     async def replay_matching(
         self, tenant: str, request: BulkReplayRequest, requested_by: str, api_key_id: str | None = None
@@ -169,20 +209,38 @@ class DeadLetterService:
             since=request.since,
             until=request.until,
         )
-        query = {**entry_filter.query(tenant), "shard_key": request.shard_key or {"$type": "string"}, "job_id": request.job_id or {"$type": "string"}}
+        query = {
+            **entry_filter.query(tenant),
+            **_no_pending_command(),
+            "shard_key": request.shard_key or {"$type": "string"},
+            "job_id": request.job_id or {"$type": "string"},
+        }
         matched = await self.db[TASK_ERRORS].count_documents(query)
         accepted: list[CommandAccepted] = []
         found = self.db[TASK_ERRORS].find(query, {"_id": 1, "job_id": 1}).sort([("created_at", 1), ("_id", 1)]).limit(request.limit)
         async for entry in found:
             try:
-                accepted.append(await self._publish(entry, "replay", requested_by, request.note, api_key_id))
+                accepted.append(await self._publish(tenant, entry, "replay", requested_by, request.note, api_key_id))
+            except EntryConflict:
+                continue  # taken by another command since it was matched: that one decides
             except CommandNotPublished as error:
                 raise CommandNotPublished(str(error), accepted) from error
         return BulkReplayAccepted(matched=matched, published=len(accepted), remaining=max(0, matched - len(accepted)), commands=accepted)
 
     async def _publish(
-        self, entry: dict[str, Any], action: DeadLetterAction, requested_by: str, note: str | None, api_key_id: str | None
+        self,
+        tenant: str,
+        entry: dict[str, Any],
+        action: DeadLetterAction,
+        requested_by: str,
+        note: str | None,
+        api_key_id: str | None,
     ) -> CommandAccepted:
+        """Claim the entry for a new command, record it `pending`, publish it with a confirm.
+
+        Raises EntryNotFound, EntryConflict (not open, or another command not handled yet) and
+        CommandNotPublished (then the claim is released and the command recorded `not_published`).
+        """
         command = DeadLetterCommand(
             command_id=uuid.uuid4().hex,
             action=action,
@@ -191,16 +249,63 @@ class DeadLetterService:
             api_key_id=api_key_id,
             note=note,
         )
+        now_ms = int(command.requested_at.timestamp() * 1000)
+        claimed = await self.db[TASK_ERRORS].find_one_and_update(
+            {"_id": entry["_id"], "status": DeadLetterStatus.OPEN, **_no_pending_command(now_ms)},
+            {"$set": {"pending_command": {"command_id": command.command_id, "action": action, "at_ms": now_ms}}},
+            projection={"_id": 1},
+        )
+        if claimed is None:
+            raise await self._conflict(entry["_id"], action)
+        await self.db[DLQ_COMMANDS].insert_one(
+            {
+                "_id": command.command_id,
+                "tenant": tenant,
+                "action": action,
+                "dead_letter_id": entry["_id"],
+                "job_id": entry.get("job_id"),
+                "requested_by": requested_by,
+                "api_key_id": api_key_id,
+                "note": note,
+                "requested_at_ms": now_ms,
+                "status": "pending",
+                "outcome": None,
+                "detail": None,
+            }
+        )
         try:
             await self.publisher.publish(
                 EXCHANGE_COMMANDS, ROUTING[action], command, correlation_id=entry.get("job_id") or entry["_id"]
             )
         except PublishNotConfirmed as error:
             logger.warning("%s of dead letter %s not confirmed by the broker", action, entry["_id"], exc_info=True)
+            await self.db[DLQ_COMMANDS].update_one(
+                {"_id": command.command_id}, {"$set": {"status": "not_published", "detail": f"not confirmed by the broker: {error}"}}
+            )
+            await self.db[TASK_ERRORS].update_one(
+                {"_id": entry["_id"], "pending_command.command_id": command.command_id}, {"$unset": {"pending_command": ""}}
+            )
             raise CommandNotPublished(f"the {action} command was not confirmed by the broker: {error}") from error
         logger.info("%s of dead letter %s requested by %s (command %s)", action, entry["_id"], requested_by, command.command_id)
         return CommandAccepted(
-            command_id=command.command_id, action=action, dead_letter_id=entry["_id"], entry_url=f"/dlq/entries/{entry['_id']}"
+            command_id=command.command_id,
+            action=action,
+            dead_letter_id=entry["_id"],
+            entry_url=f"/dlq/entries/{entry['_id']}",
+            command_url=f"/dlq/commands/{command.command_id}",
+        )
+
+    async def _conflict(self, entry_id: str, action: DeadLetterAction) -> Exception:
+        """Why an entry could not be claimed for a command, read back after the claim failed."""
+        current = await self.db[TASK_ERRORS].find_one({"_id": entry_id}, {"status": 1, "pending_command": 1})
+        if current is None:
+            return EntryNotFound(entry_id)
+        if current.get("status") != DeadLetterStatus.OPEN:
+            return EntryConflict(f"dead letter {entry_id} is {current.get('status')}; only open entries can be {action}ed")
+        pending = current.get("pending_command") or {}
+        return EntryConflict(
+            f"dead letter {entry_id} has a {pending.get('action')} command not handled yet "
+            f"(GET /dlq/commands/{pending.get('command_id')}); its outcome decides what is next"
         )
 
     async def _entry(self, tenant: str, entry_id: str) -> dict[str, Any]:
@@ -216,6 +321,16 @@ def _shape(entry: dict[str, Any]) -> dict[str, Any]:
     shaped["replayable"] = replayable(entry)
     shaped["replays"] = [r for r in entry.get("replays") or [] if isinstance(r, dict)]
     return shaped
+
+
+def _no_pending_command(now_ms: int | None = None) -> dict[str, Any]:
+    """Entries holding no command that is not handled yet (or only a stale one)."""
+    stale_before = (now_ms if now_ms is not None else int(datetime.now(UTC).timestamp() * 1000)) - PENDING_COMMAND_STALE_S * 1000
+    return {"$or": [{"pending_command": None}, {"pending_command.at_ms": {"$lt": stale_before}}]}
+
+
+def _from_ms(value: Any) -> datetime | None:
+    return datetime.fromtimestamp(value / 1000, UTC) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _utc(moment: datetime) -> datetime:

@@ -1,23 +1,26 @@
 """The dead-letter API: list, read, replay and discard what could not succeed.
 
-Replay and discard answer 202 once the DLQ handler's command is confirmed by the broker; the
-entry (GET /dlq/entries/{id}) shows the outcome. Who asked: the `X-Cairn-Actor` header (an
+Replay and discard answer 202 once the DLQ handler's command is confirmed by the broker, and 409
+where the outcome is already known (the entry is not open, or another command for it is not
+handled yet); GET /dlq/commands/{command_id} tells what the handler did with the command, the
+entry (GET /dlq/entries/{id}) how its replay ended. Who asked: the `X-Cairn-Actor` header (an
 operator's name), else the API key's name (else its id); the key's id is recorded either way.
 """
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request, Response, status
 
+from cairn_contracts.bounds import Moment
 from cairn_gateway.tasks_api import Tenant
 from cairn_gateway.auth import Caller
-from cairn_gateway.dlq import CommandNotPublished, DeadLetterService, EntryConflict, EntryFilter, EntryNotFound
+from cairn_gateway.dlq import CommandNotFound, CommandNotPublished, DeadLetterService, EntryConflict, EntryFilter, EntryNotFound
 from cairn_gateway.dlq_schemas import (
     BulkReplayAccepted,
     BulkReplayRequest,
     CommandAccepted,
+    CommandStatus,
     DeadLetterEntry,
     DeadLetterPage,
     DiscardRequest,
@@ -26,6 +29,8 @@ from cairn_gateway.dlq_schemas import (
 from cairn_gateway.schemas import ErrorBody
 
 router = APIRouter(prefix="/dlq", tags=["dead letters"])
+# Far more entries than a page walk ever skips, and well inside MongoDB's 64-bit skip.
+MAX_OFFSET = 1_000_000_000
 
 
 def dead_letters(request: Request) -> DeadLetterService:
@@ -48,7 +53,7 @@ Actor = Annotated[Requester, Depends(requester)]
 NOT_FOUND = {404: {"model": ErrorBody}}
 COMMAND_ERRORS = {
     404: {"model": ErrorBody},
-    409: {"model": ErrorBody, "description": "The entry is not open (or names no shard to replay)"},
+    409: {"model": ErrorBody, "description": "The entry is not open, names no shard to replay, or has a command not handled yet"},
     503: {"model": ErrorBody, "description": "The broker did not confirm the command; nothing was requested"},
 }
 
@@ -57,15 +62,15 @@ COMMAND_ERRORS = {
 async def list_entries(
     service: DeadLetters,
     tenant: Tenant,
-    job_id: str | None = None,
-    pipeline: str | None = None,
-    error_type: str | None = None,
-    reason: str | None = None,
+    job_id: Annotated[str | None, Query(max_length=200)] = None,
+    pipeline: Annotated[str | None, Query(max_length=200)] = None,
+    error_type: Annotated[str | None, Query(max_length=200)] = None,
+    reason: Annotated[str | None, Query(max_length=200)] = None,
     status_: Annotated[str | None, Query(alias="status", pattern="^(open|replaying|replayed|discarded)$")] = None,
-    shard_key: str | None = None,
-    since: Annotated[datetime | None, Query(description="Recorded at or after (ISO 8601)")] = None,
-    until: Annotated[datetime | None, Query(description="Recorded before (ISO 8601)")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    shard_key: Annotated[str | None, Query(max_length=300)] = None,
+    since: Annotated[Moment | None, Query(description="Recorded at or after (ISO 8601)")] = None,
+    until: Annotated[Moment | None, Query(description="Recorded before (ISO 8601)")] = None,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Entries to skip (paging by offset)")] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> DeadLetterPage:
     """Dead-lettered entries, newest first, filtered by every parameter given."""
@@ -106,6 +111,15 @@ async def discard_entry(
 ) -> CommandAccepted:
     """Close the entry without replay; it stays in task_errors as `discarded` for audit."""
     return await _command(service.request(tenant, entry_id, "discard", requested_by.name, body.note if body else None, requested_by.api_key_id), entry_id)
+
+
+@router.get("/commands/{command_id}", response_model=CommandStatus, responses=NOT_FOUND)
+async def get_command(command_id: str, service: DeadLetters, tenant: Tenant) -> CommandStatus:
+    """What the DLQ handler did with a replay or discard command (pending until it has handled it)."""
+    try:
+        return await service.command(tenant, command_id)
+    except CommandNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dead-letter command {command_id}") from None
 
 
 @router.post(

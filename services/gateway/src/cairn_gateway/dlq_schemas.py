@@ -4,13 +4,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cairn_contracts.bounds import ContractModel, Moment
 from cairn_gateway.schemas import UtcDatetime
 
 
 class DeadLetterSummary(BaseModel):
     id: str
     status: str = Field(description="open, replaying, replayed or discarded")
-    reason: str = Field(description="non_retryable, retries_exhausted, poison, contract_violation, or the broker's (rejected, expired...)")
+    reason: str = Field(description="non_retryable, retries_exhausted, poison, contract_violation, unknown_shard, or the broker's (rejected, expired...)")
     kind: str | None = Field(None, description="service (a DeadLetter envelope) or broker (dead-lettered by RabbitMQ)")
     error_type: str | None = None
     error_message: str | None = None
@@ -25,6 +26,9 @@ class DeadLetterSummary(BaseModel):
     replay: dict[str, Any] | None = Field(None, description="The replay in flight or the last one: who, when, outcome")
     superseded_by: str | None = Field(None, description="The entry holding the failure of a replay that failed again")
     raw_payload_id: str | None = Field(None, description="The original body is in GridFS: GET /dlq/entries/{id}/payload")
+    pending_command: dict[str, Any] | None = Field(
+        None, description="A replay or discard command published and not handled yet: command_id, action, at_ms"
+    )
 
 
 class DeadLetterEntry(DeadLetterSummary):
@@ -52,38 +56,61 @@ class CommandAccepted(BaseModel):
     action: Literal["replay", "discard"]
     dead_letter_id: str
     entry_url: str
+    command_url: str = Field(description="GET it for the command's outcome once the DLQ handler has handled it")
 
 
-class DiscardRequest(BaseModel):
+class CommandStatus(BaseModel):
+    """A replay or discard command and what became of it (`dlq_commands`)."""
+
+    command_id: str
+    action: Literal["replay", "discard"]
+    dead_letter_id: str
+    status: Literal["pending", "done", "not_published"] = Field(
+        description="pending: published, not handled yet; done: handled (see outcome); not_published: the broker did not confirm it"
+    )
+    outcome: str | None = Field(
+        None,
+        description="dispatched (the replay runs: see replay_outcome), discarded, refused (detail says why), already_done",
+    )
+    detail: str | None = Field(None, description="Why it was refused (or not published)")
+    requested_by: str | None = None
+    requested_at: UtcDatetime | None = None
+    finished_at: UtcDatetime | None = Field(None, description="When the DLQ handler handled it")
+    entry_status: str | None = Field(None, description="The entry's status now")
+    replay_outcome: str | None = Field(None, description="succeeded or failed_again once this command's replay has ended")
+    entry_url: str
+
+
+class DiscardRequest(ContractModel):
     model_config = ConfigDict(extra="forbid")
 
     note: str | None = Field(None, max_length=2000, description="Why (kept in the entry for audit)")
 
 
-class ReplayRequest(BaseModel):
+class ReplayRequest(ContractModel):
     model_config = ConfigDict(extra="forbid")
 
     note: str | None = Field(None, max_length=2000)
 
 
-class BulkReplayRequest(BaseModel):
+class BulkReplayRequest(ContractModel):
     """Replay the open, replayable entries matching every given filter (at least one), oldest first."""
 
     model_config = ConfigDict(extra="forbid")
 
-    job_id: str | None = None
-    pipeline: str | None = None
-    error_type: str | None = None
-    reason: str | None = None
-    shard_key: str | None = None
-    since: UtcDatetime | None = Field(None, description="Recorded at or after")
-    until: UtcDatetime | None = Field(None, description="Recorded before")
+    job_id: str | None = Field(None, max_length=200)
+    pipeline: str | None = Field(None, max_length=200)
+    error_type: str | None = Field(None, max_length=200)
+    reason: str | None = Field(None, max_length=200)
+    shard_key: str | None = Field(None, max_length=300)
+    since: Moment | None = Field(None, description="Recorded at or after")
+    until: Moment | None = Field(None, description="Recorded before")
     limit: int = Field(100, ge=1, le=1000, description="At most this many commands per call")
     note: str | None = Field(None, max_length=2000)
 
 
 class BulkReplayAccepted(BaseModel):
-    matched: int = Field(description="Open, replayable entries matching the filter")
+    matched: int = Field(description="Open, replayable entries matching the filter (and holding no command not handled yet)")
     published: int = Field(description="Replay commands confirmed by the broker")
     remaining: int = Field(description="Matching entries not sent in this call (call again)")
     commands: list[CommandAccepted]

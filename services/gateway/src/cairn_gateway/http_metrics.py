@@ -2,7 +2,7 @@
 
 import time
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
 from starlette.responses import Response
@@ -19,3 +19,10 @@ class HttpMetricsMiddleware(BaseHTTPMiddleware):
         REQUESTS.labels(request.method, route, str(response.status_code)).inc()
         LATENCY.labels(request.method, route).observe(time.perf_counter() - started)
         return response
+
+
+async def metrics_page(_: Request) -> Response:
+    """`GET /metrics`: the process's metrics in Prometheus' text format, at exactly that path
+    (a mount at /metrics would answer it with a redirect to /metrics/, which curl and some
+    scrapers do not follow)."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 
+from cairn_contracts.bounds import INT64_MAX, check_storable
 from cairn_contracts.messages import CancelJob
 from cairn_contracts.states import TERMINAL_JOB_STATES, JobState
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, STATUS_CACHE_KEY
@@ -30,6 +31,7 @@ from cairn_gateway.joblock import JobLocks
 from cairn_gateway.problems import ApiError, invalid, not_found
 from cairn_gateway.jobs_schemas import JobCounts, JobDetail, JobPage, JobResultBody, JobSummary, ShardView
 from cairn_runtime.amqp import PublishNotConfirmed, Publisher
+from cairn_runtime.tracing import describe_work
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +82,16 @@ def encode_cursor(job: dict[str, Any]) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[int, str]:
+    """(created_at_ms, _id) of the last item of the previous page; 422 on `cursor` for anything
+    this API cannot have given out (a hand-made one must not reach the store: int64, UTF-8)."""
     try:
         created_ms, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if not isinstance(created_ms, int) or not isinstance(job_id, str):
+        if not isinstance(created_ms, int) or isinstance(created_ms, bool) or not 0 <= created_ms <= INT64_MAX:
             raise ValueError
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        if not isinstance(job_id, str) or len(job_id) > 200:
+            raise ValueError
+        check_storable(job_id)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise invalid("not a cursor this API gave out", ["query", "cursor"]) from None
     return created_ms, job_id
 
@@ -225,7 +232,12 @@ class JobDirectory:
 
     async def cancel(self, tenant: str, job_id: str, requested_by: str) -> JobSummary:
         """Mark the job, then ask the scheduler to stop it. 202 either way once it is marked: a
-        command the broker did not confirm is made up for by the scheduler's cancel sweep."""
+        command the broker did not confirm is made up for by the scheduler's cancel sweep.
+
+        Raises ApiError 409 when the job has finished (SUCCESS, FAILURE or already CANCELLED):
+        nothing can change, and the client is told so rather than given a 202 that means nothing.
+        A job still CANCELLING is asked again (202): its stop is not finished."""
+        describe_work(job_id=job_id, tenant=tenant)  # span + log context: `grep <job id>` finds the cancel
         now = datetime.now(UTC)
         job = await self.db[JOBS].find_one_and_update(
             {"_id": job_id, "tenant": tenant, "state": {"$in": [str(s) for s in ACTIVE]}},
@@ -243,7 +255,7 @@ class JobDirectory:
         if job is None:
             job = await self._job(tenant, job_id, _SUMMARY)
             if job["state"] == JobState.CANCELLED:
-                return JobSummary.model_validate(summary(job))  # cancelled already: nothing to do
+                raise ApiError(409, f"job {job_id} is already CANCELLED", ["path", "job_id"])
             raise ApiError(409, f"job {job_id} is {job['state']}: a finished job cannot be cancelled", ["path", "job_id"])
         try:
             await self.publisher.publish(

@@ -10,8 +10,15 @@ The gateway takes the lock before inserting the job, first with a short TTL (a g
 before the insert leaves no lasting lock), then, once the job is stored, with the full
 `CAIRN_JOB_LOCK_TTL_S`. The scheduler deletes it when the job is terminal, only if it still names
 that job (compare and delete, a Lua script). A lock whose job is finished or gone is taken over
-(compare and set), so a missed release never blocks a tenant; the TTL bounds the rest. If Redis does
-not answer, jobs are accepted without the lock (logged).
+(compare and set), so a missed release never blocks a tenant; the TTL bounds the rest.
+
+If Redis does not answer (refused, timed out, or no pool connection free within
+`CAIRN_REDIS_POOL_TIMEOUT_S`: a busy pool waits, it is not "down"), jobs are accepted without the
+lock, deliberately: Redis is a guard, not the record, and the guarantee a client relies on to
+retry safely (one job per Idempotency-Key) is MongoDB's unique index, which holds regardless.
+What is lost while Redis is away is only the refusal of an identical job submitted without a key.
+Counted as `cairn_gateway_dependency_fallbacks_total{dependency="redis",use="job_lock"}` and logged
+at most once a minute (degraded.py).
 """
 
 import logging
@@ -23,6 +30,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts.states import JobState
 from cairn_contracts.store import JOB_LOCK_KEY, JOBS
+from cairn_gateway.degraded import REDIS_UNAVAILABLE, fell_back
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +107,8 @@ class JobLocks:
                     raise DuplicateJob(holder)
                 if await self._redis.eval(_REPLACE, 1, key, holder, job_id, PENDING_TTL_MS):
                     return Lock(key, job_id, taken=True)  # the holder had finished: taken over
-        except DuplicateJob:
-            raise
-        except Exception:
-            logger.warning("job lock not taken: Redis did not answer", exc_info=True)
+        except REDIS_UNAVAILABLE as error:
+            fell_back("redis", "job_lock", error, "jobs are accepted without the lock per identical spec")
         return Lock(key, job_id, taken=False)
 
     async def hold(self, lock: Lock) -> None:
@@ -120,8 +126,10 @@ class JobLocks:
     async def _call(self, script: str, *args: Any) -> None:
         try:
             await self._redis.eval(script, 1, *args)
-        except Exception:
-            logger.warning("job lock %s not updated: Redis did not answer", args[0], exc_info=True)
+        except REDIS_UNAVAILABLE as error:
+            # An unextended lock lapses after its short TTL; an unreleased one is taken over once
+            # its job is finished: either way no tenant stays blocked.
+            fell_back("redis", "job_lock", error, "a job lock was not extended or released")
 
 
 def _finished(job: dict[str, Any]) -> bool:

@@ -7,15 +7,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
+from fastapi.exceptions import RequestValidationError
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from cairn_contracts.jobs import JobSpec
+from cairn_contracts.jobs import JobSpec, MongoRangeJobSpec
 from cairn_contracts.messages import StartJob
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, STATUS_CACHE_KEY, JobRecord
 from cairn_contracts.store import spec_fingerprint as store_spec_fingerprint
 from cairn_contracts.topology import EXCHANGE_COMMANDS, ROUTING_START_JOB
+from cairn_gateway.degraded import REDIS_UNAVAILABLE, fell_back
 from cairn_gateway.failures import failed_shards, retrying_shards
 from cairn_gateway.joblock import JobLocks
 from cairn_gateway.schemas import ShardCounts, TaskResult, TaskStatus
@@ -58,6 +60,29 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+async def check_source(sources: AsyncDatabase, spec: JobSpec) -> None:
+    """Refuse (422 on `params.collection`) a mongo_range job whose source collection does not
+    exist in `sources`, the database the workers read (`CAIRN_SOURCE_DATABASE`, default Cairn's):
+    read, it would look like an empty source. The one place that decides where a job's source is
+    looked up. A collection dropped after this check fails the job in the worker instead."""
+    if not isinstance(spec, MongoRangeJobSpec):
+        return
+    name = spec.params.collection
+    # The membership test keeps the answer right where a server ignores the filter (nx-27017).
+    if name in await sources.list_collection_names(filter={"name": name}):
+        return
+    raise RequestValidationError(
+        [
+            {
+                "loc": ("body", "params", "collection"),
+                "msg": f"source collection {name!r} does not exist in database {sources.name!r}",
+                "type": "source_not_found",
+                "input": name,
+            }
+        ]
+    )
+
+
 @dataclass(frozen=True)
 class JobService:
     db: AsyncDatabase
@@ -66,6 +91,7 @@ class JobService:
     cache_prefix: str
     cache_ttl_s: int
     locks: JobLocks | None = None  # the Redis lock per job fingerprint (None: no lock)
+    sources: AsyncDatabase | None = None  # where mongo_range sources are (None: `db`, as the workers' default)
 
     async def submit(
         self, spec: JobSpec, tenant: str, idempotency_key: str | None, *, schedule_id: str | None = None
@@ -86,6 +112,7 @@ class JobService:
             existing = await self.db[JOBS].find_one({"tenant": tenant, "idempotency_key": idempotency_key})
             if existing is not None:
                 return self._same_job(existing, record)
+        await check_source(self.sources if self.sources is not None else self.db, spec)
         lock = await self.locks.acquire(tenant, record.spec_fingerprint, record.id) if self.locks else None
         try:
             await self.db[JOBS].insert_one(record.to_document())
@@ -104,6 +131,7 @@ class JobService:
             raise
         if self.locks and lock:
             await self.locks.hold(lock)
+        logger.info("job %s recorded PENDING (tenant %s, pipeline %s, %s)", record.id, tenant, spec.pipeline, spec.sharding.strategy)
         await self._publish_start(record.id, tenant, spec)
         return Submission(record.id, JobState.PENDING, created=True)
 
@@ -125,10 +153,12 @@ class JobService:
             logger.warning("job %s recorded; its command was not confirmed and will be relayed", job_id, exc_info=True)
             return
         await self.db[JOBS].update_one({"_id": job_id}, {"$set": {"command_published_at": utcnow()}})
+        logger.info("job %s: StartJob published to the scheduler (confirmed)", job_id)
 
     async def status(self, job_id: str, tenant: str) -> TaskStatus:
+        """The job's status: a finished job's from the Redis cache, else (or with Redis away) from MongoDB."""
         cache_key = STATUS_CACHE_KEY.format(prefix=self.cache_prefix, tenant=tenant, job_id=job_id)
-        cached = await self.cache.get(cache_key)
+        cached = await self._cached(cache_key)
         if cached is not None:
             return TaskStatus.model_validate_json(cached)
         job = await self._job(job_id, tenant)
@@ -172,8 +202,19 @@ class JobService:
         )
         if state.is_terminal and self.cache_ttl_s:
             # Only finished jobs are cached: their status can no longer change.
-            await self.cache.set(cache_key, status.model_dump_json(), ex=self.cache_ttl_s)
+            try:
+                await self.cache.set(cache_key, status.model_dump_json(), ex=self.cache_ttl_s)
+            except REDIS_UNAVAILABLE as error:
+                fell_back("redis", "status_cache", error, "job status is read from MongoDB")
         return status
+
+    async def _cached(self, cache_key: str) -> bytes | None:
+        """The cached status, or None if absent or Redis does not answer (MongoDB has the truth)."""
+        try:
+            return await self.cache.get(cache_key)
+        except REDIS_UNAVAILABLE as error:
+            fell_back("redis", "status_cache", error, "job status is read from MongoDB")
+            return None
 
     async def result(self, job_id: str, tenant: str) -> TaskResult:
         job = await self._job(job_id, tenant)

@@ -4,11 +4,11 @@ Create answers 202 with the id and a Location; the job runs in the background an
 waits for it. A GET needs the `read` scope, everything else `submit`.
 """
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
 
+from cairn_contracts.bounds import Moment
 from cairn_contracts.jobs import JobSpec
 from cairn_contracts.pipelines import PIPELINE_NAMES
 from cairn_contracts.states import JobState
@@ -71,9 +71,12 @@ async def list_jobs(
     state: JobState | None = None,
     pipeline: Annotated[str | None, Query(pattern="^(" + "|".join(PIPELINE_NAMES) + ")$")] = None,
     priority: Annotated[int | None, Query(ge=1, le=4)] = None,
-    created_after: Annotated[datetime | None, Query(description="Created at or after (ISO 8601)")] = None,
-    created_before: Annotated[datetime | None, Query(description="Created before (ISO 8601)")] = None,
-    q: Annotated[str | None, Query(min_length=1, max_length=200, description="Case-insensitive text in the name")] = None,
+    created_after: Annotated[Moment | None, Query(description="Created at or after (ISO 8601)")] = None,
+    created_before: Annotated[Moment | None, Query(description="Created before (ISO 8601)")] = None,
+    # No NUL: the text becomes a BSON regular expression, a C string.
+    q: Annotated[
+        str | None, Query(min_length=1, max_length=200, pattern="^[^\\x00]+$", description="Case-insensitive text in the name")
+    ] = None,
     schedule_id: Annotated[str | None, Query(max_length=100)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=500, description="`next_cursor` of the previous page")] = None,
@@ -101,7 +104,7 @@ async def get_job(
     "/{job_id}/cancel",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobSummary,
-    responses={**NOT_FOUND, 409: {"model": Problem, "description": "The job has finished (SUCCESS or FAILURE)"}},
+    responses={**NOT_FOUND, 409: {"model": Problem, "description": "The job has finished (SUCCESS, FAILURE, or already CANCELLED)"}},
 )
 async def cancel_job(job_id: str, jobs: Directory, caller: Caller) -> JobSummary:
     """Cancel cooperatively: shards not started never start, running ones stop at their next batch

@@ -1,12 +1,12 @@
 """Bodies of the versioned task API (`/v1/jobs`, `/v1/schedules`, `/v1/keys`)."""
 
-from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cairn_contracts.bounds import ContractModel, Moment
 from cairn_contracts.jobs import JobSpec
-from cairn_contracts.schedules import ScheduleKind
+from cairn_contracts.schedules import MAX_INTERVAL_S, ScheduleKind
 from cairn_contracts.states import JobState
 from cairn_gateway.schemas import UtcDatetime
 
@@ -109,7 +109,7 @@ class SchedulePage(BaseModel):
     limit: int
 
 
-class ScheduleUpdate(BaseModel):
+class ScheduleUpdate(ContractModel):
     """Fields to change; the timing is validated as a whole after the change. Any timing change
     recomputes the next run from now."""
 
@@ -119,11 +119,11 @@ class ScheduleUpdate(BaseModel):
     kind: ScheduleKind | None = None
     cron: str | None = Field(None, max_length=200)
     timezone: str | None = Field(None, max_length=64)
-    interval_s: int | None = None
-    at: datetime | None = None
-    start_at: datetime | None = None
-    end_at: datetime | None = None
-    max_runs: int | None = None
+    interval_s: int | None = Field(None, ge=1, le=MAX_INTERVAL_S)
+    at: Moment | None = None
+    start_at: Moment | None = None
+    end_at: Moment | None = None
+    max_runs: int | None = Field(None, ge=1, le=1_000_000)
     job: JobSpec | None = None
 
 
@@ -135,7 +135,7 @@ class TriggerAccepted(BaseModel):
 
 
 # --- keys ----------------------------------------------------------------------------------------
-class KeyCreate(BaseModel):
+class KeyCreate(ContractModel):
     model_config = ConfigDict(extra="forbid")
 
     scopes: list[str] = Field(..., min_length=1, max_length=3, description="submit, read, admin")

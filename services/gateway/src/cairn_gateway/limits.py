@@ -4,7 +4,9 @@ Rate limit: each key has `CAIRN_RATE_LIMIT_PER_MINUTE` requests per calendar min
 carry its own `rate_limit_per_minute`); the counter `{prefix}:ratelimit:{tenant}:{key id}:{minute}`
 is one INCR per request, so every gateway process shares it. Over the limit: 429 with
 `Retry-After` (seconds to the next window). If Redis does not answer, requests are let through
-(the limit protects the service; it is not a security boundary) and a warning is logged.
+(deliberately: the limit protects capacity, it is not a security boundary), counted as
+`cairn_gateway_dependency_fallbacks_total{dependency="redis",use="rate_limit"}` and logged at most
+once a minute (degraded.py).
 
 Body size: a declared `Content-Length` over `CAIRN_MAX_BODY_BYTES` is refused at once with 413;
 a body without one (chunked) is read up to the limit and refused as soon as it passes it, before
@@ -20,6 +22,7 @@ import redis.asyncio as aioredis
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cairn_gateway.auth import Principal
+from cairn_gateway.degraded import REDIS_UNAVAILABLE, fell_back
 from cairn_gateway.problems import ApiError
 
 logger = logging.getLogger(__name__)
@@ -45,8 +48,8 @@ class RateLimiter:
                 pipe.incr(key)
                 pipe.expire(key, WINDOW_S * 2)
                 count, _ = await pipe.execute()
-        except Exception:
-            logger.warning("rate limit not checked: Redis did not answer", exc_info=True)
+        except REDIS_UNAVAILABLE as error:
+            fell_back("redis", "rate_limit", error, "requests are let through without the rate limit")
             return
         if int(count) > limit:
             retry_after = max(1, math.ceil((window + 1) * WINDOW_S - now))

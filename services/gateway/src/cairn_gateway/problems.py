@@ -2,6 +2,7 @@
 field at fault (`loc`, as in validation errors: `["header", "Authorization"]`, `["path",
 "job_id"]`, `["body", "cron"]`). The OpenAPI document describes each of them."""
 
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -9,9 +10,12 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from pymongo.errors import ConnectionFailure
 
+from cairn_contracts.bounds import has_surrogate
 from cairn_contracts.jobs import SHARDING_STRATEGIES
 from cairn_contracts.pipelines import PIPELINE_NAMES
+from cairn_gateway.degraded import warn_sparingly
 from cairn_gateway.joblock import DuplicateJob
 from cairn_gateway.jobs import IdempotencyConflict, JobNotFound, JobStillRunning, ResultExpired
 
@@ -90,6 +94,25 @@ def _is_union_tag(parent: object, part: object) -> bool:
     return (parent in ("body", "job") and part in PIPELINE_NAMES) or (parent == "sharding" and part in SHARDING_STRATEGIES)
 
 
+def json_safe(value: Any) -> Any:
+    """`value` (already JSON-shaped) with what strict JSON in UTF-8 cannot hold made printable.
+
+    A validation error echoes the client's input: a lone surrogate (`"\\ud800"`) cannot be
+    encoded as UTF-8 and NaN/Infinity are not JSON, so echoed as they are the 422 itself would
+    fail (a 500). Such a string shows its surrogates as `\\udXXX` escapes, such a number as the
+    text `NaN`, `Infinity` or `-Infinity`.
+    """
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8") if has_surrogate(value) else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {json_safe(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -98,7 +121,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [_field_located(e) for e in exc.errors()]
-        return JSONResponse(status_code=422, content=jsonable_encoder({"detail": errors}))
+        return JSONResponse(status_code=422, content=json_safe(jsonable_encoder({"detail": errors})))
 
     @app.exception_handler(JobNotFound)
     async def _not_found(_: Request, exc: JobNotFound) -> JSONResponse:
@@ -119,3 +142,33 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(DuplicateJob)
     async def _duplicate(_: Request, error: DuplicateJob) -> JSONResponse:
         return JSONResponse(status_code=409, content={"detail": str(error), "loc": ["body"]})
+
+
+STORE_RETRY_AFTER_S = 5  # a store that does not answer is usually restarting or failing over
+
+UNAVAILABLE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": Problem,
+        "description": "The job store (MongoDB) does not answer; nothing was changed, retry later",
+        "content": {"application/problem+json": {}},
+        "headers": {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}},
+    },
+}
+
+
+def install_unavailable_handler(app: FastAPI) -> None:
+    """MongoDB unreachable (no server within CAIRN_MONGODB_SERVER_SELECTION_TIMEOUT_MS, a dropped
+    or timed-out connection: pymongo's ConnectionFailure and its subclasses AutoReconnect,
+    NetworkTimeout, ServerSelectionTimeoutError) → 503 naming the store, with Retry-After."""
+
+    @app.exception_handler(ConnectionFailure)
+    async def _store_unavailable(_: Request, error: ConnectionFailure) -> JSONResponse:
+        warn_sparingly(
+            ("mongodb", "request"), "MongoDB did not answer (%s: %s); answering 503", type(error).__name__, str(error)[:300]
+        )
+        return JSONResponse(
+            status_code=503,
+            content={"detail": f"the job store (MongoDB) is unavailable; retry in {STORE_RETRY_AFTER_S} s"},
+            media_type="application/problem+json",
+            headers={"Retry-After": str(STORE_RETRY_AFTER_S)},
+        )

@@ -13,4 +13,13 @@ class GatewaySettings(ServiceSettings):
     max_body_bytes: int = Field(1_048_576, ge=0, description="Largest request body (413 above; 0: no limit)")
     auth_cache_ttl_s: float = Field(10.0, ge=0, description="How long a looked-up API key is trusted (revocations wait this long)")
     job_lock_ttl_s: int = Field(86_400, ge=0, description="Longest hold of the lock per job fingerprint (0: no lock)")
+    source_database: str | None = Field(
+        None, description="Database of mongo_range sources, as the workers' CAIRN_SOURCE_DATABASE (default: Cairn's)"
+    )
     result_ttl_s: int = Field(7 * 86_400, ge=1, description="A finished job's result is kept this long (then 410 Gone)")
+    # Dependencies down or slow (issue 11): every client call is bounded, so a request answers.
+    redis_timeout_s: float = Field(1.0, gt=0, description="Redis connect and read timeout (a hung Redis is a Redis down)")
+    redis_max_connections: int = Field(64, ge=1, description="Redis connection pool size of one gateway process")
+    redis_pool_timeout_s: float = Field(5.0, gt=0, description="Longest wait for a free Redis connection when the pool is busy")
+    mongodb_server_selection_timeout_ms: int = Field(2000, ge=100, description="How long a request waits for MongoDB before 503")
+    broker_retry_max_s: float = Field(30.0, gt=0, description="Longest wait between attempts to reach RabbitMQ")

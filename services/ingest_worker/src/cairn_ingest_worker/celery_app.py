@@ -6,7 +6,9 @@
 import logging
 
 from celery import Celery, signals
+from pymongo.errors import ConnectionFailure
 
+from cairn_ingest_worker.consumer import MAX_BODY_CONF
 from cairn_ingest_worker.context import ContextPerProcess
 from cairn_ingest_worker.observability import connect_signals
 from cairn_ingest_worker.publisher import declare_topology
@@ -28,6 +30,12 @@ def create_app(settings: WorkerSettings) -> Celery:
     app.conf.worker_concurrency = settings.worker_concurrency
     # Messages Celery cannot read are dead-lettered, not dropped (consumer.py).
     app.conf.worker_consumer = "cairn_ingest_worker.consumer:DeadLetteringConsumer"
+    app.conf[MAX_BODY_CONF] = settings.max_task_body_bytes
+    # Every delivery is bounded in time, a batch too (checked only between batches otherwise):
+    # the soft limit interrupts the run (BatchTimedOut, retryable, nothing committed), the hard
+    # limit replaces the pool process; both well under RabbitMQ's consumer_timeout.
+    app.conf.task_soft_time_limit = settings.soft_time_limit_s
+    app.conf.task_time_limit = settings.time_limit_s
     contexts = ContextPerProcess(settings, app)
     register_tasks(app, contexts.get)
 
@@ -40,6 +48,10 @@ def create_app(settings: WorkerSettings) -> Celery:
         client = sync_client(settings.mongodb_uri)
         try:
             ensure_indexes_sync(client[settings.mongodb_database])
+        except ConnectionFailure as error:
+            # The worker must run while MongoDB is away (its tasks wait for the store); the
+            # indexes are ensured again by the other services and at the next start.
+            logger.warning("MongoDB unreachable at start; indexes not ensured by this worker: %s", error)
         finally:
             client.close()
         with app.connection_for_write() as connection:

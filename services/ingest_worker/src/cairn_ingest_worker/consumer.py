@@ -1,20 +1,32 @@
-"""Celery's task consumer, except that nothing it cannot understand is silently dropped.
+"""Celery's task consumer, except that nothing it cannot understand is silently dropped or kills it.
 
-Out of the box, Celery acks (discards) a message whose body it cannot decode, and rejects one
-that is not a task message or names an unknown task. Cairn dead-letters all of them instead,
-as `contract_violation` with the reason in the error, then acks: the worker keeps consuming.
-If the dead letter cannot be published (broker trouble), the message is rejected without
-requeue, and the ingest queue's own dead-letter exchange still takes it to the DLQ.
+Out of the box, Celery acks (discards) a message whose body it cannot decode, rejects one that is
+not a task message or names an unknown task, and lets any other exception of its request parsing
+(a body that is not `[args, kwargs, embed]`, a missing `id` header...) escape into its event loop,
+which stops the worker, again on every restart since the message is never acked. Cairn
+dead-letters all of them instead, as `contract_violation` with the reason in the error, then acks:
+the worker keeps consuming. A body over `CAIRN_MAX_TASK_BODY_BYTES` is dead-lettered unparsed.
+
+Each dead letter's id is derived from the delivery (body, headers, routing key), so a message
+redelivered after a crash between the dead letter's publish and the ack is recorded once: the DLQ
+handler keys task_errors on that id. If the dead letter cannot be published (broker trouble), the
+message is rejected without requeue, and the ingest queue's own dead-letter exchange still takes
+it to the DLQ.
 
 Installed with Celery's `worker_consumer` setting (see celery_app.py).
 """
 
+import hashlib
+import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery.worker.consumer.consumer import Consumer
+from vine import promise
 
 from cairn_contracts.messages import OriginalMessage
+from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
 from cairn_contracts.topology import QUEUE_INGEST
 from cairn_ingest_worker.publisher import BrokerPublisher
 from cairn_runtime.amqp import dead_letter_for, original_message
@@ -22,6 +34,9 @@ from cairn_runtime.amqp import dead_letter_for, original_message
 logger = logging.getLogger(__name__)
 
 SERVICE = "ingest-worker"
+CAIRN_TASKS = frozenset({TASK_RUN_SHARD, TASK_RUN_FRONTIER})
+# app.conf key holding the largest task body parsed (bytes); set from the worker's settings.
+MAX_BODY_CONF = "cairn_max_task_body_bytes"
 
 
 class UnreadableMessage(Exception):
@@ -29,6 +44,52 @@ class UnreadableMessage(Exception):
 
 
 class DeadLetteringConsumer(Consumer):
+    def create_task_handler(self, promise: Callable[..., Any] = promise) -> Callable[[Any], Any]:
+        """Celery's handler behind a guard: Cairn's tasks are checked for the shape Cairn sends
+        (protocol 2: headers `id` and `task`, body `[[], {kwargs}, {embed}]`, bounded size), and
+        any exception Celery's own parsing raises for one message dead-letters that message."""
+        handle = super().create_task_handler(promise)
+
+        def on_task_received(message: Any) -> Any:
+            problem = self._shape_problem(message)
+            if problem is not None:
+                return self._dead_letter(message, UnreadableMessage(problem))
+            try:
+                return handle(message)
+            except Exception as error:  # whatever a hostile body makes Celery raise: never the loop
+                if getattr(message, "acknowledged", False):
+                    logger.exception("error after the message was settled; it is not dead-lettered")
+                    return None
+                return self._dead_letter(message, UnreadableMessage(f"Celery cannot parse this task message: {error!r}"))
+
+        return on_task_received
+
+    def _shape_problem(self, message: Any) -> str | None:
+        """Why a message naming one of Cairn's tasks is not a task Cairn sent; None if it may be."""
+        headers = getattr(message, "headers", None)
+        if not isinstance(headers, dict) or headers.get("task") not in CAIRN_TASKS:
+            return None  # not ours: Celery's own handling (and the guard) decide
+        limit = int(self.app.conf.get(MAX_BODY_CONF) or 0)
+        size = len(getattr(message, "body", b"") or b"")
+        if limit and size > limit:
+            return f"body of {size} bytes is over the {limit}-byte limit of a task message"
+        if not isinstance(headers.get("id"), str) or not headers["id"]:
+            return "header `id` (the task id) is missing or not a string"
+        try:
+            body = message.decode()
+        except Exception as error:
+            return f"body cannot be decoded ({getattr(message, 'content_type', None)}): {error!r}"
+        if not (isinstance(body, list) and len(body) == 3):
+            return f"body is not [args, kwargs, embed]: a {type(body).__name__} of length {_length(body)}"
+        args, kwargs, embed = body
+        if args != []:
+            return f"positional args are not accepted (Cairn's tasks take keyword arguments only): {str(args)[:200]}"
+        if not isinstance(kwargs, dict):
+            return f"kwargs is a {type(kwargs).__name__}, not an object"
+        if not isinstance(embed, dict):
+            return f"embed is a {type(embed).__name__}, not an object"
+        return None
+
     def on_unknown_message(self, body: Any, message: Any) -> None:
         self._dead_letter(message, UnreadableMessage("not a Celery task message: it names no task"))
 
@@ -46,12 +107,14 @@ class DeadLetteringConsumer(Consumer):
     def _dead_letter(self, message: Any, error: UnreadableMessage) -> None:
         logger.error("dead-lettering an unreadable message from %s: %s", QUEUE_INGEST, error)
         try:
+            original = original_of_kombu(message)
             dead_letter = dead_letter_for(
                 source_service=SERVICE,
                 source_queue=QUEUE_INGEST,
                 reason="contract_violation",
                 error=error,
-                original=original_of_kombu(message),
+                original=original,
+                dead_letter_id=stable_dead_letter_id(original),
             )
             BrokerPublisher(self.app).publish_dead_letter(dead_letter)
         except Exception:
@@ -59,6 +122,19 @@ class DeadLetteringConsumer(Consumer):
             message.reject_log_error(logger, self.connection_errors, requeue=False)
             return
         message.ack_log_error(logger, self.connection_errors)
+
+
+def _length(value: Any) -> str:
+    return str(len(value)) if isinstance(value, (list, dict, str)) else "-"
+
+
+def stable_dead_letter_id(original: OriginalMessage, reason: str = "contract_violation") -> str:
+    """The same id for every delivery of the same message (body, headers, routing key): the DLQ
+    handler keys task_errors on it, so a redelivered message is recorded once."""
+    # A quorum queue counts redeliveries in a header: not part of the message's identity.
+    headers = {k: v for k, v in original.headers.items() if k != "x-delivery-count"}
+    identity = json.dumps([reason, original.body, original.body_encoding, headers, original.routing_key], sort_keys=True, default=str)
+    return f"{SERVICE}-{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
 
 
 def original_of_kombu(message: Any) -> OriginalMessage:

@@ -40,6 +40,7 @@ def build_context(settings: WorkerSettings, app: Celery) -> WorkerContext:
         source_db=client[settings.source_database or settings.mongodb_database],
         heartbeat_interval_s=settings.heartbeat_interval_s,
         slice_s=settings.task_slice_s,
+        batch_time_limit_s=settings.batch_time_limit_s,
     )
     return WorkerContext(settings=settings, runner=runner, publisher=BrokerPublisher(app))
 

@@ -26,6 +26,33 @@ class LeaseLost(Exception):
     """Another worker holds this shard now (our lease expired); stop without writing."""
 
 
+class BatchTimedOut(TimeoutError):
+    """One batch ran past its time bound (the task's soft time limit interrupted it). Retryable,
+    so the shard's retry policy applies and a batch that always hangs ends in the DLQ."""
+
+
+class StoreUnavailable(Exception):
+    """Cairn's MongoDB cannot be reached: not the shard's fault, so no attempt is spent on it; the
+    task keeps its delivery (a short retry) and the run resumes from its checkpoint.
+
+    `claim`: the claim this run held when the store went away (None before any claim), so its
+    lease can be handed back once the store answers again.
+    """
+
+    def __init__(self, error: BaseException, claim: object | None = None) -> None:
+        super().__init__(f"MongoDB unreachable: {type(error).__name__}: {error}")
+        self.error = error
+        self.claim = claim
+
+
+def is_store_outage(error: BaseException) -> bool:
+    """True for the errors of a MongoDB that cannot be reached (no server selectable, connection
+    refused or dropped). Inside a batch, a NetworkTimeout is a server that answered too slowly: a
+    slow batch, which is a (retryable) failure of the shard, not an outage. (Outside a batch, any
+    ConnectionFailure of Cairn's own bookkeeping is handled as an outage.)"""
+    return isinstance(error, ConnectionFailure) and not isinstance(error, NetworkTimeout)
+
+
 _RETRYABLE = (RetryableError, ConnectionError, TimeoutError, AutoReconnect, ConnectionFailure, NetworkTimeout, ServerSelectionTimeoutError)
 _NON_RETRYABLE = (NonRetryableError, ValueError, TypeError, KeyError, AttributeError)
 

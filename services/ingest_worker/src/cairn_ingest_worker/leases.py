@@ -7,16 +7,19 @@ slow) cannot overwrite the progress of the worker that took the shard over.
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from pymongo import ReturnDocument
 from pymongo.collection import Collection
+from pymongo.errors import ConnectionFailure
 
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import MAIN_SUB_KEY
 from cairn_ingest_worker import metrics
+from cairn_ingest_worker.errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +119,16 @@ class ShardLeases:
         shard_key = shard["task_key"]
         token = int(shard["fencing_token"])
         # Adopt the checkpoint: from now on only writes carrying this token move it.
-        checkpoint = self._checkpoints.find_one_and_update(
-            {"shard_key": shard_key, "sub_key": MAIN_SUB_KEY, "fencing_token": {"$lt": token}},
-            {"$set": {"fencing_token": token, "taken_by": self._worker_id}},
-            return_document=ReturnDocument.AFTER,
-        )
+        try:
+            checkpoint = self._checkpoints.find_one_and_update(
+                {"shard_key": shard_key, "sub_key": MAIN_SUB_KEY, "fencing_token": {"$lt": token}},
+                {"$set": {"fencing_token": token, "taken_by": self._worker_id}},
+                return_document=ReturnDocument.AFTER,
+            )
+        except ConnectionFailure as error:
+            # The shard is ours (RUNNING, this token) but its checkpoint unknown: the caller hands
+            # the lease back once the store answers, so the retry need not wait for it to expire.
+            raise StoreUnavailable(error, Claim(shard=shard, token=token, cursor=-1, reclaimed=reclaimed)) from error
         if checkpoint is None:
             logger.warning("shard %s: checkpoint held by a newer token than %d", shard_key, token)
             return None
@@ -130,8 +138,15 @@ class ShardLeases:
 
     def renew(self, claim: Claim) -> bool:
         # Not a handed-off lease (lease_until 0): renewing it would hold the continuation back.
+        # Not a cancelled job's shard either: a run stuck in one batch must not keep it alive.
         result = self._shards.update_one(
-            {"task_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING, "lease_until": {"$gt": 0}},
+            {
+                "task_key": claim.shard_key,
+                "fencing_token": claim.token,
+                "state": ShardState.RUNNING,
+                "lease_until": {"$gt": 0},
+                "cancel_requested": {"$in": [False, None]},
+            },
             {"$set": {"lease_until": epoch_ms() + self._ttl_ms}},
         )
         return result.matched_count == 1
@@ -140,6 +155,11 @@ class ShardLeases:
         """Whether a newer claim holds the shard (not merely: this run finished or handed off)."""
         shard = self._shards.find_one({"task_key": claim.shard_key}, {"fencing_token": 1})
         return shard is not None and int(shard["fencing_token"]) > claim.token
+
+    def cancel_requested(self, claim: Claim) -> bool:
+        """Whether the shard's job was cancelled (read from the shard, not the checkpoint)."""
+        shard = self._shards.find_one({"task_key": claim.shard_key}, {"cancel_requested": 1})
+        return bool(shard and shard.get("cancel_requested"))
 
     def commit(self, claim: Claim, cursor: int, records: int, written: int, duplicates: int) -> "Commit":
         """Record a stored batch (`stored` is False if another worker holds the shard now) and
@@ -209,15 +229,32 @@ class ShardLeases:
 
 
 class Heartbeat:
-    """Renews a claim's lease in the background; `lost` turns true once a renewal is refused."""
+    """Renews a claim's lease in the background; `lost` turns true once it stops renewing.
 
-    def __init__(self, leases: ShardLeases, claim: Claim, interval_s: float) -> None:
+    It stops for good when a renewal is refused (another holder, a hand-off, or the job's cancel:
+    `cancel_seen` is then set too), and when the batch in flight has run longer than
+    `batch_time_limit_s` (`overran`): a read that hangs must not keep its lease alive forever, so
+    the lease expires and the scheduler's reaper (or the operator's cancel) takes the shard back.
+    The runner marks each batch with `batch_started` / `batch_finished`.
+    """
+
+    def __init__(self, leases: ShardLeases, claim: Claim, interval_s: float, batch_time_limit_s: float | None = None) -> None:
         self._leases = leases
         self._claim = claim
         self._interval_s = interval_s
+        self._batch_time_limit_s = batch_time_limit_s
+        self._batch_started: float | None = None
         self._stopped = threading.Event()
         self.lost = threading.Event()
+        self.cancel_seen = threading.Event()
+        self.overran = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.shard_key}", daemon=True)
+
+    def batch_started(self) -> None:
+        self._batch_started = time.monotonic()
+
+    def batch_finished(self) -> None:
+        self._batch_started = None
 
     def __enter__(self) -> "Heartbeat":
         self._thread.start()
@@ -229,12 +266,26 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stopped.wait(self._interval_s):
+            started = self._batch_started
+            if self._batch_time_limit_s is not None and started is not None:
+                running_s = time.monotonic() - started
+                if running_s > self._batch_time_limit_s:
+                    logger.error(
+                        "shard %s: batch running for %.1f s, past its %.1f s bound; lease no longer renewed",
+                        self._claim.shard_key, running_s, self._batch_time_limit_s,
+                    )
+                    self.overran.set()
+                    self.lost.set()
+                    return
             try:
                 if not self._leases.renew(self._claim):
                     if self._leases.taken_over(self._claim):
                         # The renewal was a late write refused by the fencing token.
                         self._leases.note_fenced_write(self._claim)
                         logger.warning("shard %s: lease lost (token %d)", self._claim.shard_key, self._claim.token)
+                    elif self._leases.cancel_requested(self._claim):
+                        logger.info("shard %s: job cancelled; lease no longer renewed", self._claim.shard_key)
+                        self.cancel_seen.set()
                     self.lost.set()
                     return
             except Exception:  # a store hiccup: keep trying until the lease really expires

@@ -11,14 +11,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from celery.exceptions import SoftTimeLimitExceeded
 from opentelemetry import trace
 from pymongo.collection import Collection
+from pymongo.errors import ConnectionFailure
 from pymongo.database import Database
 
 from cairn_contracts.messages import RunShard
 from cairn_ingest_worker import metrics
+from cairn_ingest_worker.errors import BatchTimedOut, StoreUnavailable, is_store_outage
 from cairn_ingest_worker.leases import Claim, Heartbeat, ShardLeases, utcnow
-from cairn_ingest_worker.observability import note_shard
+from cairn_ingest_worker.observability import current_pipeline, note_shard
 from cairn_ingest_worker.pipelines import Bucket, build_pipeline
 from cairn_ingest_worker.store import store_records
 from cairn_runtime.log import log_context
@@ -37,6 +40,7 @@ class ShardRunner:
     source_db: Database
     heartbeat_interval_s: float
     slice_s: float  # longest run of one task before it hands off to a continuation
+    batch_time_limit_s: float | None = None  # past it, the heartbeat stops renewing the lease
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,15 @@ class ShardFailed(Exception):
 
 
 def run_shard(runner: ShardRunner, request: RunShard, *, max_attempts: int) -> Outcome:
-    claim = runner.leases.claim(request.shard_key)
+    """Claim the request's shard and run it (see `run_claimed`).
+
+    Raises `ShardFailed` (the pipeline failed, or a batch ran past the soft time limit:
+    `BatchTimedOut`) and `StoreUnavailable` (MongoDB unreachable; its `claim` is set if the
+    shard was already taken)."""
+    try:
+        claim = runner.leases.claim(request.shard_key)
+    except ConnectionFailure as error:  # a claim that timed out is retried like an outage
+        raise StoreUnavailable(error) from error
     if claim is None:
         return Outcome("not_claimable")
     return run_claimed(runner, claim, max_attempts=max_attempts, deadline=time.monotonic() + runner.slice_s)
@@ -66,9 +78,26 @@ def run_shard(runner: ShardRunner, request: RunShard, *, max_attempts: int) -> O
 def run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadline: float) -> Outcome:
     """Run a claimed shard from its checkpoint until it is done, the lease is lost, or the
     deadline passes (then the lease is handed off at a batch boundary: outcome `sliced`).
-    Its log lines name the job and shard, and only its own (a frontier runner runs several)."""
+    Its log lines name the job and shard, and only its own (a frontier runner runs several).
+
+    A store outage anywhere in the run raises `StoreUnavailable(claim=claim)` (no attempt spent:
+    the caller hands the lease back), and so does a timeout of Cairn's own bookkeeping writes
+    (a `NetworkTimeout` inside a batch's read or store is the shard's retryable failure instead);
+    Celery's soft time limit, wherever it lands, raises
+    `ShardFailed` with a retryable `BatchTimedOut`: the batch in flight is not committed."""
     with log_context(job_id=claim.shard["job_id"], shard_id=claim.shard_key):
-        return _run_claimed(runner, claim, max_attempts=max_attempts, deadline=deadline)
+        try:
+            return _run_claimed(runner, claim, max_attempts=max_attempts, deadline=deadline)
+        except (ShardFailed, StoreUnavailable):
+            raise
+        except SoftTimeLimitExceeded as error:
+            raise ShardFailed(claim, current_pipeline(), _timed_out(claim)) from error
+        except ConnectionFailure as error:  # Cairn's own bookkeeping (lease, checkpoint, job) failed
+            raise StoreUnavailable(error, claim) from error
+
+
+def _timed_out(claim: Claim) -> BatchTimedOut:
+    return BatchTimedOut(f"shard {claim.shard_key}: a batch ran past the task's soft time limit; it was not committed")
 
 
 def _run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadline: float) -> Outcome:
@@ -99,10 +128,10 @@ def _run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadli
     if cursor > int(claim.shard["range_start"]):
         logger.info("shard %s: resuming at cursor %d (token %d)", claim.shard_key, cursor, claim.token)
     records = 0
-    with Heartbeat(runner.leases, claim, runner.heartbeat_interval_s) as heartbeat:
+    with Heartbeat(runner.leases, claim, runner.heartbeat_interval_s, runner.batch_time_limit_s) as heartbeat:
         while cursor < end:
             if heartbeat.lost.is_set():
-                return Outcome("lease_lost", claim, records)
+                return _stopped(runner, claim, heartbeat, records)
             if time.monotonic() >= deadline:
                 if runner.leases.hand_off(claim):
                     return Outcome("sliced", claim, records)
@@ -112,12 +141,22 @@ def _run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadli
                 "cairn.batch",
                 attributes=span_attributes(job_id=job_id, shard_id=claim.shard_key, cursor=cursor, pipeline=pipeline_name),
             ):
+                heartbeat.batch_started()
                 try:
                     batch = pipeline.read(cursor, end, int(spec["batch_size"]))
+                    if heartbeat.lost.is_set():
+                        # Cancelled, taken over or past its time bound while reading: this batch
+                        # is neither stored nor committed (the checkpoint stays where it is).
+                        return _stopped(runner, claim, heartbeat, records)
                     cleaned = [r for r in map(pipeline.clean, batch.records) if r is not None]
                     stored = store_records(target, cleaned, job_id)
+                except SoftTimeLimitExceeded as error:
+                    raise ShardFailed(claim, pipeline_name, _timed_out(claim)) from error
                 except Exception as error:
+                    if is_store_outage(error):
+                        raise StoreUnavailable(error, claim) from error
                     raise ShardFailed(claim, pipeline_name, error) from error
+                heartbeat.batch_finished()
                 commit = runner.leases.commit(claim, batch.next_cursor, len(batch.records), stored.written, stored.duplicates)
                 if not commit.stored:
                     runner.leases.note_fenced_write(claim)
@@ -141,6 +180,18 @@ def _run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadli
         runner.leases.note_fenced_write(claim)
         return Outcome("lease_lost", claim, records)
     return Outcome("succeeded", claim, records)
+
+
+def _stopped(runner: ShardRunner, claim: Claim, heartbeat: Heartbeat, records: int) -> Outcome:
+    """The heartbeat stopped renewing: end at this batch boundary, as cancelled if that is why."""
+    if heartbeat.cancel_seen.is_set() and runner.leases.cancel(claim):
+        logger.info("shard %s: cancelled after %d records (seen by the heartbeat)", claim.shard_key, records)
+        return Outcome("cancelled", claim, records)
+    if heartbeat.overran.is_set():
+        # The lease was left to expire: the scheduler's reaper re-dispatches the shard, and the
+        # attempt stays counted, so a batch that always overruns ends as poison in the DLQ.
+        logger.warning("shard %s: stopped after a batch overran its time bound", claim.shard_key)
+    return Outcome("lease_lost", claim, records)
 
 
 def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:

@@ -7,7 +7,9 @@
 Attempts are counted in the shard document at claim time (before any work), not by Celery, so a
 shard whose runs keep killing their worker is recognised as poison and dead-lettered. A task runs
 for at most `CAIRN_TASK_SLICE_S`, then hands its lease off and re-sends itself, so no delivery
-stays unacknowledged long enough to reach RabbitMQ's consumer_timeout.
+stays unacknowledged long enough to reach RabbitMQ's consumer_timeout. For the same reason a
+retry is not held by the worker (no ETA task): the shard waits in MongoDB (`RETRY`,
+`next_retry_at_ms`), the delivery is acked, and the scheduler sends the task when it is due.
 """
 
 import json
@@ -19,6 +21,7 @@ from typing import Any
 
 from celery import Celery, Task
 from pydantic import ValidationError
+from pymongo.errors import ConnectionFailure
 
 from cairn_contracts.messages import OriginalMessage, RunFrontier, RunShard, ShardFinished
 from cairn_contracts.states import ShardState
@@ -31,11 +34,13 @@ from cairn_contracts.topology import (
     ROUTING_SHARD_SUCCEEDED,
 )
 from cairn_ingest_worker import metrics
+from cairn_ingest_worker.consumer import stable_dead_letter_id
 from cairn_ingest_worker.context import WorkerContext
+from cairn_ingest_worker.errors import StoreUnavailable
 from cairn_ingest_worker.retry import JobRetryRules, RetryDefaults, decide, retry_fields, rules_for_job
-from cairn_ingest_worker.leases import Claim, epoch_ms
+from cairn_ingest_worker.leases import Claim
 from cairn_ingest_worker.observability import current_pipeline
-from cairn_ingest_worker.runner import Outcome, ShardFailed, retry_time, run_claimed, run_shard
+from cairn_ingest_worker.runner import Outcome, ShardFailed, backoff_delay, retry_time, run_claimed, run_shard
 from cairn_runtime.amqp import dead_letter_for
 
 logger = logging.getLogger(__name__)
@@ -44,7 +49,7 @@ SERVICE = "ingest-worker"
 
 
 def register_tasks(app: Celery, context: Callable[[], WorkerContext]) -> None:
-    @app.task(name=TASK_RUN_SHARD, bind=True, max_retries=None)
+    @app.task(name=TASK_RUN_SHARD, bind=True, max_retries=None, shared=False)  # this app only (tests build several)
     def run_shard_task(self: Task, **payload: Any) -> str:
         ctx = context()
         try:
@@ -53,20 +58,25 @@ def register_tasks(app: Celery, context: Callable[[], WorkerContext]) -> None:
             _dead_letter_invalid(ctx, self, payload, error)
             return "contract_violation"
         try:
-            outcome = run_shard(ctx.runner, request, max_attempts=_rules(ctx, request.job_id).policy.max_attempts)
+            max_attempts = _rules(ctx, request.job_id).policy.max_attempts
+            outcome = run_shard(ctx.runner, request, max_attempts=max_attempts)
+        except (StoreUnavailable, ConnectionFailure) as error:
+            return _retry_after_store_outage(ctx, self, _outage(error))
         except ShardFailed as failure:
-            delay = _handle_failure(ctx, self, failure)
-            if delay is not None:
-                raise self.retry(countdown=delay, priority=_priority(self))
+            if _handle_failure(ctx, self, failure) is not None:
+                # The retry waits in MongoDB (RETRY, next_retry_at_ms); the scheduler sends its task
+                # when it is due. This delivery is acked now: a worker holding it for the backoff
+                # would pass RabbitMQ's consumer_timeout.
+                return "retry_scheduled"
             return "failed"
         if outcome.kind == "not_claimable":
-            return _not_claimable(ctx, request)
+            return _not_claimable(ctx, self, request)
         if outcome.kind == "sliced":
             logger.info("shard %s: slice over after %d records; continuing in a new task", request.shard_key, outcome.records)
             raise self.retry(countdown=0, priority=_priority(self))
         return _conclude(ctx, self, outcome)
 
-    @app.task(name=TASK_RUN_FRONTIER, bind=True, max_retries=None)
+    @app.task(name=TASK_RUN_FRONTIER, bind=True, max_retries=None, shared=False)
     def run_frontier_task(self: Task, **payload: Any) -> str:
         ctx = context()
         try:
@@ -76,10 +86,13 @@ def register_tasks(app: Celery, context: Callable[[], WorkerContext]) -> None:
             return "contract_violation"
         deadline = time.monotonic() + ctx.runner.slice_s
         leases = ctx.runner.leases
-        while (claim := leases.claim_next(request.job_id)) is not None:
+        while (claim := _claim_next_or_retry(ctx, self, request)) is not None:
             try:
                 max_attempts = _rules(ctx, request.job_id).policy.max_attempts
                 outcome = run_claimed(ctx.runner, claim, max_attempts=max_attempts, deadline=deadline)
+            except (StoreUnavailable, ConnectionFailure) as error:
+                # The lane keeps its delivery: the item is handed back, the runner re-sent.
+                return _retry_after_store_outage(ctx, self, _outage(error, claim))
             except ShardFailed as failure:
                 _handle_failure(ctx, self, failure)  # a retry waits in the item (RETRY, next_retry_at_ms)
                 continue
@@ -88,10 +101,8 @@ def register_tasks(app: Celery, context: Callable[[], WorkerContext]) -> None:
             _conclude(ctx, self, outcome)
             if time.monotonic() >= deadline:
                 raise self.retry(countdown=0, priority=_priority(self))
-        next_due_ms = _next_retry_due_ms(ctx, request.job_id)
-        if next_due_ms is not None:
-            # Only items waiting for their retry time are left: this lane comes back for them.
-            raise self.retry(countdown=max(0.05, (next_due_ms - epoch_ms()) / 1000), priority=_priority(self))
+        # Items left waiting for their retry time are sent a runner by the scheduler when due:
+        # this lane ends rather than hold its delivery for the backoff.
         return "drained"
 
 
@@ -116,7 +127,8 @@ def _conclude(ctx: WorkerContext, task: Task, outcome: Outcome) -> str:
 
 
 def _handle_failure(ctx: WorkerContext, task: Task, failure: ShardFailed) -> float | None:
-    """Schedule a retry (returns its delay) or dead-letter the shard (returns None)."""
+    """Schedule a retry (returns its delay; the scheduler sends the task when it is due) or
+    dead-letter the shard (returns None)."""
     claim, error = failure.claim, failure.error
     rules = _rules(ctx, claim.shard["job_id"])
     decision = decide(error, claim.attempt, rules.policy, rules.declared)
@@ -127,7 +139,7 @@ def _handle_failure(ctx: WorkerContext, task: Task, failure: ShardFailed) -> flo
         if not ctx.runner.leases.schedule_retry(claim, _describe(error), retry_time(delay), extra=retry):
             return None  # another worker holds the shard now; it decides
         logger.warning(
-            "shard %s attempt %d/%d failed (%s); retry in %.2f s (ceiling %.2f s)",
+            "shard %s attempt %d/%d failed (%s); retry in %.2f s (ceiling %.2f s), sent by the scheduler when due",
             claim.shard_key, claim.attempt, decision.max_attempts, error, delay, decision.ceiling_s,
         )
         metrics.RETRIES.labels(failure.pipeline).inc()
@@ -164,10 +176,59 @@ def _dead_letter_shard(ctx: WorkerContext, task: Task, claim: Claim, error: Base
     _announce(ctx, job_id, claim.shard_key, "failed", 0, error=_describe(error))
 
 
-def _not_claimable(ctx: WorkerContext, request: RunShard) -> str:
+def _outage(error: BaseException, claim: Claim | None = None) -> StoreUnavailable:
+    """A store error outside a batch (claim, job lookup, lease writes) as the outage it is handled as."""
+    return error if isinstance(error, StoreUnavailable) else StoreUnavailable(error, claim)
+
+
+def _claim_next_or_retry(ctx: WorkerContext, task: Task, request: RunFrontier) -> Claim | None:
+    """The lane's next item; while MongoDB is unreachable, the runner is re-sent (Retry raised)."""
+    while True:
+        try:
+            return ctx.runner.leases.claim_next(request.job_id)
+        except (StoreUnavailable, ConnectionFailure) as error:
+            # Raises Retry; returns only if the half-claimed item was taken over meanwhile.
+            _retry_after_store_outage(ctx, task, _outage(error))
+
+
+def _retry_after_store_outage(ctx: WorkerContext, task: Task, outage: StoreUnavailable) -> str:
+    """Keep the delivery while MongoDB is unreachable: hand back the lease this run held (once the
+    store answers, within one lease TTL: past it the lease has expired anyway), then re-send the
+    task after a short capped backoff (Celery's retry: published with confirms before the ack).
+    No attempt is spent: the hand-off gives the claim's attempt back. Raises Celery's Retry, or
+    returns "lease_lost" if another worker took the shard over meanwhile."""
+    claim = outage.claim
+    if isinstance(claim, Claim):
+        handed_off = _hand_off_when_store_answers(ctx, claim)
+        if handed_off is False:
+            logger.warning("shard %s: taken over while MongoDB was unreachable; this task ends", claim.shard_key)
+            return "lease_lost"
+    settings = ctx.settings
+    delay = backoff_delay(task.request.retries + 1, settings.store_retry_base_s, settings.store_retry_max_s)
+    logger.warning("MongoDB unreachable (%s); task %s retried in %.2f s", outage.error, task.request.id, delay)
+    raise task.retry(countdown=delay, max_retries=None, priority=_priority(task))
+
+
+def _hand_off_when_store_answers(ctx: WorkerContext, claim: Claim) -> bool | None:
+    """True: handed off; False: another worker holds the shard now; None: the store stayed away
+    for a whole lease TTL (the lease has expired by now: any claim may take the shard)."""
+    deadline = time.monotonic() + ctx.settings.lease_ttl_s
+    pause = ctx.settings.store_retry_base_s
+    while True:
+        try:
+            return ctx.runner.leases.hand_off(claim)
+        except ConnectionFailure:
+            pass  # still away
+        if time.monotonic() + pause > deadline:
+            return None
+        time.sleep(pause)
+        pause = min(pause * 2, ctx.settings.store_retry_max_s)
+
+
+def _not_claimable(ctx: WorkerContext, task: Task, request: RunShard) -> str:
     shard = ctx.runner.shards.find_one({"task_key": request.shard_key})
     if shard is None:
-        logger.error("shard %s is not recorded; dropping its task", request.shard_key)
+        _dead_letter_unknown_shard(ctx, task, request)
         return "unknown_shard"
     if shard["state"] == ShardState.SUCCEEDED:
         _announce(ctx, request.job_id, request.shard_key, "succeeded", 0)  # the first may have been lost
@@ -186,23 +247,36 @@ def _not_claimable(ctx: WorkerContext, request: RunShard) -> str:
     return "held_elsewhere"
 
 
-def _next_retry_due_ms(ctx: WorkerContext, job_id: str) -> int | None:
-    waiting = ctx.runner.shards.find_one(
-        {"job_id": job_id, "state": ShardState.RETRY}, {"next_retry_at_ms": 1}, sort=[("next_retry_at_ms", 1)]
-    )
-    return int(waiting["next_retry_at_ms"]) if waiting else None
-
-
 def _dead_letter_invalid(ctx: WorkerContext, task: Task, payload: dict, error: ValidationError) -> None:
+    original = _original(task, payload)
     dead_letter = dead_letter_for(
         source_service=SERVICE,
         source_queue=QUEUE_INGEST,
         reason="contract_violation",
         error=error,
-        original=_original(task, payload),
+        original=original,
+        dead_letter_id=stable_dead_letter_id(original),  # a redelivery is recorded once
     )
     ctx.publisher.publish_dead_letter(dead_letter)
     logger.error("task %s dead-lettered: payload is not a valid %s", task.request.id, task.name)
+
+
+def _dead_letter_unknown_shard(ctx: WorkerContext, task: Task, request: RunShard) -> None:
+    """A task naming a shard that is not recorded: kept in the DLQ (one entry however often the
+    task is delivered), not only logged."""
+    original = _original(task, request.model_dump())
+    dead_letter = dead_letter_for(
+        source_service=SERVICE,
+        source_queue=QUEUE_INGEST,
+        reason="unknown_shard",
+        error=LookupError(f"shard {request.shard_key} of job {request.job_id} is not recorded"),
+        original=original,
+        job_id=request.job_id,
+        shard_key=request.shard_key,
+        dead_letter_id=stable_dead_letter_id(original, "unknown_shard"),
+    )
+    ctx.publisher.publish_dead_letter(dead_letter)
+    logger.error("shard %s is not recorded; its task is dead-lettered", request.shard_key)
 
 
 def _announce(ctx: WorkerContext, job_id: str, shard_key: str, outcome: str, records: int, error: str | None = None) -> None:

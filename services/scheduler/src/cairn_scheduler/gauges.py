@@ -26,12 +26,35 @@ from cairn_scheduler import metrics
 logger = logging.getLogger(__name__)
 
 
+class QueueCounts:
+    """Ready messages and consumers of a queue, as the broker counts them: a passive declare
+    answers with both and creates nothing. Ready messages exclude deliveries a consumer holds."""
+
+    def __init__(self, connection: AbstractRobustConnection) -> None:
+        self._connection = connection
+        self._channel: AbstractChannel | None = None
+
+    async def counts(self, name: str) -> tuple[int, int]:
+        """(ready messages, consumers) of queue `name`; raises if the broker cannot answer."""
+        if self._channel is None or self._channel.is_closed:
+            self._channel = await self._connection.channel()
+        try:
+            queue = await self._channel.declare_queue(name, passive=True, robust=False)  # robust: cached, stale counts
+        except Exception:
+            self._channel = None  # a failed passive declare (no such queue) closes the channel
+            raise
+        result = queue.declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
+
+    async def ready(self, name: str) -> int:
+        return (await self.counts(name))[0]
+
+
 class GaugeCollector:
     def __init__(self, db: AsyncDatabase, connection: AbstractRobustConnection, queues: Iterable[str] | None = None) -> None:
         self._db = db
-        self._connection = connection
+        self._counts = QueueCounts(connection)
         self._queues = tuple(queues) if queues is not None else tuple(q.name for q in QUEUES)
-        self._channel: AbstractChannel | None = None
 
     async def run_forever(self, interval_s: float) -> None:
         while True:
@@ -52,15 +75,9 @@ class GaugeCollector:
 
     async def collect_queues(self) -> None:
         for name in self._queues:
-            channel = await self._open_channel()
-            try:
-                queue = await channel.declare_queue(name, passive=True, robust=False)  # robust: cached, stale counts
-            except Exception:
-                self._channel = None  # a failed passive declare (no such queue) closes the channel
-                raise
-            result = queue.declaration_result
-            metrics.QUEUE_MESSAGES.labels(name).set(result.message_count or 0)
-            metrics.QUEUE_CONSUMERS.labels(name).set(result.consumer_count or 0)
+            messages, consumers = await self._counts.counts(name)
+            metrics.QUEUE_MESSAGES.labels(name).set(messages)
+            metrics.QUEUE_CONSUMERS.labels(name).set(consumers)
 
     async def collect_states(self) -> None:
         for collection, states, gauge in ((JOBS, JobState, metrics.JOBS), (SHARDS, ShardState, metrics.SHARDS)):
@@ -75,11 +92,6 @@ class GaugeCollector:
             {"state": ShardState.QUEUED}, {"queued_at_ms": 1, "queued_at": 1}, sort=[("queued_at_ms", 1)]
         )
         metrics.OLDEST_QUEUED_SHARD_AGE.set(backlog_age_s(oldest, time.time()))
-
-    async def _open_channel(self) -> AbstractChannel:
-        if self._channel is None or self._channel.is_closed:
-            self._channel = await self._connection.channel()
-        return self._channel
 
 
 async def count_by_state(collection: Any) -> dict[str, int]:

@@ -19,13 +19,17 @@ from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, Start
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, MAIN_SUB_KEY, SHARDS
 from cairn_runtime.consumer import Unprocessable
+from cairn_runtime.log import log_context
 from cairn_scheduler.metrics import observe_job_finished
-from cairn_scheduler.planner import Plan, plan_job
+from cairn_scheduler.planner import Plan, ShardPlan, plan_job
 from cairn_scheduler.stopping import finish_unplanned, stop_shards
 
 logger = logging.getLogger(__name__)
 
 DUPLICATE_KEY = 11000
+# Shards (and as many checkpoints) written per round trip while a job is planned; the cancel
+# mark is read between chunks, so a cancel stops a large planning within one chunk.
+PLAN_CHUNK = 1000
 
 
 class LockRelease(Protocol):
@@ -52,6 +56,7 @@ class JobScheduler:
     db: AsyncDatabase
     dispatcher: ShardDispatcher
     locks: LockRelease | None = None  # the job-fingerprint lock, released when a job is terminal
+    plan_chunk: int = PLAN_CHUNK
 
     async def start_job(self, command: StartJob) -> None:
         job = await self.db[JOBS].find_one({"_id": command.job_id})
@@ -66,8 +71,11 @@ class JobScheduler:
         spec = command.spec
         start, end = spec.params.key_range()
         plan = plan_job(command.job_id, (start, end), spec.sharding)
-        await self._record_shards(command.job_id, spec, plan)
-        await self.db[JOBS].update_one(
+        if not await self._record_shards(command.job_id, spec, plan):
+            logger.info("job %s cancelled while it was being planned; planning stopped", command.job_id)
+            await self.stop(command.job_id)  # the shards recorded so far are cancelled, none dispatched
+            return
+        started = await self.db[JOBS].update_one(
             {"_id": command.job_id, "state": JobState.PENDING},
             {
                 "$set": {
@@ -78,16 +86,35 @@ class JobScheduler:
                 }
             },
         )
-        if (await self.db[JOBS].find_one({"_id": command.job_id}, {"cancel_requested": 1}) or {}).get("cancel_requested"):
+        if started.modified_count:
+            logger.info(
+                "job %s planned: %d %s shard(s) over keys [%d, %d); job STARTED",
+                command.job_id, len(plan.shards), spec.sharding.strategy, start, end,
+            )
+        if await self._cancel_requested(command.job_id):
             await self.stop(command.job_id)  # cancelled while it was being planned: dispatch nothing
             return
         if plan.runners is None:
-            await self._dispatch_planned(command.job_id, int(spec.priority))
-        else:
-            await self._dispatch_runners(command.job_id, plan.runners, int(spec.priority))
+            dispatched = await self._dispatch_planned(command.job_id, int(spec.priority))
+            logger.info("job %s: %d shard task(s) dispatched", command.job_id, dispatched)
+        elif await self._dispatch_runners(command.job_id, plan.runners, int(spec.priority)):
+            logger.info("job %s: %d lease-frontier runner(s) dispatched", command.job_id, plan.runners)
 
-    async def _record_shards(self, job_id: str, spec: JobSpec, plan: Plan) -> None:
-        plans = plan.shards
+    async def _cancel_requested(self, job_id: str) -> bool:
+        job = await self.db[JOBS].find_one({"_id": job_id}, {"cancel_requested": 1})
+        return bool((job or {}).get("cancel_requested"))
+
+    async def _record_shards(self, job_id: str, spec: JobSpec, plan: Plan) -> bool:
+        """Record the plan's checkpoints and shards, `plan_chunk` at a time, ignoring those that
+        exist (a redelivered command). False if the job was cancelled meanwhile: planning stops
+        there, and the caller cancels what was recorded."""
+        for chunk in plan.chunks(self.plan_chunk):
+            if await self._cancel_requested(job_id):
+                return False
+            await self._record_chunk(job_id, spec, chunk)
+        return True
+
+    async def _record_chunk(self, job_id: str, spec: JobSpec, plans: list[ShardPlan]) -> None:
         now = utcnow()
         # Checkpoints first: a shard is only claimable once its checkpoint exists.
         await _insert_new(
@@ -137,24 +164,30 @@ class JobScheduler:
             ],
         )
 
-    async def _dispatch_planned(self, job_id: str, priority: int) -> None:
+    async def _dispatch_planned(self, job_id: str, priority: int) -> int:
+        """Send the task of every PLANNED shard of the job; returns how many were sent."""
         # Publish first, then mark: a crash in between re-dispatches on redelivery, and the
         # worker's lease claim makes the second task a no-op. The reverse order could lose a shard.
+        dispatched = 0
         async for shard in self.db[SHARDS].find({"job_id": job_id, "state": ShardState.PLANNED}, {"task_key": 1}):
             await self.dispatcher.dispatch(RunShard(job_id=job_id, shard_key=shard["task_key"]), priority)
             await self.db[SHARDS].update_one(
                 {"_id": shard["_id"], "state": ShardState.PLANNED},
                 {"$set": {"state": ShardState.QUEUED, "queued_at": utcnow(), "queued_at_ms": epoch_ms()}},
             )
+            dispatched += 1
+        return dispatched
 
-    async def _dispatch_runners(self, job_id: str, runners: int, priority: int) -> None:
-        """Lease frontier: the items stay claimable in MongoDB; `runners` tasks pull them."""
+    async def _dispatch_runners(self, job_id: str, runners: int, priority: int) -> bool:
+        """Lease frontier: the items stay claimable in MongoDB; `runners` tasks pull them.
+        Returns False when a previous delivery of the command sent them already."""
         job = await self.db[JOBS].find_one({"_id": job_id}, {"runners_dispatched_at": 1})
         if job and job.get("runners_dispatched_at"):
-            return  # a redelivered command: the runners are out already
+            return False  # a redelivered command: the runners are out already
         for lane in range(runners):
             await self.dispatcher.dispatch(RunFrontier(job_id=job_id, lane=lane), priority)
         await self.db[JOBS].update_one({"_id": job_id}, {"$set": {"runners_dispatched_at": utcnow()}})
+        return True
 
     async def shard_finished(self, event: ShardFinished) -> None:
         await self.roll_up(event.job_id)
@@ -189,6 +222,11 @@ class JobScheduler:
         written = await self.db[JOBS].update_one(
             {"_id": job_id, "state": {"$nin": [JobState.SUCCESS, JobState.FAILURE, JobState.CANCELLED]}}, {"$set": update}
         )
+        if written.modified_count and state != job["state"]:
+            # One line per transition: the roll-up runs for every event and every few seconds,
+            # but a state is written (and logged) once. The maintenance loop has no job context.
+            with log_context(job_id=job_id):
+                logger.info("job %s %s -> %s (shards: %s)", job_id, job["state"], state, _shard_summary(states))
         if state.is_terminal and written.modified_count:
             observe_job_finished(job, state, update["finished_at"])
             if self.locks is not None:
@@ -208,6 +246,10 @@ class JobScheduler:
             "shards_cancelled": states.get(ShardState.CANCELLED, 0),
             "failed_shards": failed,
         }
+
+
+def _shard_summary(states: Counter) -> str:
+    return ", ".join(f"{count} {state}" for state, count in sorted(states.items())) or "none"
 
 
 def job_state_from(states: Counter, shard_count: int) -> JobState:

@@ -2,12 +2,13 @@
 
 import asyncio
 import contextlib
+import functools
 import logging
 
 import redis.asyncio as aioredis
 
 from cairn_contracts.messages import CancelJob, ShardFinished, StartJob
-from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_CONTROL, QUEUE_SCHEDULER_EVENTS
+from cairn_contracts.topology import QUEUE_INGEST, QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_CONTROL, QUEUE_SCHEDULER_EVENTS
 from cairn_runtime.amqp import Publisher, connect, declare_topology
 from cairn_runtime.celery_config import ShardTaskSender
 from cairn_runtime.consumer import ContractConsumer
@@ -15,11 +16,11 @@ from cairn_runtime.instrumentation import instrument_celery
 from cairn_runtime.mongo import async_client, ensure_indexes
 from cairn_runtime.service import run_service
 from cairn_scheduler.cancel import Canceller
-from cairn_scheduler.gauges import GaugeCollector
+from cairn_scheduler.gauges import GaugeCollector, QueueCounts
 from cairn_scheduler.jobs import JobScheduler
 from cairn_scheduler.locks import JobLockRelease
 from cairn_scheduler.maintenance import Maintenance
-from cairn_scheduler.reaper import LeaseReaper
+from cairn_scheduler.reaper import LeaseReaper, LostTaskWatch
 from cairn_scheduler.schedules import ScheduleFirer
 from cairn_scheduler.settings import SchedulerSettings
 
@@ -45,15 +46,19 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
         await ContractConsumer(queue=queues[QUEUE_SCHEDULER_COMMANDS], model=StartJob, handler=scheduler.start_job, **common).start()
         await ContractConsumer(queue=queues[QUEUE_SCHEDULER_EVENTS], model=ShardFinished, handler=scheduler.shard_finished, **common).start()
         await ContractConsumer(queue=queues[QUEUE_SCHEDULER_CONTROL], model=CancelJob, handler=canceller.handle, **common).start()
+        ingest_counts = QueueCounts(connection)
         maintenance = Maintenance(
             scheduler,
             publisher,
             LeaseReaper(db, dispatcher),
             relay_after_s=settings.relay_after_s,
             redispatch_after_s=settings.redispatch_after_s,
+            ingest_ready=functools.partial(ingest_counts.ready, QUEUE_INGEST),
+            lost_tasks=LostTaskWatch(passes_needed=settings.lost_task_passes),
         )
         loops = [
             asyncio.create_task(maintenance.run_forever(settings.reconcile_interval_s)),
+            asyncio.create_task(maintenance.dispatch_retries_forever(settings.retry_poll_max_s)),
             asyncio.create_task(canceller.run_forever(settings.reconcile_interval_s)),
             asyncio.create_task(ScheduleFirer(db, publisher).run_forever(settings.schedule_tick_s)),
             asyncio.create_task(GaugeCollector(db, connection).run_forever(settings.gauges_interval_s)),

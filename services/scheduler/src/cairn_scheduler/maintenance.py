@@ -1,10 +1,12 @@
-"""Periodic safety nets: reclaim shards whose lease expired, re-send lost shard tasks, roll up
-running jobs whose shard events were lost, and relay job commands the gateway recorded but
-could not publish (the broker was down at the time)."""
+"""Periodic safety nets: reclaim shards whose lease expired, re-send provably lost shard tasks,
+roll up running jobs whose shard events were lost, and relay job commands the gateway recorded
+but could not publish (the broker was down at the time). And, on a loop of its own, the dispatch
+of due retries (a retry waits in MongoDB, not in a worker)."""
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from pydantic import TypeAdapter
 
@@ -15,7 +17,7 @@ from cairn_contracts.store import JOBS
 from cairn_contracts.topology import EXCHANGE_COMMANDS, ROUTING_START_JOB
 from cairn_runtime.amqp import Publisher
 from cairn_scheduler.jobs import JobScheduler, epoch_ms, utcnow
-from cairn_scheduler.reaper import LeaseReaper
+from cairn_scheduler.reaper import LeaseReaper, LostTaskWatch
 
 logger = logging.getLogger(__name__)
 
@@ -29,17 +31,51 @@ class Maintenance:
     reaper: LeaseReaper
     relay_after_s: float
     redispatch_after_s: float
+    # Ready messages of the ingest queue (raises if the broker cannot answer); None: lost tasks are
+    # never re-sent (nothing could prove them lost).
+    ingest_ready: Callable[[], Awaitable[int]] | None = None
+    lost_tasks: LostTaskWatch = field(default_factory=LostTaskWatch)
 
     async def run_forever(self, interval_s: float) -> None:
         while True:
             try:
                 await self.reaper.reap()
-                await self.reaper.redispatch_stale(self.redispatch_after_s)
+                await self.redispatch_lost()
                 await self.reconcile_running()
                 await self.relay_unpublished()
             except Exception:
                 logger.exception("maintenance pass failed")
             await asyncio.sleep(interval_s)
+
+    async def redispatch_lost(self) -> int:
+        """Observe the ingest queue once, then re-send the tasks it proves lost (`LostTaskWatch`)."""
+        ready: int | None = None
+        if self.ingest_ready is not None:
+            try:
+                ready = await self.ingest_ready()
+            except Exception:
+                logger.warning("the ingest queue's depth could not be read; no task is judged lost", exc_info=True)
+        now_ms = epoch_ms()
+        self.lost_tasks.observe(ready, now_ms)
+        cutoff_ms = self.lost_tasks.cutoff_ms(now_ms, self.redispatch_after_s)
+        if cutoff_ms is None:
+            return 0
+        sent = await self.reaper.redispatch_lost(cutoff_ms)
+        if sent:
+            self.lost_tasks.restart()  # the re-sent tasks are new: a loss among them needs a new proof
+        return sent
+
+    async def dispatch_retries_forever(self, max_sleep_s: float) -> None:
+        """Send due retries as they come due: sleep until the earliest waiting retry, at most
+        `max_sleep_s` (a retry scheduled meanwhile for sooner waits at most that long)."""
+        while True:
+            delay_s = max_sleep_s
+            try:
+                due = await self.reaper.dispatch_due_retries()
+                delay_s = retry_sleep_s(due.next_due_ms, epoch_ms(), max_sleep_s, due.due_left)
+            except Exception:
+                logger.exception("due-retry dispatch failed")
+            await asyncio.sleep(delay_s)
 
     async def reconcile_running(self) -> None:
         jobs = self.scheduler.db[JOBS]
@@ -60,3 +96,13 @@ class Maintenance:
             logger.info("relayed the command of job %s", job["_id"])
             relayed += 1
         return relayed
+
+
+def retry_sleep_s(next_due_ms: int | None, now_ms: int, max_sleep_s: float, due_left: bool = False) -> float:
+    """Seconds until the due-retry dispatcher looks again: 0 if due retries are left over, else
+    until `next_due_ms` (at least 10 ms), never more than `max_sleep_s`."""
+    if due_left:
+        return 0.0
+    if next_due_ms is None:
+        return max_sleep_s
+    return min(max_sleep_s, max(0.01, (next_due_ms - now_ms) / 1000))

@@ -22,6 +22,12 @@ JOB_SECONDS = Histogram(
 LEASE_RECLAIMS = Counter(
     "cairn_lease_reclaims_total", "Shards whose holder's lease had expired, returned to ready (by the reaper)"
 )
+SHARD_REDISPATCHES = Counter(
+    "cairn_shard_redispatches_total",
+    "Tasks the scheduler sent again for shards already planned, by reason: `retry_due` (a retry's"
+    " time came), `lost_task` (a QUEUED shard's task was provably lost)",
+    ["reason"],
+)
 GAUGE_PASSES = Counter("cairn_gauge_collections_total", "Passes of the gauge collector", ["outcome"])
 
 

@@ -3,13 +3,18 @@
 Planning is deterministic (same job → same shard keys and bounds), so a replanned job, a
 redelivered command or a second scheduler creates nothing new. A strategy is a function
 registered in `PLANNERS` under the name the contracts allow; adding one is adding a function.
+
+A plan's shards are computed on demand (`ContiguousShards`): shard i's bounds are arithmetic on
+i, so a plan costs the same memory whatever its size, and the scheduler records it chunk by chunk.
+How many shards a job may plan is bounded by the contracts (`MAX_ITEMS_PER_JOB`).
 """
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
+from typing import overload
 
-from cairn_contracts.jobs import HashModSharding, LeaseFrontierSharding, RangeSharding
+from cairn_contracts.jobs import HashModSharding, LeaseFrontierSharding, RangeSharding, lease_frontier_items
 
 
 @dataclass(frozen=True)
@@ -24,14 +29,27 @@ class ShardPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    shards: list[ShardPlan]
+    shards: Sequence[ShardPlan]
     # How many runner tasks to dispatch: None means one task per shard (push); a number means
     # that many runners pull the shards by lease (lease frontier).
     runners: int | None = None
 
+    def chunks(self, size: int) -> Iterator[list[ShardPlan]]:
+        """The shards in index order, `size` at a time: what the scheduler writes per round trip."""
+        shards = iter(self.shards)
+        while chunk := list(islice(shards, size)):
+            yield chunk
+
 
 def shard_key(job_id: str, index: int) -> str:
     return f"{job_id}:{index:04d}"
+
+
+def _range_part(start: int, end: int, parts: int, index: int) -> tuple[int, int]:
+    """Part `index` of [start, end) cut into `parts` near-equal parts, the larger ones first."""
+    size, extra = divmod(end - start, parts)
+    lower = start + index * size + min(index, extra)
+    return lower, lower + size + (1 if index < extra else 0)
 
 
 def split_range(start: int, end: int, parts: int) -> list[tuple[int, int]]:
@@ -39,32 +57,54 @@ def split_range(start: int, end: int, parts: int) -> list[tuple[int, int]]:
     if end <= start:
         raise ValueError("empty key range")
     count = min(parts, end - start)
-    size, extra = divmod(end - start, count)
-    bounds, lower = [], start
-    for index in range(count):
-        upper = lower + size + (1 if index < extra else 0)
-        bounds.append((lower, upper))
-        lower = upper
-    return bounds
+    return [_range_part(start, end, count, index) for index in range(count)]
+
+
+@dataclass(frozen=True)
+class ContiguousShards(Sequence[ShardPlan]):
+    """[start, end) cut into `parts` contiguous near-equal shards (as `split_range`), each
+    computed when it is asked for: iterating a plan of any size holds one shard at a time."""
+
+    job_id: str
+    start: int
+    end: int
+    parts: int
+
+    def __post_init__(self) -> None:
+        if self.end <= self.start:
+            raise ValueError("empty key range")
+        object.__setattr__(self, "parts", min(self.parts, self.end - self.start))
+
+    def __len__(self) -> int:
+        return self.parts
+
+    @overload
+    def __getitem__(self, index: int) -> ShardPlan: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[ShardPlan]: ...
+    def __getitem__(self, index: int | slice) -> ShardPlan | list[ShardPlan]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.parts))]
+        if index < 0:
+            index += self.parts
+        if not 0 <= index < self.parts:
+            raise IndexError(index)
+        lower, upper = _range_part(self.start, self.end, self.parts, index)
+        return ShardPlan(index, shard_key(self.job_id, index), lower, upper, upper - lower)
 
 
 def plan_range(job_id: str, start: int, end: int, sharding: RangeSharding) -> Plan:
-    return Plan(
-        [ShardPlan(i, shard_key(job_id, i), lo, hi, hi - lo) for i, (lo, hi) in enumerate(split_range(start, end, sharding.shards))]
-    )
+    return Plan(ContiguousShards(job_id, start, end, sharding.shards))
 
 
 def plan_hash_mod(job_id: str, start: int, end: int, sharding: HashModSharding) -> Plan:
     buckets = sharding.shards
-    estimate = math.ceil((end - start) / buckets)
+    estimate = -(-(end - start) // buckets)  # integer ceiling: keys reach 2^63, beyond a float's precision
     return Plan([ShardPlan(i, shard_key(job_id, i), start, end, estimate, (buckets, i)) for i in range(buckets)])
 
 
 def plan_lease_frontier(job_id: str, start: int, end: int, sharding: LeaseFrontierSharding) -> Plan:
-    items = math.ceil((end - start) / sharding.item_size)
-    shards = [
-        ShardPlan(i, shard_key(job_id, i), lo, hi, hi - lo) for i, (lo, hi) in enumerate(split_range(start, end, items))
-    ]
+    shards = ContiguousShards(job_id, start, end, lease_frontier_items((start, end), sharding.item_size))
     return Plan(shards, runners=min(sharding.shards, len(shards)))
 
 

@@ -1,4 +1,10 @@
-"""Copies documents of a MongoDB collection whose integer key lies in the shard's range."""
+"""Copies documents of a MongoDB collection whose integer key lies in the shard's range.
+
+A source collection that does not exist is a permanent failure (`SourceNotFound`), never an empty
+source: MongoDB answers a read of a missing collection with no documents, which would end the job
+SUCCESS with nothing copied. An existing but empty collection (or key range) is a real, empty
+result.
+"""
 
 from typing import Any, ClassVar
 
@@ -6,8 +12,19 @@ from pymongo.database import Database
 from pymongo.errors import CursorNotFound, ExecutionTimeout, OperationFailure, WriteConcernError
 
 from cairn_contracts.pipelines import MongoRangeParams
-from cairn_ingest_worker.errors import FailurePolicy
+from cairn_ingest_worker.errors import FailurePolicy, NonRetryableError
 from cairn_ingest_worker.pipelines.base import Batch, Bucket
+
+
+class SourceNotFound(NonRetryableError):
+    """The job names a source collection that does not exist: the shard is dead-lettered."""
+
+
+def collection_exists(source: Database, name: str) -> bool:
+    """Whether `name` is a collection (or view) of the `source` database (listCollections)."""
+    # The filter keeps MongoDB's answer to one name; the membership test keeps the answer right
+    # where a server ignores the filter (the nx-27017 stand-in lists every collection).
+    return name in source.list_collection_names(filter={"name": name})
 
 
 class MongoRangePipeline:
@@ -23,8 +40,18 @@ class MongoRangePipeline:
         self._bucket = bucket
         self._collection = source[params.collection]
         self._projection = {name: 1 for name in {*params.fields, params.key_field}} if params.fields else None
+        self._source_found = False
 
     def read(self, cursor: int, end: int, limit: int) -> Batch:
+        if not self._source_found:
+            # Checked at the first read of each run, not at construction: an outage of the source
+            # store then surfaces where the runner handles store errors.
+            if not collection_exists(self._collection.database, self._params.collection):
+                raise SourceNotFound(
+                    f"source collection {self._params.collection!r} does not exist in database "
+                    f"{self._collection.database.name!r}"
+                )
+            self._source_found = True
         key = self._params.key_field
         documents = list(
             self._collection.find({key: {"$gte": cursor, "$lt": end}}, self._projection)
