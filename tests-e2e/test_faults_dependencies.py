@@ -10,8 +10,6 @@ Nothing may be lost or doubled, and every job finishes within a bounded time aft
 
 import os
 import shutil
-import signal
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,37 +18,8 @@ import httpx
 import pytest
 from pymongo import MongoClient
 
-from cairn_testkit.servers import MongoStandIn, RabbitNode, free_port, wait_for_port
+from cairn_testkit.servers import MongoStandIn, RabbitNode, RedisServer
 from harness import System, build_system, dump
-
-
-class RedisServer:
-    """A redis-server process of the test's own (no persistence) that can be killed and restarted."""
-
-    def __init__(self, work_dir: Path) -> None:
-        self.work_dir = work_dir
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.work_dir), "--logfile", str(self.work_dir / "redis.log")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port("127.0.0.1", self.port)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-            self.process = None
 
 
 def ready(system: System) -> httpx.Response:
@@ -73,12 +42,6 @@ def assert_stored_once(system: System, job_id: str, collection: str, total: int)
     assert sum(c["records_done"] for c in system.db.checkpoints.find({"job_id": job_id})) == total
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.kill()
 
 
 def test_redis_outage_mid_job_status_and_submissions_go_on(

@@ -187,24 +187,27 @@ def test_a_job_with_a_retry_and_a_dead_letter_is_one_trace_across_the_four_servi
     (consume_command,) = trace.named("consume cairn.scheduler.commands")
     assert consume_command["parent_id"] == publish_command["context"]["span_id"]
     dispatches = trace.named("apply_async/cairn.ingest.run_shard")
-    assert {trace.service(s) for s in dispatches} == {"scheduler", "ingest-worker"}  # first sends, then retries
+    # The scheduler sends the first tasks and, when due, the retries (they wait in MongoDB).
+    assert {trace.service(s) for s in dispatches} == {"scheduler"} and len(dispatches) == 4
     runs = {key: trace.named("run/cairn.ingest.run_shard", shard_id=key) for key in (healthy_shard, failing_shard)}
     assert len(runs[healthy_shard]) == 1 and len(runs[failing_shard]) == 3, "one run, and three attempts"
     for run in runs[healthy_shard] + runs[failing_shard]:
-        assert trace.hops(run) == ["gateway", "scheduler", "ingest-worker"]
+        # Attempt n: sent by the scheduler n times (the first dispatch, then each due retry).
+        assert trace.hops(run) == ["gateway", *["scheduler", "ingest-worker"] * run["attributes"]["cairn.attempt"]]
         assert trace.by_id[run["parent_id"]]["name"] == "apply_async/cairn.ingest.run_shard"
     first, second, third = sorted(runs[failing_shard], key=lambda s: s["attributes"]["cairn.attempt"])
     assert [s["attributes"]["cairn.attempt"] for s in (first, second, third)] == [1, 2, 3]
     assert first in trace.ancestors(second) and second in trace.ancestors(third), "a retry is a child of its attempt"
 
     (dead_letter,) = trace.named(f"consume {QUEUE_DLQ}")
-    assert trace.hops(dead_letter) == ["gateway", "scheduler", "ingest-worker", "dlq-handler"]
+    assert trace.hops(dead_letter) == ["gateway", *["scheduler", "ingest-worker"] * 3, "dlq-handler"]
     assert trace.by_id[dead_letter["parent_id"]]["name"] == f"publish {EXCHANGE_DLX}"
     assert third in trace.ancestors(dead_letter), "the dead letter comes from the last attempt"
     events = trace.named("consume cairn.scheduler.events")
     assert {e["attributes"]["cairn.shard_id"] for e in events} >= {healthy_shard, failing_shard}
-    for event in events:
-        assert trace.hops(event) == ["gateway", "scheduler", "ingest-worker", "scheduler"]
+    for event in events:  # announced by the shard's last attempt (the failing shard: its third)
+        attempts = 3 if event["attributes"]["cairn.shard_id"] == failing_shard else 1
+        assert trace.hops(event) == ["gateway", *["scheduler", "ingest-worker"] * attempts, "scheduler"]
         assert trace.by_id[event["parent_id"]]["name"] == f"publish {EXCHANGE_EVENTS}"
 
     # The spans name the work: job, shard, tenant, pipeline, and each batch's cursor.
@@ -284,11 +287,11 @@ def test_every_metric_is_on_its_service_with_the_values_of_the_job(observed: Sys
     assert worker.value("cairn_shard_runs_total", pipeline="synthetic", outcome="succeeded") == 1
     assert worker.value("cairn_shard_runs_total", pipeline="synthetic", outcome="dead_lettered") == 1
     assert worker.value("cairn_shard_run_duration_seconds_count") == 4  # 1 + 3 attempts
-    assert worker.value("cairn_shard_run_duration_seconds_count", outcome="retry") == 2
+    assert worker.value("cairn_shard_run_duration_seconds_count", outcome="retry_scheduled") == 2
     assert worker.value("cairn_task_queue_wait_seconds_count") == 4
     assert worker.value("cairn_publish_confirm_seconds_count", exchange=EXCHANGE_EVENTS) == 2
     assert worker.value("cairn_publish_confirm_seconds_count", exchange=EXCHANGE_DLX) == 1
-    assert worker.value("cairn_publish_confirm_seconds_count", exchange=QUEUE_INGEST) == 2  # the retries
+    assert worker.value("cairn_publish_confirm_seconds_count", exchange=QUEUE_INGEST) is None  # retries: the scheduler sends them
     assert worker.value("cairn_lease_takeovers_total") == 0
     assert worker.value("cairn_worker_tasks_running") == 0  # prefork children: multiprocess, livesum
 
@@ -315,7 +318,7 @@ def test_every_metric_is_on_its_service_with_the_values_of_the_job(observed: Sys
     assert scheduler.value("cairn_queue_consumers", queue=QUEUE_DLQ) >= 1
     assert scheduler.value("cairn_oldest_queued_shard_age_seconds") == 0
     assert scheduler.value("cairn_job_duration_seconds_count", pipeline="synthetic", state="FAILURE") == 1
-    assert scheduler.value("cairn_publish_confirm_seconds_count", exchange=QUEUE_INGEST) == 2  # the dispatches
+    assert scheduler.value("cairn_publish_confirm_seconds_count", exchange=QUEUE_INGEST) == 4  # 2 dispatches, 2 retries
     assert scheduler.value("cairn_lease_reclaims_total") == 0
     assert scheduler.value("cairn_gauge_collections_total", outcome="ok") > 0
 

@@ -10,7 +10,6 @@ import socket
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -204,14 +203,6 @@ async def test_a_hung_redis_does_not_hang_requests(test_env, database, mongo_cli
 
 
 # --- item 12: MongoDB down ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def private_mongo(tmp_path: Path) -> Iterator[MongoStandIn]:
-    server = MongoStandIn(tmp_path / "nx-27017")
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_with_mongodb_down_requests_answer_503_problem_naming_the_store(

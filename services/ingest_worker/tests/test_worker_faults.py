@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -54,17 +53,9 @@ def spec(count: int, batch_size: int = 10, **params: object) -> dict:
 
 
 @pytest.fixture
-def own_store(tmp_path: Path) -> Iterator[MongoStandIn]:
-    server = MongoStandIn(tmp_path / "nx")
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def own_db(own_store: MongoStandIn) -> Iterator[Database]:
+def own_db(private_mongo: MongoStandIn) -> Iterator[Database]:
     # A short server selection so each call made during the outage fails within a second.
-    client = MongoClient(own_store.uri, serverSelectionTimeoutMS=1000, tz_aware=True)
+    client = MongoClient(private_mongo.uri, serverSelectionTimeoutMS=1000, tz_aware=True)
     yield client["cairn_faults"]
     client.close()
 
@@ -80,7 +71,7 @@ def wait_until(predicate, what: str, timeout_s: float = 30) -> None:
 
 
 def test_a_store_outage_mid_run_hands_the_shard_back_and_it_resumes_at_once_without_losing_an_attempt(
-    own_store: MongoStandIn, own_db: Database, seed_job, seed_shard
+    private_mongo: MongoStandIn, own_db: Database, seed_job, seed_shard
 ) -> None:
     db = own_db
     seed_job(db, "job", spec(400, delay_ms_per_record=2))  # 20 ms a batch
@@ -97,7 +88,7 @@ def test_a_store_outage_mid_run_hands_the_shard_back_and_it_resumes_at_once_with
     thread = threading.Thread(target=run)
     thread.start()
     wait_until(lambda: db[CHECKPOINTS].find_one({"shard_key": key})["batches"] >= 3, "three batches")
-    own_store.stop()
+    private_mongo.stop()
     thread.join(60)
     assert not thread.is_alive()
     error = outcome.get("error")
@@ -106,7 +97,7 @@ def test_a_store_outage_mid_run_hands_the_shard_back_and_it_resumes_at_once_with
     assert isinstance(error, StoreUnavailable), repr(error)
     assert error.claim is not None and error.claim.shard_key == key
 
-    own_store.start()  # same data directory and port: the store is back
+    private_mongo.start()  # same data directory and port: the store is back
     settings = WorkerSettings(lease_ttl_s=30, store_retry_base_s=0.1, store_retry_max_s=0.5)
     ctx = WorkerContext(settings=settings, runner=runner, publisher=None)  # type: ignore[arg-type]
     assert _hand_off_when_store_answers(ctx, error.claim) is True
@@ -123,7 +114,7 @@ def test_a_store_outage_mid_run_hands_the_shard_back_and_it_resumes_at_once_with
 
 
 def test_a_task_whose_claim_meets_an_unreachable_store_is_retried_not_dropped(
-    own_store: MongoStandIn, own_db: Database, seed_job, seed_shard, amqp_url: str
+    private_mongo: MongoStandIn, own_db: Database, seed_job, seed_shard, amqp_url: str
 ) -> None:
     db = own_db
     seed_job(db, "job", spec(20))
@@ -133,27 +124,27 @@ def test_a_task_whose_claim_meets_an_unreachable_store_is_retried_not_dropped(
     app.conf.update(celery_config(amqp_url))
     ctx = WorkerContext(settings=settings, runner=make_runner(db), publisher=BrokerPublisher(app))
     register_tasks(app, lambda: ctx)
-    own_store.stop()
+    private_mongo.stop()
 
     # Before: the store error escaped the task, which Celery acked: the shard then waited for the
     # scheduler's redispatch of stale shards (CAIRN_REDISPATCH_AFTER_S, 300 s).
     with pytest.raises(Retry):
         app.tasks[TASK_RUN_SHARD](job_id="job", shard_key=key)
 
-    own_store.start()
+    private_mongo.start()
     assert app.tasks[TASK_RUN_SHARD](job_id="job", shard_key=key) == "succeeded"
     assert db["out"].count_documents({}) == 20
 
 
 def test_a_frontier_runner_meeting_an_unreachable_store_is_retried_not_dropped(
-    own_store: MongoStandIn, own_db: Database, amqp_url: str
+    private_mongo: MongoStandIn, own_db: Database, amqp_url: str
 ) -> None:
     settings = WorkerSettings(store_retry_base_s=0.1, store_retry_max_s=0.5)
     app = Celery("faults-frontier-test")
     app.conf.update(celery_config(amqp_url))
     ctx = WorkerContext(settings=settings, runner=make_runner(own_db), publisher=BrokerPublisher(app))
     register_tasks(app, lambda: ctx)
-    own_store.stop()
+    private_mongo.stop()
 
     with pytest.raises(Retry):  # before: the store error ended the lane's task, acked
         app.tasks[TASK_RUN_FRONTIER](job_id="job", lane=0)

@@ -13,7 +13,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from opentelemetry import trace
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -115,6 +116,29 @@ def message_attributes(message: object) -> dict[str, str]:
 
 
 _tracer = trace.get_tracer("cairn_runtime")
+
+
+def trace_carrier() -> dict[str, str]:
+    """The current trace context as W3C headers (`traceparent`, `tracestate`), to be stored with
+    work that another process picks up later (a retry that waits in MongoDB); {} outside a trace."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+@contextmanager
+def continued_trace(carrier: object) -> Iterator[None]:
+    """Continue the trace a `trace_carrier()` stored: spans started inside (the Celery publish of
+    a due retry) are children of the work that stored it, so a job stays one trace across a wait
+    in MongoDB. No carrier (or not a mapping): nothing is attached."""
+    if not isinstance(carrier, dict) or not carrier:
+        yield
+        return
+    token = otel_context.attach(propagate.extract({k: v for k, v in carrier.items() if isinstance(v, str)}))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from urllib.parse import quote
 import pytest
 from pymongo import MongoClient
 
-from cairn_testkit.servers import MongoStandIn, delete_redis_prefix, rabbitmq_vhost
+from cairn_testkit.servers import MongoStandIn, RedisServer, delete_redis_prefix, rabbitmq_vhost
 
 AMQP_HOST = os.environ.get("CAIRN_TEST_AMQP_HOST", "127.0.0.1:5672")
 REDIS_URL = os.environ.get("CAIRN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -94,3 +94,23 @@ def mongo_db(mongo_client: MongoClient, test_env: TestEnvironment, request: pyte
     name = f"{test_env.mongodb_database}_{uuid.uuid4().hex[:6]}"
     yield mongo_client[name]
     mongo_client.drop_database(name)
+
+
+@pytest.fixture
+def private_mongo(tmp_path: Path) -> Iterator[MongoStandIn]:
+    """A MongoDB-wire server of one test's own, for outages: `stop()` it and `start()` it again
+    (same port and data). Never the session's shared store, which other tests are using."""
+    server = MongoStandIn(tmp_path / "private-nx-27017")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of one test's own, for outages: `kill()` it and `start()` it again (same
+    port). Never the machine's shared Redis."""
+    server = RedisServer(tmp_path / "private-redis")
+    server.start()
+    yield server
+    server.kill()

@@ -42,6 +42,7 @@ from cairn_ingest_worker.leases import Claim
 from cairn_ingest_worker.observability import current_pipeline
 from cairn_ingest_worker.runner import Outcome, ShardFailed, backoff_delay, retry_time, run_claimed, run_shard
 from cairn_runtime.amqp import dead_letter_for
+from cairn_runtime.tracing import trace_carrier
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,6 @@ def register_tasks(app: Celery, context: Callable[[], WorkerContext]) -> None:
             _dead_letter_invalid(ctx, self, payload, error)
             return "contract_violation"
         deadline = time.monotonic() + ctx.runner.slice_s
-        leases = ctx.runner.leases
         while (claim := _claim_next_or_retry(ctx, self, request)) is not None:
             try:
                 max_attempts = _rules(ctx, request.job_id).policy.max_attempts
@@ -136,6 +136,8 @@ def _handle_failure(ctx: WorkerContext, task: Task, failure: ShardFailed) -> flo
     if decision.retry:
         delay = decision.delay_s
         retry = retry_fields(claim.shard, decision.record(_describe(error)))
+        # The scheduler sends the retry later: it continues this attempt's trace from the shard.
+        retry["retry_trace_context"] = trace_carrier()
         if not ctx.runner.leases.schedule_retry(claim, _describe(error), retry_time(delay), extra=retry):
             return None  # another worker holds the shard now; it decides
         logger.warning(

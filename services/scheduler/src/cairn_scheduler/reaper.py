@@ -25,6 +25,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import SHARDS
 from cairn_runtime.celery_config import task_for_shard
+from cairn_runtime.tracing import continued_trace
 from cairn_scheduler.jobs import ShardDispatcher, epoch_ms, utcnow
 from cairn_scheduler.metrics import LEASE_RECLAIMS, SHARD_REDISPATCHES
 
@@ -123,7 +124,8 @@ class LeaseReaper:
         now_ms = now_ms if now_ms is not None else epoch_ms()
         sent, seen = 0, 0
         runners: set[str] = set()
-        waiting = self.db[SHARDS].find({"state": ShardState.RETRY}, {**_SHARD_FIELDS, "next_retry_at_ms": 1, "retry": 1})
+        fields = {**_SHARD_FIELDS, "next_retry_at_ms": 1, "retry": 1, "retry_trace_context": 1}
+        waiting = self.db[SHARDS].find({"state": ShardState.RETRY}, fields)
         async for shard in waiting.sort("next_retry_at_ms", 1).limit(limit):
             due_ms = shard.get("next_retry_at_ms")
             if isinstance(due_ms, (int, float)) and due_ms > now_ms:
@@ -151,7 +153,8 @@ class LeaseReaper:
             logger.info("shard %s: retry due (after attempt %s); the runner sent this pass takes it", shard["task_key"], attempt)
             return False
         try:
-            await self.dispatcher.dispatch(task, int(shard.get("priority", 2)))
+            with continued_trace(shard.get("retry_trace_context")):  # the retry is a child of its failed attempt
+                await self.dispatcher.dispatch(task, int(shard.get("priority", 2)))
         except Exception:
             await self.db[SHARDS].update_one(
                 {"_id": shard["_id"], "state": ShardState.QUEUED, "queued_at_ms": now_ms},
