@@ -317,7 +317,7 @@ def _checkpoints(data: dict[str, Any], plots: Path, result: dict[str, Any]) -> s
         "## 2. Checkpoint and dedup overhead",
         "",
         f"The same job ({p['records']:,} × {p['record_size']:,} B, {p['workers']} worker processes, {p['shards']} shards) with a "
-        "checkpoint after every batch (production) and without (worker switch `CAIRN_BENCH_DISABLE_CHECKPOINTS=1`, benchmark only: "
+        "checkpoint after every batch (production) and without (the benchmark-only worker `python -m bench.uncheckpointed_worker`: "
         "only a shard's last batch writes its checkpoint). Dedup is the records' unique `_id`, paid by the same `insert_many` in "
         "both modes. Overhead = median with / median without − 1, in wall time and in the MongoDB server's CPU time (what the "
         "checkpoint writes cost the store; robust to other programs on the machine). At a few percent the time overhead is "

@@ -21,7 +21,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -159,14 +158,17 @@ class BenchContext:
         self.wait_consumers(QUEUE_COMMANDS, before + 1, proc)
         return proc
 
-    def start_worker(self, concurrency: int, name: str = "worker", **env: Any) -> Proc:
-        """A Cairn ingest worker (`python -m cairn_ingest_worker.main`, as `make up` runs it)."""
+    def start_worker(
+        self, concurrency: int, name: str = "worker", module: str = "cairn_ingest_worker.main", **env: Any
+    ) -> Proc:
+        """A Cairn ingest worker (`python -m cairn_ingest_worker.main`, as `make up` runs it; `module`:
+        another entry point, e.g. the benchmark-only `bench.uncheckpointed_worker`)."""
         prom_dir = self.out_dir / "prometheus" / f"{name}-{uuid.uuid4().hex[:6]}"
         prom_dir.mkdir(parents=True)
         before = self.consumers(QUEUE_INGEST)
         proc = self.start(
             name,
-            [sys.executable, "-m", "cairn_ingest_worker.main"],
+            [sys.executable, "-m", module],
             self.service_env(CAIRN_WORKER_CONCURRENCY=concurrency, PROMETHEUS_MULTIPROC_DIR=prom_dir, **env),
         )
         self.wait_consumers(QUEUE_INGEST, before + 1, proc)
@@ -296,17 +298,6 @@ def synthetic_job(
         "batch_size": batch_size,
         "target_collection": collection,
     }
-
-
-def parse_time(value: Any) -> datetime | None:
-    """Stored timestamps come back as datetimes, or as text from the stand-in ($set)."""
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            moment = datetime.fromisoformat(value)
-            return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    return None
 
 
 @contextlib.contextmanager

@@ -278,6 +278,9 @@ def build_system(
         # The shared suite (concurrency and fuzz tests included) stays under the rate limit; the
         # limit itself is tested with a key of its own (`create_key(rate_limit=...)`).
         "CAIRN_RATE_LIMIT_PER_MINUTE": "100000",
+        # Test-only hook: the workers also load the suite's test pipelines (flaky_source.py).
+        "CAIRN_TEST_PIPELINE_MODULE": "flaky_source",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
         **(overrides or {}),
     }
     services = {}

@@ -19,7 +19,7 @@ from celery import Celery
 from cairn_contracts.messages import DeadLetter, OriginalMessage
 from cairn_contracts.tasks import TASK_RUN_SHARD
 from cairn_contracts.topology import EXCHANGE_DLX, EXCHANGE_TASKS, QUEUE_DLQ, QUEUE_INGEST, ROUTING_INGEST
-from cairn_runtime.amqp import Publisher, connect, publish_dead_letter
+from cairn_runtime.amqp import Publisher, connect
 from cairn_runtime.celery_config import celery_config
 from harness import System, dump
 
@@ -97,12 +97,12 @@ def test_a_source_failing_three_times_then_recovering_succeeds_after_three_backe
 def test_a_source_failing_until_fixed_is_dead_lettered_then_a_replay_completes_the_job_from_its_checkpoint(
     system: System,
 ) -> None:
-    flag = f"source-down-{uuid.uuid4().hex[:8]}"
-    system.db.fault_flags.insert_one({"_id": flag})
+    # The source fails until it is fixed: the test pipeline of tests-e2e/flaky_source.py.
+    source = f"source-down-{uuid.uuid4().hex[:8]}"
     job_id = system.start_job(
         {
             "pipeline": "synthetic",
-            "params": {"count": 4000, "fail_at_key": 3300, "failure": "retryable", "fail_while_flag": flag},
+            "params": {"count": 4000, "fail_at_key": 3300, "failure": "retryable", "key_prefix": source},
             "sharding": {"shards": 2},
             "batch_size": 500,
             "target_collection": "e2e_fixed",
@@ -132,7 +132,7 @@ def test_a_source_failing_until_fixed_is_dead_lettered_then_a_replay_completes_t
     before = checkpoints(system, job_id)[failed_key]
     assert before["cursor"] == 3000 and before["records_written"] == 1000, dump(before)
 
-    system.db.fault_flags.delete_one({"_id": flag})  # "fix the source"
+    system.db.fixed_sources.insert_one({"_id": source})  # "fix the source" (flaky_source.py)
     response = replay(system, entry["_id"], actor="alice")
     assert response.status_code == 202, response.text
     assert response.json()["dead_letter_id"] == entry["_id"]
@@ -192,19 +192,18 @@ def test_a_non_retryable_error_is_not_retried_even_when_the_job_allows_retries_a
 
 
 def test_replaying_the_same_entry_twice_at_once_runs_the_shard_once(system: System) -> None:
-    flag = f"source-down-{uuid.uuid4().hex[:8]}"
-    system.db.fault_flags.insert_one({"_id": flag})
+    source = f"source-down-{uuid.uuid4().hex[:8]}"  # fails until fixed (tests-e2e/flaky_source.py)
     job_id = system.start_job(
         {
             "pipeline": "synthetic",
-            "params": {"count": 2000, "fail_at_key": 1200, "failure": "non_retryable", "fail_while_flag": flag},
+            "params": {"count": 2000, "fail_at_key": 1200, "failure": "non_retryable", "key_prefix": source},
             "batch_size": 500,
             "target_collection": "e2e_twice_replayed",
         }
     )
     assert system.wait_for_state(job_id, {"SUCCESS", "FAILURE"}, timeout_s=120)["state"] == "FAILURE"
     entry = entry_of(system, job_id)
-    system.db.fault_flags.delete_one({"_id": flag})
+    system.db.fixed_sources.insert_one({"_id": source})
 
     barrier = threading.Barrier(2)
     codes: list[int] = []
@@ -309,7 +308,7 @@ def test_list_filters_and_pages_of_dead_letters(system: System) -> None:
                     attempts=index,
                     original=OriginalMessage(body="{}"),
                 )
-                await publish_dead_letter(publisher, letter)
+                await publisher.publish(letter)
                 await asyncio.sleep(0.01)  # distinct created_at, so the order is defined
         finally:
             await connection.close()
@@ -389,7 +388,7 @@ def test_every_dead_letter_is_recorded_exactly_once_when_the_dlq_handler_is_kill
                     error_message=marker,
                     original=original,
                 )
-                await publish_dead_letter(publisher, letter)
+                await publisher.publish(letter)
             for index, body in enumerate(raw_bodies):  # as the broker would dead-letter them, minus x-death
                 await publisher.publish_bytes(
                     EXCHANGE_DLX, QUEUE_INGEST, body, headers={}, message_id=f"{marker}-{index}"

@@ -6,11 +6,10 @@ import time
 from pathlib import Path
 
 import pytest
-from pydantic import TypeAdapter
 
-from cairn_contracts.jobs import JobSpec
+from cairn_contracts.jobs import JOB_SPEC_ADAPTER
 from cairn_contracts.messages import StartJob
-from cairn_contracts.topology import EXCHANGE_COMMANDS, QUEUE_INGEST, QUEUE_SCHEDULER_COMMANDS, ROUTING_START_JOB
+from cairn_contracts.topology import QUEUE_INGEST, QUEUE_SCHEDULER_COMMANDS
 from cairn_runtime.amqp import Publisher, connect
 from harness import System, dump
 
@@ -25,13 +24,13 @@ def shard_snapshot(system: System, job_id: str) -> list[dict]:
 def republish_start_command(system: System, job_id: str) -> None:
     """Deliver the job's start command again, exactly as the gateway published it."""
     job = system.db.jobs.find_one({"_id": job_id})
-    command = StartJob(job_id=job_id, tenant=job["tenant"], spec=TypeAdapter(JobSpec).validate_python(job["spec"]))
+    command = StartJob(job_id=job_id, tenant=job["tenant"], spec=JOB_SPEC_ADAPTER.validate_python(job["spec"]))
 
     async def publish() -> None:
         connection = await connect(system.amqp_url, "e2e-republisher")
         try:
             publisher = await Publisher.open(connection, timeout_s=10)
-            await publisher.publish(EXCHANGE_COMMANDS, ROUTING_START_JOB, command, priority=2)
+            await publisher.publish(command, priority=2)
         finally:
             await connection.close()
 

@@ -40,7 +40,7 @@ class PublishOnlyJobs:
     async def submit(self, spec: Any, tenant: str, *_: Any, **__: Any) -> Submission:
         job_id = uuid.uuid4().hex
         command = StartJob(job_id=job_id, tenant=tenant, spec=spec)
-        headers = message_headers(command.message_type, command.schema_version, job_id)
+        headers = message_headers(command, job_id)
         await self._exchange.publish(
             aio_pika.Message(
                 command.model_dump_json().encode(),

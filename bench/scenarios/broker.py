@@ -28,7 +28,7 @@ from bench.stats import fmt_summary, summary
 from bench.system import BenchContext
 from cairn_contracts.jobs import SyntheticJobSpec
 from cairn_contracts.messages import StartJob
-from cairn_contracts.topology import EXCHANGE_COMMANDS, QUEUE_SCHEDULER_COMMANDS, ROUTING_START_JOB
+from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS
 from cairn_runtime.amqp import Publisher, declare_topology
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ async def cairn_path(amqp_url: str, messages: int, in_flight: int) -> dict[str, 
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
-                await publisher.publish(EXCHANGE_COMMANDS, ROUTING_START_JOB, command, priority=2, correlation_id=command.job_id)
+                await publisher.publish(command, priority=2, correlation_id=command.job_id)
 
         started = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(one_publisher() for _ in range(in_flight))), timeout=300)

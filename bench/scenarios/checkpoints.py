@@ -2,7 +2,7 @@
 
 The same synthetic job as scenario 1 (one worker of `--checkpoint-workers` processes, one range
 shard per process) runs with checkpoints on (production) and off (the benchmark-only worker
-switch CAIRN_BENCH_DISABLE_CHECKPOINTS=1: only a shard's last batch writes its checkpoint), at
+`python -m bench.uncheckpointed_worker`: only a shard's last batch writes its checkpoint), at
 every batch size. On and off alternate within each repeat, with a fresh worker each time, so a
 drift of the machine (another program, a growing store) cannot pass for overhead.
 
@@ -46,8 +46,8 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {str(b): {"on": [], "off": []} for b in args.batch_sizes}
     for rep in range(args.repeats):
         for mode in ("on", "off") if rep % 2 == 0 else ("off", "on"):
-            env = {"CAIRN_BENCH_DISABLE_CHECKPOINTS": "1"} if mode == "off" else {}
-            worker = ctx.start_worker(args.checkpoint_workers, name=f"worker-checkpoints-{mode}", **env)
+            module = "bench.uncheckpointed_worker" if mode == "off" else "cairn_ingest_worker.main"
+            worker = ctx.start_worker(args.checkpoint_workers, name=f"worker-checkpoints-{mode}", module=module)
             warm_up(ctx, url, args.checkpoint_workers, [worker, scheduler])
             for batch_size in args.batch_sizes:
                 run_ = _run(ctx, url, args, batch_size, tag=f"b{batch_size}{mode}r{rep}", worker=worker, scheduler=scheduler)

@@ -22,7 +22,8 @@ from typing import Any
 from bench.baseline import celery_records as baseline
 from bench.procs import Proc
 from bench.stats import fmt_summary, summary
-from bench.system import BenchContext, parse_time, synthetic_job
+from bench.system import BenchContext, synthetic_job
+from cairn_contracts.clock import parse_moment
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +136,8 @@ def cairn_run(ctx: BenchContext, url: str, args: argparse.Namespace, *, tag: str
 def _timeline(ctx: BenchContext, job_id: str, posted: float, seen: float) -> dict[str, float | None]:
     """Fixed costs around the work: POST → first shard claimed, last shard done → SUCCESS seen."""
     shards = list(ctx.db["shards"].find({"job_id": job_id}, {"started_at": 1, "finished_at": 1}))
-    starts = [t.timestamp() for t in (parse_time(s.get("started_at")) for s in shards) if t]
-    ends = [t.timestamp() for t in (parse_time(s.get("finished_at")) for s in shards) if t]
+    starts = [t.timestamp() for t in (parse_moment(s.get("started_at")) for s in shards) if t]
+    ends = [t.timestamp() for t in (parse_moment(s.get("finished_at")) for s in shards) if t]
     return {
         "to_first_claim_s": round(min(starts) - posted, 3) if starts else None,
         "last_shard_to_seen_s": round(seen - max(ends), 3) if ends else None,

@@ -1,11 +1,11 @@
 """JobSpec: defaults, the pipeline union, sharding, and the parameters of each pipeline."""
 
 import pytest
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from cairn_contracts.jobs import (
+    JOB_SPEC_ADAPTER,
     HashModSharding,
-    JobSpec,
     LeaseFrontierSharding,
     MongoRangeJobSpec,
     RangeSharding,
@@ -14,7 +14,7 @@ from cairn_contracts.jobs import (
 from cairn_contracts.pipelines import MongoRangeParams, SyntheticParams
 from cairn_contracts.states import JobState, Priority, ShardState
 
-SPEC = TypeAdapter(JobSpec)
+SPEC = JOB_SPEC_ADAPTER
 
 
 def _errors(body: dict) -> list[dict]:

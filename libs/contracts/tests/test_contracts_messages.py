@@ -3,12 +3,24 @@
 from datetime import UTC, datetime
 
 import pytest
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
-from cairn_contracts.jobs import JobSpec
-from cairn_contracts.messages import DeadLetter, Message, OriginalMessage, RunFrontier, RunShard, ShardFinished, StartJob
+from cairn_contracts import topology
+from cairn_contracts.jobs import JOB_SPEC_ADAPTER
+from cairn_contracts.messages import (
+    CancelJob,
+    DeadLetter,
+    DeadLetterCommand,
+    Message,
+    OriginalMessage,
+    RunFrontier,
+    RunShard,
+    ShardFinished,
+    StartJob,
+)
+from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
 
-SPEC = TypeAdapter(JobSpec)
+SPEC = JOB_SPEC_ADAPTER
 
 START = StartJob(
     job_id="job-1",
@@ -98,3 +110,65 @@ def test_run_frontier_round_trips() -> None:
 
     assert RunFrontier.model_validate_json(message.model_dump_json()) == message
     assert RunFrontier.message_type not in {type(m).message_type for m in MESSAGES}
+
+
+ROUTED: list[tuple[Message, set[str]]] = [
+    (START, {topology.QUEUE_SCHEDULER_COMMANDS}),
+    (CancelJob(job_id="job-1", tenant="default"), {topology.QUEUE_SCHEDULER_CONTROL}),
+    (RunShard(job_id="job-1", shard_key="job-1:0000"), {topology.QUEUE_INGEST}),
+    (RunFrontier(job_id="job-1", lane=0), {topology.QUEUE_INGEST}),
+    *[
+        (
+            ShardFinished(job_id="job-1", shard_key="job-1:0000", outcome=outcome, records_done=0),
+            {topology.QUEUE_SCHEDULER_EVENTS, topology.QUEUE_DLQ_EVENTS},
+        )
+        for outcome in ("succeeded", "failed", "cancelled")
+    ],
+    (MESSAGES[3], {topology.QUEUE_DLQ}),
+    *[
+        (
+            DeadLetterCommand(command_id="c-1", action=action, dead_letter_id="dl-1", requested_by="ops"),
+            {topology.QUEUE_DLQ_COMMANDS},
+        )
+        for action in ("replay", "discard")
+    ],
+]
+
+
+def _matches(pattern: str, key: str) -> bool:
+    """AMQP topic matching, enough for Cairn's bindings (`*` one word, `#` any words)."""
+    if pattern == "#":
+        return True
+    words, keys = pattern.split("."), key.split(".")
+    return len(words) == len(keys) and all(w in ("*", k) for w, k in zip(words, keys))
+
+
+def _queues_reached(route: topology.Route) -> set[str]:
+    if route.exchange == topology.EXCHANGE_DEFAULT:  # the default exchange routes by queue name
+        return {queue.name for queue in topology.QUEUES if queue.name == route.routing_key}
+    return {
+        queue.name
+        for queue in topology.QUEUES
+        for exchange, key in queue.bindings
+        if exchange == route.exchange and _matches(key, route.routing_key)
+    }
+
+
+@pytest.mark.parametrize("message, queues", ROUTED, ids=lambda m: type(m).__name__ if isinstance(m, Message) else "")
+def test_every_message_route_reaches_its_consumers_queues(message: Message, queues: set[str]) -> None:
+    assert _queues_reached(message.route()) == queues
+
+
+def test_shard_finished_routing_key_names_the_outcome() -> None:
+    keys = {m.route().routing_key for m, _ in ROUTED if isinstance(m, ShardFinished)}
+
+    assert keys == {topology.ROUTING_SHARD_SUCCEEDED, topology.ROUTING_SHARD_FAILED, topology.ROUTING_SHARD_CANCELLED}
+
+
+def test_dead_letter_is_keyed_by_its_source_queue() -> None:
+    assert MESSAGES[3].route() == topology.Route(topology.EXCHANGE_DLX, "cairn.scheduler.commands")
+
+
+def test_celery_task_names_are_the_payload_message_types() -> None:
+    assert TASK_RUN_SHARD == RunShard.message_type == "cairn.ingest.run_shard"
+    assert TASK_RUN_FRONTIER == RunFrontier.message_type == "cairn.ingest.run_frontier"

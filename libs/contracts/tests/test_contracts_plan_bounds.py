@@ -2,13 +2,13 @@
 whose key range would cut into more work items is refused, naming `sharding.item_size`."""
 
 import pytest
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
-from cairn_contracts.jobs import MAX_ITEMS_PER_JOB, JobSpec, lease_frontier_items
+from cairn_contracts.jobs import JOB_SPEC_ADAPTER, MAX_ITEMS_PER_JOB, lease_frontier_items
 from cairn_contracts.messages import StartJob
 from cairn_contracts.pipelines import MAX_KEY
 
-SPEC = TypeAdapter(JobSpec)
+SPEC = JOB_SPEC_ADAPTER
 
 
 def frontier(item_size: int | None = None) -> dict:

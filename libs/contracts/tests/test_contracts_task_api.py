@@ -6,8 +6,9 @@ import pytest
 from pydantic import ValidationError
 
 from cairn_contracts import store, topology
+from cairn_contracts.clock import from_ms, to_ms
 from cairn_contracts.messages import CancelJob, ShardFinished
-from cairn_contracts.schedules import ScheduleTiming, from_ms, to_ms
+from cairn_contracts.schedules import ScheduleTiming
 from cairn_contracts.states import JobState
 
 SPEC = {"pipeline": "synthetic", "params": {"count": 10}, "name": "Nightly", "priority": 4}

@@ -1,13 +1,15 @@
-"""ContractConsumer against the real broker: ack, dead-letter, requeue."""
+"""ContractConsumer and `serve` against the real broker: ack, dead-letter, requeue, raw messages."""
 
 import asyncio
 
+from aio_pika import IncomingMessage
 from aio_pika.abc import AbstractIncomingMessage
 
 from cairn_contracts.messages import DeadLetter, StartJob
 from cairn_contracts.topology import EXCHANGE_COMMANDS, QUEUE_DLQ, QUEUE_SCHEDULER_COMMANDS, ROUTING_START_JOB
-from cairn_runtime.consumer import ContractConsumer, Unprocessable
+from cairn_runtime.consumer import ContractConsumer, Subscription, Unprocessable
 from cairn_runtime.log import correlation_id
+from cairn_runtime.service import Every, serve
 from cairn_testkit.aio import next_message
 
 WAIT_S = 10.0
@@ -79,7 +81,7 @@ async def test_valid_message_reaches_the_handler_and_is_acked(broker) -> None:
         handled.append(message)
 
     async with Harness(broker, handler) as harness:
-        await broker.publisher.publish(EXCHANGE_COMMANDS, ROUTING_START_JOB, command("job-ok"))
+        await broker.publisher.publish(command("job-ok"))
         await harness.wait_finished(1)
 
     assert handled == [command("job-ok")]
@@ -104,7 +106,7 @@ async def test_start_consumes_the_queue(broker) -> None:
             publisher=broker.publisher,
         )
         assert await consumer.start()
-        await broker.publisher.publish(EXCHANGE_COMMANDS, ROUTING_START_JOB, command("job-start"))
+        await broker.publisher.publish(command("job-start"))
         async with asyncio.timeout(WAIT_S):
             await handled.wait()
     finally:
@@ -156,7 +158,7 @@ async def test_unprocessable_is_dead_lettered_as_non_retryable(broker) -> None:
         raise Unprocessable(f"job {message.job_id} is not recorded")
 
     async with Harness(broker, handler) as harness:
-        await broker.publisher.publish(EXCHANGE_COMMANDS, ROUTING_START_JOB, command("job-gone"))
+        await broker.publisher.publish(command("job-gone"))
         await harness.wait_finished(1)
 
     letter = DeadLetter.model_validate_json((await next_message(broker.queues[QUEUE_DLQ])).body)
@@ -176,7 +178,7 @@ async def test_other_exception_requeues_and_the_message_is_handled_again(broker)
             raise ConnectionError("the store blinked")
 
     async with Harness(broker, handler) as harness:
-        await broker.publisher.publish(EXCHANGE_COMMANDS, ROUTING_START_JOB, command("job-again"))
+        await broker.publisher.publish(command("job-again"))
         await harness.wait_finished(2)
 
     assert calls == [("job-again", 1), ("job-again", 2)]
@@ -191,7 +193,77 @@ async def test_correlation_id_is_visible_to_the_handler(broker) -> None:
         seen.append(correlation_id.get())
 
     async with Harness(broker, handler) as harness:
-        await broker.publisher.publish(EXCHANGE_COMMANDS, ROUTING_START_JOB, command("job-corr"), correlation_id="corr-42")
+        await broker.publisher.publish(command("job-corr"), correlation_id="corr-42")
         await harness.wait_finished(1)
 
     assert seen == ["corr-42"]
+
+
+async def test_an_incoming_message_model_hands_any_body_over_undecoded(broker) -> None:
+    """The DLQ recorder's variant: no contract to decode, so nothing is dead-lettered for its shape."""
+    seen: list[tuple[bytes, str | None]] = []
+    done = asyncio.Event()
+
+    async def handler(message: IncomingMessage) -> None:
+        seen.append((message.body, message.routing_key))
+        done.set()
+
+    channel = await broker.connection.channel()
+    try:
+        consumer = ContractConsumer(
+            service="tests",
+            queue=await channel.get_queue(QUEUE_SCHEDULER_COMMANDS),
+            model=IncomingMessage,
+            handler=handler,
+            publisher=broker.publisher,
+        )
+        await consumer.start()
+        await broker.publisher.publish_bytes(EXCHANGE_COMMANDS, ROUTING_START_JOB, b"<not a contract/>", headers={})
+        async with asyncio.timeout(WAIT_S):
+            await done.wait()
+    finally:
+        await channel.close()
+
+    assert seen == [(b"<not a contract/>", ROUTING_START_JOB)]
+    await assert_queue_empty(broker, QUEUE_SCHEDULER_COMMANDS)
+    await assert_queue_empty(broker, QUEUE_DLQ)
+
+
+async def test_serve_consumes_the_table_runs_the_loops_and_stops_them(broker) -> None:
+    handled = asyncio.Event()
+    passes: list[int] = []
+
+    async def handler(message: StartJob) -> None:
+        handled.set()
+
+    async def tick() -> None:
+        passes.append(len(passes))
+
+    stop = asyncio.Event()
+    channel = await broker.connection.channel()
+    queues = {QUEUE_SCHEDULER_COMMANDS: await channel.get_queue(QUEUE_SCHEDULER_COMMANDS)}
+    served = asyncio.create_task(
+        serve(
+            stop,
+            [Subscription(QUEUE_SCHEDULER_COMMANDS, StartJob, handler)],
+            [Every(0.01, tick, "test tick")],
+            service="tests",
+            queues=queues,
+            publisher=broker.publisher,
+        )
+    )
+    try:
+        await broker.publisher.publish(command("job-served"))
+        async with asyncio.timeout(WAIT_S):
+            await handled.wait()
+            while len(passes) < 3:
+                await asyncio.sleep(0.01)
+        stop.set()
+        async with asyncio.timeout(WAIT_S):
+            await served
+        after_stop = len(passes)
+        await asyncio.sleep(0.05)
+        assert len(passes) == after_stop  # the loop was cancelled with the stop
+    finally:
+        stop.set()
+        await channel.close()

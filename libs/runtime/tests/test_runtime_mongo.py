@@ -3,10 +3,10 @@
 from datetime import UTC, datetime
 
 import pytest
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from cairn_contracts.store import CHECKPOINTS, DEDUP, INDEXES, JOBS, SHARDS
-from cairn_runtime.mongo import async_client, ensure_indexes, ensure_indexes_sync
+from cairn_runtime.mongo import Inserted, async_client, ensure_indexes, ensure_indexes_sync, insert_new, insert_new_sync
 
 
 async def test_ensure_indexes_makes_task_key_unique(async_mongo_db) -> None:
@@ -82,3 +82,31 @@ async def test_async_client_returns_timezone_aware_datetimes(test_env, mongo_db)
         await client.close()
     assert document["at"] == datetime(2026, 1, 1, tzinfo=UTC)
     assert document["at"].tzinfo is not None
+
+
+async def test_insert_new_skips_and_counts_documents_already_there(async_mongo_db) -> None:
+    collection = async_mongo_db["insert_new"]
+    assert await insert_new(collection, [{"_id": i} for i in range(3)]) == Inserted(3, 0)
+    assert await insert_new(collection, [{"_id": i, "again": True} for i in range(1, 5)]) == Inserted(2, 2)
+    assert await insert_new(collection, []) == Inserted(0, 0)
+    assert await collection.count_documents({}) == 5
+    assert await collection.count_documents({"again": True}) == 2  # the ones already there were left as they were
+
+
+def test_insert_new_sync_counts_duplicates_of_any_unique_index(mongo_db) -> None:
+    collection = mongo_db["insert_new"]
+    collection.create_index("n", unique=True)
+    assert insert_new_sync(collection, [{"_id": 1, "n": 1}]) == Inserted(1, 0)
+    assert insert_new_sync(collection, [{"_id": 9, "n": 1}, {"_id": 2, "n": 2}]) == Inserted(1, 1)
+
+
+class RefusingCollection:
+    """insert_many fails on one document with a duplicate key and on another with a validation error."""
+
+    def insert_many(self, documents, ordered: bool = True):
+        raise BulkWriteError({"writeErrors": [{"index": 0, "code": 11000}, {"index": 1, "code": 121}], "nInserted": 1})
+
+
+def test_insert_new_raises_any_write_error_but_a_duplicate_key() -> None:
+    with pytest.raises(BulkWriteError):
+        insert_new_sync(RefusingCollection(), [{"_id": 1}, {"_id": 2}, {"_id": 3}])  # type: ignore[arg-type]

@@ -20,11 +20,8 @@ from prometheus_client import REGISTRY
 from cairn_contracts.messages import ShardFinished, StartJob
 from cairn_contracts.topology import (
     EXCHANGE_COMMANDS,
-    EXCHANGE_EVENTS,
     QUEUE_SCHEDULER_COMMANDS,
     QUEUE_SCHEDULER_EVENTS,
-    ROUTING_SHARD_SUCCEEDED,
-    ROUTING_START_JOB,
 )
 from cairn_runtime import log
 from cairn_runtime.amqp import PublishNotConfirmed
@@ -163,7 +160,7 @@ async def test_publish_and_consume_form_one_trace_with_the_job_on_every_span(bro
         seen.append((log.job_id.get(), log.correlation_id.get()))
 
     with tracer.start_as_current_span("POST /task/start", kind=trace.SpanKind.SERVER) as request:
-        await broker.publisher.publish(EXCHANGE_COMMANDS, ROUTING_START_JOB, START, correlation_id="job-obs")
+        await broker.publisher.publish(START, correlation_id="job-obs")
     message = await next_message(broker.queues[QUEUE_SCHEDULER_COMMANDS], no_ack=False)
     consumer = ContractConsumer(
         service="tests", queue=broker.queues[QUEUE_SCHEDULER_COMMANDS], model=StartJob, handler=handler, publisher=broker.publisher
@@ -187,7 +184,7 @@ async def test_publish_and_consume_form_one_trace_with_the_job_on_every_span(bro
 
 async def test_a_consumed_event_without_trace_context_starts_its_own_trace(broker, spans) -> None:
     event = ShardFinished(job_id="j", shard_key="j:0002", outcome="succeeded", records_done=1)
-    await broker.publisher.publish(EXCHANGE_EVENTS, ROUTING_SHARD_SUCCEEDED, event)
+    await broker.publisher.publish(event)
     message = await next_message(broker.queues[QUEUE_SCHEDULER_EVENTS], no_ack=False)
 
     async def handler(_: ShardFinished) -> None:
@@ -228,9 +225,10 @@ async def test_confirmed_and_refused_publishes_are_measured_per_exchange(broker)
     confirmed = sample("cairn_publish_confirm_seconds_count", {"exchange": EXCHANGE_COMMANDS})
     refused = sample("cairn_publish_failures_total", {"exchange": EXCHANGE_COMMANDS})
 
-    await broker.publisher.publish(EXCHANGE_COMMANDS, ROUTING_START_JOB, START)
+    await broker.publisher.publish(START)
     with pytest.raises(PublishNotConfirmed):
-        await broker.publisher.publish(EXCHANGE_COMMANDS, "no.such.route", START)
+        # no message type routes there: only a raw publish can name an unbound routing key
+        await broker.publisher.publish_bytes(EXCHANGE_COMMANDS, "no.such.route", START.model_dump_json().encode(), headers={})
 
     assert sample("cairn_publish_confirm_seconds_count", {"exchange": EXCHANGE_COMMANDS}) == confirmed + 1
     assert sample("cairn_publish_failures_total", {"exchange": EXCHANGE_COMMANDS}) == refused + 1

@@ -11,7 +11,6 @@ from cairn_contracts.messages import DeadLetter, RunShard, ShardFinished, StartJ
 from cairn_contracts.topology import (
     EXCHANGE_COMMANDS,
     EXCHANGE_DLX,
-    EXCHANGE_EVENTS,
     HEADER_CORRELATION_ID,
     HEADER_MESSAGE_TYPE,
     HEADER_SCHEMA_VERSION,
@@ -20,7 +19,6 @@ from cairn_contracts.topology import (
     QUEUE_SCHEDULER_COMMANDS,
     QUEUE_SCHEDULER_EVENTS,
     QUEUES,
-    ROUTING_SHARD_SUCCEEDED,
     ROUTING_START_JOB,
 )
 from cairn_runtime.amqp import (
@@ -29,7 +27,6 @@ from cairn_runtime.amqp import (
     dead_letter_for,
     declare_topology,
     original_of,
-    publish_dead_letter,
 )
 from cairn_testkit.aio import next_message
 
@@ -39,7 +36,7 @@ COMMAND = StartJob.model_validate(
 
 
 async def test_published_message_arrives_persistent_with_contract_headers(broker) -> None:
-    await broker.publisher.publish(EXCHANGE_COMMANDS, ROUTING_START_JOB, COMMAND, priority=3, correlation_id="corr-1")
+    await broker.publisher.publish(COMMAND, priority=3, correlation_id="corr-1")
 
     message = await next_message(broker.queues[QUEUE_SCHEDULER_COMMANDS])
     assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
@@ -57,7 +54,7 @@ async def test_traceparent_travels_when_a_span_is_active(broker) -> None:
     tracer = TracerProvider().get_tracer("cairn-tests")
 
     with tracer.start_as_current_span("publish") as span:
-        await broker.publisher.publish(EXCHANGE_COMMANDS, ROUTING_START_JOB, COMMAND)
+        await broker.publisher.publish(COMMAND)
         trace_id = format(span.get_span_context().trace_id, "032x")
 
     message = await next_message(broker.queues[QUEUE_SCHEDULER_COMMANDS])
@@ -68,7 +65,7 @@ async def test_traceparent_travels_when_a_span_is_active(broker) -> None:
 
 async def test_no_traceparent_without_an_active_span(broker) -> None:
     # A fresh context: no span, no correlation id, whatever earlier code left in the test's context.
-    publish = broker.publisher.publish(EXCHANGE_COMMANDS, ROUTING_START_JOB, COMMAND)
+    publish = broker.publisher.publish(COMMAND)
     await asyncio.create_task(publish, context=contextvars.Context())
 
     message = await next_message(broker.queues[QUEUE_SCHEDULER_COMMANDS])
@@ -79,7 +76,7 @@ async def test_no_traceparent_without_an_active_span(broker) -> None:
 async def test_topic_routing_delivers_shard_events_to_the_scheduler(broker) -> None:
     event = ShardFinished(job_id="j", shard_key="j:0000", outcome="succeeded", records_done=5)
 
-    await broker.publisher.publish(EXCHANGE_EVENTS, ROUTING_SHARD_SUCCEEDED, event)
+    await broker.publisher.publish(event)
 
     message = await next_message(broker.queues[QUEUE_SCHEDULER_EVENTS])
     assert ShardFinished.model_validate_json(message.body) == event
@@ -87,11 +84,12 @@ async def test_topic_routing_delivers_shard_events_to_the_scheduler(broker) -> N
 
 async def test_unroutable_publish_raises_publish_not_confirmed(broker) -> None:
     with pytest.raises(PublishNotConfirmed, match="no.such.route"):
-        await broker.publisher.publish(EXCHANGE_COMMANDS, "no.such.route", COMMAND)
+        # no message type routes there: only a raw publish can name an unbound routing key
+        await broker.publisher.publish_bytes(EXCHANGE_COMMANDS, "no.such.route", COMMAND.model_dump_json().encode(), headers={})
 
     # nothing reached the bound queue, and the publisher's channel is still usable
     assert await broker.queues[QUEUE_SCHEDULER_COMMANDS].get(fail=False) is None
-    await broker.publisher.publish(EXCHANGE_COMMANDS, ROUTING_START_JOB, COMMAND)
+    await broker.publisher.publish(COMMAND)
     assert StartJob.model_validate_json((await next_message(broker.queues[QUEUE_SCHEDULER_COMMANDS])).body) == COMMAND
 
 
@@ -111,7 +109,7 @@ async def test_dead_letter_reaches_the_dlq_with_its_source_queue(broker) -> None
         attempts=2,
     )
 
-    await publish_dead_letter(broker.publisher, letter)
+    await broker.publisher.publish(letter)
 
     message = await next_message(broker.queues[QUEUE_DLQ])
     assert message.routing_key == QUEUE_SCHEDULER_COMMANDS
@@ -155,4 +153,4 @@ async def test_publish_after_the_channel_closed_raises_publish_not_confirmed(bro
     await publisher.close()
 
     with pytest.raises(PublishNotConfirmed):
-        await publisher.publish(EXCHANGE_COMMANDS, ROUTING_START_JOB, COMMAND)
+        await publisher.publish(COMMAND)

@@ -10,7 +10,6 @@ from cairn_contracts.store import TASK_ERRORS
 from cairn_contracts.topology import QUEUE_DLQ, QUEUE_INGEST
 from cairn_dlq_handler.recorder import ErrorRecorder
 from cairn_runtime import log
-from cairn_runtime.amqp import publish_dead_letter
 from cairn_runtime.consumer import consuming
 from cairn_runtime.mongo import ensure_indexes
 from cairn_testkit.aio import next_message
@@ -44,7 +43,7 @@ async def task_errors(async_mongo_db):
 
 
 async def test_a_dead_letter_is_counted_once_however_often_it_arrives(broker, task_errors) -> None:
-    await publish_dead_letter(broker.publisher, letter("dl-count-1"))
+    await broker.publisher.publish(letter("dl-count-1"))
     message = await next_message(broker.queues[QUEUE_DLQ])
     recorder = ErrorRecorder(task_errors)
     recorded, redelivered = sample("cairn_dead_letters_total", LABELS), sample("cairn_dead_letter_redeliveries_total")
@@ -59,7 +58,7 @@ async def test_a_dead_letter_is_counted_once_however_often_it_arrives(broker, ta
 async def test_the_dead_letter_is_consumed_in_the_trace_of_the_work_that_gave_up(broker, task_errors) -> None:
     tracer = TracerProvider().get_tracer("tests")
     with tracer.start_as_current_span("run/cairn.ingest.run_shard") as task_span:
-        await publish_dead_letter(broker.publisher, letter("dl-trace-1"))
+        await broker.publisher.publish(letter("dl-trace-1"))
         trace_id = task_span.get_span_context().trace_id
     message = await next_message(broker.queues[QUEUE_DLQ])
     seen = []

@@ -11,7 +11,6 @@ from cairn_contracts.messages import DeadLetter, OriginalMessage
 from cairn_contracts.store import JOBS, RAW_PAYLOADS, TASK_ERRORS
 from cairn_contracts.topology import EXCHANGE_TASKS, QUEUE_DLQ, QUEUE_INGEST, ROUTING_INGEST
 from cairn_dlq_handler.recorder import ErrorRecorder
-from cairn_runtime.amqp import publish_dead_letter
 from cairn_runtime.mongo import ensure_indexes
 from cairn_runtime.payloads import RawPayloads
 from cairn_testkit.aio import next_message
@@ -50,7 +49,7 @@ def envelope(letter_id: str, body: bytes, job_id: str | None = "job-p") -> DeadL
 
 
 async def recorded(broker, recorder: ErrorRecorder, letter: DeadLetter) -> dict:
-    await publish_dead_letter(broker.publisher, letter)
+    await broker.publisher.publish(letter)
     return await recorder.record(await next_message(broker.queues[QUEUE_DLQ]))
 
 
@@ -79,7 +78,7 @@ async def test_a_small_body_stays_in_the_entry(broker, db, recorder) -> None:
 
 async def test_a_redelivered_large_dead_letter_is_stored_once(broker, db, recorder) -> None:
     letter = envelope("dl-again", b"y" * (THRESHOLD + 1))
-    await publish_dead_letter(broker.publisher, letter)
+    await broker.publisher.publish(letter)
     message = await next_message(broker.queues[QUEUE_DLQ])
 
     await recorder.record(message)

@@ -12,7 +12,6 @@ from cairn_contracts.topology import EXCHANGE_DLX, EXCHANGE_TASKS, HEADER_MESSAG
 from cairn_dlq_handler.main import run
 from cairn_dlq_handler.recorder import ErrorRecorder, error_document
 from cairn_dlq_handler.settings import DlqSettings
-from cairn_runtime.amqp import publish_dead_letter
 from cairn_runtime.mongo import ensure_indexes
 from cairn_testkit.aio import next_message
 
@@ -48,7 +47,7 @@ async def broker_rejected(broker, body: bytes, headers: dict) -> None:
 
 
 async def test_a_service_dead_letter_is_recorded_once_under_its_id(broker, task_errors) -> None:
-    await publish_dead_letter(broker.publisher, letter("dl-service-1"))
+    await broker.publisher.publish(letter("dl-service-1"))
     message = await next_message(broker.queues[QUEUE_DLQ])
     recorder = ErrorRecorder(task_errors)
 
@@ -160,7 +159,7 @@ async def test_the_handler_records_and_acks_what_reaches_the_dlq(broker, async_m
     stop = asyncio.Event()
     handler = asyncio.create_task(run(settings, stop))
     try:
-        await publish_dead_letter(broker.publisher, letter("dl-running-1"))
+        await broker.publisher.publish(letter("dl-running-1"))
         async with asyncio.timeout(10):
             while await async_mongo_db[TASK_ERRORS].find_one({"_id": "dl-running-1"}) is None:
                 assert not handler.done(), handler

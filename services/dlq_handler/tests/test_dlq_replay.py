@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from cairn_contracts.messages import DeadLetterCommand, ShardFinished
 from cairn_contracts.states import DeadLetterStatus, JobState, ReplayOutcome, ShardState
-from cairn_contracts.store import DLQ_COMMANDS, JOBS, SHARDS, STATUS_CACHE_KEY, TASK_ERRORS
+from cairn_contracts.store import DLQ_COMMANDS, JOBS, SHARDS, STATUS_CACHE_KEY, TASK_ERRORS, ShardRecord
 from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
 from cairn_contracts.topology import QUEUE_INGEST
 from cairn_dlq_handler.status_cache import RedisStatusCache
@@ -54,12 +54,17 @@ async def seed_failure(db, *, strategy: str = "range", shard_state: ShardState =
             "shard_count": 2, "result": {"failed_shards": [FAILED_SHARD]}, "finished_at": now, "created_at": now,
         }
     )
-    common = {"job_id": JOB, "strategy": strategy, "priority": 3, "fencing_token": 3, "lease_until": None, "taken_by": None}
-    await db[SHARDS].insert_one({"_id": f"{JOB}:0000", "task_key": f"{JOB}:0000", "index": 0, "state": ShardState.SUCCEEDED, "attempts": 1, **common})
+    def shard(index: int, state: ShardState, attempts: int) -> dict:
+        return ShardRecord(
+            task_key=f"{JOB}:{index:04d}", job_id=JOB, index=index, strategy=strategy, range_start=index * 10,
+            range_end=(index + 1) * 10, records_estimate=10, priority=3, state=state, attempts=attempts, fencing_token=3,
+        ).to_document()
+
+    await db[SHARDS].insert_one(shard(0, ShardState.SUCCEEDED, 1))
     await db[SHARDS].insert_one(
         {
-            "_id": FAILED_SHARD, "task_key": FAILED_SHARD, "index": 1, "state": shard_state, "attempts": 3,
-            "dead_letter_id": ENTRY, "last_error": "RetryableError: down", "retries": [{"attempt": 1}, {"attempt": 2}], **common,
+            **shard(1, shard_state, 3),
+            "dead_letter_id": ENTRY, "last_error": "RetryableError: down", "retries": [{"attempt": 1}, {"attempt": 2}],
         }
     )
     await db[TASK_ERRORS].insert_one(

@@ -5,6 +5,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from http import HTTPStatus
 
 import httpx
 import pytest
@@ -167,6 +168,33 @@ async def test_status_of_an_unknown_job_is_404(gateway) -> None:
 
 async def test_result_of_an_unknown_job_is_404(gateway) -> None:
     assert (await gateway.client.get("/task/result/nope")).status_code == 404
+
+
+async def test_every_error_is_one_problem_body(gateway) -> None:
+    # problems.py: RFC 9457 members, `loc` pointing at the request part; 422 keeps its field list.
+    missing = await gateway.client.get("/task/status/nope")
+    invalid = await gateway.client.post("/task/start", json={"pipeline": "nope"})
+    no_route = await gateway.client.get("/no/such/route")
+
+    assert missing.headers["content-type"] == invalid.headers["content-type"] == "application/problem+json"
+    assert missing.json() == {"type": "about:blank", "title": "Not Found", "status": 404, "detail": "no job nope", "loc": ["path", "task_id"]}
+    assert (invalid.json()["status"], invalid.json()["title"]) == (422, HTTPStatus(422).phrase)  # per Python: Entity or Content
+    assert ["body", "pipeline"] in [error["loc"] for error in invalid.json()["detail"]]
+    assert (no_route.status_code, no_route.json()["status"], no_route.headers["content-type"]) == (404, 404, "application/problem+json")
+
+
+async def test_result_past_the_ttl_is_410_on_the_task_api_too(gateway) -> None:
+    # One definition of expiry (JobService.result): the retention sweep's flag or the finish time.
+    task_id = (await start(gateway, SPEC)).json()["task_id"]
+    finished = datetime.fromtimestamp(0, UTC)  # long before any CAIRN_RESULT_TTL_S
+    gateway.db[JOBS].update_one(
+        {"_id": task_id},
+        {"$set": {"state": JobState.SUCCESS, "result": {"records_done": 1}, "finished_at": finished, "finished_at_ms": 0}},
+    )
+
+    response = await gateway.client.get(f"/task/result/{task_id}")
+
+    assert response.status_code == 410 and response.json()["loc"] == ["path", "task_id"]
 
 
 async def test_status_of_a_new_job_is_pending(gateway) -> None:

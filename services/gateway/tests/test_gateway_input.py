@@ -113,7 +113,7 @@ async def test_the_422_echoing_hostile_input_is_valid_json(client) -> None:
     response = await client.post("/v1/jobs", **raw(body))
 
     assert response.status_code == 422
-    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["content-type"] == "application/problem+json"  # the one error body (problems.py)
     json.loads(response.content.decode("utf-8"))  # strict UTF-8 and plain JSON
 
 

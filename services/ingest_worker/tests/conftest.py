@@ -1,15 +1,12 @@
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from pydantic import TypeAdapter
 from pymongo.database import Database
 
-from cairn_contracts.jobs import JobSpec
 from cairn_contracts.states import JobState, ShardState
-from cairn_contracts.store import CHECKPOINTS, JOBS, MAIN_SUB_KEY, SHARDS
+from cairn_contracts.store import CHECKPOINTS, DEFAULT_TENANT, JOBS, SHARDS, JobRecord, ShardRecord
 from cairn_runtime.mongo import ensure_indexes_sync
 
 
@@ -20,10 +17,7 @@ def db(mongo_db: Database) -> Database:
     return mongo_db
 
 
-# --- documents as the scheduler and the gateway record them ------------------------------------
-# (mirrors cairn_scheduler.jobs.JobScheduler._record_shards: services share no code)
-
-_SPEC = TypeAdapter(JobSpec)
+# --- documents as the scheduler and the gateway record them (their models in cairn_contracts.store)
 
 
 def _seed_shard(
@@ -36,58 +30,26 @@ def _seed_shard(
     state: ShardState = ShardState.QUEUED,
     attempts: int = 0,
 ) -> str:
-    key = f"{job_id}:{index:04d}"
-    now = datetime.now(UTC)
-    db[CHECKPOINTS].insert_one(
-        {
-            "_id": f"{key}/{MAIN_SUB_KEY}",
-            "shard_key": key,
-            "sub_key": MAIN_SUB_KEY,
-            "job_id": job_id,
-            "cursor": start,
-            "range_start": start,
-            "range_end": end,
-            "records_done": 0,
-            "records_written": 0,
-            "records_redone": 0,
-            "batches": 0,
-            "fencing_token": 0,
-            "updated_at": now,
-        }
+    shard = ShardRecord(
+        task_key=f"{job_id}:{index:04d}",
+        job_id=job_id,
+        index=index,
+        strategy="range",
+        range_start=start,
+        range_end=end,
+        records_estimate=end - start,
+        priority=2,
+        state=state,
+        attempts=attempts,
     )
-    db[SHARDS].insert_one(
-        {
-            "_id": key,
-            "task_key": key,
-            "job_id": job_id,
-            "index": index,
-            "strategy": "range",
-            "range_start": start,
-            "range_end": end,
-            "records_total": end - start,
-            "priority": 2,
-            "state": state,
-            "attempts": attempts,
-            "fencing_token": 0,
-            "lease_until": None,
-            "taken_by": None,
-            "created_at": now,
-        }
-    )
-    return key
+    db[CHECKPOINTS].insert_one(shard.checkpoint().to_document())
+    db[SHARDS].insert_one(shard.to_document())
+    return shard.task_key
 
 
 def _seed_job(db: Database, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
-    validated = _SPEC.validate_python(spec)
-    document = {
-        "_id": job_id,
-        "tenant": "default",
-        "pipeline": validated.pipeline,
-        "priority": int(validated.priority),
-        "spec": validated.model_dump(mode="json"),
-        "state": JobState.STARTED,
-        "created_at": datetime.now(UTC),
-    }
+    record = JobRecord.new(spec, DEFAULT_TENANT, job_id=job_id).model_copy(update={"state": JobState.STARTED})
+    document = record.to_document()
     db[JOBS].insert_one(document)
     return document
 

@@ -1,11 +1,15 @@
 """The checkpoint write of every batch (the hot path `make bench` profiles) and the benchmark-only
-switch that turns it off: by primary key, still fenced; off means only a shard's last write."""
+worker's leases that skip it (bench/uncheckpointed_worker.py): by primary key, still fenced;
+skipped means only a shard's last write."""
 
 import time
 from typing import Any
 
+from celery import Celery
+
+from bench.uncheckpointed_worker import UncheckpointedLeases
 from cairn_contracts.store import CHECKPOINTS, SHARDS
-from cairn_ingest_worker.bench_only import UncheckpointedLeases
+from cairn_ingest_worker.context import build_context
 from cairn_ingest_worker.leases import ShardLeases
 from cairn_ingest_worker.settings import WorkerSettings
 
@@ -66,8 +70,10 @@ def test_uncheckpointed_leases_write_only_the_last_checkpoint_with_the_totals(db
     assert (final["cursor"], final["records_done"], final["records_written"], final["records_redone"]) == (300, 300, 290, 10)
 
 
-def test_the_benchmark_switch_is_off_unless_set(monkeypatch) -> None:
-    monkeypatch.delenv("CAIRN_BENCH_DISABLE_CHECKPOINTS", raising=False)
-    assert WorkerSettings(_env_file=None).bench_disable_checkpoints is False
+def test_the_production_worker_has_no_switch_to_skip_checkpoints(monkeypatch) -> None:
+    # The benchmark's leases are injected at its own entry point only (bench/uncheckpointed_worker.py).
     monkeypatch.setenv("CAIRN_BENCH_DISABLE_CHECKPOINTS", "1")
-    assert WorkerSettings(_env_file=None).bench_disable_checkpoints is True
+    assert not hasattr(WorkerSettings(_env_file=None), "bench_disable_checkpoints")
+    context = build_context(WorkerSettings(_env_file=None), Celery("bench-switch-test"))
+    assert type(context.runner.leases) is ShardLeases
+    context.runner.jobs.database.client.close()

@@ -1,6 +1,7 @@
 """Failure classification and the retry policy: HTTP statuses, pipeline declarations, job policy,
 backoff bounds, the retry record on the shard, and the fault flag of the synthetic pipeline."""
 
+import importlib
 import random
 from datetime import UTC, datetime
 
@@ -9,9 +10,9 @@ from kombu import Message
 from pymongo.errors import ExecutionTimeout, OperationFailure
 
 from cairn_contracts.jobs import RetryPolicy
-from cairn_contracts.pipelines import SyntheticParams
+from cairn_contracts.pipelines import SYNTHETIC
 from cairn_contracts.states import ShardState
-from cairn_contracts.store import CHECKPOINTS, FAULT_FLAGS, JOBS, MAIN_SUB_KEY, SHARDS
+from cairn_contracts.store import CHECKPOINTS, JOBS, MAIN_SUB_KEY, SHARDS
 from cairn_ingest_worker.consumer import original_of_kombu
 from cairn_ingest_worker.errors import (
     FailurePolicy,
@@ -22,7 +23,8 @@ from cairn_ingest_worker.errors import (
     is_retryable,
 )
 from cairn_ingest_worker.leases import ShardLeases
-from cairn_ingest_worker.pipelines import failure_policy
+from cairn_ingest_worker import pipelines
+from cairn_ingest_worker.pipelines import build_pipeline, failure_policy, register_pipeline
 from cairn_ingest_worker.pipelines.synthetic import SyntheticPipeline
 from cairn_ingest_worker.retry import (
     RETRIES_KEPT,
@@ -190,19 +192,26 @@ def test_each_scheduled_retry_is_recorded_on_the_shard_in_the_fenced_write(mongo
     assert [r["attempt"] for r in mongo_db[SHARDS].find_one({"_id": "s:0"})["retries"]] == [1, 2]
 
 
-# --- the synthetic pipeline's fault flag (test scaffolding) -------------------------------------------
+# --- the pipeline registry and the suite's test pipeline (tests-e2e/flaky_source.py) -----------------
 
 
-def test_the_fault_flag_fails_the_source_while_it_exists(mongo_db) -> None:
-    params = SyntheticParams(count=20, fail_at_key=5, failure="retryable", fail_while_flag="down")
-    pipeline = SyntheticPipeline(params, attempt=1, fault_flags=mongo_db[FAULT_FLAGS])
+def test_only_a_pipeline_name_of_the_contracts_can_be_registered() -> None:
+    with pytest.raises(ValueError, match="no pipeline named"):
+        register_pipeline("not_in_the_contracts", SyntheticPipeline)
 
-    assert len(pipeline.read(0, 20, 10).records) == 10  # no flag: the source is fine
-    mongo_db[FAULT_FLAGS].insert_one({"_id": "down"})
-    with pytest.raises(RetryableError):
+
+def test_the_test_pipeline_fails_its_source_until_it_is_marked_fixed(mongo_db, monkeypatch) -> None:
+    # Importing it registers it for `synthetic`: the registry is restored after this test.
+    monkeypatch.setitem(pipelines._PIPELINES, SYNTHETIC, pipelines._PIPELINES[SYNTHETIC])
+    flaky_source = importlib.import_module("flaky_source")
+    params = {"count": 20, "fail_at_key": 5, "failure": "retryable", "key_prefix": "down"}
+    pipeline = build_pipeline(SYNTHETIC, params, attempt=1, source=mongo_db)
+    assert isinstance(pipeline, flaky_source.FlakySyntheticPipeline)
+
+    with pytest.raises(RetryableError):  # not fixed yet: fails as the production pipeline does
         pipeline.read(0, 20, 10)
     assert len(pipeline.read(10, 20, 10).records) == 10  # only the batch holding the key fails
-    mongo_db[FAULT_FLAGS].delete_one({"_id": "down"})
+    mongo_db[flaky_source.FIXED_SOURCES].insert_one({"_id": "down"})
     assert len(pipeline.read(0, 20, 10).records) == 10
 
 

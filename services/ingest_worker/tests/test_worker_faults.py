@@ -16,6 +16,7 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from pymongo import MongoClient
 from pymongo.database import Database
 
+from cairn_contracts.clock import now_ms
 from cairn_contracts.messages import RunShard
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
@@ -23,7 +24,7 @@ from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
 from cairn_ingest_worker.context import WorkerContext
 from cairn_ingest_worker.publisher import BrokerPublisher
 from cairn_ingest_worker.errors import BatchTimedOut, StoreUnavailable, is_retryable
-from cairn_ingest_worker.leases import ShardLeases, epoch_ms
+from cairn_ingest_worker.leases import ShardLeases
 from cairn_ingest_worker.runner import ShardFailed, ShardRunner, run_shard
 from cairn_ingest_worker.settings import WorkerSettings
 from cairn_ingest_worker.tasks import _hand_off_when_store_answers, register_tasks
@@ -163,7 +164,7 @@ def test_a_hung_batch_stops_its_lease_renewals_and_is_not_committed(db: Database
     # Before: the heartbeat renewed the lease for as long as the read hung, and the batch landed.
     assert outcome.kind == "lease_lost"
     shard = db[SHARDS].find_one({"_id": key})
-    assert shard["state"] == ShardState.RUNNING and shard["lease_until"] < epoch_ms()  # left to expire: the reaper takes it
+    assert shard["state"] == ShardState.RUNNING and shard["lease_until"] < now_ms()  # left to expire: the reaper takes it
     cp = db[CHECKPOINTS].find_one({"shard_key": key})
     assert cp["cursor"] == 0 and cp["batches"] == 0 and db["out"].count_documents({}) == 0
 
@@ -219,7 +220,7 @@ def test_the_soft_time_limit_ends_a_hung_batch_as_a_retryable_timeout_with_nothi
 
 
 def test_every_delivery_has_a_soft_and_a_hard_time_limit_from_the_settings() -> None:
-    from cairn_ingest_worker.celery_app import create_app
+    from cairn_ingest_worker.bootstrap import create_app
 
     settings = WorkerSettings(task_slice_s=60, batch_time_limit_s=20, hard_time_limit_grace_s=10)
     app = create_app(settings)

@@ -3,9 +3,10 @@
 import time
 from datetime import UTC, datetime, timedelta
 
+from cairn_contracts.clock import now_ms
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import CHECKPOINTS, SHARDS
-from cairn_ingest_worker.leases import Heartbeat, ShardLeases, epoch_ms
+from cairn_ingest_worker.leases import Heartbeat, ShardLeases
 
 TTL_S = 30.0
 TINY_TTL_S = 0.05
@@ -25,11 +26,11 @@ def expire_after(ttl_s: float) -> None:
 
 def test_claim_takes_the_shard_and_adopts_the_checkpoint(db, seed_shard) -> None:
     key = seed_shard(db, "job", 0, 100, 200)
-    before = epoch_ms()
+    before = now_ms()
 
     claim = leases(db, "worker-a").claim(key)
 
-    after = epoch_ms()
+    after = now_ms()
     assert claim is not None
     assert (claim.token, claim.attempt, claim.cursor, claim.shard_key) == (1, 1, 100, key)
     shard = db[SHARDS].find_one({"_id": key})
@@ -83,7 +84,7 @@ def test_after_takeover_the_old_claim_cannot_write(db, seed_shard) -> None:
     assert old_leases.succeed(old) is False
     assert old_leases.renew(old) is False
     assert old_leases.fail(old, "boom", "dl-1") is False
-    assert old_leases.schedule_retry(old, "boom", retry_at=None) is False
+    assert old_leases.schedule_retry(old, "boom", retry_at=datetime.now(UTC)) is False
 
     assert checkpoint(db, key) == checkpoint_before
     assert db[SHARDS].find_one({"_id": key}) == shard_before
@@ -252,7 +253,7 @@ def test_claim_next_waits_for_a_retry_to_be_due(db, seed_shard) -> None:
 
     assert lease.claim_next("job") is None
 
-    db[SHARDS].update_one({"_id": key}, {"$set": {"next_retry_at_ms": epoch_ms() - 1}})
+    db[SHARDS].update_one({"_id": key}, {"$set": {"next_retry_at_ms": now_ms() - 1}})
     again = lease.claim_next("job")
     assert again is not None and again.shard_key == key and again.attempt == 2
 

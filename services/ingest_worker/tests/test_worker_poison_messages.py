@@ -17,7 +17,7 @@ from kombu import Connection, Exchange, Message, Producer
 from cairn_contracts.messages import DeadLetter, OriginalMessage
 from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
 from cairn_contracts.topology import EXCHANGE_TASKS, QUEUE_DLQ, QUEUE_INGEST, ROUTING_INGEST
-from cairn_ingest_worker.celery_app import create_app
+from cairn_ingest_worker.bootstrap import create_app
 from cairn_ingest_worker.consumer import DeadLetteringConsumer, stable_dead_letter_id
 from cairn_ingest_worker.settings import WorkerSettings
 from cairn_testkit import fixtures

@@ -8,7 +8,6 @@ from celery import Celery
 from cairn_contracts.messages import DeadLetter, OriginalMessage, ShardFinished
 from cairn_contracts.topology import (
     EXCHANGE_COMMANDS,
-    EXCHANGE_EVENTS,
     EXCHANGE_TASKS,
     HEADER_MESSAGE_TYPE,
     HEADER_SCHEMA_VERSION,
@@ -57,7 +56,7 @@ async def test_celery_declares_the_ingest_queue_compatibly(broker, celery_app) -
 async def test_broker_publisher_publishes_a_persistent_event_with_contract_headers(broker, celery_app) -> None:
     event = ShardFinished(job_id="job", shard_key="job:0001", outcome="failed", records_done=0, error="boom")
 
-    BrokerPublisher(celery_app).publish(EXCHANGE_EVENTS, ROUTING_SHARD_FAILED, event)
+    BrokerPublisher(celery_app).publish(event)
 
     message = await next_message(broker.queues[QUEUE_SCHEDULER_EVENTS])
     assert ShardFinished.model_validate_json(message.body) == event
@@ -81,7 +80,7 @@ async def test_broker_publisher_dead_letters_reach_the_dlq(broker, celery_app) -
         original=OriginalMessage(body="{}", headers={"task": "cairn.ingest.run_shard"}),
     )
 
-    BrokerPublisher(celery_app).publish_dead_letter(letter)
+    BrokerPublisher(celery_app).publish(letter)
 
     message = await next_message(broker.queues[QUEUE_DLQ])
     assert DeadLetter.model_validate_json(message.body) == letter

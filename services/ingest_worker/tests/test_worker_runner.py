@@ -4,11 +4,12 @@ from datetime import UTC, datetime
 
 import pytest
 
+from cairn_contracts.clock import now_ms
 from cairn_contracts.messages import RunShard
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
 from cairn_ingest_worker.errors import NonRetryableError, RetryableError
-from cairn_ingest_worker.leases import ShardLeases, epoch_ms
+from cairn_ingest_worker.leases import ShardLeases
 from cairn_ingest_worker.runner import ShardFailed, ShardRunner, run_shard
 from cairn_ingest_worker.store import store_records
 
@@ -120,7 +121,7 @@ def test_a_shard_that_used_up_its_attempts_is_poison(db, seed_job, seed_shard) -
     seed_job(db, "job", synthetic_spec())
     # Every earlier attempt was claimed and then killed its worker: RUNNING, lease long expired.
     key = seed_shard(db, "job", 0, 0, 25, state=ShardState.RUNNING, attempts=MAX_ATTEMPTS)
-    db[SHARDS].update_one({"_id": key}, {"$set": {"lease_until": epoch_ms() - 60_000, "fencing_token": MAX_ATTEMPTS}})
+    db[SHARDS].update_one({"_id": key}, {"$set": {"lease_until": now_ms() - 60_000, "fencing_token": MAX_ATTEMPTS}})
 
     outcome = run_shard(runner(db), RunShard(job_id="job", shard_key=key), max_attempts=MAX_ATTEMPTS)
 

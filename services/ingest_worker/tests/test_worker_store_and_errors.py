@@ -5,7 +5,7 @@ import random
 import pytest
 from pymongo.errors import AutoReconnect, DuplicateKeyError, NetworkTimeout, ServerSelectionTimeoutError
 
-from cairn_ingest_worker.errors import LeaseLost, NonRetryableError, RetryableError, is_retryable
+from cairn_ingest_worker.errors import NonRetryableError, RetryableError, is_retryable
 from cairn_ingest_worker.runner import backoff_delay
 from cairn_ingest_worker.store import store_records
 
@@ -74,10 +74,6 @@ def test_transient_and_unknown_errors_are_retryable(error: BaseException) -> Non
 )
 def test_bad_input_and_programming_errors_are_not_retryable(error: BaseException) -> None:
     assert is_retryable(error) is False
-
-
-def test_lease_lost_is_an_exception() -> None:
-    assert issubclass(LeaseLost, Exception)
 
 
 @pytest.mark.parametrize("attempt", [0, 1, 2, 3, 5, 8, 30])

@@ -6,7 +6,7 @@ from celery import Celery
 
 from cairn_contracts.messages import RunFrontier, RunShard
 from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
-from cairn_contracts.topology import QUEUE_INGEST
+from cairn_contracts.topology import QUEUE_INGEST, Route
 from cairn_runtime.celery_config import celery_config
 from cairn_runtime.celery_config import ShardTaskSender
 from cairn_testkit.aio import next_message
@@ -22,6 +22,8 @@ async def test_dispatch_puts_a_persistent_celery_task_with_priority_on_the_inges
 
     message = await next_message(broker.queues[QUEUE_INGEST])
     assert message.headers["task"] == TASK_RUN_SHARD
+    # the route the message declares is the one it travelled (Celery's: default exchange, queue name)
+    assert Route(message.exchange, message.routing_key) == RunShard(job_id="job-x", shard_key="job-x:0002").route()
     assert message.priority == 3
     assert message.delivery_mode == 2
     args, kwargs, _ = json.loads(message.body)

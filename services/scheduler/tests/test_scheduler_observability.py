@@ -9,16 +9,15 @@ from celery import Celery
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY
 
+from cairn_contracts.clock import stored_ms
 from cairn_contracts.messages import RunShard, StartJob
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import JOBS, SHARDS
 from cairn_contracts.topology import (
-    EXCHANGE_COMMANDS,
     HEADER_ENQUEUED_AT,
     QUEUE_DLQ,
     QUEUE_INGEST,
     QUEUE_SCHEDULER_COMMANDS,
-    ROUTING_START_JOB,
 )
 from cairn_runtime.celery_config import celery_config
 from cairn_runtime.instrumentation import instrument_celery
@@ -26,7 +25,6 @@ from cairn_runtime.mongo import ensure_indexes
 from cairn_runtime.celery_config import ShardTaskSender
 from cairn_scheduler.gauges import GaugeCollector, backlog_age_s
 from cairn_scheduler.jobs import JobScheduler
-from cairn_scheduler.metrics import epoch_s
 from cairn_testkit.aio import next_message
 
 
@@ -49,7 +47,7 @@ async def db(async_mongo_db):
 # --------------------------------------------------------------------------------- broker
 async def test_queue_depths_come_from_the_broker(broker, db) -> None:
     for index in range(3):
-        await broker.publisher.publish(EXCHANGE_COMMANDS, ROUTING_START_JOB, start_command(f"job-{index}"))
+        await broker.publisher.publish(start_command(f"job-{index}"))
     collector = GaugeCollector(db, broker.connection)
 
     assert await collector.collect_once()
@@ -137,13 +135,14 @@ async def test_backlog_age_is_the_oldest_queued_shard_s_wait(broker, db) -> None
 
 def test_stored_moments_are_read_in_every_form_a_server_keeps_them() -> None:
     moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    assert epoch_s(moment) == moment.timestamp()
-    assert epoch_s(moment.replace(tzinfo=None)) == moment.timestamp()  # naive: UTC
-    assert epoch_s("2026-01-02T03:04:05+00:00") == moment.timestamp()  # the stand-in's $set text
-    assert epoch_s("2026-01-02T03:04:05Z") == moment.timestamp()
-    assert epoch_s("2026-01-02T03:04:05") == moment.timestamp()
-    assert epoch_s(int(moment.timestamp() * 1000)) == moment.timestamp()  # *_ms fields
-    assert epoch_s("soon") is None and epoch_s(None) is None and epoch_s(True) is None
+    ms = int(moment.timestamp()) * 1000
+    assert stored_ms(moment) == ms
+    assert stored_ms(moment.replace(tzinfo=None)) == ms  # naive: UTC
+    assert stored_ms("2026-01-02T03:04:05+00:00") == ms  # the stand-in's $set text
+    assert stored_ms("2026-01-02T03:04:05Z") == ms
+    assert stored_ms("2026-01-02T03:04:05") == ms
+    assert stored_ms(ms) == ms  # *_ms fields
+    assert stored_ms("soon") is None and stored_ms(None) is None and stored_ms(True) is None
 
     assert backlog_age_s(None, 100.0) == 0.0
     assert backlog_age_s({"queued_at": "1970-01-01T00:01:00+00:00"}, 100.0) == 40.0

@@ -5,11 +5,11 @@ from typing import Any
 
 import pytest
 
+from cairn_contracts.clock import now_ms
 from cairn_contracts.messages import RunFrontier, RunShard
 from cairn_contracts.states import ShardState
-from cairn_contracts.store import SHARDS
+from cairn_contracts.store import SHARDS, ShardRecord
 from cairn_runtime.mongo import ensure_indexes
-from cairn_scheduler.jobs import epoch_ms
 from cairn_scheduler.reaper import LeaseReaper
 
 
@@ -28,26 +28,15 @@ async def db(async_mongo_db):
 
 
 async def shard(db: Any, key: str, state: ShardState, *, strategy: str = "range", index: int = 0, **fields: Any) -> None:
-    await db[SHARDS].insert_one(
-        {
-            "_id": key,
-            "task_key": key,
-            "job_id": key.split(":")[0],
-            "index": index,
-            "strategy": strategy,
-            "priority": 3,
-            "state": state,
-            "fencing_token": 2,
-            "attempts": 2,
-            "lease_until": None,
-            "taken_by": None,
-            **fields,
-        }
+    record = ShardRecord(
+        task_key=key, job_id=key.split(":")[0], index=index, strategy=strategy, range_start=0, range_end=10,
+        records_estimate=10, priority=3, state=state, fencing_token=2, attempts=2,
     )
+    await db[SHARDS].insert_one({**record.to_document(), **fields})
 
 
 async def test_reap_returns_shards_with_an_expired_lease_to_ready_and_dispatches_them(db) -> None:
-    now = epoch_ms()
+    now = now_ms()
     await shard(db, "job:0000", ShardState.RUNNING, lease_until=now - 1_000, taken_by="dead-worker")
     await shard(db, "job:0001", ShardState.RUNNING, lease_until=now + 60_000, taken_by="live-worker")
     await shard(db, "job:0002", ShardState.SUCCEEDED, lease_until=now - 1_000)
@@ -65,7 +54,7 @@ async def test_reap_returns_shards_with_an_expired_lease_to_ready_and_dispatches
 
 
 async def test_reap_twice_reclaims_once(db) -> None:
-    await shard(db, "job:0000", ShardState.RUNNING, lease_until=epoch_ms() - 1_000)
+    await shard(db, "job:0000", ShardState.RUNNING, lease_until=now_ms() - 1_000)
     recorder = Recorder()
     reaper = LeaseReaper(db, recorder)
 
@@ -75,7 +64,7 @@ async def test_reap_twice_reclaims_once(db) -> None:
 
 
 async def test_reap_of_a_lease_frontier_item_sends_a_runner_for_its_lane(db) -> None:
-    await shard(db, "job:0005", ShardState.RUNNING, strategy="lease_frontier", index=5, lease_until=epoch_ms() - 1_000)
+    await shard(db, "job:0005", ShardState.RUNNING, strategy="lease_frontier", index=5, lease_until=now_ms() - 1_000)
     recorder = Recorder()
 
     assert await LeaseReaper(db, recorder).reap() == 1
@@ -84,7 +73,7 @@ async def test_reap_of_a_lease_frontier_item_sends_a_runner_for_its_lane(db) -> 
 
 
 async def test_redispatch_lost_resends_the_task_of_each_shard_queued_before_the_cutoff_once(db) -> None:
-    now = epoch_ms()
+    now = now_ms()
     await shard(db, "job:0000", ShardState.QUEUED, queued_at_ms=now - 600_000)
     await shard(db, "job:0001", ShardState.QUEUED, queued_at_ms=now)
     await shard(db, "job:0002", ShardState.RUNNING, queued_at_ms=now - 600_000)

@@ -15,14 +15,15 @@ import pytest
 from celery import Celery
 from prometheus_client import REGISTRY
 
+from cairn_contracts import clock
 from cairn_contracts.messages import RunFrontier, RunShard
 from cairn_contracts.states import ShardState
-from cairn_contracts.store import SHARDS
+from cairn_contracts.store import SHARDS, ShardRecord
 from cairn_contracts.topology import QUEUE_INGEST
 from cairn_runtime.celery_config import ShardTaskSender, celery_config
 from cairn_runtime.mongo import ensure_indexes
 from cairn_scheduler.gauges import QueueCounts
-from cairn_scheduler.jobs import JobScheduler, epoch_ms
+from cairn_scheduler.jobs import JobScheduler
 from cairn_scheduler.maintenance import Maintenance, retry_sleep_s
 from cairn_scheduler.reaper import LeaseReaper, LostTaskWatch
 
@@ -48,22 +49,11 @@ async def db(async_mongo_db):
 
 
 async def shard(db: Any, key: str, state: ShardState, *, strategy: str = "range", index: int = 0, **fields: Any) -> None:
-    await db[SHARDS].insert_one(
-        {
-            "_id": key,
-            "task_key": key,
-            "job_id": key.split(":")[0],
-            "index": index,
-            "strategy": strategy,
-            "priority": 3,
-            "state": state,
-            "fencing_token": 1,
-            "attempts": 1,
-            "lease_until": None,
-            "taken_by": None,
-            **fields,
-        }
+    record = ShardRecord(
+        task_key=key, job_id=key.split(":")[0], index=index, strategy=strategy, range_start=0, range_end=10,
+        records_estimate=10, priority=3, state=state, fencing_token=1, attempts=1,
     )
+    await db[SHARDS].insert_one({**record.to_document(), **fields})
 
 
 def redispatches(reason: str) -> float:
@@ -74,7 +64,7 @@ def redispatches(reason: str) -> float:
 
 
 async def test_a_due_retry_goes_back_to_queued_and_its_task_is_sent_and_one_not_due_waits(db) -> None:
-    now = epoch_ms()
+    now = clock.now_ms()
     await shard(db, "job:0000", ShardState.RETRY, next_retry_at_ms=now - 10, retry={"attempt": 1})
     await shard(db, "job:0001", ShardState.RETRY, next_retry_at_ms=now + 3_600_000)
     await shard(db, "job:0002", ShardState.RETRY, next_retry_at_ms=now - 10, cancel_requested=True)
@@ -95,7 +85,7 @@ async def test_a_due_retry_goes_back_to_queued_and_its_task_is_sent_and_one_not_
 
 
 async def test_due_retries_of_a_lease_frontier_job_get_one_runner_per_pass(db) -> None:
-    now = epoch_ms()
+    now = clock.now_ms()
     for index in (2, 5, 7):
         await shard(db, f"front:{index:04d}", ShardState.RETRY, strategy="lease_frontier", index=index, next_retry_at_ms=now - 1)
     recorder = Recorder()
@@ -108,7 +98,7 @@ async def test_due_retries_of_a_lease_frontier_job_get_one_runner_per_pass(db) -
 
 
 async def test_two_schedulers_dispatching_due_retries_at_once_send_each_task_once(db) -> None:
-    now = epoch_ms()
+    now = clock.now_ms()
     keys = [f"job:{i:04d}" for i in range(30)]
     for key in keys:
         await shard(db, key, ShardState.RETRY, next_retry_at_ms=now - 1)
@@ -125,7 +115,7 @@ async def test_two_schedulers_dispatching_due_retries_at_once_send_each_task_onc
 
 
 async def test_a_retry_whose_send_fails_waits_in_retry_for_the_next_pass(db) -> None:
-    now = epoch_ms()
+    now = clock.now_ms()
     await shard(db, "job:0000", ShardState.RETRY, next_retry_at_ms=now - 1)
 
     with pytest.raises(ConnectionError):
@@ -143,6 +133,8 @@ def test_the_retry_dispatcher_sleeps_until_the_next_due_retry_within_bounds() ->
     assert retry_sleep_s(3_600_000, 1_000, 1.0) == 1.0
     assert retry_sleep_s(900, 1_000, 1.0) == 0.01
     assert retry_sleep_s(None, 1_000, 1.0, due_left=True) == 0.0
+    # run_every takes a returned float as the next wait: every answer is one, even for int bounds.
+    assert all(isinstance(retry_sleep_s(due, 1_000, 2, left), float) for due, left in ((None, False), (1_250, False), (None, True)))
 
 
 # --- lost tasks: the decision -------------------------------------------------------------------------
@@ -204,7 +196,7 @@ def lost_task_maintenance(db: Any, broker: Any, sender: ShardTaskSender) -> Main
 
 
 async def test_a_deep_backlog_is_not_redispatched_and_a_really_lost_task_is_sent_again_once(db, broker, sender) -> None:
-    old = epoch_ms() - 600_000  # queued ten minutes ago: well past the age floor
+    old = clock.now_ms() - 600_000  # queued ten minutes ago: well past the age floor
     keys = [f"job:{i:04d}" for i in range(40)]
     for key in keys:
         await shard(db, key, ShardState.QUEUED, queued_at_ms=old)

@@ -2,10 +2,11 @@
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from cairn_contracts.bounds import ContractModel
+from cairn_contracts.namespaces import is_control_collection
 
 from cairn_contracts.pipelines import MONGO_RANGE, SYNTHETIC, MongoRangeParams, SyntheticParams
 from cairn_contracts.states import Priority
@@ -102,9 +103,18 @@ class _JobSpecBase(ContractModel):
     priority: Priority = Priority.NORMAL
     batch_size: int = Field(1000, ge=1, le=50_000, description="Records per stored batch and checkpoint")
     target_collection: str = Field(
-        "records", pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$", description="Collection the records go to"
+        "records",
+        pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$",
+        description="Collection the records go to; none of Cairn's own (jobs, shards, api_keys...)",
     )
     retry: RetryPolicy | None = Field(None, description="Retry policy of this job (default: the pipeline's, then the worker's)")
+
+    @field_validator("target_collection")
+    @classmethod
+    def _not_a_control_collection(cls, name: str) -> str:
+        if is_control_collection(name):
+            raise ValueError(f"{name!r} is one of Cairn's own collections: records cannot be written there")
+        return name
 
     @model_validator(mode="after")
     def _plan_is_bounded(self) -> "_JobSpecBase":
@@ -142,3 +152,7 @@ class MongoRangeJobSpec(_JobSpecBase):
 
 
 JobSpec = Annotated[Union[SyntheticJobSpec, MongoRangeJobSpec], Field(discriminator="pipeline")]
+
+# The one validator/serializer of a JobSpec (an annotated union has no model_validate): a stored
+# spec dict -> SyntheticJobSpec | MongoRangeJobSpec; raises pydantic.ValidationError.
+JOB_SPEC_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobSpec)

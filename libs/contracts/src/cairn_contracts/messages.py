@@ -1,19 +1,34 @@
-"""Every message that crosses an exchange. Each carries its schema version in the body.
+"""Every message that crosses an exchange. Each carries its schema version in the body, and
+knows its own route: `message.route()` is the (exchange, routing key) it is published with, so
+no publisher call site names one (docs/architecture.md maps every message).
 
 A consumer validates the body against the model named here; a body that does not validate is
 dead-lettered with the validation error as its reason, never half-processed.
 """
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cairn_contracts.bounds import ContractModel
+from cairn_contracts.clock import utcnow
 from cairn_contracts.jobs import JobSpec
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+from cairn_contracts.topology import (
+    EXCHANGE_COMMANDS,
+    EXCHANGE_DEFAULT,
+    EXCHANGE_DLX,
+    EXCHANGE_EVENTS,
+    QUEUE_INGEST,
+    ROUTING_CANCEL_JOB,
+    ROUTING_DLQ_DISCARD,
+    ROUTING_DLQ_REPLAY,
+    ROUTING_SHARD_CANCELLED,
+    ROUTING_SHARD_FAILED,
+    ROUTING_SHARD_SUCCEEDED,
+    ROUTING_START_JOB,
+    Route,
+)
 
 
 class Message(BaseModel):
@@ -21,6 +36,11 @@ class Message(BaseModel):
 
     message_type: ClassVar[str]
     schema_version: int
+
+    def route(self) -> Route:
+        """The exchange and routing key this message is published with (computed from the body
+        where a type has several keys: a shard outcome, a dead letter's source queue)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no route")
 
 
 class StartJob(Message):
@@ -32,6 +52,9 @@ class StartJob(Message):
     tenant: str
     spec: JobSpec
     submitted_at: datetime = Field(default_factory=utcnow)
+
+    def route(self) -> Route:
+        return Route(EXCHANGE_COMMANDS, ROUTING_START_JOB)
 
 
 class CancelJob(Message):
@@ -47,24 +70,36 @@ class CancelJob(Message):
     requested_by: str | None = Field(None, max_length=200)
     requested_at: datetime = Field(default_factory=utcnow)
 
+    def route(self) -> Route:
+        return Route(EXCHANGE_COMMANDS, ROUTING_CANCEL_JOB)
 
-class RunShard(Message):
-    """Celery task payload scheduler → ingest worker. The shard document is authoritative."""
 
-    message_type: ClassVar[str] = "cairn.task.run_shard"
+class RunShard(Message, ContractModel):  # its ids reach queries: storable text only
+    """Celery task payload scheduler → ingest worker. The shard document is authoritative.
+
+    Its message type is the Celery task name the worker registers (`contracts.tasks`); it is sent
+    as a Celery task (kwargs = this body) by `cairn_runtime.celery_config.ShardTaskSender`."""
+
+    message_type: ClassVar[str] = "cairn.ingest.run_shard"
     schema_version: Literal[1] = 1
     job_id: str
     shard_key: str
 
+    def route(self) -> Route:
+        return Route(EXCHANGE_DEFAULT, QUEUE_INGEST)  # the route Celery sends it by
 
-class RunFrontier(Message):
+
+class RunFrontier(Message, ContractModel):
     """Celery task payload scheduler → ingest worker: pull and run this job's work items by
     lease until none is claimable (lease-frontier sharding). `lane` tells runners apart."""
 
-    message_type: ClassVar[str] = "cairn.task.run_frontier"
+    message_type: ClassVar[str] = "cairn.ingest.run_frontier"  # also its Celery task name
     schema_version: Literal[1] = 1
     job_id: str
     lane: int
+
+    def route(self) -> Route:
+        return Route(EXCHANGE_DEFAULT, QUEUE_INGEST)  # the route Celery sends it by
 
 
 class ShardFinished(Message):
@@ -78,6 +113,11 @@ class ShardFinished(Message):
     records_done: int
     error: str | None = None
     finished_at: datetime = Field(default_factory=utcnow)
+
+    def route(self) -> Route:
+        """One routing key per outcome (the events queues bind `shard.*`)."""
+        keys = {"succeeded": ROUTING_SHARD_SUCCEEDED, "failed": ROUTING_SHARD_FAILED, "cancelled": ROUTING_SHARD_CANCELLED}
+        return Route(EXCHANGE_EVENTS, keys[self.outcome])
 
 
 # unknown_shard: a task naming a shard that is not recorded (a stale or forged task).
@@ -115,6 +155,10 @@ class DeadLetter(Message):
     original: OriginalMessage
     dead_lettered_at: datetime = Field(default_factory=utcnow)
 
+    def route(self) -> Route:
+        """To the dead-letter exchange, keyed by the queue the message came from (the DLQ binds `#`)."""
+        return Route(EXCHANGE_DLX, self.source_queue)
+
 
 DeadLetterAction = Literal["replay", "discard"]
 
@@ -136,3 +180,6 @@ class DeadLetterCommand(Message):
     api_key_id: str | None = Field(None, max_length=64, description="The API key the request came with")
     note: str | None = Field(None, max_length=2000)
     requested_at: datetime = Field(default_factory=utcnow)
+
+    def route(self) -> Route:
+        return Route(EXCHANGE_COMMANDS, ROUTING_DLQ_REPLAY if self.action == "replay" else ROUTING_DLQ_DISCARD)

@@ -4,11 +4,12 @@ Clients choose a pipeline by name from this closed set (no client-supplied impor
 ingest worker holds the implementation registered under the same name.
 """
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from cairn_contracts.bounds import ContractModel
+from cairn_contracts.namespaces import is_control_collection
 
 SYNTHETIC = "synthetic"
 MONGO_RANGE = "mongo_range"
@@ -41,19 +42,6 @@ class SyntheticParams(_Params):
     fail_times: int | None = Field(
         None, ge=1, le=1_000_000, description="Fail only on the first N attempts of the shard (default: always)"
     )
-    fail_while_flag: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z0-9_.:-]{1,120}$",
-        description="Test scaffolding: the injected failure happens only while a document with this "
-        "_id exists in the `fault_flags` collection (delete it to 'fix the source')",
-    )
-
-    @model_validator(mode="after")
-    def _flag_needs_a_failure_point(self) -> "SyntheticParams":
-        if self.fail_while_flag is not None and self.fail_at_key is None:
-            raise ValueError("fail_while_flag needs fail_at_key")
-        return self
-
     def key_range(self) -> tuple[int, int]:
         return self.start, self.start + self.count
 
@@ -61,14 +49,27 @@ class SyntheticParams(_Params):
         return f"{self.key_prefix}-{index:012d}"
 
 
+# A document field path: no `$` operator, no NUL (MongoDB refuses both in projections).
+FIELD_NAME = r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$"
+
+
 class MongoRangeParams(_Params):
     """Copies documents of a source collection whose integer key lies in [start, end)."""
 
-    collection: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,120}$")
-    key_field: str = Field("_id", pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")
+    collection: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,120}$", description="Source collection; none of Cairn's own")
+    key_field: str = Field("_id", pattern=FIELD_NAME)
     start: int = Field(..., ge=-MAX_KEY, le=MAX_KEY)
     end: int = Field(..., ge=-MAX_KEY, le=MAX_KEY)
-    fields: list[str] | None = Field(None, max_length=100, description="Fields to copy (all if unset)")
+    fields: list[Annotated[str, Field(pattern=FIELD_NAME)]] | None = Field(
+        None, max_length=100, description="Fields to copy (all if unset)"
+    )
+
+    @field_validator("collection")
+    @classmethod
+    def _not_a_control_collection(cls, name: str) -> str:
+        if is_control_collection(name):
+            raise ValueError(f"{name!r} is one of Cairn's own collections: it cannot be a source")
+        return name
 
     @model_validator(mode="after")
     def _end_after_start(self) -> "MongoRangeParams":

@@ -22,22 +22,10 @@ from cronsim import CronSim, CronSimError
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from cairn_contracts.bounds import ContractModel, Moment
+from cairn_contracts.clock import as_utc, from_ms, to_ms
 
 ScheduleKind = Literal["cron", "interval", "once"]
-SCHEDULE_KINDS: tuple[str, ...] = ("cron", "interval", "once")
 MAX_INTERVAL_S = 366 * 86_400
-
-
-def to_ms(moment: datetime) -> int:
-    return int(_utc(moment).timestamp() * 1000)
-
-
-def from_ms(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, UTC)
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 class ScheduleTiming(ContractModel):
@@ -109,12 +97,12 @@ class ScheduleTiming(ContractModel):
             raise ValueError("a one-off schedule needs `at`")
         if kind != "once" and value is not None:
             raise ValueError("only a one-off schedule has `at`")
-        return _utc(value) if value is not None else None
+        return as_utc(value) if value is not None else None
 
     @field_validator("start_at", "end_at")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
-        return _utc(value) if value is not None else None
+        return as_utc(value) if value is not None else None
 
     @model_validator(mode="after")
     def _window(self) -> "ScheduleTiming":
@@ -153,7 +141,7 @@ class ScheduleTiming(ContractModel):
         assert self.cron is not None
         zone = ZoneInfo(self.timezone)
         # cronsim works at minute resolution and yields times strictly after its start.
-        start = datetime.fromtimestamp(after_ms / 1000, zone)
+        start = from_ms(after_ms).astimezone(zone)
         try:
             return to_ms(next(CronSim(self.cron, start)))
         except (StopIteration, CronSimError):

@@ -1,5 +1,10 @@
-"""Job and shard states, and the priorities clients may ask for."""
+"""Job and shard states, the named sets of them every service queries by, and the priorities
+clients may ask for.
 
+The sets are frozensets (membership tests); a MongoDB `$in`/`$nin` takes `state_values(SET)`.
+"""
+
+from collections.abc import Iterable
 from enum import IntEnum, StrEnum
 
 
@@ -22,6 +27,8 @@ class JobState(StrEnum):
 
 
 TERMINAL_JOB_STATES = frozenset({JobState.SUCCESS, JobState.FAILURE, JobState.CANCELLED})
+# Not finished: a cancel applies, an identical job is refused, the result is not there yet.
+ACTIVE_JOB_STATES = frozenset({JobState.PENDING, JobState.STARTED, JobState.RETRY})
 
 
 class ShardState(StrEnum):
@@ -39,6 +46,15 @@ class ShardState(StrEnum):
 
 
 TERMINAL_SHARD_STATES = frozenset({ShardState.SUCCEEDED, ShardState.FAILED, ShardState.CANCELLED})
+# Not running and not finished: waiting for a worker (first run or a retry). A worker may claim
+# such a shard; a cancel stops it outright, without waiting for a batch boundary.
+WAITING_SHARD_STATES = frozenset({ShardState.PLANNED, ShardState.QUEUED, ShardState.RETRY})
+
+
+def state_values(states: Iterable[StrEnum]) -> list[str]:
+    """The states as the list of plain strings a MongoDB `$in`/`$nin` takes (sorted, so the same
+    set always gives the same query)."""
+    return sorted(str(state) for state in states)
 
 
 class DeadLetterStatus(StrEnum):

@@ -8,31 +8,29 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field
 
-from cairn_contracts.jobs import JobSpec
-from cairn_contracts.states import JobState
+from cairn_contracts.clock import to_ms, utcnow
+from cairn_contracts.jobs import JOB_SPEC_ADAPTER
+from cairn_contracts.states import JobState, ShardState
 
-JOBS = "jobs"
-SHARDS = "shards"
-CHECKPOINTS = "checkpoints"
-DEDUP = "dedup"
-TASK_ERRORS = "task_errors"
-RAW_PAYLOADS = "raw_payloads"
-SCHEDULES = "schedules"
-# Replay/discard commands to the DLQ handler by command_id: the gateway records each one `pending`
-# before publishing it, the DLQ handler records its outcome (GET /dlq/commands/{command_id}).
-DLQ_COMMANDS = "dlq_commands"
-API_KEYS = "api_keys"  # {_id: key id, tenant, scopes, secret_hash (sha256 hex), name, created_at, revoked_at}
-# GridFS bucket of large raw payloads (collections raw_payload_blobs.files / .chunks); the
-# RawPayload metadata document in `raw_payloads` points at its file.
-RAW_PAYLOAD_BUCKET = "raw_payload_blobs"
-# Test and benchmark scaffolding: the synthetic pipeline's `fail_while_flag` fails while a
-# document {_id: <flag>} exists here ("the source is broken" until someone deletes it).
-FAULT_FLAGS = "fault_flags"
+# Re-exported (callers import the names from here); defined in namespaces.py with the check that
+# keeps jobs out of them.
+from cairn_contracts.namespaces import (  # noqa: F401
+    JOBS,
+    SHARDS,
+    CHECKPOINTS,
+    DEDUP,
+    TASK_ERRORS,
+    RAW_PAYLOADS,
+    SCHEDULES,
+    DLQ_COMMANDS,
+    API_KEYS,
+    RAW_PAYLOAD_BUCKET,
+)
 
 # Redis key of a finished job's cached status (the gateway fills it; whoever reopens a finished
 # job, the DLQ handler on replay, deletes it).
@@ -101,12 +99,10 @@ INDEXES: tuple[IndexSpec, ...] = (
 # Both the gateway (API submissions) and the scheduler (schedule runs) create job documents, so
 # their shape is defined once here.
 
-_JOB_SPEC: TypeAdapter[Any] = TypeAdapter(JobSpec)
-
 
 def spec_fingerprint(spec: Any) -> str:
     """sha256 of the spec's canonical JSON: equal specs, equal fingerprints (idempotency, job lock)."""
-    canonical = json.dumps(_JOB_SPEC.dump_python(spec, mode="json"), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(JOB_SPEC_ADAPTER.dump_python(spec, mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -114,10 +110,6 @@ def job_id_for(tenant: str, idempotency_key: str) -> str:
     """The id of the job a tenant submits under an idempotency key: the same for every request
     that carries the key, so concurrent identical requests race for one document and one lock."""
     return hashlib.sha256(f"{tenant}\x00{idempotency_key}".encode()).hexdigest()[:32]
-
-
-def epoch_ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
 
 
 class JobRecord(BaseModel):
@@ -156,8 +148,8 @@ class JobRecord(BaseModel):
         schedule_run: int | None = None,
         now: datetime | None = None,
     ) -> "JobRecord":
-        spec = _JOB_SPEC.validate_python(spec)
-        moment = now or datetime.now(UTC)
+        spec = JOB_SPEC_ADAPTER.validate_python(spec)
+        moment = now or utcnow()
         if job_id is None:
             job_id = job_id_for(tenant, idempotency_key) if idempotency_key is not None else uuid.uuid4().hex
         return cls(
@@ -169,14 +161,14 @@ class JobRecord(BaseModel):
             spec=spec.model_dump(mode="json"),
             spec_fingerprint=spec_fingerprint(spec),
             created_at=moment,
-            created_at_ms=epoch_ms(moment),
+            created_at_ms=to_ms(moment),
             idempotency_key=idempotency_key,
             schedule_id=schedule_id,
             schedule_run=schedule_run,
         )
 
     def job_spec(self) -> Any:
-        return _JOB_SPEC.validate_python(self.spec)
+        return JOB_SPEC_ADAPTER.validate_python(self.spec)
 
     def to_document(self) -> dict[str, Any]:
         document = self.model_dump(exclude={"id"})
@@ -185,4 +177,91 @@ class JobRecord(BaseModel):
         for optional in ("idempotency_key", "schedule_id", "schedule_run"):
             if document[optional] is None:
                 del document[optional]  # the unique (tenant, idempotency_key) index covers strings only
+        return document
+
+
+# --- the shards and checkpoints documents ------------------------------------------------------
+# The scheduler records them when it plans a job; the worker claims and advances them, the gateway
+# reads them for progress. Tests seed them through these models, so there is one layout.
+
+
+class CheckpointRecord(BaseModel):
+    """A `checkpoints` document as planning inserts it: one cursor (`sub_key`) of a shard, at the
+    start of its range. `_id` is `{shard_key}/{sub_key}` (unique with the (shard_key, sub_key)
+    index). The worker moves `cursor` and the counters forward, each write fenced by
+    `fencing_token` (the shard's token of the claim that wrote it). Keys are integers up to
+    INT64_MAX; `updated_at` a datetime."""
+
+    model_config = ConfigDict(frozen=True)
+
+    shard_key: str
+    sub_key: str = MAIN_SUB_KEY
+    job_id: str
+    cursor: int = Field(description="The next key to read: range_start until the first batch is stored")
+    range_start: int
+    range_end: int = Field(description="Exclusive")
+    records_estimate: int
+    records_done: int = 0
+    records_written: int = 0
+    records_redone: int = 0
+    batches: int = 0
+    fencing_token: int = 0
+    updated_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def id(self) -> str:
+        return f"{self.shard_key}/{self.sub_key}"
+
+    def to_document(self) -> dict[str, Any]:
+        return {"_id": self.id, **self.model_dump()}
+
+
+class ShardBucket(BaseModel):
+    """A hash-mod shard's slice of its range: the keys whose hash % modulus == remainder."""
+
+    model_config = ConfigDict(frozen=True)
+
+    modulus: int
+    remainder: int
+
+
+class ShardRecord(BaseModel):
+    """A `shards` document as planning inserts it (state PLANNED, never claimed). `_id` is its
+    `task_key` (`{job_id}:{index:04d}`). Later writes add fields (`queued_at_ms`,
+    `next_retry_at_ms`, `retry`, `retries`, `last_error`, `finished_at`...): see docs/design.md.
+    `lease_until` is epoch ms (cairn_contracts.clock), `created_at` a datetime."""
+
+    model_config = ConfigDict(frozen=True)
+
+    task_key: str
+    job_id: str
+    index: int
+    strategy: str = Field(description="The job's sharding strategy (range, hash_mod, lease_frontier)")
+    range_start: int
+    range_end: int = Field(description="Exclusive")
+    bucket: ShardBucket | None = None
+    records_estimate: int
+    priority: int
+    state: ShardState = ShardState.PLANNED
+    attempts: int = 0
+    fencing_token: int = 0
+    lease_until: int | None = None
+    taken_by: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+    def checkpoint(self, *, updated_at: datetime | None = None) -> CheckpointRecord:
+        """The shard's main checkpoint as planning records it (cursor at range_start)."""
+        return CheckpointRecord(
+            shard_key=self.task_key,
+            job_id=self.job_id,
+            cursor=self.range_start,
+            range_start=self.range_start,
+            range_end=self.range_end,
+            records_estimate=self.records_estimate,
+            updated_at=updated_at or self.created_at,
+        )
+
+    def to_document(self) -> dict[str, Any]:
+        document = {"_id": self.task_key, **self.model_dump()}
+        document["state"] = str(self.state)
         return document

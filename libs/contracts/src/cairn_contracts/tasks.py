@@ -1,4 +1,9 @@
-"""Celery task names: the scheduler sends them, the ingest worker registers them."""
+"""Celery task names: the scheduler sends them, the ingest worker registers them.
 
-TASK_RUN_SHARD = "cairn.ingest.run_shard"
-TASK_RUN_FRONTIER = "cairn.ingest.run_frontier"
+A task's name is its payload's message type, so the two can never disagree.
+"""
+
+from cairn_contracts.messages import RunFrontier, RunShard
+
+TASK_RUN_SHARD = RunShard.message_type
+TASK_RUN_FRONTIER = RunFrontier.message_type

@@ -11,6 +11,10 @@ EXCHANGE_COMMANDS = "cairn.commands"  # direct: commands to the scheduler and th
 EXCHANGE_EVENTS = "cairn.events"  # topic: facts published by workers
 EXCHANGE_TASKS = "cairn.tasks"  # direct: Celery shard tasks
 EXCHANGE_DLX = "cairn.dlx"  # topic: everything that could not succeed
+# AMQP's default exchange routes by queue name. Celery sends a task routed to a queue of a direct
+# exchange through it (celery.app.amqp send_task_message), so shard tasks reach cairn.ingest by
+# this route; the cairn.tasks/ingest binding serves raw publishes (tests, tools).
+EXCHANGE_DEFAULT = ""
 
 ROUTING_START_JOB = "job.start"
 ROUTING_CANCEL_JOB = "job.cancel"
@@ -53,6 +57,14 @@ class QueueSpec:
     name: str
     bindings: tuple[tuple[str, str], ...]  # (exchange, routing key)
     arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a message is published: `Message.route()` gives it, `publish(message)` uses it."""
+
+    exchange: str
+    routing_key: str
 
 
 def _work_queue_arguments(*, priorities: bool) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """RabbitMQ for the asyncio services: the topology, the one confirmed publisher, decoding.
 
+`Publisher.publish(message)` is the one way a service publishes a contract message: the route
+(exchange, routing key) comes from `message.route()`, never from the call site.
+
 Every publish is persistent (delivery mode 2), mandatory (an unroutable message is an error, not
 a silent drop) and waits for the broker's publisher confirm. A publish that is not confirmed in
 time raises `PublishNotConfirmed`; the caller decides whether to retry, requeue or report it.
@@ -25,7 +28,6 @@ from pydantic import ValidationError
 
 from cairn_contracts.messages import DeadLetter, DeadLetterReason, Message, OriginalMessage
 from cairn_contracts.topology import (
-    EXCHANGE_DLX,
     EXCHANGES,
     HEADER_CORRELATION_ID,
     HEADER_MESSAGE_TYPE,
@@ -75,14 +77,19 @@ async def declare_topology(channel: AbstractChannel) -> dict[str, AbstractQueue]
     return queues
 
 
-def message_headers(message_type: str, schema_version: int, correlation_id: str | None) -> dict[str, Any]:
+def message_headers(message: Message, correlation_id: str | None) -> dict[str, Any]:
+    """The AMQP headers of a contract message (both publishers, asyncio and the worker's kombu):
+    type, schema version, correlation id (the argument, else the current context's), the source
+    queue of a dead letter, and the W3C trace context of the current span."""
     headers: dict[str, Any] = {
-        HEADER_MESSAGE_TYPE: message_type,
-        HEADER_SCHEMA_VERSION: schema_version,
+        HEADER_MESSAGE_TYPE: message.message_type,
+        HEADER_SCHEMA_VERSION: message.schema_version,
     }
     correlation = correlation_id or correlation_id_var.get()
     if correlation:
         headers[HEADER_CORRELATION_ID] = correlation
+    if isinstance(message, DeadLetter):
+        headers[HEADER_SOURCE_QUEUE] = message.source_queue
     propagate.inject(headers)  # W3C traceparent / tracestate of the current span
     return headers
 
@@ -99,22 +106,15 @@ class Publisher:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         return cls(channel, timeout_s)
 
-    async def publish(
-        self,
-        exchange: str,
-        routing_key: str,
-        message: Message,
-        *,
-        priority: int | None = None,
-        correlation_id: str | None = None,
-        extra_headers: dict[str, Any] | None = None,
-    ) -> None:
-        with producer_span(exchange, routing_key, message):
-            headers = message_headers(message.message_type, message.schema_version, correlation_id)
-            headers.update(extra_headers or {})
+    async def publish(self, message: Message, *, priority: int | None = None, correlation_id: str | None = None) -> None:
+        """Publish `message` on its own route (`message.route()`); returns once the broker
+        confirmed it. `priority`: 0..MAX_PRIORITY on priority queues. Raises `PublishNotConfirmed`."""
+        route = message.route()
+        with producer_span(route.exchange, route.routing_key, message):
+            headers = message_headers(message, correlation_id)
             await self.publish_bytes(
-                exchange,
-                routing_key,
+                route.exchange,
+                route.routing_key,
                 message.model_dump_json().encode(),
                 headers=headers,
                 priority=priority,
@@ -134,6 +134,8 @@ class Publisher:
         correlation_id: str | None = None,
         content_type: str = "application/json",
     ) -> None:
+        """Publish raw bytes on an explicit route: the transport under `publish`, and the way a
+        test injects a body that is not a valid contract message. Raises `PublishNotConfirmed`."""
         amqp_message = aio_pika.Message(
             body,
             headers=headers,
@@ -295,13 +297,4 @@ def dead_letter_for(
         shard_key=shard_key,
         attempts=attempts,
         original=original,
-    )
-
-
-async def publish_dead_letter(publisher: Publisher, dead_letter: DeadLetter) -> None:
-    await publisher.publish(
-        EXCHANGE_DLX,
-        dead_letter.source_queue,
-        dead_letter,
-        extra_headers={HEADER_SOURCE_QUEUE: dead_letter.source_queue},
     )

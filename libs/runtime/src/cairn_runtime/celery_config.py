@@ -5,7 +5,7 @@ RabbitMQ refuses the second declaration; so the kombu objects are built from the
 """
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
 from celery import Celery
 from kombu import Exchange, Queue
@@ -62,6 +62,15 @@ def task_for_shard(shard: dict[str, Any]) -> RunShard | RunFrontier:
     return RunShard(job_id=shard["job_id"], shard_key=shard["task_key"])
 
 
+class ShardDispatcher(Protocol):
+    """What the scheduler and the DLQ handler need to run a shard: `ShardTaskSender` in
+    production, a recording fake in unit tests."""
+
+    async def dispatch(self, task: RunShard | RunFrontier, priority: int) -> None:
+        """Put the task on the ingest queue (priority 0..MAX_PRIORITY); returns once the broker
+        confirmed it, raises otherwise."""
+
+
 class ShardTaskSender:
     """Sends shard tasks through Celery's own client, so each message is a genuine Celery task
     (protocol, headers, trace context via the Celery instrumentation), with publisher confirms."""
@@ -77,6 +86,15 @@ class ShardTaskSender:
 
     async def dispatch(self, task: RunShard | RunFrontier, priority: int) -> None:
         """Returns once the broker confirmed the task; raises if it did not."""
-        name = TASK_RUN_FRONTIER if isinstance(task, RunFrontier) else TASK_RUN_SHARD
-        # kombu is blocking: off the event loop (contextvars, so the trace, are copied along).
-        await asyncio.to_thread(self._app.send_task, name, kwargs=task.model_dump(), priority=priority)
+        # The Celery task name is the payload's message type (contracts.tasks), the route its own
+        # (the one Celery would pick). kombu is blocking: off the event loop (contextvars, so the
+        # trace, are copied along).
+        route = task.route()
+        await asyncio.to_thread(
+            self._app.send_task,
+            task.message_type,
+            kwargs=task.model_dump(),
+            priority=priority,
+            exchange=route.exchange,
+            routing_key=route.routing_key,
+        )

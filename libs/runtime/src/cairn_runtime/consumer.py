@@ -5,32 +5,50 @@
 - A handler that raises `Unprocessable` gets the message dead-lettered the same way.
 - Any other exception is transient: the message is requeued after a pause (so a broken store
   does not spin the consumer), and handled again later.
+
+A service lists what it consumes as a table of `Subscription(queue, model, handler)` rows in its
+main.py (started by `cairn_runtime.service.serve`). The model `aio_pika.IncomingMessage` means
+"any message, undecoded": the handler gets the delivered message itself (the DLQ recorder, whose
+queue carries Cairn dead letters and raw messages the broker dead-lettered alike).
 """
 
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeVar, cast
 
+from aio_pika import IncomingMessage
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from cairn_contracts.messages import DeadLetterReason, Message
 from cairn_contracts.topology import HEADER_CORRELATION_ID, HEADER_MESSAGE_TYPE
-from cairn_runtime.amqp import ContractViolation, Publisher, dead_letter_for, decode, original_of, publish_dead_letter
+from cairn_runtime.amqp import ContractViolation, Publisher, dead_letter_for, decode, original_of
 from cairn_runtime.log import log_context
 from cairn_runtime.tracing import describe_work, message_attributes
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
-M = TypeVar("M", bound=Message)
+# What a handler receives: a contract message, or (model `IncomingMessage`) the message itself.
+M = TypeVar("M", bound=Message | IncomingMessage)
 
 
 class Unprocessable(Exception):
     """The message is well-formed but can never be handled (e.g. it names an unknown job)."""
+
+
+@dataclass(frozen=True)
+class Subscription(Generic[M]):
+    """One row of a service's handlers table: each message on `queue` (a queue name of
+    `cairn_contracts.topology`) is decoded as `model` and given to `handler`."""
+
+    queue: str
+    model: type[M]
+    handler: Callable[[M], Awaitable[object]]
 
 
 class ContractConsumer(Generic[M]):
@@ -40,7 +58,7 @@ class ContractConsumer(Generic[M]):
         service: str,
         queue: AbstractQueue,
         model: type[M],
-        handler: Callable[[M], Awaitable[None]],
+        handler: Callable[[M], Awaitable[object]],
         publisher: Publisher,
         requeue_delay_s: float = 1.0,
     ) -> None:
@@ -50,6 +68,7 @@ class ContractConsumer(Generic[M]):
         self._handler = handler
         self._publisher = publisher
         self._requeue_delay_s = requeue_delay_s
+        self._what = model.message_type if issubclass(model, Message) else f"a {queue.name} message"
 
     async def start(self) -> str:
         return await self._queue.consume(self.on_message)
@@ -60,7 +79,7 @@ class ContractConsumer(Generic[M]):
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         try:
-            payload = decode(message, self._model)
+            payload = self._decode(message)
         except ContractViolation as error:
             await self._dead_letter(message, "contract_violation", error)
             return
@@ -70,11 +89,17 @@ class ContractConsumer(Generic[M]):
         except Unprocessable as error:
             await self._dead_letter(message, "non_retryable", error)
         except Exception:
-            logger.exception("handling %s failed; requeued", self._model.message_type)
+            logger.exception("handling %s failed; requeued", self._what)
             await asyncio.sleep(self._requeue_delay_s)
             await message.nack(requeue=True)
         else:
             await message.ack()
+
+    def _decode(self, message: AbstractIncomingMessage) -> M:
+        """The handler's argument; raises ContractViolation for a body that is not a `model`."""
+        if issubclass(self._model, Message):
+            return cast(M, decode(message, self._model))
+        return cast(M, message)  # any message: the handler reads it itself
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: DeadLetterReason, error: Exception) -> None:
         logger.error("dead-lettering a %s message: %s", self._queue.name, error)
@@ -86,7 +111,7 @@ class ContractConsumer(Generic[M]):
             original=original_of(message),
         )
         try:
-            await publish_dead_letter(self._publisher, dead_letter)
+            await self._publisher.publish(dead_letter)
         except Exception:
             logger.exception("dead letter not confirmed; message requeued")
             await asyncio.sleep(self._requeue_delay_s)

@@ -19,12 +19,12 @@ worker's queue-wait histogram) and time each send until the broker's confirm.
 import logging
 import threading
 import time
-from datetime import datetime
 from typing import Any
 
 from opentelemetry.instrumentation.pymongo import PymongoInstrumentor
 from opentelemetry.instrumentation.redis import RedisInstrumentor
 
+from cairn_contracts.clock import parse_moment
 from cairn_contracts.topology import HEADER_ENQUEUED_AT
 from cairn_runtime.metrics import PUBLISH_SECONDS
 
@@ -77,18 +77,7 @@ def queue_wait_s(enqueued_at: object, eta: object, started_at: float) -> float |
         ready = float(enqueued_at)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
-    due = _epoch(eta)
+    due = parse_moment(eta)
     if due is not None:
-        ready = max(ready, due)
+        ready = max(ready, due.timestamp())
     return max(0.0, started_at - ready)
-
-
-def _epoch(value: object) -> float | None:
-    if isinstance(value, datetime):
-        return value.timestamp()
-    if isinstance(value, str) and value:
-        try:
-            return datetime.fromisoformat(value).timestamp()
-        except ValueError:
-            return None
-    return None

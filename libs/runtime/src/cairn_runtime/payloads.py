@@ -19,7 +19,6 @@ import hashlib
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from gridfs import AsyncGridFSBucket
@@ -27,6 +26,7 @@ from gridfs.errors import NoFile
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from cairn_contracts import clock
 from cairn_contracts.store import RAW_PAYLOAD_BUCKET, RAW_PAYLOADS
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class RawPayloads:
                     "gridfs_id": gridfs_id,
                     "encoding": encoding,
                     "content_type": content_type,
-                    "created_at": datetime.now(UTC),
+                    "created_at": clock.utcnow(),
                     "state": STORED,
                 }
             )

@@ -9,7 +9,6 @@ import base64
 import hashlib
 import json
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -17,6 +16,7 @@ from pydantic import ValidationError
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
+from cairn_contracts import clock
 from cairn_contracts.messages import DeadLetter
 from cairn_contracts.store import DEFAULT_TENANT
 from cairn_contracts.topology import HEADER_MESSAGE_TYPE
@@ -97,7 +97,7 @@ class ErrorRecorder:
 
 
 def error_document(message: AbstractIncomingMessage) -> dict[str, Any]:
-    now = datetime.now(UTC)
+    now = clock.utcnow()
     base = {"created_at": now, "status": "open", "replays": []}
     if (message.headers or {}).get(HEADER_MESSAGE_TYPE) == DeadLetter.message_type:
         try:

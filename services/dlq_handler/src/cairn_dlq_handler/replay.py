@@ -24,39 +24,26 @@ trigger settling promptly; a periodic pass settles whatever an event did not.
 """
 
 import logging
-import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 from pymongo.asynchronous.database import AsyncDatabase
 
-from cairn_contracts.messages import RunFrontier, RunShard
-from cairn_runtime.celery_config import task_for_shard
+from cairn_contracts import clock
+from cairn_runtime.celery_config import ShardDispatcher, task_for_shard
 from cairn_contracts.messages import DeadLetterCommand, ShardFinished
-from cairn_contracts.states import TERMINAL_SHARD_STATES, DeadLetterStatus, JobState, ReplayOutcome, ShardState
+from cairn_contracts.states import TERMINAL_SHARD_STATES, WAITING_SHARD_STATES, DeadLetterStatus, JobState, ReplayOutcome, ShardState
 from cairn_contracts.store import DEFAULT_TENANT, DLQ_COMMANDS, JOBS, SHARDS, TASK_ERRORS
 from cairn_dlq_handler.metrics import REPLAY_COMMANDS, REPLAY_OUTCOMES
 from cairn_runtime.consumer import Unprocessable
 
 logger = logging.getLogger(__name__)
 
-WAITING_SHARD_STATES = [ShardState.PLANNED, ShardState.QUEUED, ShardState.RETRY]
-
-
-class ShardDispatcher(Protocol):
-    async def dispatch(self, task: RunShard | RunFrontier, priority: int) -> None:
-        """Send the task; returns once the broker confirmed it, raises otherwise."""
-
 
 class StatusCache(Protocol):
     async def forget(self, tenant: str, job_id: str) -> None: ...
-
-
-def epoch_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class NotReplayable(Exception):
@@ -110,7 +97,7 @@ class DeadLetterCommands:
         await self.dispatcher.dispatch(task_for_shard(shard), int(shard.get("priority") or 2))
         await entries.update_one(
             {"_id": entry["_id"], "status": DeadLetterStatus.REPLAYING, "replay.command_id": command.command_id},
-            {"$set": {"replay.dispatched_at_ms": epoch_ms()}, "$inc": {"replay.dispatches": 1}},
+            {"$set": {"replay.dispatched_at_ms": clock.now_ms()}, "$inc": {"replay.dispatches": 1}},
         )
         logger.info(
             "replaying %s (shard %s, job %s now %s) for %s",
@@ -125,8 +112,8 @@ class DeadLetterCommands:
             "command_id": command.command_id,
             "requested_by": command.requested_by,
             "api_key_id": command.api_key_id,
-            "requested_at": _iso(command.requested_at),
-            "at_ms": epoch_ms(),
+            "requested_at": clock.iso(command.requested_at),
+            "at_ms": clock.now_ms(),
             "note": command.note,
         }
         done = await entries.find_one_and_update(
@@ -185,7 +172,7 @@ class DeadLetterCommands:
         job = await self.db[JOBS].find_one({"_id": shard["job_id"]}, {"state": 1, "cancel_requested": 1})
         if job is not None and (job.get("state") == JobState.CANCELLED or job.get("cancel_requested")):
             raise NotReplayable(f"job {shard['job_id']} is cancelled")
-        now_ms = epoch_ms()
+        now_ms = clock.now_ms()
         marks = {"replay_of": entry["_id"], "replay_command_id": command.command_id, "queued_at_ms": now_ms}
         if shard["state"] == ShardState.FAILED and shard.get("dead_letter_id") == entry["_id"]:
             reopened = await shards.find_one_and_update(
@@ -230,7 +217,7 @@ class DeadLetterCommands:
         job = await self.db[JOBS].find_one_and_update(
             {"_id": job_id, "state": JobState.FAILURE},
             {
-                "$set": {"state": JobState.STARTED, "reopened_at_ms": epoch_ms()},
+                "$set": {"state": JobState.STARTED, "reopened_at_ms": clock.now_ms()},
                 "$unset": {"finished_at": "", "result": ""},
                 "$inc": {"reopens": 1},
             },
@@ -263,7 +250,7 @@ class DeadLetterCommands:
         note: str | None = None,
         status: DeadLetterStatus = DeadLetterStatus.REPLAYED,
     ) -> bool:
-        replay = {**entry["replay"], "outcome": outcome, "finished_at_ms": epoch_ms()}
+        replay = {**entry["replay"], "outcome": outcome, "finished_at_ms": clock.now_ms()}
         if superseded_by:
             replay["superseded_by"] = superseded_by
         if note:
@@ -294,13 +281,13 @@ class DeadLetterCommands:
             await self.db[DLQ_COMMANDS].update_one(
                 {"_id": command.command_id, "status": {"$ne": "done"}},
                 {
-                    "$set": {"status": "done", "outcome": outcome, "detail": detail, "finished_at_ms": epoch_ms()},
+                    "$set": {"status": "done", "outcome": outcome, "detail": detail, "finished_at_ms": clock.now_ms()},
                     "$setOnInsert": {
                         "action": command.action,
                         "dead_letter_id": command.dead_letter_id,
                         "requested_by": command.requested_by,
                         "api_key_id": command.api_key_id,
-                        "requested_at_ms": int(command.requested_at.timestamp() * 1000),
+                        "requested_at_ms": clock.to_ms(command.requested_at),
                     },
                 },
                 upsert=True,
@@ -317,13 +304,10 @@ def _replay_record(command: DeadLetterCommand) -> dict[str, Any]:
         "command_id": command.command_id,
         "requested_by": command.requested_by,
         "api_key_id": command.api_key_id,
-        "requested_at": _iso(command.requested_at),
-        "requested_at_ms": int(command.requested_at.timestamp() * 1000),
-        "started_at_ms": epoch_ms(),
+        "requested_at": clock.iso(command.requested_at),
+        "requested_at_ms": clock.to_ms(command.requested_at),
+        "started_at_ms": clock.now_ms(),
         "note": command.note,
         "dispatches": 0,
     }
 
-
-def _iso(moment: datetime) -> str:
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC).isoformat()

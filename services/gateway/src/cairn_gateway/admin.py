@@ -14,10 +14,10 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 from pymongo.database import Database
 
+from cairn_contracts import clock
 from cairn_contracts.store import API_KEYS
 from cairn_gateway.auth import new_key
 from cairn_gateway.settings import GatewaySettings
@@ -35,7 +35,7 @@ def create_key(db: Database, tenant: str, scopes: Sequence[str], name: str | Non
 
 
 def revoke_key(db: Database, key_id: str) -> bool:
-    result = db[API_KEYS].update_one({"_id": key_id, "revoked_at": None}, {"$set": {"revoked_at": datetime.now(UTC).isoformat()}})
+    result = db[API_KEYS].update_one({"_id": key_id, "revoked_at": None}, {"$set": {"revoked_at": clock.iso(clock.utcnow())}})
     return result.modified_count == 1
 
 

@@ -6,7 +6,8 @@ from the key: whoever holds it sees only that tenant's jobs, schedules and dead 
 
 Scopes: `submit` (create, cancel and delete jobs and schedules), `read` (get and list), `admin`
 (dead letters and key management; implies the other two). A GET needs `read`, anything else
-`submit`; the dead-letter and key routers also need `admin`.
+`submit`; the dead-letter and key routers also need `admin`. The FastAPI dependencies that apply
+this to a request are in api/deps.py.
 
 Looked-up keys are cached in-process for `CAIRN_AUTH_CACHE_TTL_S` seconds, so a revocation
 takes effect within that time.
@@ -16,21 +17,24 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pymongo.asynchronous.database import AsyncDatabase
 
+from cairn_contracts import clock
 from cairn_contracts.store import API_KEYS
-from cairn_gateway.problems import ApiError, unauthorized
+from cairn_gateway.errors import Forbidden, Invalid, NotFound, Unauthorized
 
 SCOPES = ("submit", "read", "admin")
 TOKEN_PREFIX = "cairn_"
 _CACHE_LIMIT = 10_000
+
+
+class KeyNotFound(NotFound):
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"no key {key_id}", key_id)
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,8 @@ def new_key(
         "name": name,
         "secret_hash": hash_secret(secret),
         "rate_limit_per_minute": rate_limit_per_minute,
-        "created_at": datetime.now(UTC),
-        "created_at_ms": int(time.time() * 1000),
+        "created_at": clock.utcnow(),
+        "created_at_ms": clock.now_ms(),
         "revoked_at": None,
     }
     return document, f"{TOKEN_PREFIX}{key_id}_{secret}"
@@ -95,6 +99,16 @@ class KeyVerifier:
         self._keys = db[API_KEYS]
         self._ttl_s = cache_ttl_s
         self._cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
+
+    async def authenticate(self, token: str | None) -> Principal:
+        """The principal of a bearer token. Raises `Unauthorized` for no token, or one that is
+        malformed, unknown or revoked."""
+        if token is None:
+            raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+        principal = await self.verify(token)
+        if principal is None:
+            raise Unauthorized("unknown or revoked API key")
+        return principal
 
     async def verify(self, token: str) -> Principal | None:
         parsed = parse_token(token)
@@ -130,45 +144,43 @@ class KeyVerifier:
         self._cache.pop(key_id, None)
 
 
-bearer = HTTPBearer(
-    auto_error=False,
-    bearerFormat="cairn_<key id>_<secret>",
-    description="An API key. The first admin key comes from `cairn-gateway-admin create-key --tenant T --scopes admin`.",
-)
+class KeyService:
+    """A tenant's API keys over HTTP (`/v1/keys`); the command line has admin.py."""
 
+    def __init__(self, db: AsyncDatabase, verifier: KeyVerifier) -> None:
+        self._keys = db[API_KEYS]
+        self._verifier = verifier
 
-async def authenticated(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> Principal:
-    """The caller, from its API key; its rate limit is applied here (429)."""
-    if credentials is None:
-        raise unauthorized("missing API key: send `Authorization: Bearer <key>`")
-    principal = await request.app.state.keys.verify(credentials.credentials)
-    if principal is None:
-        raise unauthorized("unknown or revoked API key")
-    await request.app.state.rate_limiter.check(principal)
-    return principal
+    async def create(
+        self, tenant: str, scopes: Iterable[str], name: str | None, rate_limit_per_minute: int | None
+    ) -> tuple[dict[str, Any], str]:
+        """The new key's document and its token (shown once). Raises `Invalid` on `scopes`."""
+        try:
+            document, token = new_key(tenant, scopes, name, rate_limit_per_minute=rate_limit_per_minute)
+        except ValueError as error:
+            raise Invalid(str(error), ("body", "scopes")) from None
+        await self._keys.insert_one(document)
+        return document, token
+
+    async def list(self, tenant: str) -> list[dict[str, Any]]:
+        """The tenant's key documents, oldest first, without their secrets' hashes."""
+        return [key async for key in self._keys.find({"tenant": tenant}, {"secret_hash": 0}).sort("created_at_ms", 1)]
+
+    async def revoke(self, tenant: str, key_id: str) -> None:
+        """Revoke a key of the tenant: at once here, within CAIRN_AUTH_CACHE_TTL_S on other
+        gateway processes (their caches). Raises `KeyNotFound`."""
+        result = await self._keys.update_one({"_id": key_id, "tenant": tenant}, {"$set": {"revoked_at": clock.iso(clock.utcnow())}})
+        if result.matched_count == 0:
+            raise KeyNotFound(key_id)
+        self._verifier.forget(key_id)
 
 
 def method_scope(method: str) -> str:
+    """The scope an HTTP method needs: `read` for GET and HEAD, else `submit`."""
     return "read" if method in ("GET", "HEAD") else "submit"
 
 
-async def authorized(request: Request, principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
-    """The caller, allowed to read (GET) or to submit (anything else)."""
-    scope = method_scope(request.method)
+def check_scope(principal: Principal, scope: str) -> None:
+    """Raises `Forbidden` unless the principal's key has `scope` (admin implies every scope)."""
     if not principal.allows(scope):
-        raise ApiError(403, f"this API key lacks the {scope!r} scope", ["header", "Authorization"])
-    return principal
-
-
-def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
-    async def dependency(principal: Annotated[Principal, Depends(authorized)]) -> Principal:
-        if not principal.allows(scope):
-            raise ApiError(403, f"this API key lacks the {scope!r} scope", ["header", "Authorization"])
-        return principal
-
-    return dependency
-
-
-Caller = Annotated[Principal, Depends(authorized)]
+        raise Forbidden(f"this API key lacks the {scope!r} scope")

@@ -18,15 +18,15 @@ import base64
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 
+from cairn_contracts import clock
 from cairn_contracts.messages import DeadLetterAction, DeadLetterCommand
 from cairn_contracts.states import DeadLetterStatus
 from cairn_contracts.store import DEFAULT_TENANT, DLQ_COMMANDS, TASK_ERRORS
-from cairn_contracts.topology import EXCHANGE_COMMANDS, ROUTING_DLQ_DISCARD, ROUTING_DLQ_REPLAY
 from cairn_gateway.dlq_schemas import (
     BulkReplayAccepted,
     BulkReplayRequest,
@@ -36,12 +36,12 @@ from cairn_gateway.dlq_schemas import (
     DeadLetterPage,
     DeadLetterSummary,
 )
+from cairn_gateway.errors import Conflict, NotConfirmed, NotFound
 from cairn_runtime.amqp import PublishNotConfirmed, Publisher
 from cairn_runtime.payloads import RawPayloads
 
 logger = logging.getLogger(__name__)
 
-ROUTING = {"replay": ROUTING_DLQ_REPLAY, "discard": ROUTING_DLQ_DISCARD}
 _SUMMARY_FIELDS = {
     "stack": 0,
     "original": 0,
@@ -56,20 +56,23 @@ _SUMMARY_FIELDS = {
 PENDING_COMMAND_STALE_S = 300
 
 
-class EntryNotFound(Exception):
-    pass
+class EntryNotFound(NotFound):
+    def __init__(self, entry_id: str, detail: str | None = None) -> None:
+        super().__init__(detail or f"no dead letter {entry_id}", entry_id)
 
 
-class CommandNotFound(Exception):
-    pass
+class CommandNotFound(NotFound):
+    def __init__(self, command_id: str) -> None:
+        super().__init__(f"no dead-letter command {command_id}", command_id)
 
 
-class EntryConflict(Exception):
+class EntryConflict(Conflict):
     """The entry is not in a state the requested action can start from."""
 
 
-class CommandNotPublished(Exception):
-    """The broker did not confirm the command: nothing was requested."""
+class CommandNotPublished(NotConfirmed):
+    """The broker did not confirm the command: nothing was requested (`accepted`: the commands of
+    a bulk replay published before it)."""
 
     def __init__(self, message: str, accepted: list[CommandAccepted] | None = None) -> None:
         super().__init__(message)
@@ -97,9 +100,9 @@ class EntryFilter:
         if self.since is not None or self.until is not None:
             created: dict[str, datetime] = {}
             if self.since is not None:
-                created["$gte"] = _utc(self.since)
+                created["$gte"] = clock.as_utc(self.since)
             if self.until is not None:
-                created["$lt"] = _utc(self.until)
+                created["$lt"] = clock.as_utc(self.until)
             query["created_at"] = created  # an insert-time date: compares as a date on every server
         return query
 
@@ -148,12 +151,12 @@ class DeadLetterService:
         if ref.get("raw_payload_id"):
             data = await self.payloads.read(ref["raw_payload_id"])
             if data is None:
-                raise EntryNotFound(f"{entry_id}: its raw payload is not stored")
+                raise EntryNotFound(entry_id, f"no payload: {entry_id}: its raw payload is not stored")
             content_type = (await self.payloads.describe(ref["raw_payload_id"]) or {}).get("content_type")
             return data, content_type or "application/octet-stream"
         body = original.get("body")
         if body is None:
-            raise EntryNotFound(f"{entry_id}: it holds no original body")
+            raise EntryNotFound(entry_id, f"no payload: {entry_id}: it holds no original body")
         if original.get("body_encoding") == "base64":
             return base64.b64decode(body), "application/octet-stream"
         return body.encode("utf-8"), "text/plain; charset=utf-8"
@@ -189,8 +192,8 @@ class DeadLetterService:
             outcome=command.get("outcome"),
             detail=command.get("detail"),
             requested_by=command.get("requested_by"),
-            requested_at=_from_ms(command.get("requested_at_ms")),
-            finished_at=_from_ms(command.get("finished_at_ms")),
+            requested_at=clock.from_ms_field(command.get("requested_at_ms")),
+            finished_at=clock.from_ms_field(command.get("finished_at_ms")),
             entry_status=entry.get("status"),
             replay_outcome=replay.get("outcome") if replay.get("command_id") == command_id else None,
             entry_url=f"/dlq/entries/{command['dead_letter_id']}",
@@ -224,7 +227,10 @@ class DeadLetterService:
             except EntryConflict:
                 continue  # taken by another command since it was matched: that one decides
             except CommandNotPublished as error:
-                raise CommandNotPublished(str(error), accepted) from error
+                published = ", ".join(c.dead_letter_id for c in accepted)
+                raise CommandNotPublished(
+                    f"{error}; {len(accepted)} replay command(s) were published before: {published}", accepted
+                ) from error
         return BulkReplayAccepted(matched=matched, published=len(accepted), remaining=max(0, matched - len(accepted)), commands=accepted)
 
     async def _publish(
@@ -249,7 +255,7 @@ class DeadLetterService:
             api_key_id=api_key_id,
             note=note,
         )
-        now_ms = int(command.requested_at.timestamp() * 1000)
+        now_ms = clock.to_ms(command.requested_at)
         claimed = await self.db[TASK_ERRORS].find_one_and_update(
             {"_id": entry["_id"], "status": DeadLetterStatus.OPEN, **_no_pending_command(now_ms)},
             {"$set": {"pending_command": {"command_id": command.command_id, "action": action, "at_ms": now_ms}}},
@@ -274,9 +280,7 @@ class DeadLetterService:
             }
         )
         try:
-            await self.publisher.publish(
-                EXCHANGE_COMMANDS, ROUTING[action], command, correlation_id=entry.get("job_id") or entry["_id"]
-            )
+            await self.publisher.publish(command, correlation_id=entry.get("job_id") or entry["_id"])
         except PublishNotConfirmed as error:
             logger.warning("%s of dead letter %s not confirmed by the broker", action, entry["_id"], exc_info=True)
             await self.db[DLQ_COMMANDS].update_one(
@@ -325,13 +329,6 @@ def _shape(entry: dict[str, Any]) -> dict[str, Any]:
 
 def _no_pending_command(now_ms: int | None = None) -> dict[str, Any]:
     """Entries holding no command that is not handled yet (or only a stale one)."""
-    stale_before = (now_ms if now_ms is not None else int(datetime.now(UTC).timestamp() * 1000)) - PENDING_COMMAND_STALE_S * 1000
+    stale_before = (now_ms if now_ms is not None else clock.now_ms()) - PENDING_COMMAND_STALE_S * 1000
     return {"$or": [{"pending_command": None}, {"pending_command.at_ms": {"$lt": stale_before}}]}
 
-
-def _from_ms(value: Any) -> datetime | None:
-    return datetime.fromtimestamp(value / 1000, UTC) if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

@@ -1,10 +1,10 @@
 """What a job's status says about its failures: shards waiting for a retry, shards dead-lettered."""
 
-from datetime import UTC, datetime
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 
+from cairn_contracts import clock
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import SHARDS
 from cairn_gateway.schemas import FailedShardInfo, ShardRetryInfo
@@ -39,7 +39,7 @@ def _retry_info(shard: dict[str, Any]) -> ShardRetryInfo:
         shard_key=shard["task_key"],
         attempt=int(retry.get("attempt") or shard.get("attempts", 0)),
         max_attempts=retry.get("max_attempts"),
-        next_retry_at=datetime.fromtimestamp(due_ms / 1000, UTC) if due_ms else None,
+        next_retry_at=clock.from_ms(due_ms) if due_ms else None,
         delay_s=retry.get("delay_s"),
         last_error=shard.get("last_error"),
     )

@@ -9,8 +9,9 @@ Two layers guard a job (docs/design.md, "Duplicate jobs"):
 The gateway takes the lock before inserting the job, first with a short TTL (a gateway that dies
 before the insert leaves no lasting lock), then, once the job is stored, with the full
 `CAIRN_JOB_LOCK_TTL_S`. The scheduler deletes it when the job is terminal, only if it still names
-that job (compare and delete, a Lua script). A lock whose job is finished or gone is taken over
-(compare and set), so a missed release never blocks a tenant; the TTL bounds the rest.
+that job. Every write compares the holder first (cairn_runtime.redis_lock's Lua scripts). A lock
+whose job is finished or gone is taken over (compare and set), so a missed release never blocks a
+tenant; the TTL bounds the rest.
 
 If Redis does not answer (refused, timed out, or no pool connection free within
 `CAIRN_REDIS_POOL_TIMEOUT_S`: a busy pool waits, it is not "down"), jobs are accepted without the
@@ -22,6 +23,7 @@ at most once a minute (degraded.py).
 """
 
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,38 +31,20 @@ import redis.asyncio as aioredis
 from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts.states import JobState
-from cairn_contracts.store import JOB_LOCK_KEY, JOBS
+from cairn_contracts.store import JOBS
 from cairn_gateway.degraded import REDIS_UNAVAILABLE, fell_back
+from cairn_gateway.errors import Conflict
+from cairn_runtime.redis_lock import extend_if_held, job_lock_key, release_if_held, release_job_lock, replace_if_held
 
 logger = logging.getLogger(__name__)
 
 PENDING_TTL_MS = 30_000  # the lock of a job being recorded
 
-# KEYS[1] lock; ARGV[1] expected holder; ARGV[2] new holder; ARGV[3] ttl ms
-_REPLACE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return 1
-end
-return 0
-"""
-# KEYS[1] lock; ARGV[1] holder; ARGV[2] ttl ms
-_EXTEND = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('pexpire', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('del', KEYS[1])
-end
-return 0
-"""
 
-
-class DuplicateJob(Exception):
+class DuplicateJob(Conflict):
     """An identical job of the tenant is not finished yet."""
+
+    at = ("body",)  # the submitted spec is the identical one
 
     def __init__(self, running_job_id: str) -> None:
         super().__init__(f"an identical job is not finished yet: {running_job_id}; cancel it or wait for it to end")
@@ -86,7 +70,7 @@ class JobLocks:
         return self._ttl_ms > 0
 
     def key(self, tenant: str, fingerprint: str) -> str:
-        return JOB_LOCK_KEY.format(prefix=self._prefix, tenant=tenant, fingerprint=fingerprint)
+        return job_lock_key(self._prefix, tenant, fingerprint)
 
     async def acquire(self, tenant: str, fingerprint: str, job_id: str) -> Lock:
         key = self.key(tenant, fingerprint)
@@ -105,7 +89,7 @@ class JobLocks:
                 if job is None or not _finished(job):
                     # Unfinished, or being recorded right now (its short TTL covers a gateway that died).
                     raise DuplicateJob(holder)
-                if await self._redis.eval(_REPLACE, 1, key, holder, job_id, PENDING_TTL_MS):
+                if await replace_if_held(self._redis, key, holder, job_id, PENDING_TTL_MS):
                     return Lock(key, job_id, taken=True)  # the holder had finished: taken over
         except REDIS_UNAVAILABLE as error:
             fell_back("redis", "job_lock", error, "jobs are accepted without the lock per identical spec")
@@ -113,19 +97,20 @@ class JobLocks:
 
     async def hold(self, lock: Lock) -> None:
         """The job is stored: keep the lock for the full TTL (or until the job ends)."""
-        await self._call(_EXTEND, lock.key, lock.job_id, self._ttl_ms)
+        await self._guarded(extend_if_held(self._redis, lock.key, lock.job_id, self._ttl_ms))
 
     async def release(self, lock: Lock) -> None:
         if lock.taken:
-            await self._call(_RELEASE, lock.key, lock.job_id)
+            await self._guarded(release_if_held(self._redis, lock.key, lock.job_id))
 
     async def release_job(self, job: dict[str, Any]) -> None:
-        if self.enabled and job.get("spec_fingerprint"):
-            await self._call(_RELEASE, self.key(job["tenant"], job["spec_fingerprint"]), job["_id"])
+        """Release the lock of a deleted or finished job (its `jobs` document) if it still names it."""
+        if self.enabled:
+            await self._guarded(release_job_lock(self._redis, self._prefix, job))
 
-    async def _call(self, script: str, *args: Any) -> None:
+    async def _guarded(self, call: Coroutine[Any, Any, bool]) -> None:
         try:
-            await self._redis.eval(script, 1, *args)
+            await call
         except REDIS_UNAVAILABLE as error:
             # An unextended lock lapses after its short TTL; an unreleased one is taken over once
             # its job is finished: either way no tenant stays blocked.

@@ -1,48 +1,98 @@
-"""The gateway's job logic: record, publish, report. Collaborators come in as arguments."""
+"""The gateway's job service: submit, report (status, list, counts, detail), cancel, delete and
+results, for `/task/*` and `/v1/jobs` alike. Collaborators come in as arguments (app.py wires them).
 
+The one definition of a job's progress (`progress`), of its reported state (`view_state`) and of
+when its result expires (`result_expiry_ms`) is here; both APIs read them through `JobService`.
+
+Every query carries the caller's tenant, so another tenant's job raises `JobNotFound` exactly like
+one that does not exist. Errors are domain errors (errors.py); problems.py answers them.
+
+Listing is newest first with an opaque cursor over (created_at_ms, _id): stable under inserts,
+and integer timestamps compare the same on every server (docs/mongodb-stand-in.md).
+"""
+
+import base64
+import binascii
+import json
 import logging
+import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import redis.asyncio as aioredis
-from fastapi.exceptions import RequestValidationError
+from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from cairn_contracts import clock
+from cairn_contracts.bounds import INT64_MAX, check_storable
 from cairn_contracts.jobs import JobSpec, MongoRangeJobSpec
-from cairn_contracts.messages import StartJob
-from cairn_contracts.states import JobState, ShardState
+from cairn_contracts.messages import CancelJob, StartJob
+from cairn_contracts.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, ShardState, state_values
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, STATUS_CACHE_KEY, JobRecord
-from cairn_contracts.store import spec_fingerprint as store_spec_fingerprint
-from cairn_contracts.topology import EXCHANGE_COMMANDS, ROUTING_START_JOB
 from cairn_gateway.degraded import REDIS_UNAVAILABLE, fell_back
+from cairn_gateway.errors import Conflict, Gone, Invalid, NotFound
 from cairn_gateway.failures import failed_shards, retrying_shards
 from cairn_gateway.joblock import JobLocks
-from cairn_gateway.schemas import ShardCounts, TaskResult, TaskStatus
+from cairn_gateway.jobs_schemas import JobCounts, JobDetail, JobPage, JobResultBody, JobSummary, ShardView
+from cairn_gateway.schemas import ShardCounts, TaskStatus
 from cairn_runtime.amqp import PublishNotConfirmed, Publisher
 from cairn_runtime.tracing import describe_work
 
 logger = logging.getLogger(__name__)
 
-
-class JobNotFound(Exception):
-    pass
-
-
-class JobStillRunning(Exception):
-    def __init__(self, state: str) -> None:
-        super().__init__(f"the job is {state}; its result exists once it is SUCCESS or FAILURE")
+_SUMMARY = {"spec": 0, "result": 0, "shard_states": 0}
+_PROGRESS_FIELDS = {"cursor": 1, "range_start": 1, "range_end": 1, "records_estimate": 1, "records_done": 1}
 
 
-class ResultExpired(Exception):
+class JobNotFound(NotFound):
     def __init__(self, job_id: str) -> None:
-        super().__init__(f"the result of job {job_id} has expired (results are kept CAIRN_RESULT_TTL_S after the job finished)")
+        super().__init__(f"no job {job_id}", job_id)
 
 
-class IdempotencyConflict(Exception):
-    pass
+class JobStillRunning(Conflict):
+    """A result asked of a job that has not finished."""
+
+    def __init__(self, job_id: str, state: JobState) -> None:
+        super().__init__(f"the job is {state}; its result exists once it has finished", job_id)
+
+
+class JobFinished(Conflict):
+    """A cancel of a finished job, or a delete of an unfinished one: the state forbids it."""
+
+    def __init__(self, job_id: str, detail: str) -> None:
+        super().__init__(detail, job_id)
+
+
+class ResultExpired(Gone):
+    def __init__(self, job_id: str, ttl_s: int) -> None:
+        super().__init__(f"the result of job {job_id} has expired (kept {ttl_s} s after the job finished)", job_id)
+
+
+class IdempotencyConflict(Conflict):
+    """An Idempotency-Key reused for a different job spec."""
+
+    at = ("header", "Idempotency-Key")
+
+
+class InvalidCursor(Invalid):
+    def __init__(self) -> None:
+        super().__init__("not a cursor this API gave out", ("query", "cursor"))
+
+
+class SourceNotFound(Invalid):
+    """A mongo_range job whose source collection does not exist."""
+
+    def __init__(self, collection: str, database: str) -> None:
+        super().__init__(
+            f"source collection {collection!r} does not exist in database {database!r}",
+            ("body", "params", "collection"),
+            kind="source_not_found",
+            value=collection,
+        )
 
 
 @dataclass(frozen=True)
@@ -52,44 +102,151 @@ class Submission:
     created: bool
 
 
-def spec_fingerprint(spec: JobSpec) -> str:
-    return store_spec_fingerprint(spec)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 async def check_source(sources: AsyncDatabase, spec: JobSpec) -> None:
-    """Refuse (422 on `params.collection`) a mongo_range job whose source collection does not
-    exist in `sources`, the database the workers read (`CAIRN_SOURCE_DATABASE`, default Cairn's):
-    read, it would look like an empty source. The one place that decides where a job's source is
-    looked up. A collection dropped after this check fails the job in the worker instead."""
+    """Refuse (`SourceNotFound`) a mongo_range job whose source collection does not exist in
+    `sources`, the database the workers read (`CAIRN_SOURCE_DATABASE`, default Cairn's): read, it
+    would look like an empty source. The one place that decides where a job's source is looked
+    up. A collection dropped after this check fails the job in the worker instead."""
     if not isinstance(spec, MongoRangeJobSpec):
         return
     name = spec.params.collection
     # The membership test keeps the answer right where a server ignores the filter (nx-27017).
     if name in await sources.list_collection_names(filter={"name": name}):
         return
-    raise RequestValidationError(
-        [
-            {
-                "loc": ("body", "params", "collection"),
-                "msg": f"source collection {name!r} does not exist in database {sources.name!r}",
-                "type": "source_not_found",
-                "input": name,
-            }
-        ]
-    )
+    raise SourceNotFound(name, sources.name)
+
+
+def view_state(job: dict[str, Any]) -> JobState:
+    """The state reported for a stored job: CANCELLING (never stored) while a cancel is pending."""
+    state = JobState(job["state"])
+    if job.get("cancel_requested") and not state.is_terminal:
+        return JobState.CANCELLING
+    return state
+
+
+def progress(state: JobState, checkpoints: Iterable[dict[str, Any]]) -> tuple[float, int]:
+    """(percent done 0-100 rounded to 0.01, records done) of a job from its shards' checkpoints.
+
+    Each shard counts for its share of its key range, weighted by its expected records: hash-mod
+    shards each scan the whole range, range shards their own part of it. A SUCCESS job is 100."""
+    done_weight = total_weight = 0.0
+    records_done = 0
+    for checkpoint in checkpoints:
+        span = max(1, int(checkpoint["range_end"]) - int(checkpoint["range_start"]))
+        weight = float(checkpoint.get("records_estimate", span))
+        done_weight += weight * (int(checkpoint["cursor"]) - int(checkpoint["range_start"])) / span
+        total_weight += weight
+        records_done += int(checkpoint.get("records_done", 0))
+    if state == JobState.SUCCESS:
+        return 100.0, records_done
+    return (round(100.0 * done_weight / total_weight, 2) if total_weight else 0.0), records_done
+
+
+def result_expiry_ms(job: dict[str, Any], ttl_s: int) -> int | None:
+    """When a finished job's result expires, in epoch ms (None: its finish time is unknown)."""
+    finished_ms = job.get("finished_at_ms") if isinstance(job.get("finished_at_ms"), int) else clock.stored_ms(job.get("finished_at"))
+    return finished_ms + ttl_s * 1000 if finished_ms is not None else None
+
+
+def state_query(state: JobState) -> dict[str, Any]:
+    if state == JobState.CANCELLING:
+        return {"cancel_requested": True, "state": {"$in": state_values(ACTIVE_JOB_STATES)}}
+    if state in ACTIVE_JOB_STATES:
+        return {"state": str(state), "cancel_requested": {"$in": [False, None]}}
+    return {"state": str(state)}
+
+
+def encode_cursor(doc: dict[str, Any]) -> str:
+    """The opaque page cursor after `doc` (a job or a schedule: its created_at_ms and _id)."""
+    raw = json.dumps([int(doc.get("created_at_ms") or 0), doc["_id"]], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[int, str]:
+    """(created_at_ms, _id) of the last item of the previous page; `InvalidCursor` for anything
+    this API cannot have given out (a hand-made one must not reach the store: int64, UTF-8)."""
+    try:
+        created_ms, doc_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(created_ms, int) or isinstance(created_ms, bool) or not 0 <= created_ms <= INT64_MAX:
+            raise ValueError
+        if not isinstance(doc_id, str) or len(doc_id) > 200:
+            raise ValueError
+        check_storable(doc_id)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError):
+        raise InvalidCursor() from None
+    return created_ms, doc_id
+
+
+def after_cursor(query: dict[str, Any], cursor: str | None) -> dict[str, Any]:
+    """`query` narrowed to the items after `cursor` in (created_at_ms, _id) descending order."""
+    if not cursor:
+        return query
+    created_ms, doc_id = decode_cursor(cursor)
+    return {
+        "$and": [query, {"$or": [{"created_at_ms": {"$lt": created_ms}}, {"created_at_ms": created_ms, "_id": {"$lt": doc_id}}]}]
+    }
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    state: JobState | None = None
+    pipeline: str | None = None
+    priority: int | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    q: str | None = None
+    schedule_id: str | None = None
+
+    def query(self, tenant: str) -> dict[str, Any]:
+        query: dict[str, Any] = {"tenant": tenant}
+        if self.state is not None:
+            query.update(state_query(self.state))
+        for field in ("pipeline", "priority", "schedule_id"):
+            if (value := getattr(self, field)) is not None:
+                query[field] = value
+        created: dict[str, int] = {}
+        if self.created_after is not None:
+            created["$gte"] = clock.stored_ms(self.created_after) or 0
+        if self.created_before is not None:
+            created["$lt"] = clock.stored_ms(self.created_before) or 0
+        if created:
+            query["created_at_ms"] = created
+        if self.q:
+            # Case-insensitive substring of the name; the text is escaped, never a pattern.
+            query["name"] = {"$regex": re.escape(self.q), "$options": "i"}
+        return query
+
+
+def summary(job: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": job["_id"],
+        "name": job.get("name"),
+        "pipeline": job["pipeline"],
+        "priority": int(job["priority"]),
+        "state": view_state(job),
+        "created_at": job["created_at"],
+        "started_at": job.get("started_at"),
+        "finished_at": job.get("finished_at"),
+        "shard_count": job.get("shard_count"),
+        "records_total": job.get("records_total"),
+        "idempotency_key": job.get("idempotency_key"),
+        "schedule_id": job.get("schedule_id"),
+        "cancel_requested": bool(job.get("cancel_requested")),
+        "url": f"/v1/jobs/{job['_id']}",
+    }
 
 
 @dataclass(frozen=True)
 class JobService:
+    """Jobs of a tenant. `cache_ttl_s`: how long a finished job's status stays in Redis (0: off);
+    `result_ttl_s`: how long a finished job's result is kept (then `ResultExpired`)."""
+
     db: AsyncDatabase
     publisher: Publisher
     cache: aioredis.Redis
     cache_prefix: str
     cache_ttl_s: int
+    result_ttl_s: int
     locks: JobLocks | None = None  # the Redis lock per job fingerprint (None: no lock)
     sources: AsyncDatabase | None = None  # where mongo_range sources are (None: `db`, as the workers' default)
 
@@ -103,8 +260,9 @@ class JobService:
 
         Duplicates, two layers (joblock.py): the same tenant and Idempotency-Key give the same job
         (the unique index; its id derives from the key, so concurrent identical requests race for
-        one document), and a job identical to an unfinished one is refused (`DuplicateJob`, the
-        Redis lock per spec fingerprint).
+        one document; another spec under the key raises `IdempotencyConflict`), and a job
+        identical to an unfinished one is refused (`DuplicateJob`, the Redis lock per spec
+        fingerprint). Raises `SourceNotFound` for a mongo_range job without its source.
         """
         record = JobRecord.new(spec, tenant, idempotency_key=idempotency_key, schedule_id=schedule_id)
         describe_work(job_id=record.id, tenant=tenant, pipeline=spec.pipeline)  # span + log context
@@ -146,49 +304,30 @@ class JobService:
     async def _publish_start(self, job_id: str, tenant: str, spec: JobSpec) -> None:
         command = StartJob(job_id=job_id, tenant=tenant, spec=spec)
         try:
-            await self.publisher.publish(
-                EXCHANGE_COMMANDS, ROUTING_START_JOB, command, priority=int(spec.priority), correlation_id=job_id
-            )
+            await self.publisher.publish(command, priority=int(spec.priority), correlation_id=job_id)
         except PublishNotConfirmed:
             logger.warning("job %s recorded; its command was not confirmed and will be relayed", job_id, exc_info=True)
             return
-        await self.db[JOBS].update_one({"_id": job_id}, {"$set": {"command_published_at": utcnow()}})
+        await self.db[JOBS].update_one({"_id": job_id}, {"$set": {"command_published_at": clock.utcnow()}})
         logger.info("job %s: StartJob published to the scheduler (confirmed)", job_id)
 
-    async def status(self, job_id: str, tenant: str) -> TaskStatus:
-        """The job's status: a finished job's from the Redis cache, else (or with Redis away) from MongoDB."""
+    async def status(self, tenant: str, job_id: str) -> TaskStatus:
+        """The job's status (`/task/status`): a finished job's from the Redis cache, else (or with
+        Redis away) from MongoDB. Raises `JobNotFound`."""
         cache_key = STATUS_CACHE_KEY.format(prefix=self.cache_prefix, tenant=tenant, job_id=job_id)
         cached = await self._cached(cache_key)
         if cached is not None:
             return TaskStatus.model_validate_json(cached)
-        job = await self._job(job_id, tenant)
+        job = await self._job(tenant, job_id)
         states = Counter([s["state"] async for s in self.db[SHARDS].find({"job_id": job_id}, {"state": 1})])
-        done_weight = total_weight = 0.0
-        records_done = 0
-        async for checkpoint in self.db[CHECKPOINTS].find(
-            {"job_id": job_id}, {"cursor": 1, "range_start": 1, "range_end": 1, "records_estimate": 1, "records_done": 1}
-        ):
-            # Each shard's share of its key range, weighted by its expected records: hash-mod
-            # shards each scan the whole range, range shards their own part of it.
-            span = max(1, int(checkpoint["range_end"]) - int(checkpoint["range_start"]))
-            weight = float(checkpoint.get("records_estimate", span))
-            done_weight += weight * (int(checkpoint["cursor"]) - int(checkpoint["range_start"])) / span
-            total_weight += weight
-            records_done += int(checkpoint.get("records_done", 0))
-        total = job.get("records_total")
-        state = JobState(job["state"])
-        if job.get("cancel_requested") and not state.is_terminal:
-            state = JobState.CANCELLING  # reported, never stored: the running shards are stopping
-        if state == JobState.SUCCESS:
-            progress = 100.0
-        else:
-            progress = round(100.0 * done_weight / total_weight, 2) if total_weight else 0.0
+        state = view_state(job)
+        percent, records_done = progress(state, [c async for c in self.db[CHECKPOINTS].find({"job_id": job_id}, _PROGRESS_FIELDS)])
         status = TaskStatus(
             task_id=job_id,
             state=state,
-            progress=progress,
+            progress=percent,
             records_done=records_done,
-            records_total=total,
+            records_total=job.get("records_total"),
             shards=ShardCounts(total=job.get("shard_count", 0), **{k.lower(): v for k, v in states.items()}),
             pipeline=job["pipeline"],
             name=job.get("name"),
@@ -216,17 +355,143 @@ class JobService:
             fell_back("redis", "status_cache", error, "job status is read from MongoDB")
             return None
 
-    async def result(self, job_id: str, tenant: str) -> TaskResult:
-        job = await self._job(job_id, tenant)
+    async def list(self, tenant: str, job_filter: JobFilter, limit: int, cursor: str | None) -> JobPage:
+        """A page of the tenant's jobs, newest first. Raises `InvalidCursor`."""
+        query = after_cursor(job_filter.query(tenant), cursor)
+        found = self.db[JOBS].find(query, _SUMMARY).sort([("created_at_ms", -1), ("_id", -1)]).limit(limit + 1)
+        jobs = [job async for job in found]
+        more = len(jobs) > limit
+        jobs = jobs[:limit]
+        return JobPage(
+            items=[JobSummary.model_validate(summary(job)) for job in jobs],
+            next_cursor=encode_cursor(jobs[-1]) if more and jobs else None,
+            limit=limit,
+        )
+
+    async def counts(self, tenant: str) -> JobCounts:
+        stored: Counter[str] = Counter()
+        async for row in await self.db[JOBS].aggregate([{"$match": {"tenant": tenant}}, {"$group": {"_id": "$state", "n": {"$sum": 1}}}]):
+            stored[str(row["_id"])] += int(row["n"])
+        cancelling: Counter[str] = Counter()
+        async for job in self.db[JOBS].find(state_query(JobState.CANCELLING) | {"tenant": tenant}, {"state": 1}):
+            cancelling[job["state"]] += 1
+        counts = {str(s): stored.get(str(s), 0) - cancelling.get(str(s), 0) for s in JobState}
+        counts[JobState.CANCELLING] = sum(cancelling.values())
+        return JobCounts(counts=counts, total=sum(stored.values()))
+
+    async def get(self, tenant: str, job_id: str, shard_limit: int) -> JobDetail:
+        """The job with its spec, progress and up to `shard_limit` shards. Raises `JobNotFound`."""
+        job = await self._job(tenant, job_id)
+        checkpoints = {c["shard_key"]: c async for c in self.db[CHECKPOINTS].find({"job_id": job_id})}
+        shards = [
+            s async for s in self.db[SHARDS].find({"job_id": job_id}).sort([("index", 1), ("task_key", 1)]).limit(shard_limit + 1)
+        ]
+        truncated = len(shards) > shard_limit
+        views = []
+        for shard in shards[:shard_limit]:
+            checkpoint = checkpoints.get(shard["task_key"], {})
+            views.append(
+                ShardView(
+                    shard_key=shard["task_key"],
+                    index=shard.get("index"),
+                    state=shard["state"],
+                    attempts=int(shard.get("attempts", 0)),
+                    range_start=shard.get("range_start"),
+                    range_end=shard.get("range_end"),
+                    cursor=checkpoint.get("cursor"),
+                    records_done=int(checkpoint.get("records_done", 0)),
+                    records_written=int(checkpoint.get("records_written", 0)),
+                    started_at=shard.get("started_at"),
+                    finished_at=shard.get("finished_at"),
+                    last_error=shard.get("last_error"),
+                )
+            )
+        percent, records_done = progress(JobState(job["state"]), checkpoints.values())
+        return JobDetail.model_validate(
+            {
+                **summary(job),
+                "spec": job["spec"],
+                "progress": percent,
+                "records_done": records_done,
+                "shards": views,
+                "shards_truncated": truncated,
+            }
+        )
+
+    async def cancel(self, tenant: str, job_id: str, requested_by: str) -> JobSummary:
+        """Mark the job, then ask the scheduler to stop it. Accepted either way once it is marked:
+        a command the broker did not confirm is made up for by the scheduler's cancel sweep.
+
+        Raises `JobNotFound`, and `JobFinished` when the job has finished (SUCCESS, FAILURE or
+        already CANCELLED): nothing can change, and the client is told so rather than given a 202
+        that means nothing. A job still CANCELLING is asked again: its stop is not finished."""
+        describe_work(job_id=job_id, tenant=tenant)  # span + log context: `grep <job id>` finds the cancel
+        now = clock.utcnow()
+        job = await self.db[JOBS].find_one_and_update(
+            {"_id": job_id, "tenant": tenant, "state": {"$in": state_values(ACTIVE_JOB_STATES)}},
+            {
+                "$set": {
+                    "cancel_requested": True,
+                    "cancel_requested_at": now,
+                    "cancel_requested_at_ms": clock.to_ms(now),
+                    "cancel_requested_by": requested_by,
+                }
+            },
+            projection=_SUMMARY,
+            return_document=ReturnDocument.AFTER,
+        )
+        if job is None:
+            job = await self._job(tenant, job_id, _SUMMARY)
+            if job["state"] == JobState.CANCELLED:
+                raise JobFinished(job_id, f"job {job_id} is already CANCELLED")
+            raise JobFinished(job_id, f"job {job_id} is {job['state']}: a finished job cannot be cancelled")
+        try:
+            await self.publisher.publish(CancelJob(job_id=job_id, tenant=tenant, requested_by=requested_by), correlation_id=job_id)
+        except PublishNotConfirmed:
+            logger.warning("cancel of job %s recorded; the command was not confirmed (the sweep will do it)", job_id, exc_info=True)
+        logger.info("cancel of job %s requested by %s", job_id, requested_by)
+        return JobSummary.model_validate(summary(job))
+
+    async def delete(self, tenant: str, job_id: str) -> None:
+        """A finished job, its shards and its checkpoints; the records it stored stay. Raises
+        `JobNotFound`, and `JobFinished` (a conflict) for a job not finished yet."""
+        job = await self._job(tenant, job_id, {"state": 1, "tenant": 1, "spec_fingerprint": 1})
+        if job["state"] not in TERMINAL_JOB_STATES:
+            raise JobFinished(job_id, f"job {job_id} is {job['state']}: only a finished job can be deleted (cancel it first)")
+        # The job document goes last: until then a failed delete can simply be repeated.
+        await self.db[SHARDS].delete_many({"job_id": job_id})
+        await self.db[CHECKPOINTS].delete_many({"job_id": job_id})
+        await self.db[JOBS].delete_one({"_id": job_id, "tenant": tenant, "state": {"$in": state_values(TERMINAL_JOB_STATES)}})
+        try:
+            await self.cache.delete(STATUS_CACHE_KEY.format(prefix=self.cache_prefix, tenant=tenant, job_id=job_id))
+        except Exception:
+            logger.warning("cached status of deleted job %s not dropped", job_id, exc_info=True)
+        if self.locks is not None:
+            await self.locks.release_job(job)
+        logger.info("job %s deleted", job_id)
+
+    async def result(self, tenant: str, job_id: str) -> JobResultBody:
+        """The result of a finished job, kept `result_ttl_s` after it finished (for both APIs).
+
+        Raises `JobNotFound`, `JobStillRunning` (not finished), `ResultExpired` (the retention
+        sweep dropped it, or it is older than `result_ttl_s`)."""
+        job = await self._job(tenant, job_id)
         state = JobState(job["state"])
         if not state.is_terminal:
-            raise JobStillRunning(state)
-        if job.get("result_expired"):
-            raise ResultExpired(job_id)
-        return TaskResult(task_id=job_id, state=state, result=job.get("result") or {}, finished_at=job.get("finished_at"))
+            raise JobStillRunning(job_id, view_state(job))
+        expires_ms = result_expiry_ms(job, self.result_ttl_s)
+        if job.get("result_expired") or (expires_ms is not None and expires_ms <= clock.now_ms()):
+            raise ResultExpired(job_id, self.result_ttl_s)
+        return JobResultBody(
+            id=job_id,
+            state=state,
+            result=job.get("result") or {},
+            finished_at=job.get("finished_at"),
+            expires_at=clock.from_ms(expires_ms) if expires_ms is not None else None,
+        )
 
-    async def _job(self, job_id: str, tenant: str) -> dict[str, Any]:
-        job = await self.db[JOBS].find_one({"_id": job_id, "tenant": tenant})
+    async def _job(self, tenant: str, job_id: str, projection: dict[str, int] | None = None) -> dict[str, Any]:
+        job = await self.db[JOBS].find_one({"_id": job_id, "tenant": tenant}, projection)
         if job is None:
             raise JobNotFound(job_id)
         return job

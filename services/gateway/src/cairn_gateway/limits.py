@@ -23,7 +23,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cairn_gateway.auth import Principal
 from cairn_gateway.degraded import REDIS_UNAVAILABLE, fell_back
-from cairn_gateway.problems import ApiError
+from cairn_gateway.errors import RateLimited
+from cairn_gateway.problems import PROBLEM_MEDIA_TYPE, problem_body
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class RateLimiter:
         self._per_minute = per_minute
 
     async def check(self, principal: Principal) -> None:
+        """Count one request of the principal's key; raises `RateLimited` (with the seconds to the
+        next window) over its limit. Without Redis, lets it through (counted, logged sparingly)."""
         limit = principal.rate_limit_per_minute if principal.rate_limit_per_minute is not None else self._per_minute
         if limit <= 0:
             return
@@ -53,11 +56,8 @@ class RateLimiter:
             return
         if int(count) > limit:
             retry_after = max(1, math.ceil((window + 1) * WINDOW_S - now))
-            raise ApiError(
-                429,
-                f"rate limit of {limit} requests per minute reached for this API key; retry in {retry_after} s",
-                ["header", "Authorization"],
-                {"Retry-After": str(retry_after)},
+            raise RateLimited(
+                f"rate limit of {limit} requests per minute reached for this API key; retry in {retry_after} s", retry_after
             )
 
 
@@ -113,13 +113,13 @@ class BodySizeLimit:
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps(
-            {"detail": f"request body larger than the limit of {self.max_bytes} bytes (CAIRN_MAX_BODY_BYTES)", "loc": ["body"]}
+            problem_body(413, f"request body larger than the limit of {self.max_bytes} bytes (CAIRN_MAX_BODY_BYTES)", ["body"])
         ).encode()
         await send(
             {
                 "type": "http.response.start",
                 "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                "headers": [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode())],
             }
         )
         await send({"type": "http.response.body", "body": body})

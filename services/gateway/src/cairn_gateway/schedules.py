@@ -13,23 +13,21 @@ uuid>`; it does not count toward `max_runs` and does not move the next run.
 """
 
 import logging
-import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from fastapi.exceptions import RequestValidationError
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, ValidationError
 from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 
-from cairn_contracts.jobs import JobSpec
-from cairn_contracts.schedules import ScheduleTiming, from_ms
+from cairn_contracts import clock
+from cairn_contracts.jobs import JOB_SPEC_ADAPTER, JobSpec
+from cairn_contracts.schedules import ScheduleTiming
 from cairn_contracts.store import SCHEDULES
-from cairn_gateway.jobs import JobService
-from cairn_gateway.job_directory import decode_cursor, encode_cursor
-from cairn_gateway.problems import ApiError, invalid, not_found
+from cairn_gateway.errors import Conflict, Invalid, NotFound
+from cairn_gateway.joblock import DuplicateJob
+from cairn_gateway.jobs import JobService, after_cursor, encode_cursor
 from cairn_gateway.jobs_schemas import SchedulePage, ScheduleUpdate, ScheduleView, TriggerAccepted
 from cairn_runtime.amqp import Publisher
 
@@ -38,7 +36,18 @@ logger = logging.getLogger(__name__)
 TIMING_FIELDS = tuple(ScheduleTiming.model_fields)
 KIND_FIELDS = ("cron", "interval_s", "at")
 _RACE_RETRIES = 5
-_JOB_SPEC: TypeAdapter[Any] = TypeAdapter(JobSpec)
+
+
+class ScheduleNotFound(NotFound):
+    def __init__(self, schedule_id: str) -> None:
+        super().__init__(f"no schedule {schedule_id}", schedule_id)
+
+
+class ScheduleChanged(Conflict):
+    """The scheduler claimed runs of the schedule on every try of a change: the client retries."""
+
+    def __init__(self, schedule_id: str, action: str) -> None:
+        super().__init__(f"the schedule kept changing while it was {action}; try again", schedule_id)
 
 
 class ScheduleCreate(ScheduleTiming):
@@ -47,14 +56,6 @@ class ScheduleCreate(ScheduleTiming):
     name: str | None = Field(None, max_length=200)
     job: JobSpec
     paused: bool = Field(False, description="Create it paused (resume to start it)")
-
-
-def epoch_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _ms_time(value: Any) -> datetime | None:
-    return from_ms(int(value)) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def schedule_view(doc: dict[str, Any]) -> ScheduleView:
@@ -71,20 +72,20 @@ def schedule_view(doc: dict[str, Any]) -> ScheduleView:
         cron=doc.get("cron"),
         timezone=doc.get("timezone") or "UTC",
         interval_s=doc.get("interval_s"),
-        at=_ms_time(doc.get("at_ms")),
-        start_at=_ms_time(doc.get("start_at_ms")),
-        end_at=_ms_time(doc.get("end_at_ms")),
+        at=clock.from_ms_field(doc.get("at_ms")),
+        start_at=clock.from_ms_field(doc.get("start_at_ms")),
+        end_at=clock.from_ms_field(doc.get("end_at_ms")),
         max_runs=doc.get("max_runs"),
         job=doc["job"],
         paused=bool(doc.get("paused")),
         state=state,
-        next_run_at=_ms_time(doc.get("next_run_at_ms")),
-        last_run_at=_ms_time(doc.get("last_run_at_ms")),
+        next_run_at=clock.from_ms_field(doc.get("next_run_at_ms")),
+        last_run_at=clock.from_ms_field(doc.get("last_run_at_ms")),
         last_job_id=doc.get("last_job_id"),
         total_runs=int(doc.get("total_runs", 0)),
         manual_runs=int(doc.get("manual_runs", 0)),
-        created_at=_ms_time(doc.get("created_at_ms")) or doc["created_at"],
-        updated_at=_ms_time(doc.get("updated_at_ms")),
+        created_at=clock.from_ms_field(doc.get("created_at_ms")) or doc["created_at"],
+        updated_at=clock.from_ms_field(doc.get("updated_at_ms")),
         url=f"/v1/schedules/{doc['_id']}",
     )
 
@@ -92,14 +93,14 @@ def schedule_view(doc: dict[str, Any]) -> ScheduleView:
 def timing_of(doc: dict[str, Any]) -> ScheduleTiming:
     fields = {name: doc.get(name) for name in TIMING_FIELDS}
     for name in ("at", "start_at", "end_at"):
-        fields[name] = _ms_time(doc.get(f"{name}_ms"))
+        fields[name] = clock.from_ms_field(doc.get(f"{name}_ms"))
     fields["timezone"] = fields["timezone"] or "UTC"
     return ScheduleTiming.model_validate(fields)
 
 
 def _next_run(timing: ScheduleTiming, now_ms: int, anchor_ms: int, runs_done: int) -> dict[str, Any]:
     due = timing.next_run_ms(now_ms, anchor_ms=anchor_ms, runs_done=runs_done)
-    return {"next_run_at_ms": due, "next_run_at": from_ms(due) if due is not None else None}
+    return {"next_run_at_ms": due, "next_run_at": clock.from_ms(due) if due is not None else None}
 
 
 @dataclass(frozen=True)
@@ -109,15 +110,15 @@ class ScheduleService:
     jobs: JobService
 
     async def create(self, tenant: str, body: ScheduleCreate) -> ScheduleView:
-        now_ms = epoch_ms()
+        now_ms = clock.now_ms()
         timing = ScheduleTiming.model_validate(body.model_dump(include=set(TIMING_FIELDS)))
-        if timing.kind == "once" and timing.at is not None and timing.at.timestamp() * 1000 <= now_ms:
-            raise invalid("`at` is in the past: a one-off schedule would never run", ["body", "at"])
+        if timing.kind == "once" and timing.at is not None and clock.to_ms(timing.at) <= now_ms:
+            raise Invalid("`at` is in the past: a one-off schedule would never run", ("body", "at"))
         anchor_ms = timing.anchor_ms(now_ms)
         upcoming = _next_run(timing, now_ms, anchor_ms, 0)
         if upcoming["next_run_at_ms"] is None:
-            raise invalid("no run is left between now and end_at", ["body", "end_at"])
-        now = from_ms(now_ms)
+            raise Invalid("no run is left between now and end_at", ("body", "end_at"))
+        now = clock.from_ms(now_ms)
         document = {
             "_id": uuid.uuid4().hex,
             "tenant": tenant,
@@ -140,15 +141,7 @@ class ScheduleService:
         return schedule_view(document)
 
     async def list(self, tenant: str, limit: int, cursor: str | None) -> SchedulePage:
-        query: dict[str, Any] = {"tenant": tenant}
-        if cursor:
-            created_ms, schedule_id = decode_cursor(cursor)
-            query = {
-                "$and": [
-                    query,
-                    {"$or": [{"created_at_ms": {"$lt": created_ms}}, {"created_at_ms": created_ms, "_id": {"$lt": schedule_id}}]},
-                ]
-            }
+        query = after_cursor({"tenant": tenant}, cursor)
         found = self.db[SCHEDULES].find(query).sort([("created_at_ms", -1), ("_id", -1)]).limit(limit + 1)
         docs = [doc async for doc in found]
         more = len(docs) > limit
@@ -164,13 +157,13 @@ class ScheduleService:
         changed = patch.model_fields_set
         for _ in range(_RACE_RETRIES):
             doc = await self._doc(tenant, schedule_id)
-            now_ms = epoch_ms()
+            now_ms = clock.now_ms()
             fields: dict[str, Any] = {"updated_at_ms": now_ms}
             if "name" in changed:
                 fields["name"] = patch.name
             if "job" in changed:
                 if patch.job is None:
-                    raise invalid("a schedule needs a job", ["body", "job"])
+                    raise Invalid("a schedule needs a job", ("body", "job"))
                 fields["job"] = patch.job.model_dump(mode="json")
             timing_changes = changed & set(TIMING_FIELDS)
             if timing_changes:
@@ -184,53 +177,56 @@ class ScheduleService:
                 try:
                     timing = ScheduleTiming.model_validate(current)
                 except ValidationError as error:
-                    raise RequestValidationError(
-                        [{**e, "loc": ("body", *e["loc"])} for e in error.errors(include_url=False)]
-                    ) from None
+                    raise Invalid.of([{**e, "loc": ["body", *e["loc"]]} for e in error.errors(include_url=False)]) from None
                 anchor_ms = timing.anchor_ms(now_ms) if timing.kind == "interval" else int(doc.get("anchor_ms") or now_ms)
                 fields.update(timing.timing_fields(), anchor_ms=anchor_ms)
                 fields.update(_next_run(timing, now_ms, anchor_ms, int(doc.get("total_runs", 0))))
             updated = await self._swap(doc, fields)
             if updated is not None:
                 return schedule_view(updated)
-        raise ApiError(409, "the schedule kept changing while it was updated; try again", ["path", "schedule_id"])
+        raise ScheduleChanged(schedule_id, "updated")
 
     async def delete(self, tenant: str, schedule_id: str) -> None:
         result = await self.db[SCHEDULES].delete_one({"_id": schedule_id, "tenant": tenant})
         if result.deleted_count == 0:
-            raise not_found("schedule", schedule_id, "schedule_id")
+            raise ScheduleNotFound(schedule_id)
         logger.info("schedule %s deleted (the jobs it fired stay)", schedule_id)
 
     async def pause(self, tenant: str, schedule_id: str) -> ScheduleView:
         doc = await self.db[SCHEDULES].find_one_and_update(
             {"_id": schedule_id, "tenant": tenant},
-            {"$set": {"paused": True, "updated_at_ms": epoch_ms()}},
+            {"$set": {"paused": True, "updated_at_ms": clock.now_ms()}},
             return_document=ReturnDocument.AFTER,
         )
         if doc is None:
-            raise not_found("schedule", schedule_id, "schedule_id")
+            raise ScheduleNotFound(schedule_id)
         return schedule_view(doc)
 
     async def resume(self, tenant: str, schedule_id: str) -> ScheduleView:
         """Runs missed while paused are skipped: the next run is the first one after now."""
         for _ in range(_RACE_RETRIES):
             doc = await self._doc(tenant, schedule_id)
-            now_ms = epoch_ms()
+            now_ms = clock.now_ms()
             timing = timing_of(doc)
             fields = {"paused": False, "updated_at_ms": now_ms}
             fields.update(_next_run(timing, now_ms, int(doc.get("anchor_ms") or now_ms), int(doc.get("total_runs", 0))))
             updated = await self._swap(doc, fields)
             if updated is not None:
                 return schedule_view(updated)
-        raise ApiError(409, "the schedule kept changing while it was resumed; try again", ["path", "schedule_id"])
+        raise ScheduleChanged(schedule_id, "resumed")
 
     async def trigger(self, tenant: str, schedule_id: str, idempotency_key: str | None) -> TriggerAccepted:
+        """Submit the schedule's job now (a manual run). Raises `ScheduleNotFound`, `Conflict` (an
+        identical job is not finished yet) and `IdempotencyConflict`."""
         doc = await self._doc(tenant, schedule_id)
-        job_spec = _JOB_SPEC.validate_python(doc["job"])
+        job_spec = JOB_SPEC_ADAPTER.validate_python(doc["job"])
         key = f"schedule:{schedule_id}:manual:{idempotency_key or uuid.uuid4().hex}"
-        submission = await self.jobs.submit(job_spec, tenant, key, schedule_id=schedule_id)
+        try:
+            submission = await self.jobs.submit(job_spec, tenant, key, schedule_id=schedule_id)
+        except DuplicateJob as error:  # the spec is the schedule's: the schedule is what is at fault
+            raise Conflict(str(error), schedule_id) from None
         if submission.created:
-            now_ms = epoch_ms()
+            now_ms = clock.now_ms()
             await self.db[SCHEDULES].update_one(
                 {"_id": schedule_id, "tenant": tenant},
                 {"$inc": {"manual_runs": 1}, "$set": {"last_job_id": submission.job_id, "last_manual_run_at_ms": now_ms}},
@@ -255,5 +251,5 @@ class ScheduleService:
     async def _doc(self, tenant: str, schedule_id: str) -> dict[str, Any]:
         doc = await self.db[SCHEDULES].find_one({"_id": schedule_id, "tenant": tenant})
         if doc is None:
-            raise not_found("schedule", schedule_id, "schedule_id")
+            raise ScheduleNotFound(schedule_id)
         return doc

@@ -80,7 +80,3 @@ class TaskResult(BaseModel):
     state: JobState
     result: dict[str, Any]
     finished_at: UtcDatetime | None
-
-
-class ErrorBody(BaseModel):
-    detail: str

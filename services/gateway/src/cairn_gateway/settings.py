@@ -22,4 +22,7 @@ class GatewaySettings(ServiceSettings):
     redis_max_connections: int = Field(64, ge=1, description="Redis connection pool size of one gateway process")
     redis_pool_timeout_s: float = Field(5.0, gt=0, description="Longest wait for a free Redis connection when the pool is busy")
     mongodb_server_selection_timeout_ms: int = Field(2000, ge=100, description="How long a request waits for MongoDB before 503")
+    mongodb_operation_timeout_ms: int = Field(
+        5000, ge=100, description="Longest one MongoDB operation of a request may take (a stalled server: 503 past it)"
+    )
     broker_retry_max_s: float = Field(30.0, gt=0, description="Longest wait between attempts to reach RabbitMQ")

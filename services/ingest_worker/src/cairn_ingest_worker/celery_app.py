@@ -1,77 +1,11 @@
-"""The worker's bootstrap: settings, Celery app, signals wiring logging, tracing, metrics, indexes.
-
-`celery -A cairn_ingest_worker.celery_app worker` and the `cairn-ingest-worker` script both load it.
+"""The production worker app: `celery -A cairn_ingest_worker.celery_app worker` and the
+`cairn-ingest-worker` script (main.py) both load it. The wiring itself is bootstrap.py.
 """
 
-import logging
-
-from celery import Celery, signals
-from pymongo.errors import ConnectionFailure
-
-from cairn_ingest_worker.consumer import MAX_BODY_CONF
-from cairn_ingest_worker.context import ContextPerProcess
-from cairn_ingest_worker.observability import connect_signals
-from cairn_ingest_worker.publisher import declare_topology
+from cairn_ingest_worker.bootstrap import create_app
 from cairn_ingest_worker.settings import WorkerSettings
-from cairn_ingest_worker.tasks import register_tasks
-from cairn_runtime.celery_config import celery_config
-from cairn_runtime.instrumentation import instrument_celery, instrument_clients
-from cairn_runtime.log import configure_logging
-from cairn_runtime.metrics import serve_metrics
-from cairn_runtime.mongo import ensure_indexes_sync, sync_client
-from cairn_runtime.tracing import setup_tracing
 
-logger = logging.getLogger(__name__)
-
-
-def create_app(settings: WorkerSettings) -> Celery:
-    app = Celery("cairn-ingest-worker")
-    app.conf.update(celery_config(settings.amqp_url))
-    app.conf.worker_concurrency = settings.worker_concurrency
-    # Messages Celery cannot read are dead-lettered, not dropped (consumer.py).
-    app.conf.worker_consumer = "cairn_ingest_worker.consumer:DeadLetteringConsumer"
-    app.conf[MAX_BODY_CONF] = settings.max_task_body_bytes
-    # Every delivery is bounded in time, a batch too (checked only between batches otherwise):
-    # the soft limit interrupts the run (BatchTimedOut, retryable, nothing committed), the hard
-    # limit replaces the pool process; both well under RabbitMQ's consumer_timeout.
-    app.conf.task_soft_time_limit = settings.soft_time_limit_s
-    app.conf.task_time_limit = settings.time_limit_s
-    contexts = ContextPerProcess(settings, app)
-    register_tasks(app, contexts.get)
-
-    @signals.setup_logging.connect(weak=False)
-    def _logging(**_: object) -> None:
-        configure_logging(settings.service_name, settings.log_level, settings.log_format)
-
-    @signals.worker_init.connect(weak=False)
-    def _prepare(**_: object) -> None:
-        client = sync_client(settings.mongodb_uri)
-        try:
-            ensure_indexes_sync(client[settings.mongodb_database])
-        except ConnectionFailure as error:
-            # The worker must run while MongoDB is away (its tasks wait for the store); the
-            # indexes are ensured again by the other services and at the next start.
-            logger.warning("MongoDB unreachable at start; indexes not ensured by this worker: %s", error)
-        finally:
-            client.close()
-        with app.connection_for_write() as connection:
-            declare_topology(connection)
-        serve_metrics(settings.metrics_port, settings.metrics_host)
-
-    @signals.worker_process_init.connect(weak=False)
-    def _child(**_: object) -> None:
-        setup_tracing(
-            settings.service_name,
-            settings.trace_exporter,
-            trace_file=settings.trace_file,
-            otlp_endpoint=settings.otlp_endpoint,
-        )
-        instrument_celery()  # before connect_signals: its task span must be current for ours
-        instrument_clients()  # before this child's MongoClient is built
-        connect_signals()
-
-    return app
-
+__all__ = ["app", "create_app", "settings"]
 
 settings = WorkerSettings()
 app = create_app(settings)

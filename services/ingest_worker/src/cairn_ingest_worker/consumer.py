@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from celery.worker.consumer.consumer import Consumer
@@ -65,16 +66,26 @@ class DeadLetteringConsumer(Consumer):
         return on_task_received
 
     def _shape_problem(self, message: Any) -> str | None:
-        """Why a message naming one of Cairn's tasks is not a task Cairn sent; None if it may be."""
+        """Why a message on the ingest queue is not a task Cairn sent; None if it may be.
+
+        Only Cairn's own tasks run here: Celery's built-ins (`celery.chord_unlock`, which re-sends
+        itself for ever, `celery.starmap`...) and protocol-1 messages are refused, and so is every
+        header Celery would act on that Cairn never sets (per-message time limits, which the pool
+        parses outside any task; an ETA beyond Cairn's own short re-sends, which a worker would
+        hold past RabbitMQ's consumer_timeout; expiry; compression)."""
         headers = getattr(message, "headers", None)
         if not isinstance(headers, dict) or headers.get("task") not in CAIRN_TASKS:
-            return None  # not ours: Celery's own handling (and the guard) decide
+            name = headers.get("task") if isinstance(headers, dict) else None
+            return f"not one of Cairn's tasks ({sorted(CAIRN_TASKS)}): the message names {str(name)[:200]!r}"
         limit = int(self.app.conf.get(MAX_BODY_CONF) or 0)
         size = len(getattr(message, "body", b"") or b"")
         if limit and size > limit:
             return f"body of {size} bytes is over the {limit}-byte limit of a task message"
         if not isinstance(headers.get("id"), str) or not headers["id"]:
             return "header `id` (the task id) is missing or not a string"
+        header_problem = _header_problem(headers)
+        if header_problem is not None:
+            return header_problem
         try:
             body = message.decode()
         except Exception as error:
@@ -88,6 +99,9 @@ class DeadLetteringConsumer(Consumer):
             return f"kwargs is a {type(kwargs).__name__}, not an object"
         if not isinstance(embed, dict):
             return f"embed is a {type(embed).__name__}, not an object"
+        linked = [key for key in ("callbacks", "errbacks", "chain", "chord") if embed.get(key)]
+        if linked:
+            return f"embed links other tasks ({', '.join(linked)}): Cairn's tasks are never linked"
         return None
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
@@ -116,12 +130,44 @@ class DeadLetteringConsumer(Consumer):
                 original=original,
                 dead_letter_id=stable_dead_letter_id(original),
             )
-            BrokerPublisher(self.app).publish_dead_letter(dead_letter)
+            BrokerPublisher(self.app).publish(dead_letter)
         except Exception:
             logger.exception("dead letter not confirmed; rejecting the message to the broker's dead-letter exchange")
             message.reject_log_error(logger, self.connection_errors, requeue=False)
             return
         message.ack_log_error(logger, self.connection_errors)
+
+
+# Cairn re-sends a task itself with a short countdown (a slice hand-off: 0 s; a store outage: at
+# most CAIRN_STORE_RETRY_MAX_S); an ETA further ahead is not Cairn's and would be held unacked.
+MAX_ETA_AHEAD_S = 60.0
+
+
+def _header_problem(headers: dict[str, Any]) -> str | None:
+    """Why headers Celery acts on outside the task (time limits, ETA, expiry, compression) are not
+    what Cairn sends; None if they are."""
+    timelimit = headers.get("timelimit")
+    if timelimit is not None and (not isinstance(timelimit, (list, tuple)) or any(v is not None for v in timelimit)):
+        return f"header `timelimit` {str(timelimit)[:100]!r}: Cairn sets no per-message time limit"
+    if headers.get("expires") is not None:
+        return "header `expires`: Cairn's tasks never expire"
+    if headers.get("compression") is not None:
+        return "header `compression`: Cairn never compresses task bodies"
+    retries = headers.get("retries")
+    if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool) or retries < 0):
+        return f"header `retries` {str(retries)[:100]!r} is not a count"
+    eta = headers.get("eta")
+    if eta is not None:
+        try:
+            due = datetime.fromisoformat(str(eta))
+        except ValueError:
+            return f"header `eta` {str(eta)[:100]!r} is not an ISO 8601 time"
+        if due.tzinfo is None:
+            due = due.replace(tzinfo=UTC)
+        ahead_s = (due - datetime.now(UTC)).total_seconds()
+        if ahead_s > MAX_ETA_AHEAD_S:
+            return f"header `eta` {eta!r} is {ahead_s:.0f} s ahead: over the {MAX_ETA_AHEAD_S:.0f} s of Cairn's own re-sends"
+    return None
 
 
 def _length(value: Any) -> str:

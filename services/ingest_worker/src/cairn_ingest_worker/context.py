@@ -1,16 +1,18 @@
 """What a worker process works with: its MongoDB client, leases, runner and publisher.
 
-Built once per process, after the prefork fork (a MongoClient must not cross a fork).
+Built once per process, after the prefork fork (a MongoClient must not cross a fork), and held
+by the tasks themselves (`WorkerTask`), not by module-level state.
 """
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from celery import Celery
+from celery import Celery, Task
+from pymongo.collection import Collection
 
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
-from cairn_ingest_worker.bench_only import UncheckpointedLeases
 from cairn_ingest_worker.leases import ShardLeases
 from cairn_ingest_worker.publisher import BrokerPublisher
 from cairn_ingest_worker.runner import ShardRunner
@@ -25,15 +27,17 @@ class WorkerContext:
     publisher: BrokerPublisher
 
 
-def build_context(settings: WorkerSettings, app: Celery) -> WorkerContext:
+LeasesFactory = Callable[[Collection, Collection, str, float], ShardLeases]
+
+
+def build_context(settings: WorkerSettings, app: Celery, leases: LeasesFactory = ShardLeases) -> WorkerContext:
+    """The context of this process. `leases(shards, checkpoints, worker_id, ttl_s)` builds the
+    lease store: `ShardLeases` in production (a benchmark injects its own: bench/worker.py)."""
     client = sync_client(settings.mongodb_uri)
     db = client[settings.mongodb_database]
     worker_id = f"{settings.worker_id}/{os.getpid()}"
     runner = ShardRunner(
-        # UncheckpointedLeases: benchmark-only switch, see bench_only.py.
-        leases=(UncheckpointedLeases if settings.bench_disable_checkpoints else ShardLeases)(
-            db[SHARDS], db[CHECKPOINTS], worker_id, settings.lease_ttl_s
-        ),
+        leases=leases(db[SHARDS], db[CHECKPOINTS], worker_id, settings.lease_ttl_s),
         jobs=db[JOBS],
         shards=db[SHARDS],
         records_db=db,
@@ -45,17 +49,23 @@ def build_context(settings: WorkerSettings, app: Celery) -> WorkerContext:
     return WorkerContext(settings=settings, runner=runner, publisher=BrokerPublisher(app))
 
 
-class ContextPerProcess:
-    def __init__(self, settings: WorkerSettings, app: Celery) -> None:
-        self._settings = settings
-        self._app = app
-        self._lock = threading.Lock()
-        self._context: WorkerContext | None = None
-        self._pid = 0
+class WorkerTask(Task):
+    """Base class of the worker's Celery tasks: the task carries its process's `WorkerContext`.
 
-    def get(self) -> WorkerContext:
-        with self._lock:
-            if self._context is None or self._pid != os.getpid():
-                self._context = build_context(self._settings, self._app)
-                self._pid = os.getpid()
+    Celery instantiates a task once per process, so the context is built lazily on first use in
+    each pool process (after the prefork fork: a MongoClient must not cross a fork) and cached on
+    the task. `build_context` (a `() -> WorkerContext`, set per app by `register_tasks`) builds it.
+    """
+
+    build_context: Callable[[], WorkerContext]
+    _context: WorkerContext | None = None
+    _context_pid = 0
+    _context_lock = threading.Lock()  # the threads pool runs one task object in several threads
+
+    @property
+    def context(self) -> WorkerContext:
+        with self._context_lock:
+            if self._context is None or self._context_pid != os.getpid():
+                self._context = self.build_context()
+                self._context_pid = os.getpid()
             return self._context

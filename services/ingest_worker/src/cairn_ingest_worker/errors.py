@@ -22,10 +22,6 @@ class NonRetryableError(Exception):
     """A failure that will happen again however often the batch is tried."""
 
 
-class LeaseLost(Exception):
-    """Another worker holds this shard now (our lease expired); stop without writing."""
-
-
 class BatchTimedOut(TimeoutError):
     """One batch ran past its time bound (the task's soft time limit interrupted it). Retryable,
     so the shard's retry policy applies and a batch that always hangs ends in the DLQ."""

@@ -9,31 +9,24 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pymongo import ReturnDocument
 from pymongo.collection import Collection
 from pymongo.errors import ConnectionFailure
 
-from cairn_contracts.states import ShardState
+from cairn_contracts import clock
+from cairn_contracts.states import WAITING_SHARD_STATES, ShardState, state_values
 from cairn_contracts.store import MAIN_SUB_KEY
 from cairn_ingest_worker import metrics
 from cairn_ingest_worker.errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
-CLAIMABLE = [ShardState.PLANNED, ShardState.QUEUED, ShardState.RETRY]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def epoch_ms(moment: datetime | None = None) -> int:
-    """Lease deadlines are integer epoch milliseconds: they compare the same on every server
-    (the MongoDB stand-in stores a datetime written by $set as text, which no date query matches)."""
-    return int((moment or utcnow()).timestamp() * 1000)
+# Lease deadlines (`lease_until`) and retry times are integer epoch milliseconds (cairn_contracts.clock):
+# they compare the same on every server (the MongoDB stand-in stores a datetime written by $set
+# as text, which no date query matches).
 
 
 @dataclass(frozen=True)
@@ -68,14 +61,14 @@ class ShardLeases:
 
     def claim(self, shard_key: str) -> Claim | None:
         """Take the shard if it is waiting or its holder's lease expired; None if not ours to run."""
-        now_ms = epoch_ms()
+        now_ms = clock.now_ms()
         return self._claim(
             {
                 "task_key": shard_key,
                 # a cancelled job's shard never starts ($in, not $ne: the stand-in's updates skip missing fields on $ne)
                 "cancel_requested": {"$in": [False, None]},
                 "$or": [
-                    {"state": {"$in": CLAIMABLE}},
+                    {"state": {"$in": state_values(WAITING_SHARD_STATES)}},
                     {"state": ShardState.RUNNING, "lease_until": {"$lt": now_ms}},
                 ],
             },
@@ -84,7 +77,7 @@ class ShardLeases:
 
     def claim_next(self, job_id: str) -> Claim | None:
         """Lease frontier: take the job's first claimable work item (a RETRY item once it is due)."""
-        now_ms = epoch_ms()
+        now_ms = clock.now_ms()
         return self._claim(
             {
                 "job_id": job_id,
@@ -100,7 +93,7 @@ class ShardLeases:
         )
 
     def _claim(self, query: dict[str, Any], now_ms: int, sort: list[tuple[str, int]] | None = None) -> Claim | None:
-        now = utcnow()
+        now = clock.utcnow()
         taken = {"state": ShardState.RUNNING, "taken_by": self._worker_id, "lease_until": now_ms + self._ttl_ms, "started_at": now}
         before = self._shards.find_one_and_update(
             query,
@@ -147,7 +140,7 @@ class ShardLeases:
                 "lease_until": {"$gt": 0},
                 "cancel_requested": {"$in": [False, None]},
             },
-            {"$set": {"lease_until": epoch_ms() + self._ttl_ms}},
+            {"$set": {"lease_until": clock.now_ms() + self._ttl_ms}},
         )
         return result.matched_count == 1
 
@@ -174,7 +167,7 @@ class ShardLeases:
         after = self._checkpoints.find_one_and_update(
             {**where, "fencing_token": claim.token},
             {
-                "$set": {"cursor": cursor, "updated_at": utcnow()},
+                "$set": {"cursor": cursor, "updated_at": clock.utcnow()},
                 "$inc": {"records_done": records, "records_written": written, "records_redone": duplicates, "batches": 1},
             },
             projection={"cancel_requested": 1},
@@ -187,7 +180,7 @@ class ShardLeases:
 
     def cancel(self, claim: Claim) -> bool:
         """Stop here for a cancel: CANCELLED, fenced, at a batch boundary (the checkpoint stays)."""
-        return self._finish(claim, {"state": ShardState.CANCELLED, "cancelled_at_ms": epoch_ms()})
+        return self._finish(claim, {"state": ShardState.CANCELLED, "cancelled_at_ms": clock.now_ms()})
 
     def fail(self, claim: Claim, error: str, dead_letter_id: str) -> bool:
         return self._finish(claim, {"state": ShardState.FAILED, "last_error": error, "dead_letter_id": dead_letter_id})
@@ -200,7 +193,7 @@ class ShardLeases:
                 "state": ShardState.RETRY,
                 "last_error": error,
                 "next_retry_at": retry_at,
-                "next_retry_at_ms": epoch_ms(retry_at),
+                "next_retry_at_ms": clock.to_ms(retry_at),
                 "lease_until": None,
                 **(extra or {}),
             },
@@ -223,7 +216,7 @@ class ShardLeases:
     def _finish(self, claim: Claim, fields: dict[str, Any]) -> bool:
         result = self._shards.update_one(
             {"task_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING},
-            {"$set": {**fields, "finished_at": utcnow(), "taken_by": None}},
+            {"$set": {**fields, "finished_at": clock.utcnow(), "taken_by": None}},
         )
         return result.matched_count == 1
 

@@ -1,13 +1,14 @@
 """The worker's confirmed publisher: Celery's own broker connection (kombu, confirm_publish on),
-so events and dead letters leave through the same connection pool as the task retries."""
+so events and dead letters leave through the same connection pool as the task retries. Like the
+asyncio services' `Publisher.publish`, it takes the route from the message (`message.route()`)."""
 
 import logging
 
 from celery import Celery
 from kombu import Connection, Exchange, Queue
 
-from cairn_contracts.messages import DeadLetter, Message
-from cairn_contracts.topology import EXCHANGE_DLX, EXCHANGES, HEADER_SOURCE_QUEUE, QUEUES
+from cairn_contracts.messages import Message
+from cairn_contracts.topology import EXCHANGES, QUEUES
 from cairn_runtime.amqp import message_headers
 from cairn_runtime.metrics import timed_publish
 from cairn_runtime.tracing import producer_span
@@ -21,35 +22,26 @@ class BrokerPublisher:
     def __init__(self, app: Celery) -> None:
         self._app = app
 
-    def publish(self, exchange: str, routing_key: str, message: Message, extra_headers: dict | None = None) -> None:
+    def publish(self, message: Message) -> None:
+        """Publish `message` on its own route; returns once the broker confirmed it (kombu retries
+        a lost connection per `_RETRY_POLICY`, then raises its connection error)."""
+        route = message.route()
         # The producer span is current while the headers are built: they carry its trace context.
-        with producer_span(exchange, routing_key, message), timed_publish(exchange):
-            self._publish(exchange, routing_key, message, extra_headers)
-
-    def _publish(self, exchange: str, routing_key: str, message: Message, extra_headers: dict | None) -> None:
-        headers = message_headers(message.message_type, message.schema_version, None)
-        headers.update(extra_headers or {})
-        with self._app.producer_or_acquire() as producer:
-            # With confirm_publish, this returns only once the broker has confirmed the message.
-            producer.publish(
-                message.model_dump_json(),
-                exchange=exchange,
-                routing_key=routing_key,
-                headers=headers,
-                content_type="application/json",
-                content_encoding="utf-8",
-                delivery_mode=2,
-                retry=True,
-                retry_policy=_RETRY_POLICY,
-            )
-
-    def publish_dead_letter(self, dead_letter: DeadLetter) -> None:
-        self.publish(
-            EXCHANGE_DLX,
-            dead_letter.source_queue,
-            dead_letter,
-            extra_headers={HEADER_SOURCE_QUEUE: dead_letter.source_queue},
-        )
+        with producer_span(route.exchange, route.routing_key, message), timed_publish(route.exchange):
+            headers = message_headers(message, None)
+            with self._app.producer_or_acquire() as producer:
+                # With confirm_publish, this returns only once the broker has confirmed the message.
+                producer.publish(
+                    message.model_dump_json(),
+                    exchange=route.exchange,
+                    routing_key=route.routing_key,
+                    headers=headers,
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    delivery_mode=2,
+                    retry=True,
+                    retry_policy=_RETRY_POLICY,
+                )
 
 
 def declare_topology(connection: Connection) -> None:

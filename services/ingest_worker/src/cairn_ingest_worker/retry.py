@@ -10,13 +10,13 @@ backoff ceiling. Times are epoch milliseconds (queried and compared the same on 
 """
 
 import random
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pymongo.collection import Collection
 
+from cairn_contracts import clock
 from cairn_contracts.jobs import RetryPolicy
 from cairn_ingest_worker.errors import FailurePolicy, HttpStatusError, is_retryable
 from cairn_ingest_worker.pipelines import failure_policy
@@ -92,7 +92,7 @@ class RetryDecision:
         return "retries_exhausted" if self.retryable else "non_retryable"
 
     def record(self, error: str, now_ms: int | None = None) -> dict[str, Any]:
-        at_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        at_ms = now_ms if now_ms is not None else clock.now_ms()
         return {
             "attempt": self.attempt,
             "max_attempts": self.max_attempts,

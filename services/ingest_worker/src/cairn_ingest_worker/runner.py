@@ -17,10 +17,11 @@ from pymongo.collection import Collection
 from pymongo.errors import ConnectionFailure
 from pymongo.database import Database
 
+from cairn_contracts import clock
 from cairn_contracts.messages import RunShard
 from cairn_ingest_worker import metrics
 from cairn_ingest_worker.errors import BatchTimedOut, StoreUnavailable, is_store_outage
-from cairn_ingest_worker.leases import Claim, Heartbeat, ShardLeases, utcnow
+from cairn_ingest_worker.leases import Claim, Heartbeat, ShardLeases
 from cairn_ingest_worker.observability import current_pipeline, note_shard
 from cairn_ingest_worker.pipelines import Bucket, build_pipeline
 from cairn_ingest_worker.store import store_records
@@ -201,4 +202,4 @@ def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random 
 
 
 def retry_time(delay_s: float) -> datetime:
-    return utcnow() + timedelta(seconds=delay_s)
+    return clock.utcnow() + timedelta(seconds=delay_s)

@@ -35,9 +35,9 @@ class WorkerSettings(ServiceSettings):
     retry_base_delay_s: float = Field(1.0, ge=0)
     retry_max_delay_s: float = Field(60.0, ge=0)
     source_database: str | None = Field(None, description="Database of mongo_range sources (default: Cairn's)")
-    # BENCHMARK ONLY (`make bench`, scenario 2): skip the checkpoint of every batch but a shard's
-    # last, to measure what checkpointing costs. A crash then redoes the whole shard. Never set it.
-    bench_disable_checkpoints: bool = False
+    # TEST ONLY: an importable module that registers test pipelines when imported
+    # (`register_pipeline`); the end-to-end suite sets it (tests-e2e/harness.py). Never in production.
+    test_pipeline_module: str | None = None
 
     @property
     def soft_time_limit_s(self) -> float:

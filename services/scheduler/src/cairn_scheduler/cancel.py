@@ -13,22 +13,20 @@ with the cancel. It also drops the result of jobs finished longer than `CAIRN_RE
 (`result_expired`; the gateway then answers 410).
 """
 
-import asyncio
 import logging
-import time
 from dataclasses import dataclass
 
 from pymongo.asynchronous.database import AsyncDatabase
 
+from cairn_contracts import clock
 from cairn_contracts.messages import CancelJob
-from cairn_contracts.states import JobState
+from cairn_contracts.states import ACTIVE_JOB_STATES, JobState, state_values
 from cairn_contracts.store import JOBS
 from cairn_runtime.consumer import Unprocessable
 from cairn_scheduler.jobs import JobScheduler
 
 logger = logging.getLogger(__name__)
 
-ACTIVE = [JobState.PENDING, JobState.STARTED, JobState.RETRY]
 PURGE_BATCH = 500
 
 
@@ -50,8 +48,8 @@ class Canceller:
             return
         if not job.get("cancel_requested"):  # the gateway marks before it publishes; mark it for any other sender
             await self.db[JOBS].update_one(
-                {"_id": command.job_id, "state": {"$in": [str(s) for s in ACTIVE]}},
-                {"$set": {"cancel_requested": True, "cancel_requested_at_ms": int(time.time() * 1000)}},
+                {"_id": command.job_id, "state": {"$in": state_values(ACTIVE_JOB_STATES)}},
+                {"$set": {"cancel_requested": True, "cancel_requested_at_ms": clock.now_ms()}},
             )
         state = await self.scheduler.stop(command.job_id)
         logger.info("cancel of job %s requested by %s applied; job now %s", command.job_id, command.requested_by, state or "stopping")
@@ -59,13 +57,13 @@ class Canceller:
     async def sweep(self) -> int:
         """Apply the cancel again to marked jobs that are not finished; returns how many."""
         swept = 0
-        async for job in self.db[JOBS].find({"cancel_requested": True, "state": {"$in": [str(s) for s in ACTIVE]}}, {"_id": 1}):
+        async for job in self.db[JOBS].find({"cancel_requested": True, "state": {"$in": state_values(ACTIVE_JOB_STATES)}}, {"_id": 1}):
             await self.scheduler.stop(job["_id"])
             swept += 1
         return swept
 
     async def expire_results(self) -> int:
-        cutoff_ms = int(time.time() * 1000 - self.result_ttl_s * 1000)
+        cutoff_ms = clock.now_ms() - int(self.result_ttl_s * 1000)
         expired = 0
         found = self.db[JOBS].find({"finished_at_ms": {"$lt": cutoff_ms}, "result_expired": {"$in": [False, None]}}, {"_id": 1}).limit(PURGE_BATCH)
         async for job in found:
@@ -76,13 +74,9 @@ class Canceller:
             expired += 1
         return expired
 
-    async def run_forever(self, interval_s: float) -> None:
-        while True:
-            try:
-                if swept := await self.sweep():
-                    logger.info("cancel sweep: %d job(s) still stopping", swept)
-                if expired := await self.expire_results():
-                    logger.info("results of %d job(s) expired", expired)
-            except Exception:
-                logger.exception("cancel sweep failed")
-            await asyncio.sleep(interval_s)
+    async def run_pass(self) -> None:
+        """One sweep of stopping jobs and expired results (run every `reconcile_interval_s`)."""
+        if swept := await self.sweep():
+            logger.info("cancel sweep: %d job(s) still stopping", swept)
+        if expired := await self.expire_results():
+            logger.info("results of %d job(s) expired", expired)

@@ -9,7 +9,6 @@ Only the scheduler runs it (one collector is enough, and it already holds both c
 pass that fails is logged and counted, and the gauges keep their last values until the next one.
 """
 
-import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -18,6 +17,7 @@ from typing import Any
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from pymongo.asynchronous.database import AsyncDatabase
 
+from cairn_contracts import clock
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import JOBS, SHARDS
 from cairn_contracts.topology import QUEUES
@@ -55,11 +55,6 @@ class GaugeCollector:
         self._db = db
         self._counts = QueueCounts(connection)
         self._queues = tuple(queues) if queues is not None else tuple(q.name for q in QUEUES)
-
-    async def run_forever(self, interval_s: float) -> None:
-        while True:
-            await self.collect_once()
-            await asyncio.sleep(interval_s)
 
     async def collect_once(self) -> bool:
         """One pass over the broker and the store; False if any part failed."""
@@ -106,7 +101,7 @@ def backlog_age_s(shard: dict[str, Any] | None, now_s: float) -> float:
     `queued_at_ms` when the shard has it, else `queued_at` in any stored form."""
     if not shard:
         return 0.0
-    queued = metrics.epoch_s(shard.get("queued_at_ms"))
-    if queued is None:
-        queued = metrics.epoch_s(shard.get("queued_at"))
-    return max(0.0, now_s - queued) if queued is not None else 0.0
+    queued_ms = clock.stored_ms(shard.get("queued_at_ms"))
+    if queued_ms is None:
+        queued_ms = clock.stored_ms(shard.get("queued_at"))
+    return max(0.0, now_s - queued_ms / 1000) if queued_ms is not None else 0.0

@@ -5,28 +5,27 @@ Every state change is one conditional single-document update, so any handler may
 """
 
 import logging
-import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
 
+from cairn_contracts import clock
 from cairn_contracts.jobs import JobSpec
 from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
-from cairn_contracts.states import JobState, ShardState
-from cairn_contracts.store import CHECKPOINTS, JOBS, MAIN_SUB_KEY, SHARDS
+from cairn_contracts.states import TERMINAL_JOB_STATES, JobState, ShardState, state_values
+from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, ShardBucket, ShardRecord
+from cairn_runtime.celery_config import ShardDispatcher
 from cairn_runtime.consumer import Unprocessable
 from cairn_runtime.log import log_context
+from cairn_runtime.mongo import insert_new
 from cairn_scheduler.metrics import observe_job_finished
 from cairn_scheduler.planner import Plan, ShardPlan, plan_job
 from cairn_scheduler.stopping import finish_unplanned, stop_shards
 
 logger = logging.getLogger(__name__)
 
-DUPLICATE_KEY = 11000
 # Shards (and as many checkpoints) written per round trip while a job is planned; the cancel
 # mark is read between chunks, so a cancel stops a large planning within one chunk.
 PLAN_CHUNK = 1000
@@ -35,20 +34,6 @@ PLAN_CHUNK = 1000
 class LockRelease(Protocol):
     async def release_job(self, job: dict[str, Any]) -> bool:
         """Release the gateway's lock of this finished job (tenant, spec_fingerprint, _id)."""
-
-
-class ShardDispatcher(Protocol):
-    async def dispatch(self, task: RunShard | RunFrontier, priority: int) -> None:
-        """Put the shard's task on the ingest queue; returns once the broker confirmed it."""
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def epoch_ms() -> int:
-    """For times that queries compare: integers compare the same on every MongoDB-wire server."""
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True)
@@ -82,7 +67,7 @@ class JobScheduler:
                     "state": JobState.STARTED,
                     "shard_count": len(plan.shards),
                     "records_total": end - start,
-                    "started_at": utcnow(),
+                    "started_at": clock.utcnow(),
                 }
             },
         )
@@ -115,54 +100,25 @@ class JobScheduler:
         return True
 
     async def _record_chunk(self, job_id: str, spec: JobSpec, plans: list[ShardPlan]) -> None:
-        now = utcnow()
+        now = clock.utcnow()
+        shards = [
+            ShardRecord(
+                task_key=p.key,
+                job_id=job_id,
+                index=p.index,
+                strategy=spec.sharding.strategy,
+                range_start=p.start,
+                range_end=p.end,
+                bucket=ShardBucket(modulus=p.bucket[0], remainder=p.bucket[1]) if p.bucket else None,
+                records_estimate=p.records_estimate,
+                priority=int(spec.priority),
+                created_at=now,
+            )
+            for p in plans
+        ]
         # Checkpoints first: a shard is only claimable once its checkpoint exists.
-        await _insert_new(
-            self.db[CHECKPOINTS],
-            [
-                {
-                    "_id": f"{p.key}/{MAIN_SUB_KEY}",
-                    "shard_key": p.key,
-                    "sub_key": MAIN_SUB_KEY,
-                    "job_id": job_id,
-                    "cursor": p.start,
-                    "range_start": p.start,
-                    "range_end": p.end,
-                    "records_estimate": p.records_estimate,
-                    "records_done": 0,
-                    "records_written": 0,
-                    "records_redone": 0,
-                    "batches": 0,
-                    "fencing_token": 0,
-                    "updated_at": now,
-                }
-                for p in plans
-            ],
-        )
-        await _insert_new(
-            self.db[SHARDS],
-            [
-                {
-                    "_id": p.key,
-                    "task_key": p.key,
-                    "job_id": job_id,
-                    "index": p.index,
-                    "strategy": spec.sharding.strategy,
-                    "range_start": p.start,
-                    "range_end": p.end,
-                    "bucket": {"modulus": p.bucket[0], "remainder": p.bucket[1]} if p.bucket else None,
-                    "records_estimate": p.records_estimate,
-                    "priority": int(spec.priority),
-                    "state": ShardState.PLANNED,
-                    "attempts": 0,
-                    "fencing_token": 0,
-                    "lease_until": None,
-                    "taken_by": None,
-                    "created_at": now,
-                }
-                for p in plans
-            ],
-        )
+        await insert_new(self.db[CHECKPOINTS], [shard.checkpoint().to_document() for shard in shards])
+        await insert_new(self.db[SHARDS], [shard.to_document() for shard in shards])
 
     async def _dispatch_planned(self, job_id: str, priority: int) -> int:
         """Send the task of every PLANNED shard of the job; returns how many were sent."""
@@ -173,7 +129,7 @@ class JobScheduler:
             await self.dispatcher.dispatch(RunShard(job_id=job_id, shard_key=shard["task_key"]), priority)
             await self.db[SHARDS].update_one(
                 {"_id": shard["_id"], "state": ShardState.PLANNED},
-                {"$set": {"state": ShardState.QUEUED, "queued_at": utcnow(), "queued_at_ms": epoch_ms()}},
+                {"$set": {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": clock.now_ms()}},
             )
             dispatched += 1
         return dispatched
@@ -186,7 +142,7 @@ class JobScheduler:
             return False  # a redelivered command: the runners are out already
         for lane in range(runners):
             await self.dispatcher.dispatch(RunFrontier(job_id=job_id, lane=lane), priority)
-        await self.db[JOBS].update_one({"_id": job_id}, {"$set": {"runners_dispatched_at": utcnow()}})
+        await self.db[JOBS].update_one({"_id": job_id}, {"$set": {"runners_dispatched_at": clock.utcnow()}})
         return True
 
     async def shard_finished(self, event: ShardFinished) -> None:
@@ -216,11 +172,11 @@ class JobScheduler:
         state = job_state_from(states, int(job["shard_count"]))
         update: dict[str, Any] = {"state": state, "shard_states": dict(states)}
         if state.is_terminal:
-            update["finished_at"] = utcnow()
-            update["finished_at_ms"] = int(update["finished_at"].timestamp() * 1000)  # result retention compares it
+            update["finished_at"] = clock.utcnow()
+            update["finished_at_ms"] = clock.to_ms(update["finished_at"])  # result retention compares it
             update["result"] = await self._result(job_id, states)
         written = await self.db[JOBS].update_one(
-            {"_id": job_id, "state": {"$nin": [JobState.SUCCESS, JobState.FAILURE, JobState.CANCELLED]}}, {"$set": update}
+            {"_id": job_id, "state": {"$nin": state_values(TERMINAL_JOB_STATES)}}, {"$set": update}
         )
         if written.modified_count and state != job["state"]:
             # One line per transition: the roll-up runs for every event and every few seconds,
@@ -266,11 +222,3 @@ def job_state_from(states: Counter, shard_count: int) -> JobState:
         return JobState.RETRY
     return JobState.STARTED
 
-
-async def _insert_new(collection: Any, documents: list[dict[str, Any]]) -> None:
-    """Insert what is not there yet: a replanned job's existing documents stay as they are."""
-    try:
-        await collection.insert_many(documents, ordered=False)
-    except BulkWriteError as error:
-        if any(e.get("code") != DUPLICATE_KEY for e in error.details.get("writeErrors", [])):
-            raise

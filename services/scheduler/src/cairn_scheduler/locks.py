@@ -1,9 +1,9 @@
 """The scheduler's side of the gateway's lock per job fingerprint: release it when the job ends.
 
 The lock (`JOB_LOCK_KEY`, value: the job id) is deleted only while it still names this job
-(compare and delete in one Lua script), so a lock another job has taken since is never touched.
-A failed release is only logged: the gateway takes over a lock whose job has finished, and the
-lock's TTL ends it anyway.
+(cairn_runtime.redis_lock's compare and delete), so a lock another job has taken since is never
+touched. A failed release is only logged: the gateway takes over a lock whose job has finished,
+and the lock's TTL ends it anyway.
 """
 
 import logging
@@ -11,16 +11,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from cairn_contracts.store import JOB_LOCK_KEY
+from cairn_runtime.redis_lock import release_job_lock
 
 logger = logging.getLogger(__name__)
-
-_RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
-  return redis.call('del', KEYS[1])
-end
-return 0
-"""
 
 
 class JobLockRelease:
@@ -29,11 +22,9 @@ class JobLockRelease:
         self._prefix = prefix
 
     async def release_job(self, job: dict[str, Any]) -> bool:
-        if not job.get("spec_fingerprint") or not job.get("tenant"):
-            return False
-        key = JOB_LOCK_KEY.format(prefix=self._prefix, tenant=job["tenant"], fingerprint=job["spec_fingerprint"])
+        """True if this call deleted the lock of the finished job (`_id`, `tenant`, `spec_fingerprint`)."""
         try:
-            return bool(await self._redis.eval(_RELEASE, 1, key, job["_id"]))
+            return await release_job_lock(self._redis, self._prefix, job)
         except Exception:
             logger.warning("lock of finished job %s not released (its TTL will end it)", job["_id"], exc_info=True)
             return False

@@ -1,7 +1,10 @@
-"""`cairn-scheduler`: wires settings, MongoDB, RabbitMQ and the handlers, then runs until SIGTERM."""
+"""`cairn-scheduler`: wires settings, MongoDB, RabbitMQ and the handlers, then runs until SIGTERM.
+
+Its handlers table (queue, message model, handler) and its periodic table (interval, pass) are
+the two lists in `run`; `cairn_runtime.service.serve` consumes and runs them.
+"""
 
 import asyncio
-import contextlib
 import functools
 import logging
 
@@ -11,10 +14,10 @@ from cairn_contracts.messages import CancelJob, ShardFinished, StartJob
 from cairn_contracts.topology import QUEUE_INGEST, QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_CONTROL, QUEUE_SCHEDULER_EVENTS
 from cairn_runtime.amqp import Publisher, connect, declare_topology
 from cairn_runtime.celery_config import ShardTaskSender
-from cairn_runtime.consumer import ContractConsumer
+from cairn_runtime.consumer import Subscription
 from cairn_runtime.instrumentation import instrument_celery
 from cairn_runtime.mongo import async_client, ensure_indexes
-from cairn_runtime.service import run_service
+from cairn_runtime.service import Every, run_service, serve
 from cairn_scheduler.cancel import Canceller
 from cairn_scheduler.gauges import GaugeCollector, QueueCounts
 from cairn_scheduler.jobs import JobScheduler
@@ -33,7 +36,6 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     await ensure_indexes(db)
     locks = JobLockRelease(aioredis.Redis.from_url(settings.redis_url), settings.redis_prefix)
     connection = await connect(settings.amqp_url, "cairn-scheduler")
-    loops: list[asyncio.Task] = []
     try:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=settings.prefetch)
@@ -42,38 +44,30 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
         dispatcher = ShardTaskSender.for_broker(settings.amqp_url, "cairn-scheduler")
         scheduler = JobScheduler(db, dispatcher, locks=locks)
         canceller = Canceller(scheduler, settings.result_ttl_s)
-        common = {"service": settings.service_name, "publisher": publisher}
-        await ContractConsumer(queue=queues[QUEUE_SCHEDULER_COMMANDS], model=StartJob, handler=scheduler.start_job, **common).start()
-        await ContractConsumer(queue=queues[QUEUE_SCHEDULER_EVENTS], model=ShardFinished, handler=scheduler.shard_finished, **common).start()
-        await ContractConsumer(queue=queues[QUEUE_SCHEDULER_CONTROL], model=CancelJob, handler=canceller.handle, **common).start()
-        ingest_counts = QueueCounts(connection)
         maintenance = Maintenance(
             scheduler,
             publisher,
             LeaseReaper(db, dispatcher),
             relay_after_s=settings.relay_after_s,
             redispatch_after_s=settings.redispatch_after_s,
-            ingest_ready=functools.partial(ingest_counts.ready, QUEUE_INGEST),
+            ingest_ready=functools.partial(QueueCounts(connection).ready, QUEUE_INGEST),
             lost_tasks=LostTaskWatch(passes_needed=settings.lost_task_passes),
         )
-        loops = [
-            asyncio.create_task(maintenance.run_forever(settings.reconcile_interval_s)),
-            asyncio.create_task(maintenance.dispatch_retries_forever(settings.retry_poll_max_s)),
-            asyncio.create_task(canceller.run_forever(settings.reconcile_interval_s)),
-            asyncio.create_task(ScheduleFirer(db, publisher).run_forever(settings.schedule_tick_s)),
-            asyncio.create_task(GaugeCollector(db, connection).run_forever(settings.gauges_interval_s)),
+        handlers = [
+            Subscription(QUEUE_SCHEDULER_COMMANDS, StartJob, scheduler.start_job),
+            Subscription(QUEUE_SCHEDULER_EVENTS, ShardFinished, scheduler.shard_finished),
+            Subscription(QUEUE_SCHEDULER_CONTROL, CancelJob, canceller.handle),
         ]
-        logger.info(
-            "scheduler consuming %s, %s and %s; firing schedules every %.1f s",
-            QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_EVENTS, QUEUE_SCHEDULER_CONTROL, settings.schedule_tick_s,
-        )
-        await stop.wait()
+        periodic = [
+            Every(settings.reconcile_interval_s, maintenance.run_pass, "maintenance pass"),
+            # Sleeps until the next retry is due (the pass returns that delay), at most this long.
+            Every(settings.retry_poll_max_s, functools.partial(maintenance.dispatch_due_retries, settings.retry_poll_max_s), "due-retry dispatch"),
+            Every(settings.reconcile_interval_s, canceller.run_pass, "cancel sweep"),
+            Every(settings.schedule_tick_s, ScheduleFirer(db, publisher).tick, "schedule tick"),
+            Every(settings.gauges_interval_s, GaugeCollector(db, connection).collect_once, "gauge collection"),
+        ]
+        await serve(stop, handlers, periodic, service=settings.service_name, queues=queues, publisher=publisher)
     finally:
-        for loop in loops:
-            loop.cancel()
-        for loop in loops:
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop
         await connection.close()
         await locks.close()
         await mongo.close()

@@ -3,25 +3,20 @@ roll up running jobs whose shard events were lost, and relay job commands the ga
 but could not publish (the broker was down at the time). And, on a loop of its own, the dispatch
 of due retries (a retry waits in MongoDB, not in a worker)."""
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from pydantic import TypeAdapter
-
-from cairn_contracts.jobs import JobSpec
+from cairn_contracts import clock
+from cairn_contracts.jobs import JOB_SPEC_ADAPTER
 from cairn_contracts.messages import StartJob
 from cairn_contracts.states import JobState
 from cairn_contracts.store import JOBS
-from cairn_contracts.topology import EXCHANGE_COMMANDS, ROUTING_START_JOB
 from cairn_runtime.amqp import Publisher
-from cairn_scheduler.jobs import JobScheduler, epoch_ms, utcnow
+from cairn_scheduler.jobs import JobScheduler
 from cairn_scheduler.reaper import LeaseReaper, LostTaskWatch
 
 logger = logging.getLogger(__name__)
-
-_SPEC = TypeAdapter(JobSpec)
 
 
 @dataclass(frozen=True)
@@ -36,16 +31,12 @@ class Maintenance:
     ingest_ready: Callable[[], Awaitable[int]] | None = None
     lost_tasks: LostTaskWatch = field(default_factory=LostTaskWatch)
 
-    async def run_forever(self, interval_s: float) -> None:
-        while True:
-            try:
-                await self.reaper.reap()
-                await self.redispatch_lost()
-                await self.reconcile_running()
-                await self.relay_unpublished()
-            except Exception:
-                logger.exception("maintenance pass failed")
-            await asyncio.sleep(interval_s)
+    async def run_pass(self) -> None:
+        """One maintenance pass (run every `reconcile_interval_s` by `run_every`)."""
+        await self.reaper.reap()
+        await self.redispatch_lost()
+        await self.reconcile_running()
+        await self.relay_unpublished()
 
     async def redispatch_lost(self) -> int:
         """Observe the ingest queue once, then re-send the tasks it proves lost (`LostTaskWatch`)."""
@@ -55,7 +46,7 @@ class Maintenance:
                 ready = await self.ingest_ready()
             except Exception:
                 logger.warning("the ingest queue's depth could not be read; no task is judged lost", exc_info=True)
-        now_ms = epoch_ms()
+        now_ms = clock.now_ms()
         self.lost_tasks.observe(ready, now_ms)
         cutoff_ms = self.lost_tasks.cutoff_ms(now_ms, self.redispatch_after_s)
         if cutoff_ms is None:
@@ -65,17 +56,12 @@ class Maintenance:
             self.lost_tasks.restart()  # the re-sent tasks are new: a loss among them needs a new proof
         return sent
 
-    async def dispatch_retries_forever(self, max_sleep_s: float) -> None:
-        """Send due retries as they come due: sleep until the earliest waiting retry, at most
-        `max_sleep_s` (a retry scheduled meanwhile for sooner waits at most that long)."""
-        while True:
-            delay_s = max_sleep_s
-            try:
-                due = await self.reaper.dispatch_due_retries()
-                delay_s = retry_sleep_s(due.next_due_ms, epoch_ms(), max_sleep_s, due.due_left)
-            except Exception:
-                logger.exception("due-retry dispatch failed")
-            await asyncio.sleep(delay_s)
+    async def dispatch_due_retries(self, max_sleep_s: float) -> float:
+        """Send the due retries; returns the seconds until the earliest waiting retry, at most
+        `max_sleep_s` (a retry scheduled meanwhile for sooner waits at most that long): run by
+        `run_every(max_sleep_s, ...)`, which sleeps that long before the next call."""
+        due = await self.reaper.dispatch_due_retries()
+        return retry_sleep_s(due.next_due_ms, clock.now_ms(), max_sleep_s, due.due_left)
 
     async def reconcile_running(self) -> None:
         jobs = self.scheduler.db[JOBS]
@@ -84,15 +70,13 @@ class Maintenance:
 
     async def relay_unpublished(self) -> int:
         jobs = self.scheduler.db[JOBS]
-        cutoff_ms = epoch_ms() - int(self.relay_after_s * 1000)
+        cutoff_ms = clock.now_ms() - int(self.relay_after_s * 1000)
         relayed = 0
         query = {"state": JobState.PENDING, "command_published_at": None, "created_at_ms": {"$lt": cutoff_ms}}
         async for job in jobs.find(query):
-            command = StartJob(job_id=job["_id"], tenant=job["tenant"], spec=_SPEC.validate_python(job["spec"]))
-            await self.publisher.publish(
-                EXCHANGE_COMMANDS, ROUTING_START_JOB, command, priority=int(job["spec"]["priority"]), correlation_id=job["_id"]
-            )
-            await jobs.update_one({"_id": job["_id"], "command_published_at": None}, {"$set": {"command_published_at": utcnow()}})
+            command = StartJob(job_id=job["_id"], tenant=job["tenant"], spec=JOB_SPEC_ADAPTER.validate_python(job["spec"]))
+            await self.publisher.publish(command, priority=int(job["spec"]["priority"]), correlation_id=job["_id"])
+            await jobs.update_one({"_id": job["_id"], "command_published_at": None}, {"$set": {"command_published_at": clock.utcnow()}})
             logger.info("relayed the command of job %s", job["_id"])
             relayed += 1
         return relayed
@@ -104,5 +88,5 @@ def retry_sleep_s(next_due_ms: int | None, now_ms: int, max_sleep_s: float, due_
     if due_left:
         return 0.0
     if next_due_ms is None:
-        return max_sleep_s
-    return min(max_sleep_s, max(0.01, (next_due_ms - now_ms) / 1000))
+        return float(max_sleep_s)
+    return float(min(max_sleep_s, max(0.01, (next_due_ms - now_ms) / 1000)))

@@ -2,9 +2,11 @@
 jobs and shards by state from MongoDB, computed by `gauges.GaugeCollector`), job durations, and
 the leases its reaper reclaimed."""
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from cairn_contracts import clock
 
 QUEUE_MESSAGES = Gauge("cairn_queue_messages", "Messages ready in a queue (the broker's count)", ["queue"])
 QUEUE_CONSUMERS = Gauge("cairn_queue_consumers", "Consumers of a queue (the broker's count)", ["queue"])
@@ -31,27 +33,8 @@ SHARD_REDISPATCHES = Counter(
 GAUGE_PASSES = Counter("cairn_gauge_collections_total", "Passes of the gauge collector", ["outcome"])
 
 
-def epoch_s(value: object) -> float | None:
-    """A stored moment as epoch seconds, whatever form the server kept it in: a datetime (naive ones
-    are UTC), an ISO-8601 string (the MongoDB stand-in stores `$set` datetimes as text), or epoch
-    milliseconds (`*_ms` fields). None for anything else."""
-    if isinstance(value, datetime):
-        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return value / 1000.0
-    if isinstance(value, str) and value:
-        try:
-            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-    return None
-
-
 def observe_job_finished(job: dict, state: str, finished_at: datetime) -> None:
     """Observe a job that just became terminal (call once: where the terminal write matched)."""
-    created = epoch_s(job.get("created_at"))
-    if created is not None:
-        JOB_SECONDS.labels(str(job.get("pipeline") or "unknown"), state).observe(max(0.0, finished_at.timestamp() - created))
+    created_ms = clock.stored_ms(job.get("created_at"))
+    if created_ms is not None:
+        JOB_SECONDS.labels(str(job.get("pipeline") or "unknown"), state).observe(max(0.0, finished_at.timestamp() - created_ms / 1000))

@@ -22,11 +22,11 @@ from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 
+from cairn_contracts import clock
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import SHARDS
-from cairn_runtime.celery_config import task_for_shard
+from cairn_runtime.celery_config import ShardDispatcher, task_for_shard
 from cairn_runtime.tracing import continued_trace
-from cairn_scheduler.jobs import ShardDispatcher, epoch_ms, utcnow
 from cairn_scheduler.metrics import LEASE_RECLAIMS, SHARD_REDISPATCHES
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class LeaseReaper:
     dispatcher: ShardDispatcher
 
     async def reap(self) -> int:
-        now_ms = epoch_ms()
+        now_ms = clock.now_ms()
         reclaimed = 0
         expired = {"state": ShardState.RUNNING, "lease_until": {"$lt": now_ms}}
         fields = {"job_id": 1, "task_key": 1, "fencing_token": 1, "strategy": 1, "priority": 1, "index": 1, "taken_by": 1}
@@ -97,7 +97,7 @@ class LeaseReaper:
             won = await self.db[SHARDS].find_one_and_update(
                 {"_id": shard["_id"], "fencing_token": shard["fencing_token"], **expired},
                 {
-                    "$set": {"state": ShardState.QUEUED, "taken_by": None, "reclaimed_at": utcnow(), "queued_at_ms": now_ms},
+                    "$set": {"state": ShardState.QUEUED, "taken_by": None, "reclaimed_at": clock.utcnow(), "queued_at_ms": now_ms},
                     "$inc": {"reclaims": 1},
                 },
             )
@@ -121,7 +121,7 @@ class LeaseReaper:
         claimable item. If the send fails the shard is put back to `RETRY` (conditionally) and
         the error raised, so the next pass tries again.
         """
-        now_ms = now_ms if now_ms is not None else epoch_ms()
+        now_ms = now_ms if now_ms is not None else clock.now_ms()
         sent, seen = 0, 0
         runners: set[str] = set()
         fields = {**_SHARD_FIELDS, "next_retry_at_ms": 1, "retry": 1, "retry_trace_context": 1}
@@ -143,7 +143,7 @@ class LeaseReaper:
                 "next_retry_at_ms": due_ms,
                 "cancel_requested": {"$in": [False, None]},  # a cancelled job's shard never starts
             },
-            {"$set": {"state": ShardState.QUEUED, "queued_at": utcnow(), "queued_at_ms": now_ms}, "$inc": {"retry_dispatches": 1}},
+            {"$set": {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": now_ms}, "$inc": {"retry_dispatches": 1}},
         )
         if won is None:
             return False  # another scheduler, a frontier runner's claim or a cancel came first
@@ -177,7 +177,7 @@ class LeaseReaper:
         async for shard in self.db[SHARDS].find(lost, {**_SHARD_FIELDS, "queued_at_ms": 1}):
             won = await self.db[SHARDS].find_one_and_update(
                 {"_id": shard["_id"], "state": ShardState.QUEUED, "queued_at_ms": shard["queued_at_ms"]},
-                {"$set": {"queued_at_ms": epoch_ms()}, "$inc": {"redispatches": 1}},
+                {"$set": {"queued_at_ms": clock.now_ms()}, "$inc": {"redispatches": 1}},
             )
             if won is None:
                 continue  # claimed meanwhile, or another scheduler re-sent it

@@ -17,11 +17,8 @@ after now (interval schedules keep their phase). Runs fired by schedules do not 
 gateway's job lock: overlapping runs of a slow job are allowed (each is its own job).
 """
 
-import asyncio
 import logging
-import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,10 +26,10 @@ from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from cairn_contracts import clock
 from cairn_contracts.messages import StartJob
-from cairn_contracts.schedules import ScheduleTiming, from_ms
+from cairn_contracts.schedules import ScheduleTiming
 from cairn_contracts.store import JOBS, SCHEDULES, JobRecord
-from cairn_contracts.topology import EXCHANGE_COMMANDS, ROUTING_START_JOB
 from cairn_runtime.amqp import PublishNotConfirmed, Publisher
 
 logger = logging.getLogger(__name__)
@@ -41,15 +38,11 @@ RECOVER_AFTER_MS = 15_000
 BATCH = 100
 
 
-def epoch_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def timing_of(schedule: dict[str, Any]) -> ScheduleTiming:
     fields = {name: schedule.get(name) for name in ScheduleTiming.model_fields}
     for name in ("at", "start_at", "end_at"):
         value = schedule.get(f"{name}_ms")
-        fields[name] = from_ms(value) if isinstance(value, int) else None
+        fields[name] = clock.from_ms_field(value)
     fields["timezone"] = fields.get("timezone") or "UTC"
     return ScheduleTiming.model_validate(fields)
 
@@ -63,17 +56,9 @@ class ScheduleFirer:
     db: AsyncDatabase
     publisher: Publisher
 
-    async def run_forever(self, tick_s: float) -> None:
-        while True:
-            try:
-                await self.tick()
-            except Exception:
-                logger.exception("schedule tick failed")
-            await asyncio.sleep(tick_s)
-
     async def tick(self, now_ms: int | None = None) -> int:
         """Recover runs left pending, then fire every due run; returns how many this process fired."""
-        now_ms = now_ms if now_ms is not None else epoch_ms()
+        now_ms = now_ms if now_ms is not None else clock.now_ms()
         await self.recover_pending(now_ms)
         fired = 0
         due = {"paused": False, "next_run_at_ms": {"$lte": now_ms}, "pending_run": None}
@@ -99,7 +84,7 @@ class ScheduleFirer:
             {
                 "$set": {
                     "next_run_at_ms": next_ms,
-                    "next_run_at": from_ms(next_ms) if next_ms is not None else None,
+                    "next_run_at": clock.from_ms(next_ms) if next_ms is not None else None,
                     "last_run_at_ms": now_ms,
                     "last_due_at_ms": due_ms,
                     "pending_run": {"number": run_number, "due_ms": due_ms, "claimed_at_ms": now_ms},
@@ -149,13 +134,11 @@ class ScheduleFirer:
     async def _publish(self, record: JobRecord) -> None:
         command = StartJob(job_id=record.id, tenant=record.tenant, spec=record.job_spec())
         try:
-            await self.publisher.publish(
-                EXCHANGE_COMMANDS, ROUTING_START_JOB, command, priority=record.priority, correlation_id=record.id
-            )
+            await self.publisher.publish(command, priority=record.priority, correlation_id=record.id)
         except PublishNotConfirmed:
             logger.warning("job %s recorded; its command was not confirmed and will be relayed", record.id, exc_info=True)
             return
-        await self.db[JOBS].update_one({"_id": record.id}, {"$set": {"command_published_at": datetime.now(UTC)}})
+        await self.db[JOBS].update_one({"_id": record.id}, {"$set": {"command_published_at": clock.utcnow()}})
 
     async def _settle(self, schedule_id: str, run_number: int, job_id: str | None) -> None:
         fields: dict[str, Any] = {"last_job_id": job_id} if job_id else {}

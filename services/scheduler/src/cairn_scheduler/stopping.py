@@ -10,16 +10,13 @@ A job cancelled before it was planned has no shards: it is finished here directl
 on it still being PENDING with no unfinished shard.
 """
 
-import time
-from datetime import UTC, datetime
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 
-from cairn_contracts.states import TERMINAL_SHARD_STATES, JobState, ShardState
+from cairn_contracts import clock
+from cairn_contracts.states import TERMINAL_SHARD_STATES, WAITING_SHARD_STATES, JobState, ShardState, state_values
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
-
-NOT_STARTED = [ShardState.PLANNED, ShardState.QUEUED, ShardState.RETRY]
 
 
 async def stop_shards(db: AsyncDatabase, job_id: str) -> int:
@@ -28,12 +25,12 @@ async def stop_shards(db: AsyncDatabase, job_id: str) -> int:
     await db[CHECKPOINTS].update_many(unmarked, {"$set": {"cancel_requested": True}})
     await db[SHARDS].update_many(unmarked, {"$set": {"cancel_requested": True}})
     moved = await db[SHARDS].update_many(
-        {"job_id": job_id, "state": {"$in": [str(s) for s in NOT_STARTED]}},
+        {"job_id": job_id, "state": {"$in": state_values(WAITING_SHARD_STATES)}},
         {
             "$set": {
                 "state": ShardState.CANCELLED,
-                "finished_at": datetime.now(UTC),
-                "cancelled_at_ms": int(time.time() * 1000),
+                "finished_at": clock.utcnow(),
+                "cancelled_at_ms": clock.now_ms(),
                 "lease_until": None,
                 "taken_by": None,
             }
@@ -45,18 +42,18 @@ async def stop_shards(db: AsyncDatabase, job_id: str) -> int:
 async def finish_unplanned(db: AsyncDatabase, job_id: str) -> bool:
     """CANCELLED for a job that never got past PENDING; True if this call finished it."""
     unfinished = await db[SHARDS].count_documents(
-        {"job_id": job_id, "state": {"$nin": [str(s) for s in TERMINAL_SHARD_STATES]}}
+        {"job_id": job_id, "state": {"$nin": state_values(TERMINAL_SHARD_STATES)}}
     )
     if unfinished:
         return False
-    now = datetime.now(UTC)
+    now = clock.utcnow()
     written = await db[JOBS].update_one(
         {"_id": job_id, "state": JobState.PENDING},
         {
             "$set": {
                 "state": JobState.CANCELLED,
                 "finished_at": now,
-                "finished_at_ms": int(now.timestamp() * 1000),
+                "finished_at_ms": clock.to_ms(now),
                 "result": empty_result(),
             }
         },

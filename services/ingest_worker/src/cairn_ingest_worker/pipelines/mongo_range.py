@@ -35,6 +35,10 @@ class MongoRangePipeline:
         non_retryable=(OperationFailure,),
     )
 
+    @classmethod
+    def from_job(cls, params: dict[str, Any], *, attempt: int, source: Database, bucket: Bucket | None) -> "MongoRangePipeline":
+        return cls(MongoRangeParams.model_validate(params), source, bucket)
+
     def __init__(self, params: MongoRangeParams, source: Database, bucket: Bucket | None = None) -> None:
         self._params = params
         self._bucket = bucket

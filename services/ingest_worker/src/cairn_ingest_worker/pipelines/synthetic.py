@@ -7,7 +7,7 @@ import signal
 import time
 from typing import Any, ClassVar
 
-from pymongo.collection import Collection
+from pymongo.database import Database
 
 from cairn_contracts.pipelines import SyntheticParams
 from cairn_ingest_worker.errors import FailurePolicy, NonRetryableError, RetryableError
@@ -19,20 +19,21 @@ logger = logging.getLogger(__name__)
 class SyntheticPipeline:
     failures: ClassVar[FailurePolicy] = FailurePolicy()  # the defaults: RetryableError / NonRetryableError
 
-    def __init__(
-        self, params: SyntheticParams, attempt: int, bucket: Bucket | None = None, fault_flags: Collection | None = None
-    ) -> None:
+    def __init__(self, params: SyntheticParams, attempt: int, bucket: Bucket | None = None) -> None:
         self._params = params
-        self._fault_flags = fault_flags
         self._attempt = attempt
         self._bucket = bucket
         self._filler = ("cairn" * (params.record_size // 5 + 1))[: params.record_size]
+
+    @classmethod
+    def from_job(cls, params: dict[str, Any], *, attempt: int, source: Database, bucket: Bucket | None) -> "SyntheticPipeline":
+        return cls(SyntheticParams.model_validate(params), attempt, bucket)
 
     def read(self, cursor: int, end: int, limit: int) -> Batch:
         keys = self._keys(cursor, end, limit)
         stop = keys[-1] + 1 if keys else end
         fail_at = self._params.fail_at_key
-        if fail_at is not None and fail_at in keys and self._failure_applies():
+        if fail_at is not None and fail_at in keys and self.failure_applies():
             self._fail(fail_at)
         if self._params.delay_ms_per_record:
             time.sleep(self._params.delay_ms_per_record * len(keys) / 1000)
@@ -56,14 +57,10 @@ class SyntheticPipeline:
     def _record(self, index: int) -> dict[str, Any]:
         return {"_id": self._params.record_key(index), "seq": index, "payload": self._filler}
 
-    def _failure_applies(self) -> bool:
-        if self._params.fail_times is not None and self._attempt > self._params.fail_times:
-            return False
-        flag = self._params.fail_while_flag
-        if flag is not None:
-            # "The source is broken" for as long as the flag document exists (test scaffolding).
-            return self._fault_flags is not None and self._fault_flags.find_one({"_id": flag}, {"_id": 1}) is not None
-        return True
+    def failure_applies(self) -> bool:
+        """Whether the injected failure at `fail_at_key` happens in this attempt (`fail_times`).
+        A test variant overrides it (tests-e2e/flaky_source.py: a source broken, then fixed)."""
+        return self._params.fail_times is None or self._attempt <= self._params.fail_times
 
     def _fail(self, key: int) -> None:
         kind = self._params.failure

@@ -7,15 +7,13 @@ entry (GET /dlq/entries/{id}) how its replay ended. Who asked: the `X-Cairn-Acto
 operator's name), else the API key's name (else its id); the key's id is recorded either way.
 """
 
-from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, Body, Query, Response, status
 
 from cairn_contracts.bounds import Moment
-from cairn_gateway.tasks_api import Tenant
-from cairn_gateway.auth import Caller
-from cairn_gateway.dlq import CommandNotFound, CommandNotPublished, DeadLetterService, EntryConflict, EntryFilter, EntryNotFound
+from cairn_gateway.api.deps import Actor, DeadLetters, Tenant
+from cairn_gateway.dlq import EntryFilter
 from cairn_gateway.dlq_schemas import (
     BulkReplayAccepted,
     BulkReplayRequest,
@@ -26,35 +24,19 @@ from cairn_gateway.dlq_schemas import (
     DiscardRequest,
     ReplayRequest,
 )
-from cairn_gateway.schemas import ErrorBody
+from cairn_gateway.errors import Invalid
+from cairn_gateway.problems import Problem
 
 router = APIRouter(prefix="/dlq", tags=["dead letters"])
 # Far more entries than a page walk ever skips, and well inside MongoDB's 64-bit skip.
 MAX_OFFSET = 1_000_000_000
 
 
-def dead_letters(request: Request) -> DeadLetterService:
-    return request.app.state.dead_letters
-
-
-@dataclass(frozen=True)
-class Requester:
-    name: str
-    api_key_id: str | None
-
-
-def requester(caller: Caller, x_cairn_actor: Annotated[str | None, Header(max_length=200)] = None) -> Requester:
-    named = x_cairn_actor.strip() if x_cairn_actor else ""
-    return Requester(named or caller.name or caller.key_id or caller.tenant, caller.key_id)
-
-
-DeadLetters = Annotated[DeadLetterService, Depends(dead_letters)]
-Actor = Annotated[Requester, Depends(requester)]
-NOT_FOUND = {404: {"model": ErrorBody}}
-COMMAND_ERRORS = {
-    404: {"model": ErrorBody},
-    409: {"model": ErrorBody, "description": "The entry is not open, names no shard to replay, or has a command not handled yet"},
-    503: {"model": ErrorBody, "description": "The broker did not confirm the command; nothing was requested"},
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem}}
+COMMAND_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": Problem},
+    409: {"model": Problem, "description": "The entry is not open, names no shard to replay, or has a command not handled yet"},
+    503: {"model": Problem, "description": "The broker did not confirm the command; nothing was requested"},
 }
 
 
@@ -81,19 +63,13 @@ async def list_entries(
 @router.get("/entries/{entry_id}", response_model=DeadLetterEntry, responses=NOT_FOUND)
 async def get_entry(entry_id: str, service: DeadLetters, tenant: Tenant) -> DeadLetterEntry:
     """One entry in full: error, bounded stack, original message (or its GridFS pointer), replays."""
-    try:
-        return await service.get(tenant, entry_id)
-    except EntryNotFound:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dead letter {entry_id}") from None
+    return await service.get(tenant, entry_id)
 
 
 @router.get("/entries/{entry_id}/payload", responses={200: {"content": {"application/octet-stream": {}}}, **NOT_FOUND})
 async def get_payload(entry_id: str, service: DeadLetters, tenant: Tenant) -> Response:
     """The original message body as it was received (read back from GridFS if it was large)."""
-    try:
-        data, content_type = await service.payload(tenant, entry_id)
-    except EntryNotFound as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no payload: {error}") from None
+    data, content_type = await service.payload(tenant, entry_id)
     return Response(content=data, media_type=content_type)
 
 
@@ -102,7 +78,7 @@ async def replay_entry(
     entry_id: str, service: DeadLetters, tenant: Tenant, requested_by: Actor, body: Annotated[ReplayRequest | None, Body()] = None
 ) -> CommandAccepted:
     """Re-dispatch the entry's shard; it resumes from its checkpoint with a fresh attempt budget."""
-    return await _command(service.request(tenant, entry_id, "replay", requested_by.name, body.note if body else None, requested_by.api_key_id), entry_id)
+    return await service.request(tenant, entry_id, "replay", requested_by.name, body.note if body else None, requested_by.api_key_id)
 
 
 @router.post("/entries/{entry_id}/discard", status_code=status.HTTP_202_ACCEPTED, response_model=CommandAccepted, responses=COMMAND_ERRORS)
@@ -110,16 +86,13 @@ async def discard_entry(
     entry_id: str, service: DeadLetters, tenant: Tenant, requested_by: Actor, body: Annotated[DiscardRequest | None, Body()] = None
 ) -> CommandAccepted:
     """Close the entry without replay; it stays in task_errors as `discarded` for audit."""
-    return await _command(service.request(tenant, entry_id, "discard", requested_by.name, body.note if body else None, requested_by.api_key_id), entry_id)
+    return await service.request(tenant, entry_id, "discard", requested_by.name, body.note if body else None, requested_by.api_key_id)
 
 
 @router.get("/commands/{command_id}", response_model=CommandStatus, responses=NOT_FOUND)
 async def get_command(command_id: str, service: DeadLetters, tenant: Tenant) -> CommandStatus:
     """What the DLQ handler did with a replay or discard command (pending until it has handled it)."""
-    try:
-        return await service.command(tenant, command_id)
-    except CommandNotFound:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dead-letter command {command_id}") from None
+    return await service.command(tenant, command_id)
 
 
 @router.post(
@@ -132,26 +105,5 @@ async def replay_matching(body: BulkReplayRequest, service: DeadLetters, tenant:
     """Replay the open, replayable entries matching the filter (all of a job: `{"job_id": ...}`)."""
     filters = ("job_id", "pipeline", "error_type", "reason", "shard_key", "since", "until")
     if all(getattr(body, name) is None for name in filters):
-        raise HTTPException(
-            422,
-            [{"loc": ["body"], "msg": f"give at least one filter: {', '.join(filters)}", "type": "value_error"}],
-        )
-    try:
-        return await service.replay_matching(tenant, body, requested_by.name, requested_by.api_key_id)
-    except CommandNotPublished as error:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            f"{error}; {len(error.accepted)} replay command(s) were published before: "
-            + ", ".join(c.dead_letter_id for c in error.accepted),
-        ) from None
-
-
-async def _command(pending, entry_id: str) -> CommandAccepted:  # type: ignore[no-untyped-def]
-    try:
-        return await pending
-    except EntryNotFound:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dead letter {entry_id}") from None
-    except EntryConflict as error:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(error)) from None
-    except CommandNotPublished as error:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(error)) from None
+        raise Invalid(f"give at least one filter: {', '.join(filters)}", ("body",))
+    return await service.replay_matching(tenant, body, requested_by.name, requested_by.api_key_id)

@@ -1,30 +1,21 @@
 """`/v1/schedules`: cron, interval and one-off schedules of a job, fired by the scheduler service.
 
-A GET needs the `read` scope, everything else `submit`. See schedules.py for the semantics.
+A GET needs the `read` scope, everything else `submit`. See schedules.py (the service) for the semantics.
 """
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
+from fastapi import APIRouter, Body, Header, Query, Response, status
 
-from cairn_gateway.auth import Caller
-from cairn_gateway.jobs import IdempotencyConflict
-from cairn_gateway.joblock import DuplicateJob
-from cairn_gateway.problems import ApiError, Problem
-from cairn_gateway.schedules import ScheduleCreate, ScheduleService
+from cairn_gateway.api.deps import Caller, Schedules
 from cairn_gateway.jobs_schemas import SchedulePage, ScheduleUpdate, ScheduleView, TriggerAccepted
+from cairn_gateway.problems import Problem
+from cairn_gateway.schedules import ScheduleCreate
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No such schedule for this tenant"}}
 RACE: dict[int | str, dict[str, Any]] = {409: {"model": Problem, "description": "The schedule kept changing (runs fired meanwhile); try again"}}
-
-
-def schedules(request: Request) -> ScheduleService:
-    return request.app.state.schedules
-
-
-Schedules = Annotated[ScheduleService, Depends(schedules)]
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=ScheduleView)
@@ -88,9 +79,4 @@ async def trigger_schedule(
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=150)] = None,
 ) -> TriggerAccepted:
     """Run the schedule's job now (a manual run: not counted in max_runs, the next run stays)."""
-    try:
-        return await service.trigger(caller.tenant, schedule_id, idempotency_key)
-    except DuplicateJob as error:
-        raise ApiError(409, str(error), ["path", "schedule_id"]) from None
-    except IdempotencyConflict as error:
-        raise ApiError(409, str(error), ["header", "Idempotency-Key"]) from None
+    return await service.trigger(caller.tenant, schedule_id, idempotency_key)

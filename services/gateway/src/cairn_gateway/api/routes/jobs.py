@@ -6,34 +6,20 @@ waits for it. A GET needs the `read` scope, everything else `submit`.
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
+from fastapi import APIRouter, Body, Header, Query, Response, status
 
 from cairn_contracts.bounds import Moment
 from cairn_contracts.jobs import JobSpec
 from cairn_contracts.pipelines import PIPELINE_NAMES
 from cairn_contracts.states import JobState
-from cairn_gateway.auth import Caller
-from cairn_gateway.jobs import IdempotencyConflict, JobService
-from cairn_gateway.job_directory import JobDirectory, JobFilter
-from cairn_gateway.joblock import DuplicateJob
-from cairn_gateway.problems import ApiError, Problem
+from cairn_gateway.api.deps import Caller, Jobs
+from cairn_gateway.jobs import JobFilter
 from cairn_gateway.jobs_schemas import JobAccepted, JobCounts, JobDetail, JobPage, JobResultBody, JobSummary
+from cairn_gateway.problems import Problem
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No such job for this tenant"}}
-
-
-def directory(request: Request) -> JobDirectory:
-    return request.app.state.job_directory
-
-
-def job_service(request: Request) -> JobService:
-    return request.app.state.jobs
-
-
-Directory = Annotated[JobDirectory, Depends(directory)]
-Jobs = Annotated[JobService, Depends(job_service)]
 
 
 @router.post(
@@ -53,12 +39,7 @@ async def create_job(
 ) -> JobAccepted:
     """Record the job and publish its start command. The same Idempotency-Key (same tenant) returns
     the same job; a job identical to an unfinished one of the tenant is refused (409)."""
-    try:
-        submission = await jobs.submit(spec, caller.tenant, idempotency_key)
-    except IdempotencyConflict as error:
-        raise ApiError(409, str(error), ["header", "Idempotency-Key"]) from None
-    except DuplicateJob as error:
-        raise ApiError(409, str(error), ["body"]) from None
+    submission = await jobs.submit(spec, caller.tenant, idempotency_key)
     url = f"/v1/jobs/{submission.job_id}"
     response.headers["Location"] = url
     return JobAccepted(id=submission.job_id, state=submission.state, created=submission.created, url=url)
@@ -66,7 +47,7 @@ async def create_job(
 
 @router.get("", response_model=JobPage)
 async def list_jobs(
-    jobs: Directory,
+    jobs: Jobs,
     caller: Caller,
     state: JobState | None = None,
     pipeline: Annotated[str | None, Query(pattern="^(" + "|".join(PIPELINE_NAMES) + ")$")] = None,
@@ -87,14 +68,14 @@ async def list_jobs(
 
 
 @router.get("/counts", response_model=JobCounts)
-async def count_jobs(jobs: Directory, caller: Caller) -> JobCounts:
+async def count_jobs(jobs: Jobs, caller: Caller) -> JobCounts:
     """How many of the tenant's jobs are in each state."""
     return await jobs.counts(caller.tenant)
 
 
 @router.get("/{job_id}", response_model=JobDetail, responses=NOT_FOUND)
 async def get_job(
-    job_id: str, jobs: Directory, caller: Caller, shard_limit: Annotated[int, Query(ge=0, le=5000)] = 1000
+    job_id: str, jobs: Jobs, caller: Caller, shard_limit: Annotated[int, Query(ge=0, le=5000)] = 1000
 ) -> JobDetail:
     """The job, its spec, progress and shards (state, attempts, checkpoint cursor, records)."""
     return await jobs.get(caller.tenant, job_id, shard_limit)
@@ -106,7 +87,7 @@ async def get_job(
     response_model=JobSummary,
     responses={**NOT_FOUND, 409: {"model": Problem, "description": "The job has finished (SUCCESS, FAILURE, or already CANCELLED)"}},
 )
-async def cancel_job(job_id: str, jobs: Directory, caller: Caller) -> JobSummary:
+async def cancel_job(job_id: str, jobs: Jobs, caller: Caller) -> JobSummary:
     """Cancel cooperatively: shards not started never start, running ones stop at their next batch
     boundary keeping their checkpoint; the job ends CANCELLED (CANCELLING until then)."""
     return await jobs.cancel(caller.tenant, job_id, caller.name or caller.key_id)
@@ -118,7 +99,7 @@ async def cancel_job(job_id: str, jobs: Directory, caller: Caller) -> JobSummary
     response_class=Response,
     responses={**NOT_FOUND, 409: {"model": Problem, "description": "The job is not finished"}},
 )
-async def delete_job(job_id: str, jobs: Directory, caller: Caller) -> Response:
+async def delete_job(job_id: str, jobs: Jobs, caller: Caller) -> Response:
     """Delete a finished job with its shards and checkpoints; the records it stored stay."""
     await jobs.delete(caller.tenant, job_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -133,6 +114,6 @@ async def delete_job(job_id: str, jobs: Directory, caller: Caller) -> Response:
         410: {"model": Problem, "description": "The result has expired (CAIRN_RESULT_TTL_S after the job finished)"},
     },
 )
-async def job_result(job_id: str, jobs: Directory, caller: Caller) -> JobResultBody:
+async def job_result(job_id: str, jobs: Jobs, caller: Caller) -> JobResultBody:
     """The result summary of a finished job, kept for CAIRN_RESULT_TTL_S."""
     return await jobs.result(caller.tenant, job_id)

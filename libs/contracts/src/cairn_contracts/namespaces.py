@@ -1,0 +1,31 @@
+"""Cairn's own MongoDB collections (its control data), by name.
+
+No job may name one of them as its source or its target: a job that wrote records into `shards`
+would break every roll-up, and one that read `api_keys` would copy other tenants' secrets.
+`is_control_collection` is the one check, used by the job spec's validators.
+"""
+
+JOBS = "jobs"
+SHARDS = "shards"
+CHECKPOINTS = "checkpoints"
+DEDUP = "dedup"
+TASK_ERRORS = "task_errors"
+RAW_PAYLOADS = "raw_payloads"
+SCHEDULES = "schedules"
+# Replay/discard commands to the DLQ handler by command_id: the gateway records each one `pending`
+# before publishing it, the DLQ handler records its outcome (GET /dlq/commands/{command_id}).
+DLQ_COMMANDS = "dlq_commands"
+API_KEYS = "api_keys"  # {_id: key id, tenant, scopes, secret_hash (sha256 hex), name, created_at, revoked_at}
+# GridFS bucket of large raw payloads (collections raw_payload_blobs.files / .chunks); the
+# RawPayload metadata document in `raw_payloads` points at its file.
+RAW_PAYLOAD_BUCKET = "raw_payload_blobs"
+
+CONTROL_COLLECTIONS = frozenset(
+    {JOBS, SHARDS, CHECKPOINTS, DEDUP, TASK_ERRORS, RAW_PAYLOADS, SCHEDULES, DLQ_COMMANDS, API_KEYS}
+)
+
+
+def is_control_collection(name: str) -> bool:
+    """Whether `name` is one of Cairn's control collections, a GridFS collection of its raw
+    payloads (`raw_payload_blobs.files`/`.chunks`) or a MongoDB system collection."""
+    return name in CONTROL_COLLECTIONS or name.startswith((f"{RAW_PAYLOAD_BUCKET}.", "system."))
