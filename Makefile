@@ -11,7 +11,7 @@ PYTEST := uv run --no-sync pytest
 # Extra pytest arguments, e.g. make test-unit PYTEST_ARGS="-k lease -x"
 PYTEST_ARGS ?=
 
-.PHONY: help install local-services test-services up down status test test-unit test-e2e logs lock compose-config
+.PHONY: help install local-services test-services up down status lint test test-unit test-e2e logs lock compose-config
 
 help: ## List the targets
 	@echo "Cairn make targets:"
@@ -40,7 +40,11 @@ down: ## Stop what `make up` started
 status: ## State of the local processes `make up` runs under supervisord (pid, uptime, restarts in .run/logs/supervisord.log)
 	@infra/local/status.sh
 
-test: install test-services ## What CI runs: every test suite (libs, services, tests-e2e)
+lint: install ## ruff (lint, import order) and mypy (libs/ and services/), configured in pyproject.toml
+	uv run --no-sync ruff check .
+	uv run --no-sync mypy
+
+test: install lint test-services ## What CI runs: lint, then every test suite (libs, services, tests-e2e)
 	$(PYTEST) libs services tests-e2e $(PYTEST_ARGS)
 
 test-unit: install test-services ## Tests of libs/ and services/ only

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from celery import signals
-from pymongo import monitoring
 from pyinstrument import Profiler
+from pymongo import monitoring
 
 AREAS = (  # first match wins: (substring of the frame's file path, area)
     ("/pymongo/", "pymongo (encode, send, wait for the server, decode)"),

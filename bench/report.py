@@ -25,10 +25,10 @@ HOT_PATH_BEFORE = ROOT / "bench" / "profiles" / "hot-path-before.json"
 
 # --- stdout --------------------------------------------------------------------------------------
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
@@ -286,8 +286,8 @@ def _checkpoints(data: dict[str, Any], plots: Path, result: dict[str, Any]) -> s
     xs = [int(s) for s in sizes]
     for mode, color, label in (("on", CAIRN_COLOR, "checkpoint every batch (production)"), ("off", BASE_COLOR, "checkpoint only at the end (bench switch)")):
         med = [data["sizes"][s][mode]["records_per_s"]["median"] for s in sizes]
-        lo = [m - data["sizes"][s][mode]["records_per_s"]["min"] for s, m in zip(sizes, med)]
-        hi = [data["sizes"][s][mode]["records_per_s"]["max"] - m for s, m in zip(sizes, med)]
+        lo = [m - data["sizes"][s][mode]["records_per_s"]["min"] for s, m in zip(sizes, med, strict=False)]
+        hi = [data["sizes"][s][mode]["records_per_s"]["max"] - m for s, m in zip(sizes, med, strict=False)]
         ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, color=color, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("batch size (records per insert_many and per checkpoint)")
@@ -450,7 +450,7 @@ def _broker(data: dict[str, Any], plots: Path, result: dict[str, Any]) -> str:
     fig.savefig(plots / "broker.png", dpi=110)
     plt.close(fig)
     cpu_lines = []
-    for name, label in zip(names, labels):
+    for name, label in zip(names, labels, strict=False):
         runs = paths[name]["runs"]
         wall = sum(r["cpu"]["wall"] for r in runs) or 1
         share = {k: sum(r["cpu"].get(k, 0) for r in runs) / wall for k in ("rabbitmq", "bench", "other")}
@@ -604,7 +604,7 @@ def _bar_axes(ax: Any, labels: list[str], series: dict[str, list[dict[str, Any] 
         lo = [(v["median"] - v["min"]) if v else 0 for v in values]
         hi = [(v["max"] - v["median"]) if v else 0 for v in values]
         bars = ax.bar(xs, med, width, yerr=[lo, hi], capsize=3, color=colors[i % len(colors)], label=name)
-        for bar, m in zip(bars, med):
+        for bar, m in zip(bars, med, strict=False):
             if m:
                 ax.annotate(f"{m:,.0f}" if m >= 10 else f"{m:.2f}", (bar.get_x() + bar.get_width() / 2, m),
                             ha="center", va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
@@ -630,7 +630,7 @@ def _cpu_plot(path: Path, configs: dict[str, dict[str, float]], title: str) -> N
     for key in keys:
         values = [c.get(key, 0.0) for c in configs.values()]
         ax.bar(list(configs), values, bottom=bottoms, color=CPU_COLORS[key], label=key.replace("_", "-"))
-        bottoms = [b + v for b, v in zip(bottoms, values)]
+        bottoms = [b + v for b, v in zip(bottoms, values, strict=False)]
     ax.axhline(2.0, color="black", lw=0.8, ls=":")
     ax.set_ylabel("cores busy (of 2)")
     ax.set_title(title)

@@ -37,7 +37,7 @@ def running_shard_of(system: System, job_id: str, worker: str, min_batches: int)
     for shard in system.db.shards.find({"job_id": job_id, "state": "RUNNING"}):
         if not str(shard.get("taken_by") or "").startswith(f"{worker}/"):
             continue
-        checkpoint = system.db.checkpoints.find_one({"shard_key": shard["task_key"]})
+        checkpoint = system.db.checkpoints.find_one({"shard_key": shard["shard_key"]})
         if (
             checkpoint
             and checkpoint["fencing_token"] == shard["fencing_token"]
@@ -90,10 +90,10 @@ def test_killed_workers_resume_from_their_checkpoints(crash_system: System, shar
         worker_id = "worker-1" if worker == "ingest_worker" else "worker-2"
         at_batches = rng.randint(1, 6)
         shard = system.wait_for(
-            lambda: running_shard_of(system, job_id, worker_id, at_batches), f"{worker_id} mid-shard", 120
+            lambda worker_id=worker_id, at_batches=at_batches: running_shard_of(system, job_id, worker_id, at_batches), f"{worker_id} mid-shard", 120
         )
         system.services[worker].kill()
-        killed.append(shard["task_key"])
+        killed.append(shard["shard_key"])
         system.services[worker].start()
 
     final = system.wait_for_state(job_id, {"SUCCESS", "FAILURE"}, timeout_s=300)
@@ -127,7 +127,7 @@ def test_a_frozen_worker_cannot_overwrite_the_shard_it_lost(crash_system: System
         token = shard["fencing_token"]
         taken_over = system.wait_for(
             lambda: system.db.checkpoints.find_one(
-                {"shard_key": shard["task_key"], "fencing_token": {"$gt": token}, "taken_by": {"$ne": None}}
+                {"shard_key": shard["shard_key"], "fencing_token": {"$gt": token}, "taken_by": {"$ne": None}}
             ),
             "another worker to take the frozen worker's shard over",
             120,
@@ -141,7 +141,7 @@ def test_a_frozen_worker_cannot_overwrite_the_shard_it_lost(crash_system: System
     assert_stored_exactly_once(system, job_id, "frozen", total)
     # The woken worker finished its batch and tried to commit it: the fencing token refused it.
     system.wait_for(
-        lambda: system.db.shards.find_one({"_id": shard["task_key"], "fenced_writes": {"$gte": 1}}),
+        lambda: system.db.shards.find_one({"_id": shard["shard_key"], "fenced_writes": {"$gte": 1}}),
         "a refused late write",
         30,
     )
@@ -197,7 +197,7 @@ def test_scheduler_killed_while_planning_loses_and_doubles_nothing(crash_system:
     final = system.wait_for_state(job_id, {"SUCCESS", "FAILURE"}, timeout_s=300)
     assert final["state"] == "SUCCESS", dump(final)
     assert 0 < dispatched_before_kill, "the kill must land during dispatch"
-    task_keys = [s["task_key"] for s in system.db.shards.find({"job_id": job_id}, {"task_key": 1})]
+    task_keys = [s["shard_key"] for s in system.db.shards.find({"job_id": job_id}, {"shard_key": 1})]
     assert len(task_keys) == shards == len(set(task_keys))
     assert system.db.checkpoints.count_documents({"job_id": job_id}) == shards
     assert_stored_exactly_once(system, job_id, "replanned", total)

@@ -350,7 +350,7 @@ def test_list_filters_and_pages_of_dead_letters(system: System) -> None:
     assert {c["dead_letter_id"] for c in accepted["commands"]} == set(ids[:2])
     for letter_id in ids[:2]:
         entry = system.wait_for(
-            lambda: (e := system.db.task_errors.find_one({"_id": letter_id})) and e.get("replays") and e,
+            lambda letter_id=letter_id: (e := system.db.task_errors.find_one({"_id": letter_id})) and e.get("replays") and e,
             f"replay of {letter_id} handled",
         )
         assert entry["status"] == "open" and entry["replays"][0]["outcome"] == "refused", dump(entry)

@@ -96,7 +96,7 @@ def test_a_long_backoff_retry_is_not_held_by_a_worker_and_the_scheduler_sends_it
 
     assert_no_delivery_held(system)
     status = system.wait_for_state(job_id, {"RETRY"}, timeout_s=30)
-    assert [r["shard_key"] for r in status["retrying"]] == [shard["task_key"]], dump(status)
+    assert [r["shard_key"] for r in status["retrying"]] == [shard["shard_key"]], dump(status)
     assert system.services["ingest_worker"].process.poll() is None
 
     make_due(system, shard)
@@ -116,7 +116,7 @@ def test_a_lease_frontier_item_waiting_a_long_backoff_holds_no_runner_and_gets_o
         failing_once("e2e_long_backoff_frontier", sharding={"strategy": "lease_frontier", "shards": 1, "item_size": 250})
     )
     item = waiting_shard(system, job_id)
-    assert item["task_key"] == f"{job_id}:0002", dump(item)  # keys [500, 750) hold key 600
+    assert item["shard_key"] == f"{job_id}:0002", dump(item)  # keys [500, 750) hold key 600
     # The runner went on with the items after it and ended: no lane waits for the retry.
     system.wait_for(
         lambda: system.db.shards.count_documents({"job_id": job_id, "state": "SUCCEEDED"}) == 3, "the other items done"

@@ -189,7 +189,7 @@ def test_a_job_with_a_retry_and_a_dead_letter_is_one_trace_across_the_four_servi
     dispatches = trace.named("apply_async/cairn.ingest.run_shard")
     # The scheduler sends the first tasks and, when due, the retries (they wait in MongoDB).
     assert {trace.service(s) for s in dispatches} == {"scheduler"} and len(dispatches) == 4
-    runs = {key: trace.named("run/cairn.ingest.run_shard", shard_id=key) for key in (healthy_shard, failing_shard)}
+    runs = {key: trace.named("run/cairn.ingest.run_shard", shard_key=key) for key in (healthy_shard, failing_shard)}
     assert len(runs[healthy_shard]) == 1 and len(runs[failing_shard]) == 3, "one run, and three attempts"
     for run in runs[healthy_shard] + runs[failing_shard]:
         # Attempt n: sent by the scheduler n times (the first dispatch, then each due retry).
@@ -204,9 +204,9 @@ def test_a_job_with_a_retry_and_a_dead_letter_is_one_trace_across_the_four_servi
     assert trace.by_id[dead_letter["parent_id"]]["name"] == f"publish {EXCHANGE_DLX}"
     assert third in trace.ancestors(dead_letter), "the dead letter comes from the last attempt"
     events = trace.named("consume cairn.scheduler.events")
-    assert {e["attributes"]["cairn.shard_id"] for e in events} >= {healthy_shard, failing_shard}
+    assert {e["attributes"]["cairn.shard_key"] for e in events} >= {healthy_shard, failing_shard}
     for event in events:  # announced by the shard's last attempt (the failing shard: its third)
-        attempts = 3 if event["attributes"]["cairn.shard_id"] == failing_shard else 1
+        attempts = 3 if event["attributes"]["cairn.shard_key"] == failing_shard else 1
         assert trace.hops(event) == ["gateway", *["scheduler", "ingest-worker"] * attempts, "scheduler"]
         assert trace.by_id[event["parent_id"]]["name"] == f"publish {EXCHANGE_EVENTS}"
 
@@ -215,10 +215,10 @@ def test_a_job_with_a_retry_and_a_dead_letter_is_one_trace_across_the_four_servi
         assert span["attributes"]["cairn.job_id"] == job_id
         assert span["attributes"]["cairn.tenant"] == tenant
         assert span["attributes"]["cairn.pipeline"] == "synthetic"
-    batches = trace.named("cairn.batch", shard_id=healthy_shard)
+    batches = trace.named("cairn.batch", shard_key=healthy_shard)
     assert sorted(b["attributes"]["cairn.cursor"] for b in batches) == list(range(0, 1000, 100))
     assert all(trace.by_id[b["parent_id"]] is runs[healthy_shard][0] for b in batches)
-    failed_batches = [b for b in trace.named("cairn.batch", shard_id=failing_shard) if b["status"]["status_code"] == "ERROR"]
+    failed_batches = [b for b in trace.named("cairn.batch", shard_key=failing_shard) if b["status"]["status_code"] == "ERROR"]
     assert [b["attributes"]["cairn.cursor"] for b in failed_batches] == [1500, 1500, 1500]
 
     # MongoDB commands are child spans of the work in every service.
@@ -264,14 +264,14 @@ def test_every_log_line_about_the_work_names_its_trace_job_and_shard(observed: S
         lines[service] = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
         assert lines[service], f"{service} wrote no JSON lines"
         for entry in lines[service]:
-            assert {"ts", "level", "logger", "message", "service", "trace_id", "correlation_id", "job_id", "shard_id"} <= entry.keys()
+            assert {"ts", "level", "logger", "message", "service", "trace_id", "correlation_id", "job_id", "shard_key"} <= entry.keys()
 
     about_shard = [e for e in lines["ingest_worker"] if shard in e["message"]]
     assert len(about_shard) >= 3, "the retries and the dead letter are logged"
     for entry in about_shard:
-        assert (entry["job_id"], entry["shard_id"], entry["correlation_id"], entry["trace_id"]) == (job_id, shard, job_id, trace_id), entry
+        assert (entry["job_id"], entry["shard_key"], entry["correlation_id"], entry["trace_id"]) == (job_id, shard, job_id, trace_id), entry
     recorded = [e for e in lines["dlq_handler"] if e["message"].startswith("recorded dead letter") and e["job_id"] == job_id]
-    assert [(e["shard_id"], e["trace_id"]) for e in recorded] == [(shard, trace_id)]
+    assert [(e["shard_key"], e["trace_id"]) for e in recorded] == [(shard, trace_id)]
 
 
 # ------------------------------------------------------------------------------------ metrics

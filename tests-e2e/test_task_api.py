@@ -150,7 +150,7 @@ def test_a_cancelled_8_shard_job_stops_within_one_batch_per_running_shard(system
         assert checkpoints[shard_key]["records_done"] - done <= batch, dump(checkpoints[shard_key])
     never_started = [s for s in shards if s["attempts"] == 0]
     assert never_started, "every shard had started: the test needs queued shards to cancel"
-    assert all(s["state"] == "CANCELLED" and checkpoints[s["task_key"]]["records_done"] == 0 for s in never_started)
+    assert all(s["state"] == "CANCELLED" and checkpoints[s["shard_key"]]["records_done"] == 0 for s in never_started)
     stored = system.db.e2e_cancel.count_documents({"job_id": job_id})
     assert stored == sum(c["records_done"] for c in checkpoints.values()) < 80_000  # no partial batch
     assert all(c["records_done"] % batch == 0 or c["cursor"] == c["range_end"] for c in checkpoints.values())
@@ -228,11 +228,11 @@ def test_with_workers_saturated_critical_shards_start_before_queued_low_ones(one
         )
         critical_id = client.post("/v1/jobs", json=critical).json()["id"]
         wait_for("the CRITICAL shards are queued", lambda: system.db.shards.count_documents({"job_id": critical_id, "state": {"$ne": "PLANNED"}}) == 2, system=system)
-        waiting_low = [s["task_key"] for s in system.db.shards.find({"job_id": low_id, "state": "QUEUED", "attempts": 0})]
+        waiting_low = [s["shard_key"] for s in system.db.shards.find({"job_id": low_id, "state": "QUEUED", "attempts": 0})]
         wait_for("both jobs succeed", lambda: job_state(client, low_id) == job_state(client, critical_id) == "SUCCESS", timeout_s=120, system=system)
 
     assert len(waiting_low) >= 3, "the LOW shards were not waiting any more: nothing to overtake"
-    started = {s["task_key"]: moment(s["started_at"]) for s in system.db.shards.find({"job_id": {"$in": [low_id, critical_id]}})}
+    started = {s["shard_key"]: moment(s["started_at"]) for s in system.db.shards.find({"job_id": {"$in": [low_id, critical_id]}})}
     last_critical = max(started[k] for k in started if k.startswith(critical_id))
     first_waiting_low = min(started[k] for k in waiting_low)
     assert last_critical < first_waiting_low, dump(sorted(started.items(), key=lambda kv: kv[1]))

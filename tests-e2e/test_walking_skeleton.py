@@ -17,8 +17,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def shard_snapshot(system: System, job_id: str) -> list[dict]:
-    fields = {"task_key": 1, "range_start": 1, "range_end": 1, "state": 1, "attempts": 1, "fencing_token": 1, "queued_at": 1}
-    return sorted(system.db.shards.find({"job_id": job_id}, fields), key=lambda s: s["task_key"])
+    fields = {"shard_key": 1, "range_start": 1, "range_end": 1, "state": 1, "attempts": 1, "fencing_token": 1, "queued_at": 1}
+    return sorted(system.db.shards.find({"job_id": job_id}, fields), key=lambda s: s["shard_key"])
 
 
 def republish_start_command(system: System, job_id: str) -> None:

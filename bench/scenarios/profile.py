@@ -95,7 +95,7 @@ def add_history(ctx: BenchContext, shards: int) -> None:
     for start in range(0, shards, 1000):
         keys = [(f"hist{ctx.run_id}{i // 8:05d}", f"hist{ctx.run_id}{i // 8:05d}:{i % 8:04d}", i % 8) for i in range(start, min(shards, start + 1000))]
         ctx.db["shards"].insert_many([
-            {"_id": key, "task_key": key, "job_id": job, "index": index, "strategy": "range", "range_start": index * 1000,
+            {"_id": key, "shard_key": key, "job_id": job, "index": index, "strategy": "range", "range_start": index * 1000,
              "range_end": (index + 1) * 1000, "records_total": 1000, "priority": 2, "state": "SUCCEEDED", "attempts": 1,
              "fencing_token": 1, "lease_until": None, "taken_by": None}
             for job, key, index in keys

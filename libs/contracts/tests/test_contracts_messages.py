@@ -140,7 +140,7 @@ def _matches(pattern: str, key: str) -> bool:
     if pattern == "#":
         return True
     words, keys = pattern.split("."), key.split(".")
-    return len(words) == len(keys) and all(w in ("*", k) for w, k in zip(words, keys))
+    return len(words) == len(keys) and all(w in ("*", k) for w, k in zip(words, keys, strict=False))
 
 
 def _queues_reached(route: topology.Route) -> set[str]:

@@ -19,12 +19,12 @@ NOW = datetime(2026, 1, 2, tzinfo=UTC)
 
 def test_a_planned_shard_and_its_checkpoint_as_stored() -> None:
     shard = ShardRecord(
-        task_key="job:0001", job_id="job", index=1, strategy="hash_mod", range_start=0, range_end=100,
+        shard_key="job:0001", job_id="job", index=1, strategy="hash_mod", range_start=0, range_end=100,
         bucket=ShardBucket(modulus=4, remainder=1), records_estimate=25, priority=3, created_at=NOW,
     )
 
     assert shard.to_document() == {
-        "_id": "job:0001", "task_key": "job:0001", "job_id": "job", "index": 1, "strategy": "hash_mod",
+        "_id": "job:0001", "shard_key": "job:0001", "job_id": "job", "index": 1, "strategy": "hash_mod",
         "range_start": 0, "range_end": 100, "bucket": {"modulus": 4, "remainder": 1}, "records_estimate": 25,
         "priority": 3, "state": "PLANNED", "attempts": 0, "fencing_token": 0, "lease_until": None, "taken_by": None,
         "created_at": NOW,

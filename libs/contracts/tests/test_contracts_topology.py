@@ -63,7 +63,7 @@ def test_task_name_is_namespaced() -> None:
 def test_unique_indexes_cover_the_idempotency_keys() -> None:
     unique = {(spec.collection, spec.keys) for spec in store.INDEXES if spec.unique}
 
-    assert (store.SHARDS, (("task_key", 1),)) in unique
+    assert (store.SHARDS, (("shard_key", 1),)) in unique
     assert (store.CHECKPOINTS, (("shard_key", 1), ("sub_key", 1))) in unique
     assert (store.DEDUP, (("task_fingerprint", 1),)) in unique
     assert (store.JOBS, (("tenant", 1), ("idempotency_key", 1))) in unique

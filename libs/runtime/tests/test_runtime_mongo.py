@@ -11,10 +11,10 @@ from cairn_runtime.mongo import Inserted, async_client, ensure_indexes, ensure_i
 
 async def test_ensure_indexes_makes_task_key_unique(async_mongo_db) -> None:
     await ensure_indexes(async_mongo_db)
-    await async_mongo_db[SHARDS].insert_one({"_id": "a", "task_key": "job:0000"})
+    await async_mongo_db[SHARDS].insert_one({"_id": "a", "shard_key": "job:0000"})
 
     with pytest.raises(DuplicateKeyError):
-        await async_mongo_db[SHARDS].insert_one({"_id": "b", "task_key": "job:0000"})
+        await async_mongo_db[SHARDS].insert_one({"_id": "b", "shard_key": "job:0000"})
     assert await async_mongo_db[SHARDS].count_documents({}) == 1
 
 
@@ -55,19 +55,19 @@ async def test_jobs_without_an_idempotency_key_do_not_collide(async_mongo_db) ->
 async def test_ensure_indexes_is_idempotent(async_mongo_db) -> None:
     await ensure_indexes(async_mongo_db)
     await ensure_indexes(async_mongo_db)
-    await async_mongo_db[SHARDS].insert_one({"_id": "a", "task_key": "k"})
+    await async_mongo_db[SHARDS].insert_one({"_id": "a", "shard_key": "k"})
 
     with pytest.raises(DuplicateKeyError):
-        await async_mongo_db[SHARDS].insert_one({"_id": "b", "task_key": "k"})
+        await async_mongo_db[SHARDS].insert_one({"_id": "b", "shard_key": "k"})
 
 
 def test_ensure_indexes_sync_creates_the_same_unique_indexes(mongo_db) -> None:
     ensure_indexes_sync(mongo_db)
     ensure_indexes_sync(mongo_db)
-    mongo_db[SHARDS].insert_one({"_id": "a", "task_key": "k"})
+    mongo_db[SHARDS].insert_one({"_id": "a", "shard_key": "k"})
 
     with pytest.raises(DuplicateKeyError):
-        mongo_db[SHARDS].insert_one({"_id": "b", "task_key": "k"})
+        mongo_db[SHARDS].insert_one({"_id": "b", "shard_key": "k"})
     indexed = {tuple(k for k, _ in info["key"]) for info in mongo_db[SHARDS].index_information().values()}
     expected = {tuple(k for k, _ in spec.keys) for spec in INDEXES if spec.collection == SHARDS}
     assert expected <= indexed

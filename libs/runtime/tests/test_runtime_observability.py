@@ -82,7 +82,7 @@ def test_json_lines_carry_trace_correlation_job_and_shard(restore_logging) -> No
     configure_logging("svc", "INFO", "json", stream=stream)
     tracer = TracerProvider().get_tracer("tests")
 
-    with tracer.start_as_current_span("work") as span, log_context(job_id="j1", shard_id="j1:0003", correlation_id="c9"):
+    with tracer.start_as_current_span("work") as span, log_context(job_id="j1", shard_key="j1:0003", correlation_id="c9"):
         logging.getLogger("cairn.test").info("batch %d stored", 7)
         trace_id = format(span.get_span_context().trace_id, "032x")
     logging.getLogger("cairn.test").info("outside")
@@ -90,8 +90,8 @@ def test_json_lines_carry_trace_correlation_job_and_shard(restore_logging) -> No
     inside, outside = (json.loads(line) for line in stream.getvalue().splitlines())
     assert inside["message"] == "batch 7 stored"
     assert inside["level"] == "INFO" and inside["service"] == "svc" and inside["logger"] == "cairn.test"
-    assert (inside["trace_id"], inside["correlation_id"], inside["job_id"], inside["shard_id"]) == (trace_id, "c9", "j1", "j1:0003")
-    assert (outside["trace_id"], outside["correlation_id"], outside["job_id"], outside["shard_id"]) == (None, None, None, None)
+    assert (inside["trace_id"], inside["correlation_id"], inside["job_id"], inside["shard_key"]) == (trace_id, "c9", "j1", "j1:0003")
+    assert (outside["trace_id"], outside["correlation_id"], outside["job_id"], outside["shard_key"]) == (None, None, None, None)
 
 
 def test_text_on_a_terminal_is_coloured_with_the_context_at_the_end(restore_logging, monkeypatch) -> None:
@@ -99,7 +99,7 @@ def test_text_on_a_terminal_is_coloured_with_the_context_at_the_end(restore_logg
     terminal = FakeTerminal()
     configure_logging("svc", "INFO", "auto", stream=terminal)
 
-    with log_context(job_id="j2", shard_id="j2:0000", correlation_id="j2"):
+    with log_context(job_id="j2", shard_key="j2:0000", correlation_id="j2"):
         logging.getLogger("x").warning("slow batch")
 
     line = terminal.getvalue().rstrip("\n")
@@ -110,7 +110,7 @@ def test_text_on_a_terminal_is_coloured_with_the_context_at_the_end(restore_logg
 
 def test_text_without_a_terminal_or_with_no_color_has_no_escape_codes(monkeypatch) -> None:
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "boom", None, None)
-    record.service, record.job_id, record.shard_id, record.correlation_id, record.trace_id = "svc", "j3", None, "c1", "ab" * 16
+    record.service, record.job_id, record.shard_key, record.correlation_id, record.trace_id = "svc", "j3", None, "c1", "ab" * 16
     assert TextFormatter(colour=False).format(record).endswith(f"svc x: boom [job=j3 corr=c1 trace={'ab' * 16}]")
 
     monkeypatch.setenv("NO_COLOR", "1")
@@ -119,10 +119,10 @@ def test_text_without_a_terminal_or_with_no_color_has_no_escape_codes(monkeypatc
 
 def test_log_context_restores_and_bind_keeps_what_is_unset() -> None:
     with log_context(job_id="outer"):
-        with log_context(job_id="inner", shard_id="s", correlation_id=None):
-            log.bind(shard_id=None, correlation_id="c")
-            assert (log.job_id.get(), log.shard_id.get(), log.correlation_id.get()) == ("inner", "s", "c")
-        assert (log.job_id.get(), log.shard_id.get(), log.correlation_id.get()) == ("outer", None, None)
+        with log_context(job_id="inner", shard_key="s", correlation_id=None):
+            log.bind(shard_key=None, correlation_id="c")
+            assert (log.job_id.get(), log.shard_key.get(), log.correlation_id.get()) == ("inner", "s", "c")
+        assert (log.job_id.get(), log.shard_key.get(), log.correlation_id.get()) == ("outer", None, None)
     assert log.job_id.get() is None
 
 
@@ -148,7 +148,7 @@ def test_the_sampler_drops_lone_client_spans_and_keeps_their_children_of_traced_
 def test_message_attributes_name_job_shard_tenant_and_pipeline() -> None:
     assert message_attributes(START) == {"job_id": "job-obs", "tenant": "acme", "pipeline": "synthetic"}
     finished = ShardFinished(job_id="j", shard_key="j:0001", outcome="succeeded", records_done=1)
-    assert message_attributes(finished) == {"job_id": "j", "shard_id": "j:0001"}
+    assert message_attributes(finished) == {"job_id": "j", "shard_key": "j:0001"}
     assert message_attributes(object()) == {}
 
 
@@ -197,7 +197,7 @@ async def test_a_consumed_event_without_trace_context_starts_its_own_trace(broke
 
     (consume,) = spans.get_finished_spans()
     assert consume.parent is None
-    assert consume.attributes["cairn.shard_id"] == "j:0002"
+    assert consume.attributes["cairn.shard_key"] == "j:0002"
 
 
 async def test_mongodb_commands_are_child_spans_of_the_work_and_never_traces_of_their_own(test_env, mongo_db, spans) -> None:

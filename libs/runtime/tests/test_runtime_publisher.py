@@ -22,8 +22,8 @@ from cairn_contracts.topology import (
     ROUTING_START_JOB,
 )
 from cairn_runtime.amqp import (
-    PublishNotConfirmed,
     Publisher,
+    PublishNotConfirmed,
     dead_letter_for,
     declare_topology,
     original_of,

@@ -66,8 +66,8 @@ async def test_the_dead_letter_is_consumed_in_the_trace_of_the_work_that_gave_up
     with consuming(message, QUEUE_DLQ):
         consumer_context = trace.get_current_span().get_span_context()
         await ErrorRecorder(task_errors).record(message)
-        seen.append((log.job_id.get(), log.shard_id.get()))
+        seen.append((log.job_id.get(), log.shard_key.get()))
 
     assert consumer_context.trace_id == trace_id  # whatever provider is set: the context travels
     assert seen == [("job-dl", "job-dl:0001")]
-    assert (log.job_id.get(), log.shard_id.get()) == (None, None)
+    assert (log.job_id.get(), log.shard_key.get()) == (None, None)

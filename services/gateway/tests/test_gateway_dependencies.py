@@ -6,7 +6,9 @@ machine's shared servers are never stopped."""
 
 import asyncio
 import contextlib
+import signal
 import socket
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -240,6 +242,33 @@ async def test_with_mongodb_down_requests_answer_503_problem_naming_the_store(
     assert ready.status_code == 503
     assert ready.json()["dependencies"]["mongodb"]["status"] == "unavailable"
     assert again.status_code == 200 and again.json()["task_id"] == job_id
+
+
+async def test_a_stalled_mongodb_answers_503_within_the_operation_timeout(test_env, private_mongo: MongoStandIn, broker) -> None:
+    # A server that accepts connections but stops answering (SIGSTOP): before the operation
+    # timeout a request waited for the 60 s socket timeout. The bound below is generous.
+    store = MongoClient(private_mongo.uri, serverSelectionTimeoutMS=5000, tz_aware=True)
+    db = store["cairn_stalled"]
+    settings = settings_for(test_env, "cairn_stalled", mongodb_uri=private_mongo.uri, mongodb_operation_timeout_ms=1000)
+    try:
+        async with gateway(settings, db) as (_, client):
+            job_id = (await client.post("/task/start", json=spec())).json()["task_id"]
+            assert private_mongo.process is not None
+            private_mongo.process.send_signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                answer = await client.get(f"/task/status/{job_id}")
+                waited_s = time.monotonic() - started
+            finally:
+                private_mongo.process.send_signal(signal.SIGCONT)
+            again = await client.get(f"/task/status/{job_id}")
+    finally:
+        store.close()
+
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["content-type"] == "application/problem+json" and "MongoDB" in answer.json()["detail"]
+    assert waited_s < 30, waited_s
+    assert again.status_code == 200
 
 
 # --- item 13: RabbitMQ down at start; readiness -------------------------------------------------

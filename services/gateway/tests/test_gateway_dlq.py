@@ -239,11 +239,11 @@ async def test_status_shows_retries_with_attempt_and_time_and_the_failed_shards_
     retry = {"attempt": 2, "max_attempts": 5, "delay_s": 1.5, "ceiling_s": 2.0, "error": "down", "at_ms": 0, "retry_at_ms": retry_at_ms}
     db[SHARDS].insert_many(
         [
-            {"_id": f"{job_id}:0000", "task_key": f"{job_id}:0000", "job_id": job_id, "state": ShardState.RETRY,
+            {"_id": f"{job_id}:0000", "shard_key": f"{job_id}:0000", "job_id": job_id, "state": ShardState.RETRY,
              "attempts": 2, "retry": retry, "retries": [retry], "last_error": "RetryableError: down"},
-            {"_id": f"{job_id}:0001", "task_key": f"{job_id}:0001", "job_id": job_id, "state": ShardState.FAILED,
+            {"_id": f"{job_id}:0001", "shard_key": f"{job_id}:0001", "job_id": job_id, "state": ShardState.FAILED,
              "attempts": 1, "dead_letter_id": "dl-x", "last_error": "NonRetryableError: bad"},
-            {"_id": f"{job_id}:0002", "task_key": f"{job_id}:0002", "job_id": job_id, "state": ShardState.RUNNING, "attempts": 1},
+            {"_id": f"{job_id}:0002", "shard_key": f"{job_id}:0002", "job_id": job_id, "state": ShardState.RUNNING, "attempts": 1},
         ]
     )
 

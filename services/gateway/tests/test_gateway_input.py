@@ -85,7 +85,7 @@ HOSTILE_BODIES = [
         "POST",
         "/v1/jobs",
         '{"pipeline": "mongo_range", "params": {"collection": "src", "start": 0, "end": 5, "fields": ["ok", "x\\ud800"]}}',
-        ["body", "params", "fields"],
+        ["body", "params", "fields", 1],
     ),
     ("POST", "/v1/schedules", SCHEDULE % ', "name": "a\\ud800"', ["body", "name"]),
     ("POST", "/v1/schedules", '{"kind": "cron", "cron": "* * * * *", "timezone": "\\ud800", "job": {"pipeline": "synthetic", "params": {"count": 1}}}', ["body", "timezone"]),
@@ -115,6 +115,44 @@ async def test_the_422_echoing_hostile_input_is_valid_json(client) -> None:
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/problem+json"  # the one error body (problems.py)
     json.loads(response.content.decode("utf-8"))  # strict UTF-8 and plain JSON
+
+
+async def test_json_nested_thousands_deep_is_a_4xx_not_a_500(client, db) -> None:
+    # Echoing the input of such a body once exhausted the stack (a plain-text 500).
+    before = db[JOBS].count_documents({})
+    for depth in (600, 3000):
+        body = '{"name": ' + "[" * depth + "1" + "]" * depth + ', "pipeline": "synthetic", "params": {"count": 1}}'
+        response = await client.post("/v1/jobs", **raw(body))
+        assert 400 <= response.status_code < 500, (depth, response.status_code, response.text[:200])
+        json.loads(response.content)
+    assert db[JOBS].count_documents({}) == before
+
+
+async def test_bytes_that_are_not_utf8_under_another_content_type_are_a_4xx(client) -> None:
+    for path in ("/v1/jobs", "/task/start", "/dlq/replay"):
+        response = await client.post(path, content=b"\xff\xfe", headers={"Content-Type": "text/plain"})
+        assert response.status_code == 422, (path, response.status_code, response.text[:200])
+        json.loads(response.content)
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"pipeline": "synthetic", "params": {"count": 1}, "target_collection": "shards"}, ["body", "target_collection"]),
+        ({"pipeline": "synthetic", "params": {"count": 1}, "target_collection": "api_keys"}, ["body", "target_collection"]),
+        ({"pipeline": "mongo_range", "params": {"collection": "api_keys", "start": 0, "end": 9}}, ["body", "params", "collection"]),
+        ({"pipeline": "mongo_range", "params": {"collection": "jobs", "start": 0, "end": 9}}, ["body", "params", "collection"]),
+        ({"pipeline": "mongo_range", "params": {"collection": "src", "start": 0, "end": 9, "fields": ["$where"]}}, ["body", "params", "fields", 0]),
+    ],
+)
+async def test_cairns_own_collections_are_neither_target_nor_source(client, db, body, field) -> None:
+    before = db[JOBS].count_documents({})
+
+    response = await client.post("/v1/jobs", json=body)
+
+    assert response.status_code == 422, response.text
+    assert field in locs(response)
+    assert db[JOBS].count_documents({}) == before
 
 
 async def test_a_schedule_patch_with_hostile_values_is_a_422(client) -> None:

@@ -346,7 +346,7 @@ async def test_get_shows_the_job_with_its_shards(acme, db) -> None:
     job_id = (await create(acme, spec())).json()["id"]
     for index in range(2):
         key_ = f"{job_id}:{index:04d}"
-        db[SHARDS].insert_one({"_id": key_, "task_key": key_, "job_id": job_id, "index": index, "state": ShardState.QUEUED, "attempts": 0, "range_start": index * 500, "range_end": (index + 1) * 500})
+        db[SHARDS].insert_one({"_id": key_, "shard_key": key_, "job_id": job_id, "index": index, "state": ShardState.QUEUED, "attempts": 0, "range_start": index * 500, "range_end": (index + 1) * 500})
         db[CHECKPOINTS].insert_one({"_id": f"{key_}/main", "shard_key": key_, "sub_key": "main", "job_id": job_id, "cursor": index * 500 + 100, "range_start": index * 500, "range_end": (index + 1) * 500, "records_done": 100})
 
     body = (await acme.get(f"/v1/jobs/{job_id}")).json()
@@ -397,7 +397,7 @@ async def test_a_finished_job_cannot_be_cancelled_and_an_unfinished_one_not_dele
 
 async def test_delete_removes_the_job_its_shards_and_checkpoints_but_not_its_records(acme, db) -> None:
     job_id = (await create(acme, spec())).json()["id"]
-    db[SHARDS].insert_one({"_id": f"{job_id}:0000", "task_key": f"{job_id}:0000", "job_id": job_id, "state": ShardState.SUCCEEDED})
+    db[SHARDS].insert_one({"_id": f"{job_id}:0000", "shard_key": f"{job_id}:0000", "job_id": job_id, "state": ShardState.SUCCEEDED})
     db[CHECKPOINTS].insert_one({"_id": f"{job_id}:0000/main", "shard_key": f"{job_id}:0000", "job_id": job_id, "cursor": 1})
     db["records"].insert_one({"_id": f"rec-{job_id}", "job_id": job_id})
     finish(db, job_id)

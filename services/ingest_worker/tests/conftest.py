@@ -31,7 +31,7 @@ def _seed_shard(
     attempts: int = 0,
 ) -> str:
     shard = ShardRecord(
-        task_key=f"{job_id}:{index:04d}",
+        shard_key=f"{job_id}:{index:04d}",
         job_id=job_id,
         index=index,
         strategy="range",
@@ -44,7 +44,7 @@ def _seed_shard(
     )
     db[CHECKPOINTS].insert_one(shard.checkpoint().to_document())
     db[SHARDS].insert_one(shard.to_document())
-    return shard.task_key
+    return shard.shard_key
 
 
 def _seed_job(db: Database, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:

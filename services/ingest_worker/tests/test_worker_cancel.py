@@ -19,7 +19,7 @@ MAX_ATTEMPTS = 3
 def own_log_context() -> Iterator[None]:
     """run_shard binds the job and shard to the log context (a Celery task scopes it in the
     worker); here, outside any task, the test scopes it so nothing leaks into later tests."""
-    with log_context(job_id=None, shard_id=None, correlation_id=None):
+    with log_context(job_id=None, shard_key=None, correlation_id=None):
         yield
 
 

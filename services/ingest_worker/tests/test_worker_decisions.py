@@ -27,7 +27,7 @@ REQUEST = RunShard(job_id="job", shard_key="job/0")
 
 
 def claim(attempts: int = 1) -> Claim:
-    return Claim(shard={"task_key": "job/0", "job_id": "job", "attempts": attempts}, token=1, cursor=0)
+    return Claim(shard={"shard_key": "job/0", "job_id": "job", "attempts": attempts}, token=1, cursor=0)
 
 
 def test_a_finished_run_is_announced_and_counted() -> None:

@@ -13,6 +13,7 @@ from cairn_contracts.jobs import RetryPolicy
 from cairn_contracts.pipelines import SYNTHETIC
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, MAIN_SUB_KEY, SHARDS
+from cairn_ingest_worker import pipelines
 from cairn_ingest_worker.consumer import original_of_kombu
 from cairn_ingest_worker.errors import (
     FailurePolicy,
@@ -23,7 +24,6 @@ from cairn_ingest_worker.errors import (
     is_retryable,
 )
 from cairn_ingest_worker.leases import ShardLeases
-from cairn_ingest_worker import pipelines
 from cairn_ingest_worker.pipelines import build_pipeline, failure_policy, register_pipeline
 from cairn_ingest_worker.pipelines.synthetic import SyntheticPipeline
 from cairn_ingest_worker.retry import (
@@ -166,7 +166,7 @@ def _seed_running_shard(db) -> ShardLeases:
     db[CHECKPOINTS].insert_one(
         {"_id": f"s:0/{MAIN_SUB_KEY}", "shard_key": "s:0", "sub_key": MAIN_SUB_KEY, "job_id": "s", "cursor": 0, "fencing_token": 0}
     )
-    db[SHARDS].insert_one({"_id": "s:0", "task_key": "s:0", "job_id": "s", "state": ShardState.QUEUED, "attempts": 0, "fencing_token": 0})
+    db[SHARDS].insert_one({"_id": "s:0", "shard_key": "s:0", "job_id": "s", "state": ShardState.QUEUED, "attempts": 0, "fencing_token": 0})
     return ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=30)
 
 

@@ -22,9 +22,9 @@ from cairn_contracts.states import ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
 from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
 from cairn_ingest_worker.context import WorkerContext
-from cairn_ingest_worker.publisher import BrokerPublisher
 from cairn_ingest_worker.errors import BatchTimedOut, StoreUnavailable, is_retryable
 from cairn_ingest_worker.leases import ShardLeases
+from cairn_ingest_worker.publisher import BrokerPublisher
 from cairn_ingest_worker.runner import ShardFailed, ShardRunner, run_shard
 from cairn_ingest_worker.settings import WorkerSettings
 from cairn_ingest_worker.tasks import _hand_off_when_store_answers, register_tasks

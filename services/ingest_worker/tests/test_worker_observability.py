@@ -63,9 +63,9 @@ def app() -> Celery:
     @app.task(name="tests.run_shard", bind=True)
     def run_shard(self, **payload):
         observability.note_shard(
-            job_id=payload["job_id"], shard_id=payload["shard_key"], pipeline="synthetic", tenant="acme", attempt=1
+            job_id=payload["job_id"], shard_key=payload["shard_key"], pipeline="synthetic", tenant="acme", attempt=1
         )
-        seen = (log.job_id.get(), log.shard_id.get(), log.correlation_id.get(), observability.current_pipeline())
+        seen = (log.job_id.get(), log.shard_key.get(), log.correlation_id.get(), observability.current_pipeline())
         if payload.get("fail"):
             raise RuntimeError("boom")
         return seen
@@ -78,7 +78,7 @@ def app() -> Celery:
 
 
 def context() -> tuple[str | None, str | None, str | None]:
-    return log.job_id.get(), log.shard_id.get(), log.correlation_id.get()
+    return log.job_id.get(), log.shard_key.get(), log.correlation_id.get()
 
 
 def test_a_task_runs_with_its_job_and_shard_in_the_log_context_and_restores_it_after(app) -> None:

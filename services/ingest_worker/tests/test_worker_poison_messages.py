@@ -78,6 +78,23 @@ def test_every_unparseable_body_is_dead_lettered_once_and_the_worker_keeps_consu
     for name, (body, content_type) in POISON_BODIES.items():
         markers[name] = task_id = f"poison-{name}-{uuid.uuid4().hex[:6]}"
         publish_raw(amqp_url, body, content_type, {"task": TASK_RUN_SHARD, "id": task_id, "lang": "py"})
+    # Well-formed bodies under headers Cairn never sends: each would stop the worker or be held
+    # past consumer_timeout (a per-message time limit the pool parses, an ETA a year ahead), or
+    # re-send itself for ever (Celery's built-in chord_unlock).
+    good_body = json.dumps([[], {"job_id": "j", "shard_key": "j:0000"}, {}]).encode()
+    header_poison = {
+        "timelimit": {"task": TASK_RUN_SHARD, "timelimit": ["x", "y"]},
+        "far_eta": {"task": TASK_RUN_SHARD, "eta": "2099-01-01T00:00:00+00:00"},
+        "expires": {"task": TASK_RUN_SHARD, "expires": "2099-01-01T00:00:00+00:00"},
+        "chord_unlock": {"task": "celery.chord_unlock"},
+        "callbacks": {"task": TASK_RUN_SHARD},
+    }
+    for name, headers in header_poison.items():
+        markers[name] = task_id = f"poison-{name}-{uuid.uuid4().hex[:6]}"
+        body = good_body if name != "callbacks" else json.dumps(
+            [[], {"job_id": "j", "shard_key": "j:0000"}, {"callbacks": [{"task": "cairn.test.alive"}]}]
+        ).encode()
+        publish_raw(amqp_url, body, "application/json", {**headers, "id": task_id, "lang": "py"})
     # A frontier task with no id header; then the same array body twice (a redelivery's twin).
     publish_raw(amqp_url, b"[[], {}, {}]", "application/json", {"task": TASK_RUN_FRONTIER})
     twin = {"task": TASK_RUN_SHARD, "id": f"twin-{uuid.uuid4().hex[:6]}", "lang": "py"}
@@ -97,23 +114,23 @@ def test_every_unparseable_body_is_dead_lettered_once_and_the_worker_keeps_consu
         assert ran.wait(60)
 
     letters = read_dead_letters(amqp_url)
-    strays = [l for l in letters if l.reason == "unknown_shard"]
+    strays = [letter for letter in letters if letter.reason == "unknown_shard"]
     # Before: only a log line said the shard is not recorded.
     assert len(strays) == 2 and strays[0].dead_letter_id == strays[1].dead_letter_id
     assert strays[0].job_id == stray["job_id"] and strays[0].shard_key == stray["shard_key"]
-    letters = [l for l in letters if l.reason != "unknown_shard"]
+    letters = [letter for letter in letters if letter.reason != "unknown_shard"]
     by_task_id = {letter.original.headers.get("id"): letter for letter in letters}
     for name, task_id in markers.items():
         letter = by_task_id.get(task_id)
-        assert letter is not None, f"{name}: no dead letter ({[l.original.headers.get('id') for l in letters]})"
+        assert letter is not None, f"{name}: no dead letter ({[letter.original.headers.get('id') for letter in letters]})"
         assert letter.reason == "contract_violation" and letter.source_queue == QUEUE_INGEST, name
         assert letter.error_type == "UnreadableMessage", (name, letter.error_message)
-    assert any(l.original.headers.get("task") == TASK_RUN_FRONTIER and "id" not in l.original.headers for l in letters)
+    assert any(letter.original.headers.get("task") == TASK_RUN_FRONTIER and "id" not in letter.original.headers for letter in letters)
     assert "over the" in by_task_id[markers["huge"]].error_message
     # The twins are one message delivered twice: one dead-letter id, so one task_errors entry.
-    twins = [l for l in letters if l.original.headers.get("id") == twin["id"]]
+    twins = [letter for letter in letters if letter.original.headers.get("id") == twin["id"]]
     assert len(twins) == 2 and twins[0].dead_letter_id == twins[1].dead_letter_id
-    assert len({l.dead_letter_id for l in letters}) == len(letters) - 1
+    assert len({letter.dead_letter_id for letter in letters}) == len(letters) - 1
 
 
 # --- the guard, unit by unit -----------------------------------------------------------------------
@@ -130,6 +147,14 @@ def test_the_dead_letter_id_is_the_same_for_every_delivery_of_a_message() -> Non
     assert stable_dead_letter_id(original) != stable_dead_letter_id(original, "unknown_shard")
 
 
+def test_the_headers_cairn_itself_sends_pass_the_guard() -> None:
+    consumer = object.__new__(DeadLetteringConsumer)
+    consumer.app = type("App", (), {"conf": {"cairn_max_task_body_bytes": 4096, "task_time_limit": 750}})()
+    for extra in ({"timelimit": [None, None]}, {"timelimit": [750.0, 720.0]}, {"eta": "2026-01-01T00:00:00+00:00", "retries": 3}):
+        message = Message(body=b'[[], {"job_id": "j", "shard_key": "j:0"}, {}]', headers={"task": TASK_RUN_SHARD, "id": "t", **extra}, content_type="application/json")
+        assert consumer._shape_problem(message) is None, extra
+
+
 @pytest.mark.parametrize(
     ("body", "headers", "problem"),
     [
@@ -141,11 +166,22 @@ def test_the_dead_letter_id_is_the_same_for_every_delivery_of_a_message() -> Non
         (b"[[], {}, {}]", {}, "header `id`"),
         (b"\xff{", {"id": "t"}, "cannot be decoded"),
         (b"[[], {}, {}]" + b" " * 5000, {"id": "t"}, "over the 4096-byte limit"),
+        (b"[[], {}, {}]", {"id": "t", "timelimit": ["x", "y"]}, "header `timelimit`"),
+        (b"[[], {}, {}]", {"id": "t", "timelimit": [-1, -1]}, "header `timelimit`"),
+        (b"[[], {}, {}]", {"id": "t", "timelimit": [10_000, None]}, "header `timelimit`"),
+        (b"[[], {}, {}]", {"id": "t", "eta": "2099-01-01T00:00:00+00:00"}, "header `eta`"),
+        (b"[[], {}, {}]", {"id": "t", "eta": "soon"}, "header `eta`"),
+        (b"[[], {}, {}]", {"id": "t", "expires": 10}, "header `expires`"),
+        (b"[[], {}, {}]", {"id": "t", "compression": "application/x-gzip"}, "header `compression`"),
+        (b"[[], {}, {}]", {"id": "t", "retries": "many"}, "header `retries`"),
+        (b'[[], {}, {"chain": [{"task": "x"}]}]', {"id": "t"}, "links other tasks"),
+        (b"[[], {}, {}]", {"id": "t", "task": "celery.chord_unlock"}, "not a Cairn task"),
+        (b'{"task": "cairn.ingest.run_shard", "args": [1]}', {"id": "t", "task": None}, "not a Cairn task"),
     ],
 )
 def test_a_cairn_task_message_of_the_wrong_shape_is_named_as_such(body: bytes, headers: dict, problem: str) -> None:
     consumer = object.__new__(DeadLetteringConsumer)
-    consumer.app = type("App", (), {"conf": {"cairn_max_task_body_bytes": 4096}})()
+    consumer.app = type("App", (), {"conf": {"cairn_max_task_body_bytes": 4096, "task_time_limit": 750}})()
     message = Message(body=body, headers={"task": TASK_RUN_SHARD, **headers}, content_type="application/json")
     assert problem in (consumer._shape_problem(message) or "")
     good = json.dumps([[], {"job_id": "j", "shard_key": "s"}, {}]).encode()

@@ -7,8 +7,7 @@ from celery import Celery
 from cairn_contracts.messages import RunFrontier, RunShard
 from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
 from cairn_contracts.topology import QUEUE_INGEST, Route
-from cairn_runtime.celery_config import celery_config
-from cairn_runtime.celery_config import ShardTaskSender
+from cairn_runtime.celery_config import ShardTaskSender, celery_config
 from cairn_testkit.aio import next_message
 
 

@@ -28,7 +28,7 @@ class RecordingDispatcher:
         if self.calls == self.fail_on_call:
             raise PublishNotConfirmed("the broker did not confirm")
         if isinstance(task, RunShard):
-            shard = await self.db[SHARDS].find_one({"task_key": task.shard_key})
+            shard = await self.db[SHARDS].find_one({"shard_key": task.shard_key})
             self.dispatched.append((task, priority, shard["state"]))
         else:
             self.dispatched.append((task, priority, None))
@@ -79,7 +79,7 @@ async def db(async_mongo_db):
 
 
 async def shard_states(db: Any, job_id: str) -> dict[str, str]:
-    return {s["task_key"]: s["state"] async for s in db[SHARDS].find({"job_id": job_id})}
+    return {s["shard_key"]: s["state"] async for s in db[SHARDS].find({"job_id": job_id})}
 
 
 async def test_start_job_records_shards_and_checkpoints_and_dispatches_each_once(db) -> None:
@@ -93,7 +93,7 @@ async def test_start_job_records_shards_and_checkpoints_and_dispatches_each_once
     shards = {s["_id"]: s async for s in db[SHARDS].find({"job_id": "job-a"})}
     assert sorted(shards) == keys
     assert [(shards[k]["range_start"], shards[k]["range_end"]) for k in keys] == [(5, 9), (9, 12), (12, 15)]
-    assert all(s["task_key"] == s["_id"] and s["attempts"] == 0 and s["fencing_token"] == 0 for s in shards.values())
+    assert all(s["shard_key"] == s["_id"] and s["attempts"] == 0 and s["fencing_token"] == 0 for s in shards.values())
     assert all(s["priority"] == 3 and s["strategy"] == "range" for s in shards.values())
     checkpoints = {c["shard_key"]: c async for c in db[CHECKPOINTS].find({"job_id": "job-a"})}
     assert sorted(checkpoints) == keys

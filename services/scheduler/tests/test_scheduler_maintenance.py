@@ -8,7 +8,7 @@ import pytest
 
 from cairn_contracts.messages import RunShard, StartJob
 from cairn_contracts.states import JobState, ShardState
-from cairn_contracts.store import JOBS, JobRecord, SHARDS
+from cairn_contracts.store import JOBS, SHARDS, JobRecord
 from cairn_contracts.topology import HEADER_CORRELATION_ID, QUEUE_SCHEDULER_COMMANDS
 from cairn_runtime.mongo import ensure_indexes
 from cairn_scheduler.jobs import JobScheduler

@@ -19,10 +19,9 @@ from cairn_contracts.topology import (
     QUEUE_INGEST,
     QUEUE_SCHEDULER_COMMANDS,
 )
-from cairn_runtime.celery_config import celery_config
+from cairn_runtime.celery_config import ShardTaskSender, celery_config
 from cairn_runtime.instrumentation import instrument_celery
 from cairn_runtime.mongo import ensure_indexes
-from cairn_runtime.celery_config import ShardTaskSender
 from cairn_scheduler.gauges import GaugeCollector, backlog_age_s
 from cairn_scheduler.jobs import JobScheduler
 from cairn_testkit.aio import next_message
@@ -101,7 +100,7 @@ async def test_jobs_and_shards_are_counted_by_state_with_zero_for_empty_states(b
     )
     await db[SHARDS].insert_many(
         [
-            {"_id": f"j0:{i:04d}", "task_key": f"j0:{i:04d}", "state": state}
+            {"_id": f"j0:{i:04d}", "shard_key": f"j0:{i:04d}", "state": state}
             for i, state in enumerate([ShardState.QUEUED, ShardState.RUNNING, ShardState.RUNNING, ShardState.FAILED])
         ]
     )
@@ -119,9 +118,9 @@ async def test_backlog_age_is_the_oldest_queued_shard_s_wait(broker, db) -> None
     now = datetime.now(UTC)
     await db[SHARDS].insert_many(
         [
-            {"_id": "a", "task_key": "a", "state": ShardState.QUEUED, "queued_at_ms": int((now - timedelta(seconds=40)).timestamp() * 1000)},
-            {"_id": "b", "task_key": "b", "state": ShardState.QUEUED, "queued_at_ms": int((now - timedelta(seconds=5)).timestamp() * 1000)},
-            {"_id": "c", "task_key": "c", "state": ShardState.RUNNING, "queued_at_ms": 0},
+            {"_id": "a", "shard_key": "a", "state": ShardState.QUEUED, "queued_at_ms": int((now - timedelta(seconds=40)).timestamp() * 1000)},
+            {"_id": "b", "shard_key": "b", "state": ShardState.QUEUED, "queued_at_ms": int((now - timedelta(seconds=5)).timestamp() * 1000)},
+            {"_id": "c", "shard_key": "c", "state": ShardState.RUNNING, "queued_at_ms": 0},
         ]
     )
     collector = GaugeCollector(db, broker.connection)
@@ -163,8 +162,8 @@ async def test_a_job_s_duration_is_observed_once_when_it_becomes_terminal(db) ->
     )
     await db[SHARDS].insert_many(
         [
-            {"_id": "jd:0000", "task_key": "jd:0000", "job_id": "jd", "state": ShardState.SUCCEEDED},
-            {"_id": "jd:0001", "task_key": "jd:0001", "job_id": "jd", "state": ShardState.FAILED},
+            {"_id": "jd:0000", "shard_key": "jd:0000", "job_id": "jd", "state": ShardState.SUCCEEDED},
+            {"_id": "jd:0001", "shard_key": "jd:0001", "job_id": "jd", "state": ShardState.FAILED},
         ]
     )
     labels = {"pipeline": "synthetic", "state": "FAILURE"}

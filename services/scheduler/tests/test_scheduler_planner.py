@@ -21,7 +21,7 @@ def test_plan_range_covers_the_range_contiguously_with_near_equal_sizes(start: i
     assert plan.runners is None  # one pushed task per shard
     assert len(plan.shards) == shards
     assert plan.shards[0].start == start and plan.shards[-1].end == end
-    assert all(a.end == b.start for a, b in zip(plan.shards, plan.shards[1:]))
+    assert all(a.end == b.start for a, b in zip(plan.shards, plan.shards[1:], strict=False))
     sizes = [p.end - p.start for p in plan.shards]
     assert max(sizes) - min(sizes) <= 1
     assert min(sizes) >= 1
@@ -75,7 +75,7 @@ def test_lease_frontier_cuts_items_of_item_size_and_caps_the_runners() -> None:
 
     assert len(plan.shards) == 10
     assert plan.shards[0].start == 0 and plan.shards[-1].end == 95
-    assert all(a.end == b.start for a, b in zip(plan.shards, plan.shards[1:]))
+    assert all(a.end == b.start for a, b in zip(plan.shards, plan.shards[1:], strict=False))
     assert all(p.end - p.start <= 10 for p in plan.shards)
     assert plan.runners == 10  # never more runners than items
 

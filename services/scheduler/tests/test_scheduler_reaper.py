@@ -29,7 +29,7 @@ async def db(async_mongo_db):
 
 async def shard(db: Any, key: str, state: ShardState, *, strategy: str = "range", index: int = 0, **fields: Any) -> None:
     record = ShardRecord(
-        task_key=key, job_id=key.split(":")[0], index=index, strategy=strategy, range_start=0, range_end=10,
+        shard_key=key, job_id=key.split(":")[0], index=index, strategy=strategy, range_start=0, range_end=10,
         records_estimate=10, priority=3, state=state, fencing_token=2, attempts=2,
     )
     await db[SHARDS].insert_one({**record.to_document(), **fields})

@@ -25,7 +25,6 @@ from cairn_scheduler.schedules import RECOVER_AFTER_MS, ScheduleFirer
 from cairn_testkit.aio import drain
 
 
-
 class RecordingDispatcher:
     """Records the tasks the scheduler dispatches (the broker's own dispatch has its tests)."""
 

@@ -1,14 +1,13 @@
 """The job specification a client submits and every service reads."""
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from cairn_contracts.bounds import ContractModel
 from cairn_contracts.namespaces import is_control_collection
-
-from cairn_contracts.pipelines import MONGO_RANGE, SYNTHETIC, MongoRangeParams, SyntheticParams
+from cairn_contracts.pipelines import MongoRangeParams, SyntheticParams
 from cairn_contracts.states import Priority
 
 
@@ -65,11 +64,7 @@ def strategy(value: Any) -> str | None:
 
 
 Sharding = Annotated[
-    Union[
-        Annotated[RangeSharding, Tag("range")],
-        Annotated[HashModSharding, Tag("hash_mod")],
-        Annotated[LeaseFrontierSharding, Tag("lease_frontier")],
-    ],
+    Annotated[RangeSharding, Tag("range")] | Annotated[HashModSharding, Tag("hash_mod")] | Annotated[LeaseFrontierSharding, Tag("lease_frontier")],
     Discriminator(strategy),
 ]
 
@@ -142,16 +137,16 @@ class _JobSpecBase(ContractModel):
 
 
 class SyntheticJobSpec(_JobSpecBase):
-    pipeline: Literal["synthetic"] = SYNTHETIC
+    pipeline: Literal["synthetic"] = "synthetic"  # SYNTHETIC
     params: SyntheticParams
 
 
 class MongoRangeJobSpec(_JobSpecBase):
-    pipeline: Literal["mongo_range"] = MONGO_RANGE
+    pipeline: Literal["mongo_range"] = "mongo_range"  # MONGO_RANGE
     params: MongoRangeParams
 
 
-JobSpec = Annotated[Union[SyntheticJobSpec, MongoRangeJobSpec], Field(discriminator="pipeline")]
+JobSpec = Annotated[SyntheticJobSpec | MongoRangeJobSpec, Field(discriminator="pipeline")]
 
 # The one validator/serializer of a JobSpec (an annotated union has no model_validate): a stored
 # spec dict -> SyntheticJobSpec | MongoRangeJobSpec; raises pydantic.ValidationError.

@@ -50,7 +50,7 @@ class ScheduleTiming(ContractModel):
     def _cron(cls, value: str | None, info: ValidationInfo) -> str | None:
         kind = info.data.get("kind")
         if kind is None:  # the kind itself is invalid: that is the error to report
-            return value  # type: ignore[return-value]
+            return value
         if kind != "cron":
             if value is not None:
                 raise ValueError("only a cron schedule has an expression")
@@ -80,7 +80,7 @@ class ScheduleTiming(ContractModel):
     def _interval(cls, value: int | None, info: ValidationInfo) -> int | None:
         kind = info.data.get("kind")
         if kind is None:  # the kind itself is invalid: that is the error to report
-            return value  # type: ignore[return-value]
+            return value
         if kind == "interval" and value is None:
             raise ValueError("an interval schedule needs interval_s")
         if kind != "interval" and value is not None:
@@ -92,7 +92,7 @@ class ScheduleTiming(ContractModel):
     def _at(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
         kind = info.data.get("kind")
         if kind is None:  # the kind itself is invalid: that is the error to report
-            return value  # type: ignore[return-value]
+            return value
         if kind == "once" and value is None:
             raise ValueError("a one-off schedule needs `at`")
         if kind != "once" and value is not None:

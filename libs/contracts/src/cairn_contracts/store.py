@@ -15,22 +15,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cairn_contracts.clock import to_ms, utcnow
 from cairn_contracts.jobs import JOB_SPEC_ADAPTER
-from cairn_contracts.states import JobState, ShardState
 
 # Re-exported (callers import the names from here); defined in namespaces.py with the check that
 # keeps jobs out of them.
 from cairn_contracts.namespaces import (  # noqa: F401
-    JOBS,
-    SHARDS,
+    API_KEYS,
     CHECKPOINTS,
     DEDUP,
-    TASK_ERRORS,
+    DLQ_COMMANDS,
+    JOBS,
+    RAW_PAYLOAD_BUCKET,
     RAW_PAYLOADS,
     SCHEDULES,
-    DLQ_COMMANDS,
-    API_KEYS,
-    RAW_PAYLOAD_BUCKET,
+    SHARDS,
+    TASK_ERRORS,
 )
+from cairn_contracts.states import JobState, ShardState
 
 # Redis key of a finished job's cached status (the gateway fills it; whoever reopens a finished
 # job, the DLQ handler on replay, deletes it).
@@ -74,7 +74,7 @@ INDEXES: tuple[IndexSpec, ...] = (
     IndexSpec(JOBS, (("tenant", 1), ("state", 1))),
     IndexSpec(JOBS, (("cancel_requested", 1), ("state", 1))),
     IndexSpec(JOBS, (("finished_at_ms", 1),)),
-    IndexSpec(SHARDS, (("task_key", 1),), unique=True),
+    IndexSpec(SHARDS, (("shard_key", 1),), unique=True),
     IndexSpec(SHARDS, (("job_id", 1), ("state", 1))),
     IndexSpec(SHARDS, (("lease_until", 1),)),
     # The scheduler's due retries and lost-task scan (reaper.py).
@@ -227,13 +227,13 @@ class ShardBucket(BaseModel):
 
 class ShardRecord(BaseModel):
     """A `shards` document as planning inserts it (state PLANNED, never claimed). `_id` is its
-    `task_key` (`{job_id}:{index:04d}`). Later writes add fields (`queued_at_ms`,
+    `shard_key` (`{job_id}:{index:04d}`). Later writes add fields (`queued_at_ms`,
     `next_retry_at_ms`, `retry`, `retries`, `last_error`, `finished_at`...): see docs/design.md.
     `lease_until` is epoch ms (cairn_contracts.clock), `created_at` a datetime."""
 
     model_config = ConfigDict(frozen=True)
 
-    task_key: str
+    shard_key: str
     job_id: str
     index: int
     strategy: str = Field(description="The job's sharding strategy (range, hash_mod, lease_frontier)")
@@ -252,7 +252,7 @@ class ShardRecord(BaseModel):
     def checkpoint(self, *, updated_at: datetime | None = None) -> CheckpointRecord:
         """The shard's main checkpoint as planning records it (cursor at range_start)."""
         return CheckpointRecord(
-            shard_key=self.task_key,
+            shard_key=self.shard_key,
             job_id=self.job_id,
             cursor=self.range_start,
             range_start=self.range_start,
@@ -262,6 +262,6 @@ class ShardRecord(BaseModel):
         )
 
     def to_document(self) -> dict[str, Any]:
-        document = {"_id": self.task_key, **self.model_dump()}
+        document = {"_id": self.shard_key, **self.model_dump()}
         document["state"] = str(self.state)
         return document

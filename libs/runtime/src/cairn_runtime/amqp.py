@@ -69,11 +69,11 @@ async def declare_topology(channel: AbstractChannel) -> dict[str, AbstractQueue]
     for spec in EXCHANGES:
         await channel.declare_exchange(spec.name, spec.type, durable=True)
     queues: dict[str, AbstractQueue] = {}
-    for spec in QUEUES:
-        queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
-        for exchange, routing_key in spec.bindings:
+    for queue_spec in QUEUES:
+        queue = await channel.declare_queue(queue_spec.name, durable=True, arguments=queue_spec.arguments)
+        for exchange, routing_key in queue_spec.bindings:
             await queue.bind(exchange, routing_key)
-        queues[spec.name] = queue
+        queues[queue_spec.name] = queue
     return queues
 
 
@@ -149,7 +149,7 @@ class Publisher:
             with timed_publish(exchange):
                 target = await self._channel.get_exchange(exchange, ensure=False)
                 await target.publish(amqp_message, routing_key, mandatory=True, timeout=self._timeout_s)
-        except (aio_pika.exceptions.AMQPError, asyncio.TimeoutError, ConnectionError, RuntimeError) as exc:
+        except (TimeoutError, aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishNotConfirmed(f"{exchange}/{routing_key}: {exc!r}") from exc
 
     async def close(self) -> None:

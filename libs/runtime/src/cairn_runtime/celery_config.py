@@ -59,7 +59,7 @@ def task_for_shard(shard: dict[str, Any]) -> RunShard | RunFrontier:
     item, this one included)."""
     if shard.get("strategy") == "lease_frontier":
         return RunFrontier(job_id=shard["job_id"], lane=int(shard.get("index", 0)))
-    return RunShard(job_id=shard["job_id"], shard_key=shard["task_key"])
+    return RunShard(job_id=shard["job_id"], shard_key=shard["shard_key"])
 
 
 class ShardDispatcher(Protocol):

@@ -133,7 +133,7 @@ def consuming(message: AbstractIncomingMessage, queue: str) -> Iterator[None]:
     The log context (job, shard) set while handling it is dropped afterwards."""
     headers = message.headers or {}
     token = otel_context.attach(propagate.extract({k: v for k, v in headers.items() if isinstance(v, str)}))
-    attributes = {
+    attributes: dict[str, str | bool] = {
         "messaging.system": "rabbitmq",
         "messaging.operation": "process",
         "messaging.source.name": queue,
@@ -144,7 +144,7 @@ def consuming(message: AbstractIncomingMessage, queue: str) -> Iterator[None]:
         "messaging.message.redelivered": bool(message.redelivered),
     }
     try:
-        with log_context(correlation_id=_text(headers.get(HEADER_CORRELATION_ID)), job_id=None, shard_id=None):
+        with log_context(correlation_id=_text(headers.get(HEADER_CORRELATION_ID)), job_id=None, shard_key=None):
             with tracer.start_as_current_span(f"consume {queue}", kind=trace.SpanKind.CONSUMER, attributes=attributes):
                 yield
     finally:

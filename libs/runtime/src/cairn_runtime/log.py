@@ -19,13 +19,13 @@ from pythonjsonlogger.json import JsonFormatter
 
 correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=None)
 job_id: ContextVar[str | None] = ContextVar("job_id", default=None)
-shard_id: ContextVar[str | None] = ContextVar("shard_id", default=None)
+shard_key: ContextVar[str | None] = ContextVar("shard_key", default=None)
 
-_CONTEXT_VARS = {"correlation_id": correlation_id, "job_id": job_id, "shard_id": shard_id}
+_CONTEXT_VARS = {"correlation_id": correlation_id, "job_id": job_id, "shard_key": shard_key}
 
 
 def bind(**values: str | None) -> None:
-    """Set log context (`job_id`, `shard_id`, `correlation_id`) for the rest of the current
+    """Set log context (`job_id`, `shard_key`, `correlation_id`) for the rest of the current
     context; values that are None are left as they are. Scope it with `log_context`."""
     for name, value in values.items():
         if value is not None:
@@ -54,7 +54,7 @@ class _ContextFilter(logging.Filter):
         record.trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else None
         record.correlation_id = correlation_id.get()
         record.job_id = job_id.get()
-        record.shard_id = shard_id.get()
+        record.shard_key = shard_key.get()
         return True
 
 
@@ -82,7 +82,7 @@ class TextFormatter(logging.Formatter):
             f"{label}={value}"
             for label, value in (
                 ("job", getattr(record, "job_id", None)),
-                ("shard", getattr(record, "shard_id", None)),
+                ("shard", getattr(record, "shard_key", None)),
                 ("corr", _unless_same(getattr(record, "correlation_id", None), getattr(record, "job_id", None))),
                 ("trace", getattr(record, "trace_id", None)),
             )
@@ -113,7 +113,7 @@ def configure_logging(service: str, level: str = "INFO", fmt: str = "auto", stre
         handler.setFormatter(
             JsonFormatter(
                 "%(asctime)s %(levelname)s %(name)s %(message)s %(service)s %(trace_id)s %(correlation_id)s"
-                " %(job_id)s %(shard_id)s",
+                " %(job_id)s %(shard_key)s",
                 rename_fields={"asctime": "ts", "levelname": "level", "name": "logger"},
             )
         )

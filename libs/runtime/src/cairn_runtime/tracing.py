@@ -51,7 +51,7 @@ class JsonLinesSpanExporter(SpanExporter):
 class NoOrphanClientSpans(Sampler):
     """Root sampler: drop a CLIENT span that has no parent, keep every other root."""
 
-    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None):  # type: ignore[no-untyped-def,override]
+    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None):
         if kind == trace.SpanKind.CLIENT:
             return SamplingResult(Decision.DROP)
         return ALWAYS_ON.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
@@ -93,20 +93,20 @@ def annotate_current_span(**attributes: object) -> None:
         span.set_attributes(span_attributes(**attributes))
 
 
-def describe_work(job_id: str | None = None, shard_id: str | None = None, **attributes: object) -> None:
+def describe_work(job_id: str | None = None, shard_key: str | None = None, **attributes: object) -> None:
     """Name the job (and shard) the work in progress is about: `cairn.*` attributes on the current
     span, and job/shard ids on every log line of the current context (see `log.log_context`)."""
-    annotate_current_span(job_id=job_id, shard_id=shard_id, **attributes)
-    bind(job_id=job_id, shard_id=shard_id)
+    annotate_current_span(job_id=job_id, shard_key=shard_key, **attributes)
+    bind(job_id=job_id, shard_key=shard_key)
 
 
 def message_attributes(message: object) -> dict[str, str]:
-    """What a contract message says about the job it concerns: job_id, shard_id, tenant and
+    """What a contract message says about the job it concerns: job_id, shard_key, tenant and
     pipeline, for span attributes and log context (read by name, so any message type works)."""
     spec = getattr(message, "spec", None)
     found = {
         "job_id": getattr(message, "job_id", None),
-        "shard_id": getattr(message, "shard_key", None),
+        "shard_key": getattr(message, "shard_key", None),
         "tenant": getattr(message, "tenant", None),
         "pipeline": getattr(spec, "pipeline", None),
     }

@@ -73,7 +73,7 @@ def test_env(run_id: str, mongo_stand_in: MongoStandIn | None) -> Iterator[TestE
             redis_prefix=redis_prefix,
             mongo_stand_in=mongo_stand_in,
         )
-        client = MongoClient(mongodb_uri, serverSelectionTimeoutMS=5000)
+        client: MongoClient = MongoClient(mongodb_uri, serverSelectionTimeoutMS=5000)
         try:
             client.drop_database(database)
         finally:
@@ -83,7 +83,7 @@ def test_env(run_id: str, mongo_stand_in: MongoStandIn | None) -> Iterator[TestE
 
 @pytest.fixture(scope="session")
 def mongo_client(test_env: TestEnvironment) -> Iterator[MongoClient]:
-    client = MongoClient(test_env.mongodb_uri, serverSelectionTimeoutMS=5000, tz_aware=True)
+    client: MongoClient = MongoClient(test_env.mongodb_uri, serverSelectionTimeoutMS=5000, tz_aware=True)
     yield client
     client.close()
 

@@ -8,6 +8,7 @@ recorder.py (dead letters) and replay.py (commands, shard events, settling).
 
 import asyncio
 import logging
+from typing import Any
 
 import redis.asyncio as aioredis
 from aio_pika import IncomingMessage
@@ -54,7 +55,7 @@ async def run(settings: DlqSettings, stop: asyncio.Event) -> None:
         await channel.set_qos(prefetch_count=settings.prefetch)
         queues = await declare_topology(channel)
         publisher = await Publisher.open(connection, settings.publish_timeout_s)
-        handlers = [
+        handlers: list[Subscription[Any]] = [
             # cairn.dlq carries Cairn's DeadLetter envelopes and raw messages the broker
             # dead-lettered alike: the recorder gets each message undecoded and never
             # dead-letters it again (a failure requeues it).

@@ -50,7 +50,7 @@ class ErrorRecorder:
 
     async def record(self, message: AbstractIncomingMessage) -> dict[str, Any]:
         document = error_document(message)
-        describe_work(job_id=document.get("job_id"), shard_id=document.get("shard_key"), dead_letter_id=document["_id"])
+        describe_work(job_id=document.get("job_id"), shard_key=document.get("shard_key"), dead_letter_id=document["_id"])
         if await self._task_errors.find_one({"_id": document["_id"]}, {"_id": 1}) is not None:
             logger.info("dead letter %s was already recorded", document["_id"])
             DEAD_LETTER_DUPLICATES.inc()

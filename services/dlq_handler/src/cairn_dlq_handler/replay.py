@@ -28,15 +28,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
 
 from cairn_contracts import clock
-from cairn_runtime.celery_config import ShardDispatcher, task_for_shard
 from cairn_contracts.messages import DeadLetterCommand, ShardFinished
 from cairn_contracts.states import TERMINAL_SHARD_STATES, WAITING_SHARD_STATES, DeadLetterStatus, JobState, ReplayOutcome, ShardState
 from cairn_contracts.store import DEFAULT_TENANT, DLQ_COMMANDS, JOBS, SHARDS, TASK_ERRORS
 from cairn_dlq_handler.metrics import REPLAY_COMMANDS, REPLAY_OUTCOMES
+from cairn_runtime.celery_config import ShardDispatcher, task_for_shard
 from cairn_runtime.consumer import Unprocessable
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class DeadLetterCommands:
         )
         logger.info(
             "replaying %s (shard %s, job %s now %s) for %s",
-            entry["_id"], shard["task_key"], shard["job_id"], (job or {}).get("state"), command.requested_by,
+            entry["_id"], shard["shard_key"], shard["job_id"], (job or {}).get("state"), command.requested_by,
         )
         await self.settle(entry["_id"])  # a shard that finished before we got here
         return "dispatched"
@@ -146,7 +146,7 @@ class DeadLetterCommands:
         entry = await self.db[TASK_ERRORS].find_one({"_id": entry_id, "status": DeadLetterStatus.REPLAYING})
         if entry is None:
             return None
-        shard = await self.db[SHARDS].find_one({"task_key": entry["shard_key"]})
+        shard = await self.db[SHARDS].find_one({"shard_key": entry["shard_key"]})
         if shard is None or shard.get("replay_command_id") != entry["replay"]["command_id"]:
             return None  # not reopened by this replay yet
         if shard["state"] == ShardState.SUCCEEDED:
@@ -164,7 +164,7 @@ class DeadLetterCommands:
     # --- steps -----------------------------------------------------------------------------------
     async def _reopen_shard(self, entry: dict[str, Any], command: DeadLetterCommand) -> dict[str, Any]:
         shards = self.db[SHARDS]
-        shard = await shards.find_one({"task_key": entry["shard_key"]})
+        shard = await shards.find_one({"shard_key": entry["shard_key"]})
         if shard is None:
             raise NotReplayable(f"shard {entry['shard_key']} is not recorded")
         if shard.get("replay_command_id") == command.command_id:
@@ -206,7 +206,7 @@ class DeadLetterCommands:
             )
         else:
             raise NotReplayable(
-                f"shard {shard['task_key']} is {shard['state']}"
+                f"shard {shard['shard_key']} is {shard['state']}"
                 + ("" if shard.get("dead_letter_id") in (None, entry["_id"]) else f" (its failure is now {shard['dead_letter_id']})")
             )
         if reopened is None:  # it moved meanwhile; look again (maybe it was us)

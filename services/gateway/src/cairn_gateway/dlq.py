@@ -37,7 +37,7 @@ from cairn_gateway.dlq_schemas import (
     DeadLetterSummary,
 )
 from cairn_gateway.errors import Conflict, NotConfirmed, NotFound
-from cairn_runtime.amqp import PublishNotConfirmed, Publisher
+from cairn_runtime.amqp import Publisher, PublishNotConfirmed
 from cairn_runtime.payloads import RawPayloads
 
 logger = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class DeadLetterService:
         if command is None:
             raise CommandNotFound(command_id)
         entry = await self.db[TASK_ERRORS].find_one({"_id": command["dead_letter_id"]}, {"status": 1, "replay": 1}) or {}
-        replay = entry.get("replay") if isinstance(entry.get("replay"), dict) else {}
+        replay: dict[str, Any] = entry["replay"] if isinstance(entry.get("replay"), dict) else {}
         return CommandStatus(
             command_id=command_id,
             action=command["action"],

@@ -10,19 +10,19 @@ from cairn_contracts.store import SHARDS
 from cairn_gateway.schemas import FailedShardInfo, ShardRetryInfo
 
 DETAIL_LIMIT = 50
-_FIELDS = {"task_key": 1, "attempts": 1, "retry": 1, "next_retry_at_ms": 1, "last_error": 1, "dead_letter_id": 1}
+_FIELDS = {"shard_key": 1, "attempts": 1, "retry": 1, "next_retry_at_ms": 1, "last_error": 1, "dead_letter_id": 1}
 
 
 async def retrying_shards(db: AsyncDatabase, job_id: str, limit: int = DETAIL_LIMIT) -> list[ShardRetryInfo]:
-    found = db[SHARDS].find({"job_id": job_id, "state": ShardState.RETRY}, _FIELDS).sort("task_key", 1).limit(limit)
+    found = db[SHARDS].find({"job_id": job_id, "state": ShardState.RETRY}, _FIELDS).sort("shard_key", 1).limit(limit)
     return [_retry_info(shard) async for shard in found]
 
 
 async def failed_shards(db: AsyncDatabase, job_id: str, limit: int = DETAIL_LIMIT) -> list[FailedShardInfo]:
-    found = db[SHARDS].find({"job_id": job_id, "state": ShardState.FAILED}, _FIELDS).sort("task_key", 1).limit(limit)
+    found = db[SHARDS].find({"job_id": job_id, "state": ShardState.FAILED}, _FIELDS).sort("shard_key", 1).limit(limit)
     return [
         FailedShardInfo(
-            shard_key=shard["task_key"],
+            shard_key=shard["shard_key"],
             task_error_id=shard.get("dead_letter_id"),
             attempts=int(shard.get("attempts", 0)),
             error=shard.get("last_error"),
@@ -33,10 +33,10 @@ async def failed_shards(db: AsyncDatabase, job_id: str, limit: int = DETAIL_LIMI
 
 
 def _retry_info(shard: dict[str, Any]) -> ShardRetryInfo:
-    retry = shard.get("retry") if isinstance(shard.get("retry"), dict) else {}
+    retry: dict[str, Any] = shard["retry"] if isinstance(shard.get("retry"), dict) else {}
     due_ms = retry.get("retry_at_ms") or shard.get("next_retry_at_ms")
     return ShardRetryInfo(
-        shard_key=shard["task_key"],
+        shard_key=shard["shard_key"],
         attempt=int(retry.get("attempt") or shard.get("attempts", 0)),
         max_attempts=retry.get("max_attempts"),
         next_retry_at=clock.from_ms(due_ms) if due_ms else None,

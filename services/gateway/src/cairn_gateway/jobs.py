@@ -39,7 +39,7 @@ from cairn_gateway.failures import failed_shards, retrying_shards
 from cairn_gateway.joblock import JobLocks
 from cairn_gateway.jobs_schemas import JobCounts, JobDetail, JobPage, JobResultBody, JobSummary, ShardView
 from cairn_gateway.schemas import ShardCounts, TaskStatus
-from cairn_runtime.amqp import PublishNotConfirmed, Publisher
+from cairn_runtime.amqp import Publisher, PublishNotConfirmed
 from cairn_runtime.tracing import describe_work
 
 logger = logging.getLogger(__name__)
@@ -347,7 +347,7 @@ class JobService:
                 fell_back("redis", "status_cache", error, "job status is read from MongoDB")
         return status
 
-    async def _cached(self, cache_key: str) -> bytes | None:
+    async def _cached(self, cache_key: str) -> bytes | str | None:
         """The cached status, or None if absent or Redis does not answer (MongoDB has the truth)."""
         try:
             return await self.cache.get(cache_key)
@@ -384,15 +384,15 @@ class JobService:
         job = await self._job(tenant, job_id)
         checkpoints = {c["shard_key"]: c async for c in self.db[CHECKPOINTS].find({"job_id": job_id})}
         shards = [
-            s async for s in self.db[SHARDS].find({"job_id": job_id}).sort([("index", 1), ("task_key", 1)]).limit(shard_limit + 1)
+            s async for s in self.db[SHARDS].find({"job_id": job_id}).sort([("index", 1), ("shard_key", 1)]).limit(shard_limit + 1)
         ]
         truncated = len(shards) > shard_limit
         views = []
         for shard in shards[:shard_limit]:
-            checkpoint = checkpoints.get(shard["task_key"], {})
+            checkpoint = checkpoints.get(shard["shard_key"], {})
             views.append(
                 ShardView(
-                    shard_key=shard["task_key"],
+                    shard_key=shard["shard_key"],
                     index=shard.get("index"),
                     state=shard["state"],
                     attempts=int(shard.get("attempts", 0)),

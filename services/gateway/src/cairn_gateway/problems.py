@@ -152,7 +152,7 @@ def _field_located(error: dict[str, Any]) -> dict[str, Any]:
     `body.params.count`.
     """
     raw = list(error.get("loc", ()))
-    loc = [part for before, part in zip([None, *raw], raw) if not _is_union_tag(before, part)]
+    loc = [part for before, part in zip([None, *raw], raw, strict=False) if not _is_union_tag(before, part)]
     if error.get("type") in ("union_tag_invalid", "union_tag_not_found"):
         # A callable discriminator reports itself as "name()"; ours are named after the field.
         discriminator = str(error.get("ctx", {}).get("discriminator", "")).strip("'").removesuffix("()")

@@ -19,6 +19,7 @@ Installed with Celery's `worker_consumer` setting (see celery_app.py).
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -68,24 +69,31 @@ class DeadLetteringConsumer(Consumer):
     def _shape_problem(self, message: Any) -> str | None:
         """Why a message on the ingest queue is not a task Cairn sent; None if it may be.
 
-        Only Cairn's own tasks run here: Celery's built-ins (`celery.chord_unlock`, which re-sends
-        itself for ever, `celery.starmap`...) and protocol-1 messages are refused, and so is every
+        Celery's built-in tasks (`celery.chord_unlock`, which re-sends itself for ever,
+        `celery.starmap`...) and messages naming no task (protocol 1) are refused, and so is every
         header Celery would act on that Cairn never sets (per-message time limits, which the pool
         parses outside any task; an ETA beyond Cairn's own short re-sends, which a worker would
-        hold past RabbitMQ's consumer_timeout; expiry; compression)."""
+        hold past RabbitMQ's consumer_timeout; expiry; compression). Cairn's own tasks are also
+        checked for the body shape Cairn sends; other names are left to Celery (an unknown one is
+        dead-lettered by `on_unknown_task`)."""
         headers = getattr(message, "headers", None)
-        if not isinstance(headers, dict) or headers.get("task") not in CAIRN_TASKS:
-            name = headers.get("task") if isinstance(headers, dict) else None
-            return f"not one of Cairn's tasks ({sorted(CAIRN_TASKS)}): the message names {str(name)[:200]!r}"
+        if not isinstance(headers, dict):
+            headers = {}
+        name = headers.get("task")
+        if not isinstance(name, str) or name.startswith("celery."):
+            return f"not a Cairn task: the message names {str(name)[:200]!r} (Celery's built-ins and protocol 1 are refused)"
+        longest_s = float(self.app.conf.get("task_time_limit") or 0)
+        header_problem = _header_problem(headers, longest_s)
+        if header_problem is not None:
+            return header_problem
+        if name not in CAIRN_TASKS:
+            return None
         limit = int(self.app.conf.get(MAX_BODY_CONF) or 0)
         size = len(getattr(message, "body", b"") or b"")
         if limit and size > limit:
             return f"body of {size} bytes is over the {limit}-byte limit of a task message"
         if not isinstance(headers.get("id"), str) or not headers["id"]:
             return "header `id` (the task id) is missing or not a string"
-        header_problem = _header_problem(headers)
-        if header_problem is not None:
-            return header_problem
         try:
             body = message.decode()
         except Exception as error:
@@ -143,12 +151,13 @@ class DeadLetteringConsumer(Consumer):
 MAX_ETA_AHEAD_S = 60.0
 
 
-def _header_problem(headers: dict[str, Any]) -> str | None:
+def _header_problem(headers: dict[str, Any], longest_s: float) -> str | None:
     """Why headers Celery acts on outside the task (time limits, ETA, expiry, compression) are not
-    what Cairn sends; None if they are."""
+    what Cairn sends; None if they are. `longest_s`: the worker's own hard time limit (0: none),
+    the most a message may ask for (Celery copies the configured limits into the tasks it sends)."""
     timelimit = headers.get("timelimit")
-    if timelimit is not None and (not isinstance(timelimit, (list, tuple)) or any(v is not None for v in timelimit)):
-        return f"header `timelimit` {str(timelimit)[:100]!r}: Cairn sets no per-message time limit"
+    if timelimit is not None and not _time_limits_ok(timelimit, longest_s):
+        return f"header `timelimit` {str(timelimit)[:100]!r}: not [hard, soft] seconds within the worker's {longest_s:g} s"
     if headers.get("expires") is not None:
         return "header `expires`: Cairn's tasks never expire"
     if headers.get("compression") is not None:
@@ -168,6 +177,19 @@ def _header_problem(headers: dict[str, Any]) -> str | None:
         if ahead_s > MAX_ETA_AHEAD_S:
             return f"header `eta` {eta!r} is {ahead_s:.0f} s ahead: over the {MAX_ETA_AHEAD_S:.0f} s of Cairn's own re-sends"
     return None
+
+
+def _time_limits_ok(timelimit: Any, longest_s: float) -> bool:
+    if not isinstance(timelimit, (list, tuple)) or len(timelimit) != 2:
+        return False
+    for limit in timelimit:
+        if limit is None:
+            continue
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0:
+            return False
+        if longest_s and limit > longest_s:
+            return False
+    return True
 
 
 def _length(value: Any) -> str:

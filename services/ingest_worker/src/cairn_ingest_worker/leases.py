@@ -45,7 +45,7 @@ class Claim:
 
     @property
     def shard_key(self) -> str:
-        return self.shard["task_key"]
+        return self.shard["shard_key"]
 
     @property
     def attempt(self) -> int:
@@ -64,7 +64,7 @@ class ShardLeases:
         now_ms = clock.now_ms()
         return self._claim(
             {
-                "task_key": shard_key,
+                "shard_key": shard_key,
                 # a cancelled job's shard never starts ($in, not $ne: the stand-in's updates skip missing fields on $ne)
                 "cancel_requested": {"$in": [False, None]},
                 "$or": [
@@ -108,8 +108,8 @@ class ShardLeases:
         reclaimed = before["state"] == ShardState.RUNNING and bool(before.get("lease_until"))
         if reclaimed:
             metrics.LEASE_TAKEOVERS.inc()
-            logger.warning("shard %s: took over the expired lease of %s", before["task_key"], before.get("taken_by"))
-        shard_key = shard["task_key"]
+            logger.warning("shard %s: took over the expired lease of %s", before["shard_key"], before.get("taken_by"))
+        shard_key = shard["shard_key"]
         token = int(shard["fencing_token"])
         # Adopt the checkpoint: from now on only writes carrying this token move it.
         try:
@@ -134,7 +134,7 @@ class ShardLeases:
         # Not a cancelled job's shard either: a run stuck in one batch must not keep it alive.
         result = self._shards.update_one(
             {
-                "task_key": claim.shard_key,
+                "shard_key": claim.shard_key,
                 "fencing_token": claim.token,
                 "state": ShardState.RUNNING,
                 "lease_until": {"$gt": 0},
@@ -146,12 +146,12 @@ class ShardLeases:
 
     def taken_over(self, claim: Claim) -> bool:
         """Whether a newer claim holds the shard (not merely: this run finished or handed off)."""
-        shard = self._shards.find_one({"task_key": claim.shard_key}, {"fencing_token": 1})
+        shard = self._shards.find_one({"shard_key": claim.shard_key}, {"fencing_token": 1})
         return shard is not None and int(shard["fencing_token"]) > claim.token
 
     def cancel_requested(self, claim: Claim) -> bool:
         """Whether the shard's job was cancelled (read from the shard, not the checkpoint)."""
-        shard = self._shards.find_one({"task_key": claim.shard_key}, {"cancel_requested": 1})
+        shard = self._shards.find_one({"shard_key": claim.shard_key}, {"cancel_requested": 1})
         return bool(shard and shard.get("cancel_requested"))
 
     def commit(self, claim: Claim, cursor: int, records: int, written: int, duplicates: int) -> "Commit":
@@ -204,18 +204,18 @@ class ShardLeases:
         runner) may claim it at once, and if none is sent the reaper finds an expired lease.
         A handed-off run is not a failed attempt, so the claim's attempt is given back."""
         result = self._shards.update_one(
-            {"task_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING},
+            {"shard_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING},
             {"$set": {"lease_until": 0}, "$inc": {"attempts": -1, "hand_offs": 1}},
         )
         return result.matched_count == 1
 
     def note_fenced_write(self, claim: Claim) -> None:
         """Count a write refused because a newer holder took the shard (evidence for operators)."""
-        self._shards.update_one({"task_key": claim.shard_key}, {"$inc": {"fenced_writes": 1}})
+        self._shards.update_one({"shard_key": claim.shard_key}, {"$inc": {"fenced_writes": 1}})
 
     def _finish(self, claim: Claim, fields: dict[str, Any]) -> bool:
         result = self._shards.update_one(
-            {"task_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING},
+            {"shard_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING},
             {"$set": {**fields, "finished_at": clock.utcnow(), "taken_by": None}},
         )
         return result.matched_count == 1

@@ -36,9 +36,9 @@ def current_pipeline() -> str:
     return _pipeline.get()
 
 
-def note_shard(*, job_id: str, shard_id: str, pipeline: str, tenant: str | None, attempt: int | None = None) -> None:
+def note_shard(*, job_id: str, shard_key: str, pipeline: str, tenant: str | None, attempt: int | None = None) -> None:
     _pipeline.set(pipeline)
-    annotate_current_span(job_id=job_id, shard_id=shard_id, pipeline=pipeline, tenant=tenant, attempt=attempt)
+    annotate_current_span(job_id=job_id, shard_key=shard_key, pipeline=pipeline, tenant=tenant, attempt=attempt)
 
 
 def connect_signals() -> None:
@@ -51,13 +51,13 @@ def _task_prerun(task_id: str | None = None, task: Any = None, kwargs: dict[str,
         return
     kwargs = kwargs or {}
     job_id = _text(kwargs.get("job_id"))
-    shard_id = _text(kwargs.get("shard_key"))
+    shard_key = _text(kwargs.get("shard_key"))
     _pipeline.set("unknown")
     # The job id is the correlation id of all of a job's work (the gateway publishes with it).
-    context = log_context(job_id=job_id, shard_id=shard_id, correlation_id=job_id)
+    context = log_context(job_id=job_id, shard_key=shard_key, correlation_id=job_id)
     context.__enter__()
     _running[task_id] = (time.perf_counter(), context)
-    annotate_current_span(job_id=job_id, shard_id=shard_id, task_id=task_id)
+    annotate_current_span(job_id=job_id, shard_key=shard_key, task_id=task_id)
     request = task.request
     # A message's own headers are attributes of the request (an eagerly applied task has them
     # under `headers`).

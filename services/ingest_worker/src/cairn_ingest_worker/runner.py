@@ -14,8 +14,8 @@ from typing import Any, Literal
 from celery.exceptions import SoftTimeLimitExceeded
 from opentelemetry import trace
 from pymongo.collection import Collection
-from pymongo.errors import ConnectionFailure
 from pymongo.database import Database
+from pymongo.errors import ConnectionFailure
 
 from cairn_contracts import clock
 from cairn_contracts.messages import RunShard
@@ -86,7 +86,7 @@ def run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadlin
     (a `NetworkTimeout` inside a batch's read or store is the shard's retryable failure instead);
     Celery's soft time limit, wherever it lands, raises
     `ShardFailed` with a retryable `BatchTimedOut`: the batch in flight is not committed."""
-    with log_context(job_id=claim.shard["job_id"], shard_id=claim.shard_key):
+    with log_context(job_id=claim.shard["job_id"], shard_key=claim.shard_key):
         try:
             return _run_claimed(runner, claim, max_attempts=max_attempts, deadline=deadline)
         except (ShardFailed, StoreUnavailable):
@@ -111,7 +111,7 @@ def _run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadli
         raise ShardFailed(claim, "unknown", LookupError(f"job {job_id} is not recorded"))
     spec: dict[str, Any] = job["spec"]
     pipeline_name = spec["pipeline"]
-    note_shard(job_id=job_id, shard_id=claim.shard_key, pipeline=pipeline_name, tenant=job.get("tenant"), attempt=claim.attempt)
+    note_shard(job_id=job_id, shard_key=claim.shard_key, pipeline=pipeline_name, tenant=job.get("tenant"), attempt=claim.attempt)
     bucket = claim.shard.get("bucket")
     try:
         pipeline = build_pipeline(
@@ -140,7 +140,7 @@ def _run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadli
             started = time.perf_counter()
             with tracer.start_as_current_span(
                 "cairn.batch",
-                attributes=span_attributes(job_id=job_id, shard_id=claim.shard_key, cursor=cursor, pipeline=pipeline_name),
+                attributes=span_attributes(job_id=job_id, shard_key=claim.shard_key, cursor=cursor, pipeline=pipeline_name),
             ):
                 heartbeat.batch_started()
                 try:

@@ -84,7 +84,7 @@ def register_tasks(app: Celery, build_context: Callable[[], WorkerContext]) -> N
         except ShardFailed as failure:
             return _carry_out(ctx, self, _after_failure(ctx, failure), failure.claim)
         if outcome.kind == "not_claimable":
-            shard = ctx.runner.shards.find_one({"task_key": request.shard_key})
+            shard = ctx.runner.shards.find_one({"shard_key": request.shard_key})
             return _carry_out(ctx, self, for_unclaimable(request, shard), request=request)
         if outcome.kind == "sliced":
             logger.info("shard %s: slice over after %d records; continuing in a new task", request.shard_key, outcome.records)
@@ -202,7 +202,7 @@ def _dead_letter_shard(ctx: WorkerContext, task: WorkerTask, claim: Claim, error
     if not ctx.runner.leases.fail(claim, _describe(error), dead_letter.dead_letter_id):
         return  # another worker holds the shard now; it decides
     ctx.publisher.publish(dead_letter)
-    ctx.runner.shards.update_one({"task_key": claim.shard_key}, {"$set": {"dead_lettered_at": clock.utcnow()}})
+    ctx.runner.shards.update_one({"shard_key": claim.shard_key}, {"$set": {"dead_lettered_at": clock.utcnow()}})
     logger.error("shard %s dead-lettered (%s): %s", claim.shard_key, reason, error)
     metrics.SHARD_OUTCOMES.labels(current_pipeline(), "dead_lettered").inc()
     _announce(ctx, Announce(job_id, claim.shard_key, "failed", error=_describe(error)))

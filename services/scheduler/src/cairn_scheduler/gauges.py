@@ -39,7 +39,8 @@ class QueueCounts:
         if self._channel is None or self._channel.is_closed:
             self._channel = await self._connection.channel()
         try:
-            queue = await self._channel.declare_queue(name, passive=True, robust=False)  # robust: cached, stale counts
+            # robust=False: a robust queue is cached with stale counts (aio-pika RobustChannel's own keyword)
+            queue = await self._channel.declare_queue(name, passive=True, robust=False)  # type: ignore[call-arg]
         except Exception:
             self._channel = None  # a failed passive declare (no such queue) closes the channel
             raise
@@ -79,8 +80,8 @@ class GaugeCollector:
             counts = await count_by_state(self._db[collection])
             for state in states:
                 gauge.labels(state.value).set(counts.pop(state.value, 0))
-            for state, count in counts.items():  # a state this code does not know yet
-                gauge.labels(str(state)).set(count)
+            for unknown, count in counts.items():  # a state this code does not know yet
+                gauge.labels(str(unknown)).set(count)
 
     async def collect_backlog_age(self) -> None:
         oldest = await self._db[SHARDS].find_one(

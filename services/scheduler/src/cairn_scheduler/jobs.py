@@ -103,7 +103,7 @@ class JobScheduler:
         now = clock.utcnow()
         shards = [
             ShardRecord(
-                task_key=p.key,
+                shard_key=p.key,
                 job_id=job_id,
                 index=p.index,
                 strategy=spec.sharding.strategy,
@@ -125,8 +125,8 @@ class JobScheduler:
         # Publish first, then mark: a crash in between re-dispatches on redelivery, and the
         # worker's lease claim makes the second task a no-op. The reverse order could lose a shard.
         dispatched = 0
-        async for shard in self.db[SHARDS].find({"job_id": job_id, "state": ShardState.PLANNED}, {"task_key": 1}):
-            await self.dispatcher.dispatch(RunShard(job_id=job_id, shard_key=shard["task_key"]), priority)
+        async for shard in self.db[SHARDS].find({"job_id": job_id, "state": ShardState.PLANNED}, {"shard_key": 1}):
+            await self.dispatcher.dispatch(RunShard(job_id=job_id, shard_key=shard["shard_key"]), priority)
             await self.db[SHARDS].update_one(
                 {"_id": shard["_id"], "state": ShardState.PLANNED},
                 {"$set": {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": clock.now_ms()}},
@@ -190,11 +190,11 @@ class JobScheduler:
         return state
 
     async def _result(self, job_id: str, states: Counter) -> dict[str, Any]:
-        totals = Counter()
+        totals: Counter[str] = Counter()
         async for checkpoint in self.db[CHECKPOINTS].find({"job_id": job_id}):
             for field in ("records_done", "records_written", "records_redone", "batches"):
                 totals[field] += int(checkpoint.get(field, 0))
-        failed = [s["task_key"] async for s in self.db[SHARDS].find({"job_id": job_id, "state": ShardState.FAILED}, {"task_key": 1})]
+        failed = [s["shard_key"] async for s in self.db[SHARDS].find({"job_id": job_id, "state": ShardState.FAILED}, {"shard_key": 1})]
         return {
             **{field: totals[field] for field in ("records_done", "records_written", "records_redone", "batches")},
             "shards_succeeded": states.get(ShardState.SUCCEEDED, 0),

@@ -7,6 +7,7 @@ the two lists in `run`; `cairn_runtime.service.serve` consumes and runs them.
 import asyncio
 import functools
 import logging
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -53,7 +54,7 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
             ingest_ready=functools.partial(QueueCounts(connection).ready, QUEUE_INGEST),
             lost_tasks=LostTaskWatch(passes_needed=settings.lost_task_passes),
         )
-        handlers = [
+        handlers: list[Subscription[Any]] = [
             Subscription(QUEUE_SCHEDULER_COMMANDS, StartJob, scheduler.start_job),
             Subscription(QUEUE_SCHEDULER_EVENTS, ShardFinished, scheduler.shard_finished),
             Subscription(QUEUE_SCHEDULER_CONTROL, CancelJob, canceller.handle),

@@ -32,7 +32,7 @@ from cairn_scheduler.metrics import LEASE_RECLAIMS, SHARD_REDISPATCHES
 logger = logging.getLogger(__name__)
 
 RETRY_BATCH = 500  # due retries sent per pass; a fuller pass is followed by another at once
-_SHARD_FIELDS = {"job_id": 1, "task_key": 1, "strategy": 1, "priority": 1, "index": 1}
+_SHARD_FIELDS = {"job_id": 1, "shard_key": 1, "strategy": 1, "priority": 1, "index": 1}
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class LeaseReaper:
         now_ms = clock.now_ms()
         reclaimed = 0
         expired = {"state": ShardState.RUNNING, "lease_until": {"$lt": now_ms}}
-        fields = {"job_id": 1, "task_key": 1, "fencing_token": 1, "strategy": 1, "priority": 1, "index": 1, "taken_by": 1}
+        fields = {"job_id": 1, "shard_key": 1, "fencing_token": 1, "strategy": 1, "priority": 1, "index": 1, "taken_by": 1}
         async for shard in self.db[SHARDS].find(expired, fields):
             won = await self.db[SHARDS].find_one_and_update(
                 {"_id": shard["_id"], "fencing_token": shard["fencing_token"], **expired},
@@ -107,7 +107,7 @@ class LeaseReaper:
             LEASE_RECLAIMS.inc()
             logger.warning(
                 "shard %s: lease of %s expired; back to ready (attempts so far counted at claim)",
-                shard["task_key"], shard.get("taken_by"),
+                shard["shard_key"], shard.get("taken_by"),
             )
             await self.dispatcher.dispatch(task_for_shard(shard), int(shard.get("priority", 2)))
         return reclaimed
@@ -150,7 +150,7 @@ class LeaseReaper:
         task = task_for_shard(shard)
         attempt = (shard.get("retry") or {}).get("attempt") if isinstance(shard.get("retry"), dict) else None
         if shard.get("strategy") == "lease_frontier" and shard["job_id"] in runners:
-            logger.info("shard %s: retry due (after attempt %s); the runner sent this pass takes it", shard["task_key"], attempt)
+            logger.info("shard %s: retry due (after attempt %s); the runner sent this pass takes it", shard["shard_key"], attempt)
             return False
         try:
             with continued_trace(shard.get("retry_trace_context")):  # the retry is a child of its failed attempt
@@ -164,7 +164,7 @@ class LeaseReaper:
         if shard.get("strategy") == "lease_frontier":
             runners.add(shard["job_id"])
         SHARD_REDISPATCHES.labels("retry_due").inc()
-        logger.info("shard %s: retry due (after attempt %s); task sent", shard["task_key"], attempt)
+        logger.info("shard %s: retry due (after attempt %s); task sent", shard["shard_key"], attempt)
         return True
 
     async def redispatch_lost(self, cutoff_ms: int) -> int:
@@ -187,7 +187,7 @@ class LeaseReaper:
                 runners.add(shard["job_id"])
             logger.warning(
                 "shard %s: queued since %d ms epoch and its task is lost (the ingest queue was empty); task sent again",
-                shard["task_key"], shard["queued_at_ms"],
+                shard["shard_key"], shard["queued_at_ms"],
             )
             await self.dispatcher.dispatch(task_for_shard(shard), int(shard.get("priority", 2)))
             SHARD_REDISPATCHES.labels("lost_task").inc()

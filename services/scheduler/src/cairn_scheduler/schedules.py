@@ -30,7 +30,7 @@ from cairn_contracts import clock
 from cairn_contracts.messages import StartJob
 from cairn_contracts.schedules import ScheduleTiming
 from cairn_contracts.store import JOBS, SCHEDULES, JobRecord
-from cairn_runtime.amqp import PublishNotConfirmed, Publisher
+from cairn_runtime.amqp import Publisher, PublishNotConfirmed
 
 logger = logging.getLogger(__name__)
 
