@@ -223,6 +223,7 @@ async def test_the_original_body_is_served_inline_or_from_gridfs(app, client, db
 
     response = await client.get(f"/dlq/entries/{inline}/payload")
     assert response.status_code == 200 and response.content == b'{"job_id": "x"}'
+    assert response.headers["content-type"] == "application/octet-stream"  # never the sender's type
     response = await client.get(f"/dlq/entries/{stored}/payload")
     assert response.status_code == 200 and response.content == big
     assert response.headers["content-type"] == "application/octet-stream"

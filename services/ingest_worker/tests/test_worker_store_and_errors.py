@@ -3,6 +3,7 @@
 import random
 
 import pytest
+from bson.errors import InvalidDocument
 from pymongo.errors import AutoReconnect, DuplicateKeyError, NetworkTimeout, ServerSelectionTimeoutError
 
 from cairn_ingest_worker.errors import NonRetryableError, RetryableError, is_retryable
@@ -69,7 +70,7 @@ def test_transient_and_unknown_errors_are_retryable(error: BaseException) -> Non
 
 @pytest.mark.parametrize(
     "error",
-    [NonRetryableError("x"), ValueError("x"), TypeError("x"), KeyError("x"), AttributeError("x")],
+    [NonRetryableError("x"), ValueError("x"), TypeError("x"), KeyError("x"), AttributeError("x"), InvalidDocument("key 'a\\x00b'")],
     ids=lambda e: type(e).__name__,
 )
 def test_bad_input_and_programming_errors_are_not_retryable(error: BaseException) -> None:

@@ -9,6 +9,7 @@ before the defaults, and its default retry policy).
 
 from dataclasses import dataclass
 
+from bson.errors import InvalidDocument
 from pymongo.errors import AutoReconnect, ConnectionFailure, NetworkTimeout, ServerSelectionTimeoutError
 
 from cairn_contracts.jobs import RetryPolicy
@@ -50,7 +51,8 @@ def is_store_outage(error: BaseException) -> bool:
 
 
 _RETRYABLE = (RetryableError, ConnectionError, TimeoutError, AutoReconnect, ConnectionFailure, NetworkTimeout, ServerSelectionTimeoutError)
-_NON_RETRYABLE = (NonRetryableError, ValueError, TypeError, KeyError, AttributeError)
+# InvalidDocument: a record MongoDB can never store (a `$` or NUL in a key): retrying cannot help.
+_NON_RETRYABLE = (NonRetryableError, ValueError, TypeError, KeyError, AttributeError, InvalidDocument)
 
 
 class HttpStatusError(Exception):

@@ -7,6 +7,7 @@ entry (GET /dlq/entries/{id}) how its replay ended. Who asked: the `X-Cairn-Acto
 operator's name), else the API key's name (else its id); the key's id is recorded either way.
 """
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Response, status
@@ -66,11 +67,20 @@ async def get_entry(entry_id: str, service: DeadLetters, tenant: Tenant) -> Dead
     return await service.get(tenant, entry_id)
 
 
+# type/subtype with optional parameters, printable ASCII only (no header injection).
+MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}(;[ -~]{0,120})?")
+
+
 @router.get("/entries/{entry_id}/payload", responses={200: {"content": {"application/octet-stream": {}}}, **NOT_FOUND})
 async def get_payload(entry_id: str, service: DeadLetters, tenant: Tenant) -> Response:
-    """The original message body as it was received (read back from GridFS if it was large)."""
+    """The original message body as it was received (read back from GridFS if it was large),
+    always as `application/octet-stream`: the sender chose the stored content type, so it is never
+    served as the answer's own (a `text/html` body would render in a browser); it is given in
+    `X-Cairn-Original-Content-Type` when it is a plain media type."""
     data, content_type = await service.payload(tenant, entry_id)
-    return Response(content=data, media_type=content_type)
+    headers = {"X-Cairn-Original-Content-Type": content_type} if content_type and MEDIA_TYPE.fullmatch(content_type) else {}
+    return Response(content=data, media_type="application/octet-stream", headers=headers)
+
 
 
 @router.post("/entries/{entry_id}/replay", status_code=status.HTTP_202_ACCEPTED, response_model=CommandAccepted, responses=COMMAND_ERRORS)
