@@ -1,16 +1,14 @@
 """LeaseReaper against the MongoDB-wire server: expired leases go back to ready and are
 dispatched again; lost tasks of queued shards are sent again."""
 
-from typing import Any
-
-import pytest
+import functools
 
 from cairn_contracts.clock import now_ms
 from cairn_contracts.messages import RunFrontier, RunShard
 from cairn_contracts.states import ShardState
-from cairn_contracts.store import SHARDS, ShardRecord
-from cairn_runtime.mongo import ensure_indexes
+from cairn_contracts.store import SHARDS
 from cairn_scheduler.reaper import LeaseReaper
+from cairn_testkit.records import seed_shard
 
 
 class Recorder:
@@ -21,18 +19,7 @@ class Recorder:
         self.dispatched.append((task, priority))
 
 
-@pytest.fixture
-async def db(async_mongo_db):
-    await ensure_indexes(async_mongo_db)
-    return async_mongo_db
-
-
-async def shard(db: Any, key: str, state: ShardState, *, strategy: str = "range", index: int = 0, **fields: Any) -> None:
-    record = ShardRecord(
-        shard_key=key, job_id=key.split(":")[0], index=index, strategy=strategy, range_start=0, range_end=10,
-        records_estimate=10, priority=3, state=state, fencing_token=2, attempts=2,
-    )
-    await db[SHARDS].insert_one({**record.to_document(), **fields})
+shard = functools.partial(seed_shard, fencing_token=2, attempts=2)  # a shard claimed twice so far
 
 
 async def test_reap_returns_shards_with_an_expired_lease_to_ready_and_dispatches_them(db) -> None:

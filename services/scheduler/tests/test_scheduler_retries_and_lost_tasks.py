@@ -18,14 +18,14 @@ from prometheus_client import REGISTRY
 from cairn_contracts import clock
 from cairn_contracts.messages import RunFrontier, RunShard
 from cairn_contracts.states import ShardState
-from cairn_contracts.store import SHARDS, ShardRecord
+from cairn_contracts.store import SHARDS
 from cairn_contracts.topology import QUEUE_INGEST
 from cairn_runtime.celery_config import ShardTaskSender, celery_config
-from cairn_runtime.mongo import ensure_indexes
 from cairn_scheduler.gauges import QueueCounts
 from cairn_scheduler.jobs import JobScheduler
 from cairn_scheduler.maintenance import Maintenance, retry_sleep_s
 from cairn_scheduler.reaper import LeaseReaper, LostTaskWatch
+from cairn_testkit.records import seed_shard
 
 
 class Recorder:
@@ -42,18 +42,6 @@ class BrokerDown:
         raise ConnectionError("broker unreachable")
 
 
-@pytest.fixture
-async def db(async_mongo_db):
-    await ensure_indexes(async_mongo_db)
-    return async_mongo_db
-
-
-async def shard(db: Any, key: str, state: ShardState, *, strategy: str = "range", index: int = 0, **fields: Any) -> None:
-    record = ShardRecord(
-        shard_key=key, job_id=key.split(":")[0], index=index, strategy=strategy, range_start=0, range_end=10,
-        records_estimate=10, priority=3, state=state, fencing_token=1, attempts=1,
-    )
-    await db[SHARDS].insert_one({**record.to_document(), **fields})
 
 
 def redispatches(reason: str) -> float:
@@ -65,9 +53,9 @@ def redispatches(reason: str) -> float:
 
 async def test_a_due_retry_goes_back_to_queued_and_its_task_is_sent_and_one_not_due_waits(db) -> None:
     now = clock.now_ms()
-    await shard(db, "job:0000", ShardState.RETRY, next_retry_at_ms=now - 10, retry={"attempt": 1})
-    await shard(db, "job:0001", ShardState.RETRY, next_retry_at_ms=now + 3_600_000)
-    await shard(db, "job:0002", ShardState.RETRY, next_retry_at_ms=now - 10, cancel_requested=True)
+    await seed_shard(db, "job:0000", ShardState.RETRY, next_retry_at_ms=now - 10, retry={"attempt": 1})
+    await seed_shard(db, "job:0001", ShardState.RETRY, next_retry_at_ms=now + 3_600_000)
+    await seed_shard(db, "job:0002", ShardState.RETRY, next_retry_at_ms=now - 10, cancel_requested=True)
     recorder = Recorder()
     before = redispatches("retry_due")
 
@@ -87,7 +75,7 @@ async def test_a_due_retry_goes_back_to_queued_and_its_task_is_sent_and_one_not_
 async def test_due_retries_of_a_lease_frontier_job_get_one_runner_per_pass(db) -> None:
     now = clock.now_ms()
     for index in (2, 5, 7):
-        await shard(db, f"front:{index:04d}", ShardState.RETRY, strategy="lease_frontier", index=index, next_retry_at_ms=now - 1)
+        await seed_shard(db, f"front:{index:04d}", ShardState.RETRY, strategy="lease_frontier", index=index, next_retry_at_ms=now - 1)
     recorder = Recorder()
 
     assert (await LeaseReaper(db, recorder).dispatch_due_retries(now_ms=now)).sent == 1
@@ -101,7 +89,7 @@ async def test_two_schedulers_dispatching_due_retries_at_once_send_each_task_onc
     now = clock.now_ms()
     keys = [f"job:{i:04d}" for i in range(30)]
     for key in keys:
-        await shard(db, key, ShardState.RETRY, next_retry_at_ms=now - 1)
+        await seed_shard(db, key, ShardState.RETRY, next_retry_at_ms=now - 1)
     first, second = Recorder(), Recorder()
 
     results = await asyncio.gather(
@@ -116,7 +104,7 @@ async def test_two_schedulers_dispatching_due_retries_at_once_send_each_task_onc
 
 async def test_a_retry_whose_send_fails_waits_in_retry_for_the_next_pass(db) -> None:
     now = clock.now_ms()
-    await shard(db, "job:0000", ShardState.RETRY, next_retry_at_ms=now - 1)
+    await seed_shard(db, "job:0000", ShardState.RETRY, next_retry_at_ms=now - 1)
 
     with pytest.raises(ConnectionError):
         await LeaseReaper(db, BrokerDown()).dispatch_due_retries(now_ms=now)
@@ -199,7 +187,7 @@ async def test_a_deep_backlog_is_not_redispatched_and_a_really_lost_task_is_sent
     old = clock.now_ms() - 600_000  # queued ten minutes ago: well past the age floor
     keys = [f"job:{i:04d}" for i in range(40)]
     for key in keys:
-        await shard(db, key, ShardState.QUEUED, queued_at_ms=old)
+        await seed_shard(db, key, ShardState.QUEUED, queued_at_ms=old)
         await sender.dispatch(RunShard(job_id="job", shard_key=key), 3)
     maintenance = lost_task_maintenance(db, broker, sender)
     before = redispatches("lost_task")

@@ -2,11 +2,11 @@
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from cairn_contracts.bounds import ContractModel
-from cairn_contracts.namespaces import is_control_collection
+from cairn_contracts.namespaces import JobCollection
 from cairn_contracts.pipelines import MongoRangeParams, SyntheticParams
 from cairn_contracts.states import Priority
 
@@ -97,19 +97,12 @@ class _JobSpecBase(ContractModel):
     sharding: Sharding = Field(default_factory=RangeSharding)
     priority: Priority = Priority.NORMAL
     batch_size: int = Field(1000, ge=1, le=50_000, description="Records per stored batch and checkpoint")
-    target_collection: str = Field(
+    target_collection: JobCollection = Field(
         "records",
         pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$",
         description="Collection the records go to; none of Cairn's own (jobs, shards, api_keys...)",
     )
     retry: RetryPolicy | None = Field(None, description="Retry policy of this job (default: the pipeline's, then the worker's)")
-
-    @field_validator("target_collection")
-    @classmethod
-    def _not_a_control_collection(cls, name: str) -> str:
-        if is_control_collection(name):
-            raise ValueError(f"{name!r} is one of Cairn's own collections: records cannot be written there")
-        return name
 
     @model_validator(mode="after")
     def _plan_is_bounded(self) -> "_JobSpecBase":

@@ -2,8 +2,12 @@
 
 No job may name one of them as its source or its target: a job that wrote records into `shards`
 would break every roll-up, and one that read `api_keys` would copy other tenants' secrets.
-`is_control_collection` is the one check, used by the job spec's validators.
+`JobCollection` is the one check, the type of every collection a job names.
 """
+
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 JOBS = "jobs"
 SHARDS = "shards"
@@ -25,7 +29,18 @@ CONTROL_COLLECTIONS = frozenset(
 )
 
 
+def not_a_control_collection(name: str) -> str:
+    """`name`, if a job may read or write it; ValueError (a 422 naming the field) if it is Cairn's own."""
+    if is_control_collection(name):
+        raise ValueError(f"{name!r} is one of Cairn's own collections: no job may read or write it")
+    return name
+
+
 def is_control_collection(name: str) -> bool:
     """Whether `name` is one of Cairn's control collections, a GridFS collection of its raw
     payloads (`raw_payload_blobs.files`/`.chunks`) or a MongoDB system collection."""
     return name in CONTROL_COLLECTIONS or name.startswith((f"{RAW_PAYLOAD_BUCKET}.", "system."))
+
+
+# A collection a job names (its target, a mongo_range source): never one of Cairn's own.
+JobCollection = Annotated[str, AfterValidator(not_a_control_collection)]

@@ -6,10 +6,10 @@ ingest worker holds the implementation registered under the same name.
 
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from cairn_contracts.bounds import ContractModel
-from cairn_contracts.namespaces import is_control_collection
+from cairn_contracts.namespaces import JobCollection
 
 SYNTHETIC = "synthetic"
 MONGO_RANGE = "mongo_range"
@@ -56,20 +56,13 @@ FIELD_NAME = r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$"
 class MongoRangeParams(_Params):
     """Copies documents of a source collection whose integer key lies in [start, end)."""
 
-    collection: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,120}$", description="Source collection; none of Cairn's own")
+    collection: JobCollection = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,120}$", description="Source collection; none of Cairn's own")
     key_field: str = Field("_id", pattern=FIELD_NAME)
     start: int = Field(..., ge=-MAX_KEY, le=MAX_KEY)
     end: int = Field(..., ge=-MAX_KEY, le=MAX_KEY)
     fields: list[Annotated[str, Field(pattern=FIELD_NAME)]] | None = Field(
         None, max_length=100, description="Fields to copy (all if unset)"
     )
-
-    @field_validator("collection")
-    @classmethod
-    def _not_a_control_collection(cls, name: str) -> str:
-        if is_control_collection(name):
-            raise ValueError(f"{name!r} is one of Cairn's own collections: it cannot be a source")
-        return name
 
     @model_validator(mode="after")
     def _end_after_start(self) -> "MongoRangeParams":
