@@ -108,6 +108,9 @@ def error_document(message: AbstractIncomingMessage) -> dict[str, Any]:
             return {
                 **base,
                 **letter.model_dump(mode="json", exclude={"dead_letter_id"}),
+                # Deliveries are handled concurrently, so record time does not follow failure
+                # order; the list's "newest first" is by when the letter was made.
+                "created_at": letter.dead_lettered_at,
                 "_id": letter.dead_letter_id,
                 "kind": "service",
             }
