@@ -45,7 +45,7 @@ lint: install ## ruff (lint, import order) and mypy (libs/ and services/), confi
 	uv run --no-sync mypy
 
 test: install lint test-services ## What CI runs: lint, then every test suite (libs, services, tests-e2e)
-	$(PYTEST) libs services tests-e2e $(PYTEST_ARGS)
+	$(PYTEST) libs services examples tests-e2e $(PYTEST_ARGS)
 
 test-unit: install test-services ## Tests of libs/ and services/ only
 	$(PYTEST) libs services $(PYTEST_ARGS)

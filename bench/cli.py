@@ -1,6 +1,6 @@
 """`python -m bench [scenario ...] [options]`: run benchmark scenarios and write the report.
 
-Scenarios: ingest, checkpoints, submit, recovery, broker, profile; `all` (the default) runs
+Scenarios: ingest, checkpoints, submit, recovery, broker, profile, http_json; `all` (the default) runs
 every one of them in that order and also refreshes the committed copy of the report
 (bench/REPORT.md and bench/plots/). See bench/README.md.
 """

@@ -56,7 +56,7 @@ def write(result: dict[str, Any], out_dir: Path) -> None:
     sections = [_header(result)]
     renderers = {
         "ingest": _ingest, "checkpoints": _checkpoints, "submit": _submit,
-        "recovery": _recovery, "broker": _broker, "profile": _profile,
+        "recovery": _recovery, "broker": _broker, "profile": _profile, "http_json": _http_json,
     }
     for name, render in renderers.items():
         if name in result["scenarios"]:
@@ -471,6 +471,23 @@ def _broker(data: dict[str, Any], plots: Path, result: dict[str, Any]) -> str:
         "CPU during the runs. A client process near 1.0 core is bound by Python (one core per process), not by the broker:",
         "",
         *cpu_lines,
+        "",
+    ])
+
+
+def _http_json(data: dict[str, Any], plots: Path, result: dict[str, Any]) -> str:
+    p = data["params"]
+    headers, rows = SCENARIOS["http_json"].table(data)
+    return "\n".join([
+        "## 6. http_json: a paged JSON API into the store",
+        "",
+        f"{p['records']:,} records in {p['pages']:,} pages of {p['page_size']} from the local paged test API "
+        f"(`cairn_testkit.paged_server`, its own process, page-number paging, no faults). Cairn: an `http_json` job in "
+        f"{p['shards']} page-range shards, {p['batch_pages']} pages a batch (one checkpoint each), write mode insert, "
+        "POST to SUCCESS. Baseline: one plain loop in the bench process, `httpx` GET page after page and `insert_many` "
+        "of its records into the same store (no checkpoint, retry, rate limit or resume).",
+        "",
+        markdown_table(headers, rows),
         "",
     ])
 

@@ -11,10 +11,12 @@ price the benchmark puts a figure on; it is not a mode to run.
 """
 
 import logging
+from typing import Any
 
 from cairn_ingest_worker.bootstrap import create_app, run_worker
 from cairn_ingest_worker.leases import Claim, Commit, ShardLeases
 from cairn_ingest_worker.settings import WorkerSettings
+from cairn_ingest_worker.store import WriteCounts
 
 logger = logging.getLogger(__name__)
 
@@ -22,17 +24,19 @@ logger = logging.getLogger(__name__)
 class UncheckpointedLeases(ShardLeases):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._unrecorded: dict[tuple[str, int], tuple[int, int, int]] = {}
+        self._unrecorded: dict[tuple[str, int], tuple[int, WriteCounts]] = {}
 
-    def commit(self, claim: Claim, cursor: int, records: int, written: int, duplicates: int) -> Commit:
+    def commit(
+        self, claim: Claim, cursor: Any, records: int, counts: WriteCounts, *, position: int | None = None, done: bool = False
+    ) -> Commit:
         key = (claim.shard_key, claim.token)
-        done, stored, redone = self._unrecorded.pop(key, (0, 0, 0))
-        done, stored, redone = done + records, stored + written, redone + duplicates
-        if cursor < int(claim.shard["range_end"]):
-            self._unrecorded[key] = (done, stored, redone)
+        total, stored = self._unrecorded.pop(key, (0, WriteCounts()))
+        total, stored = total + records, stored + counts
+        if not done:
+            self._unrecorded[key] = (total, stored)
             return Commit(stored=True)  # (a cancel is only seen at the shard's last batch)
         # The shard's last batch: one checkpoint write with the totals, so results stay right.
-        return super().commit(claim, cursor, done, stored, redone)
+        return super().commit(claim, cursor, total, stored, position=position, done=done)
 
 
 def main() -> None:

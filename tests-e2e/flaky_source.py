@@ -9,30 +9,16 @@ document `{_id: <key_prefix>}` in the `fixed_sources` collection of the worker's
 (Cairn's by default). A job whose prefix is never marked runs exactly as in production.
 """
 
-from typing import Any
-
-from pymongo.collection import Collection
-from pymongo.database import Database
-
-from cairn_contracts.pipelines import SYNTHETIC, SyntheticParams
-from cairn_ingest_worker.pipelines import Bucket, register_pipeline
+from cairn_ingest_worker.pipelines import register_pipeline
 from cairn_ingest_worker.pipelines.synthetic import SyntheticPipeline
 
 FIXED_SOURCES = "fixed_sources"
 
 
 class FlakySyntheticPipeline(SyntheticPipeline):
-    def __init__(self, params: SyntheticParams, attempt: int, bucket: Bucket | None, fixed_sources: Collection) -> None:
-        super().__init__(params, attempt, bucket)
-        self._fixed_sources = fixed_sources
-
-    @classmethod
-    def from_job(cls, params: dict[str, Any], *, attempt: int, source: Database, bucket: Bucket | None) -> "FlakySyntheticPipeline":
-        return cls(SyntheticParams.model_validate(params), attempt, bucket, source[FIXED_SOURCES])
-
     def failure_applies(self) -> bool:
-        fixed = self._fixed_sources.find_one({"_id": self._params.key_prefix}, {"_id": 1}) is not None
+        fixed = self.context.source()[FIXED_SOURCES].find_one({"_id": self.params.key_prefix}, {"_id": 1}) is not None
         return not fixed and super().failure_applies()
 
 
-register_pipeline(SYNTHETIC, FlakySyntheticPipeline)
+register_pipeline(SyntheticPipeline.name, FlakySyntheticPipeline)

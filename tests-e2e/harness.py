@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 from pymongo.database import Database
 
+from cairn_contracts.pipelines import PIPELINES
 from cairn_testkit.servers import free_port
 
 MODULES = {
@@ -209,12 +210,22 @@ class System:
 
     # --- processes ----------------------------------------------------------------------------
     def start_services(self, names: list[str] | None = None) -> None:
+        started_ms = int(time.time() * 1000)
         for name in names or list(self.services):
             self.services[name].start()
         if names is None or "gateway" in names:
             self._wait_for_gateway()
             if self.token is None:
                 self.token = self.create_key("default", "admin", "e2e harness")
+        if any(name.startswith("ingest_worker") for name in names or list(self.services)):
+            self._wait_for_catalog(started_ms)
+
+    def _wait_for_catalog(self, since_ms: int, timeout_s: float = 60) -> None:
+        """Until a worker started now has announced its pipelines (the gateway refuses jobs of
+        unannounced ones). Workers overwrite each other's entries: any announcement will do."""
+        self.wait_for(
+            lambda: self.db[PIPELINES].find_one({"announced_at_ms": {"$gte": since_ms - 1000}}), "the pipeline catalog", timeout_s
+        )
 
     def stop_services(self) -> None:
         for service in self.services.values():

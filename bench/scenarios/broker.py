@@ -26,7 +26,7 @@ import aio_pika
 from bench.scenarios.ingest import _ints
 from bench.stats import fmt_summary, summary
 from bench.system import BenchContext
-from cairn_contracts.jobs import SyntheticJobSpec
+from cairn_contracts.jobs import JobSpec
 from cairn_contracts.messages import StartJob
 from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS
 from cairn_runtime.amqp import Publisher, declare_topology
@@ -75,7 +75,7 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _command() -> StartJob:
-    spec = SyntheticJobSpec.model_validate({"name": "bench broker", "pipeline": "synthetic", "params": {"count": 10}})
+    spec = JobSpec.model_validate({"name": "bench broker", "pipeline": "synthetic", "params": {"count": 10}})
     return StartJob(job_id=uuid.uuid4().hex, tenant="default", spec=spec)
 
 

@@ -115,7 +115,7 @@ def _run(
         # Read where the dead worker left things only now: it can write nothing more.
         shard = shards.find_one({"job_id": job_id})
         checkpoint = checkpoints.find_one({"job_id": job_id})
-        token, cursor = int(shard["fencing_token"]), int(checkpoint["cursor"])
+        token, cursor = int(shard["fencing_token"]), int(checkpoint.get("cursor") or 0)
         redone_before = int(checkpoint.get("records_redone", 0))
         takeover = progress = None
         deadline = killed_at + ttl + 90
@@ -125,7 +125,7 @@ def _run(
             if takeover is None and int(shard.get("fencing_token", 0)) > token:
                 takeover = now
             checkpoint = checkpoints.find_one({"job_id": job_id})
-            if int(checkpoint.get("fencing_token", 0)) > token and int(checkpoint["cursor"]) > cursor:
+            if int(checkpoint.get("fencing_token", 0)) > token and int(checkpoint.get("cursor") or 0) > cursor:
                 progress = now
                 takeover = takeover or now
             if now > deadline:

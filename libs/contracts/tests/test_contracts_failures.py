@@ -6,7 +6,6 @@ from pydantic import ValidationError
 from cairn_contracts import store, topology
 from cairn_contracts.jobs import JOB_SPEC_ADAPTER, RetryPolicy
 from cairn_contracts.messages import DeadLetterCommand
-from cairn_contracts.pipelines import SyntheticParams
 from cairn_contracts.states import DeadLetterStatus, ReplayOutcome
 
 SPEC = JOB_SPEC_ADAPTER
@@ -43,12 +42,6 @@ def test_max_delay_may_not_be_below_the_base_delay() -> None:
     with pytest.raises(ValidationError, match="max_delay_s"):
         RetryPolicy(base_delay_s=10, max_delay_s=1)
     assert RetryPolicy(base_delay_s=1, max_delay_s=1).max_delay_s == 1
-
-
-def test_test_scaffolding_is_not_part_of_the_public_contract() -> None:
-    # A source broken until fixed is a test pipeline of the suite (tests-e2e/flaky_source.py).
-    with pytest.raises(ValidationError, match="fail_while_flag"):
-        SyntheticParams(count=10, fail_at_key=3, fail_while_flag="broken")  # type: ignore[call-arg]
 
 
 def test_a_dead_letter_command_round_trips_and_its_action_is_a_closed_set() -> None:

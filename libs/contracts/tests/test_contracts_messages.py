@@ -78,7 +78,7 @@ def test_start_job_keeps_the_spec_pipeline_through_the_round_trip() -> None:
     again = StartJob.model_validate_json(START.model_dump_json())
 
     assert again.spec.pipeline == "mongo_range"
-    assert again.spec.params.fields == ["a"]
+    assert again.spec.params["fields"] == ["a"]
     assert again.submitted_at == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 

@@ -31,8 +31,9 @@ def test_a_planned_shard_and_its_checkpoint_as_stored() -> None:
     }
     assert shard.checkpoint().to_document() == {
         "_id": f"job:0001/{MAIN_SUB_KEY}", "shard_key": "job:0001", "sub_key": MAIN_SUB_KEY, "job_id": "job",
-        "cursor": 0, "range_start": 0, "range_end": 100, "records_estimate": 25, "records_done": 0,
-        "records_written": 0, "records_redone": 0, "batches": 0, "fencing_token": 0, "updated_at": NOW,
+        "cursor": None, "position": 0, "range_start": 0, "range_end": 100, "records_estimate": 25, "records_done": 0,
+        "records_written": 0, "records_redone": 0, "records_inserted": 0, "records_updated": 0,
+        "records_unchanged": 0, "records_duplicate": 0, "batches": 0, "fencing_token": 0, "updated_at": NOW,
     }
 
 

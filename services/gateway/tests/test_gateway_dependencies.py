@@ -29,6 +29,7 @@ from cairn_gateway.app import create_app
 from cairn_gateway.auth import new_key
 from cairn_gateway.settings import GatewaySettings
 from cairn_testkit.aio import drain, next_message
+from cairn_testkit.catalog import seed_catalog
 from cairn_testkit.servers import MongoStandIn, free_port
 
 SPEC = {"pipeline": "synthetic", "params": {"count": 100}, "sharding": {"shards": 2}}
@@ -41,6 +42,7 @@ def spec(name: str | None = None) -> dict:
 @pytest.fixture
 def database(mongo_client, test_env) -> Iterator[str]:
     name = f"{test_env.mongodb_database}_gwdep_{uuid.uuid4().hex[:6]}"
+    seed_catalog(mongo_client[name])  # as a worker announces it: jobs are checked against it
     yield name
     mongo_client.drop_database(name)
 
@@ -64,6 +66,7 @@ def client_of(app: FastAPI, token: str | None = None) -> httpx.AsyncClient:
 
 @contextlib.asynccontextmanager
 async def gateway(settings: GatewaySettings, db: Database) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    seed_catalog(db)  # as a worker announces it: jobs are checked against it
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         async with client_of(app, create_key(db, "default", ["admin"], "dependency tests")) as client:

@@ -20,11 +20,13 @@ from cairn_gateway.settings import GatewaySettings
 from cairn_runtime.amqp import Publisher
 from cairn_runtime.payloads import RawPayloads
 from cairn_testkit.aio import drain, next_message
+from cairn_testkit.catalog import seed_catalog
 
 
 @pytest.fixture(scope="module")
 def database(mongo_client, test_env) -> str:
     name = f"{test_env.mongodb_database}_gwdlq_{uuid.uuid4().hex[:6]}"
+    seed_catalog(mongo_client[name])  # as a worker announces it: jobs are checked against it
     yield name
     mongo_client.drop_database(name)
 

@@ -30,6 +30,7 @@ from cairn_contracts.store import API_KEYS, TASK_ERRORS
 from cairn_gateway.app import create_app
 from cairn_gateway.auth import new_key
 from cairn_gateway.settings import GatewaySettings
+from cairn_testkit.catalog import seed_catalog
 
 EXAMPLES_PER_OPERATION = 30
 MARK = "__hostile__"
@@ -76,6 +77,7 @@ BODIES: dict[tuple[str, str], Any] = {
 @pytest.fixture(scope="module")
 def database(mongo_client, test_env) -> str:
     name = f"{test_env.mongodb_database}_gwfz_{uuid.uuid4().hex[:6]}"
+    seed_catalog(mongo_client[name])  # as a worker announces it: jobs are checked against it
     yield name
     mongo_client.drop_database(name)
 

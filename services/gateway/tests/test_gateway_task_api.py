@@ -23,6 +23,7 @@ from cairn_gateway.app import create_app
 from cairn_gateway.auth import new_key
 from cairn_gateway.settings import GatewaySettings
 from cairn_testkit.aio import drain, next_message
+from cairn_testkit.catalog import seed_catalog
 
 SPEC = {"pipeline": "synthetic", "params": {"count": 1000}, "sharding": {"shards": 2}, "priority": 3}
 
@@ -35,6 +36,7 @@ def spec(**changes) -> dict:
 @pytest.fixture(scope="module")
 def database(mongo_client, test_env) -> str:
     name = f"{test_env.mongodb_database}_gwapi_{uuid.uuid4().hex[:6]}"
+    seed_catalog(mongo_client[name])  # as a worker announces it: jobs are checked against it
     yield name
     mongo_client.drop_database(name)
 
@@ -521,3 +523,67 @@ async def test_openapi_describes_auth_and_errors(make_client) -> None:
         operation = next(iter(document["paths"][path].values()))
         assert {"401", "403"} <= set(operation["responses"]), path
     assert "security" not in document["paths"]["/healthz"]["get"]
+
+
+# --- the pipeline catalog (issue 13): what the workers announced, and jobs checked against it -----
+
+
+async def test_the_catalog_lists_every_announced_pipeline_with_its_schema_and_space(acme) -> None:
+    listed = (await acme.get("/v1/pipelines")).json()["items"]
+    one = await acme.get("/v1/pipelines/mongo_range")
+
+    by_name = {p["name"]: p for p in listed}
+    assert {"synthetic", "mongo_range"} <= set(by_name)
+    assert by_name["synthetic"]["params_schema"]["required"] == ["count"]
+    assert [s["kind"] for s in by_name["mongo_range"]["space"]] == ["key_range", "time_range"]
+    assert one.status_code == 200 and one.json() == by_name["mongo_range"]
+    assert (await acme.get("/v1/pipelines/ftp_dump")).status_code == 404
+
+
+async def test_a_job_keeps_the_pipeline_version_and_the_resolved_space(acme, db) -> None:
+    window = {"collection": "src", "since": "2026-01-01T00:00:00Z", "until": "2026-01-01T01:00:00Z"}
+    db["src"].insert_one({"_id": 1})
+    keys = (await create(acme, spec())).json()["id"]
+    times = (await create(acme, spec(pipeline="mongo_range", params=window))).json()["id"]
+
+    assert db[JOBS].find_one({"_id": keys})["space"] == {
+        "kind": "key_range", "start_field": "start", "end_field": None, "count_field": "count", "start": 0, "end": 1000,
+    }
+    job = db[JOBS].find_one({"_id": times})
+    assert (job["space"]["kind"], job["space"]["end"] - job["space"]["start"]) == ("time_range", 3_600_000)
+    assert job["pipeline_version"] == "2"
+
+
+async def test_an_unannounced_pipeline_is_a_422_listing_the_known_ones(acme, db) -> None:
+    response = await create(acme, spec(pipeline="ftp_dump"))
+
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "pipeline"] and "mongo_range" in error["msg"] and "synthetic" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    "params, loc",
+    [
+        ({"count": 10, "record_size": 0}, ["body", "params", "record_size"]),
+        ({"count": 10, "colour": "red"}, ["body", "params", "colour"]),
+        ({"start": 3}, ["body", "params", "count"]),
+    ],
+)
+async def test_params_the_announced_schema_refuses_are_a_422_naming_the_field(acme, db, params, loc) -> None:
+    before = db[JOBS].count_documents({})
+
+    response = await create(acme, spec(params=params))
+
+    assert response.status_code == 422
+    assert [e["loc"] for e in response.json()["detail"]] == [loc]
+    assert db[JOBS].count_documents({}) == before
+
+
+async def test_a_schedule_whose_job_the_catalog_refuses_is_a_422(acme) -> None:
+    body = {"kind": "interval", "interval_s": 60, "job": {"pipeline": "synthetic", "params": {"count": 0}}}
+
+    response = await acme.post("/v1/schedules", json=body)
+
+    assert response.status_code == 422
+    assert [e["loc"] for e in response.json()["detail"]] == [["body", "job", "params", "count"]]

@@ -12,6 +12,7 @@ from cairn_contracts.store import CHECKPOINTS, SHARDS
 from cairn_ingest_worker.context import build_context
 from cairn_ingest_worker.leases import ShardLeases
 from cairn_ingest_worker.settings import WorkerSettings
+from cairn_ingest_worker.store import WriteCounts
 
 
 class SpyCollection:
@@ -41,7 +42,7 @@ def test_batch_checkpoints_match_the_checkpoint_by_id_and_stay_fenced(db, seed_s
     claim = holder.claim(key)
     assert claim is not None and claim.checkpoint_id == f"{key}/main"
 
-    assert holder.commit(claim, 100, 100, 100, 0).stored
+    assert holder.commit(claim, 100, 100, WriteCounts(inserted=100, duplicate=0)).stored
     assert spy.update_filters[-1] == {"_id": claim.checkpoint_id, "fencing_token": claim.token}
     assert db[CHECKPOINTS].find_one({"_id": f"{key}/main"})["cursor"] == 100
 
@@ -49,7 +50,7 @@ def test_batch_checkpoints_match_the_checkpoint_by_id_and_stay_fenced(db, seed_s
     newer = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-b", 30).claim(key)
     assert newer is not None and newer.token > claim.token
 
-    assert not holder.commit(claim, 200, 100, 100, 0).stored  # fenced: the old holder moves nothing
+    assert not holder.commit(claim, 200, 100, WriteCounts(inserted=100, duplicate=0)).stored  # fenced: the old holder moves nothing
     stored = db[CHECKPOINTS].find_one({"_id": f"{key}/main"})
     assert (stored["cursor"], stored["records_done"], stored["fencing_token"]) == (100, 100, newer.token)
 
@@ -60,12 +61,12 @@ def test_uncheckpointed_leases_write_only_the_last_checkpoint_with_the_totals(db
     claim = leases.claim(key)
     assert claim is not None
 
-    assert leases.commit(claim, 100, 100, 100, 0).stored
-    assert leases.commit(claim, 200, 100, 90, 10).stored
+    assert leases.commit(claim, 100, 100, WriteCounts(inserted=100, duplicate=0)).stored
+    assert leases.commit(claim, 200, 100, WriteCounts(inserted=90, duplicate=10)).stored
     untouched = db[CHECKPOINTS].find_one({"_id": f"{key}/main"})
-    assert (untouched["cursor"], untouched["records_done"], untouched["batches"]) == (0, 0, 0)
+    assert (untouched["cursor"], untouched["records_done"], untouched["batches"]) == (None, 0, 0)
 
-    assert leases.commit(claim, 300, 100, 100, 0).stored
+    assert leases.commit(claim, 300, 100, WriteCounts(inserted=100, duplicate=0), done=True).stored
     final = db[CHECKPOINTS].find_one({"_id": f"{key}/main"})
     assert (final["cursor"], final["records_done"], final["records_written"], final["records_redone"]) == (300, 300, 290, 10)
 

@@ -10,6 +10,7 @@ from cairn_contracts.states import ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
 from cairn_ingest_worker.leases import ShardLeases
 from cairn_ingest_worker.runner import ShardRunner, run_shard
+from cairn_ingest_worker.store import WriteCounts
 from cairn_runtime.log import log_context
 
 MAX_ATTEMPTS = 3
@@ -54,9 +55,9 @@ def test_commit_reports_the_cancel_in_the_same_write(db, seed_job, seed_shard) -
     leases = ShardLeases(db[SHARDS], db[CHECKPOINTS], "w", 30)
     claim = leases.claim(key)
 
-    first = leases.commit(claim, 10, 10, 10, 0)
+    first = leases.commit(claim, 10, 10, WriteCounts(inserted=10, duplicate=0))
     db[CHECKPOINTS].update_one({"shard_key": key}, {"$set": {"cancel_requested": True}})
-    second = leases.commit(claim, 20, 10, 10, 0)
+    second = leases.commit(claim, 20, 10, WriteCounts(inserted=10, duplicate=0))
 
     assert (first.stored, first.cancel_requested) == (True, False)
     assert (second.stored, second.cancel_requested) == (True, True)

@@ -36,6 +36,7 @@ from cairn_ingest_worker.retry import (
     retry_fields,
     rules_for_job,
 )
+from cairn_sdk import Bounds, RunContext
 
 DEFAULTS = RetryDefaults(max_attempts=5, base_delay_s=1.0, max_delay_s=60.0)
 
@@ -106,6 +107,9 @@ def test_policy_fields_come_from_the_job_then_the_pipeline_then_the_worker() -> 
     assert resolve_policy(None, pipeline, DEFAULTS) == EffectiveRetryPolicy(8, 2.0, 60.0)
     assert resolve_policy({"max_attempts": 3}, pipeline, DEFAULTS) == EffectiveRetryPolicy(3, 2.0, 60.0)
     assert resolve_policy(RetryPolicy(max_delay_s=5), pipeline, DEFAULTS) == EffectiveRetryPolicy(8, 2.0, 5.0)
+    # A pipeline declares its default in its FailurePolicy (cairn_sdk).
+    declared = FailurePolicy(max_attempts=8, base_delay_s=2.0)
+    assert resolve_policy({"max_attempts": 3}, declared, DEFAULTS) == EffectiveRetryPolicy(3, 2.0, 60.0)
 
 
 def test_the_rules_of_a_recorded_job(mongo_db) -> None:
@@ -195,24 +199,35 @@ def test_each_scheduled_retry_is_recorded_on_the_shard_in_the_fenced_write(mongo
 # --- the pipeline registry and the suite's test pipeline (tests-e2e/flaky_source.py) -----------------
 
 
-def test_only_a_pipeline_name_of_the_contracts_can_be_registered() -> None:
-    with pytest.raises(ValueError, match="no pipeline named"):
-        register_pipeline("not_in_the_contracts", SyntheticPipeline)
+def test_only_a_pipeline_class_named_as_registered_can_be_registered() -> None:
+    with pytest.raises(ValueError, match="whose name is 'not_its_name'"):
+        register_pipeline("not_its_name", SyntheticPipeline)
+    with pytest.raises(ValueError):
+        register_pipeline("synthetic", dict)  # type: ignore[arg-type]
+
+
+def test_the_built_in_pipelines_are_discovered_from_entry_points() -> None:
+    discovered = pipelines.discover()
+
+    assert discovered[SYNTHETIC] is SyntheticPipeline
+    assert discovered["mongo_range"].__name__ == "MongoRangePipeline"
 
 
 def test_the_test_pipeline_fails_its_source_until_it_is_marked_fixed(mongo_db, monkeypatch) -> None:
     # Importing it registers it for `synthetic`: the registry is restored after this test.
-    monkeypatch.setitem(pipelines._PIPELINES, SYNTHETIC, pipelines._PIPELINES[SYNTHETIC])
+    monkeypatch.setattr(pipelines, "_registered", dict(pipelines._registered))
     flaky_source = importlib.import_module("flaky_source")
+    importlib.reload(flaky_source)  # registers again in this test's registry, if imported before
     params = {"count": 20, "fail_at_key": 5, "failure": "retryable", "key_prefix": "down"}
-    pipeline = build_pipeline(SYNTHETIC, params, attempt=1, source=mongo_db)
-    assert isinstance(pipeline, flaky_source.FlakySyntheticPipeline)
+    pipeline = build_pipeline(SYNTHETIC, params, RunContext(source_db=mongo_db))
+    assert type(pipeline).__name__ == "FlakySyntheticPipeline"
+    bounds = Bounds(0, 20)
 
     with pytest.raises(RetryableError):  # not fixed yet: fails as the production pipeline does
-        pipeline.read(0, 20, 10)
-    assert len(pipeline.read(10, 20, 10).records) == 10  # only the batch holding the key fails
+        pipeline.read(bounds, 0, 10)
+    assert len(pipeline.read(bounds, 10, 10).records) == 10  # only the batch holding the key fails
     mongo_db[flaky_source.FIXED_SOURCES].insert_one({"_id": "down"})
-    assert len(pipeline.read(0, 20, 10).records) == 10
+    assert len(pipeline.read(bounds, 0, 10).records) == 10
 
 
 # --- messages Celery cannot read ----------------------------------------------------------------------

@@ -166,7 +166,7 @@ def test_a_hung_batch_stops_its_lease_renewals_and_is_not_committed(db: Database
     shard = db[SHARDS].find_one({"_id": key})
     assert shard["state"] == ShardState.RUNNING and shard["lease_until"] < now_ms()  # left to expire: the reaper takes it
     cp = db[CHECKPOINTS].find_one({"shard_key": key})
-    assert cp["cursor"] == 0 and cp["batches"] == 0 and db["out"].count_documents({}) == 0
+    assert cp["cursor"] is None and cp["batches"] == 0 and db["out"].count_documents({}) == 0
 
 
 def test_a_cancel_during_a_hung_batch_stops_the_renewals_and_the_shard_without_storing_the_batch(
@@ -191,7 +191,7 @@ def test_a_cancel_during_a_hung_batch_stops_the_renewals_and_the_shard_without_s
     # Before: the hung batch was stored and committed, then the shard stopped.
     assert result["o"].kind == "cancelled" and result["o"].records == 0
     assert db[SHARDS].find_one({"_id": key})["state"] == ShardState.CANCELLED
-    assert db["out"].count_documents({}) == 0 and db[CHECKPOINTS].find_one({"shard_key": key})["cursor"] == 0
+    assert db["out"].count_documents({}) == 0 and db[CHECKPOINTS].find_one({"shard_key": key})["batches"] == 0
 
 
 def test_the_soft_time_limit_ends_a_hung_batch_as_a_retryable_timeout_with_nothing_committed(
@@ -216,7 +216,7 @@ def test_the_soft_time_limit_ends_a_hung_batch_as_a_retryable_timeout_with_nothi
     assert isinstance(failed.value.error, BatchTimedOut) and isinstance(failed.value.error, TimeoutError)
     assert is_retryable(failed.value.error)  # the retry policy applies, then the dead-letter queue
     cp = db[CHECKPOINTS].find_one({"shard_key": key})
-    assert cp["cursor"] == 0 and db["out"].count_documents({}) == 0
+    assert cp["batches"] == 0 and db["out"].count_documents({}) == 0
 
 
 def test_every_delivery_has_a_soft_and_a_hard_time_limit_from_the_settings() -> None:

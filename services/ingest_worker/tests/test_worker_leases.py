@@ -7,6 +7,7 @@ from cairn_contracts.clock import now_ms
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import CHECKPOINTS, SHARDS
 from cairn_ingest_worker.leases import Heartbeat, ShardLeases
+from cairn_ingest_worker.store import WriteCounts
 
 TTL_S = 30.0
 TINY_TTL_S = 0.05
@@ -32,7 +33,9 @@ def test_claim_takes_the_shard_and_adopts_the_checkpoint(db, seed_shard) -> None
 
     after = now_ms()
     assert claim is not None
-    assert (claim.token, claim.attempt, claim.cursor, claim.shard_key) == (1, 1, 100, key)
+    # A fresh shard: no cursor yet (the pipeline's `start` gives it), its position at range_start.
+    assert (claim.token, claim.attempt, claim.cursor, claim.fresh, claim.shard_key) == (1, 1, None, True, key)
+    assert checkpoint(db, key)["position"] == 100
     shard = db[SHARDS].find_one({"_id": key})
     assert shard["state"] == ShardState.RUNNING
     assert shard["taken_by"] == "worker-a"
@@ -73,14 +76,14 @@ def test_after_takeover_the_old_claim_cannot_write(db, seed_shard) -> None:
     key = seed_shard(db, "job", 0, 0, 100)
     old_leases = leases(db, "worker-a", TINY_TTL_S)
     old = old_leases.claim(key)
-    assert old_leases.commit(old, 10, 10, 10, 0).stored
+    assert old_leases.commit(old, 10, 10, WriteCounts(inserted=10, duplicate=0)).stored
     expire_after(TINY_TTL_S)
     new_leases = leases(db, "worker-b")
     new = new_leases.claim(key)
     assert new.cursor == 10  # the new holder resumes from the old holder's last checkpoint
     checkpoint_before, shard_before = checkpoint(db, key), db[SHARDS].find_one({"_id": key})
 
-    assert old_leases.commit(old, 20, 10, 10, 0).stored is False
+    assert old_leases.commit(old, 20, 10, WriteCounts(inserted=10, duplicate=0)).stored is False
     assert old_leases.succeed(old) is False
     assert old_leases.renew(old) is False
     assert old_leases.fail(old, "boom", "dl-1") is False
@@ -88,7 +91,7 @@ def test_after_takeover_the_old_claim_cannot_write(db, seed_shard) -> None:
 
     assert checkpoint(db, key) == checkpoint_before
     assert db[SHARDS].find_one({"_id": key}) == shard_before
-    assert new_leases.commit(new, 20, 10, 10, 0).stored is True
+    assert new_leases.commit(new, 20, 10, WriteCounts(inserted=10, duplicate=0)).stored is True
     assert checkpoint(db, key)["cursor"] == 20
 
 
@@ -97,8 +100,8 @@ def test_commit_moves_the_cursor_and_counts(db, seed_shard) -> None:
     lease = leases(db, "worker-a")
     claim = lease.claim(key)
 
-    assert lease.commit(claim, 10, 10, 8, 2).stored
-    assert lease.commit(claim, 20, 10, 10, 0).stored
+    assert lease.commit(claim, 10, 10, WriteCounts(inserted=8, duplicate=2)).stored
+    assert lease.commit(claim, 20, 10, WriteCounts(inserted=10, duplicate=0)).stored
 
     doc = checkpoint(db, key)
     assert (doc["cursor"], doc["records_done"], doc["records_written"], doc["records_redone"], doc["batches"]) == (20, 20, 18, 2, 2)

@@ -4,13 +4,13 @@ success (issue 11, item 9); an existing empty source still is an empty success."
 import pytest
 
 from cairn_contracts.messages import RunShard
-from cairn_contracts.pipelines import MongoRangeParams
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
 from cairn_ingest_worker.errors import NonRetryableError, is_retryable
 from cairn_ingest_worker.leases import ShardLeases
 from cairn_ingest_worker.pipelines import failure_policy
-from cairn_ingest_worker.pipelines.mongo_range import MongoRangePipeline, SourceNotFound
+from cairn_ingest_worker.pipelines.mongo_range import MongoRangeParams, MongoRangePipeline, SourceNotFound
 from cairn_ingest_worker.runner import ShardFailed, ShardRunner, run_shard
+from cairn_sdk import Bounds, RunContext
 
 
 def runner(db) -> ShardRunner:
@@ -30,10 +30,10 @@ def mongo_range_spec(collection: str) -> dict:
 
 
 def test_reading_a_missing_collection_raises_a_permanent_error_naming_it(mongo_db) -> None:
-    pipeline = MongoRangePipeline(MongoRangeParams(collection="no_such_src", start=0, end=10), mongo_db)
+    pipeline = MongoRangePipeline(MongoRangeParams(collection="no_such_src", start=0, end=10), RunContext(source_db=mongo_db))
 
     with pytest.raises(SourceNotFound) as caught:
-        pipeline.read(0, 10, 5)
+        pipeline.read(Bounds(0, 10), 0, 5)
 
     assert "'no_such_src'" in str(caught.value) and mongo_db.name in str(caught.value)
     assert isinstance(caught.value, NonRetryableError)
@@ -42,11 +42,11 @@ def test_reading_a_missing_collection_raises_a_permanent_error_naming_it(mongo_d
 
 def test_an_existing_empty_collection_is_an_empty_source(mongo_db) -> None:
     mongo_db.create_collection("empty_src")
-    pipeline = MongoRangePipeline(MongoRangeParams(collection="empty_src", start=0, end=10), mongo_db)
+    pipeline = MongoRangePipeline(MongoRangeParams(collection="empty_src", start=0, end=10), RunContext(source_db=mongo_db))
 
-    batch = pipeline.read(0, 10, 5)
+    batch = pipeline.read(Bounds(0, 10), 0, 5)
 
-    assert batch.records == [] and batch.next_cursor == 10
+    assert batch.records == [] and batch.cursor == 10 and batch.done
 
 
 def test_a_shard_over_a_missing_collection_fails_without_a_retry_and_stores_nothing(db, seed_job, seed_shard) -> None:
@@ -59,7 +59,8 @@ def test_a_shard_over_a_missing_collection_fails_without_a_retry_and_stores_noth
     assert isinstance(caught.value.error, SourceNotFound)
     assert "'vanished'" in str(caught.value.error)
     assert db["copy"].count_documents({}) == 0
-    assert db[CHECKPOINTS].find_one({"shard_key": key})["cursor"] == 0  # nothing read, nothing committed
+    checkpoint = db[CHECKPOINTS].find_one({"shard_key": key})
+    assert checkpoint["cursor"] is None and checkpoint["batches"] == 0  # nothing read, nothing committed
 
 
 def test_a_shard_over_an_existing_collection_still_succeeds(db, seed_job, seed_shard) -> None:

@@ -1,17 +1,21 @@
 """run_shard over real collections: full run, re-run, resume from a checkpoint, poison, failures."""
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from cairn_contracts.clock import now_ms
 from cairn_contracts.messages import RunShard
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
+from cairn_ingest_worker import pipelines
 from cairn_ingest_worker.errors import NonRetryableError, RetryableError
 from cairn_ingest_worker.leases import ShardLeases
 from cairn_ingest_worker.runner import ShardFailed, ShardRunner, run_shard
-from cairn_ingest_worker.store import store_records
+from cairn_ingest_worker.store import RunStamp, write_records
+from cairn_sdk import Batch, Bounds, Pipeline, Single, WorkItems
 
 MAX_ATTEMPTS = 3
 
@@ -87,7 +91,7 @@ def test_resume_reads_only_what_is_left_after_the_checkpoint(db, seed_job, seed_
     seed_job(db, "job", synthetic_spec())
     key = seed_shard(db, "job", 0, 0, 25)
     # A worker stored the first two batches, checkpointed them, then died; the shard went back on the queue.
-    store_records(db["out"], [{"_id": k, "seq": i} for i, k in enumerate(keys(0, 20))], "job")
+    write_records(db["out"], [{"_id": k, "seq": i} for i, k in enumerate(keys(0, 20))], mode="insert", run=RunStamp("job"))
     db[CHECKPOINTS].update_one(
         {"shard_key": key}, {"$set": {"cursor": 20, "records_done": 20, "records_written": 20, "batches": 2, "fencing_token": 1}}
     )
@@ -106,7 +110,7 @@ def test_resume_after_a_crash_between_store_and_checkpoint_stores_nothing_twice(
     seed_job(db, "job", synthetic_spec())
     key = seed_shard(db, "job", 0, 0, 25)
     # The second batch (10..19) was stored but its checkpoint was never written.
-    store_records(db["out"], [{"_id": k, "seq": i} for i, k in enumerate(keys(0, 20))], "job")
+    write_records(db["out"], [{"_id": k, "seq": i} for i, k in enumerate(keys(0, 20))], mode="insert", run=RunStamp("job"))
     db[CHECKPOINTS].update_one({"shard_key": key}, {"$set": {"cursor": 10, "records_done": 10, "records_written": 10, "batches": 1}})
 
     outcome = run_shard(runner(db), RunShard(job_id="job", shard_key=key), max_attempts=MAX_ATTEMPTS)
@@ -128,7 +132,7 @@ def test_a_shard_that_used_up_its_attempts_is_poison(db, seed_job, seed_shard) -
     assert outcome.kind == "poison"
     assert outcome.claim is not None and outcome.claim.attempt == MAX_ATTEMPTS + 1
     assert db["out"].count_documents({}) == 0
-    assert checkpoint(db, key)["cursor"] == 0
+    assert checkpoint(db, key)["batches"] == 0
 
 
 def test_last_allowed_attempt_still_runs(db, seed_job, seed_shard) -> None:
@@ -241,3 +245,131 @@ def test_hash_mod_buckets_store_each_record_exactly_once_between_them(db, seed_j
     assert all(0 < o.records < 60 for o in outcomes)  # each bucket holds only its share
     assert stored_ids(db) == keys(0, 60)
     assert all(checkpoint(db, k)["cursor"] == 60 for k in shard_keys)
+
+
+# --- pipelines of the SDK: opaque cursors, `done`, identity, work items ---------------------------
+
+
+class TokenParams(BaseModel):
+    pages: int
+    per_page: int
+
+
+class UrlParams(BaseModel):
+    urls: list[str]
+
+
+class TokenPages(Pipeline[TokenParams]):
+    """A source paged by an opaque token (a dict), as an HTTP API's next-page cursor: the runner
+    must store the token as it is and end the shard when the pipeline says `done`, not at a key."""
+
+    name = "token_pages"
+    Params = TokenParams
+    space = Single()
+
+    def start(self, bounds: Bounds) -> Any:
+        return {"page": "p0"}
+
+    def read(self, bounds: Bounds, cursor: Any, limit: int) -> Batch:
+        page = int(cursor["page"][1:])
+        records = [{"code": f"c{page}-{i}", "n": i} for i in range(self.params.per_page)]
+        last = page + 1 >= self.params.pages
+        return Batch(records, None if last else {"page": f"p{page + 1}"}, done=last)
+
+    def identity(self, record: dict[str, Any]) -> str:
+        return f"token:{record['code']}"
+
+
+class Urls(Pipeline[UrlParams]):
+    name = "url_list"
+    Params = UrlParams
+    space = WorkItems("urls")
+
+    def read(self, bounds: Bounds, cursor: Any, limit: int) -> Batch:
+        assert bounds.items is not None
+        chunk = list(bounds.items[int(cursor) - bounds.start :][:limit])
+        after = int(cursor) + len(chunk)
+        return Batch([{"_id": url} for url in chunk], after, done=after >= bounds.end, position=after)
+
+
+@pytest.fixture
+def sdk_pipelines(monkeypatch):
+    monkeypatch.setattr(pipelines, "_registered", dict(pipelines._registered))
+    pipelines.register_pipeline(TokenPages.name, TokenPages)
+    pipelines.register_pipeline(Urls.name, Urls)
+
+
+def test_an_opaque_cursor_is_checkpointed_as_is_and_the_shard_ends_when_the_pipeline_says_done(db, seed_job, seed_shard, sdk_pipelines) -> None:
+    seed_job(db, "tok", {"pipeline": "token_pages", "params": {"pages": 4, "per_page": 3}, "target_collection": "out"})
+    key = seed_shard(db, "tok", 0, 0, 1)
+
+    outcome = run_shard(runner(db), RunShard(job_id="tok", shard_key=key), max_attempts=MAX_ATTEMPTS)
+
+    assert outcome.kind == "succeeded" and outcome.records == 12
+    cp = checkpoint(db, key)
+    assert (cp["cursor"], cp["done"], cp["position"], cp["batches"]) == (None, True, 1, 4)
+    assert sorted(d["_id"] for d in db["out"].find({}, {"_id": 1}))[:2] == ["token:c0-0", "token:c0-1"]  # identity is the _id
+
+
+def test_a_run_resumes_at_the_committed_opaque_cursor(db, seed_job, seed_shard, sdk_pipelines) -> None:
+    seed_job(db, "tok", {"pipeline": "token_pages", "params": {"pages": 4, "per_page": 3}, "target_collection": "out"})
+    key = seed_shard(db, "tok", 0, 0, 1)
+    # A worker stored pages 0 and 1, committed the token of page 2, then died.
+    db[CHECKPOINTS].update_one({"shard_key": key}, {"$set": {"cursor": {"page": "p2"}, "batches": 2, "records_done": 6}})
+
+    outcome = run_shard(runner(db), RunShard(job_id="tok", shard_key=key), max_attempts=MAX_ATTEMPTS)
+
+    assert outcome.kind == "succeeded" and outcome.records == 6  # pages 2 and 3 only
+    assert sorted(d["_id"] for d in db["out"].find({}, {"_id": 1})) == [f"token:c{p}-{i}" for p in (2, 3) for i in range(3)]
+
+
+def test_a_shard_committed_done_by_a_run_that_died_succeeds_without_reading_again(db, seed_job, seed_shard, sdk_pipelines) -> None:
+    seed_job(db, "tok", {"pipeline": "token_pages", "params": {"pages": 4, "per_page": 3}, "target_collection": "out"})
+    key = seed_shard(db, "tok", 0, 0, 1)
+    db[CHECKPOINTS].update_one({"shard_key": key}, {"$set": {"cursor": None, "done": True, "batches": 4, "records_done": 12}})
+
+    outcome = run_shard(runner(db), RunShard(job_id="tok", shard_key=key), max_attempts=MAX_ATTEMPTS)
+
+    assert outcome.kind == "succeeded" and outcome.records == 0
+    assert db["out"].count_documents({}) == 0  # a token of None would have restarted at page 0
+
+
+def test_a_work_items_shard_reads_its_slice_of_the_list_param(db, seed_job, seed_shard, sdk_pipelines) -> None:
+    urls = [f"https://example.test/{i}" for i in range(10)]
+    job = seed_job(db, "urls", {"pipeline": "url_list", "params": {"urls": urls}, "target_collection": "out", "batch_size": 2})
+    db[JOBS].update_one({"_id": job["_id"]}, {"$set": {"space": {"kind": "work_items", "field": "urls", "start": 0, "end": 10}}})
+    key = seed_shard(db, "urls", 1, 4, 7)
+
+    outcome = run_shard(runner(db), RunShard(job_id="urls", shard_key=key), max_attempts=MAX_ATTEMPTS)
+
+    assert outcome.kind == "succeeded"
+    assert sorted(d["_id"] for d in db["out"].find({}, {"_id": 1})) == urls[4:7]
+    assert checkpoint(db, key)["position"] == 7
+
+
+class Closing(TokenPages):
+    name = "closing_pages"
+    closed: list[str] = []
+
+    def read(self, bounds: Bounds, cursor: Any, limit: int) -> Batch:
+        if self.params.pages == 0:
+            raise NonRetryableError("no pages at all")
+        return super().read(bounds, cursor, limit)
+
+    def close(self) -> None:
+        Closing.closed.append(self.context.shard_key)
+
+
+def test_the_pipeline_is_closed_when_its_run_ends_whatever_the_outcome(db, seed_job, seed_shard, monkeypatch) -> None:
+    monkeypatch.setattr(pipelines, "_registered", dict(pipelines._registered))
+    pipelines.register_pipeline(Closing.name, Closing)
+    monkeypatch.setattr(Closing, "closed", [])
+    seed_job(db, "ok", {"pipeline": "closing_pages", "params": {"pages": 2, "per_page": 1}, "target_collection": "out"})
+    seed_job(db, "bad", {"pipeline": "closing_pages", "params": {"pages": 0, "per_page": 1}, "target_collection": "out"})
+    ok, bad = seed_shard(db, "ok", 0, 0, 1), seed_shard(db, "bad", 0, 0, 1)
+
+    assert run_shard(runner(db), RunShard(job_id="ok", shard_key=ok), max_attempts=MAX_ATTEMPTS).kind == "succeeded"
+    with pytest.raises(ShardFailed):
+        run_shard(runner(db), RunShard(job_id="bad", shard_key=bad), max_attempts=MAX_ATTEMPTS)
+
+    assert Closing.closed == [ok, bad]

@@ -1,4 +1,4 @@
-"""store_records (exactly-once effect), is_retryable and backoff_delay."""
+"""write_records in insert mode (exactly-once effect), is_retryable and backoff_delay."""
 
 import random
 
@@ -8,45 +8,45 @@ from pymongo.errors import AutoReconnect, DuplicateKeyError, NetworkTimeout, Ser
 
 from cairn_ingest_worker.errors import NonRetryableError, RetryableError, is_retryable
 from cairn_ingest_worker.runner import backoff_delay
-from cairn_ingest_worker.store import store_records
+from cairn_ingest_worker.store import RunStamp, write_records
 
 
 def records(keys) -> list[dict]:
     return [{"_id": f"r-{k}", "value": k} for k in keys]
 
 
-def test_store_records_writes_new_records_with_job_and_time(mongo_db) -> None:
-    result = store_records(mongo_db["out"], records(range(5)), "job-1")
+def test_insert_mode_writes_new_records_with_job_and_time(mongo_db) -> None:
+    result = write_records(mongo_db["out"], records(range(5)), mode="insert", run=RunStamp("job-1"))
 
-    assert (result.written, result.duplicates) == (5, 0)
+    assert (result.written, result.duplicate) == (5, 0)
     stored = list(mongo_db["out"].find().sort("value", 1))
     assert [d["_id"] for d in stored] == [f"r-{k}" for k in range(5)]
     assert all(d["job_id"] == "job-1" and d["ingested_at"] is not None for d in stored)
 
 
-def test_store_records_counts_a_rerun_batch_as_duplicates_and_writes_nothing_twice(mongo_db) -> None:
-    store_records(mongo_db["out"], records(range(5)), "job-1")
+def test_insert_mode_counts_a_rerun_batch_as_duplicates_and_writes_nothing_twice(mongo_db) -> None:
+    write_records(mongo_db["out"], records(range(5)), mode="insert", run=RunStamp("job-1"))
 
-    result = store_records(mongo_db["out"], records(range(3, 8)), "job-1")
+    result = write_records(mongo_db["out"], records(range(3, 8)), mode="insert", run=RunStamp("job-1"))
 
-    assert (result.written, result.duplicates) == (3, 2)
+    assert (result.written, result.duplicate) == (3, 2)
     assert mongo_db["out"].count_documents({}) == 8
     assert sorted(d["_id"] for d in mongo_db["out"].find()) == sorted(f"r-{k}" for k in range(8))
 
 
-def test_store_records_of_a_fully_stored_batch_writes_nothing(mongo_db) -> None:
-    store_records(mongo_db["out"], records(range(4)), "job-1")
+def test_insert_mode_of_a_fully_stored_batch_writes_nothing(mongo_db) -> None:
+    write_records(mongo_db["out"], records(range(4)), mode="insert", run=RunStamp("job-1"))
     before = list(mongo_db["out"].find().sort("_id", 1))
 
-    result = store_records(mongo_db["out"], records(range(4)), "job-2")
+    result = write_records(mongo_db["out"], records(range(4)), mode="insert", run=RunStamp("job-2"))
 
-    assert (result.written, result.duplicates) == (0, 4)
+    assert (result.written, result.duplicate) == (0, 4)
     assert list(mongo_db["out"].find().sort("_id", 1)) == before  # first write wins, untouched
 
 
-def test_store_records_of_nothing_is_nothing(mongo_db) -> None:
-    result = store_records(mongo_db["out"], [], "job-1")
-    assert (result.written, result.duplicates) == (0, 0)
+def test_insert_mode_of_nothing_is_nothing(mongo_db) -> None:
+    result = write_records(mongo_db["out"], [], mode="insert", run=RunStamp("job-1"))
+    assert (result.written, result.duplicate) == (0, 0)
     assert mongo_db["out"].count_documents({}) == 0
 
 

@@ -1,16 +1,17 @@
 """JobScheduler against the MongoDB-wire server, with an in-memory recording dispatcher."""
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
+from cairn_contracts.sinks import RUN_MS, WINDOW, window_key
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, MAIN_SUB_KEY, SHARDS
 from cairn_runtime.amqp import PublishNotConfirmed
 from cairn_runtime.consumer import Unprocessable
-from cairn_runtime.mongo import ensure_indexes
 from cairn_scheduler.jobs import JobScheduler
 
 
@@ -72,12 +73,6 @@ async def record_job(db: Any, cmd: StartJob, *, state: JobState = JobState.PENDI
     )
 
 
-@pytest.fixture
-async def db(async_mongo_db):
-    await ensure_indexes(async_mongo_db)
-    return async_mongo_db
-
-
 async def shard_states(db: Any, job_id: str) -> dict[str, str]:
     return {s["shard_key"]: s["state"] async for s in db[SHARDS].find({"job_id": job_id})}
 
@@ -100,7 +95,9 @@ async def test_start_job_records_shards_and_checkpoints_and_dispatches_each_once
     for key in keys:
         checkpoint = checkpoints[key]
         assert checkpoint["_id"] == f"{key}/{MAIN_SUB_KEY}" and checkpoint["sub_key"] == MAIN_SUB_KEY
-        assert checkpoint["cursor"] == checkpoint["range_start"] == shards[key]["range_start"]
+        # No cursor yet (the pipeline's `start` gives it), its position at the range start.
+        assert checkpoint["cursor"] is None
+        assert checkpoint["position"] == checkpoint["range_start"] == shards[key]["range_start"]
         assert checkpoint["range_end"] == shards[key]["range_end"]
         assert checkpoint["records_done"] == 0 and checkpoint["fencing_token"] == 0
     job = await db[JOBS].find_one({"_id": "job-a"})
@@ -204,6 +201,10 @@ async def test_roll_up_all_succeeded_is_success_with_totals_from_checkpoints(db)
         "records_done": 30,
         "records_written": 27,
         "records_redone": 3,
+        "records_inserted": 0,
+        "records_updated": 0,
+        "records_unchanged": 0,
+        "records_duplicate": 0,
         "batches": 6,
         "shards_succeeded": 3,
         "shards_failed": 0,
@@ -211,6 +212,76 @@ async def test_roll_up_all_succeeded_is_success_with_totals_from_checkpoints(db)
         "failed_shards": [],
     }
     assert job["shard_states"] == {ShardState.SUCCEEDED: 3}
+
+
+async def test_roll_up_sums_the_sinks_write_counters(db) -> None:
+    scheduler = await started_job(db, "job-counts")
+    counts = {"records_inserted": 4, "records_updated": 3, "records_unchanged": 2, "records_duplicate": 1}
+    await set_shards(db, "job-counts", [ShardState.SUCCEEDED] * 3, counts)
+
+    assert await scheduler.roll_up("job-counts") is JobState.SUCCESS
+
+    result = (await db[JOBS].find_one({"_id": "job-counts"}))["result"]
+    assert {name: result[name] for name in counts} == {name: 3 * value for name, value in counts.items()}
+    assert "records_deleted" not in result  # not a replace_window job
+
+
+async def replace_window_job(db: Any, job_id: str, *, run_ms: int) -> tuple[JobScheduler, str]:
+    cmd = command(job_id, count=30, shards=2)
+    cmd = cmd.model_copy(update={"spec": cmd.spec.model_copy(update={"write_mode": "replace_window"})})
+    await record_job(db, cmd)
+    await db[JOBS].update_one({"_id": job_id}, {"$set": {"created_at_ms": run_ms}})
+    scheduler = JobScheduler(db, RecordingDispatcher(db))
+    await scheduler.start_job(cmd)
+    return scheduler, window_key(cmd.spec.model_dump(mode="json"))
+
+
+async def seed_window(db: Any, window: str) -> None:
+    await db["records"].insert_many(
+        [
+            {"_id": "stale-1", WINDOW: window, RUN_MS: 1_000},
+            {"_id": "stale-2", WINDOW: window, RUN_MS: 1_999},
+            {"_id": "seen", WINDOW: window, RUN_MS: 2_000},
+            {"_id": "newer-run", WINDOW: window, RUN_MS: 3_000},
+            {"_id": "other-window", WINDOW: "other", RUN_MS: 1_000},
+            {"_id": "no-window"},
+        ]
+    )
+
+
+async def test_a_replace_window_job_deletes_its_windows_stale_records_before_it_succeeds(db) -> None:
+    scheduler, window = await replace_window_job(db, "job-w", run_ms=2_000)
+    await seed_window(db, window)
+    await set_shards(db, "job-w", [ShardState.SUCCEEDED] * 2)
+
+    assert await scheduler.roll_up("job-w") is JobState.SUCCESS
+
+    assert sorted([d["_id"] async for d in db["records"].find()]) == ["newer-run", "no-window", "other-window", "seen"]
+    job = await db[JOBS].find_one({"_id": "job-w"})
+    assert job["result"]["records_deleted"] == job["records_deleted"] == 2
+
+
+async def test_concurrent_roll_ups_of_a_replace_window_job_count_every_delete_once(db) -> None:
+    scheduler, window = await replace_window_job(db, "job-wc", run_ms=2_000)
+    await seed_window(db, window)
+    await set_shards(db, "job-wc", [ShardState.SUCCEEDED] * 2)
+
+    await asyncio.gather(*(scheduler.roll_up("job-wc") for _ in range(4)))
+
+    job = await db[JOBS].find_one({"_id": "job-wc"})
+    assert job["state"] == JobState.SUCCESS
+    assert job["records_deleted"] == 2  # whichever roll-up deleted, the total counts each record once
+    assert await db["records"].count_documents({}) == 4
+
+
+async def test_a_failed_replace_window_job_deletes_nothing(db) -> None:
+    scheduler, window = await replace_window_job(db, "job-wf", run_ms=2_000)
+    await seed_window(db, window)
+    await set_shards(db, "job-wf", [ShardState.SUCCEEDED, ShardState.FAILED])
+
+    assert await scheduler.roll_up("job-wf") is JobState.FAILURE
+
+    assert await db["records"].count_documents({}) == 6
 
 
 async def test_roll_up_one_failed_is_failure_naming_the_failed_shard(db) -> None:
@@ -306,3 +377,28 @@ async def test_lease_frontier_job_records_items_and_dispatches_its_runners_once(
     ]
     job = await db[JOBS].find_one({"_id": "job-lf"})
     assert (job["state"], job["shard_count"], job["records_total"]) == (JobState.STARTED, 10, 100)
+
+
+async def test_a_job_is_planned_over_the_space_the_gateway_recorded(db) -> None:
+    cmd = command("job-space", count=10, shards=2)
+    await record_job(db, cmd)
+    # The gateway copies the resolved work space (here: a time window in epoch ms) into the job.
+    await db[JOBS].update_one({"_id": "job-space"}, {"$set": {"space": {"kind": "time_range", "start": 1_000, "end": 61_000}}})
+
+    await JobScheduler(db, RecordingDispatcher(db)).start_job(cmd)
+
+    shards = [s async for s in db[SHARDS].find({"job_id": "job-space"}).sort("index", 1)]
+    assert [(s["range_start"], s["range_end"]) for s in shards] == [(1_000, 31_000), (31_000, 61_000)]
+    job = await db[JOBS].find_one({"_id": "job-space"})
+    assert job["records_total"] is None  # a time window says nothing of how many records it holds
+
+
+async def test_a_job_recorded_without_a_space_is_planned_from_the_catalog(db) -> None:
+    cmd = command("job-sched", count=10, shards=2, start=5)
+    await record_job(db, cmd)  # as a schedule's run records it: no space
+
+    await JobScheduler(db, RecordingDispatcher(db)).start_job(cmd)
+
+    job = await db[JOBS].find_one({"_id": "job-sched"})
+    assert (job["space"]["kind"], job["space"]["start"], job["space"]["end"], job["records_total"]) == ("key_range", 5, 15, 10)
+    assert job["pipeline_version"] == "2"

@@ -4,13 +4,10 @@ reconciliation of running jobs."""
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
-
 from cairn_contracts.messages import RunShard, StartJob
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import JOBS, SHARDS, JobRecord
 from cairn_contracts.topology import HEADER_CORRELATION_ID, QUEUE_SCHEDULER_COMMANDS
-from cairn_runtime.mongo import ensure_indexes
 from cairn_scheduler.jobs import JobScheduler
 from cairn_scheduler.maintenance import Maintenance
 from cairn_scheduler.reaper import LeaseReaper
@@ -27,12 +24,6 @@ class NoDispatch:
 def maintenance(db: Any, publisher: Any) -> Maintenance:
     scheduler = JobScheduler(db, NoDispatch())
     return Maintenance(scheduler, publisher, LeaseReaper(db, NoDispatch()), relay_after_s=10, redispatch_after_s=300)
-
-
-@pytest.fixture
-async def db(async_mongo_db):
-    await ensure_indexes(async_mongo_db)
-    return async_mongo_db
 
 
 async def record_job(db: Any, job_id: str, *, age_s: float, published: bool = False, state: JobState = JobState.PENDING) -> None:
@@ -52,7 +43,7 @@ async def test_relay_publishes_an_old_unpublished_job_and_marks_it(db, broker) -
     message = await next_message(broker.queues[QUEUE_SCHEDULER_COMMANDS])
     command = StartJob.model_validate_json(message.body)
     assert command.job_id == "job-old" and command.tenant == "default"
-    assert command.spec.params.count == 20
+    assert command.spec.params["count"] == 20
     assert message.priority == 4
     assert message.headers[HEADER_CORRELATION_ID] == "job-old"
     job = await db[JOBS].find_one({"_id": "job-old"})

@@ -4,7 +4,6 @@ shards by state, backlog age, job durations, and what every Celery task message 
 import time
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from celery import Celery
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY
@@ -21,7 +20,6 @@ from cairn_contracts.topology import (
 )
 from cairn_runtime.celery_config import ShardTaskSender, celery_config
 from cairn_runtime.instrumentation import instrument_celery
-from cairn_runtime.mongo import ensure_indexes
 from cairn_scheduler.gauges import GaugeCollector, backlog_age_s
 from cairn_scheduler.jobs import JobScheduler
 from cairn_testkit.aio import next_message
@@ -35,12 +33,6 @@ def start_command(job_id: str) -> StartJob:
     return StartJob.model_validate(
         {"job_id": job_id, "tenant": "default", "spec": {"pipeline": "synthetic", "params": {"count": 3}}}
     )
-
-
-@pytest.fixture
-async def db(async_mongo_db):
-    await ensure_indexes(async_mongo_db)
-    return async_mongo_db
 
 
 # --------------------------------------------------------------------------------- broker

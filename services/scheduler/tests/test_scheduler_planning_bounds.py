@@ -14,7 +14,6 @@ from cairn_contracts.jobs import LeaseFrontierSharding, RangeSharding
 from cairn_contracts.messages import CancelJob, RunFrontier, RunShard, ShardFinished, StartJob
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
-from cairn_runtime.mongo import ensure_indexes
 from cairn_scheduler.cancel import Canceller
 from cairn_scheduler.jobs import JobScheduler
 from cairn_scheduler.planner import plan_lease_frontier, plan_range, split_range
@@ -54,12 +53,6 @@ async def record_job(db: Any, cmd: StartJob) -> None:
             "created_at": datetime.now(UTC),
         }
     )
-
-
-@pytest.fixture
-async def db(async_mongo_db):
-    await ensure_indexes(async_mongo_db)
-    return async_mongo_db
 
 
 # --- the plan itself (pure) ------------------------------------------------------------------

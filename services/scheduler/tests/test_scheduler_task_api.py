@@ -17,7 +17,6 @@ from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import CHECKPOINTS, JOB_LOCK_KEY, JOBS, SCHEDULES, SHARDS, JobRecord
 from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS
 from cairn_runtime.consumer import Unprocessable
-from cairn_runtime.mongo import ensure_indexes
 from cairn_scheduler.cancel import Canceller
 from cairn_scheduler.jobs import JobScheduler, job_state_from
 from cairn_scheduler.locks import JobLockRelease
@@ -36,12 +35,6 @@ class RecordingDispatcher:
         self.dispatched.append((task, priority))
 
 SPEC = {"pipeline": "synthetic", "params": {"count": 40}, "sharding": {"shards": 4}, "priority": 3}
-
-
-@pytest.fixture
-async def db(async_mongo_db):
-    await ensure_indexes(async_mongo_db)
-    return async_mongo_db
 
 
 @pytest.fixture

@@ -4,10 +4,8 @@ from cairn_contracts.jobs import (
     HashModSharding,
     JobSpec,
     LeaseFrontierSharding,
-    MongoRangeJobSpec,
     RangeSharding,
     RetryPolicy,
-    SyntheticJobSpec,
 )
 from cairn_contracts.messages import (
     CancelJob,
@@ -20,10 +18,13 @@ from cairn_contracts.messages import (
     ShardFinished,
     StartJob,
 )
-from cairn_contracts.pipelines import MongoRangeParams, SyntheticParams
+from cairn_contracts.pipelines import CatalogEntry, CatalogRefusal, check_job
 from cairn_contracts.states import DeadLetterStatus, JobState, Priority, ReplayOutcome, ShardState
 
 __all__ = [
+    "CatalogEntry",
+    "CatalogRefusal",
+    "check_job",
     "CancelJob",
     "DeadLetter",
     "DeadLetterCommand",
@@ -33,8 +34,6 @@ __all__ = [
     "JobState",
     "LeaseFrontierSharding",
     "Message",
-    "MongoRangeJobSpec",
-    "MongoRangeParams",
     "OriginalMessage",
     "Priority",
     "RangeSharding",
@@ -45,6 +44,4 @@ __all__ = [
     "ShardFinished",
     "ShardState",
     "StartJob",
-    "SyntheticJobSpec",
-    "SyntheticParams",
 ]

@@ -1,14 +1,28 @@
 """The job specification a client submits and every service reads."""
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from cairn_contracts.bounds import ContractModel
+from cairn_contracts.bounds import ContractModel, check_storable, has_surrogate
 from cairn_contracts.namespaces import JobCollection
-from cairn_contracts.pipelines import MongoRangeParams, SyntheticParams
+from cairn_contracts.sinks import WriteMode
 from cairn_contracts.states import Priority
+
+# A pipeline name: also an entry point name and a label of metrics.
+PIPELINE_NAME = r"^[a-z][a-z0-9_]{0,62}$"
 
 
 class RangeSharding(ContractModel):
@@ -51,7 +65,8 @@ MAX_ITEMS_PER_JOB = 10_000
 
 
 def lease_frontier_items(key_range: tuple[int, int], item_size: int) -> int:
-    """How many work items a lease-frontier plan cuts [start, end) into."""
+    """How many work items a lease-frontier plan cuts [start, end) into (checked against
+    MAX_ITEMS_PER_JOB by cairn_contracts.pipelines.check_job, where the work space is known)."""
     start, end = key_range
     return -(-(end - start) // item_size)  # integer ceiling: keys reach 2^63, beyond a float's precision
 
@@ -90,10 +105,18 @@ class RetryPolicy(ContractModel):
         return self
 
 
-class _JobSpecBase(ContractModel):
+class JobSpec(ContractModel):
+    """A job: which pipeline runs, with which params, sharded how, stored where.
+
+    `params` is checked against the pipeline's announced JSON Schema (the catalog,
+    cairn_contracts.pipelines), not here: the pipelines are plug-ins this model does not know.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str | None = Field(None, max_length=200, description="Free text to find the job by")
+    pipeline: str = Field(..., pattern=PIPELINE_NAME, description="A pipeline of the catalog (GET /v1/pipelines)")
+    params: dict[str, Any] = Field(default_factory=dict, description="The pipeline's params, checked against its announced JSON Schema")
     sharding: Sharding = Field(default_factory=RangeSharding)
     priority: Priority = Priority.NORMAL
     batch_size: int = Field(1000, ge=1, le=50_000, description="Records per stored batch and checkpoint")
@@ -102,45 +125,58 @@ class _JobSpecBase(ContractModel):
         pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$",
         description="Collection the records go to; none of Cairn's own (jobs, shards, api_keys...)",
     )
+    write_mode: WriteMode = Field("insert", description="insert (first write wins), upsert (by identity, latest wins), replace_window")
+    window: str | None = Field(None, max_length=200, description="replace_window: the scope key of the records replaced (default derived)")
     retry: RetryPolicy | None = Field(None, description="Retry policy of this job (default: the pipeline's, then the worker's)")
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable_text(cls, value: Any, info: ValidationInfo) -> Any:  # type: ignore[override]  # replaces the base validator (same name)
+        # `params` is checked value by value below, so the error names the value's own location.
+        return value if info.field_name == "params" else check_storable(value)
+
     @model_validator(mode="after")
-    def _plan_is_bounded(self) -> "_JobSpecBase":
-        """At most MAX_ITEMS_PER_JOB lease-frontier items; the error names `sharding.item_size`."""
-        sharding, params = self.sharding, getattr(self, "params", None)
-        if not isinstance(sharding, LeaseFrontierSharding) or params is None:
-            return self
-        key_range = params.key_range()
-        items = lease_frontier_items(key_range, sharding.item_size)
-        if items <= MAX_ITEMS_PER_JOB:
-            return self
-        smallest = lease_frontier_items(key_range, MAX_ITEMS_PER_JOB)  # the item_size giving exactly the maximum
-        error = PydanticCustomError(
-            "too_many_items",
-            "item_size {item_size} cuts the key range into {items} work items; a job plans at most "
-            "{max_items}: make item_size at least {smallest} or the key range smaller",
-            {"item_size": sharding.item_size, "items": items, "max_items": MAX_ITEMS_PER_JOB, "smallest": smallest},
-        )
-        # A ValidationError raised here keeps its own location, so the 422 names the field at fault
-        # (["body", "sharding", "item_size"]) instead of the whole spec.
-        raise ValidationError.from_exception_data(
-            type(self).__name__,
-            [InitErrorDetails(type=error, loc=("sharding", "item_size"), input=sharding.item_size)],
-        )
+    def _storable_params(self) -> "JobSpec":
+        """Params MongoDB can store and a JSON Schema can compare: no lone surrogate in any text
+        (keys included), no NaN or infinity; the error is located at the value (["params", ...])."""
+        errors = [
+            InitErrorDetails(type=PydanticCustomError("unstorable", message), loc=("params", *path), input=value)
+            for path, value, message in unstorable(self.params)
+        ]
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
 
 
-class SyntheticJobSpec(_JobSpecBase):
-    pipeline: Literal["synthetic"] = "synthetic"  # SYNTHETIC
-    params: SyntheticParams
+    @model_validator(mode="after")
+    def _window_needs_replace_window(self) -> "JobSpec":
+        if self.window is not None and self.write_mode != "replace_window":
+            error = PydanticCustomError("window_without_replace_window", "window applies to write_mode replace_window only")
+            raise ValidationError.from_exception_data(
+                type(self).__name__, [InitErrorDetails(type=error, loc=("window",), input=self.window)]
+            )
+        return self
 
 
-class MongoRangeJobSpec(_JobSpecBase):
-    pipeline: Literal["mongo_range"] = "mongo_range"  # MONGO_RANGE
-    params: MongoRangeParams
+def unstorable(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[tuple[str | int, ...], Any, str]]:
+    """(location, value, why) of every value in a JSON value that cannot be stored or compared."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(path, str(value), "NaN and infinity are not numbers a field can mean")]
+    if isinstance(value, str):
+        return [(path, value.encode("utf-8", "backslashreplace").decode(), "text holds a lone UTF-16 surrogate")] if has_surrogate(value) else []
+    found: list[tuple[tuple[str | int, ...], Any, str]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and has_surrogate(key):
+                found.append(((*path, key.encode("utf-8", "backslashreplace").decode()), key, "a key holds a lone UTF-16 surrogate"))
+            else:
+                found.extend(unstorable(item, (*path, key)))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found.extend(unstorable(item, (*path, index)))
+    return found
 
 
-JobSpec = Annotated[SyntheticJobSpec | MongoRangeJobSpec, Field(discriminator="pipeline")]
-
-# The one validator/serializer of a JobSpec (an annotated union has no model_validate): a stored
-# spec dict -> SyntheticJobSpec | MongoRangeJobSpec; raises pydantic.ValidationError.
+# The one validator/serializer of a JobSpec (kept from when it was a union): a stored spec dict ->
+# JobSpec; raises pydantic.ValidationError.
 JOB_SPEC_ADAPTER: TypeAdapter[Any] = TypeAdapter(JobSpec)

@@ -5,27 +5,29 @@ would break every roll-up, and one that read `api_keys` would copy other tenants
 `JobCollection` is the one check, the type of every collection a job names.
 """
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 
 JOBS = "jobs"
 SHARDS = "shards"
 CHECKPOINTS = "checkpoints"
-DEDUP = "dedup"
+DEDUP = "task_dedup"  # the TaskDedup side-effect ledger (cairn_sdk.effects, the worker's effects.py)
 TASK_ERRORS = "task_errors"
 RAW_PAYLOADS = "raw_payloads"
 SCHEDULES = "schedules"
 # Replay/discard commands to the DLQ handler by command_id: the gateway records each one `pending`
 # before publishing it, the DLQ handler records its outcome (GET /dlq/commands/{command_id}).
 DLQ_COMMANDS = "dlq_commands"
+# The pipeline catalog: one document per pipeline the workers announced (cairn_contracts.pipelines).
+PIPELINES = "pipelines"
 API_KEYS = "api_keys"  # {_id: key id, tenant, scopes, secret_hash (sha256 hex), name, created_at, revoked_at}
 # GridFS bucket of large raw payloads (collections raw_payload_blobs.files / .chunks); the
 # RawPayload metadata document in `raw_payloads` points at its file.
 RAW_PAYLOAD_BUCKET = "raw_payload_blobs"
 
 CONTROL_COLLECTIONS = frozenset(
-    {JOBS, SHARDS, CHECKPOINTS, DEDUP, TASK_ERRORS, RAW_PAYLOADS, SCHEDULES, DLQ_COMMANDS, API_KEYS}
+    {JOBS, SHARDS, CHECKPOINTS, DEDUP, TASK_ERRORS, RAW_PAYLOADS, SCHEDULES, DLQ_COMMANDS, API_KEYS, PIPELINES}
 )
 
 
@@ -42,5 +44,11 @@ def is_control_collection(name: str) -> bool:
     return name in CONTROL_COLLECTIONS or name.startswith((f"{RAW_PAYLOAD_BUCKET}.", "system."))
 
 
+# The same check as JSON Schema (what a pipeline's params schema says of a collection it reads, so
+# the gateway refuses the job from the catalog alone): none of the names, none of the prefixes.
+JOB_COLLECTION_SCHEMA: dict[str, Any] = {
+    "not": {"anyOf": [{"enum": sorted(CONTROL_COLLECTIONS)}, {"pattern": f"^({RAW_PAYLOAD_BUCKET}|system)\\."}]}
+}
+
 # A collection a job names (its target, a mongo_range source): never one of Cairn's own.
-JobCollection = Annotated[str, AfterValidator(not_a_control_collection)]
+JobCollection = Annotated[str, AfterValidator(not_a_control_collection), Field(json_schema_extra=JOB_COLLECTION_SCHEMA)]

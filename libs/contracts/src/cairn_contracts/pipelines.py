@@ -1,77 +1,139 @@
-"""The pipelines a job may name, each with the parameters it accepts.
+"""The pipeline catalog: what workers announce, and how a job's params are checked against it.
 
-Clients choose a pipeline by name from this closed set (no client-supplied import paths); the
-ingest worker holds the implementation registered under the same name.
+Pipelines are code installed in the workers (entry point group `cairn.pipelines`, see cairn_sdk).
+At start-up each worker writes one catalog entry per pipeline it can run into the `pipelines`
+collection: its name, version, description, params JSON Schema and work-space descriptors. The
+gateway checks a job against the entry (`check_job`) and copies the resolved work space into the
+job document, so neither the gateway nor the scheduler ever imports pipeline code.
 """
 
-from typing import Annotated, Literal
+import json
+from typing import Any
 
-from pydantic import ConfigDict, Field, model_validator
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError as SchemaError
+from pydantic import BaseModel, ConfigDict, Field
 
-from cairn_contracts.bounds import ContractModel
-from cairn_contracts.namespaces import JobCollection
+from cairn_contracts.jobs import MAX_ITEMS_PER_JOB, PIPELINE_NAME, LeaseFrontierSharding, lease_frontier_items
+from cairn_contracts.namespaces import JOB_COLLECTION_SCHEMA, PIPELINES  # noqa: F401  (PIPELINES re-exported)
+from cairn_sdk.space import SpaceError, resolve
 
+# The pipelines shipped inside the worker (registered through its own entry points).
 SYNTHETIC = "synthetic"
 MONGO_RANGE = "mongo_range"
-
-FailureKind = Literal["non_retryable", "retryable", "crash"]
-
-# Keys are stored as MongoDB 64-bit integers: a larger number could never be recorded, so it is
-# refused as the client's error (422 on the field), not found out at the insert (500).
-MAX_KEY = 2**62
+HTTP_JSON = "http_json"
 
 
-class _Params(ContractModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class CatalogEntry(BaseModel):
+    """One `pipelines` document (`_id` = name). `space`: the descriptors in order (cairn_sdk
+    `describe`). `announced_at_ms`: epoch ms of the latest announcement; `announced_by`: the worker."""
 
-    def key_range(self) -> tuple[int, int]:
-        """The half-open key range [start, end) that range sharding splits."""
-        raise NotImplementedError
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str = Field(pattern=PIPELINE_NAME)
+    version: str = "1"
+    description: str = ""
+    params_schema: dict[str, Any]
+    space: list[dict[str, Any]]
+    announced_at_ms: int = 0
+    announced_by: str = ""
 
 
-class SyntheticParams(_Params):
-    """Deterministic generated records: record i of a job is the same on every run."""
+    @classmethod
+    def from_document(cls, document: dict[str, Any]) -> "CatalogEntry":
+        """The entry of a `pipelines` document (see `catalog_document`)."""
+        return cls.model_validate({**document, "name": document["_id"], "params_schema": json.loads(document["params_schema_json"])})
 
-    start: int = Field(0, ge=0, le=MAX_KEY, description="First record key")
-    count: int = Field(..., ge=1, le=1_000_000_000, description="Number of records")
-    record_size: int = Field(100, ge=1, le=1_048_576, description="Bytes of payload per record")
-    delay_ms_per_record: float = Field(0, ge=0, le=10_000, description="Simulated work per record")
-    key_prefix: str = Field("syn", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    fail_at_key: int | None = Field(None, ge=0, le=MAX_KEY, description="Inject a failure when reaching this key")
-    failure: FailureKind = Field("non_retryable", description="What the injected failure does")
-    fail_times: int | None = Field(
-        None, ge=1, le=1_000_000, description="Fail only on the first N attempts of the shard (default: always)"
+
+def catalog_document(entry: dict[str, Any], announced_by: str, now_ms: int) -> dict[str, Any]:
+    """The `pipelines` document of a catalog entry (cairn_sdk `Pipeline.catalog_entry()`), without
+    its `_id` (the name). The JSON Schema is kept as JSON text: its `$defs`/`$ref` keys are field
+    names MongoDB refuses or mangles in stored documents."""
+    return {
+        "version": str(entry["version"]),
+        "description": str(entry.get("description") or ""),
+        "params_schema_json": json.dumps(entry["params_schema"], sort_keys=True),
+        "space": entry["space"],
+        "announced_at_ms": now_ms,
+        "announced_by": announced_by,
+    }
+
+
+class CatalogRefusal(ValueError):
+    """A job the catalog refuses; `errors` are field errors `{loc, msg, type, input?}` as a request
+    validation error's (locations start with `at`, e.g. ["body", "params", "count"])."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(errors[0]["msg"] if errors else "refused")
+        self.errors = errors
+
+
+def unknown_pipeline(name: str, known: list[str], at: tuple[str | int, ...] = ("body",)) -> CatalogRefusal:
+    """The refusal of a job naming a pipeline no worker announced, listing those announced."""
+    listed = ", ".join(sorted(known)) or "none (no worker has announced its pipelines yet)"
+    return CatalogRefusal(
+        [{"loc": [*at, "pipeline"], "msg": f"no pipeline {name!r} is announced; known pipelines: {listed}", "type": "unknown_pipeline", "input": name}]
     )
-    def key_range(self) -> tuple[int, int]:
-        return self.start, self.start + self.count
-
-    def record_key(self, index: int) -> str:
-        return f"{self.key_prefix}-{index:012d}"
 
 
-# A document field path: no `$` operator, no NUL (MongoDB refuses both in projections).
-FIELD_NAME = r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$"
+def with_defaults(schema: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with the top-level defaults of its JSON Schema filled in where unset."""
+    defaults = {name: prop["default"] for name, prop in schema.get("properties", {}).items() if isinstance(prop, dict) and "default" in prop}
+    return {**defaults, **params}
 
 
-class MongoRangeParams(_Params):
-    """Copies documents of a source collection whose integer key lies in [start, end)."""
-
-    collection: JobCollection = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,120}$", description="Source collection; none of Cairn's own")
-    key_field: str = Field("_id", pattern=FIELD_NAME)
-    start: int = Field(..., ge=-MAX_KEY, le=MAX_KEY)
-    end: int = Field(..., ge=-MAX_KEY, le=MAX_KEY)
-    fields: list[Annotated[str, Field(pattern=FIELD_NAME)]] | None = Field(
-        None, max_length=100, description="Fields to copy (all if unset)"
-    )
-
-    @model_validator(mode="after")
-    def _end_after_start(self) -> "MongoRangeParams":
-        if self.end <= self.start:
-            raise ValueError("end must be greater than start")
-        return self
-
-    def key_range(self) -> tuple[int, int]:
-        return self.start, self.end
+def params_errors(schema: dict[str, Any], params: dict[str, Any], at: tuple[str | int, ...]) -> list[dict[str, Any]]:
+    """The field errors of `params` against the JSON Schema, each located at the field itself."""
+    validator = Draft202012Validator(schema)
+    return [_field_error(error, at) for error in sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))]
 
 
-PIPELINE_NAMES = (SYNTHETIC, MONGO_RANGE)
+def _field_error(error: SchemaError, at: tuple[str | int, ...]) -> dict[str, Any]:
+    if error.validator in ("anyOf", "oneOf") and error.context:
+        # An optional field (`anyOf: [{...}, {"type": "null"}]`): the error of the branch that
+        # fits best (the deepest), e.g. ["fields", 0] rather than ["fields"].
+        error = max(error.context, key=lambda sub: len(sub.absolute_path))
+    loc: list[str | int] = [*at, *error.absolute_path]
+    instance = error.instance
+    if error.validator == "required" and isinstance(instance, dict):
+        missing = [name for name in error.validator_value if name not in instance]
+        return {"loc": loc + missing[:1], "msg": "Field required", "type": "missing"}
+    if error.validator == "additionalProperties" and isinstance(instance, dict):
+        known = set(error.schema.get("properties", {}))
+        extra = [name for name in instance if name not in known]
+        return {"loc": loc + extra[:1], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}
+    message = error.message[:500]
+    if error.validator == "not" and error.validator_value == JOB_COLLECTION_SCHEMA["not"]:
+        message = f"{instance!r} is one of Cairn's own collections: no job may read or write it"
+    field_error: dict[str, Any] = {"loc": loc, "msg": message, "type": str(error.validator)}
+    if isinstance(instance, (str, int, float, bool)) or instance is None:
+        field_error["input"] = instance
+    return field_error
+
+
+def check_job(entry: CatalogEntry, params: dict[str, Any], sharding: Any, at: tuple[str | int, ...] = ("body",)) -> dict[str, Any]:
+    """The job's work space as the job document keeps it: the applicable descriptor with its
+    interval, `{"kind": ..., <fields>, "start": int, "end": int}` (epoch ms for time ranges).
+
+    Raises CatalogRefusal: params the schema refuses (located at ["body", "params", field]), no
+    applicable or an empty interval, or a lease-frontier plan of more than MAX_ITEMS_PER_JOB items
+    (located at ["body", "sharding", "item_size"]).
+    """
+    errors = params_errors(entry.params_schema, params, (*at, "params"))
+    if errors:
+        raise CatalogRefusal(errors)
+    try:
+        interval = resolve(entry.space, with_defaults(entry.params_schema, params))
+    except SpaceError as error:
+        loc = [*at, "params", error.field] if error.field else [*at, "params"]
+        raise CatalogRefusal([{"loc": loc, "msg": str(error), "type": "value_error"}]) from None
+    if isinstance(sharding, LeaseFrontierSharding):
+        items = lease_frontier_items((interval.start, interval.end), sharding.item_size)
+        if items > MAX_ITEMS_PER_JOB:
+            smallest = lease_frontier_items((interval.start, interval.end), MAX_ITEMS_PER_JOB)
+            msg = (
+                f"item_size {sharding.item_size} cuts the work space into {items} work items; a job plans at most "
+                f"{MAX_ITEMS_PER_JOB}: make item_size at least {smallest} or the work space smaller"
+            )
+            raise CatalogRefusal([{"loc": [*at, "sharding", "item_size"], "msg": msg, "type": "too_many_items", "input": sharding.item_size}])
+    return {**interval.space, "start": interval.start, "end": interval.end}

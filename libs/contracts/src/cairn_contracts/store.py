@@ -135,6 +135,10 @@ class JobRecord(BaseModel):
     idempotency_key: str | None = Field(None, max_length=200)
     schedule_id: str | None = Field(None, description="The schedule that fired this job")
     schedule_run: int | None = Field(None, description="Its run number (manual runs: none)")
+    # From the pipeline catalog at submission (cairn_contracts.pipelines.check_job): the scheduler
+    # plans from `space` ({kind, <fields>, start, end}) without the pipeline's code.
+    pipeline_version: str | None = None
+    space: dict[str, Any] | None = None
 
     @classmethod
     def new(
@@ -147,6 +151,8 @@ class JobRecord(BaseModel):
         schedule_id: str | None = None,
         schedule_run: int | None = None,
         now: datetime | None = None,
+        pipeline_version: str | None = None,
+        space: dict[str, Any] | None = None,
     ) -> "JobRecord":
         spec = JOB_SPEC_ADAPTER.validate_python(spec)
         moment = now or utcnow()
@@ -165,6 +171,8 @@ class JobRecord(BaseModel):
             idempotency_key=idempotency_key,
             schedule_id=schedule_id,
             schedule_run=schedule_run,
+            pipeline_version=pipeline_version,
+            space=space,
         )
 
     def job_spec(self) -> Any:
@@ -174,7 +182,7 @@ class JobRecord(BaseModel):
         document = self.model_dump(exclude={"id"})
         document["_id"] = self.id
         document["state"] = str(self.state)
-        for optional in ("idempotency_key", "schedule_id", "schedule_run"):
+        for optional in ("idempotency_key", "schedule_id", "schedule_run", "pipeline_version", "space"):
             if document[optional] is None:
                 del document[optional]  # the unique (tenant, idempotency_key) index covers strings only
         return document
@@ -197,13 +205,22 @@ class CheckpointRecord(BaseModel):
     shard_key: str
     sub_key: str = MAIN_SUB_KEY
     job_id: str
-    cursor: int = Field(description="The next key to read: range_start until the first batch is stored")
+    # The pipeline's own cursor (any JSON value, opaque to Cairn): None until the first batch is
+    # stored (the runner then asks the pipeline's `start`); `position` is progress in space units.
+    cursor: Any = Field(None, description="Where the next read starts, as the pipeline wrote it (JSON)")
+    position: int | None = Field(None, description="Progress inside [range_start, range_end); range_start at planning")
     range_start: int
     range_end: int = Field(description="Exclusive")
     records_estimate: int
     records_done: int = 0
     records_written: int = 0
     records_redone: int = 0
+    # The sink's outcome per write mode (cairn_contracts.sinks.WRITE_COUNTERS); records_written is
+    # inserted + updated, records_redone the same figure as records_duplicate.
+    records_inserted: int = 0
+    records_updated: int = 0
+    records_unchanged: int = 0
+    records_duplicate: int = 0
     batches: int = 0
     fencing_token: int = 0
     updated_at: datetime = Field(default_factory=utcnow)
@@ -250,11 +267,11 @@ class ShardRecord(BaseModel):
     created_at: datetime = Field(default_factory=utcnow)
 
     def checkpoint(self, *, updated_at: datetime | None = None) -> CheckpointRecord:
-        """The shard's main checkpoint as planning records it (cursor at range_start)."""
+        """The shard's main checkpoint as planning records it (no cursor yet, position range_start)."""
         return CheckpointRecord(
             shard_key=self.shard_key,
             job_id=self.job_id,
-            cursor=self.range_start,
+            position=self.range_start,
             range_start=self.range_start,
             range_end=self.range_end,
             records_estimate=self.records_estimate,

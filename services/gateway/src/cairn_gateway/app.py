@@ -22,8 +22,9 @@ from fastapi import Depends, FastAPI
 from prometheus_client import make_asgi_app
 
 from cairn_gateway.api.deps import require_scope
-from cairn_gateway.api.routes import dlq, jobs, keys, ops, schedules, tasks
+from cairn_gateway.api.routes import dlq, jobs, keys, ops, pipelines, schedules, tasks
 from cairn_gateway.auth import KeyService, KeyVerifier
+from cairn_gateway.catalog import PipelineCatalog
 from cairn_gateway.dlq import DeadLetterService
 from cairn_gateway.http_metrics import HttpMetricsMiddleware
 from cairn_gateway.joblock import JobLocks
@@ -85,6 +86,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         )
         app.state.jobs = job_service
         app.state.schedules = ScheduleService(db, publisher, job_service)
+        app.state.pipelines = PipelineCatalog(db)
         app.state.dead_letters = DeadLetterService(db=db, publisher=publisher, payloads=RawPayloads(db))
         app.state.key_verifier = KeyVerifier(db, settings.auth_cache_ttl_s)
         app.state.keys = KeyService(db, app.state.key_verifier)
@@ -104,7 +106,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     # Routers.
     responses = {**AUTH_RESPONSES, **UNAVAILABLE_RESPONSES}
-    for router in (tasks.router, jobs.router, schedules.router, keys.router):
+    for router in (tasks.router, jobs.router, pipelines.router, schedules.router, keys.router):
         app.include_router(router, responses=responses)
     app.include_router(dlq.router, dependencies=[Depends(require_scope("admin"))], responses=responses)
     app.include_router(ops.router)

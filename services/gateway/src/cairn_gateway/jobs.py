@@ -29,23 +29,26 @@ from pymongo.errors import DuplicateKeyError
 
 from cairn_contracts import clock
 from cairn_contracts.bounds import INT64_MAX, check_storable
-from cairn_contracts.jobs import JobSpec, MongoRangeJobSpec
+from cairn_contracts.jobs import JobSpec
 from cairn_contracts.messages import CancelJob, StartJob
+from cairn_contracts.pipelines import MONGO_RANGE
+from cairn_contracts.sinks import WRITE_COUNTERS
 from cairn_contracts.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, ShardState, state_values
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, STATUS_CACHE_KEY, JobRecord
+from cairn_gateway.catalog import check_spec
 from cairn_gateway.degraded import REDIS_UNAVAILABLE, fell_back
 from cairn_gateway.errors import Conflict, Gone, Invalid, NotFound
 from cairn_gateway.failures import failed_shards, retrying_shards
 from cairn_gateway.joblock import JobLocks
 from cairn_gateway.jobs_schemas import JobCounts, JobDetail, JobPage, JobResultBody, JobSummary, ShardView
-from cairn_gateway.schemas import ShardCounts, TaskStatus
+from cairn_gateway.schemas import ShardCounts, TaskStatus, Writes
 from cairn_runtime.amqp import Publisher, PublishNotConfirmed
 from cairn_runtime.tracing import describe_work
 
 logger = logging.getLogger(__name__)
 
 _SUMMARY = {"spec": 0, "result": 0, "shard_states": 0}
-_PROGRESS_FIELDS = {"cursor": 1, "range_start": 1, "range_end": 1, "records_estimate": 1, "records_done": 1}
+_PROGRESS_FIELDS = {"position": 1, "done": 1, "cursor": 1, "range_start": 1, "range_end": 1, "records_estimate": 1, "records_done": 1, **dict.fromkeys(WRITE_COUNTERS, 1)}
 
 
 class JobNotFound(NotFound):
@@ -107,9 +110,9 @@ async def check_source(sources: AsyncDatabase, spec: JobSpec) -> None:
     `sources`, the database the workers read (`CAIRN_SOURCE_DATABASE`, default Cairn's): read, it
     would look like an empty source. The one place that decides where a job's source is looked
     up. A collection dropped after this check fails the job in the worker instead."""
-    if not isinstance(spec, MongoRangeJobSpec):
+    name = spec.params.get("collection")
+    if spec.pipeline != MONGO_RANGE or not isinstance(name, str):
         return
-    name = spec.params.collection
     # The membership test keeps the answer right where a server ignores the filter (nx-27017).
     if name in await sources.list_collection_names(filter={"name": name}):
         return
@@ -127,14 +130,20 @@ def view_state(job: dict[str, Any]) -> JobState:
 def progress(state: JobState, checkpoints: Iterable[dict[str, Any]]) -> tuple[float, int]:
     """(percent done 0-100 rounded to 0.01, records done) of a job from its shards' checkpoints.
 
-    Each shard counts for its share of its key range, weighted by its expected records: hash-mod
-    shards each scan the whole range, range shards their own part of it. A SUCCESS job is 100."""
+    Each shard counts for its share of its work space, weighted by its expected records: hash-mod
+    shards each scan the whole range, range shards their own part of it. How far a shard is comes
+    from its checkpoint's `position` (what the pipeline reports, in space units; a shard without
+    one counts as not started until it is `done`; checkpoints from before opaque cursors have an
+    integer `cursor` instead). A SUCCESS job is 100."""
     done_weight = total_weight = 0.0
     records_done = 0
     for checkpoint in checkpoints:
         span = max(1, int(checkpoint["range_end"]) - int(checkpoint["range_start"]))
         weight = float(checkpoint.get("records_estimate", span))
-        done_weight += weight * (int(checkpoint["cursor"]) - int(checkpoint["range_start"])) / span
+        start = int(checkpoint["range_start"])
+        position = int(checkpoint["range_end"]) if checkpoint.get("done") else checkpoint.get("position", checkpoint.get("cursor"))
+        if isinstance(position, int) and not isinstance(position, bool):
+            done_weight += weight * min(span, max(0, position - start)) / span
         total_weight += weight
         records_done += int(checkpoint.get("records_done", 0))
     if state == JobState.SUCCESS:
@@ -262,9 +271,18 @@ class JobService:
         (the unique index; its id derives from the key, so concurrent identical requests race for
         one document; another spec under the key raises `IdempotencyConflict`), and a job
         identical to an unfinished one is refused (`DuplicateJob`, the Redis lock per spec
-        fingerprint). Raises `SourceNotFound` for a mongo_range job without its source.
+        fingerprint). Raises `Invalid` for a job the pipeline catalog refuses (catalog.py) and
+        `SourceNotFound` for a mongo_range job without its source.
         """
-        record = JobRecord.new(spec, tenant, idempotency_key=idempotency_key, schedule_id=schedule_id)
+        checked = await check_spec(self.db, spec)
+        record = JobRecord.new(
+            spec,
+            tenant,
+            idempotency_key=idempotency_key,
+            schedule_id=schedule_id,
+            pipeline_version=checked.version,
+            space=checked.space,
+        )
         describe_work(job_id=record.id, tenant=tenant, pipeline=spec.pipeline)  # span + log context
         if idempotency_key is not None:
             existing = await self.db[JOBS].find_one({"tenant": tenant, "idempotency_key": idempotency_key})
@@ -321,12 +339,14 @@ class JobService:
         job = await self._job(tenant, job_id)
         states = Counter([s["state"] async for s in self.db[SHARDS].find({"job_id": job_id}, {"state": 1})])
         state = view_state(job)
-        percent, records_done = progress(state, [c async for c in self.db[CHECKPOINTS].find({"job_id": job_id}, _PROGRESS_FIELDS)])
+        checkpoints = [c async for c in self.db[CHECKPOINTS].find({"job_id": job_id}, _PROGRESS_FIELDS)]
+        percent, records_done = progress(state, checkpoints)
         status = TaskStatus(
             task_id=job_id,
             state=state,
             progress=percent,
             records_done=records_done,
+            writes=Writes.of(checkpoints, job),
             records_total=job.get("records_total"),
             shards=ShardCounts(total=job.get("shard_count", 0), **{k.lower(): v for k, v in states.items()}),
             pipeline=job["pipeline"],
@@ -413,6 +433,7 @@ class JobService:
                 "spec": job["spec"],
                 "progress": percent,
                 "records_done": records_done,
+                "writes": Writes.of(checkpoints.values(), job),
                 "shards": views,
                 "shards_truncated": truncated,
             }
@@ -485,7 +506,8 @@ class JobService:
         return JobResultBody(
             id=job_id,
             state=state,
-            result=job.get("result") or {},
+            # A concurrent roll-up may have added its stale deletes after the result was written.
+            result={**(job.get("result") or {}), **({"records_deleted": job["records_deleted"]} if "records_deleted" in job else {})},
             finished_at=job.get("finished_at"),
             expires_at=clock.from_ms(expires_ms) if expires_ms is not None else None,
         )

@@ -8,7 +8,7 @@ from cairn_contracts.bounds import ContractModel, Moment
 from cairn_contracts.jobs import JobSpec
 from cairn_contracts.schedules import MAX_INTERVAL_S, ScheduleKind
 from cairn_contracts.states import JobState
-from cairn_gateway.schemas import UtcDatetime
+from cairn_gateway.schemas import UtcDatetime, Writes
 
 
 # --- jobs ----------------------------------------------------------------------------------------
@@ -61,6 +61,7 @@ class JobDetail(JobSummary):
     spec: dict[str, Any]
     progress: float = Field(description="Percent of the key range covered by stored batches")
     records_done: int
+    writes: Writes = Field(default_factory=Writes, description="The sink's counters: inserted, updated, unchanged, duplicate")
     shards: list[ShardView] = Field(description="The job's shards in index order (at most `shard_limit`)")
     shards_truncated: bool = False
 

@@ -31,7 +31,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cairn_contracts.bounds import has_surrogate
 from cairn_contracts.jobs import SHARDING_STRATEGIES
-from cairn_contracts.pipelines import PIPELINE_NAMES
 from cairn_gateway.degraded import warn_sparingly
 from cairn_gateway.errors import (
     Conflict,
@@ -145,11 +144,11 @@ def _field_errors(errors: Any) -> Any:
 
 
 def _field_located(error: dict[str, Any]) -> dict[str, Any]:
-    """Point errors of the pipeline union at the field itself.
+    """Point errors of the sharding union at the field itself.
 
     pydantic reports an unknown tag at the union itself and puts the chosen member's tag into
-    the location of its fields' errors; clients want `body.pipeline` and
-    `body.params.count`.
+    the location of its fields' errors; clients want `body.sharding.strategy` and
+    `body.sharding.shards`.
     """
     raw = list(error.get("loc", ()))
     loc = [part for before, part in zip([None, *raw], raw, strict=False) if not _is_union_tag(before, part)]
@@ -162,8 +161,7 @@ def _field_located(error: dict[str, Any]) -> dict[str, Any]:
 
 
 def _is_union_tag(parent: object, part: object) -> bool:
-    # `job`: the job spec inside a schedule (POST /v1/schedules) is the same union.
-    return (parent in ("body", "job") and part in PIPELINE_NAMES) or (parent == "sharding" and part in SHARDING_STRATEGIES)
+    return parent == "sharding" and part in SHARDING_STRATEGIES
 
 
 def json_safe(value: Any) -> Any:

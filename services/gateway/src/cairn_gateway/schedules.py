@@ -25,6 +25,7 @@ from cairn_contracts import clock
 from cairn_contracts.jobs import JOB_SPEC_ADAPTER, JobSpec
 from cairn_contracts.schedules import ScheduleTiming
 from cairn_contracts.store import SCHEDULES
+from cairn_gateway.catalog import check_spec
 from cairn_gateway.errors import Conflict, Invalid, NotFound
 from cairn_gateway.joblock import DuplicateJob
 from cairn_gateway.jobs import JobService, after_cursor, encode_cursor
@@ -118,6 +119,7 @@ class ScheduleService:
         upcoming = _next_run(timing, now_ms, anchor_ms, 0)
         if upcoming["next_run_at_ms"] is None:
             raise Invalid("no run is left between now and end_at", ("body", "end_at"))
+        await check_spec(self.db, body.job, ("body", "job"))  # the job must pass the catalog now, not at its first run
         now = clock.from_ms(now_ms)
         document = {
             "_id": uuid.uuid4().hex,
@@ -164,6 +166,7 @@ class ScheduleService:
             if "job" in changed:
                 if patch.job is None:
                     raise Invalid("a schedule needs a job", ("body", "job"))
+                await check_spec(self.db, patch.job, ("body", "job"))
                 fields["job"] = patch.job.model_dump(mode="json")
             timing_changes = changed & set(TIMING_FIELDS)
             if timing_changes:

@@ -1,10 +1,12 @@
 """The HTTP API's response bodies (request bodies are the contracts' JobSpec)."""
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field
 
+from cairn_contracts.sinks import WRITE_COUNTERS
 from cairn_contracts.states import JobState
 
 
@@ -55,11 +57,34 @@ class FailedShardInfo(BaseModel):
     entry_url: str | None = None
 
 
+class Writes(BaseModel):
+    """What the job's sink did with its records so far (README "Write modes"): summed over its
+    shards' committed batches, each record counted once."""
+
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    duplicate: int = 0
+    deleted: int | None = Field(None, description="replace_window: stale records deleted at the job's success")
+
+    @classmethod
+    def of(cls, checkpoints: Iterable[dict[str, Any]], job: dict[str, Any]) -> "Writes":
+        """Summed over the job's checkpoints; `deleted` from the job's `records_deleted` (added
+        by the scheduler's stale delete), None if it never ran one."""
+        totals = dict.fromkeys(WRITE_COUNTERS, 0)
+        for checkpoint in checkpoints:
+            for counter in WRITE_COUNTERS:
+                totals[counter] += int(checkpoint.get(counter) or 0)
+        deleted = job.get("records_deleted", (job.get("result") or {}).get("records_deleted"))
+        return cls(**{name.removeprefix("records_"): value for name, value in totals.items()}, deleted=deleted)
+
+
 class TaskStatus(BaseModel):
     task_id: str
     state: JobState
     progress: float = Field(description="Percent of the job's key range covered by stored batches")
     records_done: int
+    writes: Writes = Field(default_factory=Writes, description="The sink's counters: inserted, updated, unchanged, duplicate")
     records_total: int | None
     shards: ShardCounts
     pipeline: str

@@ -12,11 +12,14 @@ from functools import partial
 from celery import Celery, signals
 from pymongo.errors import ConnectionFailure
 
+from cairn_contracts.namespaces import PIPELINES
 from cairn_contracts.topology import QUEUE_INGEST
+from cairn_ingest_worker.catalog import announce_catalog
 from cairn_ingest_worker.consumer import MAX_BODY_CONF
 from cairn_ingest_worker.context import LeasesFactory, build_context
 from cairn_ingest_worker.leases import ShardLeases
 from cairn_ingest_worker.observability import connect_signals
+from cairn_ingest_worker.pipelines import catalog
 from cairn_ingest_worker.publisher import declare_topology
 from cairn_ingest_worker.settings import WorkerSettings
 from cairn_ingest_worker.tasks import register_tasks
@@ -61,10 +64,13 @@ def create_app(settings: WorkerSettings, leases: LeasesFactory = ShardLeases) ->
         client = sync_client(settings.mongodb_uri)
         try:
             ensure_indexes_sync(client[settings.mongodb_database])
+            # The gateway accepts only jobs of announced pipelines, checked against their schema.
+            announce_catalog(client[settings.mongodb_database][PIPELINES], catalog(), settings.worker_id)
         except ConnectionFailure as error:
             # The worker must run while MongoDB is away (its tasks wait for the store); the
-            # indexes are ensured again by the other services and at the next start.
-            logger.warning("MongoDB unreachable at start; indexes not ensured by this worker: %s", error)
+            # indexes are ensured again by the other services and at the next start, and the
+            # catalog is announced by the next worker that starts with the store up.
+            logger.warning("MongoDB unreachable at start; indexes and catalog not written by this worker: %s", error)
         finally:
             client.close()
         with app.connection_for_write() as connection:

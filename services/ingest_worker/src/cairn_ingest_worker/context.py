@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis
 from celery import Celery, Task
 from pymongo.collection import Collection
 
@@ -45,6 +46,11 @@ def build_context(settings: WorkerSettings, app: Celery, leases: LeasesFactory =
         heartbeat_interval_s=settings.heartbeat_interval_s,
         slice_s=settings.task_slice_s,
         batch_time_limit_s=settings.batch_time_limit_s,
+        # For pipelines (RunContext): a client connects on first use, so a worker whose
+        # pipelines never touch Redis never needs it.
+        redis=redis.Redis.from_url(settings.redis_url),
+        redis_prefix=settings.redis_prefix,
+        secrets={name: secret.get_secret_value() for name, secret in settings.secrets.items()},
     )
     return WorkerContext(settings=settings, runner=runner, publisher=BrokerPublisher(app))
 

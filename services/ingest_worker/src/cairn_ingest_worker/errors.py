@@ -4,23 +4,26 @@ Transient trouble (network, timeouts, an unavailable store, HTTP 429 and 5xx) re
 backoff; bad input, HTTP 4xx and programming errors go straight to the dead-letter queue.
 A pipeline decides for itself in two ways: it raises `RetryableError` / `NonRetryableError`, or
 it declares a `FailurePolicy` (its own retryable and non-retryable exception types, checked
-before the defaults, and its default retry policy).
+before the defaults, and its default retry policy). Those types are the SDK's (cairn_sdk), the
+one API pipelines import; they are re-exported here for the worker's own code.
 """
-
-from dataclasses import dataclass
 
 from bson.errors import InvalidDocument
 from pymongo.errors import AutoReconnect, ConnectionFailure, NetworkTimeout, ServerSelectionTimeoutError
 
-from cairn_contracts.jobs import RetryPolicy
+from cairn_sdk.errors import FailurePolicy, HttpStatusError, NonRetryableError, RetryableError
 
-
-class RetryableError(Exception):
-    """A failure that may pass if the same batch is tried again later."""
-
-
-class NonRetryableError(Exception):
-    """A failure that will happen again however often the batch is tried."""
+__all__ = [
+    "BatchTimedOut",
+    "FailurePolicy",
+    "HttpStatusError",
+    "NonRetryableError",
+    "RetryableError",
+    "StoreUnavailable",
+    "classify_http_status",
+    "is_retryable",
+    "is_store_outage",
+]
 
 
 class BatchTimedOut(TimeoutError):
@@ -55,15 +58,6 @@ _RETRYABLE = (RetryableError, ConnectionError, TimeoutError, AutoReconnect, Conn
 _NON_RETRYABLE = (NonRetryableError, ValueError, TypeError, KeyError, AttributeError, InvalidDocument)
 
 
-class HttpStatusError(Exception):
-    """An HTTP source answered with an error status; `retry_after_s` is its Retry-After, if any."""
-
-    def __init__(self, status: int, message: str = "", retry_after_s: float | None = None) -> None:
-        super().__init__(f"HTTP {status}{': ' + message if message else ''}")
-        self.status = status
-        self.retry_after_s = retry_after_s
-
-
 # 408 Request Timeout and 425 Too Early are timeouts in HTTP clothing; 429 asks to come back later.
 _RETRYABLE_4XX = frozenset({408, 425, 429})
 # 501 Not Implemented and 505 HTTP Version Not Supported answer the same however often we ask.
@@ -81,21 +75,6 @@ def classify_http_status(status: int) -> bool:
     if status >= 500:
         return status not in _PERMANENT_5XX
     return status in _RETRYABLE_4XX
-
-
-@dataclass(frozen=True)
-class FailurePolicy:
-    """What a pipeline declares about its failures; every part is optional.
-
-    `retryable` / `non_retryable` are checked (in that order) before the defaults below, so a
-    pipeline can say that its client library's `QuotaExceeded` is transient or that a
-    `ParseError` never is. `retry` is the pipeline's default retry policy; a job's own `retry`
-    fields win over it, the worker's settings fill in whatever neither sets.
-    """
-
-    retryable: tuple[type[BaseException], ...] = ()
-    non_retryable: tuple[type[BaseException], ...] = ()
-    retry: RetryPolicy | None = None
 
 
 def is_retryable(error: BaseException, declared: FailurePolicy | None = None) -> bool:

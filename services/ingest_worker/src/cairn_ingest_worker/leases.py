@@ -21,6 +21,7 @@ from cairn_contracts.states import WAITING_SHARD_STATES, ShardState, state_value
 from cairn_contracts.store import MAIN_SUB_KEY
 from cairn_ingest_worker import metrics
 from cairn_ingest_worker.errors import StoreUnavailable
+from cairn_ingest_worker.store import WriteCounts
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +40,12 @@ class Commit:
 class Claim:
     shard: dict[str, Any]
     token: int
-    cursor: int
+    cursor: Any  # the pipeline's cursor (JSON, opaque) as last committed; None before the first batch
     reclaimed: bool = False  # taken over from a holder whose lease had expired
     checkpoint_id: Any = None  # the adopted checkpoint's _id: later checkpoint writes match on it
+    fresh: bool = True  # no batch committed yet: the runner asks the pipeline where to start
+    done: bool = False  # the last committed batch ended the shard (a crash came before its SUCCEEDED)
+    batches: int = 0  # batches committed before this claim: the next one's index (the sink's BATCH stamp)
 
     @property
     def shard_key(self) -> str:
@@ -121,12 +125,19 @@ class ShardLeases:
         except ConnectionFailure as error:
             # The shard is ours (RUNNING, this token) but its checkpoint unknown: the caller hands
             # the lease back once the store answers, so the retry need not wait for it to expire.
-            raise StoreUnavailable(error, Claim(shard=shard, token=token, cursor=-1, reclaimed=reclaimed)) from error
+            raise StoreUnavailable(error, Claim(shard=shard, token=token, cursor=None, reclaimed=reclaimed)) from error
         if checkpoint is None:
             logger.warning("shard %s: checkpoint held by a newer token than %d", shard_key, token)
             return None
         return Claim(
-            shard=shard, token=token, cursor=int(checkpoint["cursor"]), reclaimed=reclaimed, checkpoint_id=checkpoint["_id"]
+            shard=shard,
+            token=token,
+            cursor=checkpoint.get("cursor"),
+            reclaimed=reclaimed,
+            checkpoint_id=checkpoint["_id"],
+            fresh=not int(checkpoint.get("batches") or 0),
+            done=bool(checkpoint.get("done")),
+            batches=int(checkpoint.get("batches") or 0),
         )
 
     def renew(self, claim: Claim) -> bool:
@@ -154,8 +165,11 @@ class ShardLeases:
         shard = self._shards.find_one({"shard_key": claim.shard_key}, {"cancel_requested": 1})
         return bool(shard and shard.get("cancel_requested"))
 
-    def commit(self, claim: Claim, cursor: int, records: int, written: int, duplicates: int) -> "Commit":
-        """Record a stored batch (`stored` is False if another worker holds the shard now) and
+    def commit(
+        self, claim: Claim, cursor: Any, records: int, counts: WriteCounts, *, position: int | None = None, done: bool = False
+    ) -> "Commit":
+        """Record a stored batch: its cursor (JSON) and position (space units, optional), `records` read and the sink's `counts` (added to the
+        checkpoint's write counters; `stored` is False if another worker holds the shard now) and
         learn, in the same round trip (a find_one_and_update that
         returns the checkpoint's `cancel_requested`), whether the job was cancelled meanwhile."""
         # Once per batch, so by primary key (read at claim time): one _id lookup on any server,
@@ -167,8 +181,16 @@ class ShardLeases:
         after = self._checkpoints.find_one_and_update(
             {**where, "fencing_token": claim.token},
             {
-                "$set": {"cursor": cursor, "updated_at": clock.utcnow()},
-                "$inc": {"records_done": records, "records_written": written, "records_redone": duplicates, "batches": 1},
+                # `cursor` is the pipeline's (any JSON value); `position`, when it says one, the
+                # progress in space units that the job's percent done is computed from.
+                # `done`: the pipeline said this batch ends the shard (a resumed run stops there).
+                "$set": {
+                    "cursor": cursor,
+                    "updated_at": clock.utcnow(),
+                    **({"position": position} if position is not None else {}),
+                    **({"done": True} if done else {}),
+                },
+                "$inc": {"records_done": records, **counts.as_checkpoint_inc(), "batches": 1},
             },
             projection={"cancel_requested": 1},
             return_document=ReturnDocument.AFTER,

@@ -6,10 +6,17 @@ child's counts stay); the gauge is `livesum`: only live processes count (see
 `cairn_runtime.metrics.reap_dead_processes`). The publish-confirm histogram is the runtime's.
 """
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from cairn_ingest_worker.store import WriteCounts
 
 RECORDS = Counter("cairn_records_processed_total", "Records read, cleaned and stored", ["pipeline"])
 RECORDS_REDONE = Counter("cairn_records_redone_total", "Records of a re-run batch that were already stored", ["pipeline"])
+# By the sink's outcome (write modes): inserted, updated, unchanged, duplicate.
+RECORDS_STORED = Counter("cairn_records_stored_total", "Records stored by the sink, by outcome", ["pipeline", "outcome"])
 BATCHES = Counter("cairn_batches_total", "Batches stored and checkpointed", ["pipeline"])
 SHARD_OUTCOMES = Counter("cairn_shard_runs_total", "Shard runs by outcome", ["pipeline", "outcome"])
 FAILURES = Counter("cairn_failures_total", "Shard failures by error type", ["pipeline", "error_type", "retryable"])
@@ -37,3 +44,11 @@ SHARD_RUN_SECONDS = Histogram(
 TASKS_RUNNING = Gauge(
     "cairn_worker_tasks_running", "Shard tasks in progress in live worker processes", multiprocess_mode="livesum"
 )
+
+
+def observe_write(pipeline: str, counts: "WriteCounts") -> None:
+    """Add one batch's sink outcome to `cairn_records_stored_total`."""
+    for outcome in ("inserted", "updated", "unchanged", "duplicate"):
+        value = getattr(counts, outcome)
+        if value:
+            RECORDS_STORED.labels(pipeline, outcome).inc(value)

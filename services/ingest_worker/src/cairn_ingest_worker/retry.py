@@ -1,7 +1,7 @@
 """The retry decision for a failed shard run: classify the error, then back off within the policy.
 
 The policy of a job is resolved field by field: the job spec's `retry` → the pipeline's declared
-default (`FailurePolicy.retry`) → the worker's settings. Attempts count since the shard was
+default (the `FailurePolicy`'s max_attempts, base_delay_s, max_delay_s) → the worker's settings. Attempts count since the shard was
 planned or last replayed (a replay resets them: see docs/design.md).
 
 Every scheduled retry is recorded on the shard (`retries`, the last `RETRIES_KEPT`), in the same
@@ -41,7 +41,7 @@ class RetryDefaults:
 
 
 def resolve_policy(
-    job_retry: RetryPolicy | Mapping[str, Any] | None, pipeline_retry: RetryPolicy | None, defaults: RetryDefaults
+    job_retry: RetryPolicy | Mapping[str, Any] | None, pipeline_retry: RetryPolicy | FailurePolicy | None, defaults: RetryDefaults
 ) -> EffectiveRetryPolicy:
     job = RetryPolicy.model_validate(job_retry) if isinstance(job_retry, Mapping) else job_retry
 
@@ -70,7 +70,7 @@ def rules_for_job(jobs: Collection, job_id: str, defaults: RetryDefaults) -> Job
     job = jobs.find_one({"_id": job_id}, {"spec": 1})
     spec = (job or {}).get("spec") or {}
     declared = failure_policy(str(spec.get("pipeline")))
-    return JobRetryRules(resolve_policy(spec.get("retry"), declared.retry, defaults), declared)
+    return JobRetryRules(resolve_policy(spec.get("retry"), declared, defaults), declared)
 
 
 def backoff_ceiling(attempt: int, base_s: float, max_s: float) -> float:

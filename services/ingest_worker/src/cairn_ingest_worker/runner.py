@@ -1,13 +1,20 @@
 """Runs one shard: claim, then read → clean → store → checkpoint, batch by batch, until done.
 
+The pipeline (a cairn_sdk.Pipeline) owns the cursor: the runner asks it where a fresh shard starts
+(`start`), reads from the last committed cursor (`read`), keeps what `clean` returns with `_id` =
+`identity(record)`, commits the batch's cursor (opaque JSON) with the stored records, and ends the
+shard once a batch says `done`.
+
 Plain code over its collaborators (collections, leases); the Celery task around it only decodes
 the message and turns outcomes into acks, retries and dead letters.
 """
 
+import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -19,14 +26,18 @@ from pymongo.errors import ConnectionFailure
 
 from cairn_contracts import clock
 from cairn_contracts.messages import RunShard
+from cairn_contracts.sinks import window_key
+from cairn_contracts.store import DEDUP, DEFAULT_TENANT
 from cairn_ingest_worker import metrics
+from cairn_ingest_worker.effects import TaskDedupLedger
 from cairn_ingest_worker.errors import BatchTimedOut, StoreUnavailable, is_store_outage
 from cairn_ingest_worker.leases import Claim, Heartbeat, ShardLeases
 from cairn_ingest_worker.observability import current_pipeline, note_shard
-from cairn_ingest_worker.pipelines import Bucket, build_pipeline
-from cairn_ingest_worker.store import store_records
+from cairn_ingest_worker.pipelines import build_pipeline
+from cairn_ingest_worker.store import RunStamp, write_records
 from cairn_runtime.log import log_context
 from cairn_runtime.tracing import span_attributes
+from cairn_sdk import Bounds, Bucket, Pipeline, RunContext
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -42,6 +53,11 @@ class ShardRunner:
     heartbeat_interval_s: float
     slice_s: float  # longest run of one task before it hands off to a continuation
     batch_time_limit_s: float | None = None  # past it, the heartbeat stops renewing the lease
+    # What pipelines may reach through their RunContext (cairn_sdk): Redis (None: not configured)
+    # and the prefix of its keys, and the worker's named secrets (never logged).
+    redis: Any = None
+    redis_prefix: str = "cairn"
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -106,31 +122,53 @@ def _run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadli
         # Earlier attempts died without recording a failure: the shard kills its workers.
         return Outcome("poison", claim)
     job_id = claim.shard["job_id"]
-    job = runner.jobs.find_one({"_id": job_id}, {"spec": 1, "tenant": 1})
+    job = runner.jobs.find_one({"_id": job_id}, {"spec": 1, "tenant": 1, "created_at_ms": 1, "space": 1})
     if job is None:
         raise ShardFailed(claim, "unknown", LookupError(f"job {job_id} is not recorded"))
     spec: dict[str, Any] = job["spec"]
     pipeline_name = spec["pipeline"]
     note_shard(job_id=job_id, shard_key=claim.shard_key, pipeline=pipeline_name, tenant=job.get("tenant"), attempt=claim.attempt)
-    bucket = claim.shard.get("bucket")
+    bounds = shard_bounds(claim.shard, job.get("space"), spec.get("params") or {})
     try:
-        pipeline = build_pipeline(
-            pipeline_name,
-            spec["params"],
-            attempt=claim.attempt,
-            source=runner.source_db,
-            bucket=Bucket(bucket["modulus"], bucket["remainder"]) if bucket else None,
-        )
+        pipeline = build_pipeline(pipeline_name, spec.get("params") or {}, _context(runner, claim, job))
+    except Exception as error:
+        raise ShardFailed(claim, pipeline_name, error) from error
+    try:
+        return _run_batches(runner, claim, job, pipeline, bounds, deadline=deadline)
+    finally:
+        _close(pipeline, claim)
+
+
+def _close(pipeline: Pipeline[Any], claim: Claim) -> None:
+    """Free what the run's pipeline holds (clients, files): whatever the run's outcome, and a
+    failure to close is logged only (the shard's outcome is already decided)."""
+    try:
+        pipeline.close()
+    except Exception:
+        logger.exception("shard %s: the pipeline failed to close", claim.shard_key)
+
+
+def _run_batches(runner: ShardRunner, claim: Claim, job: dict[str, Any], pipeline: Pipeline[Any], bounds: Bounds, *, deadline: float) -> Outcome:
+    job_id = claim.shard["job_id"]
+    spec: dict[str, Any] = job["spec"]
+    pipeline_name = spec["pipeline"]
+    try:
+        # A fresh shard starts where the pipeline says; a resumed one at its last committed cursor.
+        cursor = pipeline.start(bounds) if claim.fresh and not claim.done else claim.cursor
     except Exception as error:
         raise ShardFailed(claim, pipeline_name, error) from error
     target = runner.records_db[spec["target_collection"]]
-    end = int(claim.shard["range_end"])
-    cursor = claim.cursor
-    if cursor > int(claim.shard["range_start"]):
-        logger.info("shard %s: resuming at cursor %d (token %d)", claim.shard_key, cursor, claim.token)
+    write_mode = spec.get("write_mode", "insert")
+    run = RunStamp(
+        job_id, int(job.get("created_at_ms") or 0), window_key(spec) if write_mode == "replace_window" else None
+    )
+    if not claim.fresh:
+        logger.info("shard %s: resuming at cursor %s (token %d)", claim.shard_key, _shown(cursor), claim.token)
     records = 0
+    committed = 0  # batches this run committed
+    done = claim.done  # committed as done by a run that died before marking the shard SUCCEEDED
     with Heartbeat(runner.leases, claim, runner.heartbeat_interval_s, runner.batch_time_limit_s) as heartbeat:
-        while cursor < end:
+        while not done:
             if heartbeat.lost.is_set():
                 return _stopped(runner, claim, heartbeat, records)
             if time.monotonic() >= deadline:
@@ -140,17 +178,20 @@ def _run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadli
             started = time.perf_counter()
             with tracer.start_as_current_span(
                 "cairn.batch",
-                attributes=span_attributes(job_id=job_id, shard_key=claim.shard_key, cursor=cursor, pipeline=pipeline_name),
+                attributes=span_attributes(job_id=job_id, shard_key=claim.shard_key, cursor=_attribute(cursor), pipeline=pipeline_name),
             ):
                 heartbeat.batch_started()
                 try:
-                    batch = pipeline.read(cursor, end, int(spec["batch_size"]))
+                    batch = pipeline.read(bounds, cursor, int(spec["batch_size"]))
                     if heartbeat.lost.is_set():
                         # Cancelled, taken over or past its time bound while reading: this batch
                         # is neither stored nor committed (the checkpoint stays where it is).
                         return _stopped(runner, claim, heartbeat, records)
-                    cleaned = [r for r in map(pipeline.clean, batch.records) if r is not None]
-                    stored = store_records(target, cleaned, job_id)
+                    cleaned = identified(pipeline, batch.records)
+                    # The batch's index (committed batches before it) marks its records, so a redo
+                    # of it after a lost commit is recognised and counted once (store.py).
+                    this_batch = replace(run, batch=f"{claim.shard_key}#{claim.batches + committed}")
+                    stored = write_records(target, cleaned, mode=write_mode, run=this_batch)
                 except SoftTimeLimitExceeded as error:
                     raise ShardFailed(claim, pipeline_name, _timed_out(claim)) from error
                 except Exception as error:
@@ -158,22 +199,26 @@ def _run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadli
                         raise StoreUnavailable(error, claim) from error
                     raise ShardFailed(claim, pipeline_name, error) from error
                 heartbeat.batch_finished()
-                commit = runner.leases.commit(claim, batch.next_cursor, len(batch.records), stored.written, stored.duplicates)
+                # A finished shard is at its end whatever the pipeline reported as its position.
+                position = bounds.end if batch.done else batch.position
+                commit = runner.leases.commit(claim, batch.cursor, len(batch.records), stored, position=position, done=batch.done)
                 if not commit.stored:
                     runner.leases.note_fenced_write(claim)
                     logger.warning("shard %s: checkpoint refused, token %d is stale", claim.shard_key, claim.token)
                     return Outcome("lease_lost", claim, records)
-            cursor = batch.next_cursor
+            cursor, done = batch.cursor, batch.done
+            committed += 1
             records += len(batch.records)
             metrics.RECORDS.labels(pipeline_name).inc(len(batch.records))
-            metrics.RECORDS_REDONE.labels(pipeline_name).inc(stored.duplicates)
+            metrics.RECORDS_REDONE.labels(pipeline_name).inc(stored.duplicate)
+            metrics.observe_write(pipeline_name, stored)
             metrics.BATCHES.labels(pipeline_name).inc()
             metrics.BATCH_SECONDS.labels(pipeline_name).observe(time.perf_counter() - started)
-            if commit.cancel_requested and cursor < end:
+            if commit.cancel_requested and not done:
                 # The job was cancelled: stop at this batch boundary, the batch committed, the
                 # checkpoint where it is (cooperative: nothing is killed, nothing half-written).
                 if runner.leases.cancel(claim):
-                    logger.info("shard %s: cancelled at cursor %d after %d records", claim.shard_key, cursor, records)
+                    logger.info("shard %s: cancelled at cursor %s after %d records", claim.shard_key, _shown(cursor), records)
                     return Outcome("cancelled", claim, records)
                 runner.leases.note_fenced_write(claim)
                 return Outcome("lease_lost", claim, records)
@@ -181,6 +226,61 @@ def _run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadli
         runner.leases.note_fenced_write(claim)
         return Outcome("lease_lost", claim, records)
     return Outcome("succeeded", claim, records)
+
+
+def shard_bounds(shard: dict[str, Any], space: dict[str, Any] | None, params: dict[str, Any]) -> Bounds:
+    """The shard's Bounds: its [range_start, range_end), its hash-mod bucket, and for a WorkItems
+    space (the job's `space`, from the catalog) its slice of the list param."""
+    start, end = int(shard["range_start"]), int(shard["range_end"])
+    bucket = shard.get("bucket")
+    items = None
+    if space and space.get("kind") == "work_items" and isinstance(params.get(space.get("field", "")), list):
+        items = tuple(params[space["field"]][start:end])
+    return Bounds(start, end, Bucket(int(bucket["modulus"]), int(bucket["remainder"])) if bucket else None, items)
+
+
+def _context(runner: ShardRunner, claim: Claim, job: dict[str, Any]) -> RunContext:
+    return RunContext(
+        attempt=claim.attempt,
+        job_id=job["_id"],
+        shard_key=claim.shard_key,
+        tenant=job.get("tenant") or "default",
+        source_db=runner.source_db,
+        redis=runner.redis,
+        redis_prefix=runner.redis_prefix,
+        store_db=runner.records_db,
+        secrets=runner.secrets,
+        # The TaskDedup ledger of this run (cairn_sdk.effects): owned by this claim's token.
+        effects=TaskDedupLedger(
+            runner.jobs.database[DEDUP],
+            tenant=job.get("tenant") or DEFAULT_TENANT,
+            job_id=job["_id"],
+            shard_key=claim.shard_key,
+            token=claim.token,
+        ),
+    )
+
+
+def identified(pipeline: Pipeline[Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records as they are stored: cleaned (None dropped), `_id` the pipeline's identity."""
+    kept = []
+    for record in records:
+        cleaned = pipeline.clean(record)
+        if cleaned is not None:
+            cleaned["_id"] = pipeline.identity(cleaned)
+            kept.append(cleaned)
+    return kept
+
+
+def _shown(cursor: Any) -> str:
+    """A cursor for logs: its JSON text, cut short."""
+    text = json.dumps(cursor, default=str)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _attribute(cursor: Any) -> Any:
+    """A cursor as a span attribute: a number or text as it is, anything else as JSON text."""
+    return cursor if isinstance(cursor, (bool, int, float, str)) else _shown(cursor)
 
 
 def _stopped(runner: ShardRunner, claim: Claim, heartbeat: Heartbeat, records: int) -> Outcome:

@@ -1,7 +1,7 @@
 import os
 import socket
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from cairn_runtime.settings import ServiceSettings
 
@@ -35,6 +35,10 @@ class WorkerSettings(ServiceSettings):
     retry_base_delay_s: float = Field(1.0, ge=0)
     retry_max_delay_s: float = Field(60.0, ge=0)
     source_database: str | None = Field(None, description="Database of mongo_range sources (default: Cairn's)")
+    # Credentials pipelines name in their params (http_json `auth_secret`), so a job spec never
+    # holds one: CAIRN_SECRETS='{"example_api": "Bearer abc..."}'. SecretStr keeps them out of
+    # reprs and logs; a pipeline reads one through `RunContext.secret(name)`.
+    secrets: dict[str, SecretStr] = Field(default_factory=dict, description="Named secrets of pipelines (JSON object)")
     # TEST ONLY: an importable module that registers test pipelines when imported
     # (`register_pipeline`); the end-to-end suite sets it (tests-e2e/harness.py). Never in production.
     test_pipeline_module: str | None = None

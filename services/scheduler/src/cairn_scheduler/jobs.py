@@ -9,11 +9,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts import clock
 from cairn_contracts.jobs import JobSpec
 from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
+from cairn_contracts.pipelines import PIPELINES, CatalogEntry, CatalogRefusal, check_job
+from cairn_contracts.sinks import CHECKPOINT_COUNTERS, stale_filter, window_key
 from cairn_contracts.states import TERMINAL_JOB_STATES, JobState, ShardState, state_values
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, ShardBucket, ShardRecord
 from cairn_runtime.celery_config import ShardDispatcher
@@ -29,6 +32,8 @@ logger = logging.getLogger(__name__)
 # Shards (and as many checkpoints) written per round trip while a job is planned; the cancel
 # mark is read between chunks, so a cancel stops a large planning within one chunk.
 PLAN_CHUNK = 1000
+# Work spaces whose interval length is the number of records to expect (keys, list items).
+COUNTED_SPACES = ("key_range", "work_items")
 
 
 class LockRelease(Protocol):
@@ -54,7 +59,8 @@ class JobScheduler:
             await self.stop(command.job_id)  # cancelled before it was planned: nothing starts
             return
         spec = command.spec
-        start, end = spec.params.key_range()
+        space = job.get("space") or await self._space_from_catalog(command.job_id, spec)
+        start, end = int(space["start"]), int(space["end"])
         plan = plan_job(command.job_id, (start, end), spec.sharding)
         if not await self._record_shards(command.job_id, spec, plan):
             logger.info("job %s cancelled while it was being planned; planning stopped", command.job_id)
@@ -66,15 +72,16 @@ class JobScheduler:
                 "$set": {
                     "state": JobState.STARTED,
                     "shard_count": len(plan.shards),
-                    "records_total": end - start,
+                    # Known up front for keys and work items; a time window's count is not.
+                    "records_total": end - start if space.get("kind", "key_range") in COUNTED_SPACES else None,
                     "started_at": clock.utcnow(),
                 }
             },
         )
         if started.modified_count:
             logger.info(
-                "job %s planned: %d %s shard(s) over keys [%d, %d); job STARTED",
-                command.job_id, len(plan.shards), spec.sharding.strategy, start, end,
+                "job %s planned: %d %s shard(s) over %s [%d, %d); job STARTED",
+                command.job_id, len(plan.shards), spec.sharding.strategy, space.get("kind", "key_range"), start, end,
             )
         if await self._cancel_requested(command.job_id):
             await self.stop(command.job_id)  # cancelled while it was being planned: dispatch nothing
@@ -84,6 +91,21 @@ class JobScheduler:
             logger.info("job %s: %d shard task(s) dispatched", command.job_id, dispatched)
         elif await self._dispatch_runners(command.job_id, plan.runners, int(spec.priority)):
             logger.info("job %s: %d lease-frontier runner(s) dispatched", command.job_id, plan.runners)
+
+    async def _space_from_catalog(self, job_id: str, spec: JobSpec) -> dict[str, Any]:
+        """The work space of a job recorded without one (a schedule's run: the gateway checked
+        the spec when the schedule was written), from the pipeline catalog, kept on the job.
+        Raises Unprocessable when the catalog lacks the pipeline or refuses the spec now."""
+        document = await self.db[PIPELINES].find_one({"_id": spec.pipeline})
+        if document is None:
+            raise Unprocessable(f"job {job_id}: no pipeline {spec.pipeline!r} is announced")
+        entry = CatalogEntry.from_document(document)
+        try:
+            space = check_job(entry, spec.params, spec.sharding, at=("job",))
+        except CatalogRefusal as refusal:
+            raise Unprocessable(f"job {job_id}: the catalog refuses its spec: {refusal}") from None
+        await self.db[JOBS].update_one({"_id": job_id}, {"$set": {"space": space, "pipeline_version": entry.version}})
+        return space
 
     async def _cancel_requested(self, job_id: str) -> bool:
         job = await self.db[JOBS].find_one({"_id": job_id}, {"cancel_requested": 1})
@@ -164,7 +186,8 @@ class JobScheduler:
     async def roll_up(self, job_id: str) -> JobState | None:
         """Derive the job's state from its shards' states (idempotent; safe to run anywhere)."""
         job = await self.db[JOBS].find_one(
-            {"_id": job_id}, {"state": 1, "shard_count": 1, "created_at": 1, "pipeline": 1, "tenant": 1, "spec_fingerprint": 1}
+            {"_id": job_id},
+            {"state": 1, "shard_count": 1, "created_at": 1, "created_at_ms": 1, "pipeline": 1, "tenant": 1, "spec_fingerprint": 1, "spec": 1},
         )
         if job is None or JobState(job["state"]).is_terminal or not job.get("shard_count"):
             return None
@@ -175,6 +198,10 @@ class JobScheduler:
             update["finished_at"] = clock.utcnow()
             update["finished_at_ms"] = clock.to_ms(update["finished_at"])  # result retention compares it
             update["result"] = await self._result(job_id, states)
+            if state == JobState.SUCCESS and job["spec"].get("write_mode") == "replace_window":
+                # Before the SUCCESS write: if this process dies in between, the job is still
+                # STARTED and the next roll-up deletes again (a repeat deletes nothing more).
+                update["result"]["records_deleted"] = await self._delete_stale(job_id, job)
         written = await self.db[JOBS].update_one(
             {"_id": job_id, "state": {"$nin": state_values(TERMINAL_JOB_STATES)}}, {"$set": update}
         )
@@ -189,14 +216,33 @@ class JobScheduler:
                 await self.locks.release_job(job)
         return state
 
+    async def _delete_stale(self, job_id: str, job: dict[str, Any]) -> int:
+        """A succeeded replace_window job's refresh: delete its window's records that no run
+        started at or after this one wrote (cairn_contracts.sinks); returns how many."""
+        spec = job["spec"]
+        window = window_key(spec)
+        deleted = await self.db[spec["target_collection"]].delete_many(stale_filter(window, int(job.get("created_at_ms") or 0)))
+        # Roll-ups run concurrently (events, the maintenance loop): each adds what it deleted to
+        # the job's `records_deleted`, so the total is right whichever one writes SUCCESS (the
+        # gateway reads the field, not only the result written with SUCCESS).
+        total = await self.db[JOBS].find_one_and_update(
+            {"_id": job_id},
+            {"$inc": {"records_deleted": int(deleted.deleted_count)}},
+            projection={"records_deleted": 1},
+            return_document=ReturnDocument.AFTER,
+        )
+        with log_context(job_id=job_id):
+            logger.info("job %s: %d stale records of window %s deleted", job_id, deleted.deleted_count, window)
+        return int((total or {}).get("records_deleted") or 0)
+
     async def _result(self, job_id: str, states: Counter) -> dict[str, Any]:
         totals: Counter[str] = Counter()
         async for checkpoint in self.db[CHECKPOINTS].find({"job_id": job_id}):
-            for field in ("records_done", "records_written", "records_redone", "batches"):
+            for field in CHECKPOINT_COUNTERS:
                 totals[field] += int(checkpoint.get(field, 0))
         failed = [s["shard_key"] async for s in self.db[SHARDS].find({"job_id": job_id, "state": ShardState.FAILED}, {"shard_key": 1})]
         return {
-            **{field: totals[field] for field in ("records_done", "records_written", "records_redone", "batches")},
+            **{field: totals[field] for field in CHECKPOINT_COUNTERS},
             "shards_succeeded": states.get(ShardState.SUCCEEDED, 0),
             "shards_failed": states.get(ShardState.FAILED, 0),
             "shards_cancelled": states.get(ShardState.CANCELLED, 0),

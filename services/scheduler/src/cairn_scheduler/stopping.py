@@ -15,6 +15,7 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts import clock
+from cairn_contracts.sinks import CHECKPOINT_COUNTERS
 from cairn_contracts.states import TERMINAL_SHARD_STATES, WAITING_SHARD_STATES, JobState, ShardState, state_values
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
 
@@ -63,6 +64,6 @@ async def finish_unplanned(db: AsyncDatabase, job_id: str) -> bool:
 
 def empty_result() -> dict[str, Any]:
     return {
-        "records_done": 0, "records_written": 0, "records_redone": 0, "batches": 0,
+        **dict.fromkeys(CHECKPOINT_COUNTERS, 0),
         "shards_succeeded": 0, "shards_failed": 0, "shards_cancelled": 0, "failed_shards": [],
     }

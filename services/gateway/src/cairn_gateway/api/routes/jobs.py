@@ -9,8 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Query, Response, status
 
 from cairn_contracts.bounds import Moment
-from cairn_contracts.jobs import JobSpec
-from cairn_contracts.pipelines import PIPELINE_NAMES
+from cairn_contracts.jobs import PIPELINE_NAME, JobSpec
 from cairn_contracts.states import JobState
 from cairn_gateway.api.deps import Caller, Jobs
 from cairn_gateway.jobs import JobFilter
@@ -28,6 +27,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "descripti
     response_model=JobAccepted,
     responses={
         409: {"model": Problem, "description": "Idempotency-Key reused with another body, or an identical job is not finished yet"},
+        422: {"model": Problem, "description": "A field refused: by the spec, or by the pipeline's announced params schema (GET /v1/pipelines)"},
     },
 )
 async def create_job(
@@ -50,7 +50,7 @@ async def list_jobs(
     jobs: Jobs,
     caller: Caller,
     state: JobState | None = None,
-    pipeline: Annotated[str | None, Query(pattern="^(" + "|".join(PIPELINE_NAMES) + ")$")] = None,
+    pipeline: Annotated[str | None, Query(pattern=PIPELINE_NAME)] = None,
     priority: Annotated[int | None, Query(ge=1, le=4)] = None,
     created_after: Annotated[Moment | None, Query(description="Created at or after (ISO 8601)")] = None,
     created_before: Annotated[Moment | None, Query(description="Created before (ISO 8601)")] = None,

@@ -1,0 +1,1 @@
+"""Example Cairn pipelines (see README.md: "Write your own pipeline")."""

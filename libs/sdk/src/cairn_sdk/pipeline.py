@@ -1,0 +1,185 @@
+"""The Pipeline base class and what the runner hands it: bounds, cursor, batch, run context.
+
+A pipeline reads its shard's share of the work space batch by batch from a cursor it owns:
+
+    cursor = pipeline.start(bounds)                      # a fresh shard (no checkpoint yet)
+    while True:
+        batch = pipeline.read(bounds, cursor, limit)     # up to `limit` records
+        records = [clean(r) ...] (None dropped), each stored with _id = identity(record)
+        checkpoint(batch.cursor, batch.position)         # committed with the stored batch
+        if batch.done: break                             # the shard is finished
+        cursor = batch.cursor
+    pipeline.close()                                     # always, when the run ends
+
+After a crash the run resumes at the last committed cursor, so a batch may be read twice: the
+sink keeps records idempotent by their identity.
+"""
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
+
+from pydantic import BaseModel
+from pymongo.database import Database
+
+from cairn_sdk.effects import Effects, LocalEffects
+from cairn_sdk.errors import FailurePolicy, NonRetryableError
+from cairn_sdk.space import Single, Space, describe, from_epoch_ms
+
+# A cursor is any JSON value: opaque to Cairn, owned by the pipeline (an int, a timestamp, a page
+# token, a [timestamp, id] pair...). It is stored in the checkpoint after each committed batch.
+Cursor: TypeAlias = None | bool | int | float | str | list[Any] | dict[str, Any]
+
+
+def stable_hash(key: str | int) -> int:
+    """The hash that assigns a record key to a hash-mod bucket, the same in every process.
+    (Equal to cairn_contracts.partitioning.stable_hash; the SDK does not import Cairn.)"""
+    return int.from_bytes(hashlib.blake2b(str(key).encode(), digest_size=8).digest(), "big")
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A hash-mod shard's share of the keys: those with stable_hash(key) % modulus == remainder."""
+
+    modulus: int
+    remainder: int
+
+    def holds(self, key: str | int) -> bool:
+        return stable_hash(key) % self.modulus == self.remainder
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """One shard's part of the work space: the half-open interval [start, end) in space units
+    (integer keys; epoch ms for a TimeRange; list indices for WorkItems; [0, 1) for Single).
+
+    `bucket`: set for a hash-mod shard (it scans the whole interval and keeps its bucket's keys).
+    `items`: for a WorkItems space, the shard's slice of the list param (items[start:end]).
+    """
+
+    start: int
+    end: int
+    bucket: Bucket | None = None
+    items: tuple[Any, ...] | None = None
+
+    def window(self) -> tuple[datetime, datetime]:
+        """The shard's time window [since, until) as UTC datetimes (TimeRange spaces)."""
+        return from_epoch_ms(self.start), from_epoch_ms(self.end)
+
+    def holds(self, key: str | int) -> bool:
+        """Whether a record key belongs to this shard's bucket (always, without a bucket)."""
+        return self.bucket is None or self.bucket.holds(key)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What one `read` returns.
+
+    `records`: the raw records read (cleaned and stored by the runner). `cursor`: where the next
+    read starts (JSON). `done`: the shard is finished once this batch is stored. `position`:
+    optional progress inside [start, end) in space units, for a job's percent done.
+    """
+
+    records: list[dict[str, Any]]
+    cursor: Cursor
+    done: bool = False
+    position: int | None = None
+
+
+class MissingSecret(NonRetryableError):
+    """The pipeline asked for a secret the worker's settings do not hold (the shard is dead-lettered)."""
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What one shard run of a pipeline may use.
+
+    `attempt`: 1 for the first run of the shard, +1 per claim. `source_db`: the worker's source
+    database (pymongo). `store_db`: Cairn's own database (GridFS raw pages; never write records
+    there yourself: the runner stores them). `redis`: the worker's Redis client (None if not
+    configured) and `redis_prefix` the prefix its keys must carry. `effects`: the side-effect
+    ledger (the worker's TaskDedup collection; an in-memory one by default, for unit tests).
+    """
+
+    attempt: int = 1
+    job_id: str = ""
+    shard_key: str = ""
+    tenant: str = "default"
+    source_db: Database | None = None
+    redis: Any = None
+    effects: Effects | None = field(default_factory=LocalEffects)  # in memory outside the worker (unit tests)
+    store_db: Database | None = None
+    redis_prefix: str = "cairn"
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)  # never logged
+
+    def secret(self, name: str) -> str:
+        """The worker's secret `name` (a key of its CAIRN_SECRETS JSON object). Raises MissingSecret if unset."""
+        try:
+            return self.secrets[name]
+        except KeyError:
+            raise MissingSecret(f"secret {name!r} is not configured on this worker") from None
+
+    def source(self) -> Database:
+        """`source_db`, or NonRetryableError if this worker has none."""
+        if self.source_db is None:
+            raise NonRetryableError("this worker has no source database")
+        return self.source_db
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+class Pipeline(ABC, Generic[P]):
+    """Base class of a pipeline. Subclasses set the class attributes and implement `read`.
+
+    - `name`: the name jobs use (also the entry point name); `version`, `description`: announced.
+    - `Params`: the pydantic model of the job's params; its JSON Schema is announced, and the
+      gateway validates every job against it.
+    - `space`: a descriptor (KeyRange, TimeRange, WorkItems, Single) or a tuple of them.
+    - `failures`: the FailurePolicy.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    description: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]]
+    space: ClassVar[Space | tuple[Space, ...]] = Single()
+    failures: ClassVar[FailurePolicy] = FailurePolicy()
+
+    def __init__(self, params: P, context: RunContext) -> None:
+        self.params = params
+        self.context = context
+
+    def start(self, bounds: Bounds) -> Cursor:
+        """The cursor of a fresh shard (no batch committed yet). Default: `bounds.start`."""
+        return bounds.start
+
+    @abstractmethod
+    def read(self, bounds: Bounds, cursor: Cursor, limit: int) -> Batch:
+        """Up to `limit` records from `cursor`, and the cursor after them; `done` when finished."""
+
+    def clean(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        """The record as it is to be stored, or None to drop it. Default: unchanged."""
+        return record
+
+    def identity(self, record: dict[str, Any]) -> str:
+        """The record's business key, stored as its `_id`. Default: str(record["_id"])."""
+        return str(record["_id"])
+
+    def close(self) -> None:
+        """Free what this run holds (an HTTP client, a file). The runner calls it once when the
+        run ends, whatever its outcome (success, failure, lost lease, hand-off). Default: nothing."""
+
+    @classmethod
+    def catalog_entry(cls) -> dict[str, Any]:
+        """What the worker announces: name, version, description, params JSON Schema, space."""
+        return {
+            "name": cls.name,
+            "version": cls.version,
+            "description": cls.description or (cls.__doc__ or "").strip().split("\n")[0],
+            "params_schema": cls.Params.model_json_schema(),
+            "space": describe(cls.space),
+        }

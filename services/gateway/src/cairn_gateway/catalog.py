@@ -1,0 +1,62 @@
+"""The pipeline catalog as the gateway reads it: the `pipelines` collection the workers announce to.
+
+The gateway never imports pipeline code: a job is checked against its pipeline's announced
+params JSON Schema and work-space descriptors (cairn_contracts.pipelines.check_job), and the
+resolved work space is kept on the job document for the scheduler.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from pymongo.asynchronous.database import AsyncDatabase
+
+from cairn_contracts.jobs import JobSpec
+from cairn_contracts.pipelines import PIPELINES, CatalogEntry, CatalogRefusal, check_job, unknown_pipeline
+from cairn_gateway.errors import Invalid
+
+
+@dataclass(frozen=True)
+class CheckedJob:
+    """What the catalog says of an accepted job: its pipeline's version, and its work space
+    (`{kind, <fields>, start, end}`)."""
+
+    version: str
+    space: dict[str, Any]
+
+
+async def catalog_entries(db: AsyncDatabase) -> list[CatalogEntry]:
+    """Every announced pipeline, by name."""
+    return [CatalogEntry.from_document(document) async for document in db[PIPELINES].find({}).sort("_id", 1)]
+
+
+async def catalog_entry(db: AsyncDatabase, name: str) -> CatalogEntry | None:
+    document = await db[PIPELINES].find_one({"_id": name})
+    return CatalogEntry.from_document(document) if document is not None else None
+
+
+async def check_spec(db: AsyncDatabase, spec: JobSpec, at: tuple[str | int, ...] = ("body",)) -> CheckedJob:
+    """The job checked against the catalog. Raises `Invalid` (422) naming the field: an
+    unannounced pipeline (["body", "pipeline"], listing the announced ones), params the schema
+    refuses (["body", "params", <field>...]), an empty work space, a plan too large
+    (["body", "sharding", "item_size"]). `at`: where the spec is in the request body."""
+    entry = await catalog_entry(db, spec.pipeline)
+    try:
+        if entry is None:
+            raise unknown_pipeline(spec.pipeline, [e.name for e in await catalog_entries(db)], at)
+        space = check_job(entry, spec.params, spec.sharding, at)
+    except CatalogRefusal as refusal:
+        raise Invalid.of(refusal.errors) from None
+    return CheckedJob(entry.version, space)
+
+
+@dataclass(frozen=True)
+class PipelineCatalog:
+    """The catalog for `GET /v1/pipelines`."""
+
+    db: AsyncDatabase
+
+    async def list(self) -> list[CatalogEntry]:
+        return await catalog_entries(self.db)
+
+    async def get(self, name: str) -> CatalogEntry | None:
+        return await catalog_entry(self.db, name)
