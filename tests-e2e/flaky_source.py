@@ -7,6 +7,8 @@ keep the public parameters: the injected failure at `fail_at_key` happens as in 
 (within `fail_times`) until the test marks the job's source fixed, by its `key_prefix`, with a
 document `{_id: <key_prefix>}` in the `fixed_sources` collection of the worker's source database
 (Cairn's by default). A job whose prefix is never marked runs exactly as in production.
+A marked source is also no longer slow: `delay_ms_per_record` applies until the mark (the worker
+control tests stop a run stuck in a long batch, then let the rerun go fast).
 """
 
 from typing import Any
@@ -15,7 +17,7 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 
 from cairn_contracts.pipelines import SYNTHETIC, SyntheticParams
-from cairn_ingest_worker.pipelines import Bucket, register_pipeline
+from cairn_ingest_worker.pipelines import Batch, Bucket, register_pipeline
 from cairn_ingest_worker.pipelines.synthetic import SyntheticPipeline
 
 FIXED_SOURCES = "fixed_sources"
@@ -31,8 +33,15 @@ class FlakySyntheticPipeline(SyntheticPipeline):
         return cls(SyntheticParams.model_validate(params), attempt, bucket, source[FIXED_SOURCES])
 
     def failure_applies(self) -> bool:
-        fixed = self._fixed_sources.find_one({"_id": self._params.key_prefix}, {"_id": 1}) is not None
-        return not fixed and super().failure_applies()
+        return not self._fixed() and super().failure_applies()
+
+    def read(self, cursor: int, end: int, limit: int) -> Batch:
+        if self._params.delay_ms_per_record and self._fixed():
+            self._params = self._params.model_copy(update={"delay_ms_per_record": 0})
+        return super().read(cursor, end, limit)
+
+    def _fixed(self) -> bool:
+        return self._fixed_sources.find_one({"_id": self._params.key_prefix}, {"_id": 1}) is not None
 
 
 register_pipeline(SYNTHETIC, FlakySyntheticPipeline)

@@ -9,6 +9,7 @@ from cairn_contracts.bounds import ContractModel
 from cairn_contracts.namespaces import JobCollection
 from cairn_contracts.pipelines import MongoRangeParams, SyntheticParams
 from cairn_contracts.states import Priority
+from cairn_contracts.webhooks import CallbackUrl
 
 
 class RangeSharding(ContractModel):
@@ -103,6 +104,11 @@ class _JobSpecBase(ContractModel):
         description="Collection the records go to; none of Cairn's own (jobs, shards, api_keys...)",
     )
     retry: RetryPolicy | None = Field(None, description="Retry policy of this job (default: the pipeline's, then the worker's)")
+    callback_url: CallbackUrl | None = Field(
+        None,
+        description="http(s) URL POSTed a signed JSON body (Cairn-Signature header) once the job is finished; see README Webhooks",
+        examples=["https://example.com/hooks/cairn"],
+    )
 
     @model_validator(mode="after")
     def _plan_is_bounded(self) -> "_JobSpecBase":
