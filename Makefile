@@ -60,6 +60,13 @@ BENCH_ARGS ?= all
 bench: ## Benchmarks against the `make up` system: table, JSON, REPORT.md with plots (bench/results/)
 	uv run --no-sync python -m bench $(BENCH_ARGS)
 
+# Flower (a dev dependency) against Cairn's broker: workers send task events and answer remote
+# control, so its dashboard, task list and pool controls work. Needs the workers of `make up`.
+FLOWER_PORT ?= 5555
+.PHONY: flower
+flower: ## Flower (Celery's monitor) on http://127.0.0.1:5555 against Cairn's broker (CAIRN_AMQP_URL)
+	uv run --no-sync celery --broker="$${CAIRN_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2F}" flower --address=127.0.0.1 --port=$(FLOWER_PORT)
+
 logs: ## Follow the logs of the local processes and of their supervisor (.run/logs)
 	@ls .run/logs/*.log >/dev/null 2>&1 || { echo "no logs in .run/logs (start with: make up; with Docker: docker compose logs -f)"; exit 1; }
 	tail -n 50 -F .run/logs/*.log

@@ -6,8 +6,9 @@
 # Only these two local servers are managed; it never stops anything.
 #
 #   --test-tools            also install what the test suites call: docker-compose (Debian's,
-#                           to validate docker-compose.yml), rabbitmqctl (per-run vhosts) and
-#                           promtool (Debian's prometheus: checks infra/prometheus)
+#                           to validate docker-compose.yml), rabbitmqctl (per-run vhosts),
+#                           promtool (Debian's prometheus: checks infra/prometheus) and
+#                           chromium (Debian's: tests-e2e/test_console.py drives it headless)
 #   CAIRN_SERVICES_TIMEOUT  seconds to wait for each server to answer (default 60)
 set -euo pipefail
 SCRIPT_TAG=services
@@ -121,6 +122,7 @@ if [[ "${1:-}" == "--test-tools" ]]; then
     ensure_command rabbitmqctl rabbitmq-server
     ensure_command docker-compose docker-compose
     ensure_command promtool prometheus
-    say "test tools ready: $(command -v rabbitmqctl) $(command -v docker-compose) $(command -v promtool)"
+    ensure_command chromium chromium
+    say "test tools ready: $(command -v rabbitmqctl) $(command -v docker-compose) $(command -v promtool) $(command -v chromium)"
 fi
 say "local services ready: amqp://$HOST:$AMQP_PORT redis://$HOST:$REDIS_PORT"

@@ -141,6 +141,7 @@ def test_fail_records_the_error_and_the_dead_letter(db, seed_shard) -> None:
 
     shard = db[SHARDS].find_one({"_id": key})
     assert (shard["state"], shard["last_error"], shard["dead_letter_id"]) == (ShardState.FAILED, "ValueError: bad", "dl-9")
+    assert (shard["taken_by"], shard["ran_by"]) == (None, "worker-a")  # who ran it stays known (GET /v1/results)
     assert leases(db, "worker-b").claim(key) is None
 
 

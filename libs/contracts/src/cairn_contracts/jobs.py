@@ -20,6 +20,7 @@ from cairn_contracts.bounds import ContractModel, check_storable, has_surrogate
 from cairn_contracts.namespaces import JobCollection
 from cairn_contracts.sinks import WriteMode
 from cairn_contracts.states import Priority
+from cairn_contracts.webhooks import CallbackUrl
 
 # A pipeline name: also an entry point name and a label of metrics.
 PIPELINE_NAME = r"^[a-z][a-z0-9_]{0,62}$"
@@ -128,6 +129,11 @@ class JobSpec(ContractModel):
     write_mode: WriteMode = Field("insert", description="insert (first write wins), upsert (by identity, latest wins), replace_window")
     window: str | None = Field(None, max_length=200, description="replace_window: the scope key of the records replaced (default derived)")
     retry: RetryPolicy | None = Field(None, description="Retry policy of this job (default: the pipeline's, then the worker's)")
+    callback_url: CallbackUrl | None = Field(
+        None,
+        description="http(s) URL POSTed a signed JSON body (Cairn-Signature header) once the job is finished; see README Webhooks",
+        examples=["https://example.com/hooks/cairn"],
+    )
 
     @field_validator("*", mode="after")
     @classmethod

@@ -25,6 +25,11 @@ from cairn_contracts.bounds import ContractModel, Moment
 from cairn_contracts.clock import as_utc, from_ms, to_ms
 
 ScheduleKind = Literal["cron", "interval", "once"]
+# What a due run does while the schedule's previous run is still active (Temporal's overlap
+# policies): skip it (default); buffer it, at most one, started when the previous run ends;
+# start it anyway; or cancel the previous run and start this one once that has stopped.
+OverlapPolicy = Literal["skip", "buffer_one", "allow_all", "cancel_other"]
+OVERLAP_POLICIES: tuple[str, ...] = ("skip", "buffer_one", "allow_all", "cancel_other")
 MAX_INTERVAL_S = 366 * 86_400
 
 

@@ -29,6 +29,7 @@ from cairn_contracts.namespaces import (  # noqa: F401
     SCHEDULES,
     SHARDS,
     TASK_ERRORS,
+    WEBHOOK_DELIVERIES,
 )
 from cairn_contracts.states import JobState, ShardState
 
@@ -92,6 +93,10 @@ INDEXES: tuple[IndexSpec, ...] = (
     IndexSpec(SCHEDULES, (("paused", 1), ("next_run_at_ms", 1))),
     IndexSpec(SCHEDULES, (("tenant", 1), ("created_at_ms", 1))),
     IndexSpec(API_KEYS, (("tenant", 1),)),
+    # The webhook outbox fill (finished jobs with a callback not queued yet) and the delivery loop.
+    IndexSpec(JOBS, (("webhook_queued", 1), ("state", 1)), partial_filter={"spec.callback_url": {"$type": "string"}}),
+    IndexSpec(WEBHOOK_DELIVERIES, (("state", 1), ("next_attempt_at_ms", 1))),
+    IndexSpec(WEBHOOK_DELIVERIES, (("tenant", 1), ("created_at_ms", 1))),
 )
 
 

@@ -22,6 +22,15 @@ INGEST_QUEUE = Queue(
     queue_arguments=dict(queue_spec(QUEUE_INGEST).arguments),
 )
 
+# A worker's Celery node name is this prefix and its CAIRN_WORKER_ID; a shard's `taken_by` is
+# `<worker id>/<pool process pid>`, so the gateway finds the node and process running a shard.
+WORKER_HOSTNAME_PREFIX = "cairn-ingest@"
+
+
+def worker_hostname(worker_id: str) -> str:
+    """The Celery node name (remote control destination) of the worker `worker_id`."""
+    return f"{WORKER_HOSTNAME_PREFIX}{worker_id}"
+
 
 def celery_config(broker_url: str) -> dict[str, Any]:
     return {
@@ -47,10 +56,31 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_default_delivery_mode": "persistent",
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
+        # Remote control (inspect, pool grow/shrink, shutdown, Cairn's terminate: the gateway's
+        # /v1/workers routes) and task events (Flower, the workers' heartbeats) over the same
+        # broker: a pidbox fanout exchange with one auto-delete queue per worker, and the
+        # `celeryev` topic exchange. Neither touches the ingest queue.
+        "worker_send_task_events": True,
+        # Not `task-sent` events: they would add a publish to every dispatch (the scheduler's hot
+        # path); Flower sees a task from `task-received` on.
         "task_send_sent_event": False,
-        "worker_enable_remote_control": False,
+        "worker_enable_remote_control": True,
+        # `pool_restart` (remote control) replaces the pool's processes; off, Celery refuses it.
+        "worker_pool_restarts": True,
+        # Events are advisory: none outlives a minute, so a monitor that went away leaves no backlog.
+        "event_queue_ttl": 60.0,
+        "event_queue_expires": 120.0,
+        # Replies of remote control (auto-delete queues) are not kept past a short wait either.
+        "control_queue_ttl": 30.0,
+        "control_queue_expires": 60.0,
     }
+
+
+def control_app(broker_url: str, app_name: str) -> Celery:
+    """A Celery client app on Cairn's broker for remote control and events (never a worker)."""
+    app = Celery(app_name)
+    app.conf.update(celery_config(broker_url))
+    return app
 
 
 def task_for_shard(shard: dict[str, Any]) -> RunShard | RunFrontier:

@@ -22,18 +22,22 @@ from fastapi import Depends, FastAPI
 from prometheus_client import make_asgi_app
 
 from cairn_gateway.api.deps import require_scope
-from cairn_gateway.api.routes import dlq, jobs, keys, ops, pipelines, schedules, tasks
+from cairn_gateway.api.routes import dlq, jobs, keys, ops, pipelines, results, schedules, tasks, workers
 from cairn_gateway.auth import KeyService, KeyVerifier
 from cairn_gateway.catalog import PipelineCatalog
+from cairn_gateway.console import install_console
 from cairn_gateway.dlq import DeadLetterService
 from cairn_gateway.http_metrics import HttpMetricsMiddleware
 from cairn_gateway.joblock import JobLocks
 from cairn_gateway.jobs import JobService
 from cairn_gateway.limits import BodySizeLimit, RateLimiter
 from cairn_gateway.problems import AUTH_RESPONSES, UNAVAILABLE_RESPONSES, install_problem_handlers
+from cairn_gateway.results import ResultService
 from cairn_gateway.schedules import ScheduleService
 from cairn_gateway.settings import GatewaySettings
+from cairn_gateway.workers import HeartbeatMonitor, WorkerControl
 from cairn_runtime.amqp import BackgroundPublisher
+from cairn_runtime.celery_config import control_app
 from cairn_runtime.mongo import async_client, ensure_indexes
 from cairn_runtime.payloads import RawPayloads
 
@@ -87,13 +91,21 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.jobs = job_service
         app.state.schedules = ScheduleService(db, publisher, job_service)
         app.state.pipelines = PipelineCatalog(db)
+        app.state.results = ResultService(db, job_service)
         app.state.dead_letters = DeadLetterService(db=db, publisher=publisher, payloads=RawPayloads(db))
         app.state.key_verifier = KeyVerifier(db, settings.auth_cache_ttl_s)
         app.state.keys = KeyService(db, app.state.key_verifier)
         app.state.rate_limiter = RateLimiter(cache, settings.redis_prefix, settings.rate_limit_per_minute)
+        celery = control_app(settings.amqp_url, "cairn-gateway")
+        heartbeats = HeartbeatMonitor(celery) if settings.worker_heartbeats else None
+        if heartbeats is not None:
+            heartbeats.start()
+        app.state.workers = WorkerControl(celery, db, publisher, settings.worker_control_timeout_s, heartbeats)
         try:
             yield
         finally:
+            if heartbeats is not None:
+                heartbeats.stop()
             await publisher.close()
             await cache.aclose()
             await mongo.close()
@@ -106,10 +118,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     # Routers.
     responses = {**AUTH_RESPONSES, **UNAVAILABLE_RESPONSES}
-    for router in (tasks.router, jobs.router, pipelines.router, schedules.router, keys.router):
+    for router in (tasks.router, jobs.router, pipelines.router, schedules.router, keys.router, results.router):
         app.include_router(router, responses=responses)
     app.include_router(dlq.router, dependencies=[Depends(require_scope("admin"))], responses=responses)
+    app.include_router(workers.router, responses=responses)  # operator scope, per route (CLI+Workers)
     app.include_router(ops.router)
+    install_console(app)  # the web console, /console (console/): a client of the routes above
     app.mount("/metrics", make_asgi_app())  # /metrics/ as before (ops.py answers exactly /metrics)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(HttpMetricsMiddleware)

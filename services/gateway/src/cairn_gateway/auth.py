@@ -4,8 +4,9 @@ A key is `cairn_<key id>_<secret>`. The `api_keys` collection keeps its id, tena
 and the sha256 of the secret (never the secret; compared in constant time). The tenant comes
 from the key: whoever holds it sees only that tenant's jobs, schedules and dead letters.
 
-Scopes: `submit` (create, cancel and delete jobs and schedules), `read` (get and list), `admin`
-(dead letters and key management; implies the other two). A GET needs `read`, anything else
+Scopes: `submit` (create, cancel and delete jobs and schedules), `read` (get and list), `operator`
+(worker control: /v1/workers, shard terminate/revoke; cluster-wide, as the workers are shared),
+`admin` (dead letters and key management; implies the others). A GET needs `read`, anything else
 `submit`; the dead-letter and key routers also need `admin`. The FastAPI dependencies that apply
 this to a request are in api/deps.py.
 
@@ -27,7 +28,7 @@ from cairn_contracts import clock
 from cairn_contracts.store import API_KEYS
 from cairn_gateway.errors import Forbidden, Invalid, NotFound, Unauthorized
 
-SCOPES = ("submit", "read", "admin")
+SCOPES = ("submit", "read", "operator", "admin")
 TOKEN_PREFIX = "cairn_"
 _CACHE_LIMIT = 10_000
 

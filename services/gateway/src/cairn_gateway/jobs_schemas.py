@@ -1,12 +1,12 @@
 """Bodies of the versioned task API (`/v1/jobs`, `/v1/schedules`, `/v1/keys`)."""
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from cairn_contracts.bounds import ContractModel, Moment
 from cairn_contracts.jobs import JobSpec
-from cairn_contracts.schedules import MAX_INTERVAL_S, ScheduleKind
+from cairn_contracts.schedules import MAX_INTERVAL_S, OverlapPolicy, ScheduleKind
 from cairn_contracts.states import JobState
 from cairn_gateway.schemas import UtcDatetime, Writes
 
@@ -83,6 +83,8 @@ class JobResultBody(BaseModel):
 class ScheduleView(BaseModel):
     id: str
     name: str | None = None
+    description: str | None = None
+    overlap: OverlapPolicy = Field("skip", description="What a run due while the previous one is active does")
     kind: ScheduleKind
     cron: str | None = None
     timezone: str = "UTC"
@@ -97,8 +99,10 @@ class ScheduleView(BaseModel):
     next_run_at: UtcDatetime | None = None
     last_run_at: UtcDatetime | None = None
     last_job_id: str | None = None
-    total_runs: int = Field(description="Scheduled runs fired (manual triggers not counted)")
+    total_runs: int = Field(description="Scheduled runs fired or buffered (manual triggers not counted)")
     manual_runs: int = 0
+    skipped_runs: int = Field(0, description="Runs dropped by the overlap policy (the previous run was still active)")
+    buffered_run: bool = Field(False, description="A run waits for the previous one to end (buffer_one, cancel_other)")
     created_at: UtcDatetime
     updated_at: UtcDatetime | None = None
     url: str
@@ -117,6 +121,8 @@ class ScheduleUpdate(ContractModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, max_length=200)
+    description: str | None = Field(None, max_length=2000)
+    overlap: OverlapPolicy | None = None
     kind: ScheduleKind | None = None
     cron: str | None = Field(None, max_length=200)
     timezone: str | None = Field(None, max_length=64)
@@ -126,6 +132,26 @@ class ScheduleUpdate(ContractModel):
     end_at: Moment | None = None
     max_runs: int | None = Field(None, ge=1, le=1_000_000)
     job: JobSpec | None = None
+
+
+class NextRuns(BaseModel):
+    schedule_id: str
+    state: str = Field(description="active, paused (no run until resumed: none listed) or finished")
+    runs: list[UtcDatetime] = Field(description="The next scheduled run times, soonest first (fewer when the schedule ends)")
+
+
+class BatchDelete(ContractModel):
+    """Ids to delete in one request (each is deleted on its own: some may be gone already)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(min_length=1, max_length=200)
+
+
+class BatchDeleted(BaseModel):
+    deleted: list[str] = Field(description="Ids deleted by this request")
+    not_found: list[str] = Field(description="Ids of nothing of this tenant's (or gone already)")
+    refused: dict[str, str] = Field(default_factory=dict, description="Id -> why it was kept (e.g. the job is not finished)")
 
 
 class TriggerAccepted(BaseModel):
@@ -139,7 +165,7 @@ class TriggerAccepted(BaseModel):
 class KeyCreate(ContractModel):
     model_config = ConfigDict(extra="forbid")
 
-    scopes: list[str] = Field(..., min_length=1, max_length=3, description="submit, read, admin")
+    scopes: list[str] = Field(..., min_length=1, max_length=4, description="submit, read, operator, admin")
     name: str | None = Field(None, max_length=200)
     rate_limit_per_minute: int | None = Field(None, ge=0, le=1_000_000)
 

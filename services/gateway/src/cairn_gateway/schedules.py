@@ -1,4 +1,9 @@
-"""Schedules as the gateway keeps them: create, read, change, pause, resume, delete, trigger now.
+"""Schedules as the gateway keeps them: create, read, change (PATCH) or replace (PUT), pause,
+resume, delete (one or a batch), trigger now, and list the next run times.
+
+A schedule also has a free-text `description` and an `overlap` policy (skip, buffer_one,
+allow_all, cancel_other) that the scheduler applies when a run falls due while the previous one
+is active (cairn_scheduler/schedules.py).
 
 The gateway records a schedule with its first `next_run_at_ms`; the scheduler service fires it
 (cairn_scheduler/schedules.py). Both compute run times with the same `ScheduleTiming`
@@ -14,6 +19,7 @@ uuid>`; it does not count toward `max_runs` and does not move the next run.
 
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,13 +29,13 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts import clock
 from cairn_contracts.jobs import JOB_SPEC_ADAPTER, JobSpec
-from cairn_contracts.schedules import ScheduleTiming
+from cairn_contracts.schedules import OverlapPolicy, ScheduleTiming
 from cairn_contracts.store import SCHEDULES
 from cairn_gateway.catalog import check_spec
 from cairn_gateway.errors import Conflict, Invalid, NotFound
 from cairn_gateway.joblock import DuplicateJob
 from cairn_gateway.jobs import JobService, after_cursor, encode_cursor
-from cairn_gateway.jobs_schemas import SchedulePage, ScheduleUpdate, ScheduleView, TriggerAccepted
+from cairn_gateway.jobs_schemas import BatchDeleted, NextRuns, SchedulePage, ScheduleUpdate, ScheduleView, TriggerAccepted
 from cairn_runtime.amqp import Publisher
 
 logger = logging.getLogger(__name__)
@@ -55,6 +61,12 @@ class ScheduleCreate(ScheduleTiming):
     """A schedule: when (the timing fields) and what (`job`, a job spec as POST /v1/jobs takes)."""
 
     name: str | None = Field(None, max_length=200)
+    description: str | None = Field(None, max_length=2000, description="Free text: what the schedule is for")
+    overlap: OverlapPolicy = Field(
+        "skip",
+        description="A run due while the previous run is active: skip it, buffer_one (start it when the previous ends), "
+        "allow_all (start it anyway) or cancel_other (cancel the previous, then start it)",
+    )
     job: JobSpec
     paused: bool = Field(False, description="Create it paused (resume to start it)")
 
@@ -69,6 +81,8 @@ def schedule_view(doc: dict[str, Any]) -> ScheduleView:
     return ScheduleView(
         id=doc["_id"],
         name=doc.get("name"),
+        description=doc.get("description"),
+        overlap=doc.get("overlap") or "skip",
         kind=doc["kind"],
         cron=doc.get("cron"),
         timezone=doc.get("timezone") or "UTC",
@@ -85,6 +99,8 @@ def schedule_view(doc: dict[str, Any]) -> ScheduleView:
         last_job_id=doc.get("last_job_id"),
         total_runs=int(doc.get("total_runs", 0)),
         manual_runs=int(doc.get("manual_runs", 0)),
+        skipped_runs=int(doc.get("skipped_runs", 0)),
+        buffered_run=isinstance(doc.get("buffered_run"), dict),
         created_at=clock.from_ms_field(doc.get("created_at_ms")) or doc["created_at"],
         updated_at=clock.from_ms_field(doc.get("updated_at_ms")),
         url=f"/v1/schedules/{doc['_id']}",
@@ -125,6 +141,8 @@ class ScheduleService:
             "_id": uuid.uuid4().hex,
             "tenant": tenant,
             "name": body.name,
+            "description": body.description,
+            "overlap": body.overlap,
             "job": body.job.model_dump(mode="json"),
             "paused": body.paused,
             **timing.timing_fields(),
@@ -161,8 +179,11 @@ class ScheduleService:
             doc = await self._doc(tenant, schedule_id)
             now_ms = clock.now_ms()
             fields: dict[str, Any] = {"updated_at_ms": now_ms}
-            if "name" in changed:
-                fields["name"] = patch.name
+            for plain in ("name", "description"):
+                if plain in changed:
+                    fields[plain] = getattr(patch, plain)
+            if "overlap" in changed:
+                fields["overlap"] = patch.overlap or "skip"
             if "job" in changed:
                 if patch.job is None:
                     raise Invalid("a schedule needs a job", ("body", "job"))
@@ -188,6 +209,64 @@ class ScheduleService:
             if updated is not None:
                 return schedule_view(updated)
         raise ScheduleChanged(schedule_id, "updated")
+
+    async def replace(self, tenant: str, schedule_id: str, body: ScheduleCreate) -> ScheduleView:
+        """PUT: every field from `body` (left out: its default); the run counters (`total_runs`,
+        `manual_runs`, `skipped_runs`) and a buffered run stay, the next run is recomputed from
+        now. Raises `ScheduleNotFound`, `Invalid` (no run left), `ScheduleChanged`."""
+        timing = ScheduleTiming.model_validate(body.model_dump(include=set(TIMING_FIELDS)))
+        for _ in range(_RACE_RETRIES):
+            doc = await self._doc(tenant, schedule_id)
+            now_ms = clock.now_ms()
+            anchor_ms = timing.anchor_ms(now_ms)
+            upcoming = _next_run(timing, now_ms, anchor_ms, int(doc.get("total_runs", 0)))
+            if upcoming["next_run_at_ms"] is None:
+                raise Invalid("no run is left between now and end_at (or max_runs is reached)", ("body", "end_at"))
+            fields = {
+                "name": body.name,
+                "description": body.description,
+                "overlap": body.overlap,
+                "job": body.job.model_dump(mode="json"),
+                "paused": body.paused,
+                **timing.timing_fields(),
+                "anchor_ms": anchor_ms,
+                **upcoming,
+                "updated_at_ms": now_ms,
+            }
+            updated = await self._swap(doc, fields)
+            if updated is not None:
+                return schedule_view(updated)
+        raise ScheduleChanged(schedule_id, "replaced")
+
+    async def next_runs(self, tenant: str, schedule_id: str, n: int) -> NextRuns:
+        """The next `n` (1..100) run times as the scheduler will fire them: from the stored
+        `next_run_at_ms`, each following one computed with the same timing and run count. A paused
+        schedule lists none (resume recomputes from then). Overlap skips cannot be foreseen."""
+        doc = await self._doc(tenant, schedule_id)
+        view = schedule_view(doc)
+        runs: list[int] = []
+        due = doc.get("next_run_at_ms")
+        if not doc.get("paused") and isinstance(due, int):
+            timing = timing_of(doc)
+            anchor_ms = int(doc.get("anchor_ms") or due)
+            done = int(doc.get("total_runs", 0))
+            while due is not None and len(runs) < n:
+                runs.append(due)
+                due = timing.next_run_ms(due, anchor_ms=anchor_ms, runs_done=done + len(runs))
+        return NextRuns(schedule_id=schedule_id, state=view.state, runs=[clock.from_ms(ms) for ms in runs])
+
+    async def delete_many(self, tenant: str, schedule_ids: Sequence[str]) -> BatchDeleted:
+        """Delete each of the tenant's schedules named (the jobs they fired stay); unknown ids are
+        listed in `not_found`, never an error."""
+        wanted: Sequence[str] = tuple(dict.fromkeys(schedule_ids))
+        found = [d["_id"] async for d in self.db[SCHEDULES].find({"_id": {"$in": [*wanted]}, "tenant": tenant}, {"_id": 1})]
+        deleted: Sequence[str] = ()
+        for schedule_id in found:
+            result = await self.db[SCHEDULES].delete_one({"_id": schedule_id, "tenant": tenant})
+            if result.deleted_count:
+                deleted = (*deleted, schedule_id)
+        logger.info("%d schedules deleted for tenant %s", len(deleted), tenant)
+        return BatchDeleted(deleted=[*deleted], not_found=[i for i in wanted if i not in deleted])
 
     async def delete(self, tenant: str, schedule_id: str) -> None:
         result = await self.db[SCHEDULES].delete_one({"_id": schedule_id, "tenant": tenant})

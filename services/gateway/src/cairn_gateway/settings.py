@@ -26,3 +26,8 @@ class GatewaySettings(ServiceSettings):
         5000, ge=100, description="Longest one MongoDB operation of a request may take (a stalled server: 503 past it)"
     )
     broker_retry_max_s: float = Field(30.0, gt=0, description="Longest wait between attempts to reach RabbitMQ")
+    # Worker control (issue 16): Celery remote control over the broker.
+    worker_control_timeout_s: float = Field(
+        1.0, gt=0, le=30, description="How long a worker-control call collects the workers' replies (seconds)"
+    )
+    worker_heartbeats: bool = Field(True, description="Follow the workers' heartbeat events (the worker list's heartbeat age)")

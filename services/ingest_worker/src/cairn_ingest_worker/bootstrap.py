@@ -14,6 +14,7 @@ from pymongo.errors import ConnectionFailure
 
 from cairn_contracts.namespaces import PIPELINES
 from cairn_contracts.topology import QUEUE_INGEST
+from cairn_ingest_worker import control  # noqa: F401  (registers Cairn's remote-control command)
 from cairn_ingest_worker.catalog import announce_catalog
 from cairn_ingest_worker.consumer import MAX_BODY_CONF
 from cairn_ingest_worker.context import LeasesFactory, build_context
@@ -23,7 +24,7 @@ from cairn_ingest_worker.pipelines import catalog
 from cairn_ingest_worker.publisher import declare_topology
 from cairn_ingest_worker.settings import WorkerSettings
 from cairn_ingest_worker.tasks import register_tasks
-from cairn_runtime.celery_config import celery_config
+from cairn_runtime.celery_config import celery_config, worker_hostname
 from cairn_runtime.instrumentation import instrument_celery, instrument_clients
 from cairn_runtime.log import configure_logging
 from cairn_runtime.metrics import serve_metrics
@@ -100,9 +101,9 @@ def run_worker(app: Celery, settings: WorkerSettings) -> None:
             f"--loglevel={settings.log_level}",
             f"--concurrency={settings.worker_concurrency}",
             f"--queues={QUEUE_INGEST}",
-            f"--hostname=cairn-ingest@{settings.worker_id}",
+            f"--hostname={worker_hostname(settings.worker_id)}",
             "--without-gossip",
             "--without-mingle",
-            "--without-heartbeat",
+            # Heartbeats on (worker events): the gateway's worker list and Flower show their age.
         ]
     )

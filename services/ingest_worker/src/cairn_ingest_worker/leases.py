@@ -238,7 +238,8 @@ class ShardLeases:
     def _finish(self, claim: Claim, fields: dict[str, Any]) -> bool:
         result = self._shards.update_one(
             {"shard_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING},
-            {"$set": {**fields, "finished_at": clock.utcnow(), "taken_by": None}},
+            # `ran_by` keeps who ran it last once the lease is released (GET /v1/results lists it).
+            {"$set": {**fields, "finished_at": clock.utcnow(), "taken_by": None, "ran_by": self._worker_id}},
         )
         return result.matched_count == 1
 

@@ -9,6 +9,7 @@ import functools
 import logging
 from typing import Any
 
+import httpx
 import redis.asyncio as aioredis
 
 from cairn_contracts.messages import CancelJob, ShardFinished, StartJob
@@ -27,6 +28,7 @@ from cairn_scheduler.maintenance import Maintenance
 from cairn_scheduler.reaper import LeaseReaper, LostTaskWatch
 from cairn_scheduler.schedules import ScheduleFirer
 from cairn_scheduler.settings import SchedulerSettings
+from cairn_scheduler.webhooks import WebhookDeliverer, WebhookPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     await ensure_indexes(db)
     locks = JobLockRelease(aioredis.Redis.from_url(settings.redis_url), settings.redis_prefix)
     connection = await connect(settings.amqp_url, "cairn-scheduler")
+    # Webhook deliveries: no redirects (SSRF), the proxy if one is configured.
+    webhook_client = httpx.AsyncClient(follow_redirects=False, proxy=settings.webhook_proxy, trust_env=False)
     try:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=settings.prefetch)
@@ -66,12 +70,26 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
             Every(settings.reconcile_interval_s, canceller.run_pass, "cancel sweep"),
             Every(settings.schedule_tick_s, ScheduleFirer(db, publisher).tick, "schedule tick"),
             Every(settings.gauges_interval_s, GaugeCollector(db, connection).collect_once, "gauge collection"),
+            Every(settings.webhook_poll_s, WebhookDeliverer(db, webhook_client, webhook_policy(settings)).run_pass, "webhook delivery"),
         ]
         await serve(stop, handlers, periodic, service=settings.service_name, queues=queues, publisher=publisher)
     finally:
+        await webhook_client.aclose()
         await connection.close()
         await locks.close()
         await mongo.close()
+
+
+def webhook_policy(settings: SchedulerSettings) -> WebhookPolicy:
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret is not None else None
+    return WebhookPolicy(
+        secret=secret or None,
+        timeout_s=settings.webhook_timeout_s,
+        max_attempts=settings.webhook_max_attempts,
+        base_delay_s=settings.webhook_base_delay_s,
+        max_delay_s=settings.webhook_max_delay_s,
+        allow_private_networks=settings.webhook_allow_private_networks,
+    )
 
 
 def main() -> None:

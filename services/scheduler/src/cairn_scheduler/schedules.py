@@ -14,7 +14,24 @@ pending the schedule's next run waits, so no run is ever skipped silently.
 Catch-up policy: a scheduler that was down (or a schedule whose runs were all missed) fires the
 missed run once when it is back, not once per missed tick, and the next run is the first tick
 after now (interval schedules keep their phase). Runs fired by schedules do not take the
-gateway's job lock: overlapping runs of a slow job are allowed (each is its own job).
+gateway's job lock; whether a run may overlap the previous one is the schedule's `overlap`.
+
+Overlap policy (`overlap`, like Temporal's), applied when a run is due while the schedule's
+previous run (`last_job_id`, scheduled or manual) is still active (PENDING, STARTED, RETRY):
+- `skip` (default): the due run is dropped: one conditional update advances `next_run_at_ms` and
+  increments `skipped_runs` (a skipped run does not count toward `max_runs`).
+- `buffer_one`: the due run is claimed (numbered, counted) but parked in `buffered_run` instead of
+  `pending_run`; a later tick that finds the previous run finished moves it to `pending_run` (one
+  conditional update) and creates its job as any run. While a run is buffered, further due runs
+  are skipped: at most one waits.
+- `cancel_other`: as `buffer_one`, and the previous run is asked to cancel (the job is marked
+  `cancel_requested` by a conditional update and `CancelJob` is published; the cancel sweep makes
+  up for a lost command); the buffered run starts once the cancelled one has stopped.
+- `allow_all`: the run starts whatever the previous one is doing.
+Each of these is one conditional update on `{_id, next_run_at_ms, total_runs, paused, pending_run}`
+as read, so of two schedulers exactly one decides a due run. The previous run's state is read
+just before: a run that ends in between is judged still active, which skips or buffers one run
+that could have started (never the reverse).
 """
 
 import logging
@@ -27,8 +44,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from cairn_contracts import clock
-from cairn_contracts.messages import StartJob
-from cairn_contracts.schedules import ScheduleTiming
+from cairn_contracts.messages import CancelJob, StartJob
+from cairn_contracts.schedules import OVERLAP_POLICIES, ScheduleTiming
+from cairn_contracts.states import ACTIVE_JOB_STATES, state_values
 from cairn_contracts.store import JOBS, SCHEDULES, JobRecord
 from cairn_runtime.amqp import Publisher, PublishNotConfirmed
 
@@ -47,6 +65,12 @@ def timing_of(schedule: dict[str, Any]) -> ScheduleTiming:
     return ScheduleTiming.model_validate(fields)
 
 
+def overlap_of(schedule: dict[str, Any]) -> str:
+    """The schedule's overlap policy; `skip` for schedules stored before the field existed."""
+    policy = schedule.get("overlap")
+    return policy if policy in OVERLAP_POLICIES else "skip"
+
+
 def run_key(schedule_id: str, run_number: int) -> str:
     return f"schedule:{schedule_id}:{run_number}"
 
@@ -60,7 +84,7 @@ class ScheduleFirer:
         """Recover runs left pending, then fire every due run; returns how many this process fired."""
         now_ms = now_ms if now_ms is not None else clock.now_ms()
         await self.recover_pending(now_ms)
-        fired = 0
+        fired = await self.release_buffered(now_ms)
         due = {"paused": False, "next_run_at_ms": {"$lte": now_ms}, "pending_run": None}
         async for schedule in self.db[SCHEDULES].find(due).sort("next_run_at_ms", 1).limit(BATCH):
             fired += int(await self.fire(schedule, now_ms) is not None)
@@ -77,17 +101,28 @@ class ScheduleFirer:
             await self.db[SCHEDULES].update_one({"_id": schedule["_id"], "next_run_at_ms": due_ms}, {"$set": {"paused": True, "broken": str(error)[:500]}})
             return None
         run_number = runs_before + 1
+        anchor_ms = int(schedule.get("anchor_ms") or due_ms)
+        # The due run as read: the filter of every decision about it (claim, skip or buffer).
+        as_read = {"_id": schedule["_id"], "next_run_at_ms": due_ms, "total_runs": runs_before, "paused": False, "pending_run": None}
+        policy = overlap_of(schedule)
+        busy = policy != "allow_all" and await self._previous_run_active(schedule)
+        if busy and (policy == "skip" or _buffered_number(schedule) is not None):
+            await self._skip(schedule, as_read, timing, now_ms)
+            return None
         # Catch-up: one run for whatever was missed, then the first tick after now.
-        next_ms = timing.next_run_ms(max(now_ms, due_ms), anchor_ms=int(schedule.get("anchor_ms") or due_ms), runs_done=run_number)
+        next_ms = timing.next_run_ms(max(now_ms, due_ms), anchor_ms=anchor_ms, runs_done=run_number)
+        slot = "buffered_run" if busy else "pending_run"
+        if busy:
+            as_read["buffered_run"] = None
         claimed = await self.db[SCHEDULES].find_one_and_update(
-            {"_id": schedule["_id"], "next_run_at_ms": due_ms, "total_runs": runs_before, "paused": False, "pending_run": None},
+            as_read,
             {
                 "$set": {
                     "next_run_at_ms": next_ms,
                     "next_run_at": clock.from_ms(next_ms) if next_ms is not None else None,
-                    "last_run_at_ms": now_ms,
                     "last_due_at_ms": due_ms,
-                    "pending_run": {"number": run_number, "due_ms": due_ms, "claimed_at_ms": now_ms},
+                    slot: {"number": run_number, "due_ms": due_ms, "claimed_at_ms": now_ms},
+                    **({} if busy else {"last_run_at_ms": now_ms}),
                 },
                 "$inc": {"total_runs": 1},
             },
@@ -95,9 +130,83 @@ class ScheduleFirer:
         )
         if claimed is None:
             return None  # another scheduler claimed it, or the schedule changed meanwhile
+        if busy:
+            logger.info("schedule %s: run %d buffered (%s): run %s is still active", schedule["_id"], run_number, policy, schedule.get("last_job_id"))
+            if policy == "cancel_other":
+                await self._cancel_previous(schedule)
+            return None
         if due_ms < now_ms - 60_000:
             logger.info("schedule %s: run %d was due %d s ago; fired once (catch-up)", schedule["_id"], run_number, (now_ms - due_ms) // 1000)
         return await self.create_run(claimed, run_number)
+
+    async def release_buffered(self, now_ms: int) -> int:
+        """Start every buffered run whose previous run has finished; returns how many this process
+        started. The move from `buffered_run` to `pending_run` is one conditional update, so of two
+        schedulers one starts it; from there on it is an ordinary pending run (recovered if the
+        process dies before creating its job)."""
+        started = 0
+        waiting = {"paused": False, "buffered_run.number": {"$gte": 1}, "pending_run": None}
+        async for schedule in self.db[SCHEDULES].find(waiting).limit(BATCH):
+            number = _buffered_number(schedule)
+            if number is None or await self._previous_run_active(schedule):
+                continue
+            buffered = schedule["buffered_run"]
+            claimed = await self.db[SCHEDULES].find_one_and_update(
+                {"_id": schedule["_id"], "paused": False, "buffered_run.number": number, "pending_run": None},
+                {
+                    "$set": {
+                        "pending_run": {"number": number, "due_ms": int(buffered.get("due_ms") or now_ms), "claimed_at_ms": now_ms},
+                        "last_run_at_ms": now_ms,
+                    },
+                    "$unset": {"buffered_run": ""},
+                },
+                return_document=ReturnDocument.AFTER,
+            )
+            if claimed is None:
+                continue
+            logger.info("schedule %s: buffered run %d released (its previous run finished)", schedule["_id"], number)
+            started += int(await self.create_run(claimed, number) is not None)
+        return started
+
+    async def _previous_run_active(self, schedule: dict[str, Any]) -> bool:
+        job_id = schedule.get("last_job_id")
+        if not isinstance(job_id, str):
+            return False
+        found = await self.db[JOBS].find_one({"_id": job_id, "state": {"$in": state_values(ACTIVE_JOB_STATES)}}, {"_id": 1})
+        return found is not None
+
+    async def _skip(self, schedule: dict[str, Any], as_read: dict[str, Any], timing: ScheduleTiming, now_ms: int) -> None:
+        due_ms = int(schedule["next_run_at_ms"])
+        runs_done = int(schedule.get("total_runs", 0))  # a skipped run does not count toward max_runs
+        next_ms = timing.next_run_ms(max(now_ms, due_ms), anchor_ms=int(schedule.get("anchor_ms") or due_ms), runs_done=runs_done)
+        skipped = await self.db[SCHEDULES].update_one(
+            as_read,
+            {
+                "$set": {
+                    "next_run_at_ms": next_ms,
+                    "next_run_at": clock.from_ms(next_ms) if next_ms is not None else None,
+                    "last_due_at_ms": due_ms,
+                    "last_skipped_at_ms": now_ms,
+                },
+                "$inc": {"skipped_runs": 1},
+            },
+        )
+        if skipped.modified_count:
+            logger.info("schedule %s: run due at %d skipped (%s): run %s is still active", schedule["_id"], due_ms, overlap_of(schedule), schedule.get("last_job_id"))
+
+    async def _cancel_previous(self, schedule: dict[str, Any]) -> None:
+        job_id = schedule["last_job_id"]
+        marked = await self.db[JOBS].update_one(
+            {"_id": job_id, "state": {"$in": state_values(ACTIVE_JOB_STATES)}, "cancel_requested": {"$in": [False, None]}},
+            {"$set": {"cancel_requested": True, "cancel_requested_at_ms": clock.now_ms(), "cancel_requested_by": f"schedule:{schedule['_id']}"}},
+        )
+        if not marked.modified_count:
+            return  # finished meanwhile, or already cancelling
+        try:
+            await self.publisher.publish(CancelJob(job_id=job_id, tenant=schedule["tenant"], requested_by=f"schedule:{schedule['_id']}"), correlation_id=job_id)
+        except PublishNotConfirmed:
+            logger.warning("cancel of job %s recorded; the command was not confirmed (the sweep will do it)", job_id, exc_info=True)
+        logger.info("schedule %s: previous run %s asked to cancel (cancel_other)", schedule["_id"], job_id)
 
     async def create_run(self, schedule: dict[str, Any], run_number: int) -> str | None:
         schedule_id = schedule["_id"]
@@ -146,3 +255,10 @@ class ScheduleFirer:
         if fields:
             update["$set"] = fields
         await self.db[SCHEDULES].update_one({"_id": schedule_id, "pending_run.number": run_number}, update)
+
+
+def _buffered_number(schedule: dict[str, Any]) -> int | None:
+    buffered = schedule.get("buffered_run")
+    if isinstance(buffered, dict) and isinstance(buffered.get("number"), int):
+        return int(buffered["number"])
+    return None

@@ -1,4 +1,4 @@
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from cairn_runtime.settings import ServiceSettings
 
@@ -21,3 +21,16 @@ class SchedulerSettings(ServiceSettings):
     # The task API (issue 5): schedules, cancel sweep, result retention.
     schedule_tick_s: float = Field(1.0, gt=0, description="How often due schedules are looked for")
     result_ttl_s: float = Field(7 * 86_400, gt=0, description="A finished job's result is dropped this long after it finished")
+    # Webhooks (webhooks.py): a finished job's callback URL is POSTed a signed body.
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key of the Cairn-Signature header; unset: deliveries wait (logged) until it is set"
+    )
+    webhook_poll_s: float = Field(1.0, gt=0, description="How often finished jobs are looked for and due deliveries sent")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="Per delivery attempt (connect + response)")
+    webhook_max_attempts: int = Field(10, ge=1, le=50, description="Attempts before a delivery is given up (state failed)")
+    webhook_base_delay_s: float = Field(10.0, gt=0, description="Backoff before the 2nd attempt; doubles each attempt")
+    webhook_max_delay_s: float = Field(3600.0, gt=0, description="Longest backoff between attempts")
+    webhook_allow_private_networks: bool = Field(
+        False, description="Deliver to hosts resolving to loopback/private/link-local addresses (SSRF guard off: tests, trusted networks)"
+    )
+    webhook_proxy: str | None = Field(None, description="Send deliveries through this egress proxy (recommended in production)")

@@ -17,6 +17,7 @@ from cairn_gateway.auth import KeyService, KeyVerifier, Principal, check_scope, 
 from cairn_gateway.dlq import DeadLetterService
 from cairn_gateway.jobs import JobService
 from cairn_gateway.schedules import ScheduleService
+from cairn_gateway.workers import WorkerControl
 
 bearer = HTTPBearer(
     auto_error=False,
@@ -35,6 +36,10 @@ def schedule_service(request: Request) -> ScheduleService:
 
 def dead_letter_service(request: Request) -> DeadLetterService:
     return request.app.state.dead_letters
+
+
+def worker_control(request: Request) -> WorkerControl:
+    return request.app.state.workers
 
 
 def key_verifier(request: Request) -> KeyVerifier:
@@ -70,6 +75,13 @@ def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
     return dependency
 
 
+async def operator(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+    """The caller, holding `operator` (or `admin`): worker control reads and commands alike, so an
+    operator's key needs neither `read` nor `submit`; 403 otherwise."""
+    check_scope(principal, "operator")
+    return principal
+
+
 def tenant(principal: Annotated[Principal, Depends(authorized)]) -> str:
     """The authenticated caller's tenant (from its API key)."""
     return principal.tenant
@@ -91,11 +103,21 @@ def requester(
     return Requester(named or caller.name or caller.key_id or caller.tenant, caller.key_id)
 
 
+def operator_requester(
+    caller: Annotated[Principal, Depends(operator)], x_cairn_actor: Annotated[str | None, Header(max_length=200)] = None
+) -> Requester:
+    """As `requester`, for worker control (an operator's key needs no `submit`)."""
+    return requester(caller, x_cairn_actor)
+
+
 Caller = Annotated[Principal, Depends(authorized)]
 Admin = Annotated[Principal, Depends(require_scope("admin"))]
+Operator = Annotated[Principal, Depends(operator)]
+OperatorActor = Annotated[Requester, Depends(operator_requester)]
 Tenant = Annotated[str, Depends(tenant)]
 Actor = Annotated[Requester, Depends(requester)]
 Jobs = Annotated[JobService, Depends(job_service)]
 Schedules = Annotated[ScheduleService, Depends(schedule_service)]
 DeadLetters = Annotated[DeadLetterService, Depends(dead_letter_service)]
 Keys = Annotated[KeyService, Depends(key_service)]
+Workers = Annotated[WorkerControl, Depends(worker_control)]

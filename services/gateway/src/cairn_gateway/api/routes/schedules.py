@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Query, Response, status
 
 from cairn_gateway.api.deps import Caller, Schedules
-from cairn_gateway.jobs_schemas import SchedulePage, ScheduleUpdate, ScheduleView, TriggerAccepted
+from cairn_gateway.jobs_schemas import BatchDelete, BatchDeleted, NextRuns, SchedulePage, ScheduleUpdate, ScheduleView, TriggerAccepted
 from cairn_gateway.problems import Problem
 from cairn_gateway.schedules import ScheduleCreate
 
@@ -37,6 +37,12 @@ async def list_schedules(
     return await service.list(caller.tenant, limit, cursor)
 
 
+@router.post("/batch-delete", response_model=BatchDeleted)
+async def delete_schedules(body: Annotated[BatchDelete, Body()], service: Schedules, caller: Caller) -> BatchDeleted:
+    """Delete up to 200 of the tenant's schedules by id; the jobs they fired stay."""
+    return await service.delete_many(caller.tenant, body.ids)
+
+
 @router.get("/{schedule_id}", response_model=ScheduleView, responses=NOT_FOUND)
 async def get_schedule(schedule_id: str, service: Schedules, caller: Caller) -> ScheduleView:
     return await service.get(caller.tenant, schedule_id)
@@ -46,6 +52,21 @@ async def get_schedule(schedule_id: str, service: Schedules, caller: Caller) -> 
 async def update_schedule(schedule_id: str, patch: Annotated[ScheduleUpdate, Body()], service: Schedules, caller: Caller) -> ScheduleView:
     """Change fields; a timing change recomputes the next run from now (runs already fired count)."""
     return await service.update(caller.tenant, schedule_id, patch)
+
+
+@router.put("/{schedule_id}", response_model=ScheduleView, responses={**NOT_FOUND, **RACE})
+async def replace_schedule(schedule_id: str, body: Annotated[ScheduleCreate, Body()], service: Schedules, caller: Caller) -> ScheduleView:
+    """Replace the whole schedule (fields left out take their defaults); run counters stay, the
+    next run is recomputed from now."""
+    return await service.replace(caller.tenant, schedule_id, body)
+
+
+@router.get("/{schedule_id}/next", response_model=NextRuns, responses=NOT_FOUND)
+async def next_runs(
+    schedule_id: str, service: Schedules, caller: Caller, n: Annotated[int, Query(ge=1, le=100, description="How many runs")] = 5
+) -> NextRuns:
+    """The next `n` run times (none while paused)."""
+    return await service.next_runs(caller.tenant, schedule_id, n)
 
 
 @router.delete("/{schedule_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response, responses=NOT_FOUND)

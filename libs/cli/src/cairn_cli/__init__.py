@@ -1,0 +1,1 @@
+"""`cairn`: Cairn's command line, a client of the gateway's HTTP API only (main.py)."""

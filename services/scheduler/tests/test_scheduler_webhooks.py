@@ -1,0 +1,122 @@
+"""Webhook deliveries against the real store and a real local HTTP server: the outbox is filled
+once per finished job, each attempt is signed, recorded and retried with backoff."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from cairn_contracts.states import JobState
+from cairn_contracts.store import JOBS, WEBHOOK_DELIVERIES, JobRecord
+from cairn_contracts.webhooks import SIGNATURE_HEADER, check_callback_url, verify
+from cairn_scheduler.webhooks import WebhookDeliverer, WebhookPolicy
+from cairn_testkit.webhook_receiver import WebhookReceiver
+
+SECRET = "whsec-test"
+SPEC = {"pipeline": "synthetic", "params": {"count": 4}}
+
+
+@pytest.fixture
+async def http_client():
+    async with httpx.AsyncClient(follow_redirects=False, trust_env=False) as client:
+        yield client
+
+
+def deliverer(db, client, **policy) -> WebhookDeliverer:
+    options = {"secret": SECRET, "timeout_s": 5, "max_attempts": 3, "base_delay_s": 1, "max_delay_s": 1, "allow_private_networks": True}
+    return WebhookDeliverer(db, client, WebhookPolicy(**{**options, **policy}))
+
+
+async def finished_job(db, url: str | None, state: JobState = JobState.SUCCESS) -> str:
+    record = JobRecord.new({**SPEC, "callback_url": url} if url else SPEC, "acme")
+    document = record.to_document()
+    document.update(state=str(state), result={"records_done": 4}, finished_at_ms=int(time.time() * 1000))
+    await db[JOBS].insert_one(document)
+    return record.id
+
+
+async def test_a_delivery_answered_500_is_retried_and_recorded_then_delivered_signed(db, http_client) -> None:
+    with WebhookReceiver([500, 200]) as receiver:
+        job_id = await finished_job(db, receiver.url)
+        running = await finished_job(db, receiver.url, JobState.STARTED)
+        loop = deliverer(db, http_client)
+        now = int(time.time() * 1000)
+
+        assert await loop.run_pass(now) == 1
+        delivery = await db[WEBHOOK_DELIVERIES].find_one({"_id": job_id})
+        assert (delivery["state"], delivery["attempt_count"], delivery["attempts"][0]["status_code"]) == ("pending", 1, 500)
+        assert now < delivery["next_attempt_at_ms"] <= int(time.time() * 1000) + 1000  # backoff: base 1 s
+        assert await loop.run_pass(now) == 0  # not due yet
+
+        assert await loop.run_pass(delivery["next_attempt_at_ms"]) == 1
+
+        delivery = await db[WEBHOOK_DELIVERIES].find_one({"_id": job_id})
+        assert (delivery["state"], [a["status_code"] for a in delivery["attempts"]]) == ("delivered", [500, 200])
+        assert [r.status for r in receiver.received] == [500, 200]
+        for request in receiver.received:
+            assert verify(SECRET, request.body, request.headers[SIGNATURE_HEADER], time.time())
+            assert not verify("another secret", request.body, request.headers[SIGNATURE_HEADER], time.time())
+        assert receiver.received[0].body == receiver.received[1].body  # the same event each attempt
+        event = json.loads(receiver.received[1].body)
+        assert (event["type"], event["data"]["job_id"], event["data"]["state"], event["data"]["result"]) == (
+            "job.finished", job_id, "SUCCESS", {"records_done": 4})
+        assert await db[WEBHOOK_DELIVERIES].count_documents({"_id": running}) == 0  # not finished: no webhook
+
+
+async def test_the_outbox_holds_one_delivery_per_job_whatever_runs_it(db, http_client) -> None:
+    job_id = await finished_job(db, "http://127.0.0.1:9/hooks")
+    without = await finished_job(db, None)
+    loops = [deliverer(db, http_client, secret=None) for _ in range(3)]
+
+    await asyncio.gather(*(loop.enqueue_finished(int(time.time() * 1000)) for loop in loops))
+    await db[JOBS].update_one({"_id": job_id}, {"$set": {"webhook_queued": False}})  # as if the mark was lost in a crash
+    await loops[0].enqueue_finished(int(time.time() * 1000))
+
+    assert await db[WEBHOOK_DELIVERIES].count_documents({"job_id": job_id}) == 1
+    assert await db[WEBHOOK_DELIVERIES].count_documents({"job_id": without}) == 0
+    assert (await db[WEBHOOK_DELIVERIES].find_one({"_id": job_id}))["attempt_count"] == 0  # no secret: nothing sent
+
+
+async def test_attempts_are_given_up_after_max_attempts(db, http_client) -> None:
+    with WebhookReceiver([503]) as receiver:
+        job_id = await finished_job(db, receiver.url, JobState.FAILURE)
+        loop = deliverer(db, http_client, max_attempts=2)
+        await loop.run_pass(int(time.time() * 1000))
+        await loop.run_pass(int(time.time() * 1000) + 5_000)
+        await loop.run_pass(int(time.time() * 1000) + 10_000)
+
+    delivery = await db[WEBHOOK_DELIVERIES].find_one({"_id": job_id})
+    assert (delivery["state"], delivery["attempt_count"], len(receiver.received)) == ("failed", 2, 2)
+
+
+async def test_a_private_address_is_refused_unless_allowed(db, http_client) -> None:
+    with WebhookReceiver([200]) as receiver:
+        job_id = await finished_job(db, receiver.url)
+        await deliverer(db, http_client, allow_private_networks=False).run_pass(int(time.time() * 1000))
+
+    delivery = await db[WEBHOOK_DELIVERIES].find_one({"_id": job_id})
+    assert delivery["state"] == "failed" and "not a public address" in delivery["attempts"][0]["error"]
+    assert receiver.received == []
+
+
+async def test_two_schedulers_send_a_due_attempt_once(db, http_client) -> None:
+    with WebhookReceiver([200]) as receiver:
+        job_id = await finished_job(db, receiver.url)
+        loops = [deliverer(db, http_client) for _ in range(2)]
+        await loops[0].enqueue_finished(int(time.time() * 1000))
+        now = int(time.time() * 1000)
+        await asyncio.gather(*(loop.deliver_due(now) for loop in loops * 2))
+
+    assert len(receiver.received) == 1
+    assert (await db[WEBHOOK_DELIVERIES].find_one({"_id": job_id}))["state"] == "delivered"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://example.com/x", "file:///etc/passwd", "gopher://x", "http://user:pw@example.com/", "http:///nohost", "https://example.com:99999/", "http://exa mple.com/"],
+)
+def test_a_callback_url_other_than_plain_http_is_refused(url) -> None:
+    with pytest.raises(ValueError):
+        check_callback_url(url)
