@@ -4,7 +4,7 @@ server, RabbitMQ vhost and Redis: keys and scopes, tenants, limits, /v1/jobs, /v
 import asyncio
 import io
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import redirect_stdout
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -587,3 +587,37 @@ async def test_a_schedule_whose_job_the_catalog_refuses_is_a_422(acme) -> None:
 
     assert response.status_code == 422
     assert [e["loc"] for e in response.json()["detail"]] == [["body", "job", "params", "count"]]
+
+
+# A `pipelines` document is written by whatever runs as a worker: a broken or hostile one is that
+# pipeline not usable (422 naming `pipeline`, left out of the list), never a 500 for every caller.
+BROKEN_ENTRIES = {
+    "bad_json": {"params_schema_json": "{not json", "space": [{"kind": "single"}]},
+    "no_schema": {"space": [{"kind": "single"}]},
+    "bad_type": {"params_schema_json": '{"type": 5}', "space": [{"kind": "single"}]},
+    "bad_regex": {"params_schema_json": '{"properties": {"a": {"type": "string", "pattern": "("}}}', "space": [{"kind": "single"}]},
+    "remote_ref": {"params_schema_json": '{"$ref": "http://169.254.169.254/latest/meta-data"}', "space": [{"kind": "single"}]},
+    "ref_loop": {"params_schema_json": '{"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}', "space": [{"kind": "single"}]},
+}
+
+
+@pytest.fixture
+def broken_catalog(db) -> Iterator[None]:
+    from cairn_contracts.pipelines import PIPELINES
+
+    db[PIPELINES].insert_many([{"_id": name, **document} for name, document in BROKEN_ENTRIES.items()])
+    yield
+    db[PIPELINES].delete_many({"_id": {"$in": list(BROKEN_ENTRIES)}})
+
+
+async def test_a_broken_catalog_entry_is_never_a_500(acme, db, broken_catalog) -> None:
+    listed = await acme.get("/v1/pipelines")
+
+    assert listed.status_code == 200
+    assert {"synthetic", "mongo_range"} <= {p["name"] for p in listed.json()["items"]}
+    for name in BROKEN_ENTRIES:
+        assert (await acme.get(f"/v1/pipelines/{name}")).status_code in (200, 404), name
+        response = await create(acme, spec(pipeline=name, params={"a": "x"}))
+        assert response.status_code == 422, (name, response.text)
+        assert [e["loc"] for e in response.json()["detail"]] == [["body", "pipeline"]], name
+

@@ -4,9 +4,11 @@ rate limit (real Redis) and raw pages in GridFS (real MongoDB-wire server)."""
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -353,3 +355,59 @@ def test_a_batch_stops_at_its_page_budget_and_resumes(api: PagedServer, monkeypa
     batch = pipeline.read(bounds, pipeline.start(bounds), limit=1000)
     assert len(batch.records) == 30 and not batch.done and batch.cursor == {"item": 0, "next": 30}
     assert ids(drain(HttpJsonPipeline, params.model_dump(), limit=1000)) == EVERY_ID
+
+
+# --- a secret goes only to the hosts the job names ---------------------------------------------
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """A host the job does not name: records the headers it is sent; serves an empty last page,
+    or from the API's side (`/api/...`) a Link or a redirect to `other` (set by the test)."""
+
+    seen: ClassVar[list[dict[str, str]]] = []
+    other: ClassVar[str] = ""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        if self.path.startswith("/api/redirect"):
+            self.send_response(302)
+            self.send_header("Location", self.other + "/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        headers = {}
+        if self.path.startswith("/api/link"):
+            body = {"data": [{"id": "a"}]}
+            headers["Link"] = f'<{self.other}/elsewhere>; rel="next"'
+        else:
+            type(self).seen.append({k.lower(): v for k, v in self.headers.items()})
+            body = {"data": []}
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        for name, value in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.mark.parametrize("paging,path", [("link", "/api/link"), ("page", "/api/redirect")])
+@pytest.mark.parametrize("auth_header", ["Authorization", "X-Api-Key"])
+def test_the_secret_is_never_sent_to_a_host_a_link_or_redirect_points_at(paging: str, path: str, auth_header: str) -> None:
+    api, other = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder), ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    for server in (api, other):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Recorder.seen, _Recorder.other = [], f"http://127.0.0.1:{other.server_address[1]}"
+    try:
+        params = {"url": f"http://127.0.0.1:{api.server_address[1]}{path}", "paging": paging, "auth_secret": "demo", "auth_header": auth_header}
+        drain(HttpJsonPipeline, {**params, **FAST}, context=RunContext(secrets={"demo": "s3cret"}))
+    finally:
+        api.shutdown(), other.shutdown()
+    assert _Recorder.seen, "the other host was reached"
+    assert all(auth_header.lower() not in headers for headers in _Recorder.seen)
+
+
+def test_start_urls_must_be_http_urls() -> None:
+    with pytest.raises(ValidationError, match="urls.1"):
+        HttpJsonParams(urls=["http://127.0.0.1/a", "file:///etc/passwd"])

@@ -1,7 +1,7 @@
 """run_shard over real collections: full run, re-run, resume from a checkpoint, poison, failures."""
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from pydantic import BaseModel
@@ -373,3 +373,34 @@ def test_the_pipeline_is_closed_when_its_run_ends_whatever_the_outcome(db, seed_
         run_shard(runner(db), RunShard(job_id="bad", shard_key=bad), max_attempts=MAX_ATTEMPTS)
 
     assert Closing.closed == [ok, bad]
+
+
+class BadCursor(TokenPages):
+    """Returns, as its first batch's cursor, what `per_page` picks: none of them a JSON value."""
+
+    name = "bad_cursor"
+    CURSORS: ClassVar[dict[int, Any]] = {
+        0: {1, 2},  # a set: BSON refuses it at the commit, after the records were stored
+        1: datetime(2026, 1, 1, tzinfo=UTC),  # stored as a BSON date, read back naive: not the cursor returned
+        2: float("nan"),
+        3: (1, 2),  # read back as a list
+        4: 2**64,
+        5: {"k": "x" * 70_000},
+    }
+
+    def read(self, bounds: Bounds, cursor: Any, limit: int) -> Batch:
+        return Batch([{"code": "c", "n": 0}], self.CURSORS[self.params.per_page], done=True)
+
+
+@pytest.mark.parametrize("which", sorted(BadCursor.CURSORS))
+def test_a_cursor_that_is_not_json_fails_the_shard_for_good_before_its_batch_is_stored(db, seed_job, seed_shard, monkeypatch, which) -> None:
+    monkeypatch.setattr(pipelines, "_registered", dict(pipelines._registered))
+    pipelines.register_pipeline(BadCursor.name, BadCursor)
+    seed_job(db, "bad", {"pipeline": "bad_cursor", "params": {"pages": 2, "per_page": which}, "target_collection": "out"})
+    key = seed_shard(db, "bad", 0, 0, 1)
+
+    with pytest.raises(ShardFailed) as failed:
+        run_shard(runner(db), RunShard(job_id="bad", shard_key=key), max_attempts=MAX_ATTEMPTS)
+
+    assert isinstance(failed.value.error, NonRetryableError) and "cursor" in str(failed.value.error)
+    assert db["out"].count_documents({}) == 0 and checkpoint(db, key)["batches"] == 0

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
+from cairn_contracts.pipelines import PIPELINES
 from cairn_contracts.sinks import RUN_MS, WINDOW, window_key
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, MAIN_SUB_KEY, SHARDS
@@ -402,3 +403,13 @@ async def test_a_job_recorded_without_a_space_is_planned_from_the_catalog(db) ->
     job = await db[JOBS].find_one({"_id": "job-sched"})
     assert (job["space"]["kind"], job["space"]["start"], job["space"]["end"], job["records_total"]) == ("key_range", 5, 15, 10)
     assert job["pipeline_version"] == "2"
+
+
+async def test_a_job_whose_catalog_entry_is_broken_is_unprocessable(db) -> None:
+    cmd = command("job-broken", count=10, shards=2)
+    await record_job(db, cmd)  # as a schedule's run records it: no space
+    # A worker (or anything writing the catalog) left a document that is no catalog entry.
+    await db[PIPELINES].update_one({"_id": "synthetic"}, {"$set": {"params_schema_json": "{not json"}})
+
+    with pytest.raises(Unprocessable, match="job-broken"):
+        await JobScheduler(db, RecordingDispatcher(db)).start_job(cmd)

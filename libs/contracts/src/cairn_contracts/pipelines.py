@@ -11,8 +11,10 @@ import json
 from typing import Any
 
 from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError as InvalidSchema
 from jsonschema.exceptions import ValidationError as SchemaError
 from pydantic import BaseModel, ConfigDict, Field
+from referencing.exceptions import Unresolvable
 
 from cairn_contracts.jobs import MAX_ITEMS_PER_JOB, PIPELINE_NAME, LeaseFrontierSharding, lease_frontier_items
 from cairn_contracts.namespaces import JOB_COLLECTION_SCHEMA, PIPELINES  # noqa: F401  (PIPELINES re-exported)
@@ -41,8 +43,19 @@ class CatalogEntry(BaseModel):
 
     @classmethod
     def from_document(cls, document: dict[str, Any]) -> "CatalogEntry":
-        """The entry of a `pipelines` document (see `catalog_document`)."""
-        return cls.model_validate({**document, "name": document["_id"], "params_schema": json.loads(document["params_schema_json"])})
+        """The entry of a `pipelines` document (see `catalog_document`). Raises BrokenEntry: a
+        document that is not one (bad JSON text, missing fields, a schema no JSON Schema)."""
+        try:
+            schema = json.loads(document["params_schema_json"])
+            Draft202012Validator.check_schema(schema)  # with its format checker: a `pattern` must compile
+            return cls.model_validate({**document, "name": document["_id"], "params_schema": schema})
+        except (KeyError, TypeError, ValueError, InvalidSchema, RecursionError) as error:  # ValueError: JSON text, pydantic
+            raise BrokenEntry(f"the catalog entry of {document.get('_id')!r} is unreadable: {type(error).__name__}") from error
+
+
+class BrokenEntry(ValueError):
+    """A `pipelines` document that is not a catalog entry (not written by `catalog_document`): the
+    pipeline is treated as not announced, never as a server error."""
 
 
 def catalog_document(entry: dict[str, Any], announced_by: str, now_ms: int) -> dict[str, Any]:
@@ -119,7 +132,13 @@ def check_job(entry: CatalogEntry, params: dict[str, Any], sharding: Any, at: tu
     applicable or an empty interval, or a lease-frontier plan of more than MAX_ITEMS_PER_JOB items
     (located at ["body", "sharding", "item_size"]).
     """
-    errors = params_errors(entry.params_schema, params, (*at, "params"))
+    try:
+        errors = params_errors(entry.params_schema, params, (*at, "params"))
+    except (Unresolvable, RecursionError) as error:
+        # The announced schema only breaks when applied: a `$ref` that resolves nowhere (never
+        # fetched) or refers to itself. The job cannot be checked, so it is not accepted.
+        msg = f"the announced params schema of {entry.name!r} cannot be applied ({type(error).__name__}): a worker must announce it again"
+        raise CatalogRefusal([{"loc": [*at, "pipeline"], "msg": msg, "type": "broken_catalog_entry", "input": entry.name}]) from None
     if errors:
         raise CatalogRefusal(errors)
     try:

@@ -16,6 +16,7 @@ sink keeps records idempotent by their identity.
 """
 
 import hashlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,12 +82,44 @@ class Batch:
     `records`: the raw records read (cleaned and stored by the runner). `cursor`: where the next
     read starts (JSON). `done`: the shard is finished once this batch is stored. `position`:
     optional progress inside [start, end) in space units, for a job's percent done.
+
+    Raises NonRetryableError (a pipeline bug: reading again returns the same) when `cursor` is not
+    a JSON value that reads back equal (no tuple, datetime, set, NaN, non-text key), is over
+    MAX_CURSOR_BYTES of JSON text or has an integer beyond 64 bits (what the checkpoint stores),
+    or `position` is not an int: refused before the batch is stored, never at its commit.
     """
 
     records: list[dict[str, Any]]
     cursor: Cursor
     done: bool = False
     position: int | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            text = json.dumps(self.cursor, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise NonRetryableError(f"the batch's cursor is not a JSON value: {error}") from None
+        if json.loads(text) != self.cursor or _has_wide_int(self.cursor):
+            raise NonRetryableError(f"the batch's cursor does not read back as it is from JSON and the checkpoint: {text[:200]}")
+        if len(text) > MAX_CURSOR_BYTES:
+            raise NonRetryableError(f"the batch's cursor is {len(text)} bytes of JSON: a cursor is a position, at most {MAX_CURSOR_BYTES}")
+        if self.position is not None and (not isinstance(self.position, int) or isinstance(self.position, bool)):
+            raise NonRetryableError(f"the batch's position must be an int or None, not {self.position!r}")
+
+
+# The largest cursor (as JSON text) a checkpoint keeps: a page token or a key, not data.
+MAX_CURSOR_BYTES = 64 * 1024
+
+
+def _has_wide_int(value: Any) -> bool:
+    """Whether a JSON value holds an integer MongoDB cannot store (beyond a signed 64-bit one)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return not -(2**63) <= value < 2**63
+    if isinstance(value, list):
+        return any(_has_wide_int(item) for item in value)
+    if isinstance(value, dict):
+        return any(_has_wide_int(item) for item in value.values())
+    return False
 
 
 class MissingSecret(NonRetryableError):

@@ -5,14 +5,17 @@ params JSON Schema and work-space descriptors (cairn_contracts.pipelines.check_j
 resolved work space is kept on the job document for the scheduler.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts.jobs import JobSpec
-from cairn_contracts.pipelines import PIPELINES, CatalogEntry, CatalogRefusal, check_job, unknown_pipeline
+from cairn_contracts.pipelines import PIPELINES, BrokenEntry, CatalogEntry, CatalogRefusal, check_job, unknown_pipeline
 from cairn_gateway.errors import Invalid
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,13 +28,25 @@ class CheckedJob:
 
 
 async def catalog_entries(db: AsyncDatabase) -> list[CatalogEntry]:
-    """Every announced pipeline, by name."""
-    return [CatalogEntry.from_document(document) async for document in db[PIPELINES].find({}).sort("_id", 1)]
+    """Every announced pipeline, by name (an unreadable entry is left out, see `_entry`)."""
+    entries = [_entry(document) async for document in db[PIPELINES].find({}).sort("_id", 1)]
+    return [entry for entry in entries if entry is not None]
 
 
 async def catalog_entry(db: AsyncDatabase, name: str) -> CatalogEntry | None:
+    """The announced pipeline `name`; None if none is, or its entry is unreadable."""
     document = await db[PIPELINES].find_one({"_id": name})
-    return CatalogEntry.from_document(document) if document is not None else None
+    return _entry(document) if document is not None else None
+
+
+def _entry(document: dict[str, Any]) -> CatalogEntry | None:
+    # The catalog is written by whatever runs as a worker: a broken document is that pipeline not
+    # announced (a 422 or 404 for it), never a 500 for every caller of the catalog.
+    try:
+        return CatalogEntry.from_document(document)
+    except BrokenEntry as error:
+        logger.warning("%s: left out of the catalog", error)
+        return None
 
 
 async def check_spec(db: AsyncDatabase, spec: JobSpec, at: tuple[str | int, ...] = ("body",)) -> CheckedJob:

@@ -15,7 +15,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from cairn_contracts import clock
 from cairn_contracts.jobs import JobSpec
 from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
-from cairn_contracts.pipelines import PIPELINES, CatalogEntry, CatalogRefusal, check_job
+from cairn_contracts.pipelines import PIPELINES, BrokenEntry, CatalogEntry, CatalogRefusal, check_job
 from cairn_contracts.sinks import CHECKPOINT_COUNTERS, stale_filter, window_key
 from cairn_contracts.states import TERMINAL_JOB_STATES, JobState, ShardState, state_values
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, ShardBucket, ShardRecord
@@ -99,10 +99,10 @@ class JobScheduler:
         document = await self.db[PIPELINES].find_one({"_id": spec.pipeline})
         if document is None:
             raise Unprocessable(f"job {job_id}: no pipeline {spec.pipeline!r} is announced")
-        entry = CatalogEntry.from_document(document)
         try:
+            entry = CatalogEntry.from_document(document)
             space = check_job(entry, spec.params, spec.sharding, at=("job",))
-        except CatalogRefusal as refusal:
+        except (CatalogRefusal, BrokenEntry) as refusal:
             raise Unprocessable(f"job {job_id}: the catalog refuses its spec: {refusal}") from None
         await self.db[JOBS].update_one({"_id": job_id}, {"$set": {"space": space, "pipeline_version": entry.version}})
         return space

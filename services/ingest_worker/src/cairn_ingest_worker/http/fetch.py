@@ -23,7 +23,7 @@ import email.utils
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -99,10 +99,35 @@ def retry_after_s(value: str | None, now: Callable[[], datetime] = lambda: datet
     return max(0.0, (moment - now()).total_seconds())
 
 
-def build_client(policy: FetchPolicy, headers: Mapping[str, str] | None = None) -> httpx.Client:
+def origin(url: str | httpx.URL) -> str:
+    """`scheme://host:port` of a URL (the default port spelt out): what a secret is bound to."""
+    parsed = httpx.URL(str(url))
+    return f"{parsed.scheme}://{parsed.host}:{parsed.port or {'http': 80, 'https': 443}.get(parsed.scheme)}"
+
+
+def build_client(
+    policy: FetchPolicy,
+    headers: Mapping[str, str] | None = None,
+    *,
+    secret: tuple[str, str] | None = None,
+    secret_origins: Collection[str] = (),
+) -> httpx.Client:
     """The httpx client of one pipeline run: pooled connections, the policy's timeouts, redirects
-    followed (GET only), `headers` (may hold the secret auth header) sent with every request."""
-    return httpx.Client(timeout=policy.timeout(), headers=dict(headers or {}), follow_redirects=True)
+    followed (GET only), `headers` sent with every request. `secret`: (header, value) sent only to
+    `secret_origins` (see `origin`): a Link or a redirect to another host gets the request
+    without it (httpx drops `Authorization` on such redirects, not other header names)."""
+    hooks = {"request": [_secret_header(secret[0], secret[1], frozenset(secret_origins))]} if secret else {}
+    return httpx.Client(timeout=policy.timeout(), headers=dict(headers or {}), follow_redirects=True, event_hooks=hooks)
+
+
+def _secret_header(name: str, value: str, origins: frozenset[str]) -> Callable[[httpx.Request], None]:
+    def bind(request: httpx.Request) -> None:  # runs before every request, each redirect included
+        if origin(request.url) in origins:
+            request.headers[name] = value
+        else:
+            request.headers.pop(name, None)
+
+    return bind
 
 
 class PageFetcher:
@@ -187,4 +212,4 @@ def _safe(url: str) -> str:
     return url
 
 
-__all__ = ["FetchPolicy", "MalformedPage", "Page", "PageFetcher", "PageUnavailable", "build_client", "retry_after_s"]
+__all__ = ["FetchPolicy", "MalformedPage", "Page", "PageFetcher", "PageUnavailable", "build_client", "origin", "retry_after_s"]

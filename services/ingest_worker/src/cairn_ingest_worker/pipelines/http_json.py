@@ -29,11 +29,11 @@ request takes the host's rate limit (`rate_limit`, shared by all workers through
 
 import logging
 from datetime import datetime
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cairn_ingest_worker.http.fetch import FetchPolicy, Page, PageFetcher, build_client
+from cairn_ingest_worker.http.fetch import FetchPolicy, Page, PageFetcher, build_client, origin
 from cairn_ingest_worker.http.ratelimit import host_limiter, parse_rate
 from cairn_ingest_worker.http.raw_pages import RawPages
 from cairn_sdk import Batch, Bounds, Cursor, FailurePolicy, KeyRange, NonRetryableError, Pipeline, RunContext, Single, TimeRange, WorkItems
@@ -74,7 +74,7 @@ class HttpJsonParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_SCHEMA_RULES)
 
     url: str | None = Field(None, pattern=URL_PATTERN, max_length=2000, description="The API's URL (first page; paging params are added)")
-    urls: list[str] | None = Field(
+    urls: list[Annotated[str, Field(pattern=URL_PATTERN, max_length=2000)]] | None = Field(
         None, min_length=1, max_length=10_000, description="Start URLs, each paged to its end (shards are slices of this list)"
     )
     paging: Literal["page", "offset", "cursor", "link"] = Field("page", description="How the API pages")
@@ -155,19 +155,20 @@ class HttpJsonPipeline(Pipeline[HttpJsonParams]):
 
     def __init__(self, params: HttpJsonParams, context: RunContext) -> None:
         super().__init__(params, context)
-        headers = dict(params.headers)
-        if params.auth_secret is not None:
-            headers[params.auth_header] = context.secret(params.auth_secret)  # MissingSecret: dead-lettered
+        # MissingSecret: dead-lettered. The secret goes only to the hosts the job names: never to
+        # another one a page's Link or a redirect points at.
+        secret = (params.auth_header, context.secret(params.auth_secret)) if params.auth_secret is not None else None
+        origins = {origin(url) for url in [*([params.url] if params.url else []), *(params.urls or [])]}
         rate = parse_rate(params.rate_limit) if params.rate_limit else None
         limiter = host_limiter(context.redis, context.redis_prefix) if rate is not None else None
-        self._client = build_client(params.fetch_policy(), headers)
+        self._client = build_client(params.fetch_policy(), params.headers, secret=secret, secret_origins=origins)
         self.fetcher = PageFetcher(self._client, params.fetch_policy(), limiter=limiter, rate=rate)
         if params.keep_raw and context.store_db is None:
             raise NonRetryableError("keep_raw needs Cairn's database in the run context")
         self._raw = RawPages(context.store_db) if params.keep_raw and context.store_db is not None else None
 
     def close(self) -> None:
-        """Release the HTTP connections now (the runner does not call it: they are freed with the pipeline)."""
+        """Release the HTTP connections (the runner calls it once when the run ends)."""
         self._client.close()
 
     # --- cursor ------------------------------------------------------------------------------
