@@ -100,7 +100,7 @@ class System:
     # HTTP port).
     trace_file: Path | None = None
     metrics_ports: dict[str, int] = field(default_factory=dict)
-    # The API key every `client()` sends (an admin key of the `default` tenant, made with the
+    # The API key every `client()` sends (an admin+operator key of the `default` tenant, made with the
     # gateway's bootstrap command once the services run); `create_key` makes others.
     token: str | None = None
 
@@ -216,7 +216,7 @@ class System:
         if names is None or "gateway" in names:
             self._wait_for_gateway()
             if self.token is None:
-                self.token = self.create_key("default", "admin", "e2e harness")
+                self.token = self.create_key("default", "admin,operator", "e2e harness")
         if any(name.startswith("ingest_worker") for name in names or list(self.services)):
             self._wait_for_catalog(started_ms)
 

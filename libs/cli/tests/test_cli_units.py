@@ -66,3 +66,18 @@ def test_rate_meter_counts_records_per_second_over_its_window() -> None:
     now[0] = 20.0  # the old samples leave the window
     now_rate = meter.add(1000)
     assert now_rate == pytest.approx((1000 - 100) / 18)
+
+
+def test_ids_are_one_path_segment_whatever_they_contain() -> None:
+    """`cairn jobs cancel ../keys/<id>` must not become `POST /v1/keys/<id>/cancel`: an id read
+    from a file or another command's output stays inside the path it was given for."""
+    from typer.testing import CliRunner
+
+    from cairn_cli.main import app
+    from cairn_testkit.webhook_receiver import WebhookReceiver
+
+    with WebhookReceiver([404]) as receiver:
+        base = receiver.url.split("/", 3)[:3]
+        result = CliRunner().invoke(app, ["--url", "/".join(base), "--api-key", "k", "jobs", "cancel", "../keys/abc"])
+    assert result.exit_code == 1
+    assert [r.path for r in receiver.received] == ["/v1/jobs/..%2Fkeys%2Fabc/cancel"]

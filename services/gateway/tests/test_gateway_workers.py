@@ -141,3 +141,65 @@ async def test_worker_routes_need_the_operator_scope_and_answer_without_workers(
     assert (await operator.post("/v1/workers/cairn-ingest@nobody/pool/grow", json={"n": 1})).status_code == 404
     assert (await operator.post("/v1/workers/cairn-ingest@nobody/shutdown")).status_code == 404
     assert (await operator.get("/v1/workers/bad%20name/inspect/active")).status_code == 422
+
+
+async def test_a_tenant_admin_is_no_cluster_operator_and_cannot_mint_one(client_with, db) -> None:
+    """Workers and shards are shared by every tenant: a tenant's `admin` key (one tenant's keys and
+    dead letters) must neither control them nor create itself an `operator` key over HTTP."""
+    admin = client_with("admin")
+    key = running_shard(db)
+    assert (await admin.get("/v1/workers")).status_code == 403
+    assert (await admin.post(f"/v1/shards/{key}/terminate", json={"then": "cancelled"})).status_code == 403
+    assert (await admin.post(f"/v1/shards/{key}/revoke")).status_code == 403
+    assert db[SHARDS].find_one({"_id": key})["state"] == ShardState.RUNNING
+    for scopes in (["operator"], ["read", " operator"]):
+        minted = await admin.post("/v1/keys", json={"scopes": scopes, "name": "escalate"})
+        assert minted.status_code == 403, minted.text
+    assert (await admin.post("/v1/keys", json={"scopes": ["read"], "name": "fine"})).status_code == 201
+    # An operator key (made by the command line) may create another.
+    operator = client_with("operator", "admin")
+    assert (await operator.post("/v1/keys", json={"scopes": ["operator"], "name": "second operator"})).status_code == 201
+    # The CLI sends a node name as one encoded path segment (cairn-ingest%40host): it is decoded.
+    assert (await operator.get("/v1/workers/cairn-ingest%40nobody/inspect/active")).status_code == 404
+
+
+async def test_broker_down_worker_control_answers_503_without_starving_the_default_executor() -> None:
+    """Celery's control client retries a publish forever while RabbitMQ is away: each call's
+    thread stays stuck. They must not fill asyncio's default executor, which the gateway's DNS
+    resolution (pymongo, aio-pika) also needs."""
+    import asyncio
+    import time
+
+    from cairn_gateway.errors import NotConfirmed
+    from cairn_gateway.workers import WorkerControl
+    from cairn_runtime.celery_config import control_app
+
+    control = WorkerControl(app=control_app("amqp://guest:guest@127.0.0.1:1//", "broker-down-test"), db=None, publisher=None, timeout_s=0.3)  # type: ignore[arg-type]
+    started = time.monotonic()
+    answers = await asyncio.gather(*(control.inspect("cairn-ingest@x", "active") for _ in range(12)), return_exceptions=True)
+    assert all(isinstance(answer, NotConfirmed) for answer in answers), answers
+    assert time.monotonic() - started < 30
+    await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, lambda: None), timeout=5)
+
+
+async def test_terminate_with_the_broker_down_still_answers_what_it_did(app, db) -> None:
+    """The shard is stopped in MongoDB (fenced, CANCELLED) before the worker is asked to interrupt
+    it: with RabbitMQ away that request fails, and the answer must say so (interrupted: false),
+    not 503 as if nothing had been done (a retry would then get a 409)."""
+    from cairn_gateway.workers import WorkerControl
+    from cairn_runtime.celery_config import control_app
+
+    wired = app.state.workers
+    control = WorkerControl(app=control_app("amqp://guest:guest@127.0.0.1:1//", "broker-down-test"), db=wired.db, publisher=wired.publisher, timeout_s=0.3)
+    key = running_shard(db)
+    answer = await control.terminate_shard(key, "cancelled", "alice")
+    assert (answer["state"], answer["interrupted"]) == ("CANCELLED", False), answer
+    assert db[SHARDS].find_one({"_id": key})["state"] == ShardState.CANCELLED
+
+
+async def test_terminate_without_a_body_takes_the_documented_default(client_with, db) -> None:
+    """`then` defaults to ready (README): a bare POST is that, not a 422 for a missing body."""
+    operator = client_with("operator")
+    key = running_shard(db)
+    response = await operator.post(f"/v1/shards/{key}/terminate")
+    assert response.status_code == 200 and response.json()["state"] == "RETRY", response.text

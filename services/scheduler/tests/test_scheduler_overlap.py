@@ -134,3 +134,21 @@ async def test_two_schedulers_release_a_buffered_run_once(db, firer, broker, tes
 
     assert sum(started) == 1
     assert await runs(db, schedule_id) == [1, 2]
+
+
+async def test_a_buffered_run_is_never_overtaken_by_a_later_run(db, firer) -> None:
+    """Two schedulers: one releases the buffered run 2 while the other, holding the schedule as
+    read before (buffered run 2, previous run finished), decides the next due run 3. Run 3 must
+    not start while run 2 waits (runs in order; the buffered one is never stranded behind it)."""
+    now = int(time.time() * 1000)
+    schedule_id = await interval_schedule(db, now, "buffer_one")
+    assert await firer.tick(now) == 0
+    stale = await db[SCHEDULES].find_one({"_id": schedule_id})
+    assert stale["buffered_run"]["number"] == 2
+    await finish(db, stale["last_job_id"])
+
+    other = ScheduleFirer(db, firer.publisher)
+    assert await other.fire(stale, now + MINUTE) is None  # run 3 waits for the buffered run 2
+    assert await runs(db, schedule_id) == [1]
+    assert await firer.tick(now + MINUTE) == 1
+    assert await runs(db, schedule_id) == [1, 2]

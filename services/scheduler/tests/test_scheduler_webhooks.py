@@ -120,3 +120,61 @@ async def test_two_schedulers_send_a_due_attempt_once(db, http_client) -> None:
 def test_a_callback_url_other_than_plain_http_is_refused(url) -> None:
     with pytest.raises(ValueError):
         check_callback_url(url)
+
+
+async def test_a_receiver_dripping_an_endless_answer_is_cut_at_the_attempt_timeout(db, http_client) -> None:
+    """httpx's timeout is per read: a receiver sending a byte every half second would hold the
+    attempt (and the whole delivery pass, and the scheduler's memory) for as long as it likes."""
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n")
+        try:
+            while True:  # headers that never end: no status is ever complete
+                writer.write(b"X-Drip: x\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        except (ConnectionError, OSError):
+            pass
+
+    server = await asyncio.start_server(drip, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        job_id = await finished_job(db, f"http://127.0.0.1:{port}/hook")
+        started = time.monotonic()
+        await asyncio.wait_for(deliverer(db, http_client, timeout_s=1).run_pass(int(time.time() * 1000)), timeout=30)
+        assert time.monotonic() - started < 10
+    finally:
+        server.close()
+    delivery = await db[WEBHOOK_DELIVERIES].find_one({"_id": job_id})
+    assert delivery["state"] == "pending" and delivery["attempt_count"] == 1, delivery["attempts"]
+    assert "Timeout" in delivery["attempts"][0]["error"]
+
+
+@pytest.mark.parametrize("host", ["[::ffff:127.0.0.1]", "[64:ff9b::7f00:1]", "[::127.0.0.1]", "[2002:7f00:1::1]", "2130706433", "0x7f000001", "[::1]"])
+async def test_addresses_embedding_a_private_ipv4_are_refused(host) -> None:
+    from cairn_scheduler.webhooks import RefusedUrl, check_host
+
+    with pytest.raises(RefusedUrl):
+        await check_host(f"http://{host}:8080/hook", allow_private=False)
+
+
+@pytest.mark.parametrize("header", ["t=²,v1=ab", "t=" + "9" * 5000 + ",v1=ab", "t=-1,v1=ab", "t=,v1=", "garbage"])
+def test_verify_refuses_a_hostile_signature_header_without_raising(header) -> None:
+    """A receiver calls `verify` on whatever arrived: it answers False, never raises."""
+    assert verify(SECRET, b"{}", header, time.time()) is False
+
+
+@pytest.mark.parametrize(
+    ("url", "allow_private"),
+    [("http://a..b/hook", False), ("http://\u200b.com/hook", False), ("http://" + "a" * 70 + ".com/", False), ("http://xn--zz.com/hook", True)],
+)
+async def test_a_callback_host_no_resolver_accepts_fails_its_delivery_instead_of_the_pass(db, http_client, url, allow_private) -> None:
+    """Hosts the URL check lets through but IDNA refuses (empty or over-long labels, bad
+    A-labels, invisible characters) raise UnicodeError/InvalidURL: recorded as a refused URL
+    (failed), never an exception out of the pass, which would leave the delivery to be claimed
+    again forever and stop the pass's other work."""
+    job_id = await finished_job(db, url)
+    await deliverer(db, http_client, allow_private_networks=allow_private).run_pass(int(time.time() * 1000))
+    delivery = await db[WEBHOOK_DELIVERIES].find_one({"_id": job_id})
+    assert (delivery["state"], delivery["attempt_count"]) == ("failed", 1), delivery
+    assert "invalid" in delivery["attempts"][0]["error"].lower()

@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
 from rich.console import Console
@@ -65,6 +66,11 @@ def _state(ctx: typer.Context) -> State:
     state = ctx.obj
     assert isinstance(state, State)
     return state
+
+
+def _segment(value: str) -> str:
+    """`value` as one URL path segment: an id holding `/` or `..` cannot reach another route."""
+    return quote(str(value), safe="")
 
 
 def _call(ctx: typer.Context, method: str, path: str, **options: Any) -> Any:
@@ -192,7 +198,7 @@ def jobs_ls(
 @jobs_app.command("show")
 def jobs_show(ctx: typer.Context, job_id: str) -> None:
     """One job: state, progress, records and its shards."""
-    job = _call(ctx, "GET", f"/v1/jobs/{job_id}")
+    job = _call(ctx, "GET", f"/v1/jobs/{_segment(job_id)}")
 
     def render(j: dict[str, Any]) -> Table:
         table = _table(
@@ -240,7 +246,7 @@ def _poll_json(client: CairnClient, job_id: str, interval_s: float, timeout_s: f
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last: tuple[Any, Any] | None = None
     while True:
-        job = client.get(f"/v1/jobs/{job_id}", shard_limit=0)
+        job = client.get(f"/v1/jobs/{_segment(job_id)}", shard_limit=0)
         seen = (job.get("state"), job.get("records_done"))
         if seen != last:
             console.out(json.dumps({k: job.get(k) for k in ("id", "state", "progress", "records_done")}, default=str), highlight=False)
@@ -253,7 +259,7 @@ def _poll_json(client: CairnClient, job_id: str, interval_s: float, timeout_s: f
 @jobs_app.command("result")
 def jobs_result(ctx: typer.Context, job_id: str) -> None:
     """The result summary of a finished job."""
-    result = _call(ctx, "GET", f"/v1/jobs/{job_id}/result")
+    result = _call(ctx, "GET", f"/v1/jobs/{_segment(job_id)}/result")
     _emit(ctx, result, lambda r: _table(
         f"result of {r['id']} {r['state']}", ["field", "value"], [[k, v] for k, v in (r.get("result") or {}).items()]
     ))
@@ -262,7 +268,7 @@ def jobs_result(ctx: typer.Context, job_id: str) -> None:
 @jobs_app.command("cancel")
 def jobs_cancel(ctx: typer.Context, job_id: str) -> None:
     """Cancel a job (running shards stop at their next batch boundary)."""
-    job = _call(ctx, "POST", f"/v1/jobs/{job_id}/cancel")
+    job = _call(ctx, "POST", f"/v1/jobs/{_segment(job_id)}/cancel")
     _emit(ctx, job, lambda j: f"job {j['id']} {_styled(j['state'])}")
 
 
@@ -270,7 +276,7 @@ def jobs_cancel(ctx: typer.Context, job_id: str) -> None:
 def jobs_rm(ctx: typer.Context, job_ids: Annotated[list[str], typer.Argument(help="Finished jobs to delete")]) -> None:
     """Delete finished jobs (their shards and checkpoints; stored records stay)."""
     for job_id in job_ids:
-        _call(ctx, "DELETE", f"/v1/jobs/{job_id}")
+        _call(ctx, "DELETE", f"/v1/jobs/{_segment(job_id)}")
         _emit(ctx, {"id": job_id, "deleted": True}, f"job {job_id} deleted")
 
 
@@ -295,7 +301,7 @@ def dlq_ls(
 @dlq_app.command("show")
 def dlq_show(ctx: typer.Context, entry_id: str) -> None:
     """One dead letter in full (error, stack, replays)."""
-    entry = _call(ctx, "GET", f"/dlq/entries/{entry_id}")
+    entry = _call(ctx, "GET", f"/dlq/entries/{_segment(entry_id)}")
     _emit(ctx, entry, lambda e: _table(
         f"dead letter {e['id']}", ["field", "value"],
         [[k, e.get(k)] for k in ("status", "reason", "error_type", "error_message", "job_id", "shard_key", "attempts", "replay", "stack")],
@@ -303,12 +309,12 @@ def dlq_show(ctx: typer.Context, entry_id: str) -> None:
 
 
 def _dlq_command(ctx: typer.Context, entry_id: str, action: str, note: str | None, wait: bool) -> None:
-    accepted = _call(ctx, "POST", f"/dlq/entries/{entry_id}/{action}", json={"note": note} if note else None)
+    accepted = _call(ctx, "POST", f"/dlq/entries/{_segment(entry_id)}/{action}", json={"note": note} if note else None)
     outcome = accepted
     if wait:
         deadline = time.monotonic() + 60
         while True:
-            outcome = _call(ctx, "GET", f"/dlq/commands/{accepted['command_id']}")
+            outcome = _call(ctx, "GET", f"/dlq/commands/{_segment(accepted['command_id'])}")
             if outcome.get("status") != "pending" or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
@@ -357,7 +363,7 @@ def schedules_ls(ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, m
 
 @schedules_app.command("show")
 def schedules_show(ctx: typer.Context, schedule_id: str) -> None:
-    schedule = _call(ctx, "GET", f"/v1/schedules/{schedule_id}")
+    schedule = _call(ctx, "GET", f"/v1/schedules/{_segment(schedule_id)}")
     _emit(ctx, schedule, lambda s: _table(f"schedule {s['id']}", SCHEDULE_COLUMNS, [_schedule_row(s)]))
 
 
@@ -400,7 +406,7 @@ def schedules_create(
 
 
 def _schedule_action(ctx: typer.Context, schedule_id: str, action: str) -> None:
-    schedule = _call(ctx, "POST", f"/v1/schedules/{schedule_id}/{action}")
+    schedule = _call(ctx, "POST", f"/v1/schedules/{_segment(schedule_id)}/{action}")
     _emit(ctx, schedule, lambda s: f"schedule {s['id']} {s['state']}, next run {s.get('next_run_at')}")
 
 
@@ -417,7 +423,7 @@ def schedules_resume(ctx: typer.Context, schedule_id: str) -> None:
 @schedules_app.command("next")
 def schedules_next(ctx: typer.Context, schedule_id: str, n: Annotated[int, typer.Option("-n", min=1, max=100)] = 5) -> None:
     """The schedule's next N run times."""
-    answer = _call(ctx, "GET", f"/v1/schedules/{schedule_id}/next", params={"n": n})
+    answer = _call(ctx, "GET", f"/v1/schedules/{_segment(schedule_id)}/next", params={"n": n})
     _emit(ctx, answer, lambda a: _table(f"next runs of {schedule_id} ({a.get('state')})", ["run at"], [[run] for run in a.get("runs") or []]))
 
 
@@ -425,7 +431,7 @@ def schedules_next(ctx: typer.Context, schedule_id: str, n: Annotated[int, typer
 def schedules_rm(ctx: typer.Context, schedule_ids: list[str]) -> None:
     """Delete schedules (jobs they started stay)."""
     for schedule_id in schedule_ids:
-        _call(ctx, "DELETE", f"/v1/schedules/{schedule_id}")
+        _call(ctx, "DELETE", f"/v1/schedules/{_segment(schedule_id)}")
         _emit(ctx, {"id": schedule_id, "deleted": True}, f"schedule {schedule_id} deleted")
 
 
@@ -456,7 +462,7 @@ def workers_inspect(
     kind: Annotated[str, typer.Argument(help="active, reserved, scheduled, stats, registered, revoked, active_queues")] = "active",
 ) -> None:
     """`celery inspect <kind>` of one worker."""
-    answer = _call(ctx, "GET", f"/v1/workers/{hostname}/inspect/{kind}")
+    answer = _call(ctx, "GET", f"/v1/workers/{_segment(hostname)}/inspect/{_segment(kind)}")
 
     def render(a: Any) -> Any:
         if isinstance(a, list):
@@ -468,7 +474,7 @@ def workers_inspect(
 
 
 def _worker_command(ctx: typer.Context, hostname: str, path: str, body: dict[str, Any] | None = None) -> None:
-    reply = _call(ctx, "POST", f"/v1/workers/{hostname}/{path}", json=body)
+    reply = _call(ctx, "POST", f"/v1/workers/{_segment(hostname)}/{path}", json=body)
     _emit(ctx, reply, lambda r: f"{hostname}: {r.get('ok', r)}")
 
 
@@ -511,7 +517,7 @@ def workers_terminate(
     then: Annotated[str, typer.Option(help="ready (rerun from its checkpoint) or cancelled")] = "ready",
 ) -> None:
     """Stop a running shard now: lease released, batch in flight not committed."""
-    answer = _call(ctx, "POST", f"/v1/shards/{shard_key}/terminate", json={"then": then})
+    answer = _call(ctx, "POST", f"/v1/shards/{_segment(shard_key)}/terminate", json={"then": then})
     _emit(ctx, answer, lambda a: f"shard {a['shard_key']} -> {_styled(a['state'])} (token {a['fencing_token']}; "
           + ("run interrupted" if a.get("interrupted") else f"run stops at its next write: {a.get('reply')}") + ")")
 
@@ -519,7 +525,7 @@ def workers_terminate(
 @workers_app.command("revoke")
 def workers_revoke(ctx: typer.Context, shard_key: str) -> None:
     """Cancel a shard that has not started yet."""
-    answer = _call(ctx, "POST", f"/v1/shards/{shard_key}/revoke")
+    answer = _call(ctx, "POST", f"/v1/shards/{_segment(shard_key)}/revoke")
     _emit(ctx, answer, lambda a: f"shard {a['shard_key']} -> {_styled(a['state'])}")
 
 
@@ -562,7 +568,7 @@ def keys_create(
 
 @keys_app.command("revoke")
 def keys_revoke(ctx: typer.Context, key_id: str) -> None:
-    _call(ctx, "DELETE", f"/v1/keys/{key_id}")
+    _call(ctx, "DELETE", f"/v1/keys/{_segment(key_id)}")
     _emit(ctx, {"id": key_id, "revoked": True}, f"key {key_id} revoked")
 
 

@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeRemainingColumn
@@ -79,7 +80,7 @@ def watch_job(
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with Progress(*columns, console=console, transient=False, auto_refresh=False) as progress:
         while True:
-            job = client.get(f"/v1/jobs/{job_id}", shard_limit=max_shards)
+            job = client.get(f"/v1/jobs/{quote(job_id, safe='')}", shard_limit=max_shards)
             state = str(job.get("state"))
             records = int(job.get("records_done") or 0)
             rate = meters.setdefault(job_id, RateMeter()).add(records)

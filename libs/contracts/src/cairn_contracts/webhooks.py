@@ -16,6 +16,7 @@ hosts that resolve to non-public addresses unless `CAIRN_WEBHOOK_ALLOW_PRIVATE_N
 
 import hashlib
 import hmac
+import re
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -64,7 +65,8 @@ def verify(secret: str, body: bytes, header: str, now_s: float, tolerance_s: flo
     fields = [item.split("=", 1) for item in header.split(",") if "=" in item]
     stamps = [v for k, v in fields if k.strip() == "t"]
     candidates = [v.strip() for k, v in fields if k.strip() == "v1"]
-    if len(stamps) != 1 or not stamps[0].strip().isdigit() or not candidates:
+    # ASCII digits, bounded: str.isdigit accepts "²" and int() refuses over 4300 digits (raises).
+    if len(stamps) != 1 or not re.fullmatch(r"[0-9]{1,15}", stamps[0].strip()) or not candidates:
         return False
     timestamp = int(stamps[0])
     if abs(now_s - timestamp) > tolerance_s:

@@ -6,7 +6,8 @@ from the key: whoever holds it sees only that tenant's jobs, schedules and dead 
 
 Scopes: `submit` (create, cancel and delete jobs and schedules), `read` (get and list), `operator`
 (worker control: /v1/workers, shard terminate/revoke; cluster-wide, as the workers are shared),
-`admin` (dead letters and key management; implies the others). A GET needs `read`, anything else
+`admin` (dead letters and key management; implies `submit` and `read`, never `operator`: a tenant's
+admin must not control other tenants' shards; only the command line or an operator key grants it). A GET needs `read`, anything else
 `submit`; the dead-letter and key routers also need `admin`. The FastAPI dependencies that apply
 this to a request are in api/deps.py.
 
@@ -47,7 +48,9 @@ class Principal:
     rate_limit_per_minute: int | None = None  # the key's own limit; None: the gateway's setting
 
     def allows(self, scope: str) -> bool:
-        return "admin" in self.scopes or scope in self.scopes
+        """Whether the key holds `scope`. `admin` implies every scope but `operator`: an admin
+        manages one tenant, an operator controls the workers every tenant shares."""
+        return scope in self.scopes or ("admin" in self.scopes and scope != "operator")
 
 
 def hash_secret(secret: str) -> str:
@@ -153,13 +156,18 @@ class KeyService:
         self._verifier = verifier
 
     async def create(
-        self, tenant: str, scopes: Iterable[str], name: str | None, rate_limit_per_minute: int | None
+        self, tenant: str, scopes: Iterable[str], name: str | None, rate_limit_per_minute: int | None,
+        creator: Principal | None = None,
     ) -> tuple[dict[str, Any], str]:
-        """The new key's document and its token (shown once). Raises `Invalid` on `scopes`."""
+        """The new key's document and its token (shown once). Raises `Invalid` on `scopes`,
+        `Forbidden` when `creator` (the calling key) would grant `operator` without holding it."""
         try:
             document, token = new_key(tenant, scopes, name, rate_limit_per_minute=rate_limit_per_minute)
         except ValueError as error:
             raise Invalid(str(error), ("body", "scopes")) from None
+        # Checked on the parsed scopes (" operator" is "operator"): no escalation by spelling.
+        if creator is not None and "operator" in document["scopes"] and not creator.allows("operator"):
+            raise Forbidden("only an operator key may create a key with the 'operator' scope")
         await self._keys.insert_one(document)
         return document, token
 
@@ -182,6 +190,6 @@ def method_scope(method: str) -> str:
 
 
 def check_scope(principal: Principal, scope: str) -> None:
-    """Raises `Forbidden` unless the principal's key has `scope` (admin implies every scope)."""
+    """Raises `Forbidden` unless the principal's key has `scope` (admin implies all but operator)."""
     if not principal.allows(scope):
         raise Forbidden(f"this API key lacks the {scope!r} scope")

@@ -23,12 +23,14 @@ Worker heartbeats come from Celery's worker events (`worker-heartbeat`, every 2 
 """
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from celery import Celery
@@ -49,6 +51,7 @@ logger = logging.getLogger(__name__)
 TERMINATE_SHARD = "cairn_terminate_shard"  # the worker's command (cairn_ingest_worker.control)
 # Beyond the reply timeout, how long a control call may take to reach the broker before 503.
 BROKER_GRACE_S = 5.0
+CONTROL_THREADS = 4  # concurrent control calls; more wait for a thread (within their timeout)
 INSPECT_KINDS = ("active", "reserved", "scheduled", "stats", "registered", "revoked", "active_queues")
 Then = Literal["ready", "cancelled"]
 T = TypeVar("T")
@@ -114,13 +117,21 @@ class WorkerControl:
     publisher: Publisher
     timeout_s: float = 1.0
     heartbeats: HeartbeatMonitor | None = None
+    # Celery's control client retries a publish for as long as RabbitMQ is away, so a call's
+    # thread can stay stuck well past its 503: those threads get their own small pool, never
+    # asyncio's default executor (DNS resolution of pymongo and aio-pika runs there).
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=CONTROL_THREADS, thread_name_prefix="worker-control")
+    )
 
     async def _blocking(self, call: Callable[[], T]) -> T:
-        """Run a blocking Celery control call in a thread. Raises `NotConfirmed` (503) if the
-        broker cannot be reached or the call outlasts the reply timeout plus BROKER_GRACE_S."""
+        """Run a blocking Celery control call in a thread of `executor`. Raises `NotConfirmed`
+        (503) if the broker cannot be reached or the call outlasts the reply timeout plus
+        BROKER_GRACE_S (a call still queued for a thread then never runs)."""
+        context = contextvars.copy_context()
         try:
             async with asyncio.timeout(self.timeout_s + BROKER_GRACE_S):
-                return await asyncio.to_thread(call)
+                return await asyncio.get_running_loop().run_in_executor(self.executor, context.run, call)
         except (TimeoutError, OSError, OperationalError) as error:
             raise NotConfirmed(f"worker control: the broker (RabbitMQ) does not answer: {type(error).__name__}: {error}") from error
 
@@ -335,8 +346,9 @@ class WorkerControl:
             reply = await self.control(
                 worker_hostname(worker_id), TERMINATE_SHARD, {"pid": int(pid), "shard_key": shard_key, "job_id": job_id}
             )
-        except (NotFound, Conflict) as error:
-            # The run stops at its next heartbeat or commit, both refused by the new token.
+        except (NotFound, Conflict, NotConfirmed) as error:
+            # The run stops at its next heartbeat or commit, both refused by the new token. Not a
+            # 503 when the broker is away: the shard is already stopped in MongoDB.
             return False, str(error)
         return True, reply.get("ok")
 

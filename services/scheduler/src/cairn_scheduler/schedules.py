@@ -112,8 +112,9 @@ class ScheduleFirer:
         # Catch-up: one run for whatever was missed, then the first tick after now.
         next_ms = timing.next_run_ms(max(now_ms, due_ms), anchor_ms=anchor_ms, runs_done=run_number)
         slot = "buffered_run" if busy else "pending_run"
-        if busy:
-            as_read["buffered_run"] = None
+        # Never while a run is buffered: a scheduler holding a stale read would start this run
+        # before the buffered one (release_buffered starts that one first, then this one is due).
+        as_read["buffered_run"] = None
         claimed = await self.db[SCHEDULES].find_one_and_update(
             as_read,
             {

@@ -17,7 +17,8 @@ how jobs finish (the roll-up):
    `failed` (attempts exhausted, or the endpoint answered 410 Gone, or the URL is refused) or the
    next attempt after the backoff `min(max_delay, base * 2^(n-1))`, jittered to [50 %, 100 %].
 
-Any 2xx is delivered; anything else (other status, timeout, connection error) is retried.
+Any 2xx is delivered; anything else (other status, timeout, connection error) is retried. An
+attempt lasts at most `timeout_s` in all (httpx bounds each read only) and reads 300 bytes of the answer.
 Redirects are not followed (a redirect to an internal address would bypass the SSRF guard).
 
 SSRF guard: before each attempt the host is resolved and refused (`failed`, not retried) if any
@@ -118,8 +119,26 @@ async def check_host(url: str, allow_private: bool) -> None:
         raise OSError(f"cannot resolve {host}: {error}") from None  # retried: DNS may come back
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if not address.is_global:
+        if not address.is_global or not all(embedded.is_global for embedded in _embedded_ipv4(address)):
             raise RefusedUrl(f"{host} resolves to {address}, not a public address (CAIRN_WEBHOOK_ALLOW_PRIVATE_NETWORKS is off)")
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (mapped, compatible, 6to4, Teredo, NAT64):
+    `[64:ff9b::7f00:1]` or `[2002:7f00:1::]` reach 127.0.0.1 through a translator, and Python
+    calls them global."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    found = [a for a in (address.ipv4_mapped, address.sixtofour) if a is not None]
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    packed = int(address)
+    if address in NAT64 or (packed >> 32 == 0 and packed > 0xFFFF):  # NAT64, IPv4-compatible ::a.b.c.d
+        found.append(ipaddress.IPv4Address(packed & 0xFFFFFFFF))
+    return found
 
 
 @dataclass(frozen=True)
@@ -211,13 +230,28 @@ class WebhookDeliverer:
                 ATTEMPT_HEADER: str(number),
                 SIGNATURE_HEADER: signature(self.policy.secret, body, int(time.time())),
             }
-            response = await self.client.post(delivery["url"], content=body, headers=headers, timeout=self.policy.timeout_s)
+            # httpx's timeout bounds each read, not the exchange: a receiver dripping an endless
+            # answer would hold this attempt (and the pass) forever. The whole attempt is bounded,
+            # and only the excerpt kept is read.
+            async with asyncio.timeout(self.policy.timeout_s):
+                async with self.client.stream(
+                    "POST", delivery["url"], content=body, headers=headers, timeout=self.policy.timeout_s
+                ) as response:
+                    excerpt = b""
+                    async for chunk in response.aiter_bytes():
+                        excerpt += chunk
+                        if len(excerpt) >= RESPONSE_EXCERPT:
+                            break
             record["status_code"] = response.status_code
-            record["response"] = response.text[:RESPONSE_EXCERPT]
+            record["response"] = excerpt[:RESPONSE_EXCERPT].decode(response.encoding or "utf-8", errors="replace")
             ok = response.is_success
             final = response.status_code == 410  # the receiver says the endpoint is gone for good
         except RefusedUrl as error:
             record["error"] = str(error)
+            ok, final = False, True
+        except (ValueError, httpx.InvalidURL) as error:
+            # A host IDNA refuses (empty or over-long label, bad A-label): it never will resolve.
+            record["error"] = f"invalid callback URL: {type(error).__name__}: {error}"[:500]
             ok, final = False, True
         except (httpx.HTTPError, OSError) as error:
             record["error"] = f"{type(error).__name__}: {error}"[:500]

@@ -76,7 +76,7 @@ def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
 
 
 async def operator(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
-    """The caller, holding `operator` (or `admin`): worker control reads and commands alike, so an
+    """The caller, holding `operator` (a tenant's `admin` does not imply it): worker control reads and commands alike, so an
     operator's key needs neither `read` nor `submit`; 403 otherwise."""
     check_scope(principal, "operator")
     return principal

@@ -27,7 +27,7 @@ def _view(key: dict[str, Any]) -> dict[str, Any]:
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=KeyCreated)
 async def create_key(body: KeyCreate, caller: Admin, keys: Keys) -> KeyCreated:
     """A new key of the caller's tenant; its token is in this answer only."""
-    document, token = await keys.create(caller.tenant, body.scopes, body.name, body.rate_limit_per_minute)
+    document, token = await keys.create(caller.tenant, body.scopes, body.name, body.rate_limit_per_minute, creator=caller)
     return KeyCreated(**_view(document), token=token)
 
 

@@ -1,5 +1,5 @@
 """`/v1/workers` and `/v1/shards/{shard_key}/terminate|revoke`: worker control over Celery's
-remote control (workers.py). Needs the `operator` scope (or `admin`): workers are shared by every
+remote control (workers.py). Needs the `operator` scope (not implied by a tenant's `admin`): workers are shared by every
 tenant, so these routes are cluster-wide."""
 
 from typing import Annotated, Any, Literal
@@ -82,10 +82,11 @@ async def shutdown(hostname: HOSTNAME, _: Operator, workers: Workers) -> dict[st
 
 
 @router.post("/v1/shards/{shard_key}/terminate", responses={**NOT_FOUND, **REFUSED})
-async def terminate_shard(shard_key: SHARD_KEY, body: Terminate, actor: OperatorActor, workers: Workers) -> dict[str, Any]:
+async def terminate_shard(shard_key: SHARD_KEY, actor: OperatorActor, workers: Workers, body: Terminate | None = None) -> dict[str, Any]:
     """Stop a RUNNING shard now: its lease released, the batch in flight not committed (fencing
-    token bumped), the shard back to ready (RETRY, due now) or CANCELLED as asked."""
-    return await workers.terminate_shard(shard_key, body.then, actor.name)
+    token bumped), the shard back to ready (RETRY, due now) or CANCELLED as asked (no body:
+    ready)."""
+    return await workers.terminate_shard(shard_key, (body or Terminate()).then, actor.name)
 
 
 @router.post("/v1/shards/{shard_key}/revoke", responses={**NOT_FOUND, **REFUSED})
