@@ -66,12 +66,18 @@ def filler(record_size: int) -> str:
     return ("cairn" * (record_size // 5 + 1))[:record_size]
 
 
-@app.task(name=TASK)
-def store_record(record: dict[str, Any], collection: str, job_id: str) -> bool:
-    """Clean and store one record, as the synthetic pipeline and Cairn's store do."""
+def clean(record: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """The synthetic pipeline's cleaning and Cairn's store fields, in place."""
     record["checksum"] = hashlib.blake2b(record["payload"].encode(), digest_size=8).hexdigest()
     record["job_id"] = job_id
     record["ingested_at"] = datetime.now(UTC)
+    return record
+
+
+@app.task(name=TASK)
+def store_record(record: dict[str, Any], collection: str, job_id: str) -> bool:
+    """Clean and store one record, as the synthetic pipeline and Cairn's store do."""
+    clean(record, job_id)
     try:
         _database()[collection].insert_one(record)
     except DuplicateKeyError:

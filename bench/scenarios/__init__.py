@@ -6,9 +6,9 @@ Each module has `NAME`, `add_arguments(parser)`, `run(ctx, args) -> dict` (JSON-
 
 from types import ModuleType
 
-from bench.scenarios import broker, checkpoints, http_json, ingest, profile, recovery, submit
+from bench.scenarios import broker, checkpoints, http_json, ingest, profile, recovery, scaling, submit
 
 SCENARIOS: dict[str, ModuleType] = {
     module.NAME: module
-    for module in (ingest, checkpoints, submit, recovery, broker, profile, http_json)
+    for module in (ingest, scaling, checkpoints, submit, recovery, broker, profile, http_json)
 }

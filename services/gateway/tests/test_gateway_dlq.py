@@ -236,7 +236,10 @@ async def test_status_shows_retries_with_attempt_and_time_and_the_failed_shards_
     job_id = f"job-{uuid.uuid4().hex[:8]}"
     now = datetime.now(UTC)
     db[JOBS].insert_one(
-        {"_id": job_id, "tenant": "default", "pipeline": "synthetic", "priority": 2, "state": JobState.RETRY, "shard_count": 3, "created_at": now}
+        # As the scheduler leaves it: the status reads the job document's counts (issue 14), and
+        # the shard lists only when those say there are retrying or failed shards.
+        {"_id": job_id, "tenant": "default", "pipeline": "synthetic", "priority": 2, "state": JobState.RETRY, "shard_count": 3, "created_at": now,
+         "counts": {"shards_failed": 1}, "shard_states": {ShardState.RETRY: 1, ShardState.FAILED: 1, ShardState.RUNNING: 1}}
     )
     retry_at_ms = int(now.timestamp() * 1000) + 4_000
     retry = {"attempt": 2, "max_attempts": 5, "delay_s": 1.5, "ceiling_s": 2.0, "error": "down", "at_ms": 0, "retry_at_ms": retry_at_ms}

@@ -51,3 +51,22 @@ def test_for_broker_configures_celery_from_the_shared_config() -> None:
     assert conf.broker_url == "amqp://guest:guest@127.0.0.1:5672/some-vhost"
     assert conf.task_routes[TASK_RUN_SHARD] == {"queue": QUEUE_INGEST}
     assert conf.broker_transport_options == {"confirm_publish": True}
+
+
+async def test_dispatch_many_sends_every_task_confirmed_in_one_batch(broker, test_env) -> None:
+    # Issue 14: the tasks of a job's shards are published together and their confirms awaited
+    # together; each is the same genuine Celery task `dispatch` sends.
+    app = Celery("cairn-scheduler-tests")
+    app.conf.update(celery_config(test_env.amqp_url))
+    tasks = [RunShard(job_id="job-z", shard_key=f"job-z:{i:04d}") for i in range(300)]
+    try:
+        await ShardTaskSender(app).dispatch_many(tasks, priority=2)
+    finally:
+        app.close()
+
+    received = []
+    for _ in tasks:
+        message = await next_message(broker.queues[QUEUE_INGEST])
+        assert message.headers["task"] == TASK_RUN_SHARD and message.priority == 2 and message.delivery_mode == 2
+        received.append(RunShard.model_validate(json.loads(message.body)[1]).shard_key)
+    assert sorted(received) == [t.shard_key for t in tasks]

@@ -150,8 +150,8 @@ async def test_planning_dispatch_and_each_job_transition_are_logged_once_with_th
 
     await scheduler.start_job(cmd)
     await db[SHARDS].update_many({"job_id": "logged-job"}, {"$set": {"state": ShardState.SUCCEEDED}})
-    for _ in range(3):  # an event per shard plus the periodic re-roll: one transition
-        await scheduler.shard_finished(ShardFinished(job_id="logged-job", shard_key="logged-job:0000", outcome="succeeded", records_done=10))
+    for key in ("logged-job:0000", "logged-job:0001", "logged-job:0000"):  # an event per shard plus a redelivery: one transition
+        await scheduler.shard_finished(ShardFinished(job_id="logged-job", shard_key=key, outcome="succeeded", records_done=10))
 
     lines = [r.getMessage() for r in caplog.records if "logged-job" in r.getMessage()]
     assert any("planned: 2 range shard(s)" in line and "STARTED" in line for line in lines), lines

@@ -77,6 +77,9 @@ INDEXES: tuple[IndexSpec, ...] = (
     IndexSpec(JOBS, (("finished_at_ms", 1),)),
     IndexSpec(SHARDS, (("shard_key", 1),), unique=True),
     IndexSpec(SHARDS, (("job_id", 1), ("state", 1))),
+    # A job's shards by job id alone (the reconcile pass, bulk dispatch, frontier tail): MongoDB
+    # would use the compound index's prefix, the stand-in uses no compound index at all.
+    IndexSpec(SHARDS, (("job_id", 1),)),
     IndexSpec(SHARDS, (("lease_until", 1),)),
     # The scheduler's due retries and lost-task scan (reaper.py).
     IndexSpec(SHARDS, (("state", 1), ("next_retry_at_ms", 1))),
@@ -196,6 +199,11 @@ class JobRecord(BaseModel):
 # --- the shards and checkpoints documents ------------------------------------------------------
 # The scheduler records them when it plans a job; the worker claims and advances them, the gateway
 # reads them for progress. Tests seed them through these models, so there is one layout.
+
+
+def shard_key_for(job_id: str, index: int) -> str:
+    """The key of a job's shard (or lease-frontier item) `index`: `{job_id}:{index:04d}`."""
+    return f"{job_id}:{index:04d}"
 
 
 class CheckpointRecord(BaseModel):

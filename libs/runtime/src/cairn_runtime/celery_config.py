@@ -5,6 +5,8 @@ RabbitMQ refuses the second declaration; so the kombu objects are built from the
 """
 
 import asyncio
+import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from celery import Celery
@@ -128,3 +130,63 @@ class ShardTaskSender:
             exchange=route.exchange,
             routing_key=route.routing_key,
         )
+
+    async def dispatch_many(self, tasks: Sequence[RunShard | RunFrontier], priority: int, timeout_s: float = 30.0) -> None:
+        """Send every task, then wait for the broker's confirms of all of them together (publisher
+        confirms pipelined on one channel: one round trip for the lot, not one per task).
+        Returns once all are confirmed; raises `DispatchNotConfirmed` if any was nacked or not
+        confirmed within `timeout_s` (then some may have been sent: a re-send is harmless, the
+        worker's lease claim makes a second task of a shard a no-op)."""
+        if tasks:
+            await asyncio.to_thread(self._send_many, list(tasks), priority, timeout_s)
+
+    def _send_many(self, tasks: list[RunShard | RunFrontier], priority: int, timeout_s: float) -> None:
+        # Not the app's confirm_publish channel: py-amqp then waits for each confirm in turn.
+        with self._app.connection_for_write(transport_options={"confirm_publish": False}) as connection:
+            producer = connection.Producer()
+            channel = producer.channel
+            channel.confirm_select()
+            pending: set[int] = set()
+            nacked: list[int] = []
+
+            def settle(tag: int, multiple: bool, nack: bool) -> None:
+                done = {t for t in pending if t <= tag} if multiple else {tag}
+                pending.difference_update(done)
+                if nack:
+                    nacked.extend(done)
+
+            channel.events["basic_ack"].add(lambda tag, multiple: settle(tag, multiple, False))
+            channel.events["basic_nack"].add(lambda tag, multiple: settle(tag, multiple, True))
+            for tag, task in enumerate(tasks, start=1):  # a fresh confirm channel numbers its publishes from 1
+                route = task.route()
+                pending.add(tag)
+                self._app.send_task(
+                    task.message_type, kwargs=task.model_dump(), priority=priority,
+                    exchange=route.exchange, routing_key=route.routing_key, producer=producer,
+                )
+            deadline = time.monotonic() + timeout_s
+            while pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DispatchNotConfirmed(f"{len(pending)} of {len(tasks)} task(s) not confirmed in {timeout_s} s")
+                try:
+                    connection.drain_events(timeout=remaining)
+                except TimeoutError:  # socket.timeout: the loop's deadline decides
+                    continue
+            if nacked:
+                raise DispatchNotConfirmed(f"{len(nacked)} of {len(tasks)} task(s) nacked by the broker")
+
+
+class DispatchNotConfirmed(Exception):
+    """The broker nacked, or did not confirm in time, some tasks of a bulk dispatch."""
+
+
+async def dispatch_all(dispatcher: ShardDispatcher, tasks: Sequence[RunShard | RunFrontier], priority: int) -> None:
+    """Send `tasks` with confirms: pipelined when the dispatcher can (`dispatch_many`), else one
+    by one (test doubles that implement `dispatch` only)."""
+    many = getattr(dispatcher, "dispatch_many", None)
+    if many is not None:
+        await many(tasks, priority)
+        return
+    for task in tasks:
+        await dispatcher.dispatch(task, priority)

@@ -36,6 +36,7 @@ from cairn_contracts.messages import DeadLetterCommand, ShardFinished
 from cairn_contracts.states import TERMINAL_SHARD_STATES, WAITING_SHARD_STATES, DeadLetterStatus, JobState, ReplayOutcome, ShardState
 from cairn_contracts.store import DEFAULT_TENANT, DLQ_COMMANDS, JOBS, SHARDS, TASK_ERRORS
 from cairn_dlq_handler.metrics import REPLAY_COMMANDS, REPLAY_OUTCOMES
+from cairn_runtime import tally
 from cairn_runtime.celery_config import ShardDispatcher, task_for_shard
 from cairn_runtime.consumer import Unprocessable
 
@@ -94,6 +95,9 @@ class DeadLetterCommands:
             await self._record(command, "refused", str(refusal))
             return "refused"
         job = await self._reopen_job(shard["job_id"])
+        # Take the reopened shard out of its job's counters (they counted it FAILED): when it
+        # ends again it is counted afresh (cairn_runtime.tally; idempotent on a redelivery).
+        await tally.count_shard(self.db, shard["shard_key"])
         await self.dispatcher.dispatch(task_for_shard(shard), int(shard.get("priority") or 2))
         await entries.update_one(
             {"_id": entry["_id"], "status": DeadLetterStatus.REPLAYING, "replay.command_id": command.command_id},
@@ -159,6 +163,7 @@ class DeadLetterCommands:
             logger.info("replay of %s ended: %s", entry_id, outcome)
             REPLAY_OUTCOMES.labels(str(outcome)).inc()
             await self._repair_job(shard["job_id"])
+            await tally.count_shard(self.db, shard["shard_key"])  # its end, if the job was finished when it came
         return outcome
 
     # --- steps -----------------------------------------------------------------------------------

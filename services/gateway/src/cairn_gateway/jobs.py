@@ -42,13 +42,16 @@ from cairn_gateway.failures import failed_shards, retrying_shards
 from cairn_gateway.joblock import JobLocks
 from cairn_gateway.jobs_schemas import JobCounts, JobDetail, JobPage, JobResultBody, JobSummary, ShardView
 from cairn_gateway.schemas import ShardCounts, TaskStatus, Writes
+from cairn_runtime import tally
 from cairn_runtime.amqp import Publisher, PublishNotConfirmed
 from cairn_runtime.tracing import describe_work
 
 logger = logging.getLogger(__name__)
 
-_SUMMARY = {"spec": 0, "result": 0, "shard_states": 0}
+_SUMMARY = {"spec": 0, "result": 0, "shard_states": 0, tally.LEDGER: 0}
+_STATUS = {"spec": 0, tally.LEDGER: 0}  # one job document: never its shards (the ledger is for the scheduler)
 _PROGRESS_FIELDS = {"position": 1, "done": 1, "cursor": 1, "range_start": 1, "range_end": 1, "records_estimate": 1, "records_done": 1, **dict.fromkeys(WRITE_COUNTERS, 1)}
+_ACTIVE_SHARD_STATES = (ShardState.RUNNING, ShardState.RETRY, ShardState.QUEUED, ShardState.PLANNED)
 
 
 class JobNotFound(NotFound):
@@ -82,8 +85,8 @@ class IdempotencyConflict(Conflict):
 
 
 class InvalidCursor(Invalid):
-    def __init__(self) -> None:
-        super().__init__("not a cursor this API gave out", ("query", "cursor"))
+    def __init__(self, at: tuple[str | int, ...] = ("query", "cursor")) -> None:
+        super().__init__("not a cursor this API gave out", at)
 
 
 class SourceNotFound(Invalid):
@@ -151,6 +154,43 @@ def progress(state: JobState, checkpoints: Iterable[dict[str, Any]]) -> tuple[fl
     return (round(100.0 * done_weight / total_weight, 2) if total_weight else 0.0), records_done
 
 
+def job_progress(job: dict[str, Any], state: JobState) -> tuple[float, int]:
+    """(percent 0-100, records done) from the job document alone (O(1) in its shards).
+
+    The larger of two figures that only grow: the counted shards' share (`counts.weight_done`
+    of `weight_total`, exact as shards end: cairn_runtime.tally) and the scheduler's last
+    snapshot of every checkpoint (`progress`, refreshed by its periodic roll-up, which also sees
+    running shards). A SUCCESS job is 100; a job finished before the counters existed reports
+    its result."""
+    counts = tally.counts_of(job)
+    snapshot = tally.as_dict(job.get("progress"))
+    result = tally.as_dict(job.get("result"))
+    records_done = max(counts["records_done"], int(snapshot.get("records_done") or 0), int(result.get("records_done") or 0))
+    if state == JobState.SUCCESS:
+        return 100.0, records_done
+    weight_total = int(job.get("weight_total") or 0)
+    counted = 100.0 * counts["weight_done"] / weight_total if weight_total else 0.0
+    return round(min(100.0, max(counted, float(snapshot.get("percent") or 0.0))), 2), records_done
+
+
+def shard_counts(job: dict[str, Any]) -> ShardCounts:
+    """The job's shards by state from the job document: the ended ones from its counters (exact),
+    the others from the scheduler's last snapshot (`shard_states`), capped to what is left."""
+    total = int(job.get("shard_count") or 0)
+    snapshot = tally.as_dict(job.get("shard_states"))
+    if tally.COUNTS not in job:  # a job the counters never saw (finished before them): its snapshot
+        return ShardCounts(total=total, **{str(k).lower(): int(v) for k, v in snapshot.items() if str(k) in ShardState.__members__})
+    counts = tally.counts_of(job)
+    ended = {str(state).lower(): counts[field] for state, field in tally.SHARD_COUNTERS.items()}
+    left = max(0, total - sum(ended.values()))
+    active: dict[str, int] = {}
+    for state in _ACTIVE_SHARD_STATES:
+        active[state.lower()] = min(left, int(snapshot.get(state) or 0))
+        left -= active[state.lower()]
+    active["queued"] += left  # reopened since the snapshot: waiting again
+    return ShardCounts(total=total, **ended, **active)
+
+
 def result_expiry_ms(job: dict[str, Any], ttl_s: int) -> int | None:
     """When a finished job's result expires, in epoch ms (None: its finish time is unknown)."""
     finished_ms = job.get("finished_at_ms") if isinstance(job.get("finished_at_ms"), int) else clock.stored_ms(job.get("finished_at"))
@@ -194,6 +234,22 @@ def after_cursor(query: dict[str, Any], cursor: str | None) -> dict[str, Any]:
     return {
         "$and": [query, {"$or": [{"created_at_ms": {"$lt": created_ms}}, {"created_at_ms": created_ms, "_id": {"$lt": doc_id}}]}]
     }
+
+
+def encode_shard_cursor(index: int) -> str:
+    """The opaque cursor of a job's shard page: after shard `index`."""
+    return base64.urlsafe_b64encode(json.dumps(["s", index]).encode()).decode().rstrip("=")
+
+
+def decode_shard_cursor(cursor: str) -> int:
+    """The shard index a page cursor names; `InvalidCursor` for anything this API did not give out."""
+    try:
+        tag, index = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if tag != "s" or not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= INT64_MAX:
+            raise ValueError
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError):
+        raise InvalidCursor(("query", "shards_after")) from None
+    return index
 
 
 @dataclass(frozen=True)
@@ -336,28 +392,28 @@ class JobService:
         cached = await self._cached(cache_key)
         if cached is not None:
             return TaskStatus.model_validate_json(cached)
-        job = await self._job(tenant, job_id)
-        states = Counter([s["state"] async for s in self.db[SHARDS].find({"job_id": job_id}, {"state": 1})])
+        job = await self._job(tenant, job_id, _STATUS)
         state = view_state(job)
-        checkpoints = [c async for c in self.db[CHECKPOINTS].find({"job_id": job_id}, _PROGRESS_FIELDS)]
-        percent, records_done = progress(state, checkpoints)
+        percent, records_done = job_progress(job, state)
+        shards = shard_counts(job)
         status = TaskStatus(
             task_id=job_id,
             state=state,
             progress=percent,
             records_done=records_done,
-            writes=Writes.of(checkpoints, job),
+            writes=Writes.of_job(job),
             records_total=job.get("records_total"),
-            shards=ShardCounts(total=job.get("shard_count", 0), **{k.lower(): v for k, v in states.items()}),
+            shards=shards,
             pipeline=job["pipeline"],
             name=job.get("name"),
             priority=job["priority"],
             created_at=job["created_at"],
             started_at=job.get("started_at"),
             finished_at=job.get("finished_at"),
-            retrying=await retrying_shards(self.db, job_id) if states.get(ShardState.RETRY) else [],
-            failed_shards=await failed_shards(self.db, job_id) if states.get(ShardState.FAILED) else [],
-            dead_letters_url=f"/dlq/entries?job_id={job_id}" if states.get(ShardState.FAILED) else None,
+            # Read only when the counters say there is something to list (bounded: DETAIL_LIMIT).
+            retrying=await retrying_shards(self.db, job_id) if shards.retry else [],
+            failed_shards=await failed_shards(self.db, job_id) if shards.failed else [],
+            dead_letters_url=f"/dlq/entries?job_id={job_id}" if shards.failed else None,
         )
         if state.is_terminal and self.cache_ttl_s:
             # Only finished jobs are cached: their status can no longer change.
@@ -399,16 +455,22 @@ class JobService:
         counts[JobState.CANCELLING] = sum(cancelling.values())
         return JobCounts(counts=counts, total=sum(stored.values()))
 
-    async def get(self, tenant: str, job_id: str, shard_limit: int) -> JobDetail:
-        """The job with its spec, progress and up to `shard_limit` shards. Raises `JobNotFound`."""
-        job = await self._job(tenant, job_id)
-        checkpoints = {c["shard_key"]: c async for c in self.db[CHECKPOINTS].find({"job_id": job_id})}
+    async def get(self, tenant: str, job_id: str, shard_limit: int, shards_after: str | None = None) -> JobDetail:
+        """The job with its spec, progress and one page of its shards: up to `shard_limit` in
+        index order after the opaque `shards_after` (the previous page's `shards_next_cursor`).
+        The summary is the job document's (O(1) in the shards); the page reads its own shards
+        and their checkpoints (by `_id`). Raises `JobNotFound`, `InvalidCursor`."""
+        job = await self._job(tenant, job_id, {tally.LEDGER: 0})
+        after = decode_shard_cursor(shards_after) if shards_after else -1
         shards = [
-            s async for s in self.db[SHARDS].find({"job_id": job_id}).sort([("index", 1), ("shard_key", 1)]).limit(shard_limit + 1)
+            s async for s in self.db[SHARDS].find({"job_id": job_id, "index": {"$gt": after}}).sort("index", 1).limit(shard_limit + 1)
         ]
-        truncated = len(shards) > shard_limit
+        more = len(shards) > shard_limit
+        shards = shards[:shard_limit]
+        ids = [tally.checkpoint_id(s["shard_key"]) for s in shards]
+        checkpoints = {c["shard_key"]: c async for c in self.db[CHECKPOINTS].find({"_id": {"$in": ids}})} if ids else {}
         views = []
-        for shard in shards[:shard_limit]:
+        for shard in shards:
             checkpoint = checkpoints.get(shard["shard_key"], {})
             views.append(
                 ShardView(
@@ -426,16 +488,23 @@ class JobService:
                     last_error=shard.get("last_error"),
                 )
             )
-        percent, records_done = progress(JobState(job["state"]), checkpoints.values())
+        percent, records_done = job_progress(job, JobState(job["state"]))
+        writes = Writes.of_job(job)
+        if after < 0 and not more and checkpoints:
+            # This page is every shard: its checkpoints are fresher than the last snapshot.
+            page_percent, page_records = progress(JobState(job["state"]), checkpoints.values())
+            percent, records_done = max(percent, page_percent), max(records_done, page_records)
+            writes = Writes.of(checkpoints.values(), job)
         return JobDetail.model_validate(
             {
                 **summary(job),
                 "spec": job["spec"],
                 "progress": percent,
                 "records_done": records_done,
-                "writes": Writes.of(checkpoints.values(), job),
+                "writes": writes,
                 "shards": views,
-                "shards_truncated": truncated,
+                "shards_truncated": more,
+                "shards_next_cursor": encode_shard_cursor(int(shards[-1].get("index") or 0)) if more and shards else None,
             }
         )
 

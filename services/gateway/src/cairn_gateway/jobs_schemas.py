@@ -62,8 +62,9 @@ class JobDetail(JobSummary):
     progress: float = Field(description="Percent of the key range covered by stored batches")
     records_done: int
     writes: Writes = Field(default_factory=Writes, description="The sink's counters: inserted, updated, unchanged, duplicate")
-    shards: list[ShardView] = Field(description="The job's shards in index order (at most `shard_limit`)")
-    shards_truncated: bool = False
+    shards: list[ShardView] = Field(description="One page of the job's shards in index order (at most `shard_limit`)")
+    shards_truncated: bool = Field(False, description="More shards follow this page")
+    shards_next_cursor: str | None = Field(None, description="Pass as `shards_after` for the next page (None: last page)")
 
 
 class JobCounts(BaseModel):

@@ -8,6 +8,7 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from cairn_contracts.sinks import WRITE_COUNTERS
 from cairn_contracts.states import JobState
+from cairn_runtime import tally
 
 
 def _as_utc(moment: datetime) -> datetime:
@@ -76,6 +77,21 @@ class Writes(BaseModel):
             for counter in WRITE_COUNTERS:
                 totals[counter] += int(checkpoint.get(counter) or 0)
         deleted = job.get("records_deleted", (job.get("result") or {}).get("records_deleted"))
+        return cls(**{name.removeprefix("records_"): value for name, value in totals.items()}, deleted=deleted)
+
+    @classmethod
+    def of_job(cls, job: dict[str, Any]) -> "Writes":
+        """From the job document alone (O(1) in its shards): per counter the largest of the
+        ended shards' exact totals (`counts`, cairn_runtime.tally), the scheduler's last
+        snapshot of every checkpoint (`progress.writes`) and the finished job's result."""
+        counts = tally.counts_of(job)
+        snapshot = tally.as_dict(tally.as_dict(job.get("progress")).get("writes"))
+        result = tally.as_dict(job.get("result"))
+        totals = {
+            counter: max(int(counts.get(counter) or 0), int(snapshot.get(counter) or 0), int(result.get(counter) or 0))
+            for counter in WRITE_COUNTERS
+        }
+        deleted = job.get("records_deleted", result.get("records_deleted"))
         return cls(**{name.removeprefix("records_"): value for name, value in totals.items()}, deleted=deleted)
 
 

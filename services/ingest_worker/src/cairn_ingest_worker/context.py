@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import redis
 from celery import Celery, Task
-from pymongo.collection import Collection
 
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
 from cairn_ingest_worker.leases import ShardLeases
@@ -28,17 +27,18 @@ class WorkerContext:
     publisher: BrokerPublisher
 
 
-LeasesFactory = Callable[[Collection, Collection, str, float], ShardLeases]
+# (shards, checkpoints, worker_id, ttl_s, *, jobs): ShardLeases or a benchmark's subclass
+LeasesFactory = Callable[..., ShardLeases]
 
 
 def build_context(settings: WorkerSettings, app: Celery, leases: LeasesFactory = ShardLeases) -> WorkerContext:
-    """The context of this process. `leases(shards, checkpoints, worker_id, ttl_s)` builds the
+    """The context of this process. `leases(shards, checkpoints, worker_id, ttl_s, jobs=...)` builds the
     lease store: `ShardLeases` in production (a benchmark injects its own: bench/worker.py)."""
     client = sync_client(settings.mongodb_uri)
     db = client[settings.mongodb_database]
     worker_id = f"{settings.worker_id}/{os.getpid()}"
     runner = ShardRunner(
-        leases=leases(db[SHARDS], db[CHECKPOINTS], worker_id, settings.lease_ttl_s),
+        leases=leases(db[SHARDS], db[CHECKPOINTS], worker_id, settings.lease_ttl_s, jobs=db[JOBS]),
         jobs=db[JOBS],
         shards=db[SHARDS],
         records_db=db,

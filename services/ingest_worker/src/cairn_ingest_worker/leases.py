@@ -17,8 +17,8 @@ from pymongo.collection import Collection
 from pymongo.errors import ConnectionFailure
 
 from cairn_contracts import clock
-from cairn_contracts.states import WAITING_SHARD_STATES, ShardState, state_values
-from cairn_contracts.store import MAIN_SUB_KEY
+from cairn_contracts.states import ShardState
+from cairn_contracts.store import MAIN_SUB_KEY, shard_key_for
 from cairn_ingest_worker import metrics
 from cairn_ingest_worker.errors import StoreUnavailable
 from cairn_ingest_worker.store import WriteCounts
@@ -28,6 +28,39 @@ logger = logging.getLogger(__name__)
 # Lease deadlines (`lease_until`) and retry times are integer epoch milliseconds (cairn_contracts.clock):
 # they compare the same on every server (the MongoDB stand-in stores a datetime written by $set
 # as text, which no date query matches).
+
+
+_CLAIM_ROUNDS = 3  # compare-and-set attempts of one claim while the shard keeps moving
+_CLAIM_FIELDS = {
+    "shard_key": 1, "state": 1, "fencing_token": 1, "lease_until": 1, "cancel_requested": 1, "next_retry_at_ms": 1, "index": 1,
+}
+
+
+def claimable(shard: dict[str, Any], now_ms: int, *, due_only: bool = False) -> bool:
+    """Whether a claim may take the shard now: its job not cancelled, and it is waiting (a
+    RETRY one, with `due_only`, once its retry is due) or RUNNING under an expired lease."""
+    if shard.get("cancel_requested"):  # truthiness: the stand-in reads a $set boolean back as 1
+        return False
+    state = shard.get("state")
+    if state in (ShardState.PLANNED, ShardState.QUEUED):
+        return True
+    if state == ShardState.RETRY:
+        due = shard.get("next_retry_at_ms")
+        return not due_only or (isinstance(due, int) and due <= now_ms)
+    lease = shard.get("lease_until")
+    return state == ShardState.RUNNING and isinstance(lease, int) and lease < now_ms
+
+
+def _as_read(shard: dict[str, Any]) -> dict[str, Any]:
+    """The compare-and-set filter of a claim: the shard exactly as it was judged claimable."""
+    return {
+        "shard_key": shard["shard_key"],
+        "state": shard["state"],
+        "fencing_token": shard.get("fencing_token", 0),
+        "lease_until": shard.get("lease_until"),
+        # $in, not $ne: the stand-in's updates skip missing fields on $ne
+        "cancel_requested": {"$in": [False, None]},
+    }
 
 
 @dataclass(frozen=True)
@@ -57,44 +90,68 @@ class Claim:
 
 
 class ShardLeases:
-    def __init__(self, shards: Collection, checkpoints: Collection, worker_id: str, ttl_s: float) -> None:
+    def __init__(
+        self, shards: Collection, checkpoints: Collection, worker_id: str, ttl_s: float, jobs: Collection | None = None
+    ) -> None:
+        """`jobs`: where the lease-frontier counter is (None: `claim_next` reads the job's items)."""
         self._shards = shards
+        self._jobs = jobs
         self._checkpoints = checkpoints
         self._worker_id = worker_id
         self._ttl_ms = int(ttl_s * 1000)
 
     def claim(self, shard_key: str) -> Claim | None:
-        """Take the shard if it is waiting or its holder's lease expired; None if not ours to run."""
-        now_ms = clock.now_ms()
-        return self._claim(
-            {
-                "shard_key": shard_key,
-                # a cancelled job's shard never starts ($in, not $ne: the stand-in's updates skip missing fields on $ne)
-                "cancel_requested": {"$in": [False, None]},
-                "$or": [
-                    {"state": {"$in": state_values(WAITING_SHARD_STATES)}},
-                    {"state": ShardState.RUNNING, "lease_until": {"$lt": now_ms}},
-                ],
-            },
-            now_ms,
-        )
+        """Take the shard if it is waiting or its holder's lease expired; None if not ours to run.
+
+        Read by `shard_key` (unique index), judged in code, then taken by a compare-and-set on
+        what was read (state, fencing token, lease): no `$or` filter, which a server may run as
+        a scan of every shard (the stand-in does)."""
+        for _ in range(_CLAIM_ROUNDS):
+            shard = self._shards.find_one({"shard_key": shard_key}, _CLAIM_FIELDS)
+            now_ms = clock.now_ms()
+            if shard is None or not claimable(shard, now_ms):
+                return None
+            claim = self._claim(_as_read(shard), now_ms)
+            if claim is not None or not self._moved(shard):
+                return claim
+        return None  # it kept moving under us: another worker is at it
 
     def claim_next(self, job_id: str) -> Claim | None:
-        """Lease frontier: take the job's first claimable work item (a RETRY item once it is due)."""
+        """Lease frontier: take the job's first claimable work item (a RETRY item once it is due).
+
+        Items are handed out in index order by a counter on the job (`frontier_next`, one `$inc`),
+        each taken by `claim`; once the counter has passed the last item, the job's items are
+        read (by the `job_id` index) for what is claimable again: due retries, expired leases,
+        items a replay reopened."""
+        while (item := self._next_item(job_id)) is not None:
+            index, shard_count = item
+            if index >= shard_count:
+                break
+            if (claim := self.claim(shard_key_for(job_id, index))) is not None:
+                return claim
         now_ms = clock.now_ms()
-        return self._claim(
-            {
-                "job_id": job_id,
-                "cancel_requested": {"$in": [False, None]},
-                "$or": [
-                    {"state": {"$in": [ShardState.PLANNED, ShardState.QUEUED]}},
-                    {"state": ShardState.RETRY, "next_retry_at_ms": {"$lte": now_ms}},
-                    {"state": ShardState.RUNNING, "lease_until": {"$lt": now_ms}},
-                ],
-            },
-            now_ms,
-            sort=[("index", 1)],
+        for shard in self._shards.find({"job_id": job_id}, _CLAIM_FIELDS).sort("index", 1):
+            if claimable(shard, now_ms, due_only=True) and (claim := self.claim(shard["shard_key"])) is not None:
+                return claim
+        return None
+
+    def _next_item(self, job_id: str) -> tuple[int, int] | None:
+        """The next index of the job's frontier counter (None: no counter here, no such job, or
+        not planned yet)."""
+        if self._jobs is None:
+            return None
+        job = self._jobs.find_one_and_update(
+            {"_id": job_id}, {"$inc": {"frontier_next": 1}}, projection={"frontier_next": 1, "shard_count": 1},
+            return_document=ReturnDocument.AFTER,
         )
+        if job is None or not job.get("shard_count"):
+            return None
+        return int(job["frontier_next"]) - 1, int(job["shard_count"])
+
+    def _moved(self, shard: dict[str, Any]) -> bool:
+        """Whether the shard changed since it was read (so a failed compare-and-set may be retried)."""
+        now = self._shards.find_one({"shard_key": shard["shard_key"]}, _CLAIM_FIELDS)
+        return now is not None and _as_read(now) != _as_read(shard)
 
     def _claim(self, query: dict[str, Any], now_ms: int, sort: list[tuple[str, int]] | None = None) -> Claim | None:
         now = clock.utcnow()

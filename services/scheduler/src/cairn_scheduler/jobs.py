@@ -16,10 +16,11 @@ from cairn_contracts import clock
 from cairn_contracts.jobs import JobSpec
 from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
 from cairn_contracts.pipelines import PIPELINES, BrokenEntry, CatalogEntry, CatalogRefusal, check_job
-from cairn_contracts.sinks import CHECKPOINT_COUNTERS, stale_filter, window_key
+from cairn_contracts.sinks import WRITE_COUNTERS, stale_filter, window_key
 from cairn_contracts.states import TERMINAL_JOB_STATES, JobState, ShardState, state_values
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, ShardBucket, ShardRecord
-from cairn_runtime.celery_config import ShardDispatcher
+from cairn_runtime import tally
+from cairn_runtime.celery_config import ShardDispatcher, dispatch_all
 from cairn_runtime.consumer import Unprocessable
 from cairn_runtime.log import log_context
 from cairn_runtime.mongo import insert_new
@@ -34,6 +35,14 @@ logger = logging.getLogger(__name__)
 PLAN_CHUNK = 1000
 # Work spaces whose interval length is the number of records to expect (keys, list items).
 COUNTED_SPACES = ("key_range", "work_items")
+# A job's shard-state/progress snapshot (an O(shards) read) is refreshed by the maintenance pass
+# at most every `snapshot_every_s` per this many shards.
+SNAPSHOT_SHARDS = 256
+# Shard tasks published per bulk dispatch (their confirms awaited together).
+DISPATCH_CHUNK = 1000
+_ROLL_UP_FIELDS = {
+    "state": 1, "shard_count": 1, "created_at": 1, "pipeline": 1, "tenant": 1, "spec_fingerprint": 1, tally.COUNTS: 1, "spec": 1, "created_at_ms": 1,
+}
 
 
 class LockRelease(Protocol):
@@ -47,6 +56,7 @@ class JobScheduler:
     dispatcher: ShardDispatcher
     locks: LockRelease | None = None  # the job-fingerprint lock, released when a job is terminal
     plan_chunk: int = PLAN_CHUNK
+    snapshot_every_s: float = 5.0  # the maintenance pass's snapshot period per SNAPSHOT_SHARDS shards
 
     async def start_job(self, command: StartJob) -> None:
         job = await self.db[JOBS].find_one({"_id": command.job_id})
@@ -74,6 +84,8 @@ class JobScheduler:
                     "shard_count": len(plan.shards),
                     # Known up front for keys and work items; a time window's count is not.
                     "records_total": end - start if space.get("kind", "key_range") in COUNTED_SPACES else None,
+                    "weight_total": sum(p.records_estimate for p in plan.shards),  # progress: see tally.py
+                    "shard_states": {ShardState.PLANNED: len(plan.shards)},
                     "started_at": clock.utcnow(),
                 }
             },
@@ -143,18 +155,26 @@ class JobScheduler:
         await insert_new(self.db[SHARDS], [shard.to_document() for shard in shards])
 
     async def _dispatch_planned(self, job_id: str, priority: int) -> int:
-        """Send the task of every PLANNED shard of the job; returns how many were sent."""
+        """Send the task of every PLANNED shard of the job; returns how many were sent.
+
+        In bulk: the tasks of up to `DISPATCH_CHUNK` shards are published together and their
+        confirms awaited together, then one `update_many` marks every PLANNED shard QUEUED."""
         # Publish first, then mark: a crash in between re-dispatches on redelivery, and the
         # worker's lease claim makes the second task a no-op. The reverse order could lose a shard.
-        dispatched = 0
-        async for shard in self.db[SHARDS].find({"job_id": job_id, "state": ShardState.PLANNED}, {"shard_key": 1}):
-            await self.dispatcher.dispatch(RunShard(job_id=job_id, shard_key=shard["shard_key"]), priority)
-            await self.db[SHARDS].update_one(
-                {"_id": shard["_id"], "state": ShardState.PLANNED},
+        keys = [s["shard_key"] async for s in self.db[SHARDS].find({"job_id": job_id, "state": ShardState.PLANNED}, {"shard_key": 1})]
+        for first in range(0, len(keys), DISPATCH_CHUNK):
+            tasks = [RunShard(job_id=job_id, shard_key=key) for key in keys[first : first + DISPATCH_CHUNK]]
+            await dispatch_all(self.dispatcher, tasks, priority)
+        if keys:
+            # Only shards still PLANNED: one a worker claimed meanwhile is RUNNING and stays so.
+            await self.db[SHARDS].update_many(
+                {"job_id": job_id, "state": ShardState.PLANNED},
                 {"$set": {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": clock.now_ms()}},
             )
-            dispatched += 1
-        return dispatched
+            await self.db[JOBS].update_one(
+                {"_id": job_id, "shard_states.PLANNED": len(keys)}, {"$set": {"shard_states": {ShardState.QUEUED: len(keys)}}}
+            )
+        return len(keys)
 
     async def _dispatch_runners(self, job_id: str, runners: int, priority: int) -> bool:
         """Lease frontier: the items stay claimable in MongoDB; `runners` tasks pull them.
@@ -162,13 +182,14 @@ class JobScheduler:
         job = await self.db[JOBS].find_one({"_id": job_id}, {"runners_dispatched_at": 1})
         if job and job.get("runners_dispatched_at"):
             return False  # a redelivered command: the runners are out already
-        for lane in range(runners):
-            await self.dispatcher.dispatch(RunFrontier(job_id=job_id, lane=lane), priority)
+        await dispatch_all(self.dispatcher, [RunFrontier(job_id=job_id, lane=lane) for lane in range(runners)], priority)
         await self.db[JOBS].update_one({"_id": job_id}, {"$set": {"runners_dispatched_at": clock.utcnow()}})
         return True
 
     async def shard_finished(self, event: ShardFinished) -> None:
-        await self.roll_up(event.job_id)
+        """Count the shard into its job (exactly once: tally.py), then roll the job up."""
+        await tally.count_shard(self.db, event.shard_key)
+        await self.roll_up_counted(event.job_id)
 
     async def stop(self, job_id: str) -> JobState | None:
         """Apply a cancel (idempotent): shards not started are cancelled, running ones are marked
@@ -183,35 +204,89 @@ class JobScheduler:
                 await self.locks.release_job(job)
         return state
 
-    async def roll_up(self, job_id: str) -> JobState | None:
-        """Derive the job's state from its shards' states (idempotent; safe to run anywhere)."""
-        job = await self.db[JOBS].find_one(
-            {"_id": job_id},
-            {"state": 1, "shard_count": 1, "created_at": 1, "created_at_ms": 1, "pipeline": 1, "tenant": 1, "spec_fingerprint": 1, "spec": 1},
-        )
+    async def roll_up_counted(self, job_id: str) -> JobState | None:
+        """Derive the job's state from its counters (one document read; idempotent; safe to run
+        anywhere): what every shard event does. Only a terminal state is derived here; STARTED
+        and RETRY are `roll_up`'s."""
+        job = await self.db[JOBS].find_one({"_id": job_id}, _ROLL_UP_FIELDS)
         if job is None or JobState(job["state"]).is_terminal or not job.get("shard_count"):
             return None
-        states = Counter([s["state"] async for s in self.db[SHARDS].find({"job_id": job_id}, {"state": 1})])
-        state = job_state_from(states, int(job["shard_count"]))
-        update: dict[str, Any] = {"state": state, "shard_states": dict(states)}
-        if state.is_terminal:
-            update["finished_at"] = clock.utcnow()
-            update["finished_at_ms"] = clock.to_ms(update["finished_at"])  # result retention compares it
-            update["result"] = await self._result(job_id, states)
-            if state == JobState.SUCCESS and job["spec"].get("write_mode") == "replace_window":
-                # Before the SUCCESS write: if this process dies in between, the job is still
-                # STARTED and the next roll-up deletes again (a repeat deletes nothing more).
-                update["result"]["records_deleted"] = await self._delete_stale(job_id, job)
+        shard_count = int(job["shard_count"])
+        state = job_state_from(_terminal_states(tally.counts_of(job)), shard_count)
+        if not state.is_terminal:
+            return JobState(job["state"])
+        # Once per job: check the ledger against the shards (a count lost to a race with a DLQ
+        # replay, say) before the result is written; O(shards), but only here and in reconcile.
+        if await tally.uncounted(self.db, job_id):
+            job = await self.db[JOBS].find_one({"_id": job_id}, _ROLL_UP_FIELDS) or job
+            state = job_state_from(_terminal_states(tally.counts_of(job)), shard_count)
+            if not state.is_terminal:
+                return JobState(job["state"])
+        return await self._finish(job, state)
+
+    async def roll_up(self, job_id: str, *, force: bool = True) -> JobState | None:
+        """The full roll-up of a job from its shards (O(shards): the periodic pass, a cancel; not
+        the event path): count shards whose event was lost, refresh the job's shard-state
+        snapshot and progress (what the status shows of running shards), STARTED <-> RETRY,
+        then `roll_up_counted`. Idempotent; returns the job's state (None: unplanned, unknown
+        or already terminal). `force=False` (the maintenance loop): a large job's snapshot is
+        refreshed at most every `snapshot_every_s` per `SNAPSHOT_SHARDS` shards, so the pass
+        costs about the same for any job size; its counters need no pass (events keep them)."""
+        job = await self.db[JOBS].find_one({"_id": job_id}, {"state": 1, "shard_count": 1, "progress.at_ms": 1})
+        if job is None or JobState(job["state"]).is_terminal or not job.get("shard_count"):
+            return None
+        if not force and not self._snapshot_due(job):
+            return await self.roll_up_counted(job_id)
+        shards = [s async for s in self.db[SHARDS].find({"job_id": job_id}, tally.SHARD_FIELDS)]
+        await tally.uncounted(self.db, job_id, shards)
+        states = Counter([s["state"] for s in shards])
+        checkpoints = [c async for c in self.db[CHECKPOINTS].find({"job_id": job_id}, _PROGRESS_FIELDS)]
+        percent, records_done = snapshot_progress(checkpoints)
+        writes = {counter: sum(int(c.get(counter) or 0) for c in checkpoints) for counter in WRITE_COUNTERS}
+        update: dict[str, Any] = {
+            "shard_states": dict(states),
+            "progress": {"percent": percent, "records_done": records_done, "writes": writes, "at_ms": clock.now_ms()},
+        }
+        live = job_state_from(states, int(job["shard_count"]))
+        if live in (JobState.STARTED, JobState.RETRY) and job["state"] in (JobState.STARTED, JobState.RETRY):
+            update["state"] = live
+        written = await self.db[JOBS].update_one({"_id": job_id, "state": job["state"]}, {"$set": update})
+        if written.modified_count and update.get("state", job["state"]) != job["state"]:
+            with log_context(job_id=job_id):
+                logger.info("job %s %s -> %s (shards: %s)", job_id, job["state"], update["state"], _shard_summary(states))
+        return await self.roll_up_counted(job_id)
+
+    def _snapshot_due(self, job: dict[str, Any]) -> bool:
+        taken = tally.as_dict(job.get("progress")).get("at_ms")
+        if not isinstance(taken, int):
+            return True
+        every_ms = self.snapshot_every_s * 1000 * max(1.0, int(job.get("shard_count") or 0) / SNAPSHOT_SHARDS)
+        return clock.now_ms() - taken >= 0.8 * every_ms  # slack: passes come every period, give or take
+
+    async def _finish(self, job: dict[str, Any], state: JobState) -> JobState:
+        job_id = job["_id"]
+        counts = tally.counts_of(job)
+        finished_at = clock.utcnow()
+        update: dict[str, Any] = {
+            "state": state,
+            "shard_states": {str(s): n for s, n in _terminal_states(counts).items() if n},
+            "finished_at": finished_at,
+            "finished_at_ms": clock.to_ms(finished_at),  # result retention compares it
+            "result": await self._result(job_id, counts),
+        }
+        if state == JobState.SUCCESS and (job.get("spec") or {}).get("write_mode") == "replace_window":
+            # Before the SUCCESS write: if this process dies in between, the job is still
+            # STARTED and the next roll-up deletes again (a repeat deletes nothing more).
+            update["result"]["records_deleted"] = await self._delete_stale(job_id, job)
         written = await self.db[JOBS].update_one(
             {"_id": job_id, "state": {"$nin": state_values(TERMINAL_JOB_STATES)}}, {"$set": update}
         )
-        if written.modified_count and state != job["state"]:
+        if written.modified_count:
             # One line per transition: the roll-up runs for every event and every few seconds,
             # but a state is written (and logged) once. The maintenance loop has no job context.
             with log_context(job_id=job_id):
-                logger.info("job %s %s -> %s (shards: %s)", job_id, job["state"], state, _shard_summary(states))
-        if state.is_terminal and written.modified_count:
-            observe_job_finished(job, state, update["finished_at"])
+                logger.info("job %s %s -> %s (shards: %s)", job_id, job["state"], state, _shard_summary(Counter(update["shard_states"])))
+            observe_job_finished(job, state, finished_at)
             if self.locks is not None:
                 await self.locks.release_job(job)
         return state
@@ -235,19 +310,43 @@ class JobScheduler:
             logger.info("job %s: %d stale records of window %s deleted", job_id, deleted.deleted_count, window)
         return int((total or {}).get("records_deleted") or 0)
 
-    async def _result(self, job_id: str, states: Counter) -> dict[str, Any]:
-        totals: Counter[str] = Counter()
-        async for checkpoint in self.db[CHECKPOINTS].find({"job_id": job_id}):
-            for field in CHECKPOINT_COUNTERS:
-                totals[field] += int(checkpoint.get(field, 0))
-        failed = [s["shard_key"] async for s in self.db[SHARDS].find({"job_id": job_id, "state": ShardState.FAILED}, {"shard_key": 1})]
+    async def _result(self, job_id: str, counts: dict[str, int]) -> dict[str, Any]:
+        ledger = await self.db[JOBS].find_one({"_id": job_id}, {tally.LEDGER: 1}) or {}
         return {
-            **{field: totals[field] for field in CHECKPOINT_COUNTERS},
-            "shards_succeeded": states.get(ShardState.SUCCEEDED, 0),
-            "shards_failed": states.get(ShardState.FAILED, 0),
-            "shards_cancelled": states.get(ShardState.CANCELLED, 0),
-            "failed_shards": failed,
+            **{field: counts[field] for field in tally.TOTALS},
+            "shards_succeeded": counts["shards_succeeded"],
+            "shards_failed": counts["shards_failed"],
+            "shards_cancelled": counts["shards_cancelled"],
+            "failed_shards": tally.failed_shard_keys({**ledger, "_id": job_id}),
         }
+
+
+_PROGRESS_FIELDS = {
+    "cursor": 1, "position": 1, "done": 1, "range_start": 1, "range_end": 1, "records_estimate": 1, "records_done": 1,
+    **dict.fromkeys(WRITE_COUNTERS, 1),
+}
+
+
+def snapshot_progress(checkpoints: list[dict[str, Any]]) -> tuple[float, int]:
+    """(percent 0-100 rounded to 0.01, records done) from a job's checkpoints: each shard counts
+    for its share of its key range (its `position`, else an integer `cursor`; an opaque cursor
+    without a position counts as not started), weighted by its expected records."""
+    done_weight = total_weight = 0.0
+    records_done = 0
+    for checkpoint in checkpoints:
+        start, end = int(checkpoint.get("range_start") or 0), int(checkpoint.get("range_end") or 0)
+        span = max(1, end - start)
+        weight = float(checkpoint.get("records_estimate") or span)
+        position = end if checkpoint.get("done") else checkpoint.get("position", checkpoint.get("cursor"))
+        if isinstance(position, int) and not isinstance(position, bool):
+            done_weight += weight * min(1.0, max(0.0, (position - start) / span))
+        total_weight += weight
+        records_done += int(checkpoint.get("records_done") or 0)
+    return (round(100.0 * done_weight / total_weight, 2) if total_weight else 0.0), records_done
+
+
+def _terminal_states(counts: dict[str, int]) -> Counter:
+    return Counter({state: counts[field] for state, field in tally.SHARD_COUNTERS.items()})
 
 
 def _shard_summary(states: Counter) -> str:

@@ -47,7 +47,7 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
         queues = await declare_topology(channel)
         publisher = await Publisher.open(connection, settings.publish_timeout_s)
         dispatcher = ShardTaskSender.for_broker(settings.amqp_url, "cairn-scheduler")
-        scheduler = JobScheduler(db, dispatcher, locks=locks)
+        scheduler = JobScheduler(db, dispatcher, locks=locks, snapshot_every_s=settings.reconcile_interval_s)
         canceller = Canceller(scheduler, settings.result_ttl_s)
         maintenance = Maintenance(
             scheduler,

@@ -66,7 +66,7 @@ class Maintenance:
     async def reconcile_running(self) -> None:
         jobs = self.scheduler.db[JOBS]
         async for job in jobs.find({"state": {"$in": [JobState.STARTED, JobState.RETRY]}}, {"_id": 1}):
-            await self.scheduler.roll_up(job["_id"])
+            await self.scheduler.roll_up(job["_id"], force=False)
 
     async def relay_unpublished(self) -> int:
         jobs = self.scheduler.db[JOBS]

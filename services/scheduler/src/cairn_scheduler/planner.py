@@ -15,6 +15,7 @@ from itertools import islice
 from typing import overload
 
 from cairn_contracts.jobs import HashModSharding, LeaseFrontierSharding, RangeSharding, lease_frontier_items
+from cairn_contracts.store import shard_key_for
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Plan:
 
 
 def shard_key(job_id: str, index: int) -> str:
-    return f"{job_id}:{index:04d}"
+    return shard_key_for(job_id, index)
 
 
 def _range_part(start: int, end: int, parts: int, index: int) -> tuple[int, int]:

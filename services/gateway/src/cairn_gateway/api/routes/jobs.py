@@ -75,10 +75,15 @@ async def count_jobs(jobs: Jobs, caller: Caller) -> JobCounts:
 
 @router.get("/{job_id}", response_model=JobDetail, responses=NOT_FOUND)
 async def get_job(
-    job_id: str, jobs: Jobs, caller: Caller, shard_limit: Annotated[int, Query(ge=0, le=5000)] = 1000
+    job_id: str,
+    jobs: Jobs,
+    caller: Caller,
+    shard_limit: Annotated[int, Query(ge=0, le=1000, description="Shards per page")] = 100,
+    shards_after: Annotated[str | None, Query(max_length=200, description="`shards_next_cursor` of the previous page")] = None,
 ) -> JobDetail:
-    """The job, its spec, progress and shards (state, attempts, checkpoint cursor, records)."""
-    return await jobs.get(caller.tenant, job_id, shard_limit)
+    """The job, its spec, progress and one page of its shards (state, attempts, checkpoint
+    cursor, records); the summary costs the same whatever the job's shard count."""
+    return await jobs.get(caller.tenant, job_id, shard_limit, shards_after)
 
 
 @router.post(

@@ -1,0 +1,178 @@
+"""A job's counters, kept up to date shard by shard: each terminal shard is added exactly once.
+
+The job document carries the counters (`counts`) and, next to them, a ledger (`tally`) naming
+what each shard contributed: `tally.s<index>` is `"<state>|<records_done>|<records_written>|
+<records_redone>|<batches>|<weight>"`. Counting a shard (`count_shard`) is one conditional update
+of the job document: compare-and-set of the shard's ledger entry together with the `$inc` of the
+difference, so the entry and the counters can never disagree (no multi-document transaction, no
+crash window between "marked" and "added"):
+
+- a duplicate ShardFinished, a second scheduler, the periodic reconcile: the entry already says
+  what the shard says, nothing is written;
+- a crash anywhere before that update: the shard is terminal but absent from the ledger, and the
+  next event or the reconcile pass (`uncounted`) adds it;
+- a FAILED shard reopened by a DLQ replay is taken back out (its entry removed, its figures
+  subtracted), and counted again when it ends.
+
+So the roll-up and the status read one document; only the reconcile pass reads a job's shards.
+`weight` is the shard's `records_estimate`: the share of the job's progress it stands for.
+"""
+
+import logging
+from typing import Any
+
+from pymongo.asynchronous.database import AsyncDatabase
+
+from cairn_contracts.sinks import CHECKPOINT_COUNTERS
+from cairn_contracts.states import TERMINAL_JOB_STATES, ShardState, state_values
+from cairn_contracts.store import CHECKPOINTS, JOBS, MAIN_SUB_KEY, SHARDS
+
+logger = logging.getLogger(__name__)
+
+COUNTS = "counts"  # job field: the counters below
+LEDGER = "tally"  # job field: shard index -> what it contributed to COUNTS
+TOTALS = CHECKPOINT_COUNTERS  # a checkpoint's counters (cairn_contracts.sinks), summed per job
+SHARD_COUNTERS = {
+    ShardState.SUCCEEDED: "shards_succeeded",
+    ShardState.FAILED: "shards_failed",
+    ShardState.CANCELLED: "shards_cancelled",
+}
+WEIGHT_DONE = "weight_done"  # sum of the counted shards' records_estimate
+COUNTER_FIELDS = (*SHARD_COUNTERS.values(), *TOTALS, WEIGHT_DONE)
+_FINAL_JOB_STATES = frozenset(state_values(TERMINAL_JOB_STATES))
+_ATTEMPTS = 8  # compare-and-set rounds before giving up (each lost one means another writer progressed)
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """`value` if it is a document, else an empty one (fields read back tolerantly)."""
+    return value if isinstance(value, dict) else {}
+
+
+def ledger_key(job_id: str, shard_key: str) -> str:
+    """The shard's field in the ledger: its key without the job id (`s0007` for `<job>:0007`)."""
+    suffix = shard_key.removeprefix(f"{job_id}:")
+    return "s" + suffix.replace(".", "_").replace("$", "_")  # a field name, not a path
+
+
+def shard_key_of(job_id: str, key: str) -> str:
+    """The shard key a ledger field stands for (the inverse of `ledger_key`)."""
+    return f"{job_id}:{key[1:]}"
+
+
+def entry(state: str, totals: dict[str, int], weight: int) -> str:
+    """The ledger entry of a terminal shard (a string: compared by equality on every server)."""
+    return "|".join([str(state), *(str(int(totals.get(field, 0))) for field in TOTALS), str(int(weight))])
+
+
+def contribution(value: str | None) -> dict[str, int]:
+    """What a ledger entry added to the counters (nothing for None)."""
+    if not value:
+        return {}
+    state, *numbers = str(value).split("|")
+    added = {field: int(number) for field, number in zip((*TOTALS, WEIGHT_DONE), numbers, strict=False)}
+    if state in SHARD_COUNTERS:
+        added[SHARD_COUNTERS[ShardState(state)]] = 1
+    return added
+
+
+def counts_of(job: dict[str, Any]) -> dict[str, int]:
+    """Every counter of a job document (0 where none was added yet)."""
+    stored = as_dict(job.get(COUNTS))
+    return {field: int(stored.get(field) or 0) for field in COUNTER_FIELDS}
+
+
+def checkpoint_id(shard_key: str) -> str:
+    return f"{shard_key}/{MAIN_SUB_KEY}"
+
+
+async def shard_entry(db: AsyncDatabase, shard: dict[str, Any]) -> str | None:
+    """The ledger entry a shard should have now: None unless it is terminal."""
+    state = str(shard.get("state"))
+    if state not in SHARD_COUNTERS:
+        return None
+    checkpoint = await db[CHECKPOINTS].find_one({"_id": checkpoint_id(shard["shard_key"])}, dict.fromkeys(TOTALS, 1))
+    return entry(state, checkpoint or {}, int(shard.get("records_estimate") or 0))
+
+
+SHARD_FIELDS = {"shard_key": 1, "job_id": 1, "state": 1, "records_estimate": 1}
+
+
+async def count_shard(db: AsyncDatabase, shard_key: str, shard: dict[str, Any] | None = None) -> bool:
+    """Make the job's counters include this shard as it is now (idempotent; safe anywhere).
+
+    Terminal and not counted: added; counted with another state (replayed and ended again): the
+    difference; counted but no longer terminal (reopened): subtracted. Returns True if this call
+    changed the counters. Reads the shard by `shard_key` (unique index), its checkpoint by `_id`
+    and the job's one ledger entry; writes the job once (more only when another writer raced it).
+    """
+    for _ in range(_ATTEMPTS):
+        if shard is None:
+            shard = await db[SHARDS].find_one({"shard_key": shard_key}, SHARD_FIELDS)
+            if shard is None:
+                return False
+        job_id, field = shard["job_id"], ledger_key(shard["job_id"], shard["shard_key"])
+        key = f"{LEDGER}.{field}"
+        job = await db[JOBS].find_one({"_id": job_id}, {key: 1, "state": 1})
+        if job is None or str(job.get("state")) in _FINAL_JOB_STATES:
+            return False  # a finished job's figures are final (a DLQ replay reopens it first)
+        # A projection on a dotted path comes back nested on MongoDB, as a flat "tally.sN" key on
+        # the stand-in (docs/mongodb-stand-in.md): read either.
+        current = job.get(key) if key in job else as_dict(job.get(LEDGER)).get(field)
+        wanted = await shard_entry(db, shard)
+        if current == wanted:
+            return False
+        if await _swap(db, job_id, key, current, wanted):
+            return True
+        shard = None  # raced: read both again
+    logger.warning("shard %s: its job's counters kept changing under %d attempts; the reconcile pass retries", shard_key, _ATTEMPTS)
+    return False
+
+
+async def _swap(db: AsyncDatabase, job_id: str, key: str, current: str | None, wanted: str | None) -> bool:
+    """Replace ledger entry `current` by `wanted` and apply the difference to the counters, in one
+    update conditional on the entry still being `current`."""
+    old, new = contribution(current), contribution(wanted)
+    delta = {f"{COUNTS}.{field}": new.get(field, 0) - old.get(field, 0) for field in COUNTER_FIELDS}
+    update: dict[str, Any] = {}
+    if changed := {field: value for field, value in delta.items() if value}:
+        update["$inc"] = changed
+    if wanted is None:
+        update["$unset"] = {key: ""}
+    else:
+        update["$set"] = {key: wanted}
+    # "missing" is $exists false: on the stand-in it also matches an explicit null, never written here.
+    where: dict[str, Any] = {
+        "_id": job_id,
+        "state": {"$nin": sorted(_FINAL_JOB_STATES)},
+        key: current if current is not None else {"$exists": False},
+    }
+    written = await db[JOBS].update_one(where, update)
+    return written.modified_count == 1
+
+
+async def uncounted(db: AsyncDatabase, job_id: str, shards: list[dict[str, Any]] | None = None) -> int:
+    """The reconcile pass: bring every shard of the job in line with the ledger (a shard finished
+    while the events were lost, or a crash between a shard's transition and its counting). Reads
+    the job's shards (by the `job_id` index) and its ledger: O(shards), for the periodic pass only.
+    `shards`: the job's shards already read (with `SHARD_FIELDS`), to spare a second read.
+    Returns how many shards it (re)counted."""
+    job = await db[JOBS].find_one({"_id": job_id}, {LEDGER: 1})
+    if job is None:
+        return 0
+    ledger = as_dict(job.get(LEDGER))
+    fixed = 0
+    if shards is None:
+        shards = [s async for s in db[SHARDS].find({"job_id": job_id}, SHARD_FIELDS)]
+    for shard in shards:
+        counted = ledger.get(ledger_key(job_id, shard["shard_key"]))
+        terminal = str(shard.get("state")) in SHARD_COUNTERS
+        if (counted is None) == terminal or (terminal and str(counted).split("|", 1)[0] != str(shard["state"])):
+            fixed += int(await count_shard(db, shard["shard_key"], shard))
+    return fixed
+
+
+def failed_shard_keys(job: dict[str, Any]) -> list[str]:
+    """The keys of the shards the ledger has as FAILED, sorted."""
+    ledger = as_dict(job.get(LEDGER))
+    failed = [k for k, v in ledger.items() if isinstance(v, str) and v.startswith(f"{ShardState.FAILED}|")]
+    return sorted(shard_key_of(job["_id"], k) for k in failed)

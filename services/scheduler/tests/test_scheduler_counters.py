@@ -1,0 +1,221 @@
+"""Issue 14: a job's counters are kept shard by shard and are exact: each terminal shard is added
+once whatever the deliveries (duplicates, concurrent handlers, a SIGKILL mid-way, a lost event),
+and the roll-up that follows an event reads one job document, not the job's shards."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo import AsyncMongoClient, monitoring
+
+from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
+from cairn_contracts.states import JobState, ShardState
+from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
+from cairn_runtime import tally
+from cairn_scheduler.jobs import JobScheduler
+
+
+class Dispatcher:
+    async def dispatch(self, task: RunShard | RunFrontier, priority: int) -> None:
+        pass
+
+
+async def started_job(db: Any, job_id: str, shards: int, count: int | None = None) -> JobScheduler:
+    cmd = StartJob.model_validate(
+        {
+            "job_id": job_id,
+            "tenant": "default",
+            "spec": {"pipeline": "synthetic", "params": {"count": count or shards * 10}, "sharding": {"shards": shards}},
+        }
+    )
+    await db[JOBS].insert_one(
+        {
+            "_id": job_id, "tenant": "default", "name": None, "pipeline": "synthetic", "priority": 2,
+            "spec": cmd.spec.model_dump(mode="json"), "state": JobState.PENDING, "created_at": datetime.now(UTC),
+        }
+    )
+    scheduler = JobScheduler(db, Dispatcher())
+    await scheduler.start_job(cmd)
+    return scheduler
+
+
+async def finish(db: Any, job_id: str, index: int, state: ShardState, done: int, batches: int = 1) -> str:
+    """What a worker leaves behind when a shard ends: the checkpoint's totals, the shard's state."""
+    key = f"{job_id}:{index:04d}"
+    await db[CHECKPOINTS].update_one(
+        {"_id": f"{key}/main"}, {"$set": {
+            "records_done": done, "records_written": done - 1, "records_redone": 1, "batches": batches,
+            "records_inserted": done - 1, "records_duplicate": 1,  # the sink's counters (an insert job)
+        }}
+    )
+    await db[SHARDS].update_one({"_id": key}, {"$set": {"state": state}})
+    return key
+
+
+def event(job_id: str, key: str, outcome: str = "succeeded") -> ShardFinished:
+    return ShardFinished(job_id=job_id, shard_key=key, outcome=outcome, records_done=0)  # type: ignore[arg-type]
+
+
+async def counts(db: Any, job_id: str) -> dict[str, int]:
+    return tally.counts_of(await db[JOBS].find_one({"_id": job_id}))
+
+
+async def test_duplicate_and_concurrent_deliveries_count_each_shard_once(db) -> None:
+    scheduler = await started_job(db, "dup", shards=6)
+    keys = [await finish(db, "dup", i, ShardState.SUCCEEDED, done=10 + i, batches=2) for i in range(5)]
+    keys.append(await finish(db, "dup", 5, ShardState.FAILED, done=3))
+
+    # Every event three times, the copies handled concurrently (a redelivery racing the original,
+    # two schedulers), in shuffled order.
+    deliveries = [event("dup", k, "failed" if k.endswith("5") else "succeeded") for k in keys * 3]
+    deliveries.reverse()
+    await asyncio.gather(*(scheduler.shard_finished(e) for e in deliveries))
+    await scheduler.roll_up("dup")  # the periodic pass on top: nothing to add
+
+    job = await db[JOBS].find_one({"_id": "dup"})
+    assert job["state"] == JobState.FAILURE
+    assert await counts(db, "dup") == {
+        "shards_succeeded": 5, "shards_failed": 1, "shards_cancelled": 0,
+        "records_done": sum(10 + i for i in range(5)) + 3,
+        "records_written": sum(9 + i for i in range(5)) + 2,
+        "records_redone": 6,
+        "records_inserted": sum(9 + i for i in range(5)) + 2,
+        "records_updated": 0,
+        "records_unchanged": 0,
+        "records_duplicate": 6,
+        "batches": 11,
+        "weight_done": 60,
+    }
+    assert job["result"]["records_done"] == 63 and job["result"]["failed_shards"] == ["dup:0005"]
+    assert job["result"]["shards_succeeded"] == 5 and job["result"]["shards_failed"] == 1
+
+
+async def test_a_shard_whose_event_is_lost_is_counted_by_the_periodic_roll_up_once(db) -> None:
+    # The crash between a shard's own update and its job's counting: the worker marked the shard
+    # SUCCEEDED and died before its ShardFinished went out (or the scheduler died before counting).
+    scheduler = await started_job(db, "lost", shards=3)
+    for i in range(3):
+        await finish(db, "lost", i, ShardState.SUCCEEDED, done=10)
+    await scheduler.shard_finished(event("lost", "lost:0000"))
+    await scheduler.shard_finished(event("lost", "lost:0001"))
+    assert (await db[JOBS].find_one({"_id": "lost"}))["state"] == JobState.STARTED
+    assert (await counts(db, "lost"))["shards_succeeded"] == 2
+
+    assert await scheduler.roll_up("lost") == JobState.SUCCESS  # the maintenance pass repairs it
+    await scheduler.shard_finished(event("lost", "lost:0002"))  # the event arrives late after all
+
+    assert (await counts(db, "lost"))["shards_succeeded"] == 3
+    assert (await db[JOBS].find_one({"_id": "lost"}))["result"]["records_done"] == 30
+
+
+async def test_a_replayed_shard_is_taken_out_and_counted_again_with_its_new_end(db) -> None:
+    scheduler = await started_job(db, "replayed", shards=2)
+    await finish(db, "replayed", 0, ShardState.SUCCEEDED, done=10)
+    await scheduler.shard_finished(event("replayed", "replayed:0000"))
+    await finish(db, "replayed", 1, ShardState.FAILED, done=4)
+    await tally.count_shard(db, "replayed:0001")
+    assert (await counts(db, "replayed"))["shards_failed"] == 1
+
+    # A DLQ replay reopens the shard (the replay handler then calls count_shard): out of the counters.
+    await db[SHARDS].update_one({"_id": "replayed:0001"}, {"$set": {"state": ShardState.QUEUED}})
+    assert await tally.count_shard(db, "replayed:0001") is True
+    assert await tally.count_shard(db, "replayed:0001") is False  # idempotent
+    taken_out = await counts(db, "replayed")
+    assert (taken_out["shards_failed"], taken_out["records_done"]) == (0, 10)
+
+    await finish(db, "replayed", 1, ShardState.SUCCEEDED, done=10)
+    await scheduler.shard_finished(event("replayed", "replayed:0001"))
+
+    job = await db[JOBS].find_one({"_id": "replayed"})
+    assert job["state"] == JobState.SUCCESS
+    assert (job["result"]["records_done"], job["result"]["shards_succeeded"], job["result"]["shards_failed"]) == (20, 2, 0)
+
+
+_COUNTER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pymongo import AsyncMongoClient
+    from cairn_runtime import tally
+
+    async def main(uri, name, job_id, shards):
+        db = AsyncMongoClient(uri)[name]
+        for i in range(int(shards)):
+            await tally.count_shard(db, f"{job_id}:{i:04d}")
+            print(i, flush=True)
+
+    asyncio.run(main(*sys.argv[1:]))
+    """
+)
+
+
+async def test_counters_stay_exact_when_the_counting_process_is_killed_mid_way(db, test_env) -> None:
+    shards = 120
+    scheduler = await started_job(db, "killed", shards=shards, count=shards * 10)
+    for i in range(shards):
+        await finish(db, "killed", i, ShardState.SUCCEEDED, done=10)
+    counter = subprocess.Popen(
+        [sys.executable, "-c", _COUNTER, test_env.mongodb_uri, db.name, "killed", str(shards)],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        assert counter.stdout is not None
+        deadline = time.monotonic() + 120
+        while int(counter.stdout.readline() or -1) < shards // 3:  # well inside the loop, mid-write or not
+            assert time.monotonic() < deadline and counter.poll() is None
+        os.kill(counter.pid, signal.SIGKILL)
+    finally:
+        counter.kill()
+        counter.wait(timeout=30)
+    partial = await counts(db, "killed")
+    assert shards // 3 <= partial["shards_succeeded"] < shards
+    assert partial["records_done"] == 10 * partial["shards_succeeded"]  # entry and figures moved together
+
+    for i in range(shards):  # the redelivered events, in full
+        await scheduler.shard_finished(event("killed", f"killed:{i:04d}"))
+
+    assert (await counts(db, "killed"))["shards_succeeded"] == shards
+    job = await db[JOBS].find_one({"_id": "killed"})
+    assert job["state"] == JobState.SUCCESS and job["result"]["records_done"] == shards * 10
+
+
+class Commands(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self.filters: list[tuple[str, dict]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        collection = event.command.get(event.command_name)
+        self.seen.append((event.command_name, collection if isinstance(collection, str) else ""))
+        if isinstance(collection, str):
+            self.filters.append((collection, dict(event.command.get("filter") or event.command.get("query") or {})))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_a_shard_event_reads_one_job_document_not_the_jobs_shards(db, test_env) -> None:
+    await started_job(db, "o1", shards=200)
+    for i in range(3):
+        await finish(db, "o1", i, ShardState.SUCCEEDED, done=10)
+    listener = Commands()
+    client: AsyncMongoClient = AsyncMongoClient(test_env.mongodb_uri, event_listeners=[listener], tz_aware=True)
+    try:
+        scheduler = JobScheduler(client[db.name], Dispatcher())
+        await scheduler.shard_finished(event("o1", "o1:0001"))
+        await scheduler.shard_finished(event("o1", "o1:0001"))
+    finally:
+        await client.close()
+    # Each event reads its own shard by key and its checkpoint by _id; nothing selects by job.
+    assert [f for c, f in listener.filters if c in (SHARDS, CHECKPOINTS) and "job_id" in f] == [], listener.filters
+    assert [f for c, f in listener.filters if c == SHARDS] == [{"shard_key": "o1:0001"}] * 2
+    assert [f for c, f in listener.filters if c == CHECKPOINTS] == [{"_id": "o1:0001/main"}] * 2
+    assert (await counts(db, "o1"))["shards_succeeded"] == 1
