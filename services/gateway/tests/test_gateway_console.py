@@ -69,7 +69,13 @@ def running_job(db: Database, tenant: str, name: str) -> str:
     started = datetime.now(UTC) - timedelta(seconds=20)
     record = JobRecord.new({**SPEC, "name": name}, tenant, now=started - timedelta(seconds=1))
     document = record.to_document()
-    document.update(state=str(JobState.STARTED), started_at=started, shard_count=2, records_total=1000)
+    # As the scheduler's roll-up leaves it: shard 1 counted, a snapshot that sees shard 0 running.
+    document.update(
+        state=str(JobState.STARTED), started_at=started, shard_count=2, records_total=1000, weight_total=1000,
+        counts={"shards_succeeded": 1, "records_done": 500, "records_written": 500, "weight_done": 500},
+        shard_states={str(ShardState.RUNNING): 1},
+        progress={"percent": 75.0, "records_done": 750, "at_ms": int(started.timestamp() * 1000)},
+    )
     db[JOBS].insert_one(document)
     for index, (state, cursor, done) in enumerate([(ShardState.RUNNING, 250, 250), (ShardState.SUCCEEDED, 1000, 500)]):
         key = f"{record.id}:{index:04d}"

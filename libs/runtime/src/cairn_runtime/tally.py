@@ -15,7 +15,8 @@ crash window between "marked" and "added"):
   subtracted), and counted again when it ends.
 
 So the roll-up and the status read one document; only the reconcile pass reads a job's shards.
-`weight` is the shard's `records_estimate`: the share of the job's progress it stands for.
+`weight` is a succeeded shard's `records_estimate` (0 for a failed or cancelled one): the share of
+the job's progress it stands for.
 """
 
 import logging
@@ -37,7 +38,7 @@ SHARD_COUNTERS = {
     ShardState.FAILED: "shards_failed",
     ShardState.CANCELLED: "shards_cancelled",
 }
-WEIGHT_DONE = "weight_done"  # sum of the counted shards' records_estimate
+WEIGHT_DONE = "weight_done"  # sum of the succeeded shards' records_estimate
 COUNTER_FIELDS = (*SHARD_COUNTERS.values(), *TOTALS, WEIGHT_DONE)
 _FINAL_JOB_STATES = frozenset(state_values(TERMINAL_JOB_STATES))
 _ATTEMPTS = 8  # compare-and-set rounds before giving up (each lost one means another writer progressed)
@@ -91,7 +92,10 @@ async def shard_entry(db: AsyncDatabase, shard: dict[str, Any]) -> str | None:
     if state not in SHARD_COUNTERS:
         return None
     checkpoint = await db[CHECKPOINTS].find_one({"_id": checkpoint_id(shard["shard_key"])}, dict.fromkeys(TOTALS, 1))
-    return entry(state, checkpoint or {}, int(shard.get("records_estimate") or 0))
+    # Only a succeeded shard's work is done: a failed or cancelled one adds its records but no
+    # progress (a job that failed on a missing source reports 0 %, not 100 %).
+    weight = int(shard.get("records_estimate") or 0) if state == ShardState.SUCCEEDED else 0
+    return entry(state, checkpoint or {}, weight)
 
 
 SHARD_FIELDS = {"shard_key": 1, "job_id": 1, "state": 1, "records_estimate": 1}

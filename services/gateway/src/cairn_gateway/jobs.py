@@ -411,7 +411,8 @@ class JobService:
             started_at=job.get("started_at"),
             finished_at=job.get("finished_at"),
             # Read only when the counters say there is something to list (bounded: DETAIL_LIMIT).
-            retrying=await retrying_shards(self.db, job_id) if shards.retry else [],
+            # (a job in RETRY has a shard waiting even before the snapshot counts it)
+            retrying=await retrying_shards(self.db, job_id) if shards.retry or state == JobState.RETRY else [],
             failed_shards=await failed_shards(self.db, job_id) if shards.failed else [],
             dead_letters_url=f"/dlq/entries?job_id={job_id}" if shards.failed else None,
         )
