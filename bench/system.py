@@ -119,6 +119,7 @@ class BenchContext:
                 "CAIRN_LOG_LEVEL": "INFO",
                 "CAIRN_TRACE_EXPORTER": "none",
                 "CAIRN_METRICS_PORT": "0",
+                "CAIRN_HTTP_ALLOW_PRIVATE_NETWORKS": "true",  # the http_json scenario's API is on loopback
                 "PYTHONPATH": str(ROOT),
             }
         )

@@ -26,7 +26,9 @@ ENV = {
     "CAIRN_LEASE_TTL_S": "3",
     "CAIRN_HEARTBEAT_INTERVAL_S": "0.5",
     "CAIRN_MAX_ATTEMPTS": "6",
-    "CAIRN_SECRETS": json.dumps({"paged_api": f"Bearer {TOKEN}"}),
+    # Bound to the test API's host: sent there only, whoever submits the job.
+    "CAIRN_SECRETS": json.dumps({"paged_api": {"value": f"Bearer {TOKEN}", "hosts": ["127.0.0.1"]}}),
+    "CAIRN_HTTP_ALLOW_PRIVATE_NETWORKS": "true",  # the test API listens on loopback
 }
 
 

@@ -17,11 +17,12 @@ from pydantic import ValidationError
 from pymongo.database import Database
 
 from cairn_ingest_worker.errors import is_retryable
-from cairn_ingest_worker.http.fetch import FetchPolicy, MalformedPage, PageFetcher, PageUnavailable, build_client, retry_after_s
+from cairn_ingest_worker.http.fetch import FetchPolicy, MalformedPage, PageFetcher, PageUnavailable, RefusedUrl, build_client, retry_after_s
 from cairn_ingest_worker.http.ratelimit import HostRateLimiter, parse_rate, redis_storage
 from cairn_ingest_worker.http.raw_pages import RawPages
 from cairn_ingest_worker.pipelines.http_json import HttpJsonParams, HttpJsonPipeline
-from cairn_sdk import Bounds, HttpStatusError, MissingSecret, NonRetryableError, RunContext
+from cairn_ingest_worker.settings import WorkerSettings
+from cairn_sdk import Bounds, HttpStatusError, MissingSecret, NonRetryableError, RunContext, SecretNotAllowed, host_matches
 from cairn_sdk.testing import bounds_of, drain
 from cairn_testkit import fixtures
 from cairn_testkit.fixtures import REDIS_URL
@@ -66,13 +67,13 @@ def test_each_paging_style_reads_every_record_once_in_order(api: PagedServer, pa
 
 def test_a_batch_is_whole_pages_and_its_cursor_resumes_after_them(api: PagedServer) -> None:
     params = HttpJsonParams(url=api.base_url + "/pages", records_path="data.items", page_size=50)
-    pipeline = HttpJsonPipeline(params, RunContext())
+    pipeline = HttpJsonPipeline(params, RunContext(allow_private_networks=True))
     bounds = bounds_of(HttpJsonPipeline, params.model_dump(mode="json", exclude_none=True))
     first = pipeline.read(bounds, pipeline.start(bounds), limit=60)  # 60 records: two pages
     assert len(first.records) == 100 and not first.done
     assert first.cursor == {"item": 0, "next": 3}
     # A new process (a resumed shard) continues from the JSON cursor alone.
-    resumed = HttpJsonPipeline(params, RunContext()).read(bounds, json.loads(json.dumps(first.cursor)), limit=1000)
+    resumed = HttpJsonPipeline(params, RunContext(allow_private_networks=True)).read(bounds, json.loads(json.dumps(first.cursor)), limit=1000)
     assert resumed.done and [r["id"] for r in first.records + resumed.records] == EVERY_ID
 
 
@@ -121,7 +122,7 @@ def test_time_windows_are_sent_as_query_params(api: PagedServer) -> None:
 
 def fetcher(policy: FetchPolicy, sleeps: list[float] | None = None, headers: dict[str, str] | None = None) -> PageFetcher:
     record = sleeps.append if sleeps is not None else (lambda _s: None)
-    return PageFetcher(build_client(policy, headers), policy, sleep=record)
+    return PageFetcher(build_client(policy, headers, allow_private_networks=True), policy, sleep=record)
 
 
 def test_retry_after_is_honoured_then_the_page_is_served(api: PagedServer) -> None:
@@ -214,16 +215,56 @@ def test_auth_header_comes_from_a_named_worker_secret_and_is_never_logged(caplog
     token = "s3cret-token-value"
     with PagedServer(PagedApi(total=60, token=token)) as server:
         params = {"url": server.base_url + "/pages", "records_path": "data.items", "auth_secret": "demo_api", **FAST}
-        context = RunContext(secrets={"demo_api": f"Bearer {token}"})
+        context = RunContext(allow_private_networks=True, secrets={"demo_api": f"Bearer {token}"})
         with caplog.at_level(logging.DEBUG):
             assert len(drain(HttpJsonPipeline, params, context=context)) == 60
             with pytest.raises(HttpStatusError) as refused:  # a wrong secret: 401, permanent
-                drain(HttpJsonPipeline, params, context=RunContext(secrets={"demo_api": "Bearer wrong"}))
+                drain(HttpJsonPipeline, params, context=RunContext(allow_private_networks=True, secrets={"demo_api": "Bearer wrong"}))
         assert refused.value.status == 401 and not is_retryable(refused.value)
         with pytest.raises(MissingSecret):
             drain(HttpJsonPipeline, params)
     assert token not in caplog.text and "wrong" not in caplog.text
     assert token not in repr(context)
+
+
+def test_a_secret_bound_to_hosts_goes_only_to_them_whoever_names_it() -> None:
+    """CAIRN_SECRETS {"value", "hosts"}: a job aiming the secret at another host is dead-lettered
+    before any request carries it (the server never sees the token)."""
+    token = "bound-token-value"
+    with PagedServer(PagedApi(total=60, token=token)) as server:
+        params = {"url": server.base_url + "/pages", "records_path": "data.items", "auth_secret": "demo_api", **FAST}
+        secrets = {"demo_api": f"Bearer {token}"}
+        elsewhere = RunContext(allow_private_networks=True, secrets=secrets, secret_hosts={"demo_api": frozenset({"api.example.com"})})
+        with pytest.raises(SecretNotAllowed, match="127.0.0.1") as refused:
+            drain(HttpJsonPipeline, params, context=elsewhere)
+        assert not is_retryable(refused.value) and token not in str(refused.value)
+        assert not server.api.hits
+        here = RunContext(allow_private_networks=True, secrets=secrets, secret_hosts={"demo_api": frozenset({"127.0.0.1"})})
+        assert len(drain(HttpJsonPipeline, params, context=here)) == 60
+
+
+def test_a_url_on_a_private_network_is_refused_unless_the_worker_allows_it(api: PagedServer) -> None:
+    """The SSRF guard (cairn_runtime.egress): loopback, private and link-local hosts are
+    dead-lettered before any request unless CAIRN_HTTP_ALLOW_PRIVATE_NETWORKS is set."""
+    params = {"url": api.base_url + "/pages", "records_path": "data.items", **FAST}
+    with pytest.raises(RefusedUrl, match="not a public address") as refused:
+        drain(HttpJsonPipeline, params, context=RunContext())
+    assert not is_retryable(refused.value) and not api.api.hits
+    for url in ("http://169.254.169.254/latest/meta-data", "http://[::ffff:127.0.0.1]:9/x", "http://10.0.0.1/x"):
+        with pytest.raises(RefusedUrl):
+            drain(HttpJsonPipeline, {**params, "url": url}, context=RunContext())
+    assert len(drain(HttpJsonPipeline, params, context=RunContext(allow_private_networks=True))) == TOTAL
+
+
+def test_worker_secrets_are_plain_values_or_bound_to_hosts() -> None:
+    settings = WorkerSettings(secrets={"open": "Bearer a", "bound": {"value": "Bearer b", "hosts": ["API.example.com", "*.example.org"]}})
+    assert settings.secret_values() == {"open": "Bearer a", "bound": "Bearer b"}
+    assert settings.secret_hosts() == {"bound": frozenset({"api.example.com", "*.example.org"})}
+    assert "Bearer b" not in repr(settings)
+    with pytest.raises(ValidationError):
+        WorkerSettings(secrets={"bound": {"value": "x", "hosts": []}})
+    assert host_matches("a.b.example.org", {"*.example.org"}) and not host_matches("example.org", {"*.example.org"})
+    assert not host_matches("evilexample.org", {"*.example.org"}) and host_matches("API.Example.com.", {"api.example.com"})
 
 
 def test_params_refuse_credentials_in_plain_headers_and_need_a_source() -> None:
@@ -260,7 +301,7 @@ def test_the_rate_limit_of_a_host_is_shared_by_every_worker(test_env: fixtures.T
 def test_a_request_waits_for_room_under_the_rate(test_env: fixtures.TestEnvironment, api: PagedServer) -> None:
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        context = RunContext(redis=client, redis_prefix=f"{test_env.redis_prefix}:wait")
+        context = RunContext(allow_private_networks=True, redis=client, redis_prefix=f"{test_env.redis_prefix}:wait")
         params = {"url": api.base_url + "/pages", "records_path": "data.items", "page_size": 50, "rate_limit": "2/second"}
         pipeline = HttpJsonPipeline(HttpJsonParams.model_validate(params), context)
         slept: list[float] = []
@@ -298,7 +339,7 @@ def test_requests_go_through_unpaced_while_redis_is_away(private_redis: Any, cap
 
 def test_raw_pages_are_kept_in_gridfs_once_per_content(api: PagedServer, mongo_db: Database) -> None:
     params = {"url": api.base_url + "/pages", "records_path": "data.items", "page_size": 100, "keep_raw": True}
-    context = RunContext(store_db=mongo_db, job_id="job-raw")
+    context = RunContext(allow_private_networks=True, store_db=mongo_db, job_id="job-raw")
     records = drain(HttpJsonPipeline, params, context=context)
     pointers = sorted({r["raw_payload_id"] for r in records})
     assert len(pointers) == 3 and mongo_db.raw_payloads.count_documents({}) == 3
@@ -350,7 +391,7 @@ def test_a_batch_stops_at_its_page_budget_and_resumes(api: PagedServer, monkeypa
 
     monkeypatch.setattr(http_json, "MAX_PAGES_PER_BATCH", 3)
     params = HttpJsonParams(url=api.base_url + "/offsets", paging="offset", records_path="data.items", page_size=10)
-    pipeline = HttpJsonPipeline(params, RunContext())
+    pipeline = HttpJsonPipeline(params, RunContext(allow_private_networks=True))
     bounds = Bounds(0, 1)
     batch = pipeline.read(bounds, pipeline.start(bounds), limit=1000)
     assert len(batch.records) == 30 and not batch.done and batch.cursor == {"item": 0, "next": 30}
@@ -401,7 +442,7 @@ def test_the_secret_is_never_sent_to_a_host_a_link_or_redirect_points_at(paging:
     _Recorder.seen, _Recorder.other = [], f"http://127.0.0.1:{other.server_address[1]}"
     try:
         params = {"url": f"http://127.0.0.1:{api.server_address[1]}{path}", "paging": paging, "auth_secret": "demo", "auth_header": auth_header}
-        drain(HttpJsonPipeline, {**params, **FAST}, context=RunContext(secrets={"demo": "s3cret"}))
+        drain(HttpJsonPipeline, {**params, **FAST}, context=RunContext(allow_private_networks=True, secrets={"demo": "s3cret"}))
     finally:
         api.shutdown(), other.shutdown()
     assert _Recorder.seen, "the other host was reached"

@@ -7,7 +7,18 @@ never Cairn's services. It is discovered from the entry point group `cairn.pipel
 
 from cairn_sdk.effects import Effect, EffectBusy, EffectLedger, Effects, LocalEffects
 from cairn_sdk.errors import FailurePolicy, HttpStatusError, NonRetryableError, RetryableError
-from cairn_sdk.pipeline import Batch, Bounds, Bucket, Cursor, MissingSecret, Pipeline, RunContext, stable_hash
+from cairn_sdk.pipeline import (
+    Batch,
+    Bounds,
+    Bucket,
+    Cursor,
+    MissingSecret,
+    Pipeline,
+    RunContext,
+    SecretNotAllowed,
+    host_matches,
+    stable_hash,
+)
 from cairn_sdk.space import Interval, KeyRange, Single, Space, SpaceError, TimeRange, WorkItems, describe, epoch_ms, from_epoch_ms, resolve
 
 ENTRY_POINT_GROUP = "cairn.pipelines"
@@ -32,12 +43,14 @@ __all__ = [
     "Pipeline",
     "RetryableError",
     "RunContext",
+    "SecretNotAllowed",
     "Single",
     "Space",
     "SpaceError",
     "TimeRange",
     "WorkItems",
     "describe",
+    "host_matches",
     "epoch_ms",
     "from_epoch_ms",
     "resolve",

@@ -18,7 +18,7 @@ sink keeps records idempotent by their identity.
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
@@ -126,6 +126,21 @@ class MissingSecret(NonRetryableError):
     """The pipeline asked for a secret the worker's settings do not hold (the shard is dead-lettered)."""
 
 
+class SecretNotAllowed(NonRetryableError):
+    """The secret is bound to hosts (CAIRN_SECRETS `hosts`) and the job would send it elsewhere."""
+
+
+def host_matches(host: str, patterns: Iterable[str]) -> bool:
+    """`host` equals a pattern, or a `*.example.com` pattern covers it (any depth below, not the
+    apex). Case-insensitive."""
+    host = host.lower().rstrip(".")
+    for pattern in patterns:
+        pattern = pattern.lower().rstrip(".")
+        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
+            return True
+    return False
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What one shard run of a pipeline may use.
@@ -147,13 +162,27 @@ class RunContext:
     store_db: Database | None = None
     redis_prefix: str = "cairn"
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)  # never logged
+    # name -> host patterns a secret may be sent to ("api.example.com", "*.example.com"); a
+    # secret absent here may go to any host (the worker's operator chose so).
+    secret_hosts: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # Outbound HTTP to loopback/private/link-local addresses (cairn_runtime.egress): off unless
+    # the worker allows it (CAIRN_HTTP_ALLOW_PRIVATE_NETWORKS).
+    allow_private_networks: bool = False
 
-    def secret(self, name: str) -> str:
-        """The worker's secret `name` (a key of its CAIRN_SECRETS JSON object). Raises MissingSecret if unset."""
+    def secret(self, name: str, *, hosts: Iterable[str] = ()) -> str:
+        """The worker's secret `name` (a key of its CAIRN_SECRETS JSON object), to be sent to
+        every host in `hosts` (lower-case host names). Raises MissingSecret if unset, and
+        SecretNotAllowed if the secret is bound to hosts and one of `hosts` is not among them."""
         try:
-            return self.secrets[name]
+            value = self.secrets[name]
         except KeyError:
             raise MissingSecret(f"secret {name!r} is not configured on this worker") from None
+        allowed = self.secret_hosts.get(name)
+        if allowed is not None:
+            refused = sorted(host for host in hosts if not host_matches(host, allowed))
+            if refused:
+                raise SecretNotAllowed(f"secret {name!r} may not be sent to {', '.join(refused)}")
+        return value
 
     def source(self) -> Database:
         """`source_db`, or NonRetryableError if this worker has none."""

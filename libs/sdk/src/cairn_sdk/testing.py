@@ -27,8 +27,9 @@ def drain(
     max_batches: int = 100_000,
 ) -> list[dict[str, Any]]:
     """Every record the pipeline stores for `params` (cleaned, `_id` = identity), read batch by
-    batch as the runner does. Raises RuntimeError past `max_batches` (a cursor that never ends)."""
-    pipeline = pipeline_class(pipeline_class.Params.model_validate(params), context or RunContext())
+    batch as the runner does. Raises RuntimeError past `max_batches` (a cursor that never ends).
+    The default context lets the pipeline reach private networks: a test's fake API listens on loopback."""
+    pipeline = pipeline_class(pipeline_class.Params.model_validate(params), context or RunContext(allow_private_networks=True))
     bounds = bounds or bounds_of(pipeline_class, params)
     try:
         cursor = pipeline.start(bounds)

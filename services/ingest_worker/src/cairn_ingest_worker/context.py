@@ -4,6 +4,7 @@ Built once per process, after the prefork fork (a MongoClient must not cross a f
 by the tasks themselves (`WorkerTask`), not by module-level state.
 """
 
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -28,6 +29,7 @@ class WorkerContext:
 
 
 # (shards, checkpoints, worker_id, ttl_s, *, jobs): ShardLeases or a benchmark's subclass
+logger = logging.getLogger(__name__)
 LeasesFactory = Callable[..., ShardLeases]
 
 
@@ -50,8 +52,13 @@ def build_context(settings: WorkerSettings, app: Celery, leases: LeasesFactory =
         # pipelines never touch Redis never needs it.
         redis=redis.Redis.from_url(settings.redis_url),
         redis_prefix=settings.redis_prefix,
-        secrets={name: secret.get_secret_value() for name, secret in settings.secrets.items()},
+        secrets=settings.secret_values(),
+        secret_hosts=settings.secret_hosts(),
+        allow_private_networks=settings.http_allow_private_networks,
     )
+    unbound = sorted(set(settings.secrets) - set(settings.secret_hosts()))
+    if unbound:
+        logger.warning("secrets %s are bound to no host: any job submitter may send them to any host (CAIRN_SECRETS)", unbound)
     return WorkerContext(settings=settings, runner=runner, publisher=BrokerPublisher(app))
 
 

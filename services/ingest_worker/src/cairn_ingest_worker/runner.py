@@ -54,10 +54,13 @@ class ShardRunner:
     slice_s: float  # longest run of one task before it hands off to a continuation
     batch_time_limit_s: float | None = None  # past it, the heartbeat stops renewing the lease
     # What pipelines may reach through their RunContext (cairn_sdk): Redis (None: not configured)
-    # and the prefix of its keys, and the worker's named secrets (never logged).
+    # and the prefix of its keys, the worker's named secrets (never logged) and the hosts each
+    # bound one may go to, and whether their HTTP may reach private networks.
     redis: Any = None
     redis_prefix: str = "cairn"
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    secret_hosts: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    allow_private_networks: bool = False
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,8 @@ def _context(runner: ShardRunner, claim: Claim, job: dict[str, Any]) -> RunConte
         redis_prefix=runner.redis_prefix,
         store_db=runner.records_db,
         secrets=runner.secrets,
+        secret_hosts=runner.secret_hosts,
+        allow_private_networks=runner.allow_private_networks,
         # The TaskDedup ledger of this run (cairn_sdk.effects): owned by this claim's token.
         effects=TaskDedupLedger(
             runner.jobs.database[DEDUP],

@@ -1,9 +1,19 @@
 import os
 import socket
+from typing import Annotated
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints
 
 from cairn_runtime.settings import ServiceSettings
+
+
+class BoundSecret(BaseModel):
+    """A secret that may be sent only to `hosts` ("api.example.com" or "*.example.com")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    value: SecretStr
+    hosts: list[Annotated[str, StringConstraints(pattern=r"^(\*\.)?[A-Za-z0-9.-]{1,253}$")]] = Field(min_length=1)
 
 
 class WorkerSettings(ServiceSettings):
@@ -36,12 +46,25 @@ class WorkerSettings(ServiceSettings):
     retry_max_delay_s: float = Field(60.0, ge=0)
     source_database: str | None = Field(None, description="Database of mongo_range sources (default: Cairn's)")
     # Credentials pipelines name in their params (http_json `auth_secret`), so a job spec never
-    # holds one: CAIRN_SECRETS='{"example_api": "Bearer abc..."}'. SecretStr keeps them out of
-    # reprs and logs; a pipeline reads one through `RunContext.secret(name)`.
-    secrets: dict[str, SecretStr] = Field(default_factory=dict, description="Named secrets of pipelines (JSON object)")
+    # holds one: CAIRN_SECRETS='{"example_api": {"value": "Bearer abc...", "hosts": ["api.example.com"]}}'
+    # (bound: sent to those hosts only, whoever submits the job) or '{"example_api": "Bearer abc..."}'
+    # (unbound: any submitter may send it to any host; a warning at start). SecretStr keeps them
+    # out of reprs and logs; a pipeline reads one through `RunContext.secret(name, hosts=...)`.
+    secrets: dict[str, SecretStr | BoundSecret] = Field(default_factory=dict, description="Named secrets of pipelines (JSON object)")
+    http_allow_private_networks: bool = Field(
+        False, description="Let pipelines' HTTP reach loopback, private and link-local addresses (cairn_runtime.egress)"
+    )
     # TEST ONLY: an importable module that registers test pipelines when imported
     # (`register_pipeline`); the end-to-end suite sets it (tests-e2e/harness.py). Never in production.
     test_pipeline_module: str | None = None
+
+    def secret_values(self) -> dict[str, str]:
+        """name -> the secret's value (for `RunContext.secrets`)."""
+        return {name: (secret.value if isinstance(secret, BoundSecret) else secret).get_secret_value() for name, secret in self.secrets.items()}
+
+    def secret_hosts(self) -> dict[str, frozenset[str]]:
+        """name -> the hosts a bound secret may go to (unbound secrets absent)."""
+        return {name: frozenset(h.lower() for h in secret.hosts) for name, secret in self.secrets.items() if isinstance(secret, BoundSecret)}
 
     @property
     def soft_time_limit_s(self) -> float:

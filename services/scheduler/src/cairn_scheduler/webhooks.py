@@ -22,21 +22,18 @@ attempt lasts at most `timeout_s` in all (httpx bounds each read only) and reads
 Redirects are not followed (a redirect to an internal address would bypass the SSRF guard).
 
 SSRF guard: before each attempt the host is resolved and refused (`failed`, not retried) if any
-address is not globally routable (loopback, private, link-local such as cloud metadata
-169.254.169.254, multicast, reserved), unless `CAIRN_WEBHOOK_ALLOW_PRIVATE_NETWORKS` is set. The
-HTTP client resolves again when it connects, so DNS rebinding can slip past this check: in
-production send deliveries through an egress proxy (`CAIRN_WEBHOOK_PROXY`) that enforces the
-same rule, or firewall the scheduler's egress.
+address is not globally routable (`cairn_runtime.egress`, shared with the http_json pipeline),
+unless `CAIRN_WEBHOOK_ALLOW_PRIVATE_NETWORKS` is set. The HTTP client resolves again when it
+connects, so DNS rebinding can slip past this check: in production send deliveries through an
+egress proxy (`CAIRN_WEBHOOK_PROXY`) that enforces the same rule, or firewall the scheduler's egress.
 
 A job reopened by a DLQ replay after its webhook was queued is not notified again.
 """
 
 import asyncio
-import ipaddress
 import json
 import logging
 import random
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +48,7 @@ from cairn_contracts import clock
 from cairn_contracts.states import TERMINAL_JOB_STATES, state_values
 from cairn_contracts.store import JOBS, WEBHOOK_DELIVERIES
 from cairn_contracts.webhooks import ATTEMPT_HEADER, DELIVERY_HEADER, EVENT_JOB_FINISHED, SIGNATURE_HEADER, signature
+from cairn_runtime import egress
 
 logger = logging.getLogger(__name__)
 
@@ -109,36 +107,14 @@ def _iso(value: Any) -> str | None:
 
 
 async def check_host(url: str, allow_private: bool) -> None:
-    """Raise `RefusedUrl` if the URL's host resolves to a non-global address (unless allowed)."""
+    """Raise `RefusedUrl` if the URL's host resolves to a non-global address (unless allowed);
+    `OSError` if it cannot be resolved (retried: DNS may come back)."""
     if allow_private:
         return
-    host = urlsplit(url).hostname or ""
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror as error:
-        raise OSError(f"cannot resolve {host}: {error}") from None  # retried: DNS may come back
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if not address.is_global or not all(embedded.is_global for embedded in _embedded_ipv4(address)):
-            raise RefusedUrl(f"{host} resolves to {address}, not a public address (CAIRN_WEBHOOK_ALLOW_PRIVATE_NETWORKS is off)")
-
-
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-def _embedded_ipv4(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    """The IPv4 addresses an IPv6 address carries (mapped, compatible, 6to4, Teredo, NAT64):
-    `[64:ff9b::7f00:1]` or `[2002:7f00:1::]` reach 127.0.0.1 through a translator, and Python
-    calls them global."""
-    if not isinstance(address, ipaddress.IPv6Address):
-        return []
-    found = [a for a in (address.ipv4_mapped, address.sixtofour) if a is not None]
-    if address.teredo is not None:
-        found.extend(address.teredo)
-    packed = int(address)
-    if address in NAT64 or (packed >> 32 == 0 and packed > 0xFFFF):  # NAT64, IPv4-compatible ::a.b.c.d
-        found.append(ipaddress.IPv4Address(packed & 0xFFFFFFFF))
-    return found
+        await egress.check_host_async(urlsplit(url).hostname or "", "CAIRN_WEBHOOK_ALLOW_PRIVATE_NETWORKS")
+    except egress.RefusedHost as refused:
+        raise RefusedUrl(str(refused)) from None
 
 
 @dataclass(frozen=True)

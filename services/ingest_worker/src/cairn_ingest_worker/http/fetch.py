@@ -35,7 +35,8 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 
 from cairn_ingest_worker.errors import classify_http_status
 from cairn_ingest_worker.http.ratelimit import HostRateLimiter
-from cairn_sdk import HttpStatusError, RetryableError
+from cairn_runtime import egress
+from cairn_sdk import HttpStatusError, NonRetryableError, RetryableError
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +112,32 @@ def build_client(
     *,
     secret: tuple[str, str] | None = None,
     secret_origins: Collection[str] = (),
+    allow_private_networks: bool = False,
 ) -> httpx.Client:
     """The httpx client of one pipeline run: pooled connections, the policy's timeouts, redirects
     followed (GET only), `headers` sent with every request. `secret`: (header, value) sent only to
     `secret_origins` (see `origin`): a Link or a redirect to another host gets the request
-    without it (httpx drops `Authorization` on such redirects, not other header names)."""
-    hooks = {"request": [_secret_header(secret[0], secret[1], frozenset(secret_origins))]} if secret else {}
-    return httpx.Client(timeout=policy.timeout(), headers=dict(headers or {}), follow_redirects=True, event_hooks=hooks)
+    without it (httpx drops `Authorization` on such redirects, not other header names). Unless
+    `allow_private_networks`, a request to a host that resolves to a loopback, private or
+    link-local address raises `RefusedUrl` (dead-lettered) before anything is sent."""
+    hooks: list[Callable[[httpx.Request], None]] = [] if allow_private_networks else [_public_hosts_only]
+    if secret:
+        hooks.append(_secret_header(secret[0], secret[1], frozenset(secret_origins)))
+    return httpx.Client(timeout=policy.timeout(), headers=dict(headers or {}), follow_redirects=True, event_hooks={"request": hooks})
+
+
+class RefusedUrl(NonRetryableError):
+    """The URL's host (the job's, a Link's or a redirect's) resolves to a non-public address."""
+
+
+def _public_hosts_only(request: httpx.Request) -> None:
+    """Before every request, each redirect included: the SSRF guard (cairn_runtime.egress)."""
+    try:
+        egress.check_host(request.url.host, "CAIRN_HTTP_ALLOW_PRIVATE_NETWORKS")
+    except egress.RefusedHost as refused:
+        raise RefusedUrl(f"GET {_safe(str(request.url))}: {refused}") from None
+    except OSError as error:  # not resolvable now: a transport failure, retried
+        raise httpx.ConnectError(str(error), request=request) from None
 
 
 def _secret_header(name: str, value: str, origins: frozenset[str]) -> Callable[[httpx.Request], None]:
@@ -212,4 +232,4 @@ def _safe(url: str) -> str:
     return url
 
 
-__all__ = ["FetchPolicy", "MalformedPage", "Page", "PageFetcher", "PageUnavailable", "build_client", "origin", "retry_after_s"]
+__all__ = ["FetchPolicy", "MalformedPage", "Page", "PageFetcher", "PageUnavailable", "RefusedUrl", "build_client", "origin", "retry_after_s"]

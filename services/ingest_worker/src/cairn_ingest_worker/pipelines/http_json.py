@@ -31,6 +31,7 @@ import logging
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cairn_ingest_worker.http.fetch import FetchPolicy, Page, PageFetcher, build_client, origin
@@ -157,11 +158,17 @@ class HttpJsonPipeline(Pipeline[HttpJsonParams]):
         super().__init__(params, context)
         # MissingSecret: dead-lettered. The secret goes only to the hosts the job names: never to
         # another one a page's Link or a redirect points at.
-        secret = (params.auth_header, context.secret(params.auth_secret)) if params.auth_secret is not None else None
-        origins = {origin(url) for url in [*([params.url] if params.url else []), *(params.urls or [])]}
+        urls = [*([params.url] if params.url else []), *(params.urls or [])]
+        origins = {origin(url) for url in urls}
+        hosts = {httpx.URL(url).host for url in urls}
+        # SecretNotAllowed (dead-lettered) if the secret is bound to other hosts than the job's.
+        secret = (params.auth_header, context.secret(params.auth_secret, hosts=hosts)) if params.auth_secret is not None else None
         rate = parse_rate(params.rate_limit) if params.rate_limit else None
         limiter = host_limiter(context.redis, context.redis_prefix) if rate is not None else None
-        self._client = build_client(params.fetch_policy(), params.headers, secret=secret, secret_origins=origins)
+        self._client = build_client(
+            params.fetch_policy(), params.headers, secret=secret, secret_origins=origins,
+            allow_private_networks=context.allow_private_networks,
+        )
         self.fetcher = PageFetcher(self._client, params.fetch_policy(), limiter=limiter, rate=rate)
         if params.keep_raw and context.store_db is None:
             raise NonRetryableError("keep_raw needs Cairn's database in the run context")
