@@ -11,7 +11,7 @@ from cairn_contracts.messages import RunShard
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
 from cairn_ingest_worker import pipelines
-from cairn_ingest_worker.errors import NonRetryableError, RetryableError
+from cairn_ingest_worker.errors import CursorNotAdvanced, NonRetryableError, RetryableError, is_retryable
 from cairn_ingest_worker.leases import ShardLeases
 from cairn_ingest_worker.runner import ShardFailed, ShardRunner, run_shard
 from cairn_ingest_worker.store import RunStamp, write_records
@@ -404,3 +404,30 @@ def test_a_cursor_that_is_not_json_fails_the_shard_for_good_before_its_batch_is_
 
     assert isinstance(failed.value.error, NonRetryableError) and "cursor" in str(failed.value.error)
     assert db["out"].count_documents({}) == 0 and checkpoint(db, key)["batches"] == 0
+
+
+class StuckCursor(TokenPages):
+    """Its second batch hands back the cursor it was given, and says it is not done."""
+
+    name = "stuck_cursor"
+
+    def read(self, bounds: Bounds, cursor: Any, limit: int) -> Batch:
+        if cursor == {"page": "p0"}:
+            return Batch([{"code": "a", "n": 1}], {"page": "p1"})
+        return Batch([{"code": "b", "n": 2}], {"page": "p1"})
+
+
+def test_a_pipeline_that_does_not_advance_its_cursor_fails_for_good_before_storing_the_batch(db, seed_job, seed_shard, monkeypatch) -> None:
+    """Without the guard the run would read the same page until its slice ended, then hand off
+    to a continuation that did the same, forever."""
+    monkeypatch.setattr(pipelines, "_registered", dict(pipelines._registered))
+    pipelines.register_pipeline(StuckCursor.name, StuckCursor)
+    seed_job(db, "stuck", {"pipeline": "stuck_cursor", "params": {"pages": 2, "per_page": 1}, "target_collection": "out"})
+    key = seed_shard(db, "stuck", 0, 0, 1)
+
+    with pytest.raises(ShardFailed) as failed:
+        run_shard(runner(db), RunShard(job_id="stuck", shard_key=key), max_attempts=MAX_ATTEMPTS)
+
+    assert isinstance(failed.value.error, CursorNotAdvanced) and not is_retryable(failed.value.error)
+    assert "stuck_cursor" in str(failed.value.error)
+    assert db["out"].count_documents({}) == 1 and checkpoint(db, key)["batches"] == 1  # the first batch only

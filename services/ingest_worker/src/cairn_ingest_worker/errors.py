@@ -15,6 +15,7 @@ from cairn_sdk.errors import FailurePolicy, HttpStatusError, NonRetryableError, 
 
 __all__ = [
     "BatchTimedOut",
+    "CursorNotAdvanced",
     "FailurePolicy",
     "HttpStatusError",
     "NonRetryableError",
@@ -24,6 +25,11 @@ __all__ = [
     "is_retryable",
     "is_store_outage",
 ]
+
+
+class CursorNotAdvanced(NonRetryableError):
+    """The pipeline returned a batch that is not the last with the cursor it was given: reading
+    on would loop forever (and store the same records again), so the shard is dead-lettered."""
 
 
 class BatchTimedOut(TimeoutError):

@@ -30,7 +30,7 @@ from cairn_contracts.sinks import window_key
 from cairn_contracts.store import DEDUP, DEFAULT_TENANT
 from cairn_ingest_worker import metrics
 from cairn_ingest_worker.effects import TaskDedupLedger
-from cairn_ingest_worker.errors import BatchTimedOut, StoreUnavailable, is_store_outage
+from cairn_ingest_worker.errors import BatchTimedOut, CursorNotAdvanced, StoreUnavailable, is_store_outage
 from cairn_ingest_worker.leases import Claim, Heartbeat, ShardLeases
 from cairn_ingest_worker.observability import current_pipeline, note_shard
 from cairn_ingest_worker.pipelines import build_pipeline
@@ -186,6 +186,8 @@ def _run_batches(runner: ShardRunner, claim: Claim, job: dict[str, Any], pipelin
                 heartbeat.batch_started()
                 try:
                     batch = pipeline.read(bounds, cursor, int(spec["batch_size"]))
+                    if not batch.done and batch.cursor == cursor:
+                        raise CursorNotAdvanced(f"{pipeline_name}.read returned its own cursor {_shown(cursor)} without done")
                     if heartbeat.lost.is_set():
                         # Cancelled, taken over or past its time bound while reading: this batch
                         # is neither stored nor committed (the checkpoint stays where it is).
