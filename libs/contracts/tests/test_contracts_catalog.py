@@ -100,6 +100,21 @@ def test_params_the_schema_refuses_are_located_at_the_field(params: dict, loc: l
     assert (error["loc"], error["type"]) == (loc, kind)
 
 
+@pytest.mark.parametrize("since", ["yesterday", "2026-13-01T00:00:00Z", "2026-06-01 25:00"])
+def test_a_value_not_in_the_fields_format_is_refused_at_the_field(since: str) -> None:
+    """`format: date-time` (pydantic's datetime) is checked at submit, not first by the worker."""
+    [error] = refusal(Copy, {"collection": "events", "since": since, "until": "2026-06-02T00:00:00Z"})
+
+    assert (error["loc"], error["type"]) == (["body", "params", "since"], "format")
+
+
+@pytest.mark.parametrize("since", ["2026-06-01T00:00:00Z", "2026-06-01T00:00:00+02:00", "2026-06-01T00:00:00", "2026-06-01"])
+def test_every_date_time_form_the_worker_parses_is_accepted(since: str) -> None:
+    job = spec("copy", {"collection": "events", "since": since, "until": "2026-06-02T00:00:00Z"})
+    assert check_job(entry(Copy), job.params, job.sharding)["kind"] == "time_range"
+    CopyParams.model_validate({"collection": "events", "since": since})  # and the worker agrees
+
+
 @pytest.mark.parametrize("collection", ["jobs", "pipelines", "api_keys", "system.users", "raw_payload_blobs.files"])
 def test_a_control_collection_is_refused_by_the_schema_alone(collection: str) -> None:
     [error] = refusal(Copy, {"collection": collection, "start": 0, "end": 5})

@@ -8,9 +8,11 @@ job document, so neither the gateway nor the scheduler ever imports pipeline cod
 """
 
 import json
+from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import SchemaError as InvalidSchema
 from jsonschema.exceptions import ValidationError as SchemaError
 from pydantic import BaseModel, ConfigDict, Field
@@ -95,9 +97,29 @@ def with_defaults(schema: dict[str, Any], params: dict[str, Any]) -> dict[str, A
     return {**defaults, **params}
 
 
+# The `format`s a pipeline's Params schema carries (pydantic emits them), checked the way the
+# worker's pydantic model will parse them, so a value that passes here is not refused later:
+# jsonschema's own `date-time` and `uri` need extra packages and follow RFC 3339/3986 more
+# strictly than pydantic (a date-time without an offset is valid for pydantic).
+PARAMS_FORMATS = FormatChecker(formats=("date", "email", "ipv4", "ipv6", "regex", "uuid"))
+
+
+@PARAMS_FORMATS.checks("date-time", raises=ValueError)
+def _date_time(value: object) -> bool:
+    if isinstance(value, str):
+        datetime.fromisoformat(value)  # Python 3.11: RFC 3339 and ISO 8601 forms, "Z" included
+    return True
+
+
+@PARAMS_FORMATS.checks("uri", raises=ValueError)
+def _uri(value: object) -> bool:
+    return not isinstance(value, str) or bool(urlsplit(value).scheme and urlsplit(value).netloc)
+
+
 def params_errors(schema: dict[str, Any], params: dict[str, Any], at: tuple[str | int, ...]) -> list[dict[str, Any]]:
-    """The field errors of `params` against the JSON Schema, each located at the field itself."""
-    validator = Draft202012Validator(schema)
+    """The field errors of `params` against the JSON Schema (`format` included: PARAMS_FORMATS),
+    each located at the field itself."""
+    validator = Draft202012Validator(schema, format_checker=PARAMS_FORMATS)
     return [_field_error(error, at) for error in sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))]
 
 
