@@ -3,8 +3,10 @@ no browser is downloaded) against the real system of the e2e suite. A user loads
 enters a key, starts a job and watches its progress reach 100 %, replays a dead letter, and sees
 the schedules' next runs and the workers' load.
 
-Screenshots are test artifacts in the pytest tmp dir (`console-screenshots/`, path printed), or in
-`$CAIRN_CONSOLE_SCREENSHOTS` when set (docs/console.png was made that way).
+Screenshots (1280x800 viewport, PNG) are test artifacts in the pytest tmp dir
+(`console-screenshots/`, path printed), or in `$CAIRN_CONSOLE_SCREENSHOTS` when set: the
+README's pictures in docs/console/ are made with
+`CAIRN_CONSOLE_SCREENSHOTS=$PWD/docs/console uv run --no-sync pytest tests-e2e/test_console.py`.
 """
 
 import json
@@ -20,6 +22,7 @@ from harness import System, dump
 
 CHROMIUM = os.environ.get("CAIRN_CHROMIUM", "/usr/bin/chromium")
 WAIT_MS = 120_000  # generous upper bound on every wait for the system (no timed assertion)
+VIEWPORT = {"width": 1280, "height": 800}  # the screenshots' size: what a laptop shows, small PNGs
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def page(browser: Browser, system: System) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1360, "height": 900}, base_url=system.base_url)
+    context = browser.new_context(viewport=VIEWPORT, base_url=system.base_url)
     context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     urls: list[str] = []
@@ -60,6 +63,11 @@ def page(browser: Browser, system: System) -> Iterator[Page]:
     secret = (system.token or "").rsplit("_", 1)[-1]
     assert secret and not [url for url in urls if secret in url], urls
     context.close()
+
+
+def shoot(page: Page, directory: Path, name: str) -> None:
+    """The visible viewport as `<directory>/console-<name>.png` (not the full page: a fixed size)."""
+    page.screenshot(path=str(directory / f"console-{name}.png"))
 
 
 def enter_key(page: Page, key: str) -> None:
@@ -99,7 +107,8 @@ def test_console_starts_a_job_and_shows_its_progress_to_100_percent(system: Syst
     expect(page.locator("table.shards tr[data-shard-key]")).to_have_count(4)
     # A shard has begun: (most often) the bars mid-run, the state colours and the plot live.
     page.locator("table.shards tr[data-state=RUNNING], table.shards tr[data-state=SUCCEEDED]").first.wait_for()
-    page.screenshot(path=str(screenshots / "console-job-live.png"), full_page=True)
+    expect(page.locator("#job-progress")).not_to_have_text("0.0 %")  # a batch committed: the bars have moved
+    shoot(page, screenshots, "job-live")
     expect(page.locator("#job-summary")).to_have_attribute("data-state", "SUCCESS", timeout=WAIT_MS)
     expect(page.locator("#job-progress")).to_have_text("100.0 %")
     shard_rows = page.locator("table.shards tr[data-shard-key]")
@@ -111,11 +120,20 @@ def test_console_starts_a_job_and_shows_its_progress_to_100_percent(system: Syst
     # The records/s plot drew a line from the shards' intervals.
     expect(page.locator("figure.plot svg polyline.line")).to_have_count(1)
     assert system.db[spec["target_collection"]].count_documents({}) == 2400
-    page.screenshot(path=str(screenshots / "console-job.png"), full_page=True)
+    shoot(page, screenshots, "job")
 
+    # Company for the list: a job running, and one waiting for it (a workflow's `after`).
+    with system.client() as client:
+        slow = {"pipeline": "synthetic", "name": "nightly refresh", "params": {"count": 4000, "delay_ms_per_record": 4}, "sharding": {"shards": 4}, "batch_size": 100}
+        running = client.post("/v1/jobs", json={**slow, "target_collection": f"console_{uuid.uuid4().hex[:8]}"}).json()["id"]
+        follow = {"pipeline": "synthetic", "name": "report after refresh", "params": {"count": 100}, "after": [running]}
+        waiting = client.post("/v1/jobs", json={**follow, "target_collection": f"console_{uuid.uuid4().hex[:8]}"}).json()["id"]
     page.goto("/console/")
     expect(page.locator(f"#jobs tr[data-job-id='{job_id}'] .badge")).to_have_text("SUCCESS")
-    page.screenshot(path=str(screenshots / "console-jobs.png"), full_page=True)
+    expect(page.locator(f"#jobs tr[data-job-id='{running}']")).to_be_visible()
+    expect(page.locator(f"#jobs tr[data-job-id='{waiting}']")).to_be_visible()
+    shoot(page, screenshots, "jobs")
+    system.wait_for_state(waiting, {"SUCCESS"})  # the waiting job ran once the other one succeeded
     print(f"console screenshots: {screenshots}")
 
 
@@ -147,7 +165,7 @@ def test_console_replays_a_dead_letter(system: System, page: Page, screenshots: 
     expect(settled).to_have_attribute("data-status", "replayed", timeout=WAIT_MS)
     expect(settled).to_contain_text("succeeded")
     assert system.wait_for_state(job_id, {"SUCCESS"})["state"] == "SUCCESS"
-    page.screenshot(path=str(screenshots / "console-dlq.png"), full_page=True)
+    shoot(page, screenshots, "dlq")
 
     # A key without the admin scope sees why the dead letters are not shown (the API's 403).
     reader = system.create_key(scopes="read", name="console reader")
@@ -181,12 +199,20 @@ def test_console_shows_schedules_with_their_next_runs_and_workers_with_their_loa
         expect(runs).to_have_count(5)
         assert runs.all_inner_texts() == [run[:19].replace("T", " ") for run in expected]
         expect(row.locator(".badge")).to_have_text("active")
+        shoot(page, screenshots, "schedules")
 
+        busy = system.start_job(
+            {"pipeline": "synthetic", "name": "console load", "params": {"count": 4000, "delay_ms_per_record": 4}, "sharding": {"shards": 2},
+             "batch_size": 100, "target_collection": f"console_{uuid.uuid4().hex[:8]}"}
+        )
         page.goto("/console/workers")
         workers = page.locator("#workers tr[data-worker]")
         expect(workers.first).to_be_visible()
         expect(workers.first.locator(".bar")).to_be_visible()
-        page.screenshot(path=str(screenshots / "console-workers.png"), full_page=True)
+        # The worker lists the leases it holds (refreshed every 5 s) while the job runs.
+        expect(page.locator("#workers td.mono div", has_text=busy).first).to_be_visible()
+        shoot(page, screenshots, "workers")
+        system.wait_for_state(busy, {"SUCCESS"})
     finally:
         with system.client() as client:
             client.delete(f"/v1/schedules/{schedule['id']}")

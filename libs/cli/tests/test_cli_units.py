@@ -6,7 +6,7 @@ import pytest
 import typer
 
 from cairn_cli.config import DEFAULT_URL, ConfigError, load_config
-from cairn_cli.main import _parse_params
+from cairn_cli.main import _parse_params, _parse_params_from
 from cairn_cli.watch import RateMeter, shard_fraction
 
 
@@ -48,6 +48,15 @@ def test_params_are_json_when_they_parse_and_text_otherwise() -> None:
         _parse_params(["novalue"], None)
     with pytest.raises(typer.BadParameter):
         _parse_params(None, "[1]")
+
+
+def test_params_from_are_param_equals_path_pairs() -> None:
+    assert _parse_params_from(["count=result.records_written", "src.collection=target_collection"]) == {
+        "count": "result.records_written", "src.collection": "target_collection",
+    }
+    for bad in ("count", "=result.x", "count="):
+        with pytest.raises(typer.BadParameter):
+            _parse_params_from([bad])
 
 
 def test_shard_fraction_follows_the_checkpoint_cursor() -> None:

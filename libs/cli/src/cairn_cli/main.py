@@ -27,8 +27,9 @@ schedules_app = typer.Typer(help="Schedules (cron, interval, once).", no_args_is
 workers_app = typer.Typer(help="Worker control (needs an operator or admin key).", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of your tenant (needs an admin key).", no_args_is_help=True)
 results_app = typer.Typer(help="Results of finished jobs.", no_args_is_help=True)
+chains_app = typer.Typer(help="Chains: jobs run one after another, each reading the previous one's result.", no_args_is_help=True)
 for sub, name in (
-    (jobs_app, "jobs"), (dlq_app, "dlq"), (schedules_app, "schedules"), (workers_app, "workers"), (keys_app, "keys"), (results_app, "results"),
+    (jobs_app, "jobs"), (chains_app, "chains"), (dlq_app, "dlq"), (schedules_app, "schedules"), (workers_app, "workers"), (keys_app, "keys"), (results_app, "results"),
 ):
     app.add_typer(sub, name=name)
 
@@ -127,6 +128,18 @@ def _parse_params(pairs: list[str] | None, params_json: str | None) -> dict[str,
     return params
 
 
+def _parse_params_from(pairs: list[str] | None) -> dict[str, str]:
+    """`--param-from count=result.records_written` (repeatable): param path -> path in the
+    job's first dependency."""
+    mapping: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, path = pair.partition("=")
+        if not sep or not key or not path:
+            raise typer.BadParameter(f"{pair!r} is not param=path", param_hint="--param-from")
+        mapping[key] = path
+    return mapping
+
+
 def _spec(
     pipeline: str | None, spec_file: Path | None, params: dict[str, Any], shards: int | None, batch_size: int | None,
     collection: str | None, name: str | None, priority: int | None,
@@ -167,11 +180,22 @@ def jobs_start(
     name: Annotated[str | None, typer.Option(help="A name to find the job by")] = None,
     priority: Annotated[int | None, typer.Option(min=1, max=4, help="1 LOW .. 4 CRITICAL")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Same key, same job")] = None,
+    after: Annotated[list[str] | None, typer.Option("--after", help="A job id to wait for (repeatable): WAITING until all succeeded")] = None,
+    on_dependency_failure: Annotated[str | None, typer.Option(help="fail (default), skip or run")] = None,
+    param_from: Annotated[
+        list[str] | None, typer.Option("--param-from", help="param=path: a param from the first --after job, e.g. count=result.records_written")
+    ] = None,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Then follow it with progress bars")] = False,
     interval: Annotated[float, typer.Option(min=0.1, help="--watch: seconds between polls")] = 1.0,
 ) -> None:
     """Submit a job (POST /v1/jobs); prints its id."""
     spec = _spec(pipeline, spec_file, _parse_params(param, params), shards, batch_size, collection, name, priority)
+    if after:
+        spec["after"] = [*spec.get("after", []), *after]
+    if on_dependency_failure:
+        spec["on_dependency_failure"] = on_dependency_failure
+    if param_from:
+        spec["params_from"] = {**spec.get("params_from", {}), **_parse_params_from(param_from)}
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
     accepted = _call(ctx, "POST", "/v1/jobs", json=spec, headers=headers)
     _emit(ctx, accepted, lambda a: f"job [bold]{a['id']}[/bold] {_styled(a['state'])}" + ("" if a.get("created", True) else " (existing)"))
@@ -182,7 +206,7 @@ def jobs_start(
 @jobs_app.command("ls")
 def jobs_ls(
     ctx: typer.Context,
-    state: Annotated[str | None, typer.Option(help="PENDING, STARTED, RETRY, SUCCESS, FAILURE, CANCELLED")] = None,
+    state: Annotated[str | None, typer.Option(help="WAITING, PENDING, STARTED, RETRY, SUCCESS, FAILURE, CANCELLED")] = None,
     pipeline: Annotated[str | None, typer.Option()] = None,
     query: Annotated[str | None, typer.Option("--query", "-q", help="Text in the name")] = None,
     limit: Annotated[int, typer.Option(min=1, max=200)] = 20,
@@ -278,6 +302,60 @@ def jobs_rm(ctx: typer.Context, job_ids: Annotated[list[str], typer.Argument(hel
     for job_id in job_ids:
         _call(ctx, "DELETE", f"/v1/jobs/{_segment(job_id)}")
         _emit(ctx, {"id": job_id, "deleted": True}, f"job {job_id} deleted")
+
+
+# --- chains --------------------------------------------------------------------------------------
+def _chain_table(chain: dict[str, Any]) -> Table:
+    current = chain.get("current_step")
+    return _table(
+        f"chain {chain['id']} {chain.get('name') or ''} {chain['state']}" + (f" (step {current})" if current is not None else ""),
+        ["step", "job", "pipeline", "state", "progress", "waits for", "why it did not run"],
+        [
+            [s["index"], s["job"]["id"], s["job"]["pipeline"], _styled(s["job"]["state"]), f"{float(s.get('progress') or 0):.1f}%",
+             ", ".join(s["job"].get("after") or []), ((s["job"].get("dependency_failure") or {}).get("reason") or "")[:80]]
+            for s in chain.get("steps") or []
+        ],
+    )
+
+
+@chains_app.command("start")
+def chains_start(
+    ctx: typer.Context,
+    spec_file: Annotated[Path, typer.Argument(help='The chain as JSON: {"name": ..., "steps": [job spec, ...]}')],
+    idempotency_key: Annotated[str | None, typer.Option(help="Same key, same chain")] = None,
+) -> None:
+    """Submit a chain (POST /v1/chains); prints its id and its steps' job ids."""
+    try:
+        body = json.loads(spec_file.read_text())
+    except (OSError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="SPEC_FILE") from None
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+    accepted = _call(ctx, "POST", "/v1/chains", json=body, headers=headers)
+    _emit(ctx, accepted, lambda a: f"chain [bold]{a['id']}[/bold]: " + " -> ".join(a["job_ids"]))
+
+
+@chains_app.command("ls")
+def chains_ls(ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max=100)] = 20) -> None:
+    """The tenant's chains, newest first."""
+    page = _call(ctx, "GET", "/v1/chains", params={"limit": limit})
+    _emit(ctx, page, lambda p: _table(
+        "chains", ["id", "name", "state", "step", "steps", "created"],
+        [[c["id"], c.get("name"), _styled(c["state"]), c.get("current_step"), len(c.get("steps") or []), c.get("created_at")] for c in p["items"]],
+    ))
+
+
+@chains_app.command("show")
+def chains_show(ctx: typer.Context, chain_id: str) -> None:
+    """One chain: its state and a row per step (job, state, progress, why it did not run)."""
+    chain = _call(ctx, "GET", f"/v1/chains/{_segment(chain_id)}")
+    _emit(ctx, chain, _chain_table)
+
+
+@chains_app.command("cancel")
+def chains_cancel(ctx: typer.Context, chain_id: str) -> None:
+    """Cancel every step of the chain that has not finished."""
+    chain = _call(ctx, "POST", f"/v1/chains/{_segment(chain_id)}/cancel")
+    _emit(ctx, chain, _chain_table)
 
 
 # --- dead letters ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ TERMINAL_STATES = frozenset({"SUCCESS", "FAILURE", "CANCELLED"})
 RATE_WINDOW_S = 10.0
 STATE_STYLES = {
     "SUCCESS": "green", "SUCCEEDED": "green", "FAILURE": "red", "FAILED": "red", "CANCELLED": "yellow",
-    "CANCELLING": "yellow", "RETRY": "magenta", "RUNNING": "cyan", "STARTED": "cyan",
+    "CANCELLING": "yellow", "RETRY": "magenta", "RUNNING": "cyan", "STARTED": "cyan", "WAITING": "blue",
 }
 
 

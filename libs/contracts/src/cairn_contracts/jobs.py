@@ -25,6 +25,24 @@ from cairn_contracts.webhooks import CallbackUrl
 # A pipeline name: also an entry point name and a label of metrics.
 PIPELINE_NAME = r"^[a-z][a-z0-9_]{0,62}$"
 
+# --- workflows: dependencies (`after`) and params from the previous job (`params_from`) ----------
+# What `params_from` reads of a job's first dependency (`after[0]`; in a chain, the previous step):
+# its id, name, pipeline, final state, params, target collection, records total and result
+# (records_written, records_done, ...). README "Workflows" documents them.
+DEPENDENCY_FIELDS = ("job_id", "name", "pipeline", "state", "params", "target_collection", "records_total", "result")
+MAX_DEPENDENCIES = 100
+MAX_CHAIN_STEPS = 50
+JobRef = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+# A param to fill, as a dotted path into `params` (`count`, `source.collection`).
+ParamPath = Annotated[str, Field(max_length=200, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}(\.[A-Za-z_][A-Za-z0-9_]{0,63}){0,7}$")]
+# Where its value comes from: a dotted path into the dependency's view (list items by index).
+SourcePath = Annotated[
+    str, Field(max_length=300, pattern=rf"^({'|'.join(DEPENDENCY_FIELDS)})(\.[A-Za-z0-9_]{{1,64}}){{0,8}}$")
+]
+# What a job whose dependency did not succeed does: `fail` (it ends FAILURE), `skip` (it ends
+# CANCELLED without running), `run` (it starts once every dependency has finished, however).
+DependencyFailurePolicy = Literal["fail", "skip", "run"]
+
 
 class RangeSharding(ContractModel):
     """Split the pipeline's key range into `shards` contiguous, near-equal ranges, one task each."""
@@ -134,6 +152,22 @@ class JobSpec(ContractModel):
         description="http(s) URL POSTed a signed JSON body (Cairn-Signature header) once the job is finished; see README Webhooks",
         examples=["https://example.com/hooks/cairn"],
     )
+    after: list[JobRef] = Field(
+        default_factory=list,
+        max_length=MAX_DEPENDENCIES,
+        description="Ids of the tenant's jobs this job waits for (state WAITING): it starts once all of them SUCCEEDED; see README Workflows",
+    )
+    on_dependency_failure: DependencyFailurePolicy = Field(
+        "fail",
+        description="A dependency ended FAILURE or CANCELLED: `fail` (this job ends FAILURE), `skip` (CANCELLED, never run), `run` (start anyway once all finished)",
+    )
+    params_from: dict[ParamPath, SourcePath] = Field(
+        default_factory=dict,
+        max_length=50,
+        description="Params filled when the job is released, from its first dependency (after[0]; in a chain the previous step): "
+        "{param path: path in that job}, e.g. {\"count\": \"result.records_written\"}",
+        examples=[{"count": "result.records_written", "collection": "target_collection"}],
+    )
 
     @field_validator("*", mode="after")
     @classmethod
@@ -153,6 +187,16 @@ class JobSpec(ContractModel):
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
 
+
+    @model_validator(mode="after")
+    def _dependencies_once(self) -> "JobSpec":
+        seen: set[str] = set()
+        for index, job_id in enumerate(self.after):
+            if job_id in seen:
+                error = PydanticCustomError("duplicate_dependency", "job {job_id} is named twice", {"job_id": job_id})
+                raise ValidationError.from_exception_data(type(self).__name__, [InitErrorDetails(type=error, loc=("after", index), input=job_id)])
+            seen.add(job_id)
+        return self
 
     @model_validator(mode="after")
     def _window_needs_replace_window(self) -> "JobSpec":

@@ -24,13 +24,16 @@ PIPELINES = "pipelines"
 # Webhook outbox: one document per finished job that names a callback URL, with every delivery
 # attempt (cairn_scheduler/webhooks.py).
 WEBHOOK_DELIVERIES = "webhook_deliveries"
+# Chains (`POST /v1/chains`): one document per chain naming its step jobs in order; its state is
+# derived from theirs when read (the gateway's chains.py).
+CHAINS = "chains"
 API_KEYS = "api_keys"  # {_id: key id, tenant, scopes, secret_hash (sha256 hex), name, created_at, revoked_at}
 # GridFS bucket of large raw payloads (collections raw_payload_blobs.files / .chunks); the
 # RawPayload metadata document in `raw_payloads` points at its file.
 RAW_PAYLOAD_BUCKET = "raw_payload_blobs"
 
 CONTROL_COLLECTIONS = frozenset(
-    {JOBS, SHARDS, CHECKPOINTS, DEDUP, TASK_ERRORS, RAW_PAYLOADS, SCHEDULES, DLQ_COMMANDS, API_KEYS, PIPELINES, WEBHOOK_DELIVERIES}
+    {JOBS, SHARDS, CHECKPOINTS, DEDUP, TASK_ERRORS, RAW_PAYLOADS, SCHEDULES, DLQ_COMMANDS, API_KEYS, PIPELINES, WEBHOOK_DELIVERIES, CHAINS}
 )
 
 

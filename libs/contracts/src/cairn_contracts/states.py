@@ -11,6 +11,9 @@ from enum import IntEnum, StrEnum
 class JobState(StrEnum):
     """A job's state as the API reports it (Celery's vocabulary, which clients already know)."""
 
+    # Recorded with `after`: waits for its dependencies (cairn_contracts.workflows); then PENDING,
+    # or FAILURE/CANCELLED when one of them did not succeed (its `on_dependency_failure`).
+    WAITING = "WAITING"
     PENDING = "PENDING"  # recorded, command not yet planned into shards
     STARTED = "STARTED"  # planned; shards queued or running
     RETRY = "RETRY"  # at least one shard waits for a retry, none failed for good
@@ -28,7 +31,7 @@ class JobState(StrEnum):
 
 TERMINAL_JOB_STATES = frozenset({JobState.SUCCESS, JobState.FAILURE, JobState.CANCELLED})
 # Not finished: a cancel applies, an identical job is refused, the result is not there yet.
-ACTIVE_JOB_STATES = frozenset({JobState.PENDING, JobState.STARTED, JobState.RETRY})
+ACTIVE_JOB_STATES = frozenset({JobState.WAITING, JobState.PENDING, JobState.STARTED, JobState.RETRY})
 
 
 class ShardState(StrEnum):

@@ -20,6 +20,7 @@ from cairn_contracts.jobs import JOB_SPEC_ADAPTER
 # keeps jobs out of them.
 from cairn_contracts.namespaces import (  # noqa: F401
     API_KEYS,
+    CHAINS,
     CHECKPOINTS,
     DEDUP,
     DLQ_COMMANDS,
@@ -96,6 +97,9 @@ INDEXES: tuple[IndexSpec, ...] = (
     IndexSpec(SCHEDULES, (("paused", 1), ("next_run_at_ms", 1))),
     IndexSpec(SCHEDULES, (("tenant", 1), ("created_at_ms", 1))),
     IndexSpec(API_KEYS, (("tenant", 1),)),
+    # Workflows: the jobs waiting for a job (`after` holds it; a multikey index), and a tenant's chains.
+    IndexSpec(JOBS, (("after", 1),), partial_filter={"state": "WAITING"}),
+    IndexSpec(CHAINS, (("tenant", 1), ("created_at_ms", 1))),
     # The webhook outbox fill (finished jobs with a callback not queued yet) and the delivery loop.
     IndexSpec(JOBS, (("webhook_queued", 1), ("state", 1)), partial_filter={"spec.callback_url": {"$type": "string"}}),
     IndexSpec(WEBHOOK_DELIVERIES, (("state", 1), ("next_attempt_at_ms", 1))),
@@ -147,6 +151,11 @@ class JobRecord(BaseModel):
     # plans from `space` ({kind, <fields>, start, end}) without the pipeline's code.
     pipeline_version: str | None = None
     space: dict[str, Any] | None = None
+    # Workflows: the ids the job waits for (its spec's `after`, kept at the top level for the
+    # scheduler's dependents query), and the chain it is a step of.
+    after: list[str] | None = None
+    chain_id: str | None = None
+    chain_step: int | None = None
 
     @classmethod
     def new(
@@ -161,7 +170,10 @@ class JobRecord(BaseModel):
         now: datetime | None = None,
         pipeline_version: str | None = None,
         space: dict[str, Any] | None = None,
+        chain_id: str | None = None,
+        chain_step: int | None = None,
     ) -> "JobRecord":
+        """A job to insert: WAITING when its spec names dependencies (`after`), else PENDING."""
         spec = JOB_SPEC_ADAPTER.validate_python(spec)
         moment = now or utcnow()
         if job_id is None:
@@ -181,6 +193,10 @@ class JobRecord(BaseModel):
             schedule_run=schedule_run,
             pipeline_version=pipeline_version,
             space=space,
+            state=JobState.WAITING if spec.after else JobState.PENDING,
+            after=list(spec.after) or None,
+            chain_id=chain_id,
+            chain_step=chain_step,
         )
 
     def job_spec(self) -> Any:
@@ -190,7 +206,7 @@ class JobRecord(BaseModel):
         document = self.model_dump(exclude={"id"})
         document["_id"] = self.id
         document["state"] = str(self.state)
-        for optional in ("idempotency_key", "schedule_id", "schedule_run", "pipeline_version", "space"):
+        for optional in ("idempotency_key", "schedule_id", "schedule_run", "pipeline_version", "space", "after", "chain_id", "chain_step"):
             if document[optional] is None:
                 del document[optional]  # the unique (tenant, idempotency_key) index covers strings only
         return document

@@ -22,9 +22,10 @@ from fastapi import Depends, FastAPI
 from prometheus_client import make_asgi_app
 
 from cairn_gateway.api.deps import require_scope
-from cairn_gateway.api.routes import dlq, jobs, keys, ops, pipelines, results, schedules, tasks, workers
+from cairn_gateway.api.routes import chains, dlq, jobs, keys, ops, pipelines, results, schedules, tasks, workers
 from cairn_gateway.auth import KeyService, KeyVerifier
 from cairn_gateway.catalog import PipelineCatalog
+from cairn_gateway.chains import ChainService
 from cairn_gateway.console import install_console
 from cairn_gateway.dlq import DeadLetterService
 from cairn_gateway.http_metrics import HttpMetricsMiddleware
@@ -90,6 +91,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         )
         app.state.jobs = job_service
         app.state.schedules = ScheduleService(db, publisher, job_service)
+        app.state.chains = ChainService(db, job_service)
         app.state.pipelines = PipelineCatalog(db)
         app.state.results = ResultService(db, job_service)
         app.state.dead_letters = DeadLetterService(db=db, publisher=publisher, payloads=RawPayloads(db))
@@ -118,7 +120,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     # Routers.
     responses = {**AUTH_RESPONSES, **UNAVAILABLE_RESPONSES}
-    for router in (tasks.router, jobs.router, pipelines.router, schedules.router, keys.router, results.router):
+    for router in (tasks.router, jobs.router, chains.router, pipelines.router, schedules.router, keys.router, results.router):
         app.include_router(router, responses=responses)
     app.include_router(dlq.router, dependencies=[Depends(require_scope("admin"))], responses=responses)
     app.include_router(workers.router, responses=responses)  # operator scope, per route (CLI+Workers)

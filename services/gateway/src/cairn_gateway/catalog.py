@@ -24,7 +24,7 @@ class CheckedJob:
     (`{kind, <fields>, start, end}`)."""
 
     version: str
-    space: dict[str, Any]
+    space: dict[str, Any] | None  # None: decided when the job is released (its params come from `params_from`)
 
 
 async def catalog_entries(db: AsyncDatabase) -> list[CatalogEntry]:
@@ -53,11 +53,16 @@ async def check_spec(db: AsyncDatabase, spec: JobSpec, at: tuple[str | int, ...]
     """The job checked against the catalog. Raises `Invalid` (422) naming the field: an
     unannounced pipeline (["body", "pipeline"], listing the announced ones), params the schema
     refuses (["body", "params", <field>...]), an empty work space, a plan too large
-    (["body", "sharding", "item_size"]). `at`: where the spec is in the request body."""
+    (["body", "sharding", "item_size"]). `at`: where the spec is in the request body.
+
+    A spec with `params_from` has params that are not known yet: only its pipeline is checked
+    here, the rest by the scheduler when the job is released (a refusal then fails the job)."""
     entry = await catalog_entry(db, spec.pipeline)
     try:
         if entry is None:
             raise unknown_pipeline(spec.pipeline, [e.name for e in await catalog_entries(db)], at)
+        if spec.params_from:
+            return CheckedJob(entry.version, None)
         space = check_job(entry, spec.params, spec.sharding, at)
     except CatalogRefusal as refusal:
         raise Invalid.of(refusal.errors) from None

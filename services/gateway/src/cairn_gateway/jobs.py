@@ -101,6 +101,31 @@ class SourceNotFound(Invalid):
         )
 
 
+class UnknownDependency(Invalid):
+    """An `after` id that names no job of the tenant (unknown, or another tenant's)."""
+
+    def __init__(self, job_id: str, at: tuple[str | int, ...]) -> None:
+        super().__init__(f"no job {job_id} of this tenant to wait for", at, kind="unknown_dependency", value=job_id)
+
+
+class NoDependency(Invalid):
+    """`params_from` on a job that waits for nothing: there is no job to read params from."""
+
+    def __init__(self, at: tuple[str | int, ...]) -> None:
+        super().__init__("params_from reads the job's first dependency: name one in `after`", at, kind="params_from_without_after")
+
+
+async def check_dependencies(db: AsyncDatabase, tenant: str, after: list[str], at: tuple[str | int, ...]) -> None:
+    """Every id of `after` names a job of `tenant`, else `Invalid` listing each one that does not,
+    at `(*at, i)`. Only recorded jobs can be named, so a dependency cycle cannot be built."""
+    if not after:
+        return
+    found = {job["_id"] async for job in db[JOBS].find({"_id": {"$in": list(after)}, "tenant": tenant}, {"_id": 1})}
+    missing = [UnknownDependency(job_id, (*at, index)).errors[0] for index, job_id in enumerate(after) if job_id not in found]
+    if missing:
+        raise Invalid.of(missing)
+
+
 @dataclass(frozen=True)
 class Submission:
     job_id: str
@@ -297,6 +322,11 @@ def summary(job: dict[str, Any]) -> dict[str, Any]:
         "idempotency_key": job.get("idempotency_key"),
         "schedule_id": job.get("schedule_id"),
         "cancel_requested": bool(job.get("cancel_requested")),
+        "after": job.get("after") or [],
+        "chain_id": job.get("chain_id"),
+        "chain_step": job.get("chain_step"),
+        "released_at": job.get("released_at"),
+        "dependency_failure": job.get("dependency_failure"),
         "url": f"/v1/jobs/{job['_id']}",
     }
 
@@ -329,7 +359,14 @@ class JobService:
         identical to an unfinished one is refused (`DuplicateJob`, the Redis lock per spec
         fingerprint). Raises `Invalid` for a job the pipeline catalog refuses (catalog.py) and
         `SourceNotFound` for a mongo_range job without its source.
+
+        A job naming `after` is recorded WAITING (its ids must be jobs of the tenant:
+        `UnknownDependency` at ["body", "after", i]); its StartJob asks the scheduler to look at
+        its dependencies, which releases it (PENDING, planned) once they succeeded.
         """
+        if spec.params_from and not spec.after:
+            raise NoDependency(("body", "params_from"))
+        await check_dependencies(self.db, tenant, spec.after, ("body", "after"))
         checked = await check_spec(self.db, spec)
         record = JobRecord.new(
             spec,
@@ -363,9 +400,9 @@ class JobService:
             raise
         if self.locks and lock:
             await self.locks.hold(lock)
-        logger.info("job %s recorded PENDING (tenant %s, pipeline %s, %s)", record.id, tenant, spec.pipeline, spec.sharding.strategy)
-        await self._publish_start(record.id, tenant, spec)
-        return Submission(record.id, JobState.PENDING, created=True)
+        logger.info("job %s recorded %s (tenant %s, pipeline %s, %s)", record.id, record.state, tenant, spec.pipeline, spec.sharding.strategy)
+        await self.publish_start(record.id, tenant, spec)
+        return Submission(record.id, record.state, created=True)
 
     @staticmethod
     def _same_job(existing: dict[str, Any], record: JobRecord) -> Submission:
@@ -375,7 +412,9 @@ class JobService:
             )
         return Submission(existing["_id"], JobState(existing["state"]), created=False)
 
-    async def _publish_start(self, job_id: str, tenant: str, spec: JobSpec) -> None:
+    async def publish_start(self, job_id: str, tenant: str, spec: JobSpec) -> None:
+        """Publish the job's StartJob with a confirm, then mark it published; an unconfirmed
+        command is left to the scheduler's relay (PENDING jobs) or dependency sweep (WAITING)."""
         command = StartJob(job_id=job_id, tenant=tenant, spec=spec)
         try:
             await self.publisher.publish(command, priority=int(spec.priority), correlation_id=job_id)

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from cairn_contracts.bounds import ContractModel, Moment
-from cairn_contracts.jobs import JobSpec
+from cairn_contracts.jobs import MAX_CHAIN_STEPS, JobSpec
 from cairn_contracts.schedules import MAX_INTERVAL_S, OverlapPolicy, ScheduleKind
 from cairn_contracts.states import JobState
 from cairn_gateway.schemas import UtcDatetime, Writes
@@ -33,6 +33,13 @@ class JobSummary(BaseModel):
     idempotency_key: str | None = None
     schedule_id: str | None = Field(None, description="The schedule that fired the job")
     cancel_requested: bool = False
+    after: list[str] = Field(default_factory=list, description="The jobs it waits for (WAITING until they all succeeded)")
+    chain_id: str | None = Field(None, description="The chain it is a step of (GET /v1/chains/{id})")
+    chain_step: int | None = Field(None, description="Its index in that chain (0-based)")
+    released_at: UtcDatetime | None = Field(None, description="When its dependencies released it (WAITING -> PENDING)")
+    dependency_failure: dict[str, Any] | None = Field(
+        None, description="Why it never ran: {at: 'after[i]', job_id, state, reason} of the dependency that did not succeed, or of params it could not fill"
+    )
     url: str
 
 
@@ -78,6 +85,48 @@ class JobResultBody(BaseModel):
     result: dict[str, Any]
     finished_at: UtcDatetime | None = None
     expires_at: UtcDatetime | None = Field(None, description="After this the result is gone (410); CAIRN_RESULT_TTL_S")
+
+
+# --- chains --------------------------------------------------------------------------------------
+class ChainSpec(ContractModel):
+    """A chain: jobs run one after another. Step i+1 waits for step i (its `after` starts with it)
+    and may read step i's result into its params with `params_from`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(None, max_length=200)
+    steps: list[JobSpec] = Field(..., min_length=1, max_length=MAX_CHAIN_STEPS, description="The jobs, in order")
+
+
+class ChainStep(BaseModel):
+    index: int
+    job: JobSummary
+    progress: float | None = Field(None, description="Percent of the step's work done")
+
+
+class ChainView(BaseModel):
+    id: str
+    name: str | None = None
+    state: JobState = Field(
+        description="SUCCESS once every step succeeded; FAILURE/CANCELLED as the first step that did not; else the state of the step that runs (WAITING, PENDING, STARTED, RETRY)"
+    )
+    current_step: int | None = Field(None, description="The first step that has not succeeded (None once all did)")
+    steps: list[ChainStep]
+    created_at: UtcDatetime
+    url: str
+
+
+class ChainAccepted(BaseModel):
+    id: str
+    created: bool = Field(description="False when the Idempotency-Key matched an existing chain")
+    job_ids: list[str] = Field(description="The steps' job ids, in order")
+    url: str
+
+
+class ChainPage(BaseModel):
+    items: list[ChainView]
+    next_cursor: str | None = None
+    limit: int
 
 
 # --- schedules -----------------------------------------------------------------------------------

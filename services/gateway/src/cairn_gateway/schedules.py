@@ -120,6 +120,16 @@ def _next_run(timing: ScheduleTiming, now_ms: int, anchor_ms: int, runs_done: in
     return {"next_run_at_ms": due, "next_run_at": clock.from_ms(due) if due is not None else None}
 
 
+async def check_schedule_job(db: AsyncDatabase, spec: JobSpec) -> None:
+    """A schedule's job as the catalog accepts it, and without workflow fields: each run is a
+    new job, so fixed `after` ids would hold every run to the same old jobs (a chain of runs is
+    the overlap policy's `buffer_one`). Raises `Invalid` naming the field (["body", "job", ...])."""
+    for field in ("after", "params_from"):
+        if getattr(spec, field):
+            raise Invalid(f"a schedule's job cannot name `{field}`: each run is a new job (see overlap: buffer_one)", ("body", "job", field))
+    await check_spec(db, spec, ("body", "job"))
+
+
 @dataclass(frozen=True)
 class ScheduleService:
     db: AsyncDatabase
@@ -135,7 +145,7 @@ class ScheduleService:
         upcoming = _next_run(timing, now_ms, anchor_ms, 0)
         if upcoming["next_run_at_ms"] is None:
             raise Invalid("no run is left between now and end_at", ("body", "end_at"))
-        await check_spec(self.db, body.job, ("body", "job"))  # the job must pass the catalog now, not at its first run
+        await check_schedule_job(self.db, body.job)  # the job must pass the catalog now, not at its first run
         now = clock.from_ms(now_ms)
         document = {
             "_id": uuid.uuid4().hex,
@@ -187,7 +197,7 @@ class ScheduleService:
             if "job" in changed:
                 if patch.job is None:
                     raise Invalid("a schedule needs a job", ("body", "job"))
-                await check_spec(self.db, patch.job, ("body", "job"))
+                await check_schedule_job(self.db, patch.job)
                 fields["job"] = patch.job.model_dump(mode="json")
             timing_changes = changed & set(TIMING_FIELDS)
             if timing_changes:

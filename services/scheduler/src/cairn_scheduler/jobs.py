@@ -13,7 +13,7 @@ from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts import clock
-from cairn_contracts.jobs import JobSpec
+from cairn_contracts.jobs import JOB_SPEC_ADAPTER, JobSpec
 from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
 from cairn_contracts.pipelines import PIPELINES, BrokenEntry, CatalogEntry, CatalogRefusal, check_job
 from cairn_contracts.sinks import WRITE_COUNTERS, stale_filter, window_key
@@ -50,11 +50,36 @@ class LockRelease(Protocol):
         """Release the gateway's lock of this finished job (tenant, spec_fingerprint, _id)."""
 
 
+class Dependents(Protocol):
+    """The jobs waiting for others (workflows.py: `DependencyRelease`)."""
+
+    async def settle(self, job_id: str) -> JobState | None:
+        """Decide a WAITING job from its dependencies: release it, end it, or leave it waiting."""
+
+    async def job_finished(self, job_id: str) -> int:
+        """A job reached a terminal state: settle the jobs waiting for it."""
+
+
+async def catalog_space(db: AsyncDatabase, spec: JobSpec, at: tuple[str | int, ...]) -> tuple[str, dict[str, Any]]:
+    """(pipeline version, work space) of a spec from the pipeline catalog. Raises CatalogRefusal
+    (located under `at`) when no worker announced the pipeline, its entry is unreadable, or the
+    announced schema refuses the spec."""
+    document = await db[PIPELINES].find_one({"_id": spec.pipeline})
+    try:
+        if document is None:
+            raise BrokenEntry(f"no pipeline {spec.pipeline!r} is announced")
+        entry = CatalogEntry.from_document(document)
+    except BrokenEntry as error:
+        raise CatalogRefusal([{"loc": [*at, "pipeline"], "msg": str(error), "type": "unknown_pipeline", "input": spec.pipeline}]) from None
+    return entry.version, check_job(entry, spec.params, spec.sharding, at=at)
+
+
 @dataclass(frozen=True)
 class JobScheduler:
     db: AsyncDatabase
     dispatcher: ShardDispatcher
     locks: LockRelease | None = None  # the job-fingerprint lock, released when a job is terminal
+    dependents: Dependents | None = None  # told of every terminal state written here (workflows)
     plan_chunk: int = PLAN_CHUNK
     snapshot_every_s: float = 5.0  # the maintenance pass's snapshot period per SNAPSHOT_SHARDS shards
 
@@ -65,10 +90,18 @@ class JobScheduler:
         if JobState(job["state"]).is_terminal:
             logger.info("job %s is already %s; command ignored", command.job_id, job["state"])
             return
+        if job["state"] == JobState.WAITING:
+            # The command of a job recorded with `after`: look at its dependencies now (it may
+            # be released at once); its release publishes the StartJob that plans it.
+            if self.dependents is not None:
+                await self.dependents.settle(command.job_id)
+            return
         if job.get("cancel_requested"):
             await self.stop(command.job_id)  # cancelled before it was planned: nothing starts
             return
-        spec = command.spec
+        # A job released from WAITING had its `params_from` filled in its stored spec (which the
+        # worker reads too), after the gateway's StartJob carrying the spec as submitted.
+        spec = JOB_SPEC_ADAPTER.validate_python(job["spec"]) if job.get("released_at_ms") else command.spec
         space = job.get("space") or await self._space_from_catalog(command.job_id, spec)
         start, end = int(space["start"]), int(space["end"])
         plan = plan_job(command.job_id, (start, end), spec.sharding)
@@ -108,15 +141,11 @@ class JobScheduler:
         """The work space of a job recorded without one (a schedule's run: the gateway checked
         the spec when the schedule was written), from the pipeline catalog, kept on the job.
         Raises Unprocessable when the catalog lacks the pipeline or refuses the spec now."""
-        document = await self.db[PIPELINES].find_one({"_id": spec.pipeline})
-        if document is None:
-            raise Unprocessable(f"job {job_id}: no pipeline {spec.pipeline!r} is announced")
         try:
-            entry = CatalogEntry.from_document(document)
-            space = check_job(entry, spec.params, spec.sharding, at=("job",))
-        except (CatalogRefusal, BrokenEntry) as refusal:
+            version, space = await catalog_space(self.db, spec, at=("job",))
+        except CatalogRefusal as refusal:
             raise Unprocessable(f"job {job_id}: the catalog refuses its spec: {refusal}") from None
-        await self.db[JOBS].update_one({"_id": job_id}, {"$set": {"space": space, "pipeline_version": entry.version}})
+        await self.db[JOBS].update_one({"_id": job_id}, {"$set": {"space": space, "pipeline_version": version}})
         return space
 
     async def _cancel_requested(self, job_id: str) -> bool:
@@ -202,6 +231,8 @@ class JobScheduler:
             job = await self.db[JOBS].find_one({"_id": job_id}, {"tenant": 1, "spec_fingerprint": 1})
             if job is not None and self.locks is not None:
                 await self.locks.release_job(job)
+            if self.dependents is not None:
+                await self.dependents.job_finished(job_id)
         return state
 
     async def roll_up_counted(self, job_id: str) -> JobState | None:
@@ -289,6 +320,10 @@ class JobScheduler:
             observe_job_finished(job, state, finished_at)
             if self.locks is not None:
                 await self.locks.release_job(job)
+        if self.dependents is not None:
+            # Also when another roll-up wrote the state first: releasing is idempotent, and a
+            # roll-up that died between its write and this call is made up for here or by the sweep.
+            await self.dependents.job_finished(job_id)
         return state
 
     async def _delete_stale(self, job_id: str, job: dict[str, Any]) -> int:

@@ -29,6 +29,7 @@ from cairn_scheduler.reaper import LeaseReaper, LostTaskWatch
 from cairn_scheduler.schedules import ScheduleFirer
 from cairn_scheduler.settings import SchedulerSettings
 from cairn_scheduler.webhooks import WebhookDeliverer, WebhookPolicy
+from cairn_scheduler.workflows import DependencyRelease
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
         queues = await declare_topology(channel)
         publisher = await Publisher.open(connection, settings.publish_timeout_s)
         dispatcher = ShardTaskSender.for_broker(settings.amqp_url, "cairn-scheduler")
-        scheduler = JobScheduler(db, dispatcher, locks=locks, snapshot_every_s=settings.reconcile_interval_s)
+        dependents = DependencyRelease(db, publisher, locks)
+        scheduler = JobScheduler(db, dispatcher, locks=locks, dependents=dependents, snapshot_every_s=settings.reconcile_interval_s)
         canceller = Canceller(scheduler, settings.result_ttl_s)
         maintenance = Maintenance(
             scheduler,
@@ -68,6 +70,7 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
             # Sleeps until the next retry is due (the pass returns that delay), at most this long.
             Every(settings.retry_poll_max_s, functools.partial(maintenance.dispatch_due_retries, settings.retry_poll_max_s), "due-retry dispatch"),
             Every(settings.reconcile_interval_s, canceller.run_pass, "cancel sweep"),
+            Every(settings.reconcile_interval_s, dependents.sweep, "dependency sweep"),
             Every(settings.schedule_tick_s, ScheduleFirer(db, publisher).tick, "schedule tick"),
             Every(settings.gauges_interval_s, GaugeCollector(db, connection).collect_once, "gauge collection"),
             Every(settings.webhook_poll_s, WebhookDeliverer(db, webhook_client, webhook_policy(settings)).run_pass, "webhook delivery"),

@@ -41,7 +41,8 @@ async def stop_shards(db: AsyncDatabase, job_id: str) -> int:
 
 
 async def finish_unplanned(db: AsyncDatabase, job_id: str) -> bool:
-    """CANCELLED for a job that never got past PENDING; True if this call finished it."""
+    """CANCELLED for a job that never got past PENDING (or WAITING for its dependencies); True
+    if this call finished it."""
     unfinished = await db[SHARDS].count_documents(
         {"job_id": job_id, "state": {"$nin": state_values(TERMINAL_SHARD_STATES)}}
     )
@@ -49,7 +50,7 @@ async def finish_unplanned(db: AsyncDatabase, job_id: str) -> bool:
         return False
     now = clock.utcnow()
     written = await db[JOBS].update_one(
-        {"_id": job_id, "state": JobState.PENDING},
+        {"_id": job_id, "state": {"$in": [JobState.WAITING, JobState.PENDING]}},
         {
             "$set": {
                 "state": JobState.CANCELLED,

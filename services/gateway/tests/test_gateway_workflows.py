@@ -1,0 +1,192 @@
+"""Workflows through the gateway (ASGI, this run's MongoDB-wire server, RabbitMQ vhost and Redis):
+`after` validated and recorded WAITING, chains recorded step by step with their derived state."""
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from pymongo.database import Database
+
+from cairn_contracts.messages import StartJob
+from cairn_contracts.states import JobState
+from cairn_contracts.store import API_KEYS, CHAINS, JOBS
+from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_CONTROL
+from cairn_gateway.app import create_app
+from cairn_gateway.auth import new_key
+from cairn_gateway.settings import GatewaySettings
+from cairn_testkit.aio import drain
+from cairn_testkit.catalog import seed_catalog
+
+SPEC = {"pipeline": "synthetic", "params": {"count": 100}, "sharding": {"shards": 1}}
+
+
+def spec(**changes) -> dict:
+    return {**SPEC, "name": f"job {uuid.uuid4().hex[:10]}", **changes}
+
+
+@pytest.fixture(scope="module")
+def database(mongo_client, test_env) -> str:
+    name = f"{test_env.mongodb_database}_gwflow_{uuid.uuid4().hex[:6]}"
+    seed_catalog(mongo_client[name])
+    yield name
+    mongo_client.drop_database(name)
+
+
+@pytest.fixture(scope="module")
+async def app(test_env, database):
+    settings = GatewaySettings(
+        mongodb_uri=test_env.mongodb_uri, mongodb_database=database, amqp_url=test_env.amqp_url,
+        redis_url=test_env.redis_url, redis_prefix=f"{test_env.redis_prefix}-gwflow", job_lock_ttl_s=0,
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+def db(mongo_client, database) -> Database:
+    return mongo_client[database]
+
+
+@pytest.fixture
+async def clients(app, db) -> AsyncIterator:
+    made: list[httpx.AsyncClient] = []
+
+    def make(tenant: str) -> httpx.AsyncClient:
+        document, token = new_key(tenant, ("submit", "read"), f"{tenant} test key")
+        db[API_KEYS].insert_one(document)
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers={"Authorization": f"Bearer {token}"}, timeout=20)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.aclose()
+
+
+@pytest.fixture
+async def commands(broker):
+    queue = broker.queues[QUEUE_SCHEDULER_COMMANDS]
+    await drain(queue)
+    return queue
+
+
+async def started(commands) -> list[str]:
+    return [StartJob.model_validate(json.loads(m.body)).job_id for m in await drain(commands)]
+
+
+async def test_a_job_with_after_is_recorded_waiting_and_its_command_published(clients, db, commands) -> None:
+    acme = clients("acme")
+    first = (await acme.post("/v1/jobs", json=spec())).json()["id"]
+
+    answer = await acme.post("/v1/jobs", json=spec(after=[first], params_from={"count": "result.records_written"}, on_dependency_failure="skip"))
+
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    assert body["state"] == JobState.WAITING
+    stored = db[JOBS].find_one({"_id": body["id"]})
+    assert (stored["state"], stored["after"], stored.get("space")) == (JobState.WAITING, [first], None)  # params come later
+    assert await started(commands) == [first, body["id"]]  # the scheduler looks at it at once
+    job = (await acme.get(f"/v1/jobs/{body['id']}")).json()
+    assert (job["state"], job["after"], job["spec"]["on_dependency_failure"]) == ("WAITING", [first], "skip")
+    assert (await acme.get("/v1/jobs", params={"state": "WAITING"})).json()["items"][0]["id"] == body["id"]
+
+
+async def test_after_names_only_jobs_of_the_tenant(clients, db, commands) -> None:
+    acme, globex = clients("acme"), clients("globex")
+    own = (await acme.post("/v1/jobs", json=spec())).json()["id"]
+    foreign = (await globex.post("/v1/jobs", json=spec())).json()["id"]
+    before = db[JOBS].count_documents({})
+
+    answer = await acme.post("/v1/jobs", json=spec(after=[own, foreign, "0" * 32]))
+
+    assert answer.status_code == 422
+    assert [(e["loc"], e["type"]) for e in answer.json()["detail"]] == [
+        (["body", "after", 1], "unknown_dependency"), (["body", "after", 2], "unknown_dependency"),
+    ]
+    assert db[JOBS].count_documents({}) == before  # nothing recorded
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        (spec(after=["a", "a"]), ["body", "after", 1]),
+        (spec(params_from={"count": "result.records_written"}), ["body", "params_from"]),
+        (spec(after=["a"], params_from={"count": "somewhere.else"}), ["body", "params_from", "count"]),
+        (spec(after=["a"], on_dependency_failure="retry"), ["body", "on_dependency_failure"]),
+    ],
+)
+async def test_bad_workflow_fields_are_a_422_naming_the_field(clients, body, loc) -> None:
+    answer = await clients("acme").post("/v1/jobs", json=body)
+    assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == loc
+
+
+async def test_a_chain_records_its_steps_each_waiting_for_the_previous(clients, db, commands) -> None:
+    acme = clients("acme")
+    body = {
+        "name": "etl",
+        "steps": [spec(), spec(params_from={"count": "result.records_written"}), spec(params_from={"count": "result.records_done"})],
+    }
+
+    answer = await acme.post("/v1/chains", json=body, headers={"Idempotency-Key": "etl-1"})
+
+    assert answer.status_code == 202, answer.text
+    accepted = answer.json()
+    ids = accepted["job_ids"]
+    assert len(ids) == 3 and answer.headers["Location"] == f"/v1/chains/{accepted['id']}"
+    steps = [db[JOBS].find_one({"_id": job_id}) for job_id in ids]
+    assert [s["state"] for s in steps] == ["PENDING", "WAITING", "WAITING"]
+    assert [s.get("after") for s in steps] == [None, [ids[0]], [ids[1]]]
+    assert [(s["chain_id"], s["chain_step"]) for s in steps] == [(accepted["id"], i) for i in range(3)]
+    assert await started(commands) == [ids[0]]
+
+    chain = (await acme.get(accepted["url"])).json()
+    assert (chain["name"], chain["state"], chain["current_step"]) == ("etl", "PENDING", 0)
+    assert [s["job"]["id"] for s in chain["steps"]] == ids
+
+    again = await acme.post("/v1/chains", json=body, headers={"Idempotency-Key": "etl-1"})
+    assert (again.status_code, again.json()["id"], again.json()["created"]) == (202, accepted["id"], False)
+    assert db[JOBS].count_documents({"chain_id": accepted["id"]}) == 3
+    assert (await acme.post("/v1/chains", json={"steps": [spec()]}, headers={"Idempotency-Key": "etl-1"})).status_code == 409
+
+    db[JOBS].update_one({"_id": ids[0]}, {"$set": {"state": "SUCCESS"}})
+    db[JOBS].update_one({"_id": ids[1]}, {"$set": {"state": "FAILURE"}})
+    chain = (await acme.get(accepted["url"])).json()
+    assert (chain["state"], chain["current_step"]) == ("FAILURE", 1)
+    assert (await clients("globex").get(accepted["url"])).status_code == 404
+    assert (await acme.get("/v1/chains")).json()["items"][0]["id"] == accepted["id"]
+
+
+async def test_chain_steps_are_checked_where_they_are(clients, db) -> None:
+    acme = clients("acme")
+    before = db[CHAINS].count_documents({})
+    bad_params = await acme.post("/v1/chains", json={"steps": [spec(), spec(params={"count": -1})]})
+    assert bad_params.status_code == 422 and bad_params.json()["detail"][0]["loc"][:4] == ["body", "steps", 1, "params"]
+    first_reads = await acme.post("/v1/chains", json={"steps": [spec(params_from={"count": "result.records_written"})]})
+    assert first_reads.status_code == 422 and first_reads.json()["detail"][0]["loc"] == ["body", "steps", 0, "params_from"]
+    assert db[CHAINS].count_documents({}) == before
+
+
+async def test_a_schedule_job_cannot_wait_for_jobs(clients) -> None:
+    answer = await clients("acme").post(
+        "/v1/schedules", json={"kind": "interval", "interval_s": 60, "job": spec(after=["a"])}
+    )
+    assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["body", "job", "after"]
+
+
+async def test_cancelling_a_chain_cancels_its_unfinished_steps(clients, db, broker) -> None:
+    acme = clients("acme")
+    accepted = (await acme.post("/v1/chains", json={"steps": [spec(), spec(), spec()]})).json()
+    ids = accepted["job_ids"]
+    db[JOBS].update_one({"_id": ids[0]}, {"$set": {"state": "SUCCESS"}})
+    control = broker.queues[QUEUE_SCHEDULER_CONTROL]
+    await drain(control)
+
+    answer = await acme.post(f"{accepted['url']}/cancel")
+
+    assert answer.status_code == 202, answer.text
+    assert [s["job"]["cancel_requested"] for s in answer.json()["steps"]] == [False, True, True]
+    assert sorted(json.loads(m.body)["job_id"] for m in await drain(control)) == sorted(ids[1:])
+    assert (await acme.post("/v1/chains/nope/cancel")).status_code == 404
