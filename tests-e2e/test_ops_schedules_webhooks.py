@@ -34,14 +34,7 @@ def ops_system(system_factory: Callable[..., System]) -> System:
 
 
 def wait_for(what: str, condition: Callable[[], Any], system: System, timeout_s: float = 120) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached after {timeout_s} s: {what}\n{system.logs()}")
-        time.sleep(0.2)
+    return system.wait_for(condition, what, timeout_s, poll_s=0.2)
 
 
 def run_overlapping_schedule(system: System, overlap: str, runs: int) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:

@@ -3,7 +3,6 @@ isolation, cooperative cancel, schedules fired exactly once by two schedulers, p
 saturation, and property-based fuzzing of the API from its own OpenAPI document."""
 
 import asyncio
-import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -17,15 +16,8 @@ from harness import System, dump
 SMALL = {"pipeline": "synthetic", "params": {"count": 400}, "sharding": {"shards": 2}, "batch_size": 100}
 
 
-def wait_for(what: str, condition: Callable[[], Any], timeout_s: float = 90, system: System | None = None) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached after {timeout_s} s: {what}\n{system.logs() if system else ''}")
-        time.sleep(0.2)
+def wait_for(what: str, condition: Callable[[], Any], timeout_s: float = 90, *, system: System) -> Any:
+    return system.wait_for(condition, what, timeout_s, poll_s=0.2)
 
 
 def moment(value: Any) -> datetime:

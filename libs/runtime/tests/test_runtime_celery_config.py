@@ -1,10 +1,15 @@
 """The Celery settings that make shard tasks durable and at-least-once."""
 
+import threading
+
+import pytest
 from kombu import Queue
+from kombu.exceptions import OperationalError
 
 from cairn_contracts.tasks import TASK_RUN_SHARD
 from cairn_contracts.topology import EXCHANGE_DLX, EXCHANGE_TASKS, QUEUE_INGEST, ROUTING_INGEST, queue_spec
-from cairn_runtime.celery_config import INGEST_QUEUE, celery_config
+from cairn_runtime.celery_config import INGEST_QUEUE, celery_config, control_app
+from cairn_testkit.servers import free_port
 
 CONFIG = celery_config("amqp://guest:guest@localhost:5672/%2F")
 
@@ -49,3 +54,30 @@ def test_ingest_queue_matches_the_declared_topology() -> None:
 def test_only_json_is_accepted() -> None:
     assert CONFIG["task_serializer"] == "json"
     assert CONFIG["accept_content"] == ["json"]
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_a_control_call_gives_up_while_the_broker_stays_away(pooled: bool) -> None:
+    """kombu's pidbox (remote control) publishes with an unbounded retry: once the broker went
+    away mid-publish, the calling thread reconnected for the whole outage (the gateway's control
+    threads stuck, the process unable to exit). The control app's connections, pooled or not,
+    give up after a few reconnects. The broker's port here refuses every connection."""
+    app = control_app(f"amqp://guest:guest@127.0.0.1:{free_port()}//", "control-retry-test")
+    raised: list[BaseException] = []
+
+    def publish() -> None:
+        raise ConnectionResetError("the broker went away mid-publish")
+
+    def call() -> None:
+        connection = app.pool.acquire(block=True) if pooled else app.connection_for_write()
+        with connection:
+            try:
+                connection.ensure(connection, publish)()  # as kombu.pidbox.Mailbox._publish does
+            except BaseException as error:
+                raised.append(error)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    caller.join(timeout=60)
+    assert not caller.is_alive(), "the call still retries while the broker is away"
+    assert len(raised) == 1 and isinstance(raised[0], OperationalError), raised

@@ -9,17 +9,13 @@ from cairn_runtime.redis_lock import extend_if_held, job_lock_key, release_if_he
 
 
 @pytest.fixture
-async def redis_client(test_env):
-    client = aioredis.Redis.from_url(test_env.redis_url)
-    yield client
-    async for found in client.scan_iter(match=f"{test_env.redis_prefix}-lock:*"):
-        await client.delete(found)
-    await client.aclose()
+def redis_client(async_redis: aioredis.Redis) -> aioredis.Redis:
+    return async_redis
 
 
 @pytest.fixture
-def prefix(test_env) -> str:
-    return f"{test_env.redis_prefix}-lock"
+def prefix(redis_prefix_of_test: str) -> str:
+    return redis_prefix_of_test
 
 
 async def test_only_the_holder_replaces_extends_or_releases_a_lock(redis_client, prefix) -> None:

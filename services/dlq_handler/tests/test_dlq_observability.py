@@ -5,7 +5,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import REGISTRY
 
-from cairn_contracts.messages import DeadLetter, OriginalMessage
+from cairn_contracts.messages import DeadLetter
 from cairn_contracts.store import TASK_ERRORS
 from cairn_contracts.topology import QUEUE_DLQ, QUEUE_INGEST
 from cairn_dlq_handler.recorder import ErrorRecorder
@@ -13,6 +13,7 @@ from cairn_runtime import log
 from cairn_runtime.consumer import consuming
 from cairn_runtime.mongo import ensure_indexes
 from cairn_testkit.aio import next_message
+from cairn_testkit.records import dead_letter
 
 LABELS = {"reason": "retries_exhausted", "source_queue": QUEUE_INGEST, "kind": "service"}
 
@@ -22,17 +23,8 @@ def sample(name: str, labels: dict[str, str] | None = None) -> float:
 
 
 def letter(dead_letter_id: str) -> DeadLetter:
-    return DeadLetter(
-        dead_letter_id=dead_letter_id,
-        source_service="ingest-worker",
-        source_queue=QUEUE_INGEST,
-        reason="retries_exhausted",
-        error_type="RetryableError",
-        error_message="synthetic transient failure at key 15",
-        job_id="job-dl",
-        shard_key="job-dl:0001",
-        attempts=3,
-        original=OriginalMessage(body="{}"),
+    return dead_letter(
+        dead_letter_id, reason="retries_exhausted", error_type="RetryableError", job_id="job-dl", shard_key="job-dl:0001", attempts=3
     )
 
 

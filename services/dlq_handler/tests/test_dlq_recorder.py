@@ -6,7 +6,7 @@ import json
 import kombu
 import pytest
 
-from cairn_contracts.messages import DeadLetter, OriginalMessage
+from cairn_contracts.messages import DeadLetter
 from cairn_contracts.store import TASK_ERRORS
 from cairn_contracts.topology import EXCHANGE_DLX, EXCHANGE_TASKS, HEADER_MESSAGE_TYPE, QUEUE_DLQ, QUEUE_INGEST, ROUTING_INGEST
 from cairn_dlq_handler.main import run
@@ -14,22 +14,11 @@ from cairn_dlq_handler.recorder import ErrorRecorder, error_document
 from cairn_dlq_handler.settings import DlqSettings
 from cairn_runtime.mongo import ensure_indexes
 from cairn_testkit.aio import next_message
+from cairn_testkit.records import dead_letter
 
 
 def letter(dead_letter_id: str = "dl-1") -> DeadLetter:
-    return DeadLetter(
-        dead_letter_id=dead_letter_id,
-        source_service="ingest-worker",
-        source_queue=QUEUE_INGEST,
-        reason="non_retryable",
-        error_type="NonRetryableError",
-        error_message="synthetic permanent failure at key 15",
-        stack="Traceback ...",
-        job_id="job-1",
-        shard_key="job-1:0002",
-        attempts=1,
-        original=OriginalMessage(body='{"job_id": "job-1"}', headers={"task": "cairn.ingest.run_shard"}),
-    )
+    return dead_letter(dead_letter_id)
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from cairn_gateway.admin import create_key
 from cairn_gateway.app import create_app
 from cairn_gateway.settings import GatewaySettings
 from cairn_testkit.aio import drain, next_message
-from cairn_testkit.catalog import seed_catalog
 
 SPEC = {"pipeline": "synthetic", "params": {"count": 1000}, "sharding": {"shards": 4}, "priority": 3, "name": "nightly"}
 
@@ -34,23 +33,8 @@ class Gateway:
     settings: GatewaySettings
 
 
-@pytest.fixture(scope="module")
-def gateway_database(mongo_client, test_env) -> str:
-    name = f"{test_env.mongodb_database}_gw_{uuid.uuid4().hex[:6]}"
-    seed_catalog(mongo_client[name])  # as a worker announces it: jobs are checked against it
-    yield name
-    mongo_client.drop_database(name)
-
-
-def settings_for(test_env, database: str) -> GatewaySettings:
-    return GatewaySettings(
-        mongodb_uri=test_env.mongodb_uri,
-        mongodb_database=database,
-        amqp_url=test_env.amqp_url,
-        redis_url=test_env.redis_url,
-        redis_prefix=test_env.redis_prefix,
-        job_lock_ttl_s=0,  # these tests submit one spec many times; the lock has its own tests
-    )
+# The gateway's settings in this module (conftest.py `settings`).
+GATEWAY_SETTINGS = {"job_lock_ttl_s": 0}  # these tests submit one spec many times; the lock has its own tests
 
 
 def admin_token(db: Database, tenant: str = "default") -> str:
@@ -64,11 +48,9 @@ async def running(app: FastAPI, token: str | None = None) -> httpx.AsyncClient:
 
 
 @pytest.fixture(scope="module")
-async def gateway(mongo_client, test_env, gateway_database) -> AsyncIterator[Gateway]:
-    settings = settings_for(test_env, gateway_database)
-    app = create_app(settings)
-    async with app.router.lifespan_context(app), await running(app, admin_token(mongo_client[gateway_database])) as client:
-        yield Gateway(app, client, mongo_client[gateway_database], settings)
+async def gateway(app, db, settings) -> AsyncIterator[Gateway]:
+    async with await running(app, admin_token(db)) as client:
+        yield Gateway(app, client, db, settings)
 
 
 @pytest.fixture
@@ -285,17 +267,15 @@ async def test_healthz_pings_mongodb(gateway) -> None:
     assert response.json() == {"status": "ok"}
 
 
-async def test_a_job_whose_command_is_not_confirmed_is_still_accepted_and_left_for_the_relay(
-    test_env, gateway_database, mongo_client, commands
-) -> None:
-    app = create_app(settings_for(test_env, gateway_database))
-    async with app.router.lifespan_context(app), await running(app, admin_token(mongo_client[gateway_database])) as client:
+async def test_a_job_whose_command_is_not_confirmed_is_still_accepted_and_left_for_the_relay(settings, db, commands) -> None:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app), await running(app, admin_token(db)) as client:
         await app.state.jobs.publisher.close()  # the broker channel is gone: no confirm possible
 
         response = await client.post("/task/start", json=SPEC)
 
     assert response.status_code == 202
-    job = mongo_client[gateway_database][JOBS].find_one({"_id": response.json()["task_id"]})
+    job = db[JOBS].find_one({"_id": response.json()["task_id"]})
     assert job["state"] == JobState.PENDING
     assert job["command_published_at"] is None
     assert await drain(commands) == []

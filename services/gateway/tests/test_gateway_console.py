@@ -3,8 +3,7 @@ RabbitMQ vhost and Redis: they answer what the public API answers for the caller
 tenancy, scopes), escape what they show, and draw a bar per shard. The browser itself is driven in
 tests-e2e/test_console.py."""
 
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -12,56 +11,14 @@ import pytest
 from pymongo.database import Database
 
 from cairn_contracts.states import JobState, ShardState
-from cairn_contracts.store import API_KEYS, CHECKPOINTS, JOBS, SHARDS, JobRecord
-from cairn_gateway.app import create_app
-from cairn_gateway.auth import new_key
-from cairn_gateway.settings import GatewaySettings
-from cairn_testkit.catalog import seed_catalog
+from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, JobRecord
 
 SPEC = {"pipeline": "synthetic", "params": {"count": 1000}, "sharding": {"shards": 2}}
 
 
-@pytest.fixture(scope="module")
-def database(mongo_client, test_env) -> str:
-    name = f"{test_env.mongodb_database}_gwconsole_{uuid.uuid4().hex[:6]}"
-    seed_catalog(mongo_client[name])  # as a worker announces it: jobs are checked against it
-    yield name
-    mongo_client.drop_database(name)
-
-
-@pytest.fixture(scope="module")
-async def app(test_env, database):
-    settings = GatewaySettings(
-        mongodb_uri=test_env.mongodb_uri, mongodb_database=database, amqp_url=test_env.amqp_url,
-        redis_url=test_env.redis_url, redis_prefix=f"{test_env.redis_prefix}-gwconsole",
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        yield app
-
-
 @pytest.fixture
-def db(mongo_client, database) -> Database:
-    return mongo_client[database]
-
-
-@pytest.fixture
-async def clients(app, db) -> AsyncIterator[Callable[..., httpx.AsyncClient]]:
-    made: list[httpx.AsyncClient] = []
-
-    def make(tenant: str | None, scopes: tuple[str, ...] = ("submit", "read")) -> httpx.AsyncClient:
-        headers = {}
-        if tenant is not None:
-            document, token = new_key(tenant, scopes, f"{tenant} console key")
-            db[API_KEYS].insert_one(document)
-            headers["Authorization"] = f"Bearer {token}"
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers=headers, timeout=30)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        await client.aclose()
+def clients(client_for) -> Callable[..., httpx.AsyncClient]:
+    return lambda tenant, scopes=("submit", "read"): client_for(tenant, scopes)
 
 
 def running_job(db: Database, tenant: str, name: str) -> str:

@@ -2,7 +2,6 @@
 lifespan, against this run's MongoDB-wire server, RabbitMQ vhost and Redis prefix."""
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -13,60 +12,17 @@ from cairn_contracts.messages import DeadLetterCommand
 from cairn_contracts.states import DeadLetterStatus, JobState, ShardState
 from cairn_contracts.store import API_KEYS, JOBS, SHARDS, TASK_ERRORS
 from cairn_contracts.topology import HEADER_MESSAGE_TYPE, QUEUE_DLQ_COMMANDS
-from cairn_gateway.app import create_app
 from cairn_gateway.auth import new_key
 from cairn_gateway.dlq import DeadLetterService
-from cairn_gateway.settings import GatewaySettings
 from cairn_runtime.amqp import Publisher
 from cairn_runtime.payloads import RawPayloads
 from cairn_testkit.aio import drain, next_message
-from cairn_testkit.catalog import seed_catalog
-
-
-@pytest.fixture(scope="module")
-def database(mongo_client, test_env) -> str:
-    name = f"{test_env.mongodb_database}_gwdlq_{uuid.uuid4().hex[:6]}"
-    seed_catalog(mongo_client[name])  # as a worker announces it: jobs are checked against it
-    yield name
-    mongo_client.drop_database(name)
-
-
-@pytest.fixture(scope="module")
-async def app(test_env, database):
-    settings = GatewaySettings(
-        mongodb_uri=test_env.mongodb_uri,
-        mongodb_database=database,
-        amqp_url=test_env.amqp_url,
-        redis_url=test_env.redis_url,
-        redis_prefix=test_env.redis_prefix,
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        yield app
-
-
-@pytest.fixture(scope="module")
-def admin_key(mongo_client, database) -> str:
-    """An admin API key of the default tenant (the dead-letter API is an operator's tool)."""
-    document, token = new_key("default", ["admin"], "dlq-tests")
-    mongo_client[database][API_KEYS].insert_one(document)
-    return token
 
 
 @pytest.fixture
-async def client(app, admin_key) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),
-        base_url="http://gateway",
-        headers={"Authorization": f"Bearer {admin_key}"},
-        timeout=10,
-    ) as client:
-        yield client
-
-
-@pytest.fixture
-def db(mongo_client, database) -> Database:
-    return mongo_client[database]
+def client(client_for) -> httpx.AsyncClient:
+    """An admin's client of the default tenant (the dead-letter API is an operator's tool)."""
+    return client_for(name="dlq-tests")
 
 
 @pytest.fixture

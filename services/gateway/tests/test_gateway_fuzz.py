@@ -13,24 +13,20 @@ runs with its lifespan against this run's MongoDB-wire server, RabbitMQ vhost an
 import copy
 import json
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 import httpx
-import pytest
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pymongo.database import Database
 
 from cairn_contracts.states import DeadLetterStatus
 from cairn_contracts.store import API_KEYS, TASK_ERRORS
-from cairn_gateway.app import create_app
 from cairn_gateway.auth import new_key
-from cairn_gateway.settings import GatewaySettings
-from cairn_testkit.catalog import seed_catalog
+from cairn_gateway.console.routes import router as console_router
 
 EXAMPLES_PER_OPERATION = 30
 MARK = "__hostile__"
@@ -75,34 +71,7 @@ BODIES: dict[tuple[str, str], Any] = {
     ("post", "/dlq/entries/{entry_id}/discard"): {"note": "fuzz"},
     ("post", "/dlq/replay"): {"job_id": "job-fuzz"},
 }
-
-
-@pytest.fixture(scope="module")
-def database(mongo_client, test_env) -> str:
-    name = f"{test_env.mongodb_database}_gwfz_{uuid.uuid4().hex[:6]}"
-    seed_catalog(mongo_client[name])  # as a worker announces it: jobs are checked against it
-    yield name
-    mongo_client.drop_database(name)
-
-
-@pytest.fixture(scope="module")
-async def app(test_env, database) -> AsyncIterator[FastAPI]:
-    settings_ = GatewaySettings(
-        mongodb_uri=test_env.mongodb_uri,
-        mongodb_database=database,
-        amqp_url=test_env.amqp_url,
-        redis_url=test_env.redis_url,
-        redis_prefix=f"{test_env.redis_prefix}:fz",
-        rate_limit_per_minute=0,
-    )
-    app = create_app(settings_)
-    async with app.router.lifespan_context(app):
-        yield app
-
-
-@pytest.fixture(scope="module")
-def db(mongo_client, database) -> Database:
-    return mongo_client[database]
+GATEWAY_SETTINGS = {"rate_limit_per_minute": 0}  # conftest.py `settings`: hundreds of requests a second
 
 
 def resolve(spec: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
@@ -166,12 +135,33 @@ def operations(app: FastAPI) -> list[tuple[str, str, dict[str, Any]]]:
     return sorted(found, key=lambda operation: operation[0] == "delete")
 
 
+def console_operations() -> list[tuple[str, str, dict[str, Any]]]:
+    """The console's routes (left out of the OpenAPI document) as operations of the same shape:
+    path and query parameters from each route's own declaration; its form fields (the job spec
+    the console posts on) as a form body holding a job spec, so a new console route is fuzzed
+    too. Each form field is a spec whose JobSpec fields get the hostile JSON values."""
+    found = []
+    for route in console_router.routes:
+        if not isinstance(route, APIRoute):
+            continue
+        dependant = route.dependant
+        parameters = [{"in": "path", "name": p.alias} for p in dependant.path_params]
+        parameters += [{"in": "query", "name": p.alias} for p in dependant.query_params]
+        for method in sorted(route.methods):
+            found.append((method.lower(), route.path, {"parameters": parameters, "form": [p.alias for p in dependant.body_params]}))
+    return found
+
+
 def cases_for(spec: dict[str, Any], method: str, path: str, op: dict[str, Any]) -> list[dict[str, Any]]:
     """hypothesis' choice of hostile requests for one operation (generated first, sent after: the
     app runs in pytest's event loop, hypothesis' test function is synchronous)."""
     parameters = [p for p in op.get("parameters", []) if p["in"] in ("query", "path", "header")]
     body_schema = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
     targets: list[tuple] = [("param", p["in"], p["name"]) for p in parameters]
+    for name in op.get("form", []):  # a console form field holding a job spec (JSON text)
+        job_schema = {"$ref": "#/components/schemas/JobSpec"}
+        targets += [("form", name, field_path, variant) for field_path, variant in fields(spec, job_schema) if field_path]
+        targets.append(("form", name, (), ()))
     if body_schema is not None:
         targets += [("body", field_path, variant) for field_path, variant in fields(spec, body_schema) if field_path]
         targets.append(("body", (), ()))  # the whole body is hostile
@@ -187,6 +177,10 @@ def cases_for(spec: dict[str, Any], method: str, path: str, op: dict[str, Any]) 
             where = target[1]
             pool = HOSTILE_HEADER if where == "header" else HOSTILE_URL
             case["param"] = (where, target[2], data.draw(st.sampled_from(pool)))
+        elif target[0] == "form":
+            token = data.draw(st.sampled_from(HOSTILE_JSON))
+            text = token if not target[2] else hostile_body(SYNTHETIC, target[2], target[3], token)
+            case["form"] = (target[1], text)
         else:
             token = data.draw(st.sampled_from(HOSTILE_JSON))
             base = BODIES.get((method, path), {})
@@ -213,6 +207,12 @@ async def send(client: httpx.AsyncClient, case: dict[str, Any], ids: dict[str, s
             query.append(f"{quote(name)}={value}")
         else:
             headers[name] = value
+    if "form" in case:  # the text as UTF-8 bytes, percent-encoded (lone surrogates too)
+        name, text = case["form"]
+        url = path + ("?" + "&".join(query) if query else "")
+        form = f"{quote(name)}={quote(text.encode('utf-8', 'surrogatepass'), safe='')}".encode()
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+        return await client.request(case["method"].upper(), url, content=form, headers=headers)
     body = case.get("body")
     if body is None and (case["method"], case["path"]) in BODIES:
         body = json.dumps(BODIES[(case["method"], case["path"])])
@@ -250,6 +250,9 @@ async def test_hostile_values_in_every_parameter_of_every_route_answer_no_5xx(ap
         spec = app.openapi()
         ops = operations(app)
         assert len(ops) >= 25
+        console = console_operations()
+        assert len(console) >= 15
+        ops += console
         server_errors: list[str] = []
         sent = 0
         for method, path, op in ops:

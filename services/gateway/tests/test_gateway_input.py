@@ -5,62 +5,19 @@ lifespan against this run's MongoDB-wire server, RabbitMQ vhost and Redis prefix
 import base64
 import json
 import uuid
-from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from fastapi import FastAPI
-from pymongo.database import Database
 
 from cairn_contracts.states import JobState
-from cairn_contracts.store import API_KEYS, JOBS, SCHEDULES
-from cairn_gateway.app import create_app
-from cairn_gateway.auth import new_key
-from cairn_gateway.settings import GatewaySettings
-from cairn_testkit.catalog import seed_catalog
+from cairn_contracts.store import JOBS, SCHEDULES
 
-
-@pytest.fixture(scope="module")
-def database(mongo_client, test_env) -> str:
-    name = f"{test_env.mongodb_database}_gwin_{uuid.uuid4().hex[:6]}"
-    seed_catalog(mongo_client[name])  # as a worker announces it: jobs are checked against it
-    yield name
-    mongo_client.drop_database(name)
-
-
-@pytest.fixture(scope="module")
-async def app(test_env, database) -> AsyncIterator[FastAPI]:
-    settings = GatewaySettings(
-        mongodb_uri=test_env.mongodb_uri,
-        mongodb_database=database,
-        amqp_url=test_env.amqp_url,
-        redis_url=test_env.redis_url,
-        redis_prefix=f"{test_env.redis_prefix}:in",
-        job_lock_ttl_s=0,
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        yield app
-
-
-@pytest.fixture(scope="module")
-def db(mongo_client, database) -> Database:
-    return mongo_client[database]
-
-
-@pytest.fixture(scope="module")
-def token(db) -> str:
-    document, token = new_key("default", ["admin"], "input-tests")
-    db[API_KEYS].insert_one(document)
-    return token
+GATEWAY_SETTINGS = {"job_lock_ttl_s": 0}  # conftest.py `settings`: one spec is submitted many times
 
 
 @pytest.fixture
-async def client(app, token) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers={"Authorization": f"Bearer {token}"}, timeout=10
-    ) as client:
-        yield client
+def client(client_for) -> httpx.AsyncClient:
+    return client_for()
 
 
 def raw(text: str) -> dict:

@@ -3,7 +3,7 @@ GET /v1/results and batch deletes, schedules PUT / batch delete / description / 
 runs, and the job spec's callback URL."""
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -11,11 +11,7 @@ import pytest
 from pymongo.database import Database
 
 from cairn_contracts.states import JobState, ShardState
-from cairn_contracts.store import API_KEYS, CHECKPOINTS, JOBS, SCHEDULES, SHARDS, TASK_ERRORS, JobRecord
-from cairn_gateway.app import create_app
-from cairn_gateway.auth import new_key
-from cairn_gateway.settings import GatewaySettings
-from cairn_testkit.catalog import seed_catalog
+from cairn_contracts.store import CHECKPOINTS, JOBS, SCHEDULES, SHARDS, TASK_ERRORS, JobRecord
 
 SPEC = {"pipeline": "synthetic", "params": {"count": 1000}, "sharding": {"shards": 2}, "priority": 3}
 STACK = 'Traceback (most recent call last):\n  File "runner.py", line 10, in run\n    batch = pipeline.read()\n  File "p.py", line 3, in read\n    raise ValueError("bad row 7")\nValueError: bad row 7\n'
@@ -24,45 +20,13 @@ STACK = 'Traceback (most recent call last):\n  File "runner.py", line 10, in run
 def spec(**changes) -> dict:
     return {**SPEC, "name": f"job {uuid.uuid4().hex[:10]}", **changes}
 
-
-@pytest.fixture(scope="module")
-def database(mongo_client, test_env) -> str:
-    name = f"{test_env.mongodb_database}_gwops_{uuid.uuid4().hex[:6]}"
-    seed_catalog(mongo_client[name])  # as a worker announces it: jobs are checked against it
-    yield name
-    mongo_client.drop_database(name)
-
-
-@pytest.fixture(scope="module")
-async def app(test_env, database):
-    settings = GatewaySettings(
-        mongodb_uri=test_env.mongodb_uri, mongodb_database=database, amqp_url=test_env.amqp_url,
-        redis_url=test_env.redis_url, redis_prefix=f"{test_env.redis_prefix}-gwops", result_ttl_s=3600,
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        yield app
+# The gateway's settings in this module (conftest.py `settings`).
+GATEWAY_SETTINGS = {"result_ttl_s": 3600}
 
 
 @pytest.fixture
-def db(mongo_client, database) -> Database:
-    return mongo_client[database]
-
-
-@pytest.fixture
-async def clients(app, db) -> AsyncIterator:
-    made: list[httpx.AsyncClient] = []
-
-    def make(tenant: str) -> httpx.AsyncClient:
-        document, token = new_key(tenant, ("submit", "read"), f"{tenant} test key")
-        db[API_KEYS].insert_one(document)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers={"Authorization": f"Bearer {token}"}, timeout=20)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        await client.aclose()
+def clients(client_for) -> Callable[[str], httpx.AsyncClient]:
+    return lambda tenant: client_for(tenant, ("submit", "read"))
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ server, RabbitMQ vhost and Redis: keys and scopes, tenants, limits, /v1/jobs, /v
 import asyncio
 import io
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import redirect_stdout
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -19,11 +19,8 @@ from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import API_KEYS, CHECKPOINTS, JOB_LOCK_KEY, JOBS, SCHEDULES, SHARDS
 from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_CONTROL
 from cairn_gateway import admin
-from cairn_gateway.app import create_app
 from cairn_gateway.auth import new_key
-from cairn_gateway.settings import GatewaySettings
 from cairn_testkit.aio import drain, next_message
-from cairn_testkit.catalog import seed_catalog
 
 SPEC = {"pipeline": "synthetic", "params": {"count": 1000}, "sharding": {"shards": 2}, "priority": 3}
 
@@ -32,38 +29,8 @@ def spec(**changes) -> dict:
     """SPEC with a unique name: an identical unfinished job would be refused by the job lock."""
     return {**SPEC, "name": f"job {uuid.uuid4().hex[:10]}", **changes}
 
-
-@pytest.fixture(scope="module")
-def database(mongo_client, test_env) -> str:
-    name = f"{test_env.mongodb_database}_gwapi_{uuid.uuid4().hex[:6]}"
-    seed_catalog(mongo_client[name])  # as a worker announces it: jobs are checked against it
-    yield name
-    mongo_client.drop_database(name)
-
-
-@pytest.fixture(scope="module")
-def settings(test_env, database) -> GatewaySettings:
-    return GatewaySettings(
-        mongodb_uri=test_env.mongodb_uri,
-        mongodb_database=database,
-        amqp_url=test_env.amqp_url,
-        redis_url=test_env.redis_url,
-        redis_prefix=f"{test_env.redis_prefix}-gwapi",
-        max_body_bytes=4096,
-        result_ttl_s=3600,
-    )
-
-
-@pytest.fixture(scope="module")
-async def app(settings):
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        yield app
-
-
-@pytest.fixture
-def db(mongo_client, database) -> Database:
-    return mongo_client[database]
+# The gateway's settings in this module (conftest.py `settings`).
+GATEWAY_SETTINGS = {"max_body_bytes": 4096, "result_ttl_s": 3600}
 
 
 def key(db: Database, tenant: str = "acme", scopes: tuple[str, ...] = ("submit", "read"), **options) -> str:
@@ -73,18 +40,8 @@ def key(db: Database, tenant: str = "acme", scopes: tuple[str, ...] = ("submit",
 
 
 @pytest.fixture
-async def make_client(app) -> AsyncIterator:
-    clients: list[httpx.AsyncClient] = []
-
-    def make(token: str | None) -> httpx.AsyncClient:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers=headers, timeout=20)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        await client.aclose()
+def make_client(client_of) -> Callable[[str | None], httpx.AsyncClient]:
+    return client_of
 
 
 @pytest.fixture

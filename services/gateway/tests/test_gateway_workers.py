@@ -3,60 +3,21 @@ and Redis: the fenced shard transitions of terminate and revoke, and the operato
 worker runs here, so remote control gets no reply (the e2e suite drives real workers)."""
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 
 import httpx
 import pytest
 from pymongo.database import Database
 
 from cairn_contracts.states import ShardState
-from cairn_contracts.store import API_KEYS, CHECKPOINTS, SHARDS
-from cairn_gateway.app import create_app
-from cairn_gateway.auth import new_key
-from cairn_gateway.settings import GatewaySettings
-from cairn_testkit.catalog import seed_catalog
+from cairn_contracts.store import CHECKPOINTS, SHARDS
 
-
-@pytest.fixture(scope="module")
-def database(mongo_client, test_env) -> str:
-    name = f"{test_env.mongodb_database}_gwworkers_{uuid.uuid4().hex[:6]}"
-    seed_catalog(mongo_client[name])  # as a worker announces it: jobs are checked against it
-    yield name
-    mongo_client.drop_database(name)
-
-
-@pytest.fixture(scope="module")
-async def app(test_env, database):
-    settings = GatewaySettings(
-        mongodb_uri=test_env.mongodb_uri, mongodb_database=database, amqp_url=test_env.amqp_url,
-        redis_url=test_env.redis_url, redis_prefix=f"{test_env.redis_prefix}-gwworkers", worker_control_timeout_s=0.5,
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        yield app
+GATEWAY_SETTINGS = {"worker_control_timeout_s": 0.5}  # conftest.py `settings`: no worker answers here
 
 
 @pytest.fixture
-def db(mongo_client, database) -> Database:
-    return mongo_client[database]
-
-
-@pytest.fixture
-async def client_with(app, db) -> AsyncIterator:
-    made: list[httpx.AsyncClient] = []
-
-    def make(*scopes: str) -> httpx.AsyncClient:
-        document, token = new_key("acme", scopes, "workers test key")
-        db[API_KEYS].insert_one(document)
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers={"Authorization": f"Bearer {token}"}, timeout=20
-        )
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        await client.aclose()
+def client_with(client_for) -> Callable[..., httpx.AsyncClient]:
+    return lambda *scopes: client_for("acme", scopes)
 
 
 def running_shard(db: Database, *, token: int = 3, checkpoint_token: int | None = None, **fields) -> str:
@@ -164,9 +125,9 @@ async def test_a_tenant_admin_is_no_cluster_operator_and_cannot_mint_one(client_
 
 
 async def test_broker_down_worker_control_answers_503_without_starving_the_default_executor() -> None:
-    """Celery's control client retries a publish forever while RabbitMQ is away: each call's
-    thread stays stuck. They must not fill asyncio's default executor, which the gateway's DNS
-    resolution (pymongo, aio-pika) also needs."""
+    """A control call's thread can outlive its 503 by a few reconnect attempts. Those threads
+    must not fill asyncio's default executor, which the gateway's DNS resolution (pymongo,
+    aio-pika) also needs."""
     import asyncio
     import time
 

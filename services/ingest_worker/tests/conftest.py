@@ -7,6 +7,8 @@ from pymongo.database import Database
 
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import CHECKPOINTS, DEFAULT_TENANT, JOBS, SHARDS, JobRecord, ShardRecord
+from cairn_ingest_worker.leases import ShardLeases
+from cairn_ingest_worker.runner import ShardRunner
 from cairn_runtime.mongo import ensure_indexes_sync
 
 
@@ -15,6 +17,21 @@ def db(mongo_db: Database) -> Database:
     """A fresh database with Cairn's indexes, as the worker finds it at start-up."""
     ensure_indexes_sync(mongo_db)
     return mongo_db
+
+
+@pytest.fixture
+def shard_runner(db: Database) -> ShardRunner:
+    """The runner of worker "worker-a" over `db` (records and sources in it too): 30 s leases,
+    a heartbeat every 5 s, a 600 s slice."""
+    return ShardRunner(
+        leases=ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=30),
+        jobs=db[JOBS],
+        shards=db[SHARDS],
+        records_db=db,
+        source_db=db,
+        heartbeat_interval_s=5,
+        slice_s=600,
+    )
 
 
 # --- documents as the scheduler and the gateway record them (their models in cairn_contracts.store)

@@ -7,9 +7,9 @@ import pytest
 
 from cairn_contracts.messages import RunShard
 from cairn_contracts.states import ShardState
-from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
+from cairn_contracts.store import CHECKPOINTS, SHARDS
 from cairn_ingest_worker.leases import ShardLeases
-from cairn_ingest_worker.runner import ShardRunner, run_shard
+from cairn_ingest_worker.runner import run_shard
 from cairn_ingest_worker.store import WriteCounts
 from cairn_runtime.log import log_context
 
@@ -23,17 +23,6 @@ def own_log_context() -> Iterator[None]:
     with log_context(job_id=None, shard_key=None, correlation_id=None):
         yield
 
-
-def runner(db) -> ShardRunner:
-    return ShardRunner(
-        leases=ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=30),
-        jobs=db[JOBS],
-        shards=db[SHARDS],
-        records_db=db,
-        source_db=db,
-        heartbeat_interval_s=5,
-        slice_s=600,
-    )
 
 
 SPEC = {"pipeline": "synthetic", "params": {"count": 50}, "batch_size": 10, "target_collection": "out"}
@@ -63,13 +52,13 @@ def test_commit_reports_the_cancel_in_the_same_write(db, seed_job, seed_shard) -
     assert (second.stored, second.cancel_requested) == (True, True)
 
 
-def test_a_running_shard_stops_after_the_batch_that_sees_the_cancel(db, seed_job, seed_shard) -> None:
+def test_a_running_shard_stops_after_the_batch_that_sees_the_cancel(db, seed_job, seed_shard, shard_runner) -> None:
     seed_job(db, "job", SPEC)
     key = seed_shard(db, "job", 0, 0, 50)
     # The cancel arrives after the claim: only the checkpoint carries the mark the batch commit reads.
     db[CHECKPOINTS].update_one({"shard_key": key}, {"$set": {"cancel_requested": True}})
 
-    outcome = run_shard(runner(db), RunShard(job_id="job", shard_key=key), max_attempts=MAX_ATTEMPTS)
+    outcome = run_shard(shard_runner, RunShard(job_id="job", shard_key=key), max_attempts=MAX_ATTEMPTS)
 
     assert outcome.kind == "cancelled" and outcome.records == 10
     shard = db[SHARDS].find_one({"_id": key})
@@ -79,12 +68,12 @@ def test_a_running_shard_stops_after_the_batch_that_sees_the_cancel(db, seed_job
     assert db["out"].count_documents({}) == checkpoint["records_done"]  # no partial batch
 
 
-def test_a_shard_whose_last_batch_sees_the_cancel_simply_succeeds(db, seed_job, seed_shard) -> None:
+def test_a_shard_whose_last_batch_sees_the_cancel_simply_succeeds(db, seed_job, seed_shard, shard_runner) -> None:
     seed_job(db, "job", {**SPEC, "params": {"count": 10}})
     key = seed_shard(db, "job", 0, 0, 10)
     db[CHECKPOINTS].update_one({"shard_key": key}, {"$set": {"cancel_requested": True}})
 
-    outcome = run_shard(runner(db), RunShard(job_id="job", shard_key=key), max_attempts=MAX_ATTEMPTS)
+    outcome = run_shard(shard_runner, RunShard(job_id="job", shard_key=key), max_attempts=MAX_ATTEMPTS)
 
     assert outcome.kind == "succeeded"  # all its work is done: nothing to stop
     assert db[SHARDS].find_one({"_id": key})["state"] == ShardState.SUCCEEDED

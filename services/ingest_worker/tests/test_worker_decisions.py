@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from cairn_contracts.messages import RunShard
+from cairn_contracts.messages import RunFrontier, RunShard
 from cairn_contracts.states import ShardState
 from cairn_ingest_worker.decisions import (
     SLICE_OVER,
@@ -16,6 +16,7 @@ from cairn_ingest_worker.decisions import (
     after_failure,
     after_run,
     after_store_outage,
+    for_empty_lane,
     for_unclaimable,
 )
 from cairn_ingest_worker.errors import NonRetryableError, RetryableError
@@ -72,6 +73,14 @@ def test_a_task_naming_an_unrecorded_shard_is_dead_lettered() -> None:
     decision = for_unclaimable(REQUEST, None)
     assert isinstance(decision, DeadLetter) and decision.reason == "unknown_shard"
     assert isinstance(decision.error, LookupError) and "job/0" in str(decision.error)
+
+
+def test_a_frontier_runner_of_an_unrecorded_job_is_dead_lettered_and_a_known_one_drained() -> None:
+    lane = RunFrontier(job_id="gone", lane=0)
+    assert for_empty_lane(lane, job_recorded=True) == Ack("drained")
+    decision = for_empty_lane(lane, job_recorded=False)
+    assert isinstance(decision, DeadLetter) and decision.reason == "unknown_shard"
+    assert isinstance(decision.error, LookupError) and "gone" in str(decision.error)
 
 
 def test_a_failure_with_attempts_left_waits_in_the_store_and_the_last_one_is_dead_lettered() -> None:

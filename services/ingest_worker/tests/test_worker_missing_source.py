@@ -4,25 +4,12 @@ success (issue 11, item 9); an existing empty source still is an empty success."
 import pytest
 
 from cairn_contracts.messages import RunShard
-from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
+from cairn_contracts.store import CHECKPOINTS
 from cairn_ingest_worker.errors import NonRetryableError, is_retryable
-from cairn_ingest_worker.leases import ShardLeases
 from cairn_ingest_worker.pipelines import failure_policy
 from cairn_ingest_worker.pipelines.mongo_range import MongoRangeParams, MongoRangePipeline, SourceNotFound
-from cairn_ingest_worker.runner import ShardFailed, ShardRunner, run_shard
+from cairn_ingest_worker.runner import ShardFailed, run_shard
 from cairn_sdk import Bounds, RunContext
-
-
-def runner(db) -> ShardRunner:
-    return ShardRunner(
-        leases=ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=30),
-        jobs=db[JOBS],
-        shards=db[SHARDS],
-        records_db=db,
-        source_db=db,
-        heartbeat_interval_s=5,
-        slice_s=600,
-    )
 
 
 def mongo_range_spec(collection: str) -> dict:
@@ -49,12 +36,12 @@ def test_an_existing_empty_collection_is_an_empty_source(mongo_db) -> None:
     assert batch.records == [] and batch.cursor == 10 and batch.done
 
 
-def test_a_shard_over_a_missing_collection_fails_without_a_retry_and_stores_nothing(db, seed_job, seed_shard) -> None:
+def test_a_shard_over_a_missing_collection_fails_without_a_retry_and_stores_nothing(db, seed_job, seed_shard, shard_runner) -> None:
     seed_job(db, "job-missing", mongo_range_spec("vanished"))
     key = seed_shard(db, "job-missing", 0, 0, 20)
 
     with pytest.raises(ShardFailed) as caught:
-        run_shard(runner(db), RunShard(job_id="job-missing", shard_key=key), max_attempts=3)
+        run_shard(shard_runner, RunShard(job_id="job-missing", shard_key=key), max_attempts=3)
 
     assert isinstance(caught.value.error, SourceNotFound)
     assert "'vanished'" in str(caught.value.error)
@@ -63,11 +50,11 @@ def test_a_shard_over_a_missing_collection_fails_without_a_retry_and_stores_noth
     assert checkpoint["cursor"] is None and checkpoint["batches"] == 0  # nothing read, nothing committed
 
 
-def test_a_shard_over_an_existing_collection_still_succeeds(db, seed_job, seed_shard) -> None:
+def test_a_shard_over_an_existing_collection_still_succeeds(db, seed_job, seed_shard, shard_runner) -> None:
     db["present"].insert_many([{"_id": k} for k in range(5)])
     seed_job(db, "job-present", mongo_range_spec("present"))
     key = seed_shard(db, "job-present", 0, 0, 20)
 
-    outcome = run_shard(runner(db), RunShard(job_id="job-present", shard_key=key), max_attempts=3)
+    outcome = run_shard(shard_runner, RunShard(job_id="job-present", shard_key=key), max_attempts=3)
 
     assert outcome.kind == "succeeded" and outcome.records == 5

@@ -5,7 +5,10 @@ thread) consumes a vhost of its own on the real RabbitMQ; poison messages are pu
 ingest queue, then an ordinary task. The dead letters are read back from the DLQ queue.
 """
 
+import base64
+import gzip
 import json
+import sys
 import threading
 import uuid
 from typing import Any
@@ -18,8 +21,9 @@ from cairn_contracts.messages import DeadLetter, OriginalMessage
 from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
 from cairn_contracts.topology import EXCHANGE_TASKS, QUEUE_DLQ, QUEUE_INGEST, ROUTING_INGEST
 from cairn_ingest_worker.bootstrap import create_app
-from cairn_ingest_worker.consumer import DeadLetteringConsumer, stable_dead_letter_id
+from cairn_ingest_worker.consumer import DeadLetteringConsumer, refuse_compression, stable_dead_letter_id
 from cairn_ingest_worker.settings import WorkerSettings
+from cairn_runtime.header_depth import TOO_DEEP
 from cairn_testkit import fixtures
 
 # Every shape of body a hostile or broken sender can put under a header naming run_shard.
@@ -95,6 +99,22 @@ def test_every_unparseable_body_is_dead_lettered_once_and_the_worker_keeps_consu
             [[], {"job_id": "j", "shard_key": "j:0000"}, {"callbacks": [{"task": "cairn.test.alive"}]}]
         ).encode()
         publish_raw(amqp_url, body, "application/json", {**headers, "id": task_id, "lang": "py"})
+    # A zip bomb: 20 MB of zeros in 20 KB. kombu would inflate it before any guard saw it.
+    bomb = gzip.compress(json.dumps([[], {"job_id": "0" * 20_000_000}, {}]).encode())
+    markers["zip_bomb"] = task_id = f"poison-zip-bomb-{uuid.uuid4().hex[:6]}"
+    publish_raw(amqp_url, bomb, "application/json", {"task": TASK_RUN_SHARD, "compression": "application/x-gzip", "id": task_id, "lang": "py"})
+    # Headers nested 2,000 levels deep: py-amqp's decoder raised RecursionError in the worker's
+    # frame reader, before any guard (encoding them needs a raised recursion limit, here only).
+    deep: dict[str, Any] = {"leaf": 1}
+    for _ in range(2_000):
+        deep = {"k": deep}
+    markers["deep_headers"] = task_id = f"poison-deep-{uuid.uuid4().hex[:6]}"
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    try:
+        publish_raw(amqp_url, good_body, "application/json", {"id": task_id, "deep": deep})
+    finally:
+        sys.setrecursionlimit(limit)
     # A frontier task with no id header; then the same array body twice (a redelivery's twin).
     publish_raw(amqp_url, b"[[], {}, {}]", "application/json", {"task": TASK_RUN_FRONTIER})
     twin = {"task": TASK_RUN_SHARD, "id": f"twin-{uuid.uuid4().hex[:6]}", "lang": "py"}
@@ -110,11 +130,17 @@ def test_every_unparseable_body_is_dead_lettered_once_and_the_worker_keeps_consu
         ran.clear()
         for _ in range(2):
             app.send_task(TASK_RUN_SHARD, kwargs=stray, task_id=stray_id)
+        # A frontier runner of a job that is not recorded: before, it ended "drained", unrecorded.
+        stray_lane = {"job_id": f"no-such-frontier-{uuid.uuid4().hex[:6]}", "lane": 0}
+        for _ in range(2):
+            app.send_task(TASK_RUN_FRONTIER, kwargs=stray_lane, task_id=f"{stray_id}-lane")
         app.send_task("cairn.test.alive", queue=QUEUE_INGEST)
         assert ran.wait(60)
 
     letters = read_dead_letters(amqp_url)
-    strays = [letter for letter in letters if letter.reason == "unknown_shard"]
+    lanes = [letter for letter in letters if letter.reason == "unknown_shard" and letter.job_id == stray_lane["job_id"]]
+    assert len(lanes) == 2 and lanes[0].dead_letter_id == lanes[1].dead_letter_id and lanes[0].shard_key is None
+    strays = [letter for letter in letters if letter.reason == "unknown_shard" and letter not in lanes]
     # Before: only a log line said the shard is not recorded.
     assert len(strays) == 2 and strays[0].dead_letter_id == strays[1].dead_letter_id
     assert strays[0].job_id == stray["job_id"] and strays[0].shard_key == stray["shard_key"]
@@ -127,6 +153,11 @@ def test_every_unparseable_body_is_dead_lettered_once_and_the_worker_keeps_consu
         assert letter.error_type == "UnreadableMessage", (name, letter.error_message)
     assert any(letter.original.headers.get("task") == TASK_RUN_FRONTIER and "id" not in letter.original.headers for letter in letters)
     assert "over the" in by_task_id[markers["huge"]].error_message
+    # The bomb was never inflated: its dead letter holds the compressed bytes as they were sent.
+    bombed = by_task_id[markers["zip_bomb"]]
+    assert "is not inflated" in bombed.error_message
+    assert TOO_DEEP in json.dumps(by_task_id[markers["deep_headers"]].original.headers, ensure_ascii=False)
+    assert bombed.original.body_encoding == "base64" and base64.b64decode(bombed.original.body) == bomb
     # The twins are one message delivered twice: one dead-letter id, so one task_errors entry.
     twins = [letter for letter in letters if letter.original.headers.get("id") == twin["id"]]
     assert len(twins) == 2 and twins[0].dead_letter_id == twins[1].dead_letter_id
@@ -153,6 +184,16 @@ def test_the_headers_cairn_itself_sends_pass_the_guard() -> None:
     for extra in ({"timelimit": [None, None]}, {"timelimit": [750.0, 720.0]}, {"eta": "2026-01-01T00:00:00+00:00", "retries": 3}):
         message = Message(body=b'[[], {"job_id": "j", "shard_key": "j:0"}, {}]', headers={"task": TASK_RUN_SHARD, "id": "t", **extra}, content_type="application/json")
         assert consumer._shape_problem(message) is None, extra
+
+
+def test_a_compressed_body_is_kept_as_sent_and_named_by_the_guard() -> None:
+    refuse_compression()
+    bomb = gzip.compress(b"[[], {}, {}]" + b" " * 10_000_000)
+    message = Message(body=bomb, headers={"task": TASK_RUN_SHARD, "id": "t", "compression": "gzip"}, content_type="application/json")
+    assert message.body == bomb and message.errors  # not inflated: kombu records the refusal
+    consumer = object.__new__(DeadLetteringConsumer)
+    consumer.app = type("App", (), {"conf": {"cairn_max_task_body_bytes": 4096, "task_time_limit": 750}})()
+    assert "header `compression`" in (consumer._shape_problem(message) or "")
 
 
 @pytest.mark.parametrize(

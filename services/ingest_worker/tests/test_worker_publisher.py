@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import pytest
 from celery import Celery
 
-from cairn_contracts.messages import DeadLetter, OriginalMessage, ShardFinished
+from cairn_contracts.messages import DeadLetter, ShardFinished
 from cairn_contracts.topology import (
     EXCHANGE_COMMANDS,
     EXCHANGE_TASKS,
@@ -23,6 +23,7 @@ from cairn_contracts.topology import (
 from cairn_ingest_worker.publisher import BrokerPublisher, declare_topology
 from cairn_runtime.celery_config import celery_config
 from cairn_testkit.aio import next_message
+from cairn_testkit.records import dead_letter
 
 
 @pytest.fixture
@@ -67,18 +68,7 @@ async def test_broker_publisher_publishes_a_persistent_event_with_contract_heade
 
 
 async def test_broker_publisher_dead_letters_reach_the_dlq(broker, celery_app) -> None:
-    letter = DeadLetter(
-        dead_letter_id="dl-worker-1",
-        source_service="ingest-worker",
-        source_queue=QUEUE_INGEST,
-        reason="poison",
-        error_type="RuntimeError",
-        error_message="shard was started 5 times without finishing",
-        job_id="job",
-        shard_key="job:0000",
-        attempts=6,
-        original=OriginalMessage(body="{}", headers={"task": "cairn.ingest.run_shard"}),
-    )
+    letter = dead_letter("dl-worker-1", reason="poison", error_type="RuntimeError", error_message="started 5 times", attempts=6)
 
     BrokerPublisher(celery_app).publish(letter)
 

@@ -38,17 +38,13 @@ SPEC = {"pipeline": "synthetic", "params": {"count": 40}, "sharding": {"shards":
 
 
 @pytest.fixture
-async def redis_client(test_env):
-    client = aioredis.Redis.from_url(test_env.redis_url)
-    yield client
-    async for found in client.scan_iter(match=f"{test_env.redis_prefix}-sched:*"):
-        await client.delete(found)
-    await client.aclose()
+def redis_client(async_redis: aioredis.Redis) -> aioredis.Redis:
+    return async_redis
 
 
 @pytest.fixture
-def lock_prefix(test_env) -> str:
-    return f"{test_env.redis_prefix}-sched"
+def lock_prefix(redis_prefix_of_test: str) -> str:
+    return redis_prefix_of_test
 
 
 @pytest.fixture

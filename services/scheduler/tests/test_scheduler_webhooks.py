@@ -3,6 +3,7 @@ once per finished job, each attempt is signed, recorded and retried with backoff
 
 import asyncio
 import json
+import logging
 import time
 
 import httpx
@@ -63,6 +64,19 @@ async def test_a_delivery_answered_500_is_retried_and_recorded_then_delivered_si
         assert (event["type"], event["data"]["job_id"], event["data"]["state"], event["data"]["result"]) == (
             "job.finished", job_id, "SUCCESS", {"records_done": 4})
         assert await db[WEBHOOK_DELIVERIES].count_documents({"_id": running}) == 0  # not finished: no webhook
+
+
+async def test_logs_name_a_callback_by_scheme_and_host_only(db, http_client, caplog) -> None:
+    # The receiver's token in the path and query must not reach the logs.
+    url = "http://127.0.0.1:9/hooks/tok3n-p?key=tok3n-q"
+    job_id = await finished_job(db, url)
+    with caplog.at_level(logging.DEBUG):
+        await deliverer(db, http_client).run_pass(int(time.time() * 1000))
+    delivery = await db[WEBHOOK_DELIVERIES].find_one({"_id": job_id})
+    assert delivery["attempt_count"] == 1  # attempted (connection refused) and logged
+    said = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("cairn_"))
+    assert "queued for http://127.0.0.1:9" in said and "attempt 1 failed" in said
+    assert "tok3n" not in said
 
 
 async def test_the_outbox_holds_one_delivery_per_job_whatever_runs_it(db, http_client) -> None:

@@ -35,6 +35,7 @@ from cairn_contracts.topology import (
     HEADER_SOURCE_QUEUE,
     QUEUES,
 )
+from cairn_runtime.header_depth import bound_header_depth
 from cairn_runtime.log import correlation_id as correlation_id_var
 from cairn_runtime.metrics import timed_publish
 from cairn_runtime.tracing import producer_span
@@ -60,7 +61,9 @@ class ContractViolation(Exception):
 
 async def connect(url: str, connection_name: str, timeout_s: float | None = None) -> AbstractRobustConnection:
     """A robust connection (it reconnects by itself once made); the first attempt raises if the
-    broker does not answer (within `timeout_s`, if given)."""
+    broker does not answer (within `timeout_s`, if given). Header tables are decoded to a bounded
+    depth (header_depth.py)."""
+    bound_header_depth()
     return await aio_pika.connect_robust(url, client_properties={"connection_name": connection_name}, timeout=timeout_s)
 
 

@@ -10,11 +10,14 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from celery import Celery
-from kombu import Exchange, Queue
+from celery.app.amqp import AMQP
+from kombu import Connection, Exchange, Queue
+from kombu.connection import ConnectionPool, PooledConnection
 
 from cairn_contracts.messages import RunFrontier, RunShard
 from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
 from cairn_contracts.topology import EXCHANGE_TASKS, QUEUE_INGEST, queue_spec
+from cairn_runtime.header_depth import bound_header_depth
 
 INGEST_QUEUE = Queue(
     QUEUE_INGEST,
@@ -78,10 +81,65 @@ def celery_config(broker_url: str) -> dict[str, Any]:
     }
 
 
+# How often a remote-control call reconnects to a broker that went away before it gives up.
+CONTROL_MAX_RETRIES = 2
+
+
+class _BoundedEnsure:
+    """kombu's pidbox (Celery's remote control) publishes with `retry=True` and no policy, and
+    kombu then retries for as long as RabbitMQ is away: the calling thread stayed stuck for the
+    whole outage, and the process could not exit while it was. This bounds every retried
+    operation whose caller set no bound to CONTROL_MAX_RETRIES reconnects."""
+
+    def ensure(
+        self,
+        obj: Any,
+        fun: Any,
+        errback: Any = None,
+        max_retries: Any = None,
+        interval_start: Any = 1,
+        interval_step: Any = 1,
+        interval_max: Any = 1,
+        on_revive: Any = None,
+        retry_errors: Any = None,
+    ) -> Any:
+        bound = CONTROL_MAX_RETRIES if max_retries is None else max_retries
+        return super().ensure(  # type: ignore[misc]
+            obj, fun, errback, bound, interval_start, interval_step, interval_max, on_revive, retry_errors
+        )
+
+
+class BoundedPooledConnection(_BoundedEnsure, PooledConnection):
+    """What `BoundedRetryPool` hands out (Celery's producer pool publishes on these)."""
+
+
+class BoundedRetryPool(ConnectionPool):
+    def new(self) -> BoundedPooledConnection:
+        return BoundedPooledConnection(self, **dict(self.connection._info(resolve=False)))  # as kombu's own `new`
+
+
+class BoundedRetryConnection(_BoundedEnsure, Connection):
+    """A kombu connection, and a pool of them, whose retries are bounded (`_BoundedEnsure`)."""
+
+    def Pool(self, limit: int | None = None, **kwargs: Any) -> BoundedRetryPool:  # noqa: N802 (kombu's name)
+        return BoundedRetryPool(self, limit=limit, **kwargs)
+
+
+class BoundedRetryAMQP(AMQP):
+    Connection = BoundedRetryConnection
+
+
 def control_app(broker_url: str, app_name: str) -> Celery:
-    """A Celery client app on Cairn's broker for remote control and events (never a worker)."""
-    app = Celery(app_name)
+    """A Celery client app on Cairn's broker for remote control and events (never a worker).
+
+    Every broker operation of it is bounded: a (re)connect is tried CONTROL_MAX_RETRIES + 1
+    times (each within `broker_connection_timeout`), then the call raises (OperationalError)."""
+    bound_header_depth()  # replies and events are decoded by py-amqp (header_depth.py)
+    app = Celery(app_name, amqp=BoundedRetryAMQP)
     app.conf.update(celery_config(broker_url))
+    # The (re)connects of a call: CONTROL_MAX_RETRIES more after the first, 0.5 s then 1 s apart.
+    transport = {**app.conf.broker_transport_options, "max_retries": CONTROL_MAX_RETRIES, "interval_start": 0.5, "interval_step": 0.5, "interval_max": 1}
+    app.conf.broker_transport_options = transport
     return app
 
 

@@ -2,20 +2,42 @@
 
 - `async_mongo_db`: the per-test `mongo_db` database, seen through pymongo's AsyncMongoClient
   (import the fixture into a conftest.py to use it).
+- `redis_prefix_of_test` / `async_redis`: a Redis key prefix of the test's own (under the run's)
+  and an async Redis client that deletes every key under it afterwards.
 - `next_message` / `drain`: bounded reads from an aio-pika queue (duck-typed, so this module needs
   nothing beyond the testkit's own dependencies).
 """
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from pymongo import AsyncMongoClient
 from pymongo.database import Database
 
 from cairn_testkit.fixtures import TestEnvironment
+
+
+@pytest.fixture
+def redis_prefix_of_test(test_env: TestEnvironment) -> str:
+    """A Redis key prefix of this test's own, under the run's (`<run prefix>-t<hex>`)."""
+    return f"{test_env.redis_prefix}-t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def async_redis(test_env: TestEnvironment, redis_prefix_of_test: str) -> AsyncIterator[aioredis.Redis]:
+    """An async client of this run's Redis; every key under `redis_prefix_of_test` is deleted after the test."""
+    client = aioredis.Redis.from_url(test_env.redis_url)
+    try:
+        yield client
+        async for found in client.scan_iter(match=f"{redis_prefix_of_test}*"):
+            await client.delete(found)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

@@ -117,8 +117,8 @@ class WorkerControl:
     publisher: Publisher
     timeout_s: float = 1.0
     heartbeats: HeartbeatMonitor | None = None
-    # Celery's control client retries a publish for as long as RabbitMQ is away, so a call's
-    # thread can stay stuck well past its 503: those threads get their own small pool, never
+    # A call's thread can outlive its 503 by a few reconnect attempts (`control_app` bounds what
+    # kombu would retry for the whole outage): those threads get their own small pool, never
     # asyncio's default executor (DNS resolution of pymongo and aio-pika runs there).
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=CONTROL_THREADS, thread_name_prefix="worker-control")

@@ -16,7 +16,7 @@ from cairn_contracts.namespaces import PIPELINES
 from cairn_contracts.topology import QUEUE_INGEST
 from cairn_ingest_worker import control  # noqa: F401  (registers Cairn's remote-control command)
 from cairn_ingest_worker.catalog import announce_catalog
-from cairn_ingest_worker.consumer import MAX_BODY_CONF
+from cairn_ingest_worker.consumer import MAX_BODY_CONF, refuse_compression
 from cairn_ingest_worker.context import LeasesFactory, build_context
 from cairn_ingest_worker.leases import ShardLeases
 from cairn_ingest_worker.observability import connect_signals
@@ -25,6 +25,7 @@ from cairn_ingest_worker.publisher import declare_topology
 from cairn_ingest_worker.settings import WorkerSettings
 from cairn_ingest_worker.tasks import register_tasks
 from cairn_runtime.celery_config import celery_config, worker_hostname
+from cairn_runtime.header_depth import bound_header_depth
 from cairn_runtime.instrumentation import instrument_celery, instrument_clients
 from cairn_runtime.log import configure_logging
 from cairn_runtime.metrics import serve_metrics
@@ -48,6 +49,8 @@ def create_app(settings: WorkerSettings, leases: LeasesFactory = ShardLeases) ->
     # Messages Celery cannot read are dead-lettered, not dropped (consumer.py).
     app.conf.worker_consumer = "cairn_ingest_worker.consumer:DeadLetteringConsumer"
     app.conf[MAX_BODY_CONF] = settings.max_task_body_bytes
+    refuse_compression()  # before any message is built: kombu would inflate it ahead of the guard
+    bound_header_depth()  # a table nested thousands deep would stop the consumer (header_depth.py)
     # Every delivery is bounded in time, a batch too (checked only between batches otherwise):
     # the soft limit interrupts the run (BatchTimedOut, retryable, nothing committed), the hard
     # limit replaces the pool process; both well under RabbitMQ's consumer_timeout.

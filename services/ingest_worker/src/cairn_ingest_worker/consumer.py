@@ -6,6 +6,8 @@ not a task message or names an unknown task, and lets any other exception of its
 which stops the worker, again on every restart since the message is never acked. Cairn
 dead-letters all of them instead, as `contract_violation` with the reason in the error, then acks:
 the worker keeps consuming. A body over `CAIRN_MAX_TASK_BODY_BYTES` is dead-lettered unparsed.
+A compressed body is never inflated (`refuse_compression`): kombu would do it while building the
+message, before any guard, so a small zip bomb would exhaust the worker's memory.
 
 Each dead letter's id is derived from the delivery (body, headers, routing key), so a message
 redelivered after a crash between the dead letter's publish and the ack is recorded once: the DLQ
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import kombu.compression
 from celery.worker.consumer.consumer import Consumer
 from vine import promise
 
@@ -39,6 +42,26 @@ SERVICE = "ingest-worker"
 CAIRN_TASKS = frozenset({TASK_RUN_SHARD, TASK_RUN_FRONTIER})
 # app.conf key holding the largest task body parsed (bytes); set from the worker's settings.
 MAX_BODY_CONF = "cairn_max_task_body_bytes"
+
+
+class CompressionRefused(Exception):
+    """A message body Cairn would have to decompress: its tasks are never compressed."""
+
+
+def _refuse_to_decompress(body: bytes) -> bytes:
+    raise CompressionRefused(f"a compressed body of {len(body)} bytes is not inflated")
+
+
+def refuse_compression() -> None:
+    """Make kombu refuse every compressed body in this process, keeping it as received.
+
+    kombu inflates a body whose `compression` header names a method while it builds the message
+    (`kombu.Message.__init__`), before the consumer's size guard: a 100 KB gzip of zeros becomes
+    100 MB. With every method's decoder refusing, the body stays as sent, the message carries the
+    error, and `DeadLetteringConsumer.on_decode_error` dead-letters it as received."""
+    for content_type in kombu.compression.encoders():
+        encoder, _ = kombu.compression.get_encoder(content_type)  # sending compressed stays possible
+        kombu.compression.register(encoder, _refuse_to_decompress, content_type)
 
 
 class UnreadableMessage(Exception):

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cairn_contracts.messages import RunShard
+from cairn_contracts.messages import RunFrontier, RunShard
 from cairn_contracts.states import ShardState
 from cairn_ingest_worker.retry import RetryDecision
 from cairn_ingest_worker.runner import Outcome, backoff_delay
@@ -117,6 +117,15 @@ def for_unclaimable(request: RunShard, shard: Mapping[str, Any] | None) -> Ack |
     # died: the scheduler's reaper then returns the shard to ready and dispatches it again).
     logger.info("shard %s is held by %s; this duplicate task ends", request.shard_key, shard.get("taken_by"))
     return Ack("held_elsewhere")
+
+
+def for_empty_lane(request: RunFrontier, job_recorded: bool) -> Ack | DeadLetter:
+    """The decision for a frontier runner that found nothing to claim: its lane is drained, or,
+    when neither the job nor any of its items is recorded, the task names an unknown job and is
+    kept in the DLQ (one entry however often it is delivered), as an unknown shard's task is."""
+    if job_recorded:
+        return Ack("drained")
+    return DeadLetter("unknown_shard", LookupError(f"lease-frontier job {request.job_id} is not recorded"))
 
 
 def after_failure(retry: RetryDecision, error: BaseException) -> ScheduleRetry | DeadLetter:

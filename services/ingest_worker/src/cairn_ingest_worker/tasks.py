@@ -43,6 +43,7 @@ from cairn_ingest_worker.decisions import (
     after_failure,
     after_run,
     after_store_outage,
+    for_empty_lane,
     for_unclaimable,
 )
 from cairn_ingest_worker.errors import StoreUnavailable
@@ -98,7 +99,9 @@ def register_tasks(app: Celery, build_context: Callable[[], WorkerContext]) -> N
         except ValidationError as error:
             return _carry_out(ctx, self, DeadLetter("contract_violation", error))
         deadline = time.monotonic() + ctx.runner.slice_s
+        claimed = False
         while (claim := _claim_next_or_retry(ctx, self, request)) is not None:
+            claimed = True
             try:
                 max_attempts = _rules(ctx, request.job_id).policy.max_attempts
                 outcome = run_claimed(ctx.runner, claim, max_attempts=max_attempts, deadline=deadline)
@@ -114,16 +117,23 @@ def register_tasks(app: Celery, build_context: Callable[[], WorkerContext]) -> N
                 _carry_out(ctx, self, SLICE_OVER)
         # Items left waiting for their retry time are sent a runner by the scheduler when due:
         # this lane ends rather than hold its delivery for the backoff.
-        return "drained"
+        if claimed:
+            return "drained"
+        return _carry_out(ctx, self, for_empty_lane(request, _job_recorded(ctx, request.job_id)), request=request)
 
 
 def _carry_out(
-    ctx: WorkerContext, task: WorkerTask, decision: Decision, claim: Claim | None = None, *, request: RunShard | None = None
+    ctx: WorkerContext,
+    task: WorkerTask,
+    decision: Decision,
+    claim: Claim | None = None,
+    *,
+    request: RunShard | RunFrontier | None = None,
 ) -> str:
     """Do what `decision` says; returns the task's result, or raises Celery's Retry (RetryLater).
 
     `claim`: the shard this run held (for a shard's dead letter or a scheduled retry);
-    `request`: the RunShard whose shard was not claimable (for an unknown shard's dead letter)."""
+    `request`: the task whose shard or job is not recorded (for an unknown shard's dead letter)."""
     if isinstance(decision, RetryLater):
         # Celery's retry publishes the task again (with confirms) before this delivery is acked.
         raise task.retry(countdown=decision.delay_s, max_retries=None, priority=_priority(task))
@@ -269,9 +279,16 @@ def _dead_letter_invalid(ctx: WorkerContext, task: WorkerTask, payload: dict, er
     logger.error("task %s dead-lettered: payload is not a valid %s", task.request.id, task.name)
 
 
-def _dead_letter_unknown_shard(ctx: WorkerContext, task: WorkerTask, request: RunShard, error: BaseException) -> None:
-    """A task naming a shard that is not recorded: kept in the DLQ (one entry however often the
-    task is delivered), not only logged."""
+def _job_recorded(ctx: WorkerContext, job_id: str) -> bool:
+    """Whether the job or any of its work items is in the store (a frontier runner's job)."""
+    if ctx.runner.jobs.find_one({"_id": job_id}, {"_id": 1}) is not None:
+        return True
+    return ctx.runner.shards.find_one({"job_id": job_id}, {"_id": 1}) is not None
+
+
+def _dead_letter_unknown_shard(ctx: WorkerContext, task: WorkerTask, request: RunShard | RunFrontier, error: BaseException) -> None:
+    """A task naming a shard (or a frontier job) that is not recorded: kept in the DLQ (one entry
+    however often the task is delivered), not only logged."""
     original = _original(task, request.model_dump())
     dead_letter = dead_letter_for(
         source_service=SERVICE,
@@ -280,11 +297,11 @@ def _dead_letter_unknown_shard(ctx: WorkerContext, task: WorkerTask, request: Ru
         error=error,
         original=original,
         job_id=request.job_id,
-        shard_key=request.shard_key,
+        shard_key=getattr(request, "shard_key", None),
         dead_letter_id=stable_dead_letter_id(original, "unknown_shard"),
     )
     ctx.publisher.publish(dead_letter)
-    logger.error("shard %s is not recorded; its task is dead-lettered", request.shard_key)
+    logger.error("%s is not recorded; its task is dead-lettered", error)
 
 
 def _announce(ctx: WorkerContext, announce: Announce) -> None:

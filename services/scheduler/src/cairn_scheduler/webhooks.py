@@ -117,6 +117,17 @@ async def check_host(url: str, allow_private: bool) -> None:
         raise RefusedUrl(str(refused)) from None
 
 
+def origin_of(url: str) -> str:
+    """`scheme://host[:port]` of a callback URL: what a log line may say of it. The path, query
+    and user info often carry the receiver's secret token, and logs are read more widely."""
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return "(an invalid URL)"
+    return f"{parts.scheme}://{parts.hostname or ''}{port}"
+
+
 @dataclass(frozen=True)
 class WebhookDeliverer:
     db: AsyncDatabase
@@ -163,7 +174,7 @@ class WebhookDeliverer:
             try:
                 await self.db[WEBHOOK_DELIVERIES].insert_one(document)
                 created += 1
-                logger.info("webhook of job %s (%s) queued for %s", job["_id"], job["state"], url)
+                logger.info("webhook of job %s (%s) queued for %s", job["_id"], job["state"], origin_of(url))
             except DuplicateKeyError:
                 pass  # queued before (another scheduler, or a crash before the mark below)
             await self.db[JOBS].update_one({"_id": job["_id"], "webhook_queued": {"$in": [False, None]}}, {"$set": {"webhook_queued": True}})

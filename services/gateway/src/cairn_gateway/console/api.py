@@ -66,8 +66,16 @@ class GatewayApi:
         """POST `path` with `body` as JSON (no body when None)."""
         return await self._send("POST", path, json=body)
 
+    async def post_json_text(self, path: str, text: str) -> ApiAnswer:
+        """POST `path` with `text`, JSON as the user wrote it, passed on unparsed: the API names
+        what it refuses (a lone surrogate `\\ud800`, NaN...), where re-encoding parsed JSON
+        would fail in this process and answer 500."""
+        content = text.encode("utf-8", "surrogatepass")  # bytes the API refuses as not UTF-8, if any
+        return await self._send("POST", path, content=content, headers={"Content-Type": "application/json"})
+
     async def _send(self, method: str, path: str, **kwargs: Any) -> ApiAnswer:
-        response = await self.client.request(method, path, headers=self.headers, **kwargs)
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        response = await self.client.request(method, path, headers=headers, **kwargs)
         try:
             body = response.json() if response.content else None
         except ValueError:

@@ -254,10 +254,10 @@ def flash(request: Request, answer: ApiAnswer, message: str, link: str | None = 
 async def start_job(request: Request, api: Api, spec: Annotated[str, Form(max_length=100_000)]) -> HTMLResponse:
     """Start a job from its spec (the JSON body of `POST /v1/jobs`)."""
     try:
-        body = json.loads(spec)
+        json.loads(spec)
     except ValueError as error:
         return render(request, "_flash.html", status=422, ok=False, message=f"spec: not JSON ({error})")
-    answer = await api.post("/v1/jobs", body)
+    answer = await api.post_json_text("/v1/jobs", spec)
     job_id = answer.body.get("id") if answer.ok and isinstance(answer.body, dict) else None
     return flash(request, answer, f"job {job_id} started", f"/console/jobs/{job_id}")
 

@@ -34,6 +34,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cairn_contracts.pipelines import HTTP_JSON
 from cairn_ingest_worker.http.fetch import FetchPolicy, Page, PageFetcher, build_client, origin
 from cairn_ingest_worker.http.ratelimit import host_limiter, parse_rate
 from cairn_ingest_worker.http.raw_pages import RawPages
@@ -145,7 +146,7 @@ class HttpJsonParams(BaseModel):
 class HttpJsonPipeline(Pipeline[HttpJsonParams]):
     """Reads a paged JSON HTTP API (page, offset, next-cursor or Link paging)."""
 
-    name: ClassVar[str] = "http_json"
+    name: ClassVar[str] = HTTP_JSON
     version: ClassVar[str] = "1"
     description: ClassVar[str] = "Reads a paged JSON HTTP API: page numbers, offsets, next-cursor tokens or Link headers"
     Params = HttpJsonParams

@@ -23,6 +23,7 @@ from pymongo.errors import CursorNotFound, ExecutionTimeout, OperationFailure, W
 
 from cairn_contracts.bounds import Moment
 from cairn_contracts.namespaces import JobCollection
+from cairn_contracts.pipelines import MONGO_RANGE
 from cairn_sdk import Batch, Bounds, Cursor, FailurePolicy, KeyRange, NonRetryableError, Pipeline, TimeRange, epoch_ms, from_epoch_ms
 
 # Keys are stored as MongoDB 64-bit integers (see synthetic.MAX_KEY).
@@ -76,7 +77,7 @@ def collection_exists(source: Any, name: str) -> bool:
 class MongoRangePipeline(Pipeline[MongoRangeParams]):
     """Copies a MongoDB collection's documents by integer key range or datetime window."""
 
-    name = "mongo_range"
+    name = MONGO_RANGE
     version = "2"
     description = "Copies documents of a MongoDB collection by integer key range [start, end) or time window [since, until)"
     Params = MongoRangeParams

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cairn_contracts.pipelines import SYNTHETIC
 from cairn_sdk import Batch, Bounds, FailurePolicy, KeyRange, NonRetryableError, Pipeline, RetryableError
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class SyntheticParams(BaseModel):
 class SyntheticPipeline(Pipeline[SyntheticParams]):
     """Deterministic generated records (record i is the same on every run), for tests and benchmarks."""
 
-    name = "synthetic"
+    name = SYNTHETIC
     version = "2"
     description = "Deterministic generated records (record i is the same on every run), with injectable slowness and failures"
     Params = SyntheticParams
