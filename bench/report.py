@@ -295,6 +295,15 @@ def _scaling(data: dict[str, Any], plots: Path, result: dict[str, Any]) -> str:
         "![scaling](plots/scaling-time.png)",
         "",
     ]
+    if (counted := SCENARIOS["scaling"].counts_table(data)) is not None:
+        lines += [
+            "What each shard cost, counted (services run through `bench.counted`: pymongo command monitoring, "
+            "kombu and aio-pika publishes, Celery task deliveries), per shard or work item, from the POST until "
+            "SUCCESS was seen; the gateway's share is the status client's calls:",
+            "",
+            markdown_table(*counted),
+            "",
+        ]
     if (idle := SCENARIOS["scaling"].idle_line(data)) is not None:
         lines += [idle + ".", ""]
     return "\n".join(lines)

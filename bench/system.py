@@ -61,6 +61,9 @@ class BenchContext:
     settle_s: float = 5.0  # longest wait for a quiet machine before one measurement
     settle_budget_s: float = 60.0  # and in total over the whole bench run
     settled_s: float = 0.0
+    # Set: services are started through `bench.counted`, which counts their MongoDB commands,
+    # AMQP publishes and Celery tasks into this directory (the `scaling` scenario's counts).
+    counts_dir: Path | None = None
     _token: str | None = None
 
     def api_headers(self) -> dict[str, str]:
@@ -120,7 +123,9 @@ class BenchContext:
                 "CAIRN_TRACE_EXPORTER": "none",
                 "CAIRN_METRICS_PORT": "0",
                 "CAIRN_HTTP_ALLOW_PRIVATE_NETWORKS": "true",  # the http_json scenario's API is on loopback
-                "PYTHONPATH": str(ROOT),
+                # BENCH_SERVICE_PYTHONPATH (optional): source directories put first, e.g. another
+                # tree's libs/*/src and services/*/src, to measure that code with this bench.
+                "PYTHONPATH": os.pathsep.join([p for p in os.environ.get("BENCH_SERVICE_PYTHONPATH", "").split(os.pathsep) if p] + [str(ROOT)]),
             }
         )
         env.update({k: str(v) for k, v in overrides.items()})
@@ -128,6 +133,9 @@ class BenchContext:
 
     # --- processes -----------------------------------------------------------------------
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
+        if self.counts_dir is not None and argv[1:2] == ["-m"] and argv[2].startswith("cairn_"):
+            argv = [argv[0], "-m", "bench.counted", *argv[2:]]
+            env = {**env, "CAIRN_BENCH_COUNTS_DIR": str(self.counts_dir)}
         proc = Proc(name, argv, env, self.log_dir / f"{name}.log", cwd=ROOT).start()
         self.procs.append(proc)
         return proc

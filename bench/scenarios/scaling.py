@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from bench import counted
 from bench.stats import fmt_summary, summary
 from bench.system import BenchContext, synthetic_job
 from cairn_contracts.clock import stored_ms
@@ -35,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scaling-workers", type=int, default=2, help="worker processes (default 2)")
     group.add_argument("--scaling-batch-size", type=int, default=1000, help="records per batch (default 1000)")
     group.add_argument("--scaling-repeats", type=int, default=1, help="runs per plan (default 1: the large plans are slow on the stand-in)")
+    group.add_argument("--scaling-count", action=argparse.BooleanOptionalAction, default=True,
+                       help="run the services through bench.counted: MongoDB commands, publishes and tasks per shard (default on)")
     group.add_argument("--scaling-idle-shards", type=int, default=2048,
                        help="shards of the running job whose status is timed with no other load (0: skip)")
 
@@ -106,13 +109,17 @@ def scaling_run(ctx: BenchContext, url: str, args: argparse.Namespace, strategy:
     collection = f"bench_sc_{tag}"
     body = job_body(args, strategy, count, tag, collection)
     ctx.settle()
-    meter = ctx.cpu_meter(cairn=procs).start()
+    counts_before = _read_counts(ctx)
+    # Per service: which process a shard's CPU goes to (procs: worker, scheduler, gateway).
+    meter = ctx.cpu_meter(**dict(zip(("worker", "scheduler", "gateway"), procs, strict=True))).start()
     started, posted_ms = time.monotonic(), int(time.time() * 1000)
     job_id = ctx.submit(url, body)
     with StatusProbe(url, ctx.api_headers(), job_id) as probe:
         job, finished = ctx.wait_job(job_id, timeout_s=900, procs=procs)
     seconds = finished - started
     cpu = meter.stop()
+    cpu["cairn"] = round(sum(cpu.get(name, 0.0) for name in ("worker", "scheduler", "gateway")), 3)
+    counts = _counts_since(ctx, counts_before, count)
     queued = [s.get("queued_at_ms") for s in ctx.db["shards"].find({"job_id": job_id}, {"queued_at_ms": 1})]
     queued_ms = [q for q in queued if isinstance(q, int)]
     stored = ctx.db[collection].count_documents({})
@@ -133,10 +140,40 @@ def scaling_run(ctx: BenchContext, url: str, args: argparse.Namespace, strategy:
         "cpu": cpu,
         "other_cores": round(cpu.get("other", 0.0) / cpu["wall"], 2) if cpu.get("wall") else None,
         "finished_at_ms": stored_ms(job.get("finished_at")),
+        **({"counts": counts} if counts else {}),
     }
 
 
+def _read_counts(ctx: BenchContext) -> dict[str, Any] | None:
+    if ctx.counts_dir is None:
+        return None
+    time.sleep(2 * counted._DUMP_EVERY_S + 0.2)  # every process has written what it did before
+    return counted.read_counts(ctx.counts_dir)
+
+
+def _counts_since(ctx: BenchContext, before: dict[str, Any] | None, shards: int) -> dict[str, Any] | None:
+    """What each service did for the job (while it ran and until its SUCCESS was seen), in total
+    and per shard (lease frontier: per work item)."""
+    if before is None:
+        return None
+    after = _read_counts(ctx)
+    assert after is not None
+    spent = counted.difference(after, before)
+    per_shard: dict[str, Any] = {}
+    for service, c in sorted(spent.items()):
+        per_shard[service] = {
+            "mongo": round(sum(n for n, _ in c["mongo"].values()) / shards, 2),
+            "mongo_s": round(sum(t for _, t in c["mongo"].values()) / shards * 1000, 2),  # ms of client-side latency
+            "publishes": round(sum(c["publish"].values()) / shards, 2),
+            "tasks": round(sum(c["tasks"].values()) / shards, 2),
+        }
+    return {"per_shard": per_shard, "total": spent}
+
+
 def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
+    if args.scaling_count:
+        ctx.counts_dir = ctx.out_dir / "counts"
+        ctx.counts_dir.mkdir(parents=True, exist_ok=True)
     gateway, url = ctx.start_gateway()
     scheduler = ctx.start_scheduler()
     worker = ctx.start_worker(args.scaling_workers)
@@ -153,8 +190,9 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
             runs.append(scaling_run(ctx, url, args, strategy, count, tag, procs))
             r = runs[-1]
             logger.info(
-                "scaling: %s %d: %.1f s, status p50 %s ms p99 %s ms (%d calls), all queued after %s s",
+                "scaling: %s %d: %.1f s, status p50 %s ms p99 %s ms (%d calls), all queued after %s s; per shard: %s",
                 strategy, count, r["seconds"], _ms(r["status_p50_ms"]), _ms(r["status_p99_ms"]), r["status_calls"], r["all_queued_s"],
+                (r.get("counts") or {}).get("per_shard"),
             )
         out[f"{strategy}:{count}"] = {
             "strategy": strategy,
@@ -166,6 +204,7 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
             "all_queued_s": summary([r["all_queued_s"] for r in runs if r["all_queued_s"] is not None]),
         }
     ctx.stop(worker, scheduler)
+    ctx.counts_dir = None
     idle = idle_status(ctx, url, args.scaling_idle_shards) if args.scaling_idle_shards else None
     ctx.stop(gateway)
     base = next(iter(out.values()))["seconds"]["median"] if out else None
@@ -235,6 +274,26 @@ def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             ", ".join(f"{r['other_cores']:.1f}" for r in entry["runs"] if r.get("other_cores") is not None) or "-",
         ])
     return headers, rows
+
+
+def counts_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Per shard (lease frontier: per item) and service: MongoDB commands, AMQP publishes, Celery
+    task deliveries (median run's counts; None when the run was not counted)."""
+    headers = ["plan", "service", "MongoDB commands", "publishes", "Celery tasks", "commands by kind (≥ 0.05 per shard)"]
+    rows = []
+    for name, entry in result["plans"].items():
+        counts = next((r["counts"] for r in entry["runs"] if r.get("counts")), None)
+        if counts is None:
+            continue
+        shards = entry["count"]
+        for service in ("ingest_worker", "scheduler", "gateway"):
+            per = counts["per_shard"].get(service)
+            if per is None:
+                continue
+            kinds = sorted(counts["total"][service]["mongo"].items(), key=lambda kv: -kv[1][0])
+            shown = ", ".join(f"{key} {n / shards:.2f}" for key, (n, _) in kinds if n / shards >= 0.05)
+            rows.append([name, service, f"{per['mongo']:.2f}", f"{per['publishes']:.2f}", f"{per['tasks']:.2f}", shown])
+    return (headers, rows) if rows else None
 
 
 def idle_line(result: dict[str, Any]) -> str | None:

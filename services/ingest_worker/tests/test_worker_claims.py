@@ -47,18 +47,33 @@ def frontier_job(db: Any, seed_shard: Any, job_id: str, items: int) -> list[str]
     return [seed_shard(db, job_id, i, i * 10, i * 10 + 10, state=ShardState.PLANNED) for i in range(items)]
 
 
-def test_a_claim_reads_by_key_and_takes_by_compare_and_set(observed, seed_shard) -> None:
+def test_a_waiting_shard_is_taken_in_one_compare_and_set_by_key(observed, seed_shard) -> None:
     db, filters = observed
     key = seed_shard(db, "job", 0, 0, 10)
 
     claim = leases(db).claim(key)
 
     assert claim is not None and claim.token == 1
-    shard_filters = [query for _, target, query in filters.seen if target == SHARDS]
-    assert shard_filters[0] == {"shard_key": key}
-    assert all("$or" not in query and "job_id" not in query for query in shard_filters), shard_filters
-    assert shard_filters[1]["shard_key"] == key and shard_filters[1]["state"] == ShardState.QUEUED
+    shard_commands = [(name, query) for name, target, query in filters.seen if target == SHARDS]
+    # One round trip on the shard: the compare-and-set itself, by its unique key, no read first.
+    assert [name for name, _ in shard_commands] == ["findAndModify"], shard_commands
+    query = shard_commands[0][1]
+    assert query["shard_key"] == key and query["state"] == {"$in": [ShardState.PLANNED, ShardState.QUEUED]}
+    assert "$or" not in query and "job_id" not in query
+
+
+def test_a_held_shard_is_read_by_key_and_judged_in_code(observed, seed_shard) -> None:
+    db, filters = observed
+    key = seed_shard(db, "job", 0, 0, 10)
+    assert leases(db).claim(key) is not None
+    filters.seen.clear()
+
     assert leases(db, "worker-b").claim(key) is None  # live lease: judged in code, nothing written
+
+    shard_filters = [query for _, target, query in filters.seen if target == SHARDS]
+    assert {"shard_key": key} in shard_filters
+    assert all("$or" not in query and "job_id" not in query for query in shard_filters), shard_filters
+    assert db[SHARDS].find_one({"_id": key})["fencing_token"] == 1
 
 
 def test_claim_next_hands_out_items_in_order_by_the_jobs_counter(observed, seed_shard) -> None:
@@ -93,3 +108,32 @@ def test_claim_next_past_the_counter_finds_due_retries_and_expired_leases(db, se
     assert [c.shard_key for c in taken] == keys
     assert [c.token for c in taken] == [one.token + 1, two.token + 1]
     assert other.claim_next("tail") is None
+
+
+def test_claim_next_takes_the_counter_a_block_at_a_time(observed, seed_shard) -> None:
+    db, filters = observed
+    keys = frontier_job(db, seed_shard, "blk", 8)
+    lease = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", 30.0, jobs=db[JOBS], frontier_block=4)
+
+    claims = [lease.claim_next("blk") for _ in range(8)]
+
+    assert [c.shard_key for c in claims] == keys
+    counter_writes = [q for name, target, q in filters.seen if name == "findAndModify" and target == JOBS]
+    assert len(counter_writes) == 2  # 8 items, blocks of 4: two $inc of the job document, not eight
+    assert db[JOBS].find_one({"_id": "blk"})["frontier_next"] == 8
+
+
+def test_items_of_a_block_never_run_are_claimed_by_another_runner_past_the_counter(db, seed_shard) -> None:
+    keys = frontier_job(db, seed_shard, "left", 5)
+    dead = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", 30.0, jobs=db[JOBS], frontier_block=2)
+    assert dead.claim_next("left").shard_key == keys[0]  # took items 0 and 1, ran 0, then died
+    db[SHARDS].update_one({"_id": keys[0]}, {"$set": {"state": ShardState.SUCCEEDED}})
+    other = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-b", 30.0, jobs=db[JOBS], frontier_block=2)
+
+    taken = []
+    while (claim := other.claim_next("left")) is not None:
+        taken.append(claim.shard_key)
+        db[SHARDS].update_one({"_id": claim.shard_key}, {"$set": {"state": ShardState.SUCCEEDED}})
+
+    assert sorted(taken) == keys[1:]  # item 1 (the dead runner's block) too, once the counter was past the end
+    assert taken[-1] == keys[1]

@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from cairn_contracts.clock import now_ms
 from cairn_contracts.messages import RunShard
+from cairn_contracts.sinks import CHECKPOINT_COUNTERS
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
 from cairn_ingest_worker import pipelines
@@ -104,6 +105,22 @@ def test_resume_reads_only_what_is_left_after_the_checkpoint(db, seed_job, seed_
     cp = checkpoint(db, key)
     assert (cp["cursor"], cp["records_done"], cp["records_written"], cp["records_redone"], cp["batches"]) == (25, 25, 25, 0, 3)
     assert stored_ids(db) == keys(0, 25)
+
+
+def test_a_succeeded_shard_carries_its_checkpoints_counters_resumed_or_not(db, seed_job, seed_shard) -> None:
+    """What the scheduler counts into the job without reading the checkpoint (cairn_runtime.tally)."""
+    seed_job(db, "job", synthetic_spec())
+    fresh, resumed = seed_shard(db, "job", 0, 0, 12), seed_shard(db, "job", 1, 12, 25)
+    db[CHECKPOINTS].update_one(  # an earlier run stored and committed 12..19, then died
+        {"shard_key": resumed}, {"$set": {"cursor": 20, "records_done": 8, "records_written": 8, "batches": 1, "fencing_token": 1}}
+    )
+    db[SHARDS].update_one({"_id": resumed}, {"$set": {"fencing_token": 1, "attempts": 1}})
+
+    for key in (fresh, resumed):
+        assert run_shard(runner(db), RunShard(job_id="job", shard_key=key), max_attempts=MAX_ATTEMPTS).kind == "succeeded"
+        cp, shard = checkpoint(db, key), db[SHARDS].find_one({"_id": key})
+        assert shard["totals"] == {counter: int(cp.get(counter) or 0) for counter in CHECKPOINT_COUNTERS}
+    assert db[SHARDS].find_one({"_id": resumed})["totals"]["records_done"] == 13
 
 
 def test_resume_after_a_crash_between_store_and_checkpoint_stores_nothing_twice(db, seed_job, seed_shard) -> None:

@@ -219,3 +219,40 @@ async def test_a_shard_event_reads_one_job_document_not_the_jobs_shards(db, test
     assert [f for c, f in listener.filters if c == SHARDS] == [{"shard_key": "o1:0001"}] * 2
     assert [f for c, f in listener.filters if c == CHECKPOINTS] == [{"_id": "o1:0001/main"}] * 2
     assert (await counts(db, "o1"))["shards_succeeded"] == 1
+
+
+async def test_a_shards_first_event_costs_three_round_trips_and_a_duplicate_adds_nothing(db, test_env) -> None:
+    await started_job(db, "rt", shards=3)
+    await finish(db, "rt", 0, ShardState.SUCCEEDED, done=10)
+    listener = Commands()
+    client: AsyncMongoClient = AsyncMongoClient(test_env.mongodb_uri, event_listeners=[listener], tz_aware=True)
+    try:
+        scheduler = JobScheduler(client[db.name], Dispatcher())
+        await scheduler.shard_finished(event("rt", "rt:0000"))
+        first = [seen for seen in listener.seen if seen[1]]
+        listener.seen.clear()
+        await scheduler.shard_finished(event("rt", "rt:0000"))  # a redelivery
+    finally:
+        await client.close()
+    # The shard by key, its checkpoint by _id, then one write of the job that also returns what
+    # the roll-up needs: no read of the job before or after.
+    assert first == [("find", SHARDS), ("find", CHECKPOINTS), ("findAndModify", JOBS)], first
+    assert (await counts(db, "rt"))["shards_succeeded"] == 1
+    assert (await counts(db, "rt"))["records_done"] == 10
+    assert ("find", JOBS) in listener.seen  # the duplicate's guess failed: the ledger entry was read, nothing added
+    assert (await db[JOBS].find_one({"_id": "rt"}))["state"] == JobState.STARTED
+
+
+async def test_a_succeeded_shard_with_its_totals_is_counted_from_the_shard_alone(db, test_env) -> None:
+    await started_job(db, "tt", shards=2)
+    key = "tt:0000"
+    totals = {counter: 0 for counter in tally.TOTALS} | {"records_done": 7, "records_written": 7, "batches": 1}
+    await db[SHARDS].update_one({"_id": key}, {"$set": {"state": ShardState.SUCCEEDED, "totals": totals}})
+    listener = Commands()
+    client: AsyncMongoClient = AsyncMongoClient(test_env.mongodb_uri, event_listeners=[listener], tz_aware=True)
+    try:
+        await JobScheduler(client[db.name], Dispatcher()).shard_finished(event("tt", key))
+    finally:
+        await client.close()
+    assert [seen for seen in listener.seen if seen[1]] == [("find", SHARDS), ("findAndModify", JOBS)]
+    assert (await counts(db, "tt"))["records_done"] == 7 and (await counts(db, "tt"))["shards_succeeded"] == 1

@@ -22,6 +22,7 @@ the job's progress it stands for.
 import logging
 from typing import Any
 
+from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts.sinks import CHECKPOINT_COUNTERS
@@ -87,18 +88,24 @@ def checkpoint_id(shard_key: str) -> str:
 
 
 async def shard_entry(db: AsyncDatabase, shard: dict[str, Any]) -> str | None:
-    """The ledger entry a shard should have now: None unless it is terminal."""
+    """The ledger entry a shard should have now: None unless it is terminal.
+
+    A SUCCEEDED shard carries its checkpoint's counters (`totals`, written by the worker in the
+    fenced update that ended it, from its last commit: nothing writes the checkpoint after that),
+    so its entry needs no read; any other terminal shard's counters are read from its checkpoint."""
     state = str(shard.get("state"))
     if state not in SHARD_COUNTERS:
         return None
-    checkpoint = await db[CHECKPOINTS].find_one({"_id": checkpoint_id(shard["shard_key"])}, dict.fromkeys(TOTALS, 1))
+    totals = shard.get("totals")
+    if state != ShardState.SUCCEEDED or not isinstance(totals, dict):
+        totals = await db[CHECKPOINTS].find_one({"_id": checkpoint_id(shard["shard_key"])}, dict.fromkeys(TOTALS, 1))
     # Only a succeeded shard's work is done: a failed or cancelled one adds its records but no
     # progress (a job that failed on a missing source reports 0 %, not 100 %).
     weight = int(shard.get("records_estimate") or 0) if state == ShardState.SUCCEEDED else 0
-    return entry(state, checkpoint or {}, weight)
+    return entry(state, totals or {}, weight)
 
 
-SHARD_FIELDS = {"shard_key": 1, "job_id": 1, "state": 1, "records_estimate": 1}
+SHARD_FIELDS = {"shard_key": 1, "job_id": 1, "state": 1, "records_estimate": 1, "totals": 1}
 
 
 async def count_shard(db: AsyncDatabase, shard_key: str, shard: dict[str, Any] | None = None) -> bool:
@@ -106,35 +113,60 @@ async def count_shard(db: AsyncDatabase, shard_key: str, shard: dict[str, Any] |
 
     Terminal and not counted: added; counted with another state (replayed and ended again): the
     difference; counted but no longer terminal (reopened): subtracted. Returns True if this call
-    changed the counters. Reads the shard by `shard_key` (unique index), its checkpoint by `_id`
-    and the job's one ledger entry; writes the job once (more only when another writer raced it).
-    """
+    changed the counters. See `count_and_read`."""
+    counted, _ = await count_and_read(db, shard_key, shard)
+    return counted
+
+
+async def count_and_read(
+    db: AsyncDatabase, shard_key: str, shard: dict[str, Any] | None = None, fields: dict[str, int] | None = None
+) -> tuple[bool, dict[str, Any] | None]:
+    """`count_shard`, also returning the job document as the counting write left it (projected on
+    `fields`; None when nothing was written), so a roll-up after it need not read the job again.
+
+    Reads the shard by `shard_key` (unique index) and its checkpoint by `_id`, then writes the job
+    once, conditional on the shard's ledger entry being absent: the common case (a shard's first
+    count) is those three round trips. Only when that write matches nothing (counted already: a
+    duplicate event; or another state: a replay) is the job's one ledger entry read and swapped
+    (more round trips only when another writer raced it)."""
+    guess = True  # first try the common case, terminal and not counted yet, without reading the job
+    wanted: str | None = None
     for _ in range(_ATTEMPTS):
-        if shard is None:
-            shard = await db[SHARDS].find_one({"shard_key": shard_key}, SHARD_FIELDS)
+        if shard is None or guess:
             if shard is None:
-                return False
+                shard = await db[SHARDS].find_one({"shard_key": shard_key}, SHARD_FIELDS)
+                if shard is None:
+                    return False, None
+            wanted = await shard_entry(db, shard)
         job_id, field = shard["job_id"], ledger_key(shard["job_id"], shard["shard_key"])
         key = f"{LEDGER}.{field}"
-        job = await db[JOBS].find_one({"_id": job_id}, {key: 1, "state": 1})
-        if job is None or str(job.get("state")) in _FINAL_JOB_STATES:
-            return False  # a finished job's figures are final (a DLQ replay reopens it first)
-        # A projection on a dotted path comes back nested on MongoDB, as a flat "tally.sN" key on
-        # the stand-in (docs/mongodb-stand-in.md): read either.
-        current = job.get(key) if key in job else as_dict(job.get(LEDGER)).get(field)
-        wanted = await shard_entry(db, shard)
-        if current == wanted:
-            return False
-        if await _swap(db, job_id, key, current, wanted):
-            return True
-        shard = None  # raced: read both again
+        if guess and wanted is not None:
+            current = None
+        else:
+            job = await db[JOBS].find_one({"_id": job_id}, {key: 1, "state": 1})
+            if job is None or str(job.get("state")) in _FINAL_JOB_STATES:
+                return False, None  # a finished job's figures are final (a DLQ replay reopens it first)
+            # A projection on a dotted path comes back nested on MongoDB, as a flat "tally.sN" key
+            # on the stand-in (docs/mongodb-stand-in.md): read either.
+            current = job.get(key) if key in job else as_dict(job.get(LEDGER)).get(field)
+            if current == wanted:
+                return False, None
+        written = await _swap(db, job_id, key, current, wanted, fields)
+        if written is not None:
+            return True, written
+        if not guess:
+            shard = None  # raced: read both again
+        guess = False  # counted already (a duplicate), or raced: read the ledger entry
     logger.warning("shard %s: its job's counters kept changing under %d attempts; the reconcile pass retries", shard_key, _ATTEMPTS)
-    return False
+    return False, None
 
 
-async def _swap(db: AsyncDatabase, job_id: str, key: str, current: str | None, wanted: str | None) -> bool:
+async def _swap(
+    db: AsyncDatabase, job_id: str, key: str, current: str | None, wanted: str | None, fields: dict[str, int] | None = None
+) -> dict[str, Any] | None:
     """Replace ledger entry `current` by `wanted` and apply the difference to the counters, in one
-    update conditional on the entry still being `current`."""
+    update conditional on the entry still being `current`; returns the job as written (projected
+    on `fields`, at least its `_id`), None if the condition did not hold."""
     old, new = contribution(current), contribution(wanted)
     delta = {f"{COUNTS}.{field}": new.get(field, 0) - old.get(field, 0) for field in COUNTER_FIELDS}
     update: dict[str, Any] = {}
@@ -150,8 +182,9 @@ async def _swap(db: AsyncDatabase, job_id: str, key: str, current: str | None, w
         "state": {"$nin": sorted(_FINAL_JOB_STATES)},
         key: current if current is not None else {"$exists": False},
     }
-    written = await db[JOBS].update_one(where, update)
-    return written.modified_count == 1
+    # One round trip that also returns what the roll-up reads (find_one_and_update, not
+    # update_one + find_one).
+    return await db[JOBS].find_one_and_update(where, update, projection=fields or {"_id": 1}, return_document=ReturnDocument.AFTER)
 
 
 async def uncounted(db: AsyncDatabase, job_id: str, shards: list[dict[str, Any]] | None = None) -> int:

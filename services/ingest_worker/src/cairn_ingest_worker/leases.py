@@ -17,6 +17,7 @@ from pymongo.collection import Collection
 from pymongo.errors import ConnectionFailure
 
 from cairn_contracts import clock
+from cairn_contracts.sinks import CHECKPOINT_COUNTERS
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import MAIN_SUB_KEY, shard_key_for
 from cairn_ingest_worker import metrics
@@ -51,6 +52,16 @@ def claimable(shard: dict[str, Any], now_ms: int, *, due_only: bool = False) -> 
     return state == ShardState.RUNNING and isinstance(lease, int) and lease < now_ms
 
 
+def _waiting(shard_key: str) -> dict[str, Any]:
+    """The claim filter of the common case, a shard waiting for its first run: equality on the
+    unique `shard_key` and the rest checked on that one document (no `$or`)."""
+    return {
+        "shard_key": shard_key,
+        "state": {"$in": [ShardState.PLANNED, ShardState.QUEUED]},
+        "cancel_requested": {"$in": [False, None]},  # $in, not $ne: see _as_read
+    }
+
+
 def _as_read(shard: dict[str, Any]) -> dict[str, Any]:
     """The compare-and-set filter of a claim: the shard exactly as it was judged claimable."""
     return {
@@ -67,6 +78,9 @@ def _as_read(shard: dict[str, Any]) -> dict[str, Any]:
 class Commit:
     stored: bool  # False: another worker holds the shard now (a stale fencing token)
     cancel_requested: bool = False  # the job was cancelled: stop at this batch boundary
+    # The checkpoint's counters (CHECKPOINT_COUNTERS) as this commit left them: what `succeed`
+    # copies onto the shard, so counting it into its job need not read the checkpoint.
+    totals: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -89,9 +103,16 @@ class Claim:
         return int(self.shard["attempts"])
 
 
+# Lease-frontier item indexes taken from the job's counter per round trip (one `$inc` of the job
+# document per this many items). Items taken but not claimed (the runner's slice ended, its
+# process died) stay claimable: any runner's scan picks them up once the counter is past the end.
+FRONTIER_BLOCK = 8
+
+
 class ShardLeases:
     def __init__(
-        self, shards: Collection, checkpoints: Collection, worker_id: str, ttl_s: float, jobs: Collection | None = None
+        self, shards: Collection, checkpoints: Collection, worker_id: str, ttl_s: float, jobs: Collection | None = None,
+        frontier_block: int = FRONTIER_BLOCK,
     ) -> None:
         """`jobs`: where the lease-frontier counter is (None: `claim_next` reads the job's items)."""
         self._shards = shards
@@ -99,13 +120,20 @@ class ShardLeases:
         self._checkpoints = checkpoints
         self._worker_id = worker_id
         self._ttl_ms = int(ttl_s * 1000)
+        self._frontier_block = max(1, frontier_block)
+        # job id -> item indexes taken from its counter and not tried yet (this process's block)
+        self._taken: dict[str, list[int]] = {}
+        self._taken_lock = threading.Lock()
 
     def claim(self, shard_key: str) -> Claim | None:
         """Take the shard if it is waiting or its holder's lease expired; None if not ours to run.
 
-        Read by `shard_key` (unique index), judged in code, then taken by a compare-and-set on
-        what was read (state, fencing token, lease): no `$or` filter, which a server may run as
-        a scan of every shard (the stand-in does)."""
+        A waiting shard (PLANNED, QUEUED) is taken in one compare-and-set by `shard_key` (unique
+        index). Otherwise it is read by `shard_key`, judged in code, then taken by a
+        compare-and-set on what was read (state, fencing token, lease): no `$or` filter, which a
+        server may run as a scan of every shard (the stand-in does)."""
+        if (claim := self._claim(_waiting(shard_key), clock.now_ms())) is not None:
+            return claim
         for _ in range(_CLAIM_ROUNDS):
             shard = self._shards.find_one({"shard_key": shard_key}, _CLAIM_FIELDS)
             now_ms = clock.now_ms()
@@ -119,14 +147,12 @@ class ShardLeases:
     def claim_next(self, job_id: str) -> Claim | None:
         """Lease frontier: take the job's first claimable work item (a RETRY item once it is due).
 
-        Items are handed out in index order by a counter on the job (`frontier_next`, one `$inc`),
-        each taken by `claim`; once the counter has passed the last item, the job's items are
-        read (by the `job_id` index) for what is claimable again: due retries, expired leases,
-        items a replay reopened."""
-        while (item := self._next_item(job_id)) is not None:
-            index, shard_count = item
-            if index >= shard_count:
-                break
+        Items are handed out in index order by a counter on the job (`frontier_next`, one `$inc`
+        per `frontier_block` items), each taken by `claim`; once the counter has passed the last
+        item, the job's items are read (by the `job_id` index) for what is claimable again: due
+        retries, expired leases, items a replay reopened, items another process took from the
+        counter and never ran."""
+        while (index := self._next_index(job_id)) is not None:
             if (claim := self.claim(shard_key_for(job_id, index))) is not None:
                 return claim
         now_ms = clock.now_ms()
@@ -135,18 +161,29 @@ class ShardLeases:
                 return claim
         return None
 
-    def _next_item(self, job_id: str) -> tuple[int, int] | None:
-        """The next index of the job's frontier counter (None: no counter here, no such job, or
-        not planned yet)."""
+    def _next_index(self, job_id: str) -> int | None:
+        """The next item index for this process: from its block, else from a new block of the job's
+        frontier counter (None: the counter is past the last item, or there is no counter here,
+        no such job, or it is not planned yet)."""
+        with self._taken_lock:
+            if taken := self._taken.get(job_id):
+                return taken.pop(0)
+            self._taken.pop(job_id, None)
         if self._jobs is None:
             return None
         job = self._jobs.find_one_and_update(
-            {"_id": job_id}, {"$inc": {"frontier_next": 1}}, projection={"frontier_next": 1, "shard_count": 1},
+            {"_id": job_id}, {"$inc": {"frontier_next": self._frontier_block}}, projection={"frontier_next": 1, "shard_count": 1},
             return_document=ReturnDocument.AFTER,
         )
         if job is None or not job.get("shard_count"):
             return None
-        return int(job["frontier_next"]) - 1, int(job["shard_count"])
+        end = min(int(job["frontier_next"]), int(job["shard_count"]))
+        block = list(range(int(job["frontier_next"]) - self._frontier_block, end))
+        if not block:
+            return None
+        with self._taken_lock:
+            self._taken.setdefault(job_id, []).extend(block[1:])
+        return block[0]
 
     def _moved(self, shard: dict[str, Any]) -> bool:
         """Whether the shard changed since it was read (so a failed compare-and-set may be retried)."""
@@ -249,13 +286,20 @@ class ShardLeases:
                 },
                 "$inc": {"records_done": records, **counts.as_checkpoint_inc(), "batches": 1},
             },
-            projection={"cancel_requested": 1},
+            projection={"cancel_requested": 1, **dict.fromkeys(CHECKPOINT_COUNTERS, 1)},
             return_document=ReturnDocument.AFTER,
         )
-        return Commit(stored=after is not None, cancel_requested=bool(after and after.get("cancel_requested")))
+        if after is None:
+            return Commit(stored=False)
+        totals = {counter: int(after.get(counter) or 0) for counter in CHECKPOINT_COUNTERS}
+        return Commit(stored=True, cancel_requested=bool(after.get("cancel_requested")), totals=totals)
 
-    def succeed(self, claim: Claim) -> bool:
-        return self._finish(claim, {"state": ShardState.SUCCEEDED})
+    def succeed(self, claim: Claim, totals: dict[str, int] | None = None) -> bool:
+        """SUCCEEDED, fenced. `totals`: the checkpoint's counters as this run's last commit left
+        them (`Commit.totals`), kept on the shard for its counting (cairn_runtime.tally); None
+        (no commit in this run: it resumed a shard whose last batch was committed) clears them,
+        so the counting reads the checkpoint."""
+        return self._finish(claim, {"state": ShardState.SUCCEEDED, "totals": totals})
 
     def cancel(self, claim: Claim) -> bool:
         """Stop here for a cancel: CANCELLED, fenced, at a batch boundary (the checkpoint stays)."""

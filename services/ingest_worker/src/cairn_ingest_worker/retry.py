@@ -65,9 +65,11 @@ class JobRetryRules:
     declared: FailurePolicy  # what the job's pipeline declares about its errors
 
 
-def rules_for_job(jobs: Collection, job_id: str, defaults: RetryDefaults) -> JobRetryRules:
-    """The retry policy and the pipeline's error declarations that apply to a job's shards."""
-    job = jobs.find_one({"_id": job_id}, {"spec": 1})
+def rules_for_job(jobs: Collection, job_id: str, defaults: RetryDefaults, job: Mapping[str, Any] | None = None) -> JobRetryRules:
+    """The retry policy and the pipeline's error declarations that apply to a job's shards.
+    `job`: the job document (with its `spec`) if the caller has it already; else it is read."""
+    if job is None:
+        job = jobs.find_one({"_id": job_id}, {"spec": 1})
     spec = (job or {}).get("spec") or {}
     declared = failure_policy(str(spec.get("pipeline")))
     return JobRetryRules(resolve_policy(spec.get("retry"), declared, defaults), declared)

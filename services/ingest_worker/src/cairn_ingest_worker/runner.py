@@ -12,7 +12,9 @@ the message and turns outcomes into acks, retries and dead letters.
 import json
 import logging
 import random
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -43,6 +45,38 @@ logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 
+# What a run reads of its job: written when the job is recorded (`space` before its first shard is
+# planned) and never changed after, so a process may keep it for every shard of the job.
+JOB_FIELDS = {"spec": 1, "tenant": 1, "created_at_ms": 1, "space": 1}
+
+
+class JobDocuments:
+    """The immutable part of job documents (`JOB_FIELDS`), read once per process and job rather
+    than once or twice per shard: a 1,024-shard job's runs read their job once per process.
+
+    Bounded (least recently used out); only found documents are kept (a job not recorded yet is
+    read again next time). Thread-safe (the threads pool shares one runner)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._docs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, jobs: Collection, job_id: str) -> dict[str, Any] | None:
+        """The job's `JOB_FIELDS` (None: no such job)."""
+        with self._lock:
+            if (job := self._docs.get(job_id)) is not None:
+                self._docs.move_to_end(job_id)
+                return job
+        job = jobs.find_one({"_id": job_id}, JOB_FIELDS)
+        if job is not None:
+            with self._lock:
+                self._docs[job_id] = job
+                while len(self._docs) > self._size:
+                    self._docs.popitem(last=False)
+        return job
+
+
 @dataclass(frozen=True)
 class ShardRunner:
     leases: ShardLeases
@@ -61,6 +95,11 @@ class ShardRunner:
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     secret_hosts: Mapping[str, frozenset[str]] = field(default_factory=dict)
     allow_private_networks: bool = False
+    job_documents: JobDocuments = field(default_factory=JobDocuments, repr=False)
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        """The job's `JOB_FIELDS` (spec, tenant, created_at_ms, space), from this process's cache."""
+        return self.job_documents.get(self.jobs, job_id)
 
 
 @dataclass(frozen=True)
@@ -125,7 +164,7 @@ def _run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadli
         # Earlier attempts died without recording a failure: the shard kills its workers.
         return Outcome("poison", claim)
     job_id = claim.shard["job_id"]
-    job = runner.jobs.find_one({"_id": job_id}, {"spec": 1, "tenant": 1, "created_at_ms": 1, "space": 1})
+    job = runner.job(job_id)
     if job is None:
         raise ShardFailed(claim, "unknown", LookupError(f"job {job_id} is not recorded"))
     spec: dict[str, Any] = job["spec"]
@@ -169,6 +208,7 @@ def _run_batches(runner: ShardRunner, claim: Claim, job: dict[str, Any], pipelin
         logger.info("shard %s: resuming at cursor %s (token %d)", claim.shard_key, _shown(cursor), claim.token)
     records = 0
     committed = 0  # batches this run committed
+    totals: dict[str, int] | None = None  # the checkpoint's counters after this run's last commit
     done = claim.done  # committed as done by a run that died before marking the shard SUCCEEDED
     with Heartbeat(runner.leases, claim, runner.heartbeat_interval_s, runner.batch_time_limit_s) as heartbeat:
         while not done:
@@ -211,7 +251,7 @@ def _run_batches(runner: ShardRunner, claim: Claim, job: dict[str, Any], pipelin
                     runner.leases.note_fenced_write(claim)
                     logger.warning("shard %s: checkpoint refused, token %d is stale", claim.shard_key, claim.token)
                     return Outcome("lease_lost", claim, records)
-            cursor, done = batch.cursor, batch.done
+            cursor, done, totals = batch.cursor, batch.done, commit.totals
             committed += 1
             records += len(batch.records)
             metrics.RECORDS.labels(pipeline_name).inc(len(batch.records))
@@ -227,7 +267,7 @@ def _run_batches(runner: ShardRunner, claim: Claim, job: dict[str, Any], pipelin
                     return Outcome("cancelled", claim, records)
                 runner.leases.note_fenced_write(claim)
                 return Outcome("lease_lost", claim, records)
-    if not runner.leases.succeed(claim):
+    if not runner.leases.succeed(claim, totals):
         runner.leases.note_fenced_write(claim)
         return Outcome("lease_lost", claim, records)
     return Outcome("succeeded", claim, records)

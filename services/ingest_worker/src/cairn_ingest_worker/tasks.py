@@ -194,7 +194,7 @@ def _rules(ctx: WorkerContext, job_id: str) -> JobRetryRules:
     """The job's retry policy (job spec → pipeline default → worker settings) and error declarations."""
     settings = ctx.settings
     defaults = RetryDefaults(settings.max_attempts, settings.retry_base_delay_s, settings.retry_max_delay_s)
-    return rules_for_job(ctx.runner.jobs, job_id, defaults)
+    return rules_for_job(ctx.runner.jobs, job_id, defaults, job=ctx.runner.job(job_id))
 
 
 def _dead_letter_shard(ctx: WorkerContext, task: WorkerTask, claim: Claim, error: BaseException, *, reason: str) -> None:

@@ -216,9 +216,10 @@ class JobScheduler:
         return True
 
     async def shard_finished(self, event: ShardFinished) -> None:
-        """Count the shard into its job (exactly once: tally.py), then roll the job up."""
-        await tally.count_shard(self.db, event.shard_key)
-        await self.roll_up_counted(event.job_id)
+        """Count the shard into its job (exactly once: tally.py), then roll the job up from the
+        job document the counting write returned (no second read of the job)."""
+        _, job = await tally.count_and_read(self.db, event.shard_key, fields=_ROLL_UP_FIELDS)
+        await self.roll_up_counted(event.job_id, job=job)
 
     async def stop(self, job_id: str) -> JobState | None:
         """Apply a cancel (idempotent): shards not started are cancelled, running ones are marked
@@ -235,11 +236,13 @@ class JobScheduler:
                 await self.dependents.job_finished(job_id)
         return state
 
-    async def roll_up_counted(self, job_id: str) -> JobState | None:
+    async def roll_up_counted(self, job_id: str, job: dict[str, Any] | None = None) -> JobState | None:
         """Derive the job's state from its counters (one document read; idempotent; safe to run
         anywhere): what every shard event does. Only a terminal state is derived here; STARTED
-        and RETRY are `roll_up`'s."""
-        job = await self.db[JOBS].find_one({"_id": job_id}, _ROLL_UP_FIELDS)
+        and RETRY are `roll_up`'s. `job`: the job as just written (with `_ROLL_UP_FIELDS`), to
+        spare the read."""
+        if job is None:
+            job = await self.db[JOBS].find_one({"_id": job_id}, _ROLL_UP_FIELDS)
         if job is None or JobState(job["state"]).is_terminal or not job.get("shard_count"):
             return None
         shard_count = int(job["shard_count"])
