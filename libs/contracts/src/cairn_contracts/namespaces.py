@@ -25,12 +25,13 @@ PIPELINES = "pipelines"
 # attempt (cairn_scheduler/webhooks.py).
 WEBHOOK_DELIVERIES = "webhook_deliveries"
 API_KEYS = "api_keys"  # {_id: key id, tenant, scopes, secret_hash (sha256 hex), name, created_at, revoked_at}
+TENANTS = "tenants"  # {_id: tenant, quotas, sources, updated_at_ms}: cairn_contracts.tenancy.TenantRecord
 # GridFS bucket of large raw payloads (collections raw_payload_blobs.files / .chunks); the
 # RawPayload metadata document in `raw_payloads` points at its file.
 RAW_PAYLOAD_BUCKET = "raw_payload_blobs"
 
 CONTROL_COLLECTIONS = frozenset(
-    {JOBS, SHARDS, CHECKPOINTS, DEDUP, TASK_ERRORS, RAW_PAYLOADS, SCHEDULES, DLQ_COMMANDS, API_KEYS, PIPELINES, WEBHOOK_DELIVERIES}
+    {JOBS, SHARDS, CHECKPOINTS, DEDUP, TASK_ERRORS, RAW_PAYLOADS, SCHEDULES, DLQ_COMMANDS, API_KEYS, PIPELINES, WEBHOOK_DELIVERIES, TENANTS}
 )
 
 
