@@ -106,6 +106,14 @@ class BenchContext:
         return self.client[self.database]
 
     @property
+    def records_db(self) -> Database:
+        """Where Cairn's jobs of the bench's key (tenant `default`) store their records: the
+        tenant's namespace database beside `db` (README "Tenancy"); the baselines write to `db`."""
+        from cairn_contracts.tenancy import tenant_database
+
+        return self.client[tenant_database(self.database, "default")]
+
+    @property
     def log_dir(self) -> Path:
         return self.out_dir / "logs"
 
@@ -271,6 +279,7 @@ class BenchContext:
 
     def drop(self, collection: str) -> None:
         self.db.drop_collection(collection)
+        self.records_db.drop_collection(collection)
 
     # --- CPU -----------------------------------------------------------------------------
     def cpu_meter(self, **groups: list[Proc] | Proc | None) -> CpuMeter:

@@ -49,6 +49,9 @@ def isolated_system(
         finally:
             system.stop_services()
             mongo_client.drop_database(database)
+            for namespace in mongo_client.list_database_names():  # the tenants' namespaces (records, sources)
+                if namespace.startswith((f"{database}_t_", f"{database}_th_")):
+                    mongo_client.drop_database(namespace)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ Not part of Cairn: the end-to-end harness loads it into every worker process it 
 registers `FlakySyntheticPipeline` under the public name `synthetic` (`register_pipeline`). Jobs
 keep the public parameters: the injected failure at `fail_at_key` happens as in production
 (within `fail_times`) until the test marks the job's source fixed, by its `key_prefix`, with a
-document `{_id: <key_prefix>}` in the `fixed_sources` collection of the worker's source database
-(Cairn's by default). A job whose prefix is never marked runs exactly as in production.
+document `{_id: <key_prefix>}` in the `fixed_sources` collection of the job's source database
+(its tenant's namespace). A job whose prefix is never marked runs exactly as in production.
 A marked source is also no longer slow: `delay_ms_per_record` applies until the mark (the worker
 control tests stop a run stuck in a long batch, then let the rerun go fast).
 """

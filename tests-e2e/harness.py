@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pymongo.collection import Collection
 from pymongo.database import Database
 
 from cairn_contracts.pipelines import PIPELINES
+from cairn_contracts.store import DEFAULT_TENANT
+from cairn_contracts.tenancy import tenant_database
 from cairn_testkit.servers import free_port
 
 MODULES = {
@@ -103,6 +106,12 @@ class System:
     # The API key every `client()` sends (an admin+operator key of the `default` tenant, made with the
     # gateway's bootstrap command once the services run); `create_key` makes others.
     token: str | None = None
+
+    # --- storage ---------------------------------------------------------------------------------
+    def records(self, collection: str, tenant: str = DEFAULT_TENANT) -> Collection:
+        """A collection of a tenant's namespace database, where its jobs store their records and
+        its mongo_range jobs read their sources (never `db`, which holds Cairn's control data)."""
+        return self.db.client[tenant_database(self.db.name, tenant)][collection]
 
     # --- observability -------------------------------------------------------------------------
     def metrics_url(self, name: str) -> str:

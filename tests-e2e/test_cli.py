@@ -46,7 +46,7 @@ def test_cli_starts_a_job_watches_it_to_the_end_and_shows_its_result(system: Sys
 
     result = cairn_json(system, "jobs", "result", job_id)
     assert result["state"] == "SUCCESS" and result["result"]["records_done"] == 600, dump(result)
-    assert system.db[collection].count_documents({}) == 600
+    assert system.records(collection).count_documents({}) == 600
 
     listed = cairn_json(system, "jobs", "ls", "--query", "cli e2e")
     assert job_id in [job["id"] for job in listed["items"]]
@@ -106,7 +106,7 @@ def test_cli_replays_a_dead_letter(system: System) -> None:
     shown = cairn(system, "dlq", "show", entry_id)
     assert "NonRetryableError" in shown.stdout and "open" in shown.stdout, shown.stdout
 
-    system.db.fixed_sources.insert_one({"_id": source})  # "fix the source" (flaky_source.py)
+    system.records("fixed_sources").insert_one({"_id": source})  # "fix the source" (flaky_source.py)
     replayed = cairn(system, "dlq", "replay", entry_id, "--note", "source fixed")
     assert replayed.returncode == 0, replayed.stderr
     assert f"replay of {entry_id}: command" in replayed.stdout and "done dispatched" in replayed.stdout, replayed.stdout

@@ -119,7 +119,7 @@ def test_console_starts_a_job_and_shows_its_progress_to_100_percent(system: Syst
         expect(row.locator(".bar .fill.st-SUCCEEDED")).to_have_attribute("style", "width: 100.0%")
     # The records/s plot drew a line from the shards' intervals.
     expect(page.locator("figure.plot svg polyline.line")).to_have_count(1)
-    assert system.db[spec["target_collection"]].count_documents({}) == 2400
+    assert system.records(spec["target_collection"]).count_documents({}) == 2400
     shoot(page, screenshots, "job")
 
     # Company for the list: a job running, and one waiting for it (a workflow's `after`).
@@ -157,7 +157,7 @@ def test_console_replays_a_dead_letter(system: System, page: Page, screenshots: 
     expect(row).to_contain_text("NonRetryableError")
     entry_id = row.get_attribute("data-entry-id")
 
-    system.db.fixed_sources.insert_one({"_id": source})  # "fix the source" (flaky_source.py)
+    system.records("fixed_sources").insert_one({"_id": source})  # "fix the source" (flaky_source.py)
     row.locator("button.replay").click()
     expect(page.locator("#dlq-flash .flash.ok")).to_contain_text(f"replay of {entry_id} requested")
     # The list refreshes by itself until the replay has settled.

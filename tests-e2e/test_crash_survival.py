@@ -49,7 +49,7 @@ def running_shard_of(system: System, job_id: str, worker: str, min_batches: int)
 
 
 def assert_stored_exactly_once(system: System, job_id: str, collection: str, total: int) -> list[dict]:
-    target = system.db[collection]
+    target = system.records(collection)
     assert target.count_documents({}) == total
     assert target.count_documents({"job_id": job_id}) == total
     checkpoints = list(system.db.checkpoints.find({"job_id": job_id}))
@@ -170,7 +170,7 @@ def test_a_poison_shard_is_dead_lettered_while_the_others_complete(crash_system:
     assert error["reason"] == "poison"
     assert final["shards"]["succeeded"] == 3
     # The other shards stored every record once; the poison shard kept what it had committed.
-    assert system.db.poison.count_documents({"seq": {"$lt": 6000}}) == 6000
+    assert system.records("poison").count_documents({"seq": {"$lt": 6000}}) == 6000
 
 
 def test_scheduler_killed_while_planning_loses_and_doubles_nothing(crash_system: System) -> None:

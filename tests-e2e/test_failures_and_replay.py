@@ -52,7 +52,7 @@ def checkpoints(system: System, job_id: str) -> dict[str, dict]:
 
 
 def assert_stored_once(system: System, job_id: str, collection: str, total: int) -> None:
-    assert system.db[collection].count_documents({"job_id": job_id}) == total
+    assert system.records(collection).count_documents({"job_id": job_id}) == total
     marks = list(checkpoints(system, job_id).values())
     assert sum(c["records_written"] for c in marks) == total, dump(marks)
     assert sum(c["records_redone"] for c in marks) == 0, dump(marks)
@@ -132,7 +132,7 @@ def test_a_source_failing_until_fixed_is_dead_lettered_then_a_replay_completes_t
     before = checkpoints(system, job_id)[failed_key]
     assert before["cursor"] == 3000 and before["records_written"] == 1000, dump(before)
 
-    system.db.fixed_sources.insert_one({"_id": source})  # "fix the source" (flaky_source.py)
+    system.records("fixed_sources").insert_one({"_id": source})  # "fix the source" (flaky_source.py)
     response = replay(system, entry["_id"], actor="alice")
     assert response.status_code == 202, response.text
     assert response.json()["dead_letter_id"] == entry["_id"]
@@ -203,7 +203,7 @@ def test_replaying_the_same_entry_twice_at_once_runs_the_shard_once(system: Syst
     )
     assert system.wait_for_state(job_id, {"SUCCESS", "FAILURE"}, timeout_s=120)["state"] == "FAILURE"
     entry = entry_of(system, job_id)
-    system.db.fixed_sources.insert_one({"_id": source})
+    system.records("fixed_sources").insert_one({"_id": source})
 
     barrier = threading.Barrier(2)
     codes: list[int] = []

@@ -40,7 +40,7 @@ def synthetic(count: int, collection: str, delay_ms: float = 0.0) -> dict:
 
 def assert_stored_once(system: System, job_id: str, collection: str, total: int) -> None:
     """Nothing lost, nothing doubled: every record once, and the committed counts agree."""
-    assert system.db[collection].count_documents({"job_id": job_id}) == total
+    assert system.records(collection).count_documents({"job_id": job_id}) == total
     assert sum(c["records_done"] for c in system.db.checkpoints.find({"job_id": job_id})) == total
 
 

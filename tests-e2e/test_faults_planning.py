@@ -51,7 +51,7 @@ def test_a_lease_frontier_job_at_a_bounded_plan_is_accepted_and_finishes(system:
 
     assert status["state"] == "SUCCESS", dump(status)
     assert status["shards"]["total"] == 6 and status["records_done"] == 60
-    assert system.db[target].count_documents({}) == 60
+    assert system.records(target).count_documents({}) == 60
 
 
 # --- item 9: a source that cannot be found --------------------------------------------------------
@@ -74,13 +74,13 @@ def test_a_mongo_range_job_over_a_missing_collection_is_refused_at_submit(system
 
 def test_a_mongo_range_job_over_an_existing_collection_copies_it(system: System) -> None:
     source, target = unique("e2e_source"), unique("e2e_copy")
-    system.db[source].insert_many([{"_id": k, "v": k} for k in range(10, 30)])
+    system.records(source).insert_many([{"_id": k, "v": k} for k in range(10, 30)])
 
     job_id = system.start_job(mongo_range(source, target))
     status = system.wait_for_state(job_id, {"SUCCESS", "FAILURE"}, timeout_s=60)
 
     assert status["state"] == "SUCCESS" and status["records_done"] == 20, dump(status)
-    assert system.db[target].count_documents({}) == 20
+    assert system.records(target).count_documents({}) == 20
 
 
 def test_a_source_missing_when_a_schedule_fires_fails_the_job_and_dead_letters_the_reason(system: System) -> None:
@@ -109,7 +109,7 @@ def test_a_source_missing_when_a_schedule_fires_fails_the_job_and_dead_letters_t
     assert entry["reason"] == "non_retryable", dump(entry)
     assert entry["error_type"] == "SourceNotFound" and missing in entry["error_message"], dump(entry)
     assert entry["attempts"] == 1  # not retried: a missing collection does not come back by waiting
-    assert system.db[target].count_documents({}) == 0
+    assert system.records(target).count_documents({}) == 0
 
 
 # --- item 16: `grep <job id> logs/*.log` ------------------------------------------------------

@@ -73,7 +73,7 @@ def make_due(system: System, shard: dict) -> None:
 
 
 def assert_stored_once(system: System, job_id: str, collection: str, total: int) -> None:
-    assert system.db[collection].count_documents({"job_id": job_id}) == total
+    assert system.records(collection).count_documents({"job_id": job_id}) == total
     checkpoints = list(system.db.checkpoints.find({"job_id": job_id}))
     assert sum(c["records_written"] for c in checkpoints) == total, dump(checkpoints)
     assert sum(c["records_done"] for c in checkpoints) == total, dump(checkpoints)

@@ -68,7 +68,7 @@ def assert_worker_alive_and_running_jobs(system: System, collection: str) -> Non
     )
     final = system.wait_for_state(job_id, {"SUCCESS", "FAILURE", "CANCELLED"}, timeout_s=60)
     assert final["state"] == "SUCCESS", dump(final)
-    assert system.db[collection].count_documents({"job_id": job_id}) == 300
+    assert system.records(collection).count_documents({"job_id": job_id}) == 300
 
 
 # --- item 1: poison task messages ------------------------------------------------------------------
@@ -151,7 +151,7 @@ def test_a_hung_read_is_stopped_by_the_operators_cancel_and_its_lease_is_not_ren
     lease_until = shard.get("lease_until") or 0
     time.sleep(3)  # several heartbeats: nobody renews the lease of the cancelled shard
     assert (system.db.shards.find_one({"job_id": job_id}).get("lease_until") or 0) == lease_until
-    assert system.db[collection].count_documents({}) == 0  # the hung batch was never stored
+    assert system.records(collection).count_documents({}) == 0  # the hung batch was never stored
     system.wait_until_drained(QUEUE_INGEST, timeout_s=30)  # the delivery did not stay unacked
     assert_worker_alive_and_running_jobs(system, unique("e2e_after_hung_cancel"))
 
@@ -167,7 +167,7 @@ def test_a_read_that_always_hangs_ends_in_failure_through_the_retry_policy(worke
     assert time.monotonic() - started < 90
     entry = system.wait_for(lambda: system.db.task_errors.find_one({"job_id": job_id}), "the dead letter", 30)
     assert entry["error_type"] == "BatchTimedOut" and entry["reason"] == "retries_exhausted", dump(entry)
-    assert system.db[collection].count_documents({}) == 0
+    assert system.records(collection).count_documents({}) == 0
     system.wait_until_drained(QUEUE_INGEST, timeout_s=30)
     assert_worker_alive_and_running_jobs(system, unique("e2e_after_hung_fail"))
 
@@ -233,7 +233,7 @@ def test_a_store_outage_mid_job_loses_and_doubles_nothing_and_the_job_finishes_s
     recovered_s = time.monotonic() - back
     logger.info("job finished %.1f s after MongoDB came back", recovered_s)
     assert recovered_s < 60, "the job took too long to finish after the store came back"
-    assert system.db[collection].count_documents({}) == total
+    assert system.records(collection).count_documents({}) == total
     checkpoints = list(system.db.checkpoints.find({"job_id": job_id}))
     assert all(c["cursor"] == c["range_end"] for c in checkpoints)
     assert sum(c["records_done"] for c in checkpoints) == total  # nothing counted twice

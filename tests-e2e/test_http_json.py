@@ -103,7 +103,7 @@ def test_http_json_job_survives_faults_and_a_killed_worker_then_upserts_exactly_
 
     final = system.wait_for_state(job_id, {"SUCCESS", "FAILURE"}, timeout_s=300)
     assert final["state"] == "SUCCESS", dump(final) + system.logs()
-    target = system.db[collection]
+    target = system.records(collection)
     assert target.count_documents({}) == TOTAL
     assert final["writes"]["inserted"] == TOTAL, dump(final)  # a batch redone after the kill inserted nothing twice
     assert sorted(d["_id"] for d in target.find({}, {"_id": 1})) == [f"rec-{i:06d}" for i in range(TOTAL)]
@@ -166,13 +166,15 @@ def test_http_json_shards_by_start_urls_or_time_windows(http_system: System, pag
     )
     final = system.wait_for_state(job_id, {"SUCCESS", "FAILURE"}, timeout_s=180)
     assert final["state"] == "SUCCESS", dump(final) + system.logs()
-    stored = list(system.db[collection].find({}, {"_id": 1, "raw_payload_id": 1}))
+    stored = list(system.records(collection).find({}, {"_id": 1, "raw_payload_id": 1}))
     assert sorted(d["_id"] for d in stored) == [f"rec-{i:06d}" for i in expected]
     assert final["writes"]["inserted"] == len(expected)
     if space == "work_items":
         pointers = {d["raw_payload_id"] for d in stored}
         assert len(pointers) == 600 // PAGE_SIZE  # one raw page per page fetched, stored once
-        assert system.db.raw_payloads.count_documents({"_id": {"$in": sorted(pointers)}}) == len(pointers)
+        # Raw pages are the tenant's data: kept in its namespace, never in Cairn's database.
+        assert system.records("raw_payloads").count_documents({"_id": {"$in": sorted(pointers)}}) == len(pointers)
+        assert system.db.raw_payloads.count_documents({"_id": {"$in": sorted(pointers)}}) == 0
 
 
 @pytest.mark.parametrize(

@@ -42,11 +42,11 @@ def running_window_of(system: System, job_id: str, worker: str) -> dict | None:
 
 def test_time_window_shards_resume_from_their_timestamp_and_id_cursor_after_a_kill(windows_system: System) -> None:
     system = windows_system
-    system.db["events_src"].insert_many(
+    system.records("events_src").insert_many(
         [{"_id": f"ev-{i:06d}", "created_at": T0 + timedelta(seconds=i // PER_SECOND), "n": i} for i in range(TOTAL)]
     )
     # Outside the window: never copied.
-    system.db["events_src"].insert_many([{"_id": "early", "created_at": T0 - timedelta(seconds=1)}, {"_id": "late", "created_at": T0 + timedelta(days=1)}])
+    system.records("events_src").insert_many([{"_id": "early", "created_at": T0 - timedelta(seconds=1)}, {"_id": "late", "created_at": T0 + timedelta(days=1)}])
     until = T0 + timedelta(seconds=TOTAL // PER_SECOND + 1)
     job_id = system.start_job(
         {
@@ -67,7 +67,7 @@ def test_time_window_shards_resume_from_their_timestamp_and_id_cursor_after_a_ki
     assert final["state"] == "SUCCESS", dump(final) + system.logs()
     job = system.db.jobs.find_one({"_id": job_id})
     assert job["space"]["kind"] == "time_range" and job["space"]["end"] - job["space"]["start"] == (until - T0).total_seconds() * 1000
-    copied = system.db["events_copy"]
+    copied = system.records("events_copy")
     assert copied.count_documents({}) == TOTAL
     assert sorted(d["source_id"] for d in copied.find({}, {"source_id": 1})) == [f"ev-{i:06d}" for i in range(TOTAL)]
     checkpoints = list(system.db.checkpoints.find({"job_id": job_id}))

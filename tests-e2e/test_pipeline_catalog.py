@@ -64,6 +64,6 @@ def test_a_job_of_the_example_pipeline_runs_through_the_gateway(system: System) 
     assert final["state"] == "SUCCESS", dump(final) + system.logs()
     job = system.db.jobs.find_one({"_id": job_id})
     assert (job["pipeline_version"], job["space"]["start"], job["space"]["end"]) == ("1", 1, 901)
-    stored = system.db["example_orders"]
+    stored = system.records("example_orders")
     assert stored.count_documents({"shop": "e2e-shop"}) == 900
     assert stored.find_one({"_id": "e2e-shop:450"})["currency"] == "GBP"  # the pipeline's identity and clean

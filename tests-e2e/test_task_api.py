@@ -54,7 +54,7 @@ def test_fifty_concurrent_creates_with_one_idempotency_key_give_one_job(system: 
         wait_for("the job succeeds", lambda: job_state(client, job_id) == "SUCCESS", system=system)
         conflict = client.post("/v1/jobs", json={**body, "priority": 4}, headers={"Idempotency-Key": key})
     assert conflict.status_code == 409
-    assert system.db.e2e_burst.count_documents({"job_id": job_id}) == 400
+    assert system.records("e2e_burst").count_documents({"job_id": job_id}) == 400
 
 
 # --- tenants --------------------------------------------------------------------------------------
@@ -143,7 +143,7 @@ def test_a_cancelled_8_shard_job_stops_within_one_batch_per_running_shard(system
     never_started = [s for s in shards if s["attempts"] == 0]
     assert never_started, "every shard had started: the test needs queued shards to cancel"
     assert all(s["state"] == "CANCELLED" and checkpoints[s["shard_key"]]["records_done"] == 0 for s in never_started)
-    stored = system.db.e2e_cancel.count_documents({"job_id": job_id})
+    stored = system.records("e2e_cancel").count_documents({"job_id": job_id})
     assert stored == sum(c["records_done"] for c in checkpoints.values()) < 80_000  # no partial batch
     assert all(c["records_done"] % batch == 0 or c["cursor"] == c["range_end"] for c in checkpoints.values())
     assert result.status_code == 200 and result.json()["result"]["records_done"] == stored
@@ -158,7 +158,7 @@ def test_a_job_cancelled_before_it_starts_never_runs(system: System) -> None:
         assert again.status_code == 409 and again.json()["loc"] == ["path", "job_id"]
         assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
         assert client.get(f"/v1/jobs/{job_id}").status_code == 404
-    stored = system.db.e2e_never.count_documents({"job_id": job_id})
+    stored = system.records("e2e_never").count_documents({"job_id": job_id})
     assert stored <= 200  # at most the one batch per shard that may have begun before the mark
 
 

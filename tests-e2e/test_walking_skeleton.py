@@ -59,8 +59,8 @@ def test_synthetic_job_of_100k_records_in_8_shards_succeeds(system: System) -> N
     assert final["progress"] == 100.0
     assert final["shards"]["total"] == 8 and final["shards"]["succeeded"] == 8
 
-    assert system.db.e2e_100k.count_documents({}) == 100_000
-    assert system.db.e2e_100k.count_documents({"job_id": job_id}) == 100_000
+    assert system.records("e2e_100k").count_documents({}) == 100_000
+    assert system.records("e2e_100k").count_documents({"job_id": job_id}) == 100_000
     checkpoints = list(system.db.checkpoints.find({"job_id": job_id}))
     assert len(checkpoints) == 8
     for checkpoint in checkpoints:
@@ -83,7 +83,7 @@ def test_the_same_command_delivered_twice_changes_nothing(system: System) -> Non
     system.wait_until_drained(QUEUE_SCHEDULER_COMMANDS)
     system.wait_until_drained(QUEUE_INGEST)
     shards_before = shard_snapshot(system, job_id)
-    records_before = system.db.e2e_twice.count_documents({})
+    records_before = system.records("e2e_twice").count_documents({})
 
     # ...and one after it finished.
     republish_start_command(system, job_id)
@@ -95,7 +95,7 @@ def test_the_same_command_delivered_twice_changes_nothing(system: System) -> Non
     assert all(s["attempts"] == 1 for s in shards_before), "a shard was run more than once: " + dump(shards_before)
     assert shard_snapshot(system, job_id) == shards_before
     assert records_before == 20_000
-    assert system.db.e2e_twice.count_documents({}) == 20_000
+    assert system.records("e2e_twice").count_documents({}) == 20_000
 
 
 def test_a_non_retryable_error_fails_the_job_and_reaches_task_errors(system: System) -> None:
@@ -128,7 +128,7 @@ def test_a_non_retryable_error_fails_the_job_and_reaches_task_errors(system: Sys
     assert result["state"] == "FAILURE"
     assert result["result"]["failed_shards"] == [failed_shard]
     # The healthy shard still stored all of its records, once each.
-    assert system.db.e2e_fail.count_documents({"seq": {"$lt": 2000}}) == 2000
+    assert system.records("e2e_fail").count_documents({"seq": {"$lt": 2000}}) == 2000
 
 
 @pytest.mark.parametrize(
@@ -162,7 +162,7 @@ def test_unknown_job_answers_404_and_a_running_job_has_no_result_yet(system: Sys
 
 
 def test_mongo_range_source_copies_every_document_in_its_key_range(system: System) -> None:
-    source = system.db.e2e_source
+    source = system.records("e2e_source")
     source.insert_many([{"_id": f"doc-{i}", "n": i, "name": f"item {i}", "skip": i % 2 == 0} for i in range(6000)])
     job_id = system.start_job(
         {
@@ -175,7 +175,7 @@ def test_mongo_range_source_copies_every_document_in_its_key_range(system: Syste
     )
     final = system.wait_for_state(job_id, {"SUCCESS", "FAILURE"}, timeout_s=120)
     assert final["state"] == "SUCCESS", dump(final)
-    copied = system.db.e2e_copied
+    copied = system.records("e2e_copied")
     assert copied.count_documents({}) == 4000
     assert copied.find_one({"_id": "e2e_source:1000"})["name"] == "item 1000"
     assert copied.find_one({"_id": "e2e_source:999"}) is None

@@ -117,7 +117,7 @@ def test_terminate_stops_a_stuck_batch_now_and_the_shard_reruns_from_its_checkpo
     token_before = int(system.db["shards"].find_one({"shard_key": shard_key})["fencing_token"])
 
     # The rerun must be quick: the source is "fixed" (no delay) before the stuck run is stopped.
-    system.db[FIXED_SOURCES].insert_one({"_id": prefix})
+    system.records(FIXED_SOURCES).insert_one({"_id": prefix})
     asked = time.monotonic()
     with system.client() as client:
         response = client.post(f"/v1/shards/{shard_key}/terminate", json={"then": "ready"})
@@ -142,7 +142,7 @@ def test_terminate_stops_a_stuck_batch_now_and_the_shard_reruns_from_its_checkpo
     checkpoint = system.db["checkpoints"].find_one({"shard_key": shard_key})
     # Nothing committed twice: every batch counted once, every record stored once.
     assert checkpoint["records_done"] == 30 and checkpoint["batches"] == 3, dump(checkpoint)
-    assert system.db[collection].count_documents({}) == 30
+    assert system.records(collection).count_documents({}) == 30
     assert shard["terminations"] == 1 and shard["terminated_then"] == "ready", dump(shard)
     assert shard["attempts"] == 1, dump(shard)  # the terminated run's attempt was given back
     assert shard["fencing_token"] > token_before + 1  # the rerun claimed it under a newer token
@@ -189,7 +189,7 @@ def test_terminate_as_cancelled_ends_the_job_and_revoke_cancels_a_waiting_shard(
     final = system.wait_for_state(job_id, {"SUCCESS", "FAILURE", "CANCELLED"}, timeout_s=STOPPED_WITHIN_S)
     assert final["state"] == "CANCELLED", dump(final)
     assert system.db["shards"].find_one({"shard_key": waiting["shard_key"]})["state"] == "CANCELLED"
-    assert system.db[f"revoked_{prefix}"].count_documents({}) == 0
+    assert system.records(f"revoked_{prefix}").count_documents({}) == 0
 
 
 def test_terminating_a_lease_frontier_item_leaves_its_lane_running(control_system: System) -> None:
@@ -208,13 +208,13 @@ def test_terminating_a_lease_frontier_item_leaves_its_lane_running(control_syste
     item = system.wait_for(lambda: system.db["shards"].find_one({"job_id": job_id, "state": "RUNNING"}), "a running item", timeout_s=60)
     lane = system.wait_for(lambda: next((t for t in active(system) if t["job_id"] == job_id), None), "the lane in inspect active")
     assert lane["task"] == "cairn.ingest.run_frontier" and lane["shard_key"] is None, dump(lane)
-    system.db[FIXED_SOURCES].insert_one({"_id": prefix})
+    system.records(FIXED_SOURCES).insert_one({"_id": prefix})
     with system.client() as client:
         response = client.post(f"/v1/shards/{item['shard_key']}/terminate", json={"then": "ready"})
     assert response.status_code == 200 and response.json()["interrupted"] is True, response.text
     final = system.wait_for_state(job_id, {"SUCCESS", "FAILURE", "CANCELLED"}, timeout_s=STOPPED_WITHIN_S * 3)
     assert final["state"] == "SUCCESS", dump(final)
-    assert system.db[collection].count_documents({}) == 30
+    assert system.records(collection).count_documents({}) == 30
     batches = [c["batches"] for c in system.db["checkpoints"].find({"job_id": job_id})]
     assert batches == [1, 1, 1], batches  # every item committed once
     # The lane's own task went on (not revoked): the worker's revoked list does not name it.

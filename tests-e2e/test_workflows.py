@@ -58,7 +58,7 @@ def test_a_chain_of_three_jobs_passes_each_result_to_the_next(system: System) ->
     assert jobs[1]["spec"]["params"]["count"] == 300  # step 1's records_written
     assert (jobs[2]["spec"]["params"]["collection"], jobs[2]["spec"]["params"]["end"]) == (second, 300)  # step 2's target and result
     assert [j["result"]["records_written"] for j in jobs] == [300, 300, 300], dump([j["result"] for j in jobs])
-    assert system.db[third].count_documents({}) == 300 and system.db[third].find_one({"_id": f"{second}:299"}) is not None
+    assert system.records(third).count_documents({}) == 300 and system.records(third).find_one({"_id": f"{second}:299"}) is not None
     for previous, step in zip(jobs, jobs[1:], strict=False):  # each step released after the previous one finished
         assert step["released_at_ms"] >= stored_ms(previous["finished_at"]), dump([previous, step])
     shown = cairn(system, "chains", "show", accepted["id"])

@@ -56,7 +56,7 @@ def writes_of(system: System, job_id: str) -> dict[str, Any]:
 
 
 def test_an_upsert_rerun_updates_exactly_the_changed_records(system: System) -> None:
-    source, target = system.db.e2e_wm_upsert_source, system.db.e2e_wm_upsert
+    source, target = system.records("e2e_wm_upsert_source"), system.records("e2e_wm_upsert")
     source.insert_many([{"_id": f"doc-{i}", "n": i, "name": f"item {i}"} for i in range(200)])
 
     first = copy_job(system, "upsert run 1", source.name, target.name, "upsert", 200)
@@ -89,7 +89,7 @@ def test_an_upsert_rerun_updates_exactly_the_changed_records(system: System) -> 
 
 
 def test_a_replace_window_rerun_removes_the_records_whose_source_is_gone(system: System) -> None:
-    source, target = system.db.e2e_wm_window_source, system.db.e2e_wm_window
+    source, target = system.records("e2e_wm_window_source"), system.records("e2e_wm_window")
     source.insert_many([{"_id": f"doc-{i}", "n": i, "name": f"item {i}"} for i in range(100)])
     target.insert_one({"_id": "written by someone else", "n": -1})  # outside the window: kept
 

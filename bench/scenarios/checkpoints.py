@@ -97,7 +97,7 @@ def _run(ctx: BenchContext, url: str, args: argparse.Namespace, batch_size: int,
     job_id = ctx.submit(url, body)
     job, finished = ctx.wait_job(job_id, timeout_s=120 + args.checkpoint_records / 500, procs=[worker, scheduler])
     cpu = meter.stop()
-    stored = ctx.db[collection].count_documents({})
+    stored = ctx.records_db[collection].count_documents({})
     checkpoints = list(ctx.db["checkpoints"].find({"job_id": job_id}, {"records_done": 1, "batches": 1}))
     ctx.drop(collection)
     if job["state"] != "SUCCESS" or stored != args.checkpoint_records:

@@ -111,7 +111,7 @@ def _cairn_run(
     job_id = ctx.submit(url, body)
     job, finished = ctx.wait_job(job_id, timeout_s=120 + args.http_records / 200, procs=[worker, scheduler, api])
     cpu = meter.stop()
-    stored = ctx.db[collection].count_documents({})
+    stored = ctx.records_db[collection].count_documents({})
     ctx.drop(collection)
     if job["state"] != "SUCCESS" or stored != args.http_records:
         raise RuntimeError(f"http_json run {tag}: job {job['state']}, {stored} of {args.http_records} records stored")

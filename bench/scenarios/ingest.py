@@ -155,7 +155,7 @@ def cairn_run(ctx: BenchContext, url: str, args: argparse.Namespace, *, tag: str
     cpu = meter.stop()
     seconds = finished - started
     timeline = _timeline(ctx, job_id, started_wall, started_wall + seconds)
-    stored = ctx.db[collection].count_documents({})
+    stored = ctx.records_db[collection].count_documents({})
     ctx.drop(collection)
     if job["state"] != "SUCCESS" or stored != args.records:
         raise RuntimeError(f"ingest run {tag}: job {job['state']}, {stored} of {args.records} records stored")

@@ -55,7 +55,7 @@ def run(ctx: BenchContext, args: argparse.Namespace) -> dict[str, Any]:
     job_id = ctx.submit(url, body)
     job, finished = ctx.wait_job(job_id, timeout_s=120 + records / 300, procs=[worker, scheduler])
     cpu = meter.stop()
-    stored = ctx.db[collection].count_documents({})
+    stored = ctx.records_db[collection].count_documents({})
     ctx.drop(collection)
     ctx.stop(worker, gateway, scheduler)
     if job["state"] != "SUCCESS" or stored != records:

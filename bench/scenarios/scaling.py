@@ -122,7 +122,7 @@ def scaling_run(ctx: BenchContext, url: str, args: argparse.Namespace, strategy:
     counts = _counts_since(ctx, counts_before, count)
     queued = [s.get("queued_at_ms") for s in ctx.db["shards"].find({"job_id": job_id}, {"queued_at_ms": 1})]
     queued_ms = [q for q in queued if isinstance(q, int)]
-    stored = ctx.db[collection].count_documents({})
+    stored = ctx.records_db[collection].count_documents({})
     ctx.drop(collection)
     if job["state"] != "SUCCESS" or stored != args.scaling_records:
         raise RuntimeError(f"scaling run {tag}: job {job['state']}, {stored} of {args.scaling_records} records stored")

@@ -43,7 +43,9 @@ def database(mongo_client: MongoClient, test_env: TestEnvironment, request: pyte
     name = f"{test_env.mongodb_database}_gw{_module_tag(request)}_{uuid.uuid4().hex[:6]}"
     seed_catalog(mongo_client[name])
     yield name
-    mongo_client.drop_database(name)
+    for existing in mongo_client.list_database_names():  # with the tenants' namespaces (<name>_t…)
+        if existing == name or existing.startswith(f"{name}_t"):
+            mongo_client.drop_database(existing)
 
 
 @pytest.fixture(scope="module")

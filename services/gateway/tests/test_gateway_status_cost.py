@@ -12,7 +12,9 @@ from pymongo import AsyncMongoClient, monitoring
 
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, JobRecord, ShardRecord
+from cairn_contracts.tenancy import TenantQuotas
 from cairn_gateway.jobs import InvalidCursor, JobService
+from cairn_gateway.tenants import TenantService
 from cairn_runtime.mongo import ensure_indexes
 
 SHARDS_IN_JOB = 300
@@ -42,7 +44,10 @@ async def service(test_env, mongo_client) -> AsyncIterator[tuple[JobService, Rea
     cache = aioredis.from_url(test_env.redis_url)
     db = client[name]
     await ensure_indexes(db)
-    jobs = JobService(db=db, publisher=None, cache=cache, cache_prefix=test_env.redis_prefix, cache_ttl_s=0, result_ttl_s=3600)  # type: ignore[arg-type]
+    jobs = JobService(
+        db=db, publisher=None, cache=cache, cache_prefix=test_env.redis_prefix, cache_ttl_s=0, result_ttl_s=3600,  # type: ignore[arg-type]
+        tenants=TenantService(db, TenantQuotas()),
+    )
     try:
         yield jobs, reads, mongo_client[name]
     finally:

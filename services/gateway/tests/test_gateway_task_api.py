@@ -17,6 +17,7 @@ from pymongo.database import Database
 from cairn_contracts.messages import CancelJob, StartJob
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import API_KEYS, CHECKPOINTS, JOB_LOCK_KEY, JOBS, SCHEDULES, SHARDS
+from cairn_contracts.tenancy import tenant_database
 from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_CONTROL
 from cairn_gateway import admin
 from cairn_gateway.auth import new_key
@@ -499,7 +500,7 @@ async def test_the_catalog_lists_every_announced_pipeline_with_its_schema_and_sp
 
 async def test_a_job_keeps_the_pipeline_version_and_the_resolved_space(acme, db) -> None:
     window = {"collection": "src", "since": "2026-01-01T00:00:00Z", "until": "2026-01-01T01:00:00Z"}
-    db["src"].insert_one({"_id": 1})
+    db.client[tenant_database(db.name, "acme")]["src"].insert_one({"_id": 1})  # the tenant's own source
     keys = (await create(acme, spec())).json()["id"]
     times = (await create(acme, spec(pipeline="mongo_range", params=window))).json()["id"]
 
@@ -508,7 +509,7 @@ async def test_a_job_keeps_the_pipeline_version_and_the_resolved_space(acme, db)
     }
     job = db[JOBS].find_one({"_id": times})
     assert (job["space"]["kind"], job["space"]["end"] - job["space"]["start"]) == ("time_range", 3_600_000)
-    assert job["pipeline_version"] == "2"
+    assert job["pipeline_version"] == "3"
 
 
 async def test_an_unannounced_pipeline_is_a_422_listing_the_known_ones(acme, db) -> None:

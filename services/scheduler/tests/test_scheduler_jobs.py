@@ -10,7 +10,8 @@ from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, Start
 from cairn_contracts.pipelines import PIPELINES
 from cairn_contracts.sinks import RUN_MS, WINDOW, window_key
 from cairn_contracts.states import JobState, ShardState
-from cairn_contracts.store import CHECKPOINTS, JOBS, MAIN_SUB_KEY, SHARDS
+from cairn_contracts.store import CHECKPOINTS, DEFAULT_TENANT, JOBS, MAIN_SUB_KEY, SHARDS
+from cairn_contracts.tenancy import tenant_database
 from cairn_runtime.amqp import PublishNotConfirmed
 from cairn_runtime.consumer import Unprocessable
 from cairn_scheduler.jobs import JobScheduler
@@ -238,8 +239,19 @@ async def replace_window_job(db: Any, job_id: str, *, run_ms: int) -> tuple[JobS
     return scheduler, window_key(cmd.spec.model_dump(mode="json"))
 
 
+def tenant_records(db: Any) -> Any:
+    """The `records` collection of the default tenant's namespace, where its jobs store records."""
+    return db.client[tenant_database(db.name, DEFAULT_TENANT)]["records"]
+
+
+@pytest.fixture(autouse=True)
+async def drop_namespace(db):
+    yield
+    await db.client.drop_database(tenant_database(db.name, DEFAULT_TENANT))
+
+
 async def seed_window(db: Any, window: str) -> None:
-    await db["records"].insert_many(
+    await tenant_records(db).insert_many(
         [
             {"_id": "stale-1", WINDOW: window, RUN_MS: 1_000},
             {"_id": "stale-2", WINDOW: window, RUN_MS: 1_999},
@@ -254,11 +266,13 @@ async def seed_window(db: Any, window: str) -> None:
 async def test_a_replace_window_job_deletes_its_windows_stale_records_before_it_succeeds(db) -> None:
     scheduler, window = await replace_window_job(db, "job-w", run_ms=2_000)
     await seed_window(db, window)
+    await db["records"].insert_one({"_id": "stale-1", WINDOW: window, RUN_MS: 1_000})  # not the tenant's namespace
     await set_shards(db, "job-w", [ShardState.SUCCEEDED] * 2)
 
     assert await scheduler.roll_up("job-w") is JobState.SUCCESS
 
-    assert sorted([d["_id"] async for d in db["records"].find()]) == ["newer-run", "no-window", "other-window", "seen"]
+    assert sorted([d["_id"] async for d in tenant_records(db).find()]) == ["newer-run", "no-window", "other-window", "seen"]
+    assert await db["records"].count_documents({}) == 1  # the delete reached the tenant's records only
     job = await db[JOBS].find_one({"_id": "job-w"})
     assert job["result"]["records_deleted"] == job["records_deleted"] == 2
 
@@ -273,7 +287,7 @@ async def test_concurrent_roll_ups_of_a_replace_window_job_count_every_delete_on
     job = await db[JOBS].find_one({"_id": "job-wc"})
     assert job["state"] == JobState.SUCCESS
     assert job["records_deleted"] == 2  # whichever roll-up deleted, the total counts each record once
-    assert await db["records"].count_documents({}) == 4
+    assert await tenant_records(db).count_documents({}) == 4
 
 
 async def test_a_failed_replace_window_job_deletes_nothing(db) -> None:
@@ -283,7 +297,7 @@ async def test_a_failed_replace_window_job_deletes_nothing(db) -> None:
 
     assert await scheduler.roll_up("job-wf") is JobState.FAILURE
 
-    assert await db["records"].count_documents({}) == 6
+    assert await tenant_records(db).count_documents({}) == 6
 
 
 async def test_roll_up_one_failed_is_failure_naming_the_failed_shard(db) -> None:

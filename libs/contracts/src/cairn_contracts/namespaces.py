@@ -28,12 +28,13 @@ WEBHOOK_DELIVERIES = "webhook_deliveries"
 # derived from theirs when read (the gateway's chains.py).
 CHAINS = "chains"
 API_KEYS = "api_keys"  # {_id: key id, tenant, scopes, secret_hash (sha256 hex), name, created_at, revoked_at}
+TENANTS = "tenants"  # {_id: tenant, quotas, sources, updated_at_ms}: cairn_contracts.tenancy.TenantRecord
 # GridFS bucket of large raw payloads (collections raw_payload_blobs.files / .chunks); the
 # RawPayload metadata document in `raw_payloads` points at its file.
 RAW_PAYLOAD_BUCKET = "raw_payload_blobs"
 
 CONTROL_COLLECTIONS = frozenset(
-    {JOBS, SHARDS, CHECKPOINTS, DEDUP, TASK_ERRORS, RAW_PAYLOADS, SCHEDULES, DLQ_COMMANDS, API_KEYS, PIPELINES, WEBHOOK_DELIVERIES, CHAINS}
+    {JOBS, SHARDS, CHECKPOINTS, DEDUP, TASK_ERRORS, RAW_PAYLOADS, SCHEDULES, DLQ_COMMANDS, API_KEYS, PIPELINES, WEBHOOK_DELIVERIES, CHAINS, TENANTS}
 )
 
 

@@ -27,6 +27,10 @@ SYNTHETIC = "synthetic"
 MONGO_RANGE = "mongo_range"
 HTTP_JSON = "http_json"
 
+# Work spaces whose interval length is the number of records to expect (keys, list items); a time
+# window's is not known before it runs. The scheduler's `records_total`, the gateway's record quota.
+COUNTED_SPACES = ("key_range", "work_items")
+
 
 class CatalogEntry(BaseModel):
     """One `pipelines` document (`_id` = name). `space`: the descriptors in order (cairn_sdk

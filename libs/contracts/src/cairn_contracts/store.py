@@ -30,6 +30,7 @@ from cairn_contracts.namespaces import (  # noqa: F401
     SCHEDULES,
     SHARDS,
     TASK_ERRORS,
+    TENANTS,
     WEBHOOK_DELIVERIES,
 )
 from cairn_contracts.states import JobState, ShardState

@@ -18,7 +18,7 @@ sink keeps records idempotent by their identity.
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
@@ -145,11 +145,16 @@ def host_matches(host: str, patterns: Iterable[str]) -> bool:
 class RunContext:
     """What one shard run of a pipeline may use.
 
-    `attempt`: 1 for the first run of the shard, +1 per claim. `source_db`: the worker's source
-    database (pymongo). `store_db`: Cairn's own database (GridFS raw pages; never write records
-    there yourself: the runner stores them). `redis`: the worker's Redis client (None if not
-    configured) and `redis_prefix` the prefix its keys must carry. `effects`: the side-effect
-    ledger (the worker's TaskDedup collection; an in-memory one by default, for unit tests).
+    `attempt`: 1 for the first run of the shard, +1 per claim. `source_db`: the job's tenant's
+    namespace database (pymongo), where its own sources are. `store_db`: the same tenant
+    namespace, for what a pipeline keeps besides records (GridFS raw pages; never write records
+    there yourself: the runner stores them). Neither is ever Cairn's control database.
+    `granted`: `(database, collection) -> Database`, the worker's check of a source an operator
+    granted to the tenant outside its namespace (raises NonRetryableError if not granted; None:
+    no granted sources); call it through `source(database, collection)`. `redis`: the worker's
+    Redis client (None if not configured) and `redis_prefix` the prefix its keys must carry.
+    `effects`: the side-effect ledger (the worker's TaskDedup collection; an in-memory one by
+    default, for unit tests).
     """
 
     attempt: int = 1
@@ -168,6 +173,7 @@ class RunContext:
     # Outbound HTTP to loopback/private/link-local addresses (cairn_runtime.egress): off unless
     # the worker allows it (CAIRN_HTTP_ALLOW_PRIVATE_NETWORKS).
     allow_private_networks: bool = False
+    granted: Callable[[str, str], Database] | None = None
 
     def secret(self, name: str, *, hosts: Iterable[str] = ()) -> str:
         """The worker's secret `name` (a key of its CAIRN_SECRETS JSON object), to be sent to
@@ -184,8 +190,15 @@ class RunContext:
                 raise SecretNotAllowed(f"secret {name!r} may not be sent to {', '.join(refused)}")
         return value
 
-    def source(self) -> Database:
-        """`source_db`, or NonRetryableError if this worker has none."""
+    def source(self, database: str | None = None, collection: str | None = None) -> Database:
+        """The database to read `collection` from: `source_db` (the tenant's namespace) when
+        `database` is None, else `database` if it is granted to the tenant for `collection`.
+        Raises NonRetryableError: no source database, or `database` not granted (checked at
+        every run, so a revoked grant stops the next run)."""
+        if database is not None:
+            if self.granted is None:
+                raise NonRetryableError(f"source database {database!r} is not granted (this worker grants none)")
+            return self.granted(database, collection or "")
         if self.source_db is None:
             raise NonRetryableError("this worker has no source database")
         return self.source_db

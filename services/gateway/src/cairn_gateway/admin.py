@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     create = commands.add_parser("create-key", help="create a key and print its token (once)")
     create.add_argument("--tenant", required=True)
-    create.add_argument("--scopes", required=True, help="comma-separated: submit, read, operator, admin (admin implies submit and read; operator is cluster-wide)")
+    create.add_argument("--scopes", required=True, help="comma-separated: submit, read, admin (implies submit, read), operator (cross-tenant and worker control; implies all)")
     create.add_argument("--name", default=None, help="what the key is for")
     create.add_argument("--rate-limit", type=int, default=None, help="requests per minute for this key (default: the gateway's)")
     listing = commands.add_parser("list-keys", help="list keys (never their secrets)")

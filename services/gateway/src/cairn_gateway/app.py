@@ -4,9 +4,9 @@
   background, so the gateway starts and answers without the broker: commands it cannot publish
   are relayed by the scheduler);
 - services (the logic; raise domain errors only): `JobService` (jobs.py), `ScheduleService`
-  (schedules.py), `DeadLetterService` (dlq.py), `KeyVerifier` and `KeyService` (auth.py), `RateLimiter` and
+  (schedules.py), `TenantService` (tenants.py: quotas, namespaces, source grants), `DeadLetterService` (dlq.py), `KeyVerifier` and `KeyService` (auth.py), `RateLimiter` and
   `JobLocks`, put on `app.state` where api/deps.py hands them to the routes;
-- routers (api/routes/: tasks, jobs, schedules, keys, dlq, ops), the body size limit and HTTP
+- routers (api/routes/: tasks, jobs, schedules, keys, tenants, dlq, ops), the body size limit and HTTP
   metrics middlewares, and problems.py's handlers: every error answers one Problem body.
 
 Dependencies down (docs/design.md, "Dependencies down"): Redis is a cache and a guard
@@ -21,8 +21,9 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI
 from prometheus_client import make_asgi_app
 
+from cairn_contracts.tenancy import TenantQuotas
 from cairn_gateway.api.deps import require_scope
-from cairn_gateway.api.routes import chains, dlq, jobs, keys, ops, pipelines, results, schedules, tasks, workers
+from cairn_gateway.api.routes import chains, dlq, jobs, keys, ops, pipelines, results, schedules, tasks, tenants, workers
 from cairn_gateway.auth import KeyService, KeyVerifier
 from cairn_gateway.catalog import PipelineCatalog
 from cairn_gateway.chains import ChainService
@@ -36,6 +37,7 @@ from cairn_gateway.problems import AUTH_RESPONSES, UNAVAILABLE_RESPONSES, instal
 from cairn_gateway.results import ResultService
 from cairn_gateway.schedules import ScheduleService
 from cairn_gateway.settings import GatewaySettings
+from cairn_gateway.tenants import TenantService
 from cairn_gateway.workers import HeartbeatMonitor, WorkerControl
 from cairn_runtime.amqp import BackgroundPublisher
 from cairn_runtime.celery_config import control_app
@@ -79,6 +81,15 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.cache = cache
         app.state.publisher = publisher
         # Services.
+        tenant_service = TenantService(
+            db,
+            TenantQuotas(
+                max_running_jobs=settings.tenant_max_running_jobs,
+                max_shards_per_job=settings.tenant_max_shards_per_job,
+                max_records_per_job=settings.tenant_max_records_per_job,
+            ),
+        )
+        app.state.tenants = tenant_service
         job_service = JobService(
             db=db,
             publisher=publisher,
@@ -87,7 +98,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             cache_ttl_s=settings.status_cache_ttl_s,
             result_ttl_s=settings.result_ttl_s,
             locks=JobLocks(cache, settings.redis_prefix, settings.job_lock_ttl_s, db),
-            sources=mongo[settings.source_database] if settings.source_database else None,
+            tenants=tenant_service,
         )
         app.state.jobs = job_service
         app.state.schedules = ScheduleService(db, publisher, job_service)
@@ -120,7 +131,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
     # Routers.
     responses = {**AUTH_RESPONSES, **UNAVAILABLE_RESPONSES}
-    for router in (tasks.router, jobs.router, chains.router, pipelines.router, schedules.router, keys.router, results.router):
+    for router in (tasks.router, jobs.router, chains.router, pipelines.router, schedules.router, keys.router, results.router, tenants.router):
         app.include_router(router, responses=responses)
     app.include_router(dlq.router, dependencies=[Depends(require_scope("admin"))], responses=responses)
     app.include_router(workers.router, responses=responses)  # operator scope, per route (CLI+Workers)

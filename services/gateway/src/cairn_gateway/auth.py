@@ -4,12 +4,15 @@ A key is `cairn_<key id>_<secret>`. The `api_keys` collection keeps its id, tena
 and the sha256 of the secret (never the secret; compared in constant time). The tenant comes
 from the key: whoever holds it sees only that tenant's jobs, schedules and dead letters.
 
-Scopes: `submit` (create, cancel and delete jobs and schedules), `read` (get and list), `operator`
-(worker control: /v1/workers, shard terminate/revoke; cluster-wide, as the workers are shared),
-`admin` (dead letters and key management; implies `submit` and `read`, never `operator`: a tenant's
-admin must not control other tenants' shards; only the command line or an operator key grants it). A GET needs `read`, anything else
-`submit`; the dead-letter and key routers also need `admin`. The FastAPI dependencies that apply
-this to a request are in api/deps.py.
+Scopes (`IMPLIED`, the one definition): `read` (get and list), `submit` (create, cancel and
+delete jobs and schedules), `admin` (its tenant's dead letters and keys; implies `submit` and
+`read`), `operator` (cross-tenant: worker control, /v1/workers and shard terminate/revoke, as the
+workers are shared; reads every tenant's jobs and dead letters and acts on any dead letter
+(`Principal.view` = `ALL_TENANTS`); sets tenants' quotas and source grants; implies the three
+others). `admin` never implies `operator`: a tenant's admin sees and controls one tenant; only the
+command line or an operator key grants it. A GET needs `read`, anything else `submit`; the
+dead-letter and key routers also need `admin`. The FastAPI dependencies that apply this to a
+request are in api/deps.py.
 
 Looked-up keys are cached in-process for `CAIRN_AUTH_CACHE_TTL_S` seconds, so a revocation
 takes effect within that time.
@@ -30,6 +33,16 @@ from cairn_contracts.store import API_KEYS
 from cairn_gateway.errors import Forbidden, Invalid, NotFound, Unauthorized
 
 SCOPES = ("submit", "read", "operator", "admin")
+# What each scope grants. `admin` never implies `operator` (a tenant's admin manages one tenant).
+IMPLIED: dict[str, frozenset[str]] = {
+    "read": frozenset({"read"}),
+    "submit": frozenset({"submit"}),
+    "admin": frozenset({"admin", "submit", "read"}),
+    "operator": frozenset({"operator", "admin", "submit", "read"}),
+}
+# The tenant an operator reads as: every tenant. No key can carry "*" (`new_key` allows letters,
+# digits, '-', '_' and '.'), so it is never a real tenant's name.
+ALL_TENANTS = "*"
 TOKEN_PREFIX = "cairn_"
 _CACHE_LIMIT = 10_000
 
@@ -48,9 +61,19 @@ class Principal:
     rate_limit_per_minute: int | None = None  # the key's own limit; None: the gateway's setting
 
     def allows(self, scope: str) -> bool:
-        """Whether the key holds `scope`. `admin` implies every scope but `operator`: an admin
-        manages one tenant, an operator controls the workers every tenant shares."""
-        return scope in self.scopes or ("admin" in self.scopes and scope != "operator")
+        """Whether the key holds `scope` or a scope implying it (`IMPLIED`): an admin manages one
+        tenant, an operator every tenant and the workers they share."""
+        return any(scope in IMPLIED.get(held, frozenset()) for held in self.scopes)
+
+    @property
+    def view(self) -> str:
+        """The tenant this caller reads as: its own, or `ALL_TENANTS` for an operator."""
+        return ALL_TENANTS if self.allows("operator") else self.tenant
+
+
+def tenant_match(tenant: str) -> dict[str, Any]:
+    """The query clause selecting `tenant`'s documents: `{}` for `ALL_TENANTS` (an operator)."""
+    return {} if tenant == ALL_TENANTS else {"tenant": tenant}
 
 
 def hash_secret(secret: str) -> str:
@@ -190,6 +213,6 @@ def method_scope(method: str) -> str:
 
 
 def check_scope(principal: Principal, scope: str) -> None:
-    """Raises `Forbidden` unless the principal's key has `scope` (admin implies all but operator)."""
+    """Raises `Forbidden` unless the principal's key has `scope` (or one implying it: `IMPLIED`)."""
     if not principal.allows(scope):
         raise Forbidden(f"this API key lacks the {scope!r} scope")

@@ -27,6 +27,7 @@ from cairn_contracts import clock
 from cairn_contracts.messages import DeadLetterAction, DeadLetterCommand
 from cairn_contracts.states import DeadLetterStatus
 from cairn_contracts.store import DEFAULT_TENANT, DLQ_COMMANDS, TASK_ERRORS
+from cairn_gateway.auth import ALL_TENANTS, tenant_match
 from cairn_gateway.dlq_schemas import (
     BulkReplayAccepted,
     BulkReplayRequest,
@@ -91,8 +92,9 @@ class EntryFilter:
     until: datetime | None = None
 
     def query(self, tenant: str) -> dict[str, Any]:
-        # Entries without a tenant (no job, or recorded before tenants) belong to the default one.
-        query: dict[str, Any] = {"tenant": tenant} if tenant != DEFAULT_TENANT else {"tenant": {"$in": [tenant, None]}}
+        # Entries without a tenant (no job, or recorded before tenants) belong to the default one;
+        # an operator's view (ALL_TENANTS) is every entry.
+        query: dict[str, Any] = tenant_match(tenant) if tenant != DEFAULT_TENANT else {"tenant": {"$in": [tenant, None]}}
         for field in ("job_id", "pipeline", "error_type", "reason", "status", "shard_key"):
             value = getattr(self, field)
             if value is not None:
@@ -266,7 +268,8 @@ class DeadLetterService:
         await self.db[DLQ_COMMANDS].insert_one(
             {
                 "_id": command.command_id,
-                "tenant": tenant,
+                # The entry's own tenant when an operator acts across tenants: its admins see it too.
+                "tenant": (entry.get("tenant") or DEFAULT_TENANT) if tenant == ALL_TENANTS else tenant,
                 "action": action,
                 "dead_letter_id": entry["_id"],
                 "job_id": entry.get("job_id"),

@@ -16,6 +16,7 @@ class DeadLetterSummary(BaseModel):
     error_type: str | None = None
     error_message: str | None = None
     job_id: str | None = None
+    tenant: str | None = Field(None, description="The job's tenant (an operator's lists span tenants)")
     shard_key: str | None = None
     pipeline: str | None = None
     attempts: int = 0

@@ -10,7 +10,8 @@ Kinds and the status problems.py gives them:
 - `Invalid` (422): a value the request schema accepts but the service refuses (`field` names it,
   as a validation error's `loc`: `("query", "cursor")`, `("body", "at")`);
 - `NotConfirmed` (503): the broker did not confirm a command; nothing was requested;
-- `Unauthorized` (401), `Forbidden` (403), `RateLimited` (429): the caller's API key.
+- `Unauthorized` (401), `Forbidden` (403), `RateLimited` (429): the caller's API key (429 also
+  for a tenant's running-jobs quota: tenants.py `QuotaExceeded`).
 """
 
 from typing import Any
@@ -83,7 +84,7 @@ class Forbidden(DomainError):
 
 
 class RateLimited(DomainError):
-    at = ("header", "Authorization")
+    at: tuple[str | int, ...] | None = ("header", "Authorization")
 
     def __init__(self, detail: str, retry_after_s: int) -> None:
         super().__init__(detail)

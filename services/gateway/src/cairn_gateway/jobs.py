@@ -29,12 +29,13 @@ from pymongo.errors import DuplicateKeyError
 
 from cairn_contracts import clock
 from cairn_contracts.bounds import INT64_MAX, check_storable
-from cairn_contracts.jobs import JobSpec
+from cairn_contracts.jobs import JobSpec, LeaseFrontierSharding, lease_frontier_items
 from cairn_contracts.messages import CancelJob, StartJob
-from cairn_contracts.pipelines import MONGO_RANGE
+from cairn_contracts.pipelines import COUNTED_SPACES, MONGO_RANGE
 from cairn_contracts.sinks import WRITE_COUNTERS
 from cairn_contracts.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, ShardState, state_values
-from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, STATUS_CACHE_KEY, JobRecord
+from cairn_contracts.store import CHECKPOINTS, DEFAULT_TENANT, JOBS, SHARDS, STATUS_CACHE_KEY, JobRecord
+from cairn_gateway.auth import ALL_TENANTS, tenant_match
 from cairn_gateway.catalog import check_spec
 from cairn_gateway.degraded import REDIS_UNAVAILABLE, fell_back
 from cairn_gateway.errors import Conflict, Gone, Invalid, NotFound
@@ -42,6 +43,7 @@ from cairn_gateway.failures import failed_shards, retrying_shards
 from cairn_gateway.joblock import JobLocks
 from cairn_gateway.jobs_schemas import JobCounts, JobDetail, JobPage, JobResultBody, JobSummary, ShardView
 from cairn_gateway.schemas import ShardCounts, TaskStatus, Writes
+from cairn_gateway.tenants import JobSize, TenantService
 from cairn_runtime import tally
 from cairn_runtime.amqp import Publisher, PublishNotConfirmed
 from cairn_runtime.tracing import describe_work
@@ -133,18 +135,37 @@ class Submission:
     created: bool
 
 
-async def check_source(sources: AsyncDatabase, spec: JobSpec) -> None:
-    """Refuse (`SourceNotFound`) a mongo_range job whose source collection does not exist in
-    `sources`, the database the workers read (`CAIRN_SOURCE_DATABASE`, default Cairn's): read, it
-    would look like an empty source. The one place that decides where a job's source is looked
-    up. A collection dropped after this check fails the job in the worker instead."""
+async def check_source(tenants: TenantService, tenant: str, spec: JobSpec) -> None:
+    """Refuse a mongo_range job whose source the tenant may not read (`Invalid` on
+    `params.database`: a database not granted to it) or that does not exist (`SourceNotFound`;
+    read, it would look like an empty source). A job reads its tenant's namespace database, or a
+    database an operator granted (tenants.py); the workers resolve it the same way
+    (cairn_ingest_worker.tenancy). A collection dropped after this check fails the job in the
+    worker instead."""
     name = spec.params.get("collection")
     if spec.pipeline != MONGO_RANGE or not isinstance(name, str):
         return
+    database = spec.params.get("database")
+    sources = await tenants.source_database(tenant, database if isinstance(database, str) else None, name)
     # The membership test keeps the answer right where a server ignores the filter (nx-27017).
     if name in await sources.list_collection_names(filter={"name": name}):
         return
     raise SourceNotFound(name, sources.name)
+
+
+def job_size(spec: JobSpec, space: dict[str, Any] | None) -> JobSize:
+    """What a job asks of its tenant's per-job quotas: shards (lease-frontier work items) and
+    records (the size of a counted work space: keys, list items; None for a time window), from its
+    spec and its resolved work space (`{kind, start, end}`, catalog.py). `space` None (a job whose
+    params come from its dependency, `params_from`: resolved at release): its range/hash-mod
+    shards only (a lease frontier's item count is not known yet; the planning cap still holds)."""
+    if space is None:
+        return JobSize(0 if isinstance(spec.sharding, LeaseFrontierSharding) else spec.sharding.shards, None)
+    start, end = int(space["start"]), int(space["end"])
+    records = end - start if space.get("kind", "key_range") in COUNTED_SPACES else None
+    if isinstance(spec.sharding, LeaseFrontierSharding):
+        return JobSize(lease_frontier_items((start, end), spec.sharding.item_size), records, shards_field=("body", "sharding", "item_size"))
+    return JobSize(spec.sharding.shards, records)
 
 
 def view_state(job: dict[str, Any]) -> JobState:
@@ -288,7 +309,7 @@ class JobFilter:
     schedule_id: str | None = None
 
     def query(self, tenant: str) -> dict[str, Any]:
-        query: dict[str, Any] = {"tenant": tenant}
+        query: dict[str, Any] = tenant_match(tenant)  # an operator's ("*"): every tenant's
         if self.state is not None:
             query.update(state_query(self.state))
         for field in ("pipeline", "priority", "schedule_id"):
@@ -310,6 +331,7 @@ class JobFilter:
 def summary(job: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": job["_id"],
+        "tenant": job.get("tenant"),
         "name": job.get("name"),
         "pipeline": job["pipeline"],
         "priority": int(job["priority"]),
@@ -342,8 +364,8 @@ class JobService:
     cache_prefix: str
     cache_ttl_s: int
     result_ttl_s: int
+    tenants: TenantService  # quotas, and where a tenant's mongo_range sources are
     locks: JobLocks | None = None  # the Redis lock per job fingerprint (None: no lock)
-    sources: AsyncDatabase | None = None  # where mongo_range sources are (None: `db`, as the workers' default)
 
     async def submit(
         self, spec: JobSpec, tenant: str, idempotency_key: str | None, *, schedule_id: str | None = None
@@ -357,8 +379,11 @@ class JobService:
         (the unique index; its id derives from the key, so concurrent identical requests race for
         one document; another spec under the key raises `IdempotencyConflict`), and a job
         identical to an unfinished one is refused (`DuplicateJob`, the Redis lock per spec
-        fingerprint). Raises `Invalid` for a job the pipeline catalog refuses (catalog.py) and
-        `SourceNotFound` for a mongo_range job without its source.
+        fingerprint). Raises `Invalid` for a job the pipeline catalog refuses (catalog.py) or
+        naming a source database not granted to the tenant, `SourceNotFound` for a mongo_range job
+        without its source, and `QuotaInvalid` (422) / `QuotaExceeded` (429) over one of the
+        tenant's quotas (tenants.py; checked after the Idempotency-Key lookup: a retry of an
+        accepted request gets its job, not a 429).
 
         A job naming `after` is recorded WAITING (its ids must be jobs of the tenant:
         `UnknownDependency` at ["body", "after", i]); its StartJob asks the scheduler to look at
@@ -381,7 +406,8 @@ class JobService:
             existing = await self.db[JOBS].find_one({"tenant": tenant, "idempotency_key": idempotency_key})
             if existing is not None:
                 return self._same_job(existing, record)
-        await check_source(self.sources if self.sources is not None else self.db, spec)
+        await self.tenants.check_submit(tenant, job_size(spec, checked.space))  # 429/422 naming the quota
+        await check_source(self.tenants, tenant, spec)
         lock = await self.locks.acquire(tenant, record.spec_fingerprint, record.id) if self.locks else None
         try:
             await self.db[JOBS].insert_one(record.to_document())
@@ -427,6 +453,10 @@ class JobService:
     async def status(self, tenant: str, job_id: str) -> TaskStatus:
         """The job's status (`/task/status`): a finished job's from the Redis cache, else (or with
         Redis away) from MongoDB. Raises `JobNotFound`."""
+        if tenant == ALL_TENANTS:
+            # An operator reads through the job's own tenant's cache entry: the one whoever
+            # reopens a finished job (a DLQ replay) drops.
+            tenant = (await self._job(tenant, job_id, {"tenant": 1})).get("tenant") or DEFAULT_TENANT
         cache_key = STATUS_CACHE_KEY.format(prefix=self.cache_prefix, tenant=tenant, job_id=job_id)
         cached = await self._cached(cache_key)
         if cached is not None:
@@ -486,10 +516,10 @@ class JobService:
 
     async def counts(self, tenant: str) -> JobCounts:
         stored: Counter[str] = Counter()
-        async for row in await self.db[JOBS].aggregate([{"$match": {"tenant": tenant}}, {"$group": {"_id": "$state", "n": {"$sum": 1}}}]):
+        async for row in await self.db[JOBS].aggregate([{"$match": tenant_match(tenant)}, {"$group": {"_id": "$state", "n": {"$sum": 1}}}]):
             stored[str(row["_id"])] += int(row["n"])
         cancelling: Counter[str] = Counter()
-        async for job in self.db[JOBS].find(state_query(JobState.CANCELLING) | {"tenant": tenant}, {"state": 1}):
+        async for job in self.db[JOBS].find(state_query(JobState.CANCELLING) | tenant_match(tenant), {"state": 1}):
             cancelling[job["state"]] += 1
         counts = {str(s): stored.get(str(s), 0) - cancelling.get(str(s), 0) for s in JobState}
         counts[JobState.CANCELLING] = sum(cancelling.values())
@@ -622,7 +652,7 @@ class JobService:
         )
 
     async def _job(self, tenant: str, job_id: str, projection: dict[str, int] | None = None) -> dict[str, Any]:
-        job = await self.db[JOBS].find_one({"_id": job_id, "tenant": tenant}, projection)
+        job = await self.db[JOBS].find_one({"_id": job_id, **tenant_match(tenant)}, projection)
         if job is None:
             raise JobNotFound(job_id)
         return job

@@ -8,6 +8,7 @@ from cairn_contracts.bounds import ContractModel, Moment
 from cairn_contracts.jobs import MAX_CHAIN_STEPS, JobSpec
 from cairn_contracts.schedules import MAX_INTERVAL_S, OverlapPolicy, ScheduleKind
 from cairn_contracts.states import JobState
+from cairn_contracts.tenancy import SourceGrant, TenantQuotas
 from cairn_gateway.schemas import UtcDatetime, Writes
 
 
@@ -21,6 +22,7 @@ class JobAccepted(BaseModel):
 
 class JobSummary(BaseModel):
     id: str
+    tenant: str | None = Field(None, description="The job's tenant (an operator's lists span tenants)")
     name: str | None = None
     pipeline: str
     priority: int = Field(description="1 LOW, 2 NORMAL, 3 HIGH, 4 CRITICAL")
@@ -215,7 +217,7 @@ class TriggerAccepted(BaseModel):
 class KeyCreate(ContractModel):
     model_config = ConfigDict(extra="forbid")
 
-    scopes: list[str] = Field(..., min_length=1, max_length=4, description="submit, read, operator, admin")
+    scopes: list[str] = Field(..., min_length=1, max_length=4, description="submit, read, admin, operator (only an operator key may grant it)")
     name: str | None = Field(None, max_length=200)
     rate_limit_per_minute: int | None = Field(None, ge=0, le=1_000_000)
 
@@ -232,3 +234,13 @@ class KeyView(BaseModel):
 
 class KeyCreated(KeyView):
     token: str = Field(description="Shown once: only its hash is stored")
+
+
+class TenantView(BaseModel):
+    tenant: str
+    namespace: str = Field(description="The MongoDB database holding the tenant's records, own mongo_range sources and raw pages")
+    quotas: TenantQuotas = Field(description="The tenant's own quotas (unset: the deployment's default)")
+    effective_quotas: TenantQuotas = Field(
+        description="The quotas in force (own, else the gateway's default; max_in_flight_shards null: the scheduler's CAIRN_TENANT_MAX_IN_FLIGHT_SHARDS)"
+    )
+    sources: list[SourceGrant] = Field(description="Collections of other databases its mongo_range jobs may read")

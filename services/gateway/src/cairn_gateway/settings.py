@@ -13,9 +13,10 @@ class GatewaySettings(ServiceSettings):
     max_body_bytes: int = Field(1_048_576, ge=0, description="Largest request body (413 above; 0: no limit)")
     auth_cache_ttl_s: float = Field(10.0, ge=0, description="How long a looked-up API key is trusted (revocations wait this long)")
     job_lock_ttl_s: int = Field(86_400, ge=0, description="Longest hold of the lock per job fingerprint (0: no lock)")
-    source_database: str | None = Field(
-        None, description="Database of mongo_range sources, as the workers' CAIRN_SOURCE_DATABASE (default: Cairn's)"
-    )
+    # Tenancy (issue 15): the quotas of a tenant an operator has not configured (PUT /v1/tenants/{t}).
+    tenant_max_running_jobs: int | None = Field(100, ge=0, description="Unfinished jobs per tenant at once (None: no limit)")
+    tenant_max_shards_per_job: int | None = Field(None, ge=1, description="Shards or work items per job (None: only the plan bound)")
+    tenant_max_records_per_job: int | None = Field(None, ge=1, description="Key-space size per job (None: no limit)")
     result_ttl_s: int = Field(7 * 86_400, ge=1, description="A finished job's result is kept this long (then 410 Gone)")
     # Dependencies down or slow (issue 11): every client call is bounded, so a request answers.
     redis_timeout_s: float = Field(1.0, gt=0, description="Redis connect and read timeout (a hung Redis is a Redis down)")

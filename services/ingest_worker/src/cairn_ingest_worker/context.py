@@ -18,6 +18,7 @@ from cairn_ingest_worker.leases import ShardLeases
 from cairn_ingest_worker.publisher import BrokerPublisher
 from cairn_ingest_worker.runner import ShardRunner
 from cairn_ingest_worker.settings import WorkerSettings
+from cairn_ingest_worker.tenancy import TenantNamespaces
 from cairn_runtime.mongo import sync_client
 
 
@@ -43,8 +44,9 @@ def build_context(settings: WorkerSettings, app: Celery, leases: LeasesFactory =
         leases=leases(db[SHARDS], db[CHECKPOINTS], worker_id, settings.lease_ttl_s, jobs=db[JOBS]),
         jobs=db[JOBS],
         shards=db[SHARDS],
-        records_db=db,
-        source_db=client[settings.source_database or settings.mongodb_database],
+        records_db=db,  # unused: `namespaces` gives each job its tenant's databases (tenancy.py)
+        source_db=db,
+        namespaces=TenantNamespaces(db),
         heartbeat_interval_s=settings.heartbeat_interval_s,
         slice_s=settings.task_slice_s,
         batch_time_limit_s=settings.batch_time_limit_s,

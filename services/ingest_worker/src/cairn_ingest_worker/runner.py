@@ -37,6 +37,7 @@ from cairn_ingest_worker.leases import Claim, Heartbeat, ShardLeases
 from cairn_ingest_worker.observability import current_pipeline, note_shard
 from cairn_ingest_worker.pipelines import build_pipeline
 from cairn_ingest_worker.store import RunStamp, write_records
+from cairn_ingest_worker.tenancy import TenantNamespaces
 from cairn_runtime.log import log_context
 from cairn_runtime.tracing import span_attributes
 from cairn_sdk import Bounds, Bucket, Pipeline, RunContext
@@ -100,6 +101,18 @@ class ShardRunner:
     def job(self, job_id: str) -> dict[str, Any] | None:
         """The job's `JOB_FIELDS` (spec, tenant, created_at_ms, space), from this process's cache."""
         return self.job_documents.get(self.jobs, job_id)
+
+    # Each job's tenant namespace (records, sources, raw pages) and granted sources (tenancy.py).
+    # None: `records_db` and `source_db` for every job (single-namespace unit tests only: the
+    # production wiring, context.py, always sets it).
+    namespaces: TenantNamespaces | None = None
+
+    def databases(self, tenant: str | None) -> tuple[Database, Database]:
+        """(records database, source database) of a job of `tenant`."""
+        if self.namespaces is None:
+            return self.records_db, self.source_db
+        namespace = self.namespaces.records_db(tenant)
+        return namespace, namespace
 
 
 @dataclass(frozen=True)
@@ -199,7 +212,7 @@ def _run_batches(runner: ShardRunner, claim: Claim, job: dict[str, Any], pipelin
         cursor = pipeline.start(bounds) if claim.fresh and not claim.done else claim.cursor
     except Exception as error:
         raise ShardFailed(claim, pipeline_name, error) from error
-    target = runner.records_db[spec["target_collection"]]
+    target = runner.databases(job.get("tenant"))[0][spec["target_collection"]]  # the tenant's namespace
     write_mode = spec.get("write_mode", "insert")
     run = RunStamp(
         job_id, int(job.get("created_at_ms") or 0), window_key(spec) if write_mode == "replace_window" else None
@@ -285,18 +298,22 @@ def shard_bounds(shard: dict[str, Any], space: dict[str, Any] | None, params: di
 
 
 def _context(runner: ShardRunner, claim: Claim, job: dict[str, Any]) -> RunContext:
+    tenant = job.get("tenant") or DEFAULT_TENANT
+    records_db, source_db = runner.databases(tenant)
+    namespaces = runner.namespaces
     return RunContext(
         attempt=claim.attempt,
         job_id=job["_id"],
         shard_key=claim.shard_key,
-        tenant=job.get("tenant") or "default",
-        source_db=runner.source_db,
+        tenant=tenant,
+        source_db=source_db,
         redis=runner.redis,
         redis_prefix=runner.redis_prefix,
-        store_db=runner.records_db,
+        store_db=records_db,
         secrets=runner.secrets,
         secret_hosts=runner.secret_hosts,
         allow_private_networks=runner.allow_private_networks,
+        granted=(lambda database, collection: namespaces.granted(tenant, database, collection)) if namespaces else None,
         # The TaskDedup ledger of this run (cairn_sdk.effects): owned by this claim's token.
         effects=TaskDedupLedger(
             runner.jobs.database[DEDUP],

@@ -44,7 +44,6 @@ class WorkerSettings(ServiceSettings):
     max_attempts: int = Field(5, ge=1, description="Attempts of a shard before it is dead-lettered")
     retry_base_delay_s: float = Field(1.0, ge=0)
     retry_max_delay_s: float = Field(60.0, ge=0)
-    source_database: str | None = Field(None, description="Database of mongo_range sources (default: Cairn's)")
     # Credentials pipelines name in their params (http_json `auth_secret`), so a job spec never
     # holds one: CAIRN_SECRETS='{"example_api": {"value": "Bearer abc...", "hosts": ["api.example.com"]}}'
     # (bound: sent to those hosts only, whoever submits the job) or '{"example_api": "Bearer abc..."}'

@@ -15,15 +15,17 @@ from pymongo.asynchronous.database import AsyncDatabase
 from cairn_contracts import clock
 from cairn_contracts.jobs import JOB_SPEC_ADAPTER, JobSpec
 from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
-from cairn_contracts.pipelines import PIPELINES, BrokenEntry, CatalogEntry, CatalogRefusal, check_job
+from cairn_contracts.pipelines import COUNTED_SPACES, PIPELINES, BrokenEntry, CatalogEntry, CatalogRefusal, check_job
 from cairn_contracts.sinks import WRITE_COUNTERS, stale_filter, window_key
 from cairn_contracts.states import TERMINAL_JOB_STATES, JobState, ShardState, state_values
-from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS, ShardBucket, ShardRecord
+from cairn_contracts.store import CHECKPOINTS, DEFAULT_TENANT, JOBS, SHARDS, ShardBucket, ShardRecord
+from cairn_contracts.tenancy import tenant_database
 from cairn_runtime import tally
 from cairn_runtime.celery_config import ShardDispatcher, dispatch_all
 from cairn_runtime.consumer import Unprocessable
 from cairn_runtime.log import log_context
 from cairn_runtime.mongo import insert_new
+from cairn_scheduler.fairness import FairDispatch
 from cairn_scheduler.metrics import observe_job_finished
 from cairn_scheduler.planner import Plan, ShardPlan, plan_job
 from cairn_scheduler.stopping import finish_unplanned, stop_shards
@@ -33,8 +35,6 @@ logger = logging.getLogger(__name__)
 # Shards (and as many checkpoints) written per round trip while a job is planned; the cancel
 # mark is read between chunks, so a cancel stops a large planning within one chunk.
 PLAN_CHUNK = 1000
-# Work spaces whose interval length is the number of records to expect (keys, list items).
-COUNTED_SPACES = ("key_range", "work_items")
 # A job's shard-state/progress snapshot (an O(shards) read) is refreshed by the maintenance pass
 # at most every `snapshot_every_s` per this many shards.
 SNAPSHOT_SHARDS = 256
@@ -80,6 +80,8 @@ class JobScheduler:
     dispatcher: ShardDispatcher
     locks: LockRelease | None = None  # the job-fingerprint lock, released when a job is terminal
     dependents: Dependents | None = None  # told of every terminal state written here (workflows)
+    # Fair dispatch across tenants (fairness.py); None: every PLANNED shard of a job is sent at once.
+    fair: FairDispatch | None = None
     plan_chunk: int = PLAN_CHUNK
     snapshot_every_s: float = 5.0  # the maintenance pass's snapshot period per SNAPSHOT_SHARDS shards
 
@@ -131,7 +133,10 @@ class JobScheduler:
         if await self._cancel_requested(command.job_id):
             await self.stop(command.job_id)  # cancelled while it was being planned: dispatch nothing
             return
-        if plan.runners is None:
+        if plan.runners is None and self.fair is not None:
+            # Within the tenants' in-flight caps (it logs what it sends); the rest as room frees up.
+            await self.fair.run_pass()
+        elif plan.runners is None:
             dispatched = await self._dispatch_planned(command.job_id, int(spec.priority))
             logger.info("job %s: %d shard task(s) dispatched", command.job_id, dispatched)
         elif await self._dispatch_runners(command.job_id, plan.runners, int(spec.priority)):
@@ -220,6 +225,8 @@ class JobScheduler:
         job document the counting write returned (no second read of the job)."""
         _, job = await tally.count_and_read(self.db, event.shard_key, fields=_ROLL_UP_FIELDS)
         await self.roll_up_counted(event.job_id, job=job)
+        if self.fair is not None:
+            await self.fair.run_pass()  # the finished shard's room goes to the next tenant in turn
 
     async def stop(self, job_id: str) -> JobState | None:
         """Apply a cancel (idempotent): shards not started are cancelled, running ones are marked
@@ -334,7 +341,9 @@ class JobScheduler:
         started at or after this one wrote (cairn_contracts.sinks); returns how many."""
         spec = job["spec"]
         window = window_key(spec)
-        deleted = await self.db[spec["target_collection"]].delete_many(stale_filter(window, int(job.get("created_at_ms") or 0)))
+        # In the job's tenant namespace, where its records are (cairn_contracts.tenancy).
+        records_db = self.db.client[tenant_database(self.db.name, job.get("tenant") or DEFAULT_TENANT)]
+        deleted = await records_db[spec["target_collection"]].delete_many(stale_filter(window, int(job.get("created_at_ms") or 0)))
         # Roll-ups run concurrently (events, the maintenance loop): each adds what it deleted to
         # the job's `records_deleted`, so the total is right whichever one writes SUCCESS (the
         # gateway reads the field, not only the result written with SUCCESS).

@@ -21,6 +21,7 @@ from cairn_runtime.instrumentation import instrument_celery
 from cairn_runtime.mongo import async_client, ensure_indexes
 from cairn_runtime.service import Every, run_service, serve
 from cairn_scheduler.cancel import Canceller
+from cairn_scheduler.fairness import FairDispatch
 from cairn_scheduler.gauges import GaugeCollector, QueueCounts
 from cairn_scheduler.jobs import JobScheduler
 from cairn_scheduler.locks import JobLockRelease
@@ -49,7 +50,10 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
         publisher = await Publisher.open(connection, settings.publish_timeout_s)
         dispatcher = ShardTaskSender.for_broker(settings.amqp_url, "cairn-scheduler")
         dependents = DependencyRelease(db, publisher, locks)
-        scheduler = JobScheduler(db, dispatcher, locks=locks, dependents=dependents, snapshot_every_s=settings.reconcile_interval_s)
+        fair = FairDispatch(db, dispatcher, settings.tenant_max_in_flight_shards, settings.max_in_flight_shards)
+        scheduler = JobScheduler(
+            db, dispatcher, locks=locks, dependents=dependents, fair=fair, snapshot_every_s=settings.reconcile_interval_s
+        )
         canceller = Canceller(scheduler, settings.result_ttl_s)
         maintenance = Maintenance(
             scheduler,
@@ -71,6 +75,7 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
             Every(settings.retry_poll_max_s, functools.partial(maintenance.dispatch_due_retries, settings.retry_poll_max_s), "due-retry dispatch"),
             Every(settings.reconcile_interval_s, canceller.run_pass, "cancel sweep"),
             Every(settings.reconcile_interval_s, dependents.sweep, "dependency sweep"),
+            Every(settings.fair_dispatch_interval_s, fair.run_pass, "fair dispatch"),
             Every(settings.schedule_tick_s, ScheduleFirer(db, publisher).tick, "schedule tick"),
             Every(settings.gauges_interval_s, GaugeCollector(db, connection).collect_once, "gauge collection"),
             Every(settings.webhook_poll_s, WebhookDeliverer(db, webhook_client, webhook_policy(settings)).run_pass, "webhook delivery"),

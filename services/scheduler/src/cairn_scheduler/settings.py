@@ -21,6 +21,14 @@ class SchedulerSettings(ServiceSettings):
     # The task API (issue 5): schedules, cancel sweep, result retention.
     schedule_tick_s: float = Field(1.0, gt=0, description="How often due schedules are looked for")
     result_ttl_s: float = Field(7 * 86_400, gt=0, description="A finished job's result is dropped this long after it finished")
+    # Fair dispatch across tenants (issue 15, fairness.py).
+    tenant_max_in_flight_shards: int | None = Field(
+        64, ge=1, description="Shard tasks one tenant may have queued or running at once, unless its quotas say (None: no cap)"
+    )
+    max_in_flight_shards: int | None = Field(
+        None, ge=1, description="Shard tasks queued or running across all tenants (None: no limit; about the workers' total concurrency)"
+    )
+    fair_dispatch_interval_s: float = Field(1.0, gt=0, description="How often waiting shards are dispatched besides on shard events")
     # Webhooks (webhooks.py): a finished job's callback URL is POSTed a signed body.
     webhook_secret: SecretStr | None = Field(
         None, description="HMAC-SHA256 key of the Cairn-Signature header; unset: deliveries wait (logged) until it is set"

@@ -17,6 +17,7 @@ from cairn_gateway.auth import KeyService, KeyVerifier, Principal, check_scope, 
 from cairn_gateway.dlq import DeadLetterService
 from cairn_gateway.jobs import JobService
 from cairn_gateway.schedules import ScheduleService
+from cairn_gateway.tenants import TenantService
 from cairn_gateway.workers import WorkerControl
 
 bearer = HTTPBearer(
@@ -87,6 +88,16 @@ def tenant(principal: Annotated[Principal, Depends(authorized)]) -> str:
     return principal.tenant
 
 
+def viewer(principal: Annotated[Principal, Depends(authorized)]) -> str:
+    """The tenant the caller reads (and acts on dead letters) as: its own, or `ALL_TENANTS`
+    (`*`) for an `operator` key (cross-tenant)."""
+    return principal.view
+
+
+def tenant_service(request: Request) -> TenantService:
+    return request.app.state.tenants
+
+
 @dataclass(frozen=True)
 class Requester:
     """Who asked for a DLQ command: an operator's name, and the API key used (recorded either way)."""
@@ -115,9 +126,11 @@ Admin = Annotated[Principal, Depends(require_scope("admin"))]
 Operator = Annotated[Principal, Depends(operator)]
 OperatorActor = Annotated[Requester, Depends(operator_requester)]
 Tenant = Annotated[str, Depends(tenant)]
+Viewer = Annotated[str, Depends(viewer)]
 Actor = Annotated[Requester, Depends(requester)]
 Jobs = Annotated[JobService, Depends(job_service)]
 Schedules = Annotated[ScheduleService, Depends(schedule_service)]
 DeadLetters = Annotated[DeadLetterService, Depends(dead_letter_service)]
 Keys = Annotated[KeyService, Depends(key_service)]
 Workers = Annotated[WorkerControl, Depends(worker_control)]
+Tenants = Annotated[TenantService, Depends(tenant_service)]

@@ -30,7 +30,8 @@ def payload_id(content: bytes) -> str:
 
 
 class RawPages:
-    """Saves raw pages in Cairn's database `db` (GridFS bucket `raw_payload_blobs`)."""
+    """Saves raw pages in `db`, the job's tenant namespace (`RunContext.store_db`: raw pages are the
+    tenant's data, never kept beside Cairn's control collections), GridFS bucket `raw_payload_blobs`."""
 
     def __init__(self, db: Database) -> None:
         self._meta = db[RAW_PAYLOADS]

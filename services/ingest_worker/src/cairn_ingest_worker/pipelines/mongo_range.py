@@ -24,6 +24,7 @@ from pymongo.errors import CursorNotFound, ExecutionTimeout, OperationFailure, W
 from cairn_contracts.bounds import Moment
 from cairn_contracts.namespaces import JobCollection
 from cairn_contracts.pipelines import MONGO_RANGE
+from cairn_contracts.tenancy import DatabaseName
 from cairn_sdk import Batch, Bounds, Cursor, FailurePolicy, KeyRange, NonRetryableError, Pipeline, TimeRange, epoch_ms, from_epoch_ms
 
 # Keys are stored as MongoDB 64-bit integers (see synthetic.MAX_KEY).
@@ -42,6 +43,9 @@ class MongoRangeParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     collection: JobCollection = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,120}$", description="Source collection; none of Cairn's own")
+    database: DatabaseName | None = Field(
+        None, description="A source database an operator granted to the tenant for this collection (default: the tenant's own namespace)"
+    )
     key_field: str = Field("_id", pattern=FIELD_NAME, description="Integer key field (key ranges)")
     start: int | None = Field(None, ge=-MAX_KEY, le=MAX_KEY, description="First key (with end)")
     end: int | None = Field(None, ge=-MAX_KEY, le=MAX_KEY, description="Exclusive end key (with start)")
@@ -78,7 +82,7 @@ class MongoRangePipeline(Pipeline[MongoRangeParams]):
     """Copies a MongoDB collection's documents by integer key range or datetime window."""
 
     name = MONGO_RANGE
-    version = "2"
+    version = "3"
     description = "Copies documents of a MongoDB collection by integer key range [start, end) or time window [since, until)"
     Params = MongoRangeParams
     space = (KeyRange("start", "end"), TimeRange("since", "until"))
@@ -91,7 +95,8 @@ class MongoRangePipeline(Pipeline[MongoRangeParams]):
 
     def __init__(self, params: MongoRangeParams, context: Any) -> None:
         super().__init__(params, context)
-        self._collection = context.source()[params.collection]
+        # The tenant's namespace, or a granted database (checked again at every run: RunContext).
+        self._collection = context.source(params.database, params.collection)[params.collection]
         order_field = params.time_field if params.by_time else params.key_field
         self._projection = {name: 1 for name in {*params.fields, order_field, "_id"}} if params.fields else None
         self._source_found = False

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Response, status
 
 from cairn_contracts.bounds import Moment
-from cairn_gateway.api.deps import Actor, DeadLetters, Tenant
+from cairn_gateway.api.deps import Actor, DeadLetters, Viewer
 from cairn_gateway.dlq import EntryFilter
 from cairn_gateway.dlq_schemas import (
     BulkReplayAccepted,
@@ -44,7 +44,7 @@ COMMAND_ERRORS: dict[int | str, dict[str, Any]] = {
 @router.get("/entries", response_model=DeadLetterPage)
 async def list_entries(
     service: DeadLetters,
-    tenant: Tenant,
+    tenant: Viewer,
     job_id: Annotated[str | None, Query(max_length=200)] = None,
     pipeline: Annotated[str | None, Query(max_length=200)] = None,
     error_type: Annotated[str | None, Query(max_length=200)] = None,
@@ -62,7 +62,7 @@ async def list_entries(
 
 
 @router.get("/entries/{entry_id}", response_model=DeadLetterEntry, responses=NOT_FOUND)
-async def get_entry(entry_id: str, service: DeadLetters, tenant: Tenant) -> DeadLetterEntry:
+async def get_entry(entry_id: str, service: DeadLetters, tenant: Viewer) -> DeadLetterEntry:
     """One entry in full: error, bounded stack, original message (or its GridFS pointer), replays."""
     return await service.get(tenant, entry_id)
 
@@ -72,7 +72,7 @@ MEDIA_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}(
 
 
 @router.get("/entries/{entry_id}/payload", responses={200: {"content": {"application/octet-stream": {}}}, **NOT_FOUND})
-async def get_payload(entry_id: str, service: DeadLetters, tenant: Tenant) -> Response:
+async def get_payload(entry_id: str, service: DeadLetters, tenant: Viewer) -> Response:
     """The original message body as it was received (read back from GridFS if it was large),
     always as `application/octet-stream`: the sender chose the stored content type, so it is never
     served as the answer's own (a `text/html` body would render in a browser); it is given in
@@ -85,7 +85,7 @@ async def get_payload(entry_id: str, service: DeadLetters, tenant: Tenant) -> Re
 
 @router.post("/entries/{entry_id}/replay", status_code=status.HTTP_202_ACCEPTED, response_model=CommandAccepted, responses=COMMAND_ERRORS)
 async def replay_entry(
-    entry_id: str, service: DeadLetters, tenant: Tenant, requested_by: Actor, body: Annotated[ReplayRequest | None, Body()] = None
+    entry_id: str, service: DeadLetters, tenant: Viewer, requested_by: Actor, body: Annotated[ReplayRequest | None, Body()] = None
 ) -> CommandAccepted:
     """Re-dispatch the entry's shard; it resumes from its checkpoint with a fresh attempt budget."""
     return await service.request(tenant, entry_id, "replay", requested_by.name, body.note if body else None, requested_by.api_key_id)
@@ -93,14 +93,14 @@ async def replay_entry(
 
 @router.post("/entries/{entry_id}/discard", status_code=status.HTTP_202_ACCEPTED, response_model=CommandAccepted, responses=COMMAND_ERRORS)
 async def discard_entry(
-    entry_id: str, service: DeadLetters, tenant: Tenant, requested_by: Actor, body: Annotated[DiscardRequest | None, Body()] = None
+    entry_id: str, service: DeadLetters, tenant: Viewer, requested_by: Actor, body: Annotated[DiscardRequest | None, Body()] = None
 ) -> CommandAccepted:
     """Close the entry without replay; it stays in task_errors as `discarded` for audit."""
     return await service.request(tenant, entry_id, "discard", requested_by.name, body.note if body else None, requested_by.api_key_id)
 
 
 @router.get("/commands/{command_id}", response_model=CommandStatus, responses=NOT_FOUND)
-async def get_command(command_id: str, service: DeadLetters, tenant: Tenant) -> CommandStatus:
+async def get_command(command_id: str, service: DeadLetters, tenant: Viewer) -> CommandStatus:
     """What the DLQ handler did with a replay or discard command (pending until it has handled it)."""
     return await service.command(tenant, command_id)
 
@@ -111,7 +111,7 @@ async def get_command(command_id: str, service: DeadLetters, tenant: Tenant) -> 
     response_model=BulkReplayAccepted,
     responses={422: {"description": "No filter given"}, 503: COMMAND_ERRORS[503]},
 )
-async def replay_matching(body: BulkReplayRequest, service: DeadLetters, tenant: Tenant, requested_by: Actor) -> BulkReplayAccepted:
+async def replay_matching(body: BulkReplayRequest, service: DeadLetters, tenant: Viewer, requested_by: Actor) -> BulkReplayAccepted:
     """Replay the open, replayable entries matching the filter (all of a job: `{"job_id": ...}`)."""
     filters = ("job_id", "pipeline", "error_type", "reason", "shard_key", "since", "until")
     if all(getattr(body, name) is None for name in filters):

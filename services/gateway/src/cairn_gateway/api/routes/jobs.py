@@ -62,15 +62,15 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=500, description="`next_cursor` of the previous page")] = None,
 ) -> JobPage:
-    """The tenant's jobs, newest first, filtered by every parameter given."""
+    """The tenant's jobs (an operator's: every tenant's), newest first, filtered by every parameter given."""
     job_filter = JobFilter(state, pipeline, priority, created_after, created_before, q, schedule_id)
-    return await jobs.list(caller.tenant, job_filter, limit, cursor)
+    return await jobs.list(caller.view, job_filter, limit, cursor)
 
 
 @router.get("/counts", response_model=JobCounts)
 async def count_jobs(jobs: Jobs, caller: Caller) -> JobCounts:
     """How many of the tenant's jobs are in each state."""
-    return await jobs.counts(caller.tenant)
+    return await jobs.counts(caller.view)
 
 
 @router.get("/{job_id}", response_model=JobDetail, responses=NOT_FOUND)
@@ -83,7 +83,7 @@ async def get_job(
 ) -> JobDetail:
     """The job, its spec, progress and one page of its shards (state, attempts, checkpoint
     cursor, records); the summary costs the same whatever the job's shard count."""
-    return await jobs.get(caller.tenant, job_id, shard_limit, shards_after)
+    return await jobs.get(caller.view, job_id, shard_limit, shards_after)
 
 
 @router.post(
@@ -121,4 +121,4 @@ async def delete_job(job_id: str, jobs: Jobs, caller: Caller) -> Response:
 )
 async def job_result(job_id: str, jobs: Jobs, caller: Caller) -> JobResultBody:
     """The result summary of a finished job, kept for CAIRN_RESULT_TTL_S."""
-    return await jobs.result(caller.tenant, job_id)
+    return await jobs.result(caller.view, job_id)

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Response, status
 
 from cairn_contracts.jobs import JobSpec
-from cairn_gateway.api.deps import Jobs, Tenant
+from cairn_gateway.api.deps import Jobs, Tenant, Viewer
 from cairn_gateway.problems import Problem
 from cairn_gateway.schemas import TaskAccepted, TaskResult, TaskStatus
 
@@ -40,7 +40,7 @@ async def start_task(
 
 
 @router.get("/status/{task_id}", response_model=TaskStatus, responses=NOT_FOUND)
-async def task_status(task_id: str, jobs: Jobs, tenant: Tenant) -> TaskStatus:
+async def task_status(task_id: str, jobs: Jobs, tenant: Viewer) -> TaskStatus:
     return await jobs.status(tenant, task_id)
 
 
@@ -53,6 +53,6 @@ async def task_status(task_id: str, jobs: Jobs, tenant: Tenant) -> TaskStatus:
         410: {"model": Problem, "description": "The result was kept CAIRN_RESULT_TTL_S after the job finished, and has expired"},
     },
 )
-async def task_result(task_id: str, jobs: Jobs, tenant: Tenant) -> TaskResult:
+async def task_result(task_id: str, jobs: Jobs, tenant: Viewer) -> TaskResult:
     result = await jobs.result(tenant, task_id)
     return TaskResult(task_id=result.id, state=result.state, result=result.result, finished_at=result.finished_at)

@@ -1,0 +1,214 @@
+"""Tenancy at the gateway (issue 15), through ASGI against this run's real MongoDB-wire server,
+RabbitMQ vhost and Redis: the cross-tenant `operator` scope, per-tenant quotas (429/422 naming
+the quota), and where a mongo_range job may read (its tenant's namespace, or a granted source)."""
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from pymongo.database import Database
+
+from cairn_contracts.states import DeadLetterStatus, JobState
+from cairn_contracts.store import API_KEYS, TASK_ERRORS
+from cairn_contracts.tenancy import tenant_database
+from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS
+from cairn_gateway import admin
+from cairn_gateway.app import create_app
+from cairn_gateway.auth import new_key
+from cairn_gateway.settings import GatewaySettings
+from cairn_testkit.aio import drain
+from cairn_testkit.catalog import seed_catalog
+
+
+def spec(**changes) -> dict:
+    return {"pipeline": "synthetic", "params": {"count": 100}, "name": f"job {uuid.uuid4().hex[:10]}", **changes}
+
+
+@pytest.fixture(scope="module")
+def database(mongo_client, test_env) -> str:
+    name = f"{test_env.mongodb_database}_gwten_{uuid.uuid4().hex[:6]}"
+    seed_catalog(mongo_client[name])  # as a worker announces it: jobs are checked against it
+    yield name
+    for existing in mongo_client.list_database_names():
+        if existing == name or existing.startswith(f"{name}_t"):
+            mongo_client.drop_database(existing)
+
+
+@pytest.fixture(scope="module")
+async def app(test_env, database):
+    settings = GatewaySettings(
+        mongodb_uri=test_env.mongodb_uri,
+        mongodb_database=database,
+        amqp_url=test_env.amqp_url,
+        redis_url=test_env.redis_url,
+        redis_prefix=f"{test_env.redis_prefix}-gwten",
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+def db(mongo_client, database) -> Database:
+    return mongo_client[database]
+
+
+@pytest.fixture
+async def make_client(app, db, broker) -> AsyncIterator:
+    clients: list[httpx.AsyncClient] = []
+
+    def make(tenant: str, *scopes: str) -> httpx.AsyncClient:
+        document, token = new_key(tenant, scopes or ("submit", "read"), f"{tenant} key")
+        db[API_KEYS].insert_one(document)
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers={"Authorization": f"Bearer {token}"}, timeout=20
+        )
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.aclose()
+    await drain(broker.queues[QUEUE_SCHEDULER_COMMANDS])  # the StartJob commands of the jobs submitted
+
+
+def dead_letter(db: Database, tenant: str, job_id: str) -> str:
+    entry_id = f"dl-{uuid.uuid4().hex[:10]}"
+    db[TASK_ERRORS].insert_one(
+        {
+            "_id": entry_id,
+            "kind": "service",
+            "status": DeadLetterStatus.OPEN,
+            "reason": "non_retryable",
+            "error_type": "ValueError",
+            "error_message": "bad",
+            "job_id": job_id,
+            "shard_key": f"{job_id}:0000",
+            "pipeline": "synthetic",
+            "tenant": tenant,
+            "attempts": 1,
+            "original": {"body": "{}", "body_encoding": "utf-8", "headers": {}, "routing_key": "ingest"},
+            "created_at": datetime.now(UTC),
+            "replays": [],
+        }
+    )
+    return entry_id
+
+
+# --- operator ------------------------------------------------------------------------------------
+async def test_an_operator_sees_every_tenants_jobs_and_dead_letters_and_tenants_still_do_not(make_client, db) -> None:
+    tenant_a, tenant_b = f"a{uuid.uuid4().hex[:6]}", f"b{uuid.uuid4().hex[:6]}"
+    a, b = make_client(tenant_a, "admin"), make_client(tenant_b, "admin")
+    operator = make_client(f"ops{uuid.uuid4().hex[:6]}", "operator")
+    job_a = (await a.post("/v1/jobs", json=spec())).json()["id"]
+    job_b = (await b.post("/v1/jobs", json=spec())).json()["id"]
+    entry_a, entry_b = dead_letter(db, tenant_a, job_a), dead_letter(db, tenant_b, job_b)
+
+    listed = {job["id"]: job["tenant"] for job in (await operator.get("/v1/jobs", params={"limit": 200})).json()["items"]}
+    assert listed[job_a] == tenant_a and listed[job_b] == tenant_b
+    assert (await operator.get(f"/v1/jobs/{job_b}")).status_code == 200
+    assert (await operator.get(f"/task/status/{job_a}")).json()["state"] == JobState.PENDING
+    assert (await operator.get("/v1/jobs/counts")).json()["total"] >= 2
+    assert (await a.get("/v1/jobs/counts")).json()["total"] == 1
+    entries = {e["id"]: e["tenant"] for e in (await operator.get("/dlq/entries", params={"limit": 500})).json()["items"]}
+    assert entries[entry_a] == tenant_a and entries[entry_b] == tenant_b
+    assert (await operator.get(f"/dlq/entries/{entry_b}")).status_code == 200
+
+    # A tenant's admin still sees its own tenant only: the other's ids answer 404.
+    assert job_b not in {job["id"] for job in (await a.get("/v1/jobs", params={"limit": 200})).json()["items"]}
+    assert (await a.get(f"/v1/jobs/{job_b}")).status_code == 404
+    assert (await a.get(f"/task/status/{job_b}")).status_code == 404
+    assert entry_b not in {e["id"] for e in (await a.get("/dlq/entries", params={"limit": 500})).json()["items"]}
+    assert (await a.get(f"/dlq/entries/{entry_b}")).status_code == 404
+    assert (await a.post(f"/dlq/entries/{entry_b}/discard")).status_code == 404
+
+    # The operator acts on any tenant's dead letter; the command is recorded under the entry's tenant.
+    discarded = await operator.post(f"/dlq/entries/{entry_b}/discard", json={"note": "operator"})
+    assert discarded.status_code == 202, discarded.text
+    assert db["dlq_commands"].find_one({"_id": discarded.json()["command_id"]})["tenant"] == tenant_b
+
+
+async def test_only_an_operator_may_create_an_operator_key(make_client, db) -> None:
+    tenant = f"k{uuid.uuid4().hex[:6]}"
+    tenant_admin = make_client(tenant, "admin")
+    refused = await tenant_admin.post("/v1/keys", json={"scopes": ["operator"], "name": "escalate"})
+    assert refused.status_code == 403 and "operator" in refused.json()["detail"]
+    spelled = await tenant_admin.post("/v1/keys", json={"scopes": [" operator", "read"], "name": "escalate"})
+    assert spelled.status_code == 403
+    operator = make_client(tenant, "operator")
+    created = await operator.post("/v1/keys", json={"scopes": ["operator"], "name": "second operator"})
+    assert created.status_code == 201, created.text
+    assert created.json()["scopes"] == ["operator"]
+    # The bootstrap command line accepts the scope too.
+    token = admin.create_key(db, tenant, ["operator"], "cli operator")
+    assert token.startswith("cairn_")
+
+
+# --- quotas --------------------------------------------------------------------------------------
+async def test_quotas_refuse_a_job_over_them_naming_the_quota(make_client) -> None:
+    tenant = f"q{uuid.uuid4().hex[:6]}"
+    client = make_client(tenant, "admin")
+    operator = make_client(f"ops{uuid.uuid4().hex[:6]}", "operator")
+    quotas = {"max_running_jobs": 1, "max_shards_per_job": 4, "max_records_per_job": 1000}
+    assert (await client.put(f"/v1/tenants/{tenant}", json={"quotas": quotas})).status_code == 403  # a tenant's admin cannot
+    put = await operator.put(f"/v1/tenants/{tenant}", json={"quotas": quotas})
+    assert put.status_code == 200, put.text
+    assert put.json()["effective_quotas"]["max_running_jobs"] == 1
+    assert (await client.get(f"/v1/tenants/{tenant}")).json()["quotas"]["max_shards_per_job"] == 4  # its own: readable
+    assert (await client.get(f"/v1/tenants/{tenant}x")).status_code == 404  # another's: as unknown
+
+    shards = await client.post("/v1/jobs", json=spec(sharding={"shards": 8}))
+    assert shards.status_code == 422, shards.text
+    assert shards.json()["detail"][0]["loc"] == ["body", "sharding", "shards"]
+    assert "max_shards_per_job" in shards.json()["detail"][0]["msg"]
+    records = await client.post("/v1/jobs", json=spec(params={"count": 5000}))
+    assert records.status_code == 422, records.text
+    assert records.json()["detail"][0]["loc"] == ["body", "params"]
+    assert "max_records_per_job" in records.json()["detail"][0]["msg"]
+
+    first = await client.post("/v1/jobs", json=spec())
+    assert first.status_code == 202, first.text  # stays PENDING: no scheduler runs here
+    second = await client.post("/v1/jobs", json=spec())
+    assert second.status_code == 429, second.text
+    assert "max_running_jobs" in second.json()["detail"]
+    # Another tenant is not limited by this one's quota.
+    assert (await make_client(f"o{uuid.uuid4().hex[:6]}").post("/v1/jobs", json=spec())).status_code == 202
+
+
+# --- namespaces ----------------------------------------------------------------------------------
+async def test_a_mongo_range_job_reads_its_tenants_namespace_or_a_granted_source_only(make_client, db, mongo_client) -> None:
+    tenant, other = f"n{uuid.uuid4().hex[:6]}", f"m{uuid.uuid4().hex[:6]}"
+    client = make_client(tenant)
+    operator = make_client(f"ops{uuid.uuid4().hex[:6]}", "operator")
+    db["shared_src"].insert_one({"_id": 1})  # in Cairn's database: not the tenant's namespace
+    mongo_client[tenant_database(db.name, other)]["theirs"].insert_one({"_id": 1})
+    own = mongo_client[tenant_database(db.name, tenant)]
+    own["mine"].insert_one({"_id": 1})
+    warehouse = f"{db.name}_warehouse"
+    mongo_client[warehouse]["sales"].insert_one({"_id": 1})
+
+    def job(**params) -> dict:
+        return {"pipeline": "mongo_range", "params": {"start": 0, "end": 10, **params}, "name": uuid.uuid4().hex}
+
+    async def refused(body: dict, loc: list) -> None:
+        answer = await client.post("/v1/jobs", json=body)
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["detail"][0]["loc"] == loc
+
+    await refused(job(collection="shared_src"), ["body", "params", "collection"])  # not in its namespace
+    await refused(job(collection="theirs"), ["body", "params", "collection"])  # another tenant's: not found
+    await refused(job(collection="theirs", database=tenant_database(db.name, other)), ["body", "params", "database"])
+    await refused(job(collection="jobs", database=db.name), ["body", "params", "collection"])  # control collection
+    await refused(job(collection="sales", database=warehouse), ["body", "params", "database"])  # not granted (yet)
+    assert (await client.post("/v1/jobs", json=job(collection="mine"))).status_code == 202
+
+    # An operator grants a named collection of another database; never Cairn's or a tenant's namespace.
+    for database in (db.name, tenant_database(db.name, other)):
+        grant = await operator.put(f"/v1/tenants/{tenant}", json={"sources": [{"database": database, "collection": "theirs"}]})
+        assert grant.status_code == 422 and grant.json()["detail"][0]["loc"] == ["body", "sources", 0, "database"]
+    granted = await operator.put(f"/v1/tenants/{tenant}", json={"sources": [{"database": warehouse, "collection": "sales"}]})
+    assert granted.status_code == 200, granted.text
+    assert (await client.post("/v1/jobs", json=job(collection="sales", database=warehouse))).status_code == 202
+    mongo_client.drop_database(warehouse)

@@ -1,0 +1,208 @@
+"""Fair dispatch across tenants: per-tenant in-flight caps and round-robin.
+
+RabbitMQ serves one ingest queue first come first served (within a priority), so a tenant that
+sends the tasks of a 1,000-shard job at once puts every other tenant's shard behind them. The
+scheduler therefore keeps a job's shards PLANNED in MongoDB and sends only as many tasks as each
+tenant may have in flight (QUEUED or RUNNING): `max_in_flight_shards` of the tenant's quotas
+(`tenants` collection), else `CAIRN_TENANT_MAX_IN_FLIGHT_SHARDS`. Free room is handed out
+round-robin, one shard per tenant per round, the tenant with the fewest shards in flight first,
+within a tenant by job priority, then age, then shard index. A pass runs when a job is planned,
+when a shard finishes, and every `CAIRN_FAIR_DISPATCH_INTERVAL_S`.
+
+`fair_pick` is the pure decision; `FairDispatch` reads the state, asks it, and sends what it
+picked in bulk, as every dispatch (jobs.py): the tasks of each priority published together with
+their confirms awaited together (`dispatch_all`), then one `update_many` marks the sent shards
+PLANNED -> QUEUED (publish first: a crash in between re-sends, and the worker's lease claim makes
+the second task a no-op). Passes of one scheduler never overlap: a pass asked for while one runs
+is folded into one more round of the running pass (a burst of shard events costs a few passes,
+not one each).
+
+What is not capped: retries (their shard was in flight), reclaimed and lost tasks re-sent by the
+reaper, and lease-frontier runners (a fixed, small number per job). Two schedulers running a pass
+at once may each fill the same room, overshooting a cap by that much for a moment.
+"""
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pymongo.asynchronous.database import AsyncDatabase
+
+from cairn_contracts import clock
+from cairn_contracts.messages import RunShard
+from cairn_contracts.states import JobState, ShardState
+from cairn_contracts.store import DEFAULT_TENANT, JOBS, SHARDS
+from cairn_contracts.tenancy import TENANTS, TenantRecord
+from cairn_runtime.celery_config import ShardDispatcher, dispatch_all
+from cairn_runtime.log import log_context
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Strategies whose shards are dispatched one task each (lease-frontier items are pulled by runners).
+_TASK_PER_SHARD = ["range", "hash_mod"]
+
+
+def fair_pick(
+    waiting: Mapping[str, Sequence[T]],
+    in_flight: Mapping[str, int],
+    cap: Callable[[str], int | None],
+    budget: int | None = None,
+) -> list[tuple[str, T]]:
+    """The (tenant, item) pairs to dispatch now, in dispatch order.
+
+    `waiting`: each tenant's items in its own order of preference; `in_flight`: what each tenant
+    has queued or running; `cap(tenant)`: its most in flight (None: no cap); `budget`: the most
+    items to pick in all (None: no limit). Round-robin: each round gives one item to every tenant
+    that has one waiting and room under its cap, tenants with fewer in flight first (then by
+    name, for a stable order), until no tenant can take one or the budget is spent."""
+    flying = {tenant: in_flight.get(tenant, 0) for tenant in waiting}
+    queues = {tenant: list(items) for tenant, items in waiting.items() if items}
+    taken = {tenant: 0 for tenant in queues}
+    picked: list[tuple[str, T]] = []
+    while budget is None or len(picked) < budget:
+        order = sorted(
+            (t for t in queues if taken[t] < len(queues[t]) and _has_room(cap(t), flying[t])),
+            key=lambda t: (flying[t], t),
+        )
+        if not order:
+            break
+        for tenant in order:
+            if budget is not None and len(picked) >= budget:
+                break
+            picked.append((tenant, queues[tenant][taken[tenant]]))
+            taken[tenant] += 1
+            flying[tenant] += 1
+    return picked
+
+
+def _has_room(cap: int | None, flying: int) -> bool:
+    return cap is None or flying < cap
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A PLANNED shard of a running job, ready to be sent."""
+
+    job_id: str
+    shard_key: str
+    priority: int
+
+
+@dataclass
+class FairDispatch:
+    """Sends PLANNED shard tasks within each tenant's in-flight cap, round-robin across tenants.
+
+    `default_cap`: a tenant's cap unless its `tenants` document sets `quotas.max_in_flight_shards`
+    (None: uncapped); `budget`: the most shard tasks in flight across all tenants (None: no
+    limit; set it near the workers' total concurrency so that round-robin, not the queue, orders
+    the tenants)."""
+
+    db: AsyncDatabase
+    dispatcher: ShardDispatcher
+    default_cap: int | None
+    budget: int | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _again: bool = field(default=False, repr=False)
+
+    async def run_pass(self) -> int:
+        """Dispatch what fits now; returns how many shard tasks this call sent. If a pass is
+        running already, it runs one more round for this call instead (0 is returned here), so a
+        shard event never waits behind a queue of passes."""
+        if self._lock.locked():
+            self._again = True
+            return 0
+        sent = 0
+        async with self._lock:
+            self._again = True
+            while self._again:
+                self._again = False
+                sent += await self._run_pass()
+        return sent
+
+    async def _run_pass(self) -> int:
+        jobs = [
+            job
+            async for job in self.db[JOBS].find(
+                {"state": {"$in": [JobState.STARTED, JobState.RETRY]}, "cancel_requested": {"$in": [False, None]}},
+                {"tenant": 1, "priority": 1, "created_at_ms": 1, "created_at": 1},
+            )
+        ]
+        if not jobs:
+            return 0
+        by_tenant: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for job in jobs:
+            by_tenant[job.get("tenant") or DEFAULT_TENANT].append(job)
+        caps = {tenant: await self._cap(tenant) for tenant in by_tenant}
+        in_flight: dict[str, int] = {}
+        waiting: dict[str, list[Waiting]] = {}
+        for tenant, tenant_jobs in by_tenant.items():
+            in_flight[tenant] = await self.db[SHARDS].count_documents(
+                {"job_id": {"$in": [job["_id"] for job in tenant_jobs]}, "state": {"$in": [ShardState.QUEUED, ShardState.RUNNING]}}
+            )
+            cap = caps[tenant]
+            room = None if cap is None else max(0, cap - in_flight[tenant])
+            if self.budget is not None:
+                room = self.budget if room is None else min(room, self.budget)
+            waiting[tenant] = await self._waiting(tenant_jobs, room)
+        budget = None if self.budget is None else max(0, self.budget - sum(in_flight.values()))
+        picked = [shard for _, shard in fair_pick(waiting, in_flight, caps.__getitem__, budget)]
+        await self._send(picked)
+        if picked:
+            logger.debug("fair dispatch: %d shard task(s) sent (%s)", len(picked), _per_tenant(picked, by_tenant))
+        return len(picked)
+
+    async def _cap(self, tenant: str) -> int | None:
+        record = TenantRecord.of(await self.db[TENANTS].find_one({"_id": tenant}, {"quotas": 1}))
+        own = record.quotas.max_in_flight_shards
+        return own if own is not None else self.default_cap
+
+    async def _waiting(self, jobs: list[dict[str, Any]], room: int | None) -> list[Waiting]:
+        """Up to `room` PLANNED shards of these jobs (one tenant's): higher priority first, then
+        older jobs, then shard index."""
+        ordered = sorted(jobs, key=lambda job: (-int(job.get("priority") or 0), int(job.get("created_at_ms") or 0), job["_id"]))
+        found: list[Waiting] = []
+        for job in ordered:
+            if room is not None and len(found) >= room:
+                break
+            cursor = self.db[SHARDS].find(
+                {"job_id": job["_id"], "state": ShardState.PLANNED, "strategy": {"$in": _TASK_PER_SHARD}}, {"shard_key": 1, "index": 1}
+            ).sort("index", 1)
+            if room is not None:
+                cursor = cursor.limit(room - len(found))
+            found += [Waiting(job["_id"], shard["shard_key"], int(job.get("priority") or 2)) async for shard in cursor]
+        return found
+
+    async def _send(self, picked: list[Waiting]) -> None:
+        """The bulk dispatch of the picked shards: per priority, every task published with its
+        confirm awaited together, then one `update_many` marks them QUEUED (still PLANNED only:
+        one a worker claimed meanwhile is RUNNING and stays so)."""
+        if not picked:
+            return
+        by_priority: dict[int, list[RunShard]] = defaultdict(list)
+        for shard in picked:
+            by_priority[shard.priority].append(RunShard(job_id=shard.job_id, shard_key=shard.shard_key))
+        for priority in sorted(by_priority, reverse=True):  # the most urgent first
+            await dispatch_all(self.dispatcher, by_priority[priority], priority)
+        await self.db[SHARDS].update_many(
+            {"shard_key": {"$in": [shard.shard_key for shard in picked]}, "state": ShardState.PLANNED},
+            {"$set": {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": clock.now_ms()}},
+        )
+        sent: dict[str, int] = defaultdict(int)
+        for shard in picked:
+            sent[shard.job_id] += 1
+        for job_id, count in sent.items():
+            with log_context(job_id=job_id):  # `grep <job id>` follows its dispatch too
+                logger.info("job %s: %d shard task(s) dispatched", job_id, count)
+
+
+def _per_tenant(picked: list[Waiting], by_tenant: Mapping[str, list[dict[str, Any]]]) -> str:
+    tenant_of = {job["_id"]: tenant for tenant, jobs in by_tenant.items() for job in jobs}
+    counts: dict[str, int] = defaultdict(int)
+    for shard in picked:
+        counts[tenant_of.get(shard.job_id, "?")] += 1
+    return ", ".join(f"{tenant}: {n}" for tenant, n in sorted(counts.items()))

@@ -1,0 +1,121 @@
+"""Fair dispatch across tenants (issue 15): the pure decision `fair_pick`, then the pass with the
+JobScheduler against the MongoDB-wire server and a dispatcher recording each bulk dispatch."""
+
+from datetime import UTC, datetime
+from typing import Any
+
+from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
+from cairn_contracts.states import JobState, ShardState
+from cairn_contracts.store import JOBS, SHARDS
+from cairn_contracts.tenancy import TENANTS
+from cairn_scheduler.fairness import FairDispatch, fair_pick
+from cairn_scheduler.jobs import JobScheduler
+
+
+def test_a_large_tenant_is_held_at_its_cap_and_a_small_one_gets_its_shard_at_once() -> None:
+    waiting = {"big": [f"big-{i}" for i in range(1000)], "small": ["small-0"]}
+    picked = fair_pick(waiting, {"big": 2, "small": 0}, lambda tenant: 4)
+    assert picked[0] == ("small", "small-0")  # fewest in flight first
+    assert [item for tenant, item in picked if tenant == "big"] == ["big-0", "big-1"]  # up to its cap of 4
+
+
+def test_room_is_shared_round_robin_within_a_budget() -> None:
+    waiting = {"a": ["a0", "a1", "a2", "a3"], "b": ["b0", "b1", "b2", "b3"], "c": ["c0"]}
+    picked = fair_pick(waiting, {}, lambda tenant: None, budget=6)
+    assert picked == [("a", "a0"), ("b", "b0"), ("c", "c0"), ("a", "a1"), ("b", "b1"), ("a", "a2")]
+
+
+def test_nothing_is_picked_for_a_tenant_at_its_cap_or_when_the_budget_is_spent() -> None:
+    assert fair_pick({"a": ["a0"]}, {"a": 3}, lambda tenant: 3) == []
+    assert fair_pick({"a": ["a0"]}, {}, lambda tenant: None, budget=0) == []
+    assert fair_pick({"a": [], "b": ["b0"]}, {}, lambda tenant: 1) == [("b", "b0")]
+
+
+def test_per_tenant_caps_differ() -> None:
+    caps = {"gold": 3, "free": 1}
+    picked = fair_pick({"gold": ["g0", "g1", "g2", "g3"], "free": ["f0", "f1"]}, {}, caps.__getitem__)
+    assert sorted(item for _, item in picked) == ["f0", "g0", "g1", "g2"]
+
+
+# --- FairDispatch with JobScheduler, against the MongoDB-wire server --------------------------------
+class BulkRecorder:
+    """A dispatcher that records each bulk dispatch (`dispatch_many`) as one call."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[list[str], int]] = []
+
+    async def dispatch(self, task: RunShard | RunFrontier, priority: int) -> None:
+        self.batches.append(([getattr(task, "shard_key", "")], priority))
+
+    async def dispatch_many(self, tasks: list[RunShard | RunFrontier], priority: int) -> None:
+        self.batches.append(([getattr(task, "shard_key", "") for task in tasks], priority))
+
+    @property
+    def keys(self) -> list[str]:
+        return [key for keys, _ in self.batches for key in keys]
+
+
+def start(job_id: str, tenant: str, shards: int, priority: int = 2) -> StartJob:
+    return StartJob.model_validate(
+        {
+            "job_id": job_id,
+            "tenant": tenant,
+            "spec": {"pipeline": "synthetic", "params": {"count": shards * 10}, "sharding": {"shards": shards}, "priority": priority},
+        }
+    )
+
+
+async def record(db: Any, command: StartJob, created_at_ms: int) -> None:
+    await db[JOBS].insert_one(
+        {
+            "_id": command.job_id,
+            "tenant": command.tenant,
+            "pipeline": command.spec.pipeline,
+            "priority": int(command.spec.priority),
+            "spec": command.spec.model_dump(mode="json"),
+            "state": JobState.PENDING,
+            "created_at": datetime.now(UTC),
+            "created_at_ms": created_at_ms,
+        }
+    )
+
+
+async def queued(db: Any, job_id: str) -> int:
+    return await db[SHARDS].count_documents({"job_id": job_id, "state": ShardState.QUEUED})
+
+
+async def test_a_large_job_is_held_at_its_tenants_cap_and_another_tenants_job_is_sent_at_once(db) -> None:
+    dispatcher = BulkRecorder()
+    fair = FairDispatch(db, dispatcher, default_cap=3)
+    scheduler = JobScheduler(db, dispatcher, fair=fair)
+    large, small = start("big-job", "big", 40), start("small-job", "small", 1)
+    await record(db, large, 1)
+    await record(db, small, 2)
+
+    await scheduler.start_job(large)
+    assert await queued(db, "big-job") == 3  # its cap; the other 37 wait PLANNED in MongoDB
+    assert len(dispatcher.batches) == 1 and len(dispatcher.batches[0][0]) == 3  # one bulk dispatch
+    await scheduler.start_job(small)
+    assert dispatcher.keys[-1] == "small-job:0000" and await queued(db, "small-job") == 1
+
+    # A finished shard of the big job frees one slot of its tenant, refilled at once.
+    await db[SHARDS].update_one({"shard_key": "big-job:0000"}, {"$set": {"state": ShardState.SUCCEEDED}})
+    await scheduler.shard_finished(ShardFinished(job_id="big-job", shard_key="big-job:0000", outcome="succeeded", records_done=10))
+    assert await queued(db, "big-job") == 3
+    assert dispatcher.keys.count("big-job:0003") == 1
+    assert await fair.run_pass() == 0  # nothing fits: every tenant is at its cap or has nothing left
+
+
+async def test_a_tenants_own_cap_and_a_global_budget_are_honoured_round_robin(db) -> None:
+    await db[TENANTS].insert_one({"_id": "gold", "quotas": {"max_in_flight_shards": 10}})
+    planner = JobScheduler(db, BulkRecorder(), fair=FairDispatch(db, BulkRecorder(), default_cap=1, budget=0))  # plans, sends nothing
+    for number, (job_id, tenant) in enumerate([("gold-job", "gold"), ("free-job", "free")]):
+        await record(db, start(job_id, tenant, 6), number)
+        await planner.start_job(start(job_id, tenant, 6))
+    assert await db[SHARDS].count_documents({"state": ShardState.PLANNED}) == 12
+
+    dispatcher = BulkRecorder()
+    assert await FairDispatch(db, dispatcher, default_cap=1, budget=4).run_pass() == 4  # the budget
+    assert await queued(db, "free-job") == 1  # its default cap
+    assert await queued(db, "gold-job") == 3  # the rest of the budget: its own cap is 10
+    assert dispatcher.keys[:2] in (["gold-job:0000", "free-job:0000"], ["free-job:0000", "gold-job:0000"])  # round-robin
