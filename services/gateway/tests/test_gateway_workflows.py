@@ -1,6 +1,7 @@
 """Workflows through the gateway (ASGI, this run's MongoDB-wire server, RabbitMQ vhost and Redis):
 `after` validated and recorded WAITING, chains recorded step by step with their derived state."""
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -9,12 +10,14 @@ import httpx
 import pytest
 from pymongo.database import Database
 
+from cairn_contracts.jobs import JobSpec
 from cairn_contracts.messages import StartJob
 from cairn_contracts.states import JobState
 from cairn_contracts.store import API_KEYS, CHAINS, JOBS
 from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_CONTROL
 from cairn_gateway.app import create_app
 from cairn_gateway.auth import new_key
+from cairn_gateway.jobs_schemas import ChainAccepted, ChainSpec
 from cairn_gateway.settings import GatewaySettings
 from cairn_testkit.aio import drain
 from cairn_testkit.catalog import seed_catalog
@@ -188,5 +191,71 @@ async def test_cancelling_a_chain_cancels_its_unfinished_steps(clients, db, brok
 
     assert answer.status_code == 202, answer.text
     assert [s["job"]["cancel_requested"] for s in answer.json()["steps"]] == [False, True, True]
-    assert sorted(json.loads(m.body)["job_id"] for m in await drain(control)) == sorted(ids[1:])
+    # Last step first: no step is ended FAILURE by its predecessor's cancel before its own mark.
+    assert [json.loads(m.body)["job_id"] for m in await drain(control)] == ids[:0:-1]
     assert (await acme.post("/v1/chains/nope/cancel")).status_code == 404
+
+
+
+async def test_a_chain_step_whose_after_overflows_with_the_previous_step_is_a_422(clients, db) -> None:
+    # Step 1 waits for step 0 plus its own `after`: 100 ids of its own make 101, over the limit.
+    acme = clients("acme")
+    ids = [record["_id"] for record in db[JOBS].find({"tenant": "acme"}, {"_id": 1}).limit(100)]
+    ids += [(await acme.post("/v1/jobs", json=spec())).json()["id"] for _ in range(100 - len(ids))]
+    before = db[CHAINS].count_documents({})
+
+    answer = await acme.post("/v1/chains", json={"steps": [spec(), spec(after=ids)]})
+
+    assert answer.status_code == 422, answer.text
+    assert (answer.json()["detail"][0]["loc"], answer.json()["detail"][0]["type"]) == (["body", "steps", 1, "after"], "too_long")
+    assert db[CHAINS].count_documents({}) == before
+
+
+
+async def test_the_gateways_publish_mark_does_not_hide_a_released_jobs_command_from_the_relay(app, clients, db, commands) -> None:
+    # The gateway's StartJob of a WAITING job is consumed, the scheduler releases the job (PENDING,
+    # `command_published_at` reset) and dies before publishing; the gateway marks its own command
+    # only then. The relay (PENDING, command_published_at null) must still see the job.
+    acme = clients("acme")
+    first = (await acme.post("/v1/jobs", json=spec())).json()["id"]
+    body = spec(after=[first])
+    waiting = (await acme.post("/v1/jobs", json=body)).json()["id"]
+    db[JOBS].update_one({"_id": waiting}, {"$set": {"state": "PENDING", "released_at_ms": 1, "command_published_at": None}})
+
+    await app.state.jobs.publish_start(waiting, "acme", JobSpec.model_validate(body))
+
+    assert db[JOBS].find_one({"_id": waiting})["command_published_at"] is None
+    assert db[JOBS].find_one({"_id": first})["command_published_at"] is not None  # an ordinary job is marked
+
+
+async def test_a_chain_whose_steps_are_deleted_or_missing_reads_from_the_recorded_ones(clients, db) -> None:
+    acme = clients("acme")
+    done = (await acme.post("/v1/chains", json={"steps": [spec(), spec()]})).json()
+    for job_id in done["job_ids"]:
+        db[JOBS].update_one({"_id": job_id}, {"$set": {"state": "SUCCESS"}})
+    assert (await acme.delete(f"/v1/jobs/{done['job_ids'][0]}")).status_code == 204  # a finished step, deleted
+
+    chain = (await acme.get(done["url"])).json()
+    assert (chain["state"], chain["current_step"], len(chain["steps"])) == ("SUCCESS", None, 1)
+
+    # A half-recorded chain: step 0 never recorded, step 1 ended FAILURE by the dependency sweep.
+    half = (await acme.post("/v1/chains", json={"steps": [spec(), spec()]})).json()
+    db[JOBS].delete_one({"_id": half["job_ids"][0]})
+    db[JOBS].update_one({"_id": half["job_ids"][1]}, {"$set": {"state": "FAILURE"}})
+    chain = (await acme.get(half["url"])).json()
+    assert (chain["state"], chain["current_step"]) == ("FAILURE", 1)
+
+
+
+async def test_concurrent_chains_under_one_idempotency_key_with_other_bodies_are_one_202_and_one_409(app, db) -> None:
+    # Both requests pass the early key check (no chain yet); the one that loses the insert must
+    # compare bodies too, not complete the winner's chain with its own steps and answer 202.
+    key = f"race-{uuid.uuid4().hex}"
+    bodies = [ChainSpec.model_validate({"name": "one", "steps": [spec(), spec()]}), ChainSpec.model_validate({"name": "two", "steps": [spec()]})]
+
+    answers = await asyncio.gather(*(app.state.chains.submit(body, "acme", key) for body in bodies), return_exceptions=True)
+
+    assert sorted(type(a).__name__ for a in answers) == ["ChainAccepted", "ChainIdempotencyConflict"], answers
+    (accepted,) = [a for a in answers if isinstance(a, ChainAccepted)]
+    winner = bodies[answers.index(accepted)]
+    assert sorted(s["name"] for s in db[JOBS].find({"chain_id": accepted.id})) == sorted(s.name for s in winner.steps)

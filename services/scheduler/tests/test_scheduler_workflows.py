@@ -206,3 +206,34 @@ async def test_a_late_start_command_of_a_released_job_plans_its_filled_spec(db, 
     job = await db[JOBS].find_one({"_id": waiting})
     assert (job["state"], job["records_total"], job["spec"]["params"]["count"]) == (JobState.STARTED, 7, 7)
     assert len(dispatcher.tasks) == 1
+
+
+async def test_a_cancel_marked_after_the_decision_wins_over_a_dependency_failure(db, broker, release) -> None:
+    scheduler = JobScheduler(db, NoDispatch(), dependents=release)
+    dependency = await seed(db, JobState.FAILURE)
+    waiting = await seed(db, JobState.WAITING, waiting_spec(dependency))
+    # The release read the job and decided to stop it; the gateway's cancel mark lands before its update.
+    job = await db[JOBS].find_one({"_id": waiting})
+    decision = decide(job, {dependency: {"state": "FAILURE"}}, job["created_at_ms"])
+    await db[JOBS].update_one({"_id": waiting}, {"$set": {"cancel_requested": True}})
+
+    assert await release._stop(job, decision) is None
+
+    assert await state_of(db, waiting) == JobState.WAITING  # left to the cancel
+    assert await scheduler.stop(waiting) == JobState.CANCELLED
+    assert "dependency_failure" not in await db[JOBS].find_one({"_id": waiting})
+
+
+
+async def test_params_from_cannot_point_a_job_at_a_control_collection(db, broker, release) -> None:
+    # The dependency's name is one of Cairn's own collections; copied into a mongo_range source,
+    # the release's catalog check refuses it as the gateway would at submit (no read of api_keys).
+    dependency = await seed(db, JobState.SUCCESS, {**SPEC, "name": "api_keys"})
+    reader = {"pipeline": "mongo_range", "params": {"key_field": "seq", "start": 0, "end": 10}, "sharding": {"shards": 1}}
+    waiting = await seed(db, JobState.WAITING, {**reader, "after": [dependency], "params_from": {"collection": "name"}})
+
+    assert await release.settle(waiting) == JobState.FAILURE
+
+    job = await db[JOBS].find_one({"_id": waiting})
+    assert "params.collection" in job["dependency_failure"]["reason"] and "Cairn's own collections" in job["dependency_failure"]["reason"]
+    assert "collection" not in job["spec"]["params"] and await start_commands(broker) == []

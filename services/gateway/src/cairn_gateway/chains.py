@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -31,7 +32,7 @@ from cairn_contracts.jobs import JobSpec
 from cairn_contracts.states import JobState
 from cairn_contracts.store import CHAINS, JOBS, JobRecord, job_id_for, spec_fingerprint
 from cairn_gateway.catalog import check_spec
-from cairn_gateway.errors import Conflict, NotFound
+from cairn_gateway.errors import Conflict, Invalid, NotFound
 from cairn_gateway.jobs import JobFinished, JobService, NoDependency, after_cursor, check_dependencies, encode_cursor, job_progress, summary
 from cairn_gateway.jobs_schemas import ChainAccepted, ChainPage, ChainSpec, ChainStep, ChainView, JobSummary
 from cairn_runtime import tally
@@ -61,13 +62,17 @@ def chain_fingerprint(chain: ChainSpec) -> str:
 
 
 def chain_state(steps: list[dict[str, Any]]) -> tuple[JobState, int | None]:
-    """(state, current step) of a chain from its step jobs in order: the first step that has not
-    succeeded decides (its stored state); all succeeded: SUCCESS. A step not recorded (a
-    half-recorded chain, see the module docstring) reads as WAITING."""
+    """(state, current step) of a chain from its step jobs in order (`{}` for a step not
+    recorded): the first recorded step that has not succeeded decides (its stored state); all
+    succeeded: SUCCESS. A step not recorded is passed over: deleted once finished (`DELETE
+    /v1/jobs/{id}`), or never recorded (a half-recorded chain, see the module docstring), whose
+    later steps the scheduler ends FAILURE; it would otherwise read WAITING forever. No step
+    recorded at all (the chain is being recorded): WAITING at step 0."""
+    if not any(steps):
+        return JobState.WAITING, 0
     for index, job in enumerate(steps):
-        state = JobState(job["state"]) if job else JobState.WAITING
-        if state != JobState.SUCCESS:
-            return state, index
+        if job and job["state"] != JobState.SUCCESS:
+            return JobState(job["state"]), index
     return JobState.SUCCESS, None
 
 
@@ -98,11 +103,14 @@ class ChainService:
                 raise NoDependency((*at, "params_from"))
             await check_dependencies(self.db, tenant, step.after, (*at, "after"))
             checked = await check_spec(self.db, step, at)
-            spec = step if index == 0 else step.model_copy(update={"after": [ids[index - 1], *step.after]})
+            try:
+                # Re-validated: the previous step joins `after`, which may now exceed its limit.
+                spec = step if index == 0 else JobSpec.model_validate({**step.model_dump(), "after": [ids[index - 1], *step.after]})
+            except ValidationError as error:
+                raise Invalid.of([{**e, "loc": [*at, *e["loc"]]} for e in error.errors(include_url=False)]) from None
             records.append(
                 JobRecord.new(
-                    JobSpec.model_validate(spec.model_dump()),  # re-validated: `after` changed
-                    tenant, job_id=ids[index], chain_id=chain_id, chain_step=index,
+                    spec, tenant, job_id=ids[index], chain_id=chain_id, chain_step=index,
                     pipeline_version=checked.version, space=checked.space,
                 )
             )
@@ -116,7 +124,12 @@ class ChainService:
             )
             created = True
         except DuplicateKeyError:
-            created = False  # the same Idempotency-Key: complete what an earlier request began
+            # The same Idempotency-Key, recorded by a concurrent request since the check above:
+            # complete what it began, unless its body was another one.
+            existing = await self.db[CHAINS].find_one({"_id": chain_id, "tenant": tenant}, {"fingerprint": 1})
+            if existing is None or existing.get("fingerprint") != fingerprint:
+                raise ChainIdempotencyConflict(f"Idempotency-Key {idempotency_key!r} was used for a different chain ({chain_id})") from None
+            created = False
         # Last step first: a step exists before anything could release it.
         await insert_new(self.db[JOBS], [record.to_document() for record in reversed(records)])
         first = await self.db[JOBS].find_one({"_id": ids[0]}, {"command_published_at": 1, "state": 1})
@@ -150,7 +163,9 @@ class ChainService:
         chain = await self.db[CHAINS].find_one({"_id": chain_id, "tenant": tenant})
         if chain is None:
             raise ChainNotFound(chain_id)
-        for job_id in chain["job_ids"]:
+        # Last step first: a step is marked before its predecessor's cancel can end it (a WAITING
+        # job whose dependency ended CANCELLED would end FAILURE, not CANCELLED).
+        for job_id in reversed(chain["job_ids"]):
             try:
                 await self.jobs.cancel(tenant, job_id, requested_by)
             except (JobFinished, NotFound):

@@ -447,7 +447,10 @@ class JobService:
         except PublishNotConfirmed:
             logger.warning("job %s recorded; its command was not confirmed and will be relayed", job_id, exc_info=True)
             return
-        await self.db[JOBS].update_one({"_id": job_id}, {"$set": {"command_published_at": clock.utcnow()}})
+        # Not over a release: the scheduler may have released a WAITING job since (its own StartJob
+        # still to publish, `command_published_at` reset for the relay); marking it would hide that
+        # command from the relay should the scheduler die before publishing it.
+        await self.db[JOBS].update_one({"_id": job_id, "released_at_ms": {"$in": [None]}}, {"$set": {"command_published_at": clock.utcnow()}})
         logger.info("job %s: StartJob published to the scheduler (confirmed)", job_id)
 
     async def status(self, tenant: str, job_id: str) -> TaskStatus:

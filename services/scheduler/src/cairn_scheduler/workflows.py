@@ -243,7 +243,8 @@ class DependencyRelease:
         assert decision.state is not None and decision.failure is not None
         now = clock.utcnow()
         stopped = await self.db[JOBS].update_one(
-            {"_id": job["_id"], "state": JobState.WAITING},
+            # As the release: a cancel marked since the job was read wins (the cancel ends it CANCELLED).
+            {"_id": job["_id"], "state": JobState.WAITING, "cancel_requested": {"$in": [False, None]}},
             {
                 "$set": {
                     "state": decision.state,
