@@ -106,6 +106,30 @@ async def test_a_large_job_is_held_at_its_tenants_cap_and_another_tenants_job_is
     assert await fair.run_pass() == 0  # nothing fits: every tenant is at its cap or has nothing left
 
 
+async def test_shard_events_run_passes_only_while_shards_are_left_waiting(db) -> None:
+    """Once every PLANNED shard is out, a shard event costs no pass (no scan of running jobs and
+    shards in flight); while the cap holds some back, each event refills the freed room."""
+    dispatcher = BulkRecorder()
+    fair = FairDispatch(db, dispatcher, default_cap=3)
+    scheduler = JobScheduler(db, dispatcher, fair=fair)
+    job = start("five-job", "solo", 5)
+    await record(db, job, 1)
+    await scheduler.start_job(job)
+    assert await queued(db, "five-job") == 3 and fair.backlog  # two held back by the cap
+
+    for index in range(3):
+        await db[SHARDS].update_one({"shard_key": f"five-job:{index:04d}"}, {"$set": {"state": ShardState.SUCCEEDED}})
+    assert await fair.after_shard_finished() == 2  # the rest go out
+    assert not fair.backlog  # nothing left PLANNED: the room was larger than what waited
+
+    sent = len(dispatcher.keys)
+    assert await fair.after_shard_finished() == 0 and len(dispatcher.keys) == sent
+    await db[SHARDS].insert_one({"_id": "five-job:0005", "shard_key": "five-job:0005", "job_id": "five-job", "index": 5,
+                                 "state": ShardState.PLANNED, "strategy": "range"})
+    assert await fair.after_shard_finished() == 0  # an event alone does not look for it...
+    assert await fair.run_pass() == 1  # ...the periodic (or after-planning) pass does
+
+
 async def test_a_tenants_own_cap_and_a_global_budget_are_honoured_round_robin(db) -> None:
     await db[TENANTS].insert_one({"_id": "gold", "quotas": {"max_in_flight_shards": 10}})
     planner = JobScheduler(db, BulkRecorder(), fair=FairDispatch(db, BulkRecorder(), default_cap=1, budget=0))  # plans, sends nothing

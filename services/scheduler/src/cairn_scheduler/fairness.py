@@ -7,7 +7,7 @@ tenant may have in flight (QUEUED or RUNNING): `max_in_flight_shards` of the ten
 (`tenants` collection), else `CAIRN_TENANT_MAX_IN_FLIGHT_SHARDS`. Free room is handed out
 round-robin, one shard per tenant per round, the tenant with the fewest shards in flight first,
 within a tenant by job priority, then age, then shard index. A pass runs when a job is planned,
-when a shard finishes, and every `CAIRN_FAIR_DISPATCH_INTERVAL_S`.
+when a shard finishes while shards are left waiting, and every `CAIRN_FAIR_DISPATCH_INTERVAL_S`.
 
 `fair_pick` is the pure decision; `FairDispatch` reads the state, asks it, and sends what it
 picked in bulk, as every dispatch (jobs.py): the tasks of each priority published together with
@@ -108,6 +108,18 @@ class FairDispatch:
     budget: int | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _again: bool = field(default=False, repr=False)
+    # Whether the last pass may have left PLANNED shards behind (a tenant at its cap, or the
+    # budget spent): only then is a shard event worth a pass (see `after_shard_finished`).
+    backlog: bool = field(default=True, repr=False)
+
+    async def after_shard_finished(self) -> int:
+        """A pass if the last one left shards waiting, else nothing (returns what was sent).
+
+        A pass reads every running job and counts each tenant's shards in flight; once every
+        PLANNED shard is out, a job's remaining shard events would each pay for that and send
+        nothing. Shards planned by another scheduler meanwhile are sent by its own pass after
+        planning, or by the periodic pass of either (`run_pass`, which always runs)."""
+        return await self.run_pass() if self.backlog else 0
 
     async def run_pass(self) -> int:
         """Dispatch what fits now; returns how many shard tasks this call sent. If a pass is
@@ -133,6 +145,7 @@ class FairDispatch:
             )
         ]
         if not jobs:
+            self.backlog = False
             return 0
         by_tenant: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for job in jobs:
@@ -140,6 +153,7 @@ class FairDispatch:
         caps = {tenant: await self._cap(tenant) for tenant in by_tenant}
         in_flight: dict[str, int] = {}
         waiting: dict[str, list[Waiting]] = {}
+        rooms: dict[str, int | None] = {}
         for tenant, tenant_jobs in by_tenant.items():
             in_flight[tenant] = await self.db[SHARDS].count_documents(
                 {"job_id": {"$in": [job["_id"] for job in tenant_jobs]}, "state": {"$in": [ShardState.QUEUED, ShardState.RUNNING]}}
@@ -148,9 +162,14 @@ class FairDispatch:
             room = None if cap is None else max(0, cap - in_flight[tenant])
             if self.budget is not None:
                 room = self.budget if room is None else min(room, self.budget)
+            rooms[tenant] = room
             waiting[tenant] = await self._waiting(tenant_jobs, room)
         budget = None if self.budget is None else max(0, self.budget - sum(in_flight.values()))
         picked = [shard for _, shard in fair_pick(waiting, in_flight, caps.__getitem__, budget)]
+        # More may wait where the look-up stopped at the tenant's room, or where the budget cut.
+        self.backlog = len(picked) < sum(len(found) for found in waiting.values()) or any(
+            (room := rooms[tenant]) is not None and len(waiting[tenant]) >= room for tenant in waiting
+        )
         await self._send(picked)
         if picked:
             logger.debug("fair dispatch: %d shard task(s) sent (%s)", len(picked), _per_tenant(picked, by_tenant))

@@ -226,7 +226,7 @@ class JobScheduler:
         _, job = await tally.count_and_read(self.db, event.shard_key, fields=_ROLL_UP_FIELDS)
         await self.roll_up_counted(event.job_id, job=job)
         if self.fair is not None:
-            await self.fair.run_pass()  # the finished shard's room goes to the next tenant in turn
+            await self.fair.after_shard_finished()  # its room goes to the next tenant in turn
 
     async def stop(self, job_id: str) -> JobState | None:
         """Apply a cancel (idempotent): shards not started are cancelled, running ones are marked
