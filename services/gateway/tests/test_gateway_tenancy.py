@@ -212,3 +212,68 @@ async def test_a_mongo_range_job_reads_its_tenants_namespace_or_a_granted_source
     assert granted.status_code == 200, granted.text
     assert (await client.post("/v1/jobs", json=job(collection="sales", database=warehouse))).status_code == 202
     mongo_client.drop_database(warehouse)
+
+
+async def test_a_chain_is_held_to_the_tenants_quotas_as_its_jobs_are(make_client, db) -> None:
+    # A chain records all its steps at once: each is an unfinished (WAITING) job of the tenant and
+    # runs as a job, so the chain must not be a way round the running-jobs or per-job quotas.
+    tenant = f"c{uuid.uuid4().hex[:6]}"
+    client = make_client(tenant)
+    operator = make_client(f"ops{uuid.uuid4().hex[:6]}", "operator")
+    quotas = {"max_running_jobs": 2, "max_shards_per_job": 4, "max_records_per_job": 1000}
+    assert (await operator.put(f"/v1/tenants/{tenant}", json={"quotas": quotas})).status_code == 200
+
+    many = await client.post("/v1/chains", json={"steps": [spec() for _ in range(3)]})
+    assert many.status_code == 429, many.text
+    assert "max_running_jobs" in many.json()["detail"]
+    shards = await client.post("/v1/chains", json={"steps": [spec(), spec(sharding={"shards": 8})]})
+    assert shards.status_code == 422, shards.text
+    assert shards.json()["detail"][0]["loc"] == ["body", "steps", 1, "sharding", "shards"]
+    assert "max_shards_per_job" in shards.json()["detail"][0]["msg"]
+    records = await client.post("/v1/chains", json={"steps": [spec(), spec(params={"count": 5000})]})
+    assert records.status_code == 422, records.text
+    assert records.json()["detail"][0]["loc"] == ["body", "steps", 1, "params"]
+    assert db["jobs"].count_documents({"tenant": tenant}) == 0  # nothing recorded by the refusals
+
+    body = {"steps": [spec(), spec()]}
+    accepted = await client.post("/v1/chains", json=body, headers={"Idempotency-Key": "two"})
+    assert accepted.status_code == 202, accepted.text
+    # Its retry gets the chain (its own steps are not counted against it); one more job is a 429.
+    assert (await client.post("/v1/chains", json=body, headers={"Idempotency-Key": "two"})).status_code in (200, 202)
+    assert (await client.post("/v1/jobs", json=spec())).status_code == 429
+
+
+async def test_a_chain_step_reading_another_tenants_or_an_ungranted_database_is_a_422(make_client) -> None:
+    tenant = f"g{uuid.uuid4().hex[:6]}"
+    client = make_client(tenant)
+    step = {"pipeline": "mongo_range", "params": {"database": "warehouse", "collection": "sales", "start": 0, "end": 10}}
+    answer = await client.post("/v1/chains", json={"steps": [spec(), step]})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"][0]["loc"] == ["body", "steps", 1, "params", "database"]
+
+
+async def test_a_schedules_job_is_held_to_the_per_job_quotas_and_to_granted_sources(make_client) -> None:
+    # The runs a schedule fires are recorded by the scheduler, not submitted through the API: the
+    # job they all run is checked when the schedule is created or its job changed.
+    tenant = f"s{uuid.uuid4().hex[:6]}"
+    client = make_client(tenant)
+    operator = make_client(f"ops{uuid.uuid4().hex[:6]}", "operator")
+    quotas = {"max_shards_per_job": 4, "max_records_per_job": 1000}
+    assert (await operator.put(f"/v1/tenants/{tenant}", json={"quotas": quotas})).status_code == 200
+    timing = {"kind": "interval", "interval_s": 60}
+
+    async def refused(job: dict, loc: list, quota: str | None = None) -> None:
+        answer = await client.post("/v1/schedules", json={**timing, "job": job})
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["detail"][0]["loc"] == loc
+        assert quota is None or quota in answer.json()["detail"][0]["msg"]
+
+    await refused(spec(sharding={"shards": 8}), ["body", "job", "sharding", "shards"], "max_shards_per_job")
+    await refused(spec(params={"count": 5000}), ["body", "job", "params"], "max_records_per_job")
+    ungranted = {"pipeline": "mongo_range", "params": {"database": "warehouse", "collection": "sales", "start": 0, "end": 10}}
+    await refused(ungranted, ["body", "job", "params", "database"])
+    created = await client.post("/v1/schedules", json={**timing, "job": spec()})
+    assert created.status_code == 201, created.text
+    patched = await client.patch(f"/v1/schedules/{created.json()['id']}", json={"job": spec(sharding={"shards": 8})})
+    assert patched.status_code == 422, patched.text
+    assert patched.json()["detail"][0]["loc"] == ["body", "job", "sharding", "shards"]

@@ -42,6 +42,7 @@ async def app(test_env, database):
     settings = GatewaySettings(
         mongodb_uri=test_env.mongodb_uri, mongodb_database=database, amqp_url=test_env.amqp_url,
         redis_url=test_env.redis_url, redis_prefix=f"{test_env.redis_prefix}-gwflow", job_lock_ttl_s=0,
+        tenant_max_running_jobs=None,  # no scheduler here: the module's jobs never finish
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):

@@ -243,6 +243,24 @@ def test_a_secret_bound_to_hosts_goes_only_to_them_whoever_names_it() -> None:
         assert len(drain(HttpJsonPipeline, params, context=here)) == 60
 
 
+def test_a_secret_bound_to_tenants_serves_their_jobs_only() -> None:
+    """CAIRN_SECRETS {"value", "hosts", "tenants"}: the workers are shared, so without it any
+    tenant could name another's API credential and copy what it reads into its own namespace. A
+    job of another tenant is dead-lettered before any request carries the secret."""
+    settings = WorkerSettings(secrets={"acme_api": {"value": "Bearer t", "hosts": ["127.0.0.1"], "tenants": ["acme"]}})
+    assert settings.secret_tenants() == {"acme_api": frozenset({"acme"})}
+    token = "tenant-token-value"
+    with PagedServer(PagedApi(total=60, token=token)) as server:
+        params = {"url": server.base_url + "/pages", "records_path": "data.items", "auth_secret": "acme_api", **FAST}
+        bound = {"secrets": {"acme_api": f"Bearer {token}"}, "secret_tenants": {"acme_api": frozenset({"acme"})}}
+        other = RunContext(allow_private_networks=True, tenant="globex", **bound)
+        with pytest.raises(SecretNotAllowed, match="globex") as refused:
+            drain(HttpJsonPipeline, params, context=other)
+        assert not is_retryable(refused.value) and token not in str(refused.value)
+        assert not server.api.hits
+        assert len(drain(HttpJsonPipeline, params, context=RunContext(allow_private_networks=True, tenant="acme", **bound))) == 60
+
+
 def test_a_url_on_a_private_network_is_refused_unless_the_worker_allows_it(api: PagedServer) -> None:
     """The SSRF guard (cairn_runtime.egress): loopback, private and link-local hosts are
     dead-lettered before any request unless CAIRN_HTTP_ALLOW_PRIVATE_NETWORKS is set."""

@@ -143,3 +143,34 @@ async def test_a_tenants_own_cap_and_a_global_budget_are_honoured_round_robin(db
     assert await queued(db, "free-job") == 1  # its default cap
     assert await queued(db, "gold-job") == 3  # the rest of the budget: its own cap is 10
     assert dispatcher.keys[:2] in (["gold-job:0000", "free-job:0000"], ["free-job:0000", "gold-job:0000"])  # round-robin
+
+
+async def test_a_tenants_high_priority_backlog_does_not_bury_another_tenants_task_in_the_queue(db) -> None:
+    # The ingest queue is a priority queue: a task published at a higher priority is delivered
+    # before every lower one. A tenant choosing CRITICAL for its large job must not keep another
+    # tenant's queued LOW shard behind the tasks it refills its cap with for as long as its job lasts.
+    dispatcher = BulkRecorder()
+    scheduler = JobScheduler(db, dispatcher, fair=FairDispatch(db, dispatcher, default_cap=3))
+    loud, quiet = start("loud-job", "loud", 40, priority=4), start("quiet-job", "quiet", 1, priority=1)
+    await record(db, loud, 1)
+    await record(db, quiet, 2)
+    await scheduler.start_job(loud)
+    await scheduler.start_job(quiet)
+    quiet_sent = len(dispatcher.batches)
+
+    async def finish(index: int) -> None:  # a loud shard finishes: its tenant's cap is refilled
+        key = f"loud-job:{index:04d}"
+        await db[SHARDS].update_one({"shard_key": key}, {"$set": {"state": ShardState.SUCCEEDED}})
+        await scheduler.shard_finished(ShardFinished(job_id="loud-job", shard_key=key, outcome="succeeded", records_done=10))
+
+    for index in range(3):
+        await finish(index)
+    quiet_priority = next(priority for keys, priority in dispatcher.batches if "quiet-job:0000" in keys)
+    refills = [priority for keys, priority in dispatcher.batches[quiet_sent:] if any(key.startswith("loud-job") for key in keys)]
+    assert refills and max(refills) <= quiet_priority, dispatcher.batches  # behind it in the queue, not ahead
+
+    # Once the quiet task is taken, the loud job's own priority counts again.
+    await db[SHARDS].update_one({"shard_key": "quiet-job:0000"}, {"$set": {"state": ShardState.RUNNING}})
+    sent = len(dispatcher.batches)
+    await finish(3)
+    assert [priority for _, priority in dispatcher.batches[sent:]] == [4]

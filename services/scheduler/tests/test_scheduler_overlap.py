@@ -12,6 +12,7 @@ from cairn_contracts.messages import CancelJob
 from cairn_contracts.schedules import ScheduleTiming
 from cairn_contracts.states import JobState
 from cairn_contracts.store import JOBS, SCHEDULES, JobRecord
+from cairn_contracts.tenancy import TENANTS
 from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_CONTROL
 from cairn_scheduler.schedules import ScheduleFirer
 from cairn_testkit.aio import drain
@@ -151,4 +152,23 @@ async def test_a_buffered_run_is_never_overtaken_by_a_later_run(db, firer) -> No
     assert await other.fire(stale, now + MINUTE) is None  # run 3 waits for the buffered run 2
     assert await runs(db, schedule_id) == [1]
     assert await firer.tick(now + MINUTE) == 1
+    assert await runs(db, schedule_id) == [1, 2]
+
+
+async def test_a_run_due_while_its_tenant_is_at_its_running_jobs_quota_is_skipped(db, firer) -> None:
+    # The API refuses this tenant's submissions (429); allow_all would otherwise start a run on
+    # every tick whatever the quota, and a suspended tenant's schedules would run on.
+    now = int(time.time() * 1000)
+    tenant = f"full{uuid.uuid4().hex[:6]}"
+    schedule_id = await interval_schedule(db, now, "allow_all")
+    await db[SCHEDULES].update_one({"_id": schedule_id}, {"$set": {"tenant": tenant}})
+    await db[JOBS].update_many({"schedule_id": schedule_id}, {"$set": {"tenant": tenant}})  # its run 1, STARTED
+    await db[TENANTS].insert_one({"_id": tenant, "quotas": {"max_running_jobs": 1}})
+
+    assert await firer.tick(now) == 0
+    stored = await db[SCHEDULES].find_one({"_id": schedule_id})
+    assert (stored["skipped_runs"], stored["total_runs"]) == (1, 1) and await runs(db, schedule_id) == [1]
+
+    await finish(db, stored["last_job_id"])
+    assert await firer.tick(now + MINUTE) == 1  # room again: the next due run starts
     assert await runs(db, schedule_id) == [1, 2]

@@ -10,6 +10,7 @@ import pytest
 from cairn_contracts.messages import StartJob
 from cairn_contracts.states import JobState
 from cairn_contracts.store import JOBS, JobRecord
+from cairn_contracts.tenancy import TENANTS, TenantQuotas
 from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS
 from cairn_scheduler.jobs import JobScheduler
 from cairn_scheduler.workflows import WAIT, Decision, DependencyRelease, MissingValue, decide, fill_params
@@ -237,3 +238,25 @@ async def test_params_from_cannot_point_a_job_at_a_control_collection(db, broker
     job = await db[JOBS].find_one({"_id": waiting})
     assert "params.collection" in job["dependency_failure"]["reason"] and "Cairn's own collections" in job["dependency_failure"]["reason"]
     assert "collection" not in job["spec"]["params"] and await start_commands(broker) == []
+
+
+async def test_params_from_cannot_carry_a_job_past_its_tenants_per_job_quotas(db, broker) -> None:
+    # The gateway checks a params_from job's per-job quotas without its filled params (its key
+    # space is unknown until release): the release checks them on the filled spec, with the
+    # tenant's own quotas over the deployment's defaults.
+    release = DependencyRelease(db, broker.publisher, defaults=TenantQuotas(max_shards_per_job=3))
+    await drain(broker.queues[QUEUE_SCHEDULER_COMMANDS])
+    await db[TENANTS].insert_one({"_id": TENANT, "quotas": {"max_records_per_job": 1000}})
+    dependency = await seed(db, JobState.SUCCESS, result={"records_written": 5_000_000})
+    records = await seed(db, JobState.WAITING, waiting_spec(dependency, params_from={"count": "result.records_written"}))
+    fits = await seed(db, JobState.WAITING, waiting_spec(dependency, params_from={"count": "params.count"}))  # 40 records
+    items = {"pipeline": "synthetic", "params": {"count": 40}, "sharding": {"strategy": "lease_frontier", "shards": 1, "item_size": 10}}
+    frontier = await seed(db, JobState.WAITING, {**items, "after": [dependency], "params_from": {"count": "params.count"}})
+
+    assert await release.settle(records) == JobState.FAILURE
+    reason = (await db[JOBS].find_one({"_id": records}))["dependency_failure"]["reason"]
+    assert "max_records_per_job" in reason and "params" in reason
+    assert await release.settle(frontier) == JobState.FAILURE  # 4 work items over the default 3
+    assert "max_shards_per_job" in (await db[JOBS].find_one({"_id": frontier}))["dependency_failure"]["reason"]
+    assert await release.settle(fits) == JobState.PENDING
+    assert [c.job_id for c in await start_commands(broker)] == [fits]

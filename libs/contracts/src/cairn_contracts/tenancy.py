@@ -15,20 +15,25 @@ source collections of other databases it may read with `mongo_range` (`params.da
 
 import hashlib
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, ValidationError
 
 from cairn_contracts.bounds import ContractModel
+from cairn_contracts.jobs import JobSpec, LeaseFrontierSharding, lease_frontier_items
 from cairn_contracts.namespaces import TENANTS, JobCollection
+from cairn_contracts.pipelines import COUNTED_SPACES
 
 __all__ = [
     "TENANTS",
     "DatabaseName",
+    "JobDemand",
     "SourceGrant",
     "TenantQuotas",
     "TenantRecord",
     "is_tenant_database",
+    "job_demand",
     "tenant_database",
 ]
 
@@ -120,3 +125,39 @@ class TenantRecord(ContractModel):
             except ValidationError:
                 continue
         return cls(quotas=quotas, sources=sources[:100])
+
+
+@dataclass(frozen=True)
+class JobDemand:
+    """What one job asks of its tenant's per-job quotas: `shards` it plans (range/hash-mod shards,
+    or lease-frontier work items when `items`), `records` its key-space size (None: not known
+    before it runs, a time window, or params still to come from a dependency)."""
+
+    shards: int
+    records: int | None
+    items: bool = False
+
+    def over(self, quotas: TenantQuotas) -> tuple[str, str] | None:
+        """(the quota's name, why) for the first per-job quota this job is over, else None."""
+        if quotas.max_shards_per_job is not None and self.shards > quotas.max_shards_per_job:
+            return "max_shards_per_job", f"the job plans {self.shards} shards; this tenant's jobs plan at most {quotas.max_shards_per_job}"
+        if quotas.max_records_per_job is not None and self.records is not None and self.records > quotas.max_records_per_job:
+            return (
+                "max_records_per_job",
+                f"the job's key space holds {self.records} records; this tenant's jobs hold at most {quotas.max_records_per_job}",
+            )
+        return None
+
+
+def job_demand(spec: JobSpec, space: dict[str, Any] | None) -> JobDemand:
+    """A job's `JobDemand` from its spec and its resolved work space (`{kind, start, end}`, the
+    pipeline catalog's). `space` None (a job whose params come from its dependency,
+    `params_from`, before its release): its range/hash-mod shards only."""
+    lease_frontier = isinstance(spec.sharding, LeaseFrontierSharding)
+    if space is None:
+        return JobDemand(0 if lease_frontier else spec.sharding.shards, None, lease_frontier)
+    start, end = int(space["start"]), int(space["end"])
+    records = end - start if space.get("kind", "key_range") in COUNTED_SPACES else None
+    if isinstance(spec.sharding, LeaseFrontierSharding):
+        return JobDemand(lease_frontier_items((start, end), spec.sharding.item_size), records, items=True)
+    return JobDemand(spec.sharding.shards, records)

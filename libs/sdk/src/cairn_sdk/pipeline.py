@@ -127,7 +127,8 @@ class MissingSecret(NonRetryableError):
 
 
 class SecretNotAllowed(NonRetryableError):
-    """The secret is bound to hosts (CAIRN_SECRETS `hosts`) and the job would send it elsewhere."""
+    """The secret is bound to hosts (CAIRN_SECRETS `hosts`) and the job would send it elsewhere,
+    or bound to tenants (`tenants`) and the job is another tenant's."""
 
 
 def host_matches(host: str, patterns: Iterable[str]) -> bool:
@@ -170,6 +171,8 @@ class RunContext:
     # name -> host patterns a secret may be sent to ("api.example.com", "*.example.com"); a
     # secret absent here may go to any host (the worker's operator chose so).
     secret_hosts: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # name -> the tenants whose jobs may use a secret; a secret absent here serves every tenant.
+    secret_tenants: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # Outbound HTTP to loopback/private/link-local addresses (cairn_runtime.egress): off unless
     # the worker allows it (CAIRN_HTTP_ALLOW_PRIVATE_NETWORKS).
     allow_private_networks: bool = False
@@ -178,11 +181,15 @@ class RunContext:
     def secret(self, name: str, *, hosts: Iterable[str] = ()) -> str:
         """The worker's secret `name` (a key of its CAIRN_SECRETS JSON object), to be sent to
         every host in `hosts` (lower-case host names). Raises MissingSecret if unset, and
-        SecretNotAllowed if the secret is bound to hosts and one of `hosts` is not among them."""
+        SecretNotAllowed if the secret is bound to hosts and one of `hosts` is not among them, or
+        bound to tenants and this run's `tenant` is not among them."""
         try:
             value = self.secrets[name]
         except KeyError:
             raise MissingSecret(f"secret {name!r} is not configured on this worker") from None
+        tenants = self.secret_tenants.get(name)
+        if tenants is not None and self.tenant not in tenants:
+            raise SecretNotAllowed(f"secret {name!r} is not available to tenant {self.tenant!r}")
         allowed = self.secret_hosts.get(name)
         if allowed is not None:
             refused = sorted(host for host in hosts if not host_matches(host, allowed))

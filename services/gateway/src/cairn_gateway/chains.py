@@ -33,7 +33,18 @@ from cairn_contracts.states import JobState
 from cairn_contracts.store import CHAINS, JOBS, JobRecord, job_id_for, spec_fingerprint
 from cairn_gateway.catalog import check_spec
 from cairn_gateway.errors import Conflict, Invalid, NotFound
-from cairn_gateway.jobs import JobFinished, JobService, NoDependency, after_cursor, check_dependencies, encode_cursor, job_progress, summary
+from cairn_gateway.jobs import (
+    JobFinished,
+    JobService,
+    NoDependency,
+    after_cursor,
+    check_dependencies,
+    check_source,
+    encode_cursor,
+    job_progress,
+    job_size,
+    summary,
+)
 from cairn_gateway.jobs_schemas import ChainAccepted, ChainPage, ChainSpec, ChainStep, ChainView, JobSummary
 from cairn_runtime import tally
 from cairn_runtime.mongo import insert_new
@@ -88,21 +99,29 @@ class ChainService:
         against the catalog as a job is; every step's pipeline announced; every `after` id a job of
         the tenant; `params_from` on step 0 only with an `after` of its own. Later steps' params
         that come from `params_from` are checked when the step is released (a refusal fails it).
-        `ChainIdempotencyConflict` for a used Idempotency-Key with another body."""
+        `ChainIdempotencyConflict` for a used Idempotency-Key with another body. The tenant's
+        quotas hold for the steps as for as many jobs (tenants.py: `QuotaExceeded` 429 when its
+        unfinished jobs and the steps exceed `max_running_jobs`, `QuotaInvalid` 422 at the step),
+        and a step's mongo_range source must be the tenant's or granted."""
         fingerprint = chain_fingerprint(chain)
         chain_id = job_id_for(tenant, f"chain:{idempotency_key}") if idempotency_key is not None else uuid.uuid4().hex
+        existing = None
         if idempotency_key is not None:
             existing = await self.db[CHAINS].find_one({"_id": chain_id, "tenant": tenant})
             if existing is not None and existing.get("fingerprint") != fingerprint:
                 raise ChainIdempotencyConflict(f"Idempotency-Key {idempotency_key!r} was used for a different chain ({chain_id})")
         ids = [step_job_id(chain_id, index) for index in range(len(chain.steps))]
-        records = []
+        records, sizes = [], []
         for index, step in enumerate(chain.steps):
             at = ("body", "steps", index)
             if index == 0 and step.params_from and not step.after:
                 raise NoDependency((*at, "params_from"))
             await check_dependencies(self.db, tenant, step.after, (*at, "after"))
             checked = await check_spec(self.db, step, at)
+            sizes.append(job_size(step, checked.space, at))
+            # Its source must be the tenant's or granted; a later step may read what an earlier
+            # one writes, so only step 0's must exist yet.
+            await check_source(self.jobs.tenants, tenant, step, at, must_exist=index == 0)
             try:
                 # Re-validated: the previous step joins `after`, which may now exceed its limit.
                 spec = step if index == 0 else JobSpec.model_validate({**step.model_dump(), "after": [ids[index - 1], *step.after]})
@@ -114,6 +133,10 @@ class ChainService:
                     pipeline_version=checked.version, space=checked.space,
                 )
             )
+        if existing is None:
+            # Each step is an unfinished job of the tenant from now on (a retry of a recorded
+            # chain is not refused over its own steps).
+            await self.jobs.tenants.check_submit(tenant, *sizes)  # 429/422 naming the quota
         now = clock.utcnow()
         try:
             await self.db[CHAINS].insert_one(

@@ -29,12 +29,13 @@ from pymongo.errors import DuplicateKeyError
 
 from cairn_contracts import clock
 from cairn_contracts.bounds import INT64_MAX, check_storable
-from cairn_contracts.jobs import JobSpec, LeaseFrontierSharding, lease_frontier_items
+from cairn_contracts.jobs import JobSpec
 from cairn_contracts.messages import CancelJob, StartJob
-from cairn_contracts.pipelines import COUNTED_SPACES, MONGO_RANGE
+from cairn_contracts.pipelines import MONGO_RANGE
 from cairn_contracts.sinks import WRITE_COUNTERS
 from cairn_contracts.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, ShardState, state_values
 from cairn_contracts.store import CHECKPOINTS, DEFAULT_TENANT, JOBS, SHARDS, STATUS_CACHE_KEY, JobRecord
+from cairn_contracts.tenancy import job_demand
 from cairn_gateway.auth import ALL_TENANTS, tenant_match
 from cairn_gateway.catalog import check_spec
 from cairn_gateway.degraded import REDIS_UNAVAILABLE, fell_back
@@ -94,10 +95,10 @@ class InvalidCursor(Invalid):
 class SourceNotFound(Invalid):
     """A mongo_range job whose source collection does not exist."""
 
-    def __init__(self, collection: str, database: str) -> None:
+    def __init__(self, collection: str, database: str, at: tuple[str | int, ...] = ("body",)) -> None:
         super().__init__(
             f"source collection {collection!r} does not exist in database {database!r}",
-            ("body", "params", "collection"),
+            (*at, "params", "collection"),
             kind="source_not_found",
             value=collection,
         )
@@ -135,37 +136,35 @@ class Submission:
     created: bool
 
 
-async def check_source(tenants: TenantService, tenant: str, spec: JobSpec) -> None:
+async def check_source(
+    tenants: TenantService, tenant: str, spec: JobSpec, at: tuple[str | int, ...] = ("body",), *, must_exist: bool = True
+) -> None:
     """Refuse a mongo_range job whose source the tenant may not read (`Invalid` on
-    `params.database`: a database not granted to it) or that does not exist (`SourceNotFound`;
+    `(*at, "params", "database")`: a database not granted to it) or that does not exist (`SourceNotFound`;
     read, it would look like an empty source). A job reads its tenant's namespace database, or a
     database an operator granted (tenants.py); the workers resolve it the same way
     (cairn_ingest_worker.tenancy). A collection dropped after this check fails the job in the
-    worker instead."""
+    worker instead. `at`: where the job is in the request body; `must_exist` False checks the
+    grant only (a chain step may read what an earlier step writes)."""
     name = spec.params.get("collection")
     if spec.pipeline != MONGO_RANGE or not isinstance(name, str):
         return
     database = spec.params.get("database")
-    sources = await tenants.source_database(tenant, database if isinstance(database, str) else None, name)
+    sources = await tenants.source_database(tenant, database if isinstance(database, str) else None, name, at)
+    if not must_exist:
+        return
     # The membership test keeps the answer right where a server ignores the filter (nx-27017).
     if name in await sources.list_collection_names(filter={"name": name}):
         return
-    raise SourceNotFound(name, sources.name)
+    raise SourceNotFound(name, sources.name, at)
 
 
-def job_size(spec: JobSpec, space: dict[str, Any] | None) -> JobSize:
-    """What a job asks of its tenant's per-job quotas: shards (lease-frontier work items) and
-    records (the size of a counted work space: keys, list items; None for a time window), from its
-    spec and its resolved work space (`{kind, start, end}`, catalog.py). `space` None (a job whose
-    params come from its dependency, `params_from`: resolved at release): its range/hash-mod
-    shards only (a lease frontier's item count is not known yet; the planning cap still holds)."""
-    if space is None:
-        return JobSize(0 if isinstance(spec.sharding, LeaseFrontierSharding) else spec.sharding.shards, None)
-    start, end = int(space["start"]), int(space["end"])
-    records = end - start if space.get("kind", "key_range") in COUNTED_SPACES else None
-    if isinstance(spec.sharding, LeaseFrontierSharding):
-        return JobSize(lease_frontier_items((start, end), spec.sharding.item_size), records, shards_field=("body", "sharding", "item_size"))
-    return JobSize(spec.sharding.shards, records)
+def job_size(spec: JobSpec, space: dict[str, Any] | None, at: tuple[str | int, ...] = ("body",)) -> JobSize:
+    """What a job asks of its tenant's per-job quotas (`cairn_contracts.tenancy.job_demand`: from
+    its spec and its resolved work space, None for a `params_from` job, whose filled params the
+    scheduler checks at release), the job being at `at` in the request body (a chain's step at
+    `("body", "steps", i)`)."""
+    return JobSize(job_demand(spec, space), at)
 
 
 def view_state(job: dict[str, Any]) -> JobState:

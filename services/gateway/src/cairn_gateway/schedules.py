@@ -34,8 +34,9 @@ from cairn_contracts.store import SCHEDULES
 from cairn_gateway.catalog import check_spec
 from cairn_gateway.errors import Conflict, Invalid, NotFound
 from cairn_gateway.joblock import DuplicateJob
-from cairn_gateway.jobs import JobService, after_cursor, encode_cursor
+from cairn_gateway.jobs import JobService, after_cursor, check_source, encode_cursor, job_size
 from cairn_gateway.jobs_schemas import BatchDeleted, NextRuns, SchedulePage, ScheduleUpdate, ScheduleView, TriggerAccepted
+from cairn_gateway.tenants import TenantService, check_job_size
 from cairn_runtime.amqp import Publisher
 
 logger = logging.getLogger(__name__)
@@ -120,14 +121,20 @@ def _next_run(timing: ScheduleTiming, now_ms: int, anchor_ms: int, runs_done: in
     return {"next_run_at_ms": due, "next_run_at": clock.from_ms(due) if due is not None else None}
 
 
-async def check_schedule_job(db: AsyncDatabase, spec: JobSpec) -> None:
+async def check_schedule_job(db: AsyncDatabase, tenants: TenantService, tenant: str, spec: JobSpec) -> None:
     """A schedule's job as the catalog accepts it, and without workflow fields: each run is a
     new job, so fixed `after` ids would hold every run to the same old jobs (a chain of runs is
-    the overlap policy's `buffer_one`). Raises `Invalid` naming the field (["body", "job", ...])."""
+    the overlap policy's `buffer_one`). The runs the scheduler fires are not submitted through the
+    API, so the job is held here to the tenant's per-job quotas and, for `mongo_range`, to its
+    namespace or a granted source (the workers check the grant again at every run). Raises
+    `Invalid` naming the field (["body", "job", ...]), `QuotaInvalid` naming the quota."""
+    at = ("body", "job")
     for field in ("after", "params_from"):
         if getattr(spec, field):
-            raise Invalid(f"a schedule's job cannot name `{field}`: each run is a new job (see overlap: buffer_one)", ("body", "job", field))
-    await check_spec(db, spec, ("body", "job"))
+            raise Invalid(f"a schedule's job cannot name `{field}`: each run is a new job (see overlap: buffer_one)", (*at, field))
+    checked = await check_spec(db, spec, at)
+    check_job_size(await tenants.quotas(tenant), job_size(spec, checked.space, at))
+    await check_source(tenants, tenant, spec, at, must_exist=False)  # created by an earlier run, maybe
 
 
 @dataclass(frozen=True)
@@ -145,7 +152,7 @@ class ScheduleService:
         upcoming = _next_run(timing, now_ms, anchor_ms, 0)
         if upcoming["next_run_at_ms"] is None:
             raise Invalid("no run is left between now and end_at", ("body", "end_at"))
-        await check_schedule_job(self.db, body.job)  # the job must pass the catalog now, not at its first run
+        await check_schedule_job(self.db, self.jobs.tenants, tenant, body.job)  # the job must pass the catalog now, not at its first run
         now = clock.from_ms(now_ms)
         document = {
             "_id": uuid.uuid4().hex,
@@ -197,7 +204,7 @@ class ScheduleService:
             if "job" in changed:
                 if patch.job is None:
                     raise Invalid("a schedule needs a job", ("body", "job"))
-                await check_schedule_job(self.db, patch.job)
+                await check_schedule_job(self.db, self.jobs.tenants, tenant, patch.job)
                 fields["job"] = patch.job.model_dump(mode="json")
             timing_changes = changed & set(TIMING_FIELDS)
             if timing_changes:

@@ -4,8 +4,8 @@ One `tenants` document per configured tenant (`cairn_contracts.tenancy.TenantRec
 by an operator (`PUT /v1/tenants/{tenant}`); a tenant without one has the deployment's defaults
 (`CAIRN_TENANT_MAX_*` gateway settings). Quotas are checked at submission (`check_submit`):
 
-- `max_running_jobs`: the tenant's unfinished jobs (PENDING, STARTED, RETRY) at once; over it,
-  429 `QuotaExceeded` naming the quota. Counted before the insert, so concurrent submissions of
+- `max_running_jobs`: the tenant's unfinished jobs (WAITING, PENDING, STARTED, RETRY) at once; a
+  chain counts as its steps; over it, 429 `QuotaExceeded` naming the quota. Counted before the insert, so concurrent submissions of
   one tenant can pass it by at most their number (the count is not a lock; the price of no
   per-tenant counter to keep right through crashes).
 - `max_shards_per_job`: shards or lease-frontier work items the job plans; over it, 422 on
@@ -25,7 +25,7 @@ from pymongo.errors import DuplicateKeyError
 from cairn_contracts import clock
 from cairn_contracts.states import ACTIVE_JOB_STATES, state_values
 from cairn_contracts.store import JOBS
-from cairn_contracts.tenancy import TENANTS, TenantQuotas, TenantRecord, is_tenant_database, tenant_database
+from cairn_contracts.tenancy import TENANTS, JobDemand, TenantQuotas, TenantRecord, is_tenant_database, tenant_database
 from cairn_gateway.errors import Invalid, NotFound, RateLimited
 
 logger = logging.getLogger(__name__)
@@ -61,14 +61,12 @@ class QuotaInvalid(Invalid):
 
 @dataclass(frozen=True)
 class JobSize:
-    """What a job asks for, for the per-job quotas: `shards` it plans (range/hash-mod shards,
-    lease-frontier items), `records` its key-space size (None: not known before it runs), and
-    where each is in the request body."""
+    """One job's `JobDemand` (shards or lease-frontier items, key-space records) and where the
+    job is in the request body (`("body",)`; a chain's step: `("body", "steps", i)`), for the
+    field a per-job refusal names."""
 
-    shards: int
-    records: int | None
-    shards_field: tuple[str | int, ...] = ("body", "sharding", "shards")
-    records_field: tuple[str | int, ...] = ("body", "params")
+    demand: JobDemand
+    at: tuple[str | int, ...] = ("body",)
 
 
 @dataclass(frozen=True)
@@ -107,25 +105,32 @@ class TenantService:
         logger.info("tenant %s: quotas %s, %d source grant(s)", tenant, record.quotas.model_dump(exclude_none=True), len(record.sources))
         return record
 
-    async def check_submit(self, tenant: str, size: JobSize) -> None:
-        """Refuse a job over one of the tenant's quotas. Raises `QuotaInvalid` (422) for a per-job
-        quota and `QuotaExceeded` (429) when the tenant runs its most jobs already."""
+    async def check_submit(self, tenant: str, *sizes: JobSize) -> None:
+        """Refuse jobs over one of the tenant's quotas: one job, or a chain's steps (one size
+        each; every step is an unfinished job from the moment the chain is recorded). Raises
+        `QuotaInvalid` (422) for a per-job quota and `QuotaExceeded` (429) when the tenant's
+        unfinished jobs and these would be more than it may run at once."""
         quotas = await self.quotas(tenant)
-        check_job_size(quotas, size)
+        for size in sizes:
+            check_job_size(quotas, size)
         if quotas.max_running_jobs is not None:
             running = await self.db[JOBS].count_documents(
                 {"tenant": tenant, "state": {"$in": state_values(ACTIVE_JOB_STATES)}}
             )
-            if running >= quotas.max_running_jobs:
+            if running + len(sizes) > quotas.max_running_jobs:
                 raise QuotaExceeded(
                     "max_running_jobs",
-                    f"tenant {tenant!r} has {running} unfinished job(s); at most {quotas.max_running_jobs} at once",
+                    f"tenant {tenant!r} has {running} unfinished job(s) and submits {len(sizes)}; "
+                    f"at most {quotas.max_running_jobs} at once",
                 )
 
-    async def source_database(self, tenant: str, database: str | None, collection: str) -> AsyncDatabase:
+    async def source_database(
+        self, tenant: str, database: str | None, collection: str, at: tuple[str | int, ...] = ("body",)
+    ) -> AsyncDatabase:
         """Where a `mongo_range` job of the tenant reads `collection`: the tenant's namespace, or
         `database` if an operator granted `database.collection` to the tenant. Raises `Invalid`
-        on `["body", "params", "database"]` for a database not granted."""
+        on `(*at, "params", "database")` for a database not granted (`at`: where the job is in
+        the request body)."""
         if database is None:
             return self.db.client[self.namespace(tenant)]
         # Cairn's database and tenant namespaces are never granted (`put` refuses them; a grant
@@ -134,7 +139,7 @@ class TenantService:
             raise Invalid(
                 f"database {database!r} (collection {collection!r}) is not granted to tenant {tenant!r}: "
                 "a job reads its tenant's namespace unless an operator grants a source",
-                ("body", "params", "database"),
+                (*at, "params", "database"),
                 kind="source_not_granted",
                 value=database,
             )
@@ -142,21 +147,15 @@ class TenantService:
 
 
 def check_job_size(quotas: TenantQuotas, size: JobSize) -> None:
-    """Raises `QuotaInvalid` (naming the quota and the field) if one job is over a per-job quota."""
-    if quotas.max_shards_per_job is not None and size.shards > quotas.max_shards_per_job:
-        raise QuotaInvalid(
-            "max_shards_per_job",
-            f"the job plans {size.shards} shards; this tenant's jobs plan at most {quotas.max_shards_per_job}",
-            size.shards_field,
-            size.shards,
-        )
-    if quotas.max_records_per_job is not None and size.records is not None and size.records > quotas.max_records_per_job:
-        raise QuotaInvalid(
-            "max_records_per_job",
-            f"the job's key space holds {size.records} records; this tenant's jobs hold at most {quotas.max_records_per_job}",
-            size.records_field,
-            size.records,
-        )
+    """Raises `QuotaInvalid` (naming the quota and the field) if one job is over a per-job quota:
+    `sharding.shards` (`sharding.item_size` for a lease frontier) or `params`."""
+    over = size.demand.over(quotas)
+    if over is None:
+        return
+    quota, detail = over
+    if quota == "max_shards_per_job":
+        raise QuotaInvalid(quota, detail, (*size.at, "sharding", "item_size" if size.demand.items else "shards"), size.demand.shards)
+    raise QuotaInvalid(quota, detail, (*size.at, "params"), size.demand.records)
 
 
 async def replace_or_insert(collection: AsyncCollection, key: str, document: dict[str, Any]) -> None:

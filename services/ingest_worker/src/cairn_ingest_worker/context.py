@@ -56,6 +56,7 @@ def build_context(settings: WorkerSettings, app: Celery, leases: LeasesFactory =
         redis_prefix=settings.redis_prefix,
         secrets=settings.secret_values(),
         secret_hosts=settings.secret_hosts(),
+        secret_tenants=settings.secret_tenants(),
         allow_private_networks=settings.http_allow_private_networks,
     )
     unbound = sorted(set(settings.secrets) - set(settings.secret_hosts()))

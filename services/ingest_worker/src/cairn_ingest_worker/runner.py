@@ -89,12 +89,13 @@ class ShardRunner:
     slice_s: float  # longest run of one task before it hands off to a continuation
     batch_time_limit_s: float | None = None  # past it, the heartbeat stops renewing the lease
     # What pipelines may reach through their RunContext (cairn_sdk): Redis (None: not configured)
-    # and the prefix of its keys, the worker's named secrets (never logged) and the hosts each
-    # bound one may go to, and whether their HTTP may reach private networks.
+    # and the prefix of its keys, the worker's named secrets (never logged), the hosts each
+    # bound one may go to and the tenants it serves, and whether their HTTP may reach private networks.
     redis: Any = None
     redis_prefix: str = "cairn"
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     secret_hosts: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    secret_tenants: Mapping[str, frozenset[str]] = field(default_factory=dict)
     allow_private_networks: bool = False
     job_documents: JobDocuments = field(default_factory=JobDocuments, repr=False)
 
@@ -312,6 +313,7 @@ def _context(runner: ShardRunner, claim: Claim, job: dict[str, Any]) -> RunConte
         store_db=records_db,
         secrets=runner.secrets,
         secret_hosts=runner.secret_hosts,
+        secret_tenants=runner.secret_tenants,
         allow_private_networks=runner.allow_private_networks,
         granted=(lambda database, collection: namespaces.granted(tenant, database, collection)) if namespaces else None,
         # The TaskDedup ledger of this run (cairn_sdk.effects): owned by this claim's token.

@@ -8,12 +8,15 @@ from cairn_runtime.settings import ServiceSettings
 
 
 class BoundSecret(BaseModel):
-    """A secret that may be sent only to `hosts` ("api.example.com" or "*.example.com")."""
+    """A secret that may be sent only to `hosts` ("api.example.com" or "*.example.com") and, if
+    `tenants` is given, named only by those tenants' jobs (the workers are shared: a tenant's API
+    credential must not read that API for another tenant)."""
 
     model_config = ConfigDict(extra="forbid")
 
     value: SecretStr
     hosts: list[Annotated[str, StringConstraints(pattern=r"^(\*\.)?[A-Za-z0-9.-]{1,253}$")]] = Field(min_length=1)
+    tenants: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,128}$")]] | None = Field(None, min_length=1)
 
 
 class WorkerSettings(ServiceSettings):
@@ -60,6 +63,14 @@ class WorkerSettings(ServiceSettings):
     def secret_values(self) -> dict[str, str]:
         """name -> the secret's value (for `RunContext.secrets`)."""
         return {name: (secret.value if isinstance(secret, BoundSecret) else secret).get_secret_value() for name, secret in self.secrets.items()}
+
+    def secret_tenants(self) -> dict[str, frozenset[str]]:
+        """name -> the tenants whose jobs may name a secret bound to tenants (others absent)."""
+        return {
+            name: frozenset(secret.tenants)
+            for name, secret in self.secrets.items()
+            if isinstance(secret, BoundSecret) and secret.tenants is not None
+        }
 
     def secret_hosts(self) -> dict[str, frozenset[str]]:
         """name -> the hosts a bound secret may go to (unbound secrets absent)."""

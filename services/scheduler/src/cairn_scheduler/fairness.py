@@ -9,9 +9,17 @@ round-robin, one shard per tenant per round, the tenant with the fewest shards i
 within a tenant by job priority, then age, then shard index. A pass runs when a job is planned,
 when a shard finishes while shards are left waiting, and every `CAIRN_FAIR_DISPATCH_INTERVAL_S`.
 
+Priorities across tenants: the ingest queue delivers a higher priority before every lower one, so
+a tenant whose job asks for a higher priority than another's would keep the other's queued task
+behind the tasks it refills its cap with, for as long as its job lasts. A pass therefore never
+publishes a task above the lowest priority another tenant's queued tasks wait at (`_ceilings`;
+each task sent here records its `queued_priority`): across tenants a task waits for at most the
+tasks queued before it, while inside a tenant (and with no other tenant's task queued) a higher
+priority still overtakes what is queued.
+
 `fair_pick` is the pure decision; `FairDispatch` reads the state, asks it, and sends what it
 picked in bulk, as every dispatch (jobs.py): the tasks of each priority published together with
-their confirms awaited together (`dispatch_all`), then one `update_many` marks the sent shards
+their confirms awaited together (`dispatch_all`), then one `update_many` per priority marks the sent shards
 PLANNED -> QUEUED (publish first: a crash in between re-sends, and the worker's lease claim makes
 the second task a no-op). Passes of one scheduler never overlap: a pass asked for while one runs
 is folded into one more round of the running pass (a burst of shard events costs a few passes,
@@ -26,7 +34,7 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from pymongo.asynchronous.database import AsyncDatabase
@@ -154,10 +162,9 @@ class FairDispatch:
         in_flight: dict[str, int] = {}
         waiting: dict[str, list[Waiting]] = {}
         rooms: dict[str, int | None] = {}
+        lowest: dict[str, int | None] = {}
         for tenant, tenant_jobs in by_tenant.items():
-            in_flight[tenant] = await self.db[SHARDS].count_documents(
-                {"job_id": {"$in": [job["_id"] for job in tenant_jobs]}, "state": {"$in": [ShardState.QUEUED, ShardState.RUNNING]}}
-            )
+            in_flight[tenant], lowest[tenant] = await self._in_flight(tenant_jobs)
             cap = caps[tenant]
             room = None if cap is None else max(0, cap - in_flight[tenant])
             if self.budget is not None:
@@ -165,7 +172,8 @@ class FairDispatch:
             rooms[tenant] = room
             waiting[tenant] = await self._waiting(tenant_jobs, room)
         budget = None if self.budget is None else max(0, self.budget - sum(in_flight.values()))
-        picked = [shard for _, shard in fair_pick(waiting, in_flight, caps.__getitem__, budget)]
+        ceilings = _ceilings(lowest)
+        picked = [_capped(shard, ceilings[tenant]) for tenant, shard in fair_pick(waiting, in_flight, caps.__getitem__, budget)]
         # More may wait where the look-up stopped at the tenant's room, or where the budget cut.
         self.backlog = len(picked) < sum(len(found) for found in waiting.values()) or any(
             (room := rooms[tenant]) is not None and len(waiting[tenant]) >= room for tenant in waiting
@@ -174,6 +182,22 @@ class FairDispatch:
         if picked:
             logger.debug("fair dispatch: %d shard task(s) sent (%s)", len(picked), _per_tenant(picked, by_tenant))
         return len(picked)
+
+    async def _in_flight(self, jobs: list[dict[str, Any]]) -> tuple[int, int | None]:
+        """(shards of these jobs (one tenant's) QUEUED or RUNNING, the lowest priority their
+        QUEUED tasks wait at: the one a pass published them at, else their job's; None: none is
+        queued)."""
+        priority_of = {job["_id"]: int(job.get("priority") or 2) for job in jobs}
+        count, lowest = 0, None
+        async for shard in self.db[SHARDS].find(
+            {"job_id": {"$in": list(priority_of)}, "state": {"$in": [ShardState.QUEUED, ShardState.RUNNING]}},
+            {"job_id": 1, "state": 1, "queued_priority": 1},
+        ):
+            count += 1
+            if shard["state"] == ShardState.QUEUED:
+                priority = int(shard.get("queued_priority") or priority_of.get(shard["job_id"], 2))
+                lowest = priority if lowest is None else min(lowest, priority)
+        return count, lowest
 
     async def _cap(self, tenant: str) -> int | None:
         record = TenantRecord.of(await self.db[TENANTS].find_one({"_id": tenant}, {"quotas": 1}))
@@ -198,7 +222,8 @@ class FairDispatch:
 
     async def _send(self, picked: list[Waiting]) -> None:
         """The bulk dispatch of the picked shards: per priority, every task published with its
-        confirm awaited together, then one `update_many` marks them QUEUED (still PLANNED only:
+        confirm awaited together, then one `update_many` per priority marks them QUEUED with that
+        `queued_priority` (still PLANNED only:
         one a worker claimed meanwhile is RUNNING and stays so)."""
         if not picked:
             return
@@ -207,16 +232,27 @@ class FairDispatch:
             by_priority[shard.priority].append(RunShard(job_id=shard.job_id, shard_key=shard.shard_key))
         for priority in sorted(by_priority, reverse=True):  # the most urgent first
             await dispatch_all(self.dispatcher, by_priority[priority], priority)
-        await self.db[SHARDS].update_many(
-            {"shard_key": {"$in": [shard.shard_key for shard in picked]}, "state": ShardState.PLANNED},
-            {"$set": {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": clock.now_ms()}},
-        )
+        for priority, tasks in by_priority.items():  # the priority each waits at (`_ceilings`)
+            await self.db[SHARDS].update_many(
+                {"shard_key": {"$in": [task.shard_key for task in tasks]}, "state": ShardState.PLANNED},
+                {"$set": {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": clock.now_ms(), "queued_priority": priority}},
+            )
         sent: dict[str, int] = defaultdict(int)
         for shard in picked:
             sent[shard.job_id] += 1
         for job_id, count in sent.items():
             with log_context(job_id=job_id):  # `grep <job id>` follows its dispatch too
                 logger.info("job %s: %d shard task(s) dispatched", job_id, count)
+
+
+def _ceilings(lowest: Mapping[str, int | None]) -> dict[str, int | None]:
+    """Each tenant's highest publish priority: the lowest one any other tenant's queued tasks
+    wait at (None: no other tenant has a task queued). Module docstring: priorities across tenants."""
+    return {tenant: min((p for other, p in lowest.items() if other != tenant and p is not None), default=None) for tenant in lowest}
+
+
+def _capped(shard: Waiting, ceiling: int | None) -> Waiting:
+    return shard if ceiling is None or shard.priority <= ceiling else replace(shard, priority=ceiling)
 
 
 def _per_tenant(picked: list[Waiting], by_tenant: Mapping[str, list[dict[str, Any]]]) -> str:

@@ -13,6 +13,7 @@ import httpx
 import redis.asyncio as aioredis
 
 from cairn_contracts.messages import CancelJob, ShardFinished, StartJob
+from cairn_contracts.tenancy import TenantQuotas
 from cairn_contracts.topology import QUEUE_INGEST, QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_CONTROL, QUEUE_SCHEDULER_EVENTS
 from cairn_runtime.amqp import Publisher, connect, declare_topology
 from cairn_runtime.celery_config import ShardTaskSender
@@ -49,7 +50,12 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
         queues = await declare_topology(channel)
         publisher = await Publisher.open(connection, settings.publish_timeout_s)
         dispatcher = ShardTaskSender.for_broker(settings.amqp_url, "cairn-scheduler")
-        dependents = DependencyRelease(db, publisher, locks)
+        defaults = TenantQuotas(
+            max_running_jobs=settings.tenant_max_running_jobs,
+            max_shards_per_job=settings.tenant_max_shards_per_job,
+            max_records_per_job=settings.tenant_max_records_per_job,
+        )
+        dependents = DependencyRelease(db, publisher, locks, defaults=defaults)
         fair = FairDispatch(db, dispatcher, settings.tenant_max_in_flight_shards, settings.max_in_flight_shards)
         scheduler = JobScheduler(
             db, dispatcher, locks=locks, dependents=dependents, fair=fair, snapshot_every_s=settings.reconcile_interval_s
@@ -76,7 +82,7 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
             Every(settings.reconcile_interval_s, canceller.run_pass, "cancel sweep"),
             Every(settings.reconcile_interval_s, dependents.sweep, "dependency sweep"),
             Every(settings.fair_dispatch_interval_s, fair.run_pass, "fair dispatch"),
-            Every(settings.schedule_tick_s, ScheduleFirer(db, publisher).tick, "schedule tick"),
+            Every(settings.schedule_tick_s, ScheduleFirer(db, publisher, defaults).tick, "schedule tick"),
             Every(settings.gauges_interval_s, GaugeCollector(db, connection).collect_once, "gauge collection"),
             Every(settings.webhook_poll_s, WebhookDeliverer(db, webhook_client, webhook_policy(settings)).run_pass, "webhook delivery"),
         ]

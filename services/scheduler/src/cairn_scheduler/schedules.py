@@ -28,6 +28,10 @@ previous run (`last_job_id`, scheduled or manual) is still active (PENDING, STAR
   `cancel_requested` by a conditional update and `CancelJob` is published; the cancel sweep makes
   up for a lost command); the buffered run starts once the cancelled one has stopped.
 - `allow_all`: the run starts whatever the previous one is doing.
+Quota: a run due while its tenant has `max_running_jobs` unfinished jobs (its `tenants` quota, else
+`CAIRN_TENANT_MAX_RUNNING_JOBS`, the gateway's setting) is skipped as above, whatever the policy,
+and a buffered run waits; the API refuses such a tenant's submissions with a 429, and a schedule
+must not be the way round it (a suspended tenant's schedules would run on, `allow_all` without end).
 Each of these is one conditional update on `{_id, next_run_at_ms, total_runs, paused, pending_run}`
 as read, so of two schedulers exactly one decides a due run. The previous run's state is read
 just before: a run that ends in between is judged still active, which skips or buffers one run
@@ -47,7 +51,8 @@ from cairn_contracts import clock
 from cairn_contracts.messages import CancelJob, StartJob
 from cairn_contracts.schedules import OVERLAP_POLICIES, ScheduleTiming
 from cairn_contracts.states import ACTIVE_JOB_STATES, state_values
-from cairn_contracts.store import JOBS, SCHEDULES, JobRecord
+from cairn_contracts.store import DEFAULT_TENANT, JOBS, SCHEDULES, JobRecord
+from cairn_contracts.tenancy import TENANTS, TenantQuotas, TenantRecord
 from cairn_runtime.amqp import Publisher, PublishNotConfirmed
 
 logger = logging.getLogger(__name__)
@@ -77,8 +82,12 @@ def run_key(schedule_id: str, run_number: int) -> str:
 
 @dataclass(frozen=True)
 class ScheduleFirer:
+    """Fires due runs (module docstring); `defaults`: the quotas of a tenant that sets none (its
+    `max_running_jobs` holds the runs back)."""
+
     db: AsyncDatabase
     publisher: Publisher
+    defaults: TenantQuotas = TenantQuotas()
 
     async def tick(self, now_ms: int | None = None) -> int:
         """Recover runs left pending, then fire every due run; returns how many this process fired."""
@@ -107,7 +116,10 @@ class ScheduleFirer:
         policy = overlap_of(schedule)
         busy = policy != "allow_all" and await self._previous_run_active(schedule)
         if busy and (policy == "skip" or _buffered_number(schedule) is not None):
-            await self._skip(schedule, as_read, timing, now_ms)
+            await self._skip(schedule, as_read, timing, now_ms, f"run {schedule.get('last_job_id')} is still active")
+            return None
+        if await self._tenant_full(schedule):
+            await self._skip(schedule, as_read, timing, now_ms, f"tenant {schedule.get('tenant')!r} is at its max_running_jobs quota")
             return None
         # Catch-up: one run for whatever was missed, then the first tick after now.
         next_ms = timing.next_run_ms(max(now_ms, due_ms), anchor_ms=anchor_ms, runs_done=run_number)
@@ -149,7 +161,7 @@ class ScheduleFirer:
         waiting = {"paused": False, "buffered_run.number": {"$gte": 1}, "pending_run": None}
         async for schedule in self.db[SCHEDULES].find(waiting).limit(BATCH):
             number = _buffered_number(schedule)
-            if number is None or await self._previous_run_active(schedule):
+            if number is None or await self._previous_run_active(schedule) or await self._tenant_full(schedule):
                 continue
             buffered = schedule["buffered_run"]
             claimed = await self.db[SCHEDULES].find_one_and_update(
@@ -176,7 +188,16 @@ class ScheduleFirer:
         found = await self.db[JOBS].find_one({"_id": job_id, "state": {"$in": state_values(ACTIVE_JOB_STATES)}}, {"_id": 1})
         return found is not None
 
-    async def _skip(self, schedule: dict[str, Any], as_read: dict[str, Any], timing: ScheduleTiming, now_ms: int) -> None:
+    async def _tenant_full(self, schedule: dict[str, Any]) -> bool:
+        """Whether the schedule's tenant has as many unfinished jobs as its `max_running_jobs`."""
+        tenant = schedule.get("tenant") or DEFAULT_TENANT
+        record = TenantRecord.of(await self.db[TENANTS].find_one({"_id": tenant}, {"quotas": 1}))
+        most = record.quotas.merged(self.defaults).max_running_jobs
+        if most is None:
+            return False
+        return await self.db[JOBS].count_documents({"tenant": tenant, "state": {"$in": state_values(ACTIVE_JOB_STATES)}}) >= most
+
+    async def _skip(self, schedule: dict[str, Any], as_read: dict[str, Any], timing: ScheduleTiming, now_ms: int, why: str) -> None:
         due_ms = int(schedule["next_run_at_ms"])
         runs_done = int(schedule.get("total_runs", 0))  # a skipped run does not count toward max_runs
         next_ms = timing.next_run_ms(max(now_ms, due_ms), anchor_ms=int(schedule.get("anchor_ms") or due_ms), runs_done=runs_done)
@@ -193,7 +214,7 @@ class ScheduleFirer:
             },
         )
         if skipped.modified_count:
-            logger.info("schedule %s: run due at %d skipped (%s): run %s is still active", schedule["_id"], due_ms, overlap_of(schedule), schedule.get("last_job_id"))
+            logger.info("schedule %s: run due at %d skipped (%s): %s", schedule["_id"], due_ms, overlap_of(schedule), why)
 
     async def _cancel_previous(self, schedule: dict[str, Any]) -> None:
         job_id = schedule["last_job_id"]

@@ -25,6 +25,12 @@ class SchedulerSettings(ServiceSettings):
     tenant_max_in_flight_shards: int | None = Field(
         64, ge=1, description="Shard tasks one tenant may have queued or running at once, unless its quotas say (None: no cap)"
     )
+    # A tenant's quotas where the scheduler records or releases its jobs (schedules.py: running
+    # jobs; workflows.py: a params_from job's per-job quotas): the gateway's settings of the same
+    # names (one environment variable for both).
+    tenant_max_running_jobs: int | None = Field(100, ge=0, description="Unfinished jobs per tenant at once: a schedule's run over it is skipped (None: no limit)")
+    tenant_max_shards_per_job: int | None = Field(None, ge=1, description="Shards or work items per job (None: only the plan bound)")
+    tenant_max_records_per_job: int | None = Field(None, ge=1, description="Key-space size per job (None: no limit)")
     max_in_flight_shards: int | None = Field(
         None, ge=1, description="Shard tasks queued or running across all tenants (None: no limit; about the workers' total concurrency)"
     )

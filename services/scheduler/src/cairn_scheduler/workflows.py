@@ -6,7 +6,8 @@ here, from its dependencies' states, by exactly one of three conditional updates
 
 - every dependency SUCCEEDED (with `on_dependency_failure: run`, every one finished): *release*:
   its `params_from` are filled from its first dependency (`after[0]`), the filled spec is
-  checked against the pipeline catalog, and the job becomes PENDING with the filled spec, its
+  checked against the pipeline catalog and the tenant's per-job quotas (its own, else
+  `defaults`; the gateway could not size it before), and the job becomes PENDING with the filled spec, its
   work space and `command_published_at: null`; then its StartJob is published (a scheduler that
   dies in between leaves a PENDING job without a published command, which the maintenance
   relay publishes);
@@ -38,7 +39,8 @@ from cairn_contracts.jobs import JOB_SPEC_ADAPTER, JobSpec
 from cairn_contracts.messages import StartJob
 from cairn_contracts.pipelines import CatalogRefusal
 from cairn_contracts.states import JobState
-from cairn_contracts.store import JOBS
+from cairn_contracts.store import DEFAULT_TENANT, JOBS
+from cairn_contracts.tenancy import TENANTS, TenantQuotas, TenantRecord, job_demand
 from cairn_runtime.amqp import Publisher, PublishNotConfirmed
 from cairn_runtime.log import log_context
 from cairn_scheduler.jobs import LockRelease, catalog_space
@@ -150,12 +152,15 @@ def fill_params(params: dict[str, Any], params_from: dict[str, str], view: dict[
 @dataclass(frozen=True)
 class DependencyRelease:
     """Settles WAITING jobs (module docstring). `publisher` sends a released job's StartJob;
-    `locks` releases the gateway's job lock of a job stopped here."""
+    `locks` releases the gateway's job lock of a job stopped here; `defaults`: the per-job quotas
+    of a tenant that sets none (`CAIRN_TENANT_MAX_SHARDS_PER_JOB`, `..._RECORDS_PER_JOB`, as the
+    gateway's), checked on a `params_from` job's filled spec."""
 
     db: AsyncDatabase
     publisher: Publisher
     locks: LockRelease | None = None
     missing_grace_ms: int = MISSING_GRACE_MS
+    defaults: TenantQuotas = TenantQuotas()
 
     async def settle(self, job_id: str) -> JobState | None:
         """Decide the job if it is WAITING; returns the state this call moved it to (PENDING,
@@ -224,6 +229,12 @@ class DependencyRelease:
             except (MissingValue, ValidationError, CatalogRefusal) as error:
                 reason = f"params_from of after[0] (job {first}): {_reason(error)}"
                 return await self._stop(job, stop("fail", "after[0]", first, dependencies[first].get("state"), reason))
+            # The gateway could not size the job before its params were filled: the tenant's
+            # per-job quotas hold here, or params_from would carry a job past them.
+            over = job_demand(spec, space).over(await self._quotas(job.get("tenant") or DEFAULT_TENANT))
+            if over is not None:
+                reason = f"params_from of after[0] (job {first}): params: quota {over[0]} exceeded: {over[1]}"
+                return await self._stop(job, stop("fail", "after[0]", first, dependencies[first].get("state"), reason))
             update.update(spec=spec.model_dump(mode="json"), space=space, pipeline_version=version)
         released = await self.db[JOBS].update_one(
             {"_id": job_id, "state": JobState.WAITING, "cancel_requested": {"$in": [False, None]}}, {"$set": update}
@@ -238,6 +249,10 @@ class DependencyRelease:
             return JobState.PENDING
         await self.db[JOBS].update_one({"_id": job_id, "command_published_at": None}, {"$set": {"command_published_at": clock.utcnow()}})
         return JobState.PENDING
+
+    async def _quotas(self, tenant: str) -> TenantQuotas:
+        """The tenant's quotas in force: its own (`tenants`), else `defaults`."""
+        return TenantRecord.of(await self.db[TENANTS].find_one({"_id": tenant}, {"quotas": 1})).quotas.merged(self.defaults)
 
     async def _stop(self, job: dict[str, Any], decision: Decision) -> JobState | None:
         assert decision.state is not None and decision.failure is not None
