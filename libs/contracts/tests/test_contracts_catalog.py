@@ -100,12 +100,15 @@ def test_params_the_schema_refuses_are_located_at_the_field(params: dict, loc: l
     assert (error["loc"], error["type"]) == (loc, kind)
 
 
-@pytest.mark.parametrize("since", ["yesterday", "2026-13-01T00:00:00Z", "2026-06-01 25:00"])
+# The last two pass `datetime.fromisoformat` (ISO 8601 basic and week dates) and fail pydantic.
+@pytest.mark.parametrize("since", ["yesterday", "2026-13-01T00:00:00Z", "2026-06-01 25:00", "20260601T000000Z", "2026-W22-1"])
 def test_a_value_not_in_the_fields_format_is_refused_at_the_field(since: str) -> None:
     """`format: date-time` (pydantic's datetime) is checked at submit, not first by the worker."""
     [error] = refusal(Copy, {"collection": "events", "since": since, "until": "2026-06-02T00:00:00Z"})
 
     assert (error["loc"], error["type"]) == (["body", "params", "since"], "format")
+    with pytest.raises(ValueError):
+        CopyParams.model_validate({"collection": "events", "since": since})  # and the worker agrees
 
 
 @pytest.mark.parametrize("since", ["2026-06-01T00:00:00Z", "2026-06-01T00:00:00+02:00", "2026-06-01T00:00:00", "2026-06-01"])

@@ -274,6 +274,34 @@ def test_a_url_on_a_private_network_is_refused_unless_the_worker_allows_it(api: 
     assert len(drain(HttpJsonPipeline, params, context=RunContext(allow_private_networks=True))) == TOTAL
 
 
+def test_the_guard_resolves_the_very_host_httpx_connects_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpx sends `faß.de` to its IDNA 2008 name `xn--fa-hia.de`; Python's resolver, given the
+    Unicode name, asks for the IDNA 2003 one, `fass.de`: a guard checking that one would pass an
+    attacker's public `fass.de` and let the request reach a private `xn--fa-hia.de`."""
+    answers = {"fass.de": "93.184.216.34", "xn--fa-hia.de": "127.0.0.1"}
+
+    def resolve(host: str, *args: Any, **kwargs: Any) -> list[Any]:  # as the system resolver would answer
+        ascii_host = host if host.isascii() else host.encode("idna").decode()
+        return [(2, 1, 6, "", (answers[ascii_host], 0))]
+
+    monkeypatch.setattr("socket.getaddrinfo", resolve)
+    policy = FetchPolicy(max_tries=1, connect_timeout_s=1, **FAST)
+    with pytest.raises(RefusedUrl, match="127.0.0.1"):
+        PageFetcher(build_client(policy), policy).get("http://faß.de/pages")
+
+
+@pytest.mark.parametrize("url", ["https://faß.de/v1", "https://xn--fa-hia.de/v1", "https://api.xn--fa-hia.de/v1"])
+def test_a_secret_bound_to_an_idna_host_serves_it_in_either_spelling(url: str) -> None:
+    """CAIRN_SECRETS hosts are ASCII (A-labels): a job's host is matched as httpx sends it, so the
+    binding works whether the job spells the host in Unicode or in punycode; fass.de (the IDNA
+    2003 spelling, another host) is refused."""
+    bound = {"secrets": {"de_api": "Bearer t"}, "secret_hosts": {"de_api": frozenset({"xn--fa-hia.de", "*.xn--fa-hia.de"})}}
+    params = HttpJsonParams(url=url, auth_secret="de_api")
+    HttpJsonPipeline(params, RunContext(**bound)).close()  # raises SecretNotAllowed if not matched
+    with pytest.raises(SecretNotAllowed, match="fass.de"):
+        HttpJsonPipeline(HttpJsonParams(url="https://fass.de/v1", auth_secret="de_api"), RunContext(**bound))
+
+
 def test_worker_secrets_are_plain_values_or_bound_to_hosts() -> None:
     settings = WorkerSettings(secrets={"open": "Bearer a", "bound": {"value": "Bearer b", "hosts": ["API.example.com", "*.example.org"]}})
     assert settings.secret_values() == {"open": "Bearer a", "bound": "Bearer b"}
@@ -283,6 +311,14 @@ def test_worker_secrets_are_plain_values_or_bound_to_hosts() -> None:
         WorkerSettings(secrets={"bound": {"value": "x", "hosts": []}})
     assert host_matches("a.b.example.org", {"*.example.org"}) and not host_matches("example.org", {"*.example.org"})
     assert not host_matches("evilexample.org", {"*.example.org"}) and host_matches("API.Example.com.", {"api.example.com"})
+
+
+def test_a_malformed_secrets_setting_does_not_print_the_secret() -> None:
+    """The worker crashes at start on a bad CAIRN_SECRETS, and the error goes to its log: it names
+    the entry and the rule, not the value (pydantic shows the input of each failed union arm)."""
+    with pytest.raises(ValidationError) as refused:
+        WorkerSettings(secrets={"api": {"value": "sk_live_42", "hosts": ["api.example.com:443"]}})
+    assert "secrets.api" in str(refused.value) and "sk_live_42" not in str(refused.value)
 
 
 def test_params_refuse_credentials_in_plain_headers_and_need_a_source() -> None:

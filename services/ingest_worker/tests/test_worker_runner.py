@@ -448,3 +448,34 @@ def test_a_pipeline_that_does_not_advance_its_cursor_fails_for_good_before_stori
     assert isinstance(failed.value.error, CursorNotAdvanced) and not is_retryable(failed.value.error)
     assert "stuck_cursor" in str(failed.value.error)
     assert db["out"].count_documents({}) == 1 and checkpoint(db, key)["batches"] == 1  # the first batch only
+
+
+class OscillatingCursor(TokenPages):
+    """Pages p0 -> p1 -> p0 -> ... (an API whose next tokens or Links point back at each other),
+    never done; gives up by itself after a few reads so that, unguarded, the test fails, not hangs."""
+
+    name = "oscillating_cursor"
+    reads = 0
+
+    def read(self, bounds: Bounds, cursor: Any, limit: int) -> Batch:
+        type(self).reads += 1
+        if type(self).reads > 10:
+            raise NonRetryableError("looped: the runner read on")
+        if cursor == {"page": "p0"}:
+            return Batch([{"code": "a", "n": 1}], {"page": "p1"})
+        return Batch([{"code": "b", "n": 2}], {"page": "p0"})
+
+
+def test_a_pipeline_that_comes_back_to_an_earlier_cursor_fails_for_good(db, seed_job, seed_shard, monkeypatch) -> None:
+    """A cursor seen before in the run means the reads go round in a loop: the same guard as a
+    cursor that does not move, at the batch that closes the loop."""
+    monkeypatch.setattr(pipelines, "_registered", dict(pipelines._registered))
+    pipelines.register_pipeline(OscillatingCursor.name, OscillatingCursor)
+    seed_job(db, "loop", {"pipeline": "oscillating_cursor", "params": {"pages": 2, "per_page": 1}, "target_collection": "out"})
+    key = seed_shard(db, "loop", 0, 0, 1)
+
+    with pytest.raises(ShardFailed) as failed:
+        run_shard(runner(db), RunShard(job_id="loop", shard_key=key), max_attempts=MAX_ATTEMPTS)
+
+    assert isinstance(failed.value.error, CursorNotAdvanced), failed.value.error
+    assert checkpoint(db, key)["batches"] == 1  # p0 -> p1 committed; p1 -> p0 refused before it is stored

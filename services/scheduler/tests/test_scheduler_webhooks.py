@@ -164,12 +164,35 @@ async def test_a_receiver_dripping_an_endless_answer_is_cut_at_the_attempt_timeo
     assert "Timeout" in delivery["attempts"][0]["error"]
 
 
-@pytest.mark.parametrize("host", ["[::ffff:127.0.0.1]", "[64:ff9b::7f00:1]", "[::127.0.0.1]", "[2002:7f00:1::1]", "2130706433", "0x7f000001", "[::1]"])
+# The last four are not globally reachable (IANA) yet `is_global` on Python 3.11.7: IPv4-translated
+# (SIIT) ::ffff:0:a.b.c.d, local-use NAT64 64:ff9b:1::/48, deprecated site-local, multicast.
+@pytest.mark.parametrize(
+    "host",
+    [
+        "[::ffff:127.0.0.1]", "[64:ff9b::7f00:1]", "[::127.0.0.1]", "[2002:7f00:1::1]", "2130706433", "0x7f000001", "[::1]",
+        "[::ffff:0:a9fe:a9fe]", "[64:ff9b:1::a9fe:a9fe]", "[fec0::1]", "224.0.0.1",
+    ],
+)
 async def test_addresses_embedding_a_private_ipv4_are_refused(host) -> None:
     from cairn_scheduler.webhooks import RefusedUrl, check_host
 
     with pytest.raises(RefusedUrl):
         await check_host(f"http://{host}:8080/hook", allow_private=False)
+
+
+async def test_the_guard_resolves_the_very_host_httpx_connects_to(monkeypatch) -> None:
+    """httpx posts to `faß.de` under its IDNA 2008 name `xn--fa-hia.de`; Python's resolver, given
+    the Unicode name, asks for the IDNA 2003 one, `fass.de` (an attacker's public host)."""
+    from cairn_scheduler.webhooks import RefusedUrl, check_host
+
+    answers = {"fass.de": "93.184.216.34", "xn--fa-hia.de": "169.254.169.254"}
+
+    def resolve(host, *args, **kwargs):  # as the system resolver would answer
+        return [(2, 1, 6, "", (answers[host if host.isascii() else host.encode("idna").decode()], 0))]
+
+    monkeypatch.setattr("socket.getaddrinfo", resolve)
+    with pytest.raises(RefusedUrl, match="169.254.169.254"):
+        await check_host("http://faß.de/hook", allow_private=False)
 
 
 @pytest.mark.parametrize("header", ["t=²,v1=ab", "t=" + "9" * 5000 + ",v1=ab", "t=-1,v1=ab", "t=,v1=", "garbage"])

@@ -8,14 +8,15 @@ job document, so neither the gateway nor the scheduler ever imports pipeline cod
 """
 
 import json
-from datetime import datetime
+from collections.abc import Callable
+from datetime import date, datetime
 from typing import Any
-from urllib.parse import urlsplit
+from uuid import UUID
 
 from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import SchemaError as InvalidSchema
 from jsonschema.exceptions import ValidationError as SchemaError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AnyUrl, BaseModel, ConfigDict, Field, TypeAdapter
 from referencing.exceptions import Unresolvable
 
 from cairn_contracts.jobs import MAX_ITEMS_PER_JOB, PIPELINE_NAME, LeaseFrontierSharding, lease_frontier_items
@@ -101,23 +102,32 @@ def with_defaults(schema: dict[str, Any], params: dict[str, Any]) -> dict[str, A
     return {**defaults, **params}
 
 
-# The `format`s a pipeline's Params schema carries (pydantic emits them), checked the way the
-# worker's pydantic model will parse them, so a value that passes here is not refused later:
-# jsonschema's own `date-time` and `uri` need extra packages and follow RFC 3339/3986 more
-# strictly than pydantic (a date-time without an offset is valid for pydantic).
-PARAMS_FORMATS = FormatChecker(formats=("date", "email", "ipv4", "ipv6", "regex", "uuid"))
+# The `format`s a pipeline's Params schema carries (pydantic emits them), checked by the very
+# pydantic types that emit them, in the worker's (lax, Python) mode, so a value that passes here
+# is not refused later, and one the worker would parse is not refused here: jsonschema's own
+# checks differ both ways (`20240101T000000Z` or `2024-W01-1` pass `datetime.fromisoformat` and
+# fail pydantic; a URI with a space passes `urlsplit`). `uri` is AnyUrl's rule: a field typed
+# HttpUrl emits the same format and still refuses other schemes at the worker.
+PARAMS_FORMATS = FormatChecker(formats=("email", "ipv4", "ipv6", "regex"))
+_PYDANTIC_FORMATS: dict[str, TypeAdapter[Any]] = {
+    "date-time": TypeAdapter(datetime),
+    "date": TypeAdapter(date),
+    "uuid": TypeAdapter(UUID),
+    "uri": TypeAdapter(AnyUrl),
+}
 
 
-@PARAMS_FORMATS.checks("date-time", raises=ValueError)
-def _date_time(value: object) -> bool:
-    if isinstance(value, str):
-        datetime.fromisoformat(value)  # Python 3.11: RFC 3339 and ISO 8601 forms, "Z" included
-    return True
+def _parsed_by_pydantic(adapter: TypeAdapter[Any]) -> Callable[[object], bool]:
+    def check(value: object) -> bool:
+        if isinstance(value, str):
+            adapter.validate_python(value)  # ValidationError (a ValueError): not in the format
+        return True
+
+    return check
 
 
-@PARAMS_FORMATS.checks("uri", raises=ValueError)
-def _uri(value: object) -> bool:
-    return not isinstance(value, str) or bool(urlsplit(value).scheme and urlsplit(value).netloc)
+for _format, _adapter in _PYDANTIC_FORMATS.items():
+    PARAMS_FORMATS.checks(_format, raises=ValueError)(_parsed_by_pydantic(_adapter))
 
 
 def params_errors(schema: dict[str, Any], params: dict[str, Any], at: tuple[str | int, ...]) -> list[dict[str, Any]]:

@@ -19,6 +19,10 @@ from collections.abc import Iterable
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Not globally reachable (IANA special-purpose registries), yet `is_global` on the Pythons before
+# the CVE-2024-4032 fix (3.11.7 here): local-use NAT64 (RFC 8215, the IPv4 address sits where the
+# prefix length puts it), IPv4-translated ::ffff:0:a.b.c.d (SIIT), deprecated site-local.
+NOT_GLOBAL = [ipaddress.ip_network(net) for net in ("64:ff9b:1::/48", "::ffff:0:0:0/96", "fec0::/10")]
 
 
 class RefusedHost(Exception):
@@ -41,8 +45,10 @@ def embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
 
 
 def is_public(address: IPAddress) -> bool:
-    """Globally routable, and so is every IPv4 address it carries."""
-    return address.is_global and all(embedded.is_global for embedded in embedded_ipv4(address))
+    """Globally routable unicast, and so is every IPv4 address it carries."""
+    if not address.is_global or address.is_multicast or any(address in network for network in NOT_GLOBAL):
+        return False
+    return all(embedded.is_global for embedded in embedded_ipv4(address))
 
 
 def check_addresses(host: str, addresses: Iterable[str], setting: str) -> None:

@@ -180,7 +180,7 @@ class RunContext:
 
     def secret(self, name: str, *, hosts: Iterable[str] = ()) -> str:
         """The worker's secret `name` (a key of its CAIRN_SECRETS JSON object), to be sent to
-        every host in `hosts` (lower-case host names). Raises MissingSecret if unset, and
+        every host in `hosts` (lower-case ASCII host names as sent: IDNA A-labels). Raises MissingSecret if unset, and
         SecretNotAllowed if the secret is bound to hosts and one of `hosts` is not among them, or
         bound to tenants and this run's `tenant` is not among them."""
         try:

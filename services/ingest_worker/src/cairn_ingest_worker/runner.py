@@ -9,6 +9,7 @@ Plain code over its collaborators (collections, leases); the Celery task around 
 the message and turns outcomes into acks, retries and dead letters.
 """
 
+import hashlib
 import json
 import logging
 import random
@@ -224,6 +225,9 @@ def _run_batches(runner: ShardRunner, claim: Claim, job: dict[str, Any], pipelin
     committed = 0  # batches this run committed
     totals: dict[str, int] | None = None  # the checkpoint's counters after this run's last commit
     done = claim.done  # committed as done by a run that died before marking the shard SUCCEEDED
+    # Digests of the cursors this run read from: a batch handing back one of them (its own, or
+    # an earlier one: an API whose next pages point back at each other) would loop forever.
+    visited = {_cursor_key(cursor)}
     with Heartbeat(runner.leases, claim, runner.heartbeat_interval_s, runner.batch_time_limit_s) as heartbeat:
         while not done:
             if heartbeat.lost.is_set():
@@ -240,8 +244,11 @@ def _run_batches(runner: ShardRunner, claim: Claim, job: dict[str, Any], pipelin
                 heartbeat.batch_started()
                 try:
                     batch = pipeline.read(bounds, cursor, int(spec["batch_size"]))
-                    if not batch.done and batch.cursor == cursor:
-                        raise CursorNotAdvanced(f"{pipeline_name}.read returned its own cursor {_shown(cursor)} without done")
+                    if not batch.done and _cursor_key(batch.cursor) in visited:
+                        raise CursorNotAdvanced(
+                            f"{pipeline_name}.read at cursor {_shown(cursor)} returned {_shown(batch.cursor)}, "
+                            "a cursor this run already read from, without done"
+                        )
                     if heartbeat.lost.is_set():
                         # Cancelled, taken over or past its time bound while reading: this batch
                         # is neither stored nor committed (the checkpoint stays where it is).
@@ -266,6 +273,7 @@ def _run_batches(runner: ShardRunner, claim: Claim, job: dict[str, Any], pipelin
                     logger.warning("shard %s: checkpoint refused, token %d is stale", claim.shard_key, claim.token)
                     return Outcome("lease_lost", claim, records)
             cursor, done, totals = batch.cursor, batch.done, commit.totals
+            visited.add(_cursor_key(cursor))
             committed += 1
             records += len(batch.records)
             metrics.RECORDS.labels(pipeline_name).inc(len(batch.records))
@@ -342,6 +350,16 @@ def _shown(cursor: Any) -> str:
     """A cursor for logs: its JSON text, cut short."""
     text = json.dumps(cursor, default=str)
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _cursor_key(cursor: Any) -> bytes:
+    """A cursor's identity as its canonical JSON (a tuple and the list it is stored as are one
+    cursor), digested so a long run keeps 16 bytes per batch."""
+    try:
+        text = json.dumps(cursor, sort_keys=True, default=str)
+    except (TypeError, ValueError):  # keys of mixed types, a cycle: BSON refuses it at the commit anyway
+        text = repr(cursor)
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 def _attribute(cursor: Any) -> Any:

@@ -3,6 +3,7 @@ import socket
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints
+from pydantic_settings import SettingsConfigDict
 
 from cairn_runtime.settings import ServiceSettings
 
@@ -21,6 +22,10 @@ class BoundSecret(BaseModel):
 
 class WorkerSettings(ServiceSettings):
     """Every field is `CAIRN_<FIELD>` in the environment; durations in seconds."""
+
+    # A bad CAIRN_SECRETS entry fails the start, and pydantic would print the input of every
+    # failed union arm (the whole {"value": ...} object) into the log: errors name field and rule only.
+    model_config = SettingsConfigDict(**ServiceSettings.model_config, hide_input_in_errors=True)
 
     service_name: str = "ingest-worker"
     worker_concurrency: int = Field(2, ge=1, le=64)

@@ -108,11 +108,15 @@ def _iso(value: Any) -> str | None:
 
 async def check_host(url: str, allow_private: bool) -> None:
     """Raise `RefusedUrl` if the URL's host resolves to a non-global address (unless allowed);
-    `OSError` if it cannot be resolved (retried: DNS may come back)."""
+    `OSError` if it cannot be resolved (retried: DNS may come back); `httpx.InvalidURL` if httpx
+    cannot parse it (the delivery fails for good)."""
     if allow_private:
         return
     try:
-        await egress.check_host_async(urlsplit(url).hostname or "", "CAIRN_WEBHOOK_ALLOW_PRIVATE_NETWORKS")
+        # The host as httpx parses and connects to it (ASCII, IDNA 2008): urlsplit's Unicode
+        # hostname would be resolved under its IDNA 2003 name, another host for some (faß.de).
+        host = httpx.URL(url).raw_host.decode("ascii")
+        await egress.check_host_async(host, "CAIRN_WEBHOOK_ALLOW_PRIVATE_NETWORKS")
     except egress.RefusedHost as refused:
         raise RefusedUrl(str(refused)) from None
 

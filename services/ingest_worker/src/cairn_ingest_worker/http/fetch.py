@@ -133,7 +133,9 @@ class RefusedUrl(NonRetryableError):
 def _public_hosts_only(request: httpx.Request) -> None:
     """Before every request, each redirect included: the SSRF guard (cairn_runtime.egress)."""
     try:
-        egress.check_host(request.url.host, "CAIRN_HTTP_ALLOW_PRIVATE_NETWORKS")
+        # The ASCII name httpx connects to (IDNA 2008): the Unicode `host`, resolved, would be
+        # encoded by Python's IDNA 2003 codec, another name for some hosts (faß.de -> fass.de).
+        egress.check_host(request.url.raw_host.decode("ascii"), "CAIRN_HTTP_ALLOW_PRIVATE_NETWORKS")
     except egress.RefusedHost as refused:
         raise RefusedUrl(f"GET {_safe(str(request.url))}: {refused}") from None
     except OSError as error:  # not resolvable now: a transport failure, retried

@@ -161,7 +161,9 @@ class HttpJsonPipeline(Pipeline[HttpJsonParams]):
         # another one a page's Link or a redirect points at.
         urls = [*([params.url] if params.url else []), *(params.urls or [])]
         origins = {origin(url) for url in urls}
-        hosts = {httpx.URL(url).host for url in urls}
+        # As httpx sends them (ASCII, IDNA 2008): CAIRN_SECRETS hosts are A-labels, and `host`
+        # would give `faß.de` for a job spelling it `xn--fa-hia.de`.
+        hosts = {httpx.URL(url).raw_host.decode("ascii") for url in urls}
         # SecretNotAllowed (dead-lettered) if the secret is bound to other hosts than the job's.
         secret = (params.auth_header, context.secret(params.auth_secret, hosts=hosts)) if params.auth_secret is not None else None
         rate = parse_rate(params.rate_limit) if params.rate_limit else None
