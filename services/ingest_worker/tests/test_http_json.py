@@ -243,6 +243,15 @@ def test_a_secret_bound_to_hosts_goes_only_to_them_whoever_names_it() -> None:
         assert len(drain(HttpJsonPipeline, params, context=here)) == 60
 
 
+def test_a_secret_bound_to_hosts_never_goes_over_plain_http_beyond_loopback() -> None:
+    """Bound to `api.example.com`, a job may not send it to `http://api.example.com` (anyone on
+    the path would read it); loopback (the paged test server above) is this machine."""
+    params = {"url": "http://api.example.com/pages", "records_path": "data.items", "auth_secret": "demo_api", **FAST}
+    bound = RunContext(allow_private_networks=True, secrets={"demo_api": "Bearer t"}, secret_hosts={"demo_api": frozenset({"api.example.com"})})
+    with pytest.raises(SecretNotAllowed, match="plain http to api.example.com"):
+        drain(HttpJsonPipeline, params, context=bound)
+
+
 def test_a_secret_bound_to_tenants_serves_their_jobs_only() -> None:
     """CAIRN_SECRETS {"value", "hosts", "tenants"}: the workers are shared, so without it any
     tenant could name another's API credential and copy what it reads into its own namespace. A

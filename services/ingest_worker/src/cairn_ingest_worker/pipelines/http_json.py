@@ -27,6 +27,7 @@ request takes the host's rate limit (`rate_limit`, shared by all workers through
 `keep_raw`, each page's bytes are kept in GridFS and each record carries `raw_payload_id`.
 """
 
+import ipaddress
 import logging
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
@@ -38,7 +39,20 @@ from cairn_contracts.pipelines import HTTP_JSON
 from cairn_ingest_worker.http.fetch import FetchPolicy, Page, PageFetcher, build_client, origin
 from cairn_ingest_worker.http.ratelimit import host_limiter, parse_rate
 from cairn_ingest_worker.http.raw_pages import RawPages
-from cairn_sdk import Batch, Bounds, Cursor, FailurePolicy, KeyRange, NonRetryableError, Pipeline, RunContext, Single, TimeRange, WorkItems
+from cairn_sdk import (
+    Batch,
+    Bounds,
+    Cursor,
+    FailurePolicy,
+    KeyRange,
+    NonRetryableError,
+    Pipeline,
+    RunContext,
+    SecretNotAllowed,
+    Single,
+    TimeRange,
+    WorkItems,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -163,9 +177,14 @@ class HttpJsonPipeline(Pipeline[HttpJsonParams]):
         origins = {origin(url) for url in urls}
         # As httpx sends them (ASCII, IDNA 2008): CAIRN_SECRETS hosts are A-labels, and `host`
         # would give `faß.de` for a job spelling it `xn--fa-hia.de`.
-        hosts = {httpx.URL(url).raw_host.decode("ascii") for url in urls}
+        hosts = hosts_of(urls)
         # SecretNotAllowed (dead-lettered) if the secret is bound to other hosts than the job's.
         secret = (params.auth_header, context.secret(params.auth_secret, hosts=hosts)) if params.auth_secret is not None else None
+        if secret is not None and params.auth_secret in context.secret_hosts:
+            # A secret bound to hosts travels encrypted: plain http only to this machine.
+            plain = sorted({host for url in urls if httpx.URL(url).scheme == "http" for host in hosts_of([url]) if not _loopback(host)})
+            if plain:
+                raise SecretNotAllowed(f"secret {params.auth_secret!r} is bound to hosts and may not go over plain http to {', '.join(plain)}")
         rate = parse_rate(params.rate_limit) if params.rate_limit else None
         limiter = host_limiter(context.redis, context.redis_prefix) if rate is not None else None
         self._client = build_client(
@@ -330,3 +349,18 @@ def _moment(moment: datetime, fmt: str) -> str:
     if fmt == "epoch_ms":
         return str(int(moment.timestamp() * 1000))
     return moment.isoformat().replace("+00:00", "Z")
+
+
+def hosts_of(urls: list[str]) -> set[str]:
+    """The hosts of `urls` as httpx sends them (ASCII, IDNA 2008)."""
+    return {httpx.URL(url).raw_host.decode("ascii") for url in urls}
+
+
+def _loopback(host: str) -> bool:
+    """`localhost` or a loopback address literal."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
