@@ -6,71 +6,25 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import httpx
 import pytest
 from pymongo.database import Database
 
 from cairn_contracts.states import DeadLetterStatus, JobState
-from cairn_contracts.store import API_KEYS, TASK_ERRORS
+from cairn_contracts.store import TASK_ERRORS
 from cairn_contracts.tenancy import tenant_database
 from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS
 from cairn_gateway import admin
-from cairn_gateway.app import create_app
-from cairn_gateway.auth import new_key
-from cairn_gateway.settings import GatewaySettings
 from cairn_testkit.aio import drain
-from cairn_testkit.catalog import seed_catalog
 
 
 def spec(**changes) -> dict:
     return {"pipeline": "synthetic", "params": {"count": 100}, "name": f"job {uuid.uuid4().hex[:10]}", **changes}
 
 
-@pytest.fixture(scope="module")
-def database(mongo_client, test_env) -> str:
-    name = f"{test_env.mongodb_database}_gwten_{uuid.uuid4().hex[:6]}"
-    seed_catalog(mongo_client[name])  # as a worker announces it: jobs are checked against it
-    yield name
-    for existing in mongo_client.list_database_names():
-        if existing == name or existing.startswith(f"{name}_t"):
-            mongo_client.drop_database(existing)
-
-
-@pytest.fixture(scope="module")
-async def app(test_env, database):
-    settings = GatewaySettings(
-        mongodb_uri=test_env.mongodb_uri,
-        mongodb_database=database,
-        amqp_url=test_env.amqp_url,
-        redis_url=test_env.redis_url,
-        redis_prefix=f"{test_env.redis_prefix}-gwten",
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        yield app
-
-
 @pytest.fixture
-def db(mongo_client, database) -> Database:
-    return mongo_client[database]
-
-
-@pytest.fixture
-async def make_client(app, db, broker) -> AsyncIterator:
-    clients: list[httpx.AsyncClient] = []
-
-    def make(tenant: str, *scopes: str) -> httpx.AsyncClient:
-        document, token = new_key(tenant, scopes or ("submit", "read"), f"{tenant} key")
-        db[API_KEYS].insert_one(document)
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers={"Authorization": f"Bearer {token}"}, timeout=20
-        )
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        await client.aclose()
+async def make_client(client_for, broker) -> AsyncIterator:
+    """`make_client(tenant, *scopes)`: a client with a new key of `tenant` (submit, read by default)."""
+    yield lambda tenant, *scopes: client_for(tenant, scopes or ("submit", "read"), f"{tenant} key")
     await drain(broker.queues[QUEUE_SCHEDULER_COMMANDS])  # the StartJob commands of the jobs submitted
 
 

@@ -4,23 +4,16 @@
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 
-import httpx
 import pytest
-from pymongo.database import Database
 
 from cairn_contracts.jobs import JobSpec
 from cairn_contracts.messages import StartJob
 from cairn_contracts.states import JobState
-from cairn_contracts.store import API_KEYS, CHAINS, JOBS
+from cairn_contracts.store import CHAINS, JOBS
 from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_CONTROL
-from cairn_gateway.app import create_app
-from cairn_gateway.auth import new_key
 from cairn_gateway.jobs_schemas import ChainAccepted, ChainSpec
-from cairn_gateway.settings import GatewaySettings
 from cairn_testkit.aio import drain
-from cairn_testkit.catalog import seed_catalog
 
 SPEC = {"pipeline": "synthetic", "params": {"count": 100}, "sharding": {"shards": 1}}
 
@@ -29,45 +22,15 @@ def spec(**changes) -> dict:
     return {**SPEC, "name": f"job {uuid.uuid4().hex[:10]}", **changes}
 
 
-@pytest.fixture(scope="module")
-def database(mongo_client, test_env) -> str:
-    name = f"{test_env.mongodb_database}_gwflow_{uuid.uuid4().hex[:6]}"
-    seed_catalog(mongo_client[name])
-    yield name
-    mongo_client.drop_database(name)
-
-
-@pytest.fixture(scope="module")
-async def app(test_env, database):
-    settings = GatewaySettings(
-        mongodb_uri=test_env.mongodb_uri, mongodb_database=database, amqp_url=test_env.amqp_url,
-        redis_url=test_env.redis_url, redis_prefix=f"{test_env.redis_prefix}-gwflow", job_lock_ttl_s=0,
-        tenant_max_running_jobs=None,  # no scheduler here: the module's jobs never finish
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        yield app
+# The gateway's settings in this module (conftest.py `settings`): no scheduler here, so the
+# module's jobs never finish (no running-jobs quota) and identical specs must not be refused.
+GATEWAY_SETTINGS = {"job_lock_ttl_s": 0, "tenant_max_running_jobs": None}
 
 
 @pytest.fixture
-def db(mongo_client, database) -> Database:
-    return mongo_client[database]
-
-
-@pytest.fixture
-async def clients(app, db) -> AsyncIterator:
-    made: list[httpx.AsyncClient] = []
-
-    def make(tenant: str) -> httpx.AsyncClient:
-        document, token = new_key(tenant, ("submit", "read"), f"{tenant} test key")
-        db[API_KEYS].insert_one(document)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers={"Authorization": f"Bearer {token}"}, timeout=20)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        await client.aclose()
+def clients(client_for):
+    """`clients(tenant)`: a client with a new submit/read key of `tenant`."""
+    return lambda tenant: client_for(tenant, ("submit", "read"))
 
 
 @pytest.fixture
