@@ -9,7 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CAIRN_", env_file=".env", extra="ignore")
+    # `CAIRN_X=null` unsets an optional setting (e.g. CAIRN_TENANT_MAX_IN_FLIGHT_SHARDS=null: no cap).
+    model_config = SettingsConfigDict(env_prefix="CAIRN_", env_file=".env", extra="ignore", env_parse_none_str="null")
 
     service_name: str = "cairn"
     mongodb_uri: str = Field(
