@@ -22,6 +22,8 @@ REDIS_URL = os.environ.get("CAIRN_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 @dataclass(frozen=True)
 class TestEnvironment:
+    __test__ = False  # not a test class, whatever pytest's name rule says
+
     run_id: str
     mongodb_uri: str
     mongodb_database: str
