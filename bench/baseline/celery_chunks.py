@@ -12,35 +12,17 @@ Worker:   python -m celery -A bench.baseline.celery_chunks worker -Q bench.basel
 Settings: BENCH_BASELINE_BROKER, MONGODB_URI, BENCH_BASELINE_DATABASE (environment).
 """
 
-import os
 from typing import Any
 
-from celery import Celery
 from pymongo.errors import BulkWriteError
 
-from bench.baseline.celery_records import _database, clean, filler, make_record
+from bench.baseline.celery_records import _database, baseline_app, clean, filler, make_record
 
 QUEUE = "bench.baseline.chunks"
 TASK = "bench.baseline.store_chunk"
 CHUNK = 1000
 
-app = Celery("bench-baseline-chunks")
-app.conf.update(
-    broker_url=os.environ.get("BENCH_BASELINE_BROKER", "amqp://guest:guest@127.0.0.1:5672//"),
-    broker_connection_retry_on_startup=True,
-    task_default_queue=QUEUE,
-    task_serializer="json",
-    accept_content=["json"],
-    result_backend=None,
-    task_ignore_result=True,
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1,
-    worker_hijack_root_logger=False,
-    worker_send_task_events=False,
-    task_send_sent_event=False,
-    worker_enable_remote_control=False,
-)
+app = baseline_app("bench-baseline-chunks", QUEUE, worker_prefetch_multiplier=1)
 
 
 @app.task(name=TASK)

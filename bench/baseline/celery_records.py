@@ -27,22 +27,32 @@ from pymongo.errors import DuplicateKeyError
 QUEUE = "bench.baseline.records"
 TASK = "bench.baseline.store_record"
 
-app = Celery("bench-baseline")
-app.conf.update(
-    broker_url=os.environ.get("BENCH_BASELINE_BROKER", "amqp://guest:guest@127.0.0.1:5672//"),
-    broker_connection_retry_on_startup=True,
-    task_default_queue=QUEUE,
-    task_serializer="json",
-    accept_content=["json"],
-    result_backend=None,
-    task_ignore_result=True,
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_hijack_root_logger=False,
-    worker_send_task_events=False,
-    task_send_sent_event=False,
-    worker_enable_remote_control=False,
-)
+
+
+def baseline_app(name: str, queue: str, **extra: Any) -> Celery:
+    """A plain Celery app as a competent user configures one (JSON, late acks, no results, no
+    events or remote control): the baselines' shared configuration, `extra` on top."""
+    app = Celery(name)
+    app.conf.update(
+        broker_url=os.environ.get("BENCH_BASELINE_BROKER", "amqp://guest:guest@127.0.0.1:5672//"),
+        broker_connection_retry_on_startup=True,
+        task_default_queue=queue,
+        task_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_enable_remote_control=False,
+        **extra,
+    )
+    return app
+
+
+app = baseline_app("bench-baseline", QUEUE)
 
 _lock = threading.Lock()
 _client: tuple[int, MongoClient] | None = None
