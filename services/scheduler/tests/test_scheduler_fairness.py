@@ -1,6 +1,7 @@
 """Fair dispatch across tenants (issue 15): the pure decision `fair_pick`, then the pass with the
 JobScheduler against the MongoDB-wire server and a dispatcher recording each bulk dispatch."""
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -86,7 +87,7 @@ async def queued(db: Any, job_id: str) -> int:
 
 async def test_a_large_job_is_held_at_its_tenants_cap_and_another_tenants_job_is_sent_at_once(db) -> None:
     dispatcher = BulkRecorder()
-    fair = FairDispatch(db, dispatcher, default_cap=3)
+    fair = FairDispatch(db, dispatcher, default_cap=3, refill_interval_s=0)  # a pass per event
     scheduler = JobScheduler(db, dispatcher, fair=fair)
     large, small = start("big-job", "big", 40), start("small-job", "small", 1)
     await record(db, large, 1)
@@ -110,7 +111,7 @@ async def test_shard_events_run_passes_only_while_shards_are_left_waiting(db) ->
     """Once every PLANNED shard is out, a shard event costs no pass (no scan of running jobs and
     shards in flight); while the cap holds some back, each event refills the freed room."""
     dispatcher = BulkRecorder()
-    fair = FairDispatch(db, dispatcher, default_cap=3)
+    fair = FairDispatch(db, dispatcher, default_cap=3, refill_interval_s=0)  # a pass per event
     scheduler = JobScheduler(db, dispatcher, fair=fair)
     job = start("five-job", "solo", 5)
     await record(db, job, 1)
@@ -128,6 +129,26 @@ async def test_shard_events_run_passes_only_while_shards_are_left_waiting(db) ->
                                  "state": ShardState.PLANNED, "strategy": "range"})
     assert await fair.after_shard_finished() == 0  # an event alone does not look for it...
     assert await fair.run_pass() == 1  # ...the periodic (or after-planning) pass does
+
+
+async def test_a_burst_of_shard_events_is_refilled_by_one_pass_at_the_end_of_the_refill_interval(db) -> None:
+    """A pass reads every in-flight shard of the running jobs: events that come within
+    `refill_interval_s` of the last pass share one pass, run when the interval is over."""
+    dispatcher = BulkRecorder()
+    fair = FairDispatch(db, dispatcher, default_cap=3, refill_interval_s=0.3)
+    scheduler = JobScheduler(db, dispatcher, fair=fair)
+    job = start("burst-job", "solo", 9)
+    await record(db, job, 1)
+    await scheduler.start_job(job)  # the planning pass: 3 sent, 6 held back
+    assert await queued(db, "burst-job") == 3 and len(dispatcher.batches) == 1
+
+    for index in range(3):
+        await db[SHARDS].update_one({"shard_key": f"burst-job:{index:04d}"}, {"$set": {"state": ShardState.SUCCEEDED}})
+        assert await fair.after_shard_finished() == 0  # put off: within the interval of the planning pass
+    assert len(dispatcher.batches) == 1  # nothing sent yet
+    await asyncio.wait_for(fair._refill, timeout=10)  # type: ignore[arg-type]
+    assert len(dispatcher.batches) == 2 and len(dispatcher.batches[1][0]) == 3  # one pass refilled all three
+    assert await queued(db, "burst-job") == 3  # the three sent now (the first three SUCCEEDED)
 
 
 async def test_a_tenants_own_cap_and_a_global_budget_are_honoured_round_robin(db) -> None:
@@ -150,7 +171,7 @@ async def test_a_tenants_high_priority_backlog_does_not_bury_another_tenants_tas
     # before every lower one. A tenant choosing CRITICAL for its large job must not keep another
     # tenant's queued LOW shard behind the tasks it refills its cap with for as long as its job lasts.
     dispatcher = BulkRecorder()
-    scheduler = JobScheduler(db, dispatcher, fair=FairDispatch(db, dispatcher, default_cap=3))
+    scheduler = JobScheduler(db, dispatcher, fair=FairDispatch(db, dispatcher, default_cap=3, refill_interval_s=0))
     loud, quiet = start("loud-job", "loud", 40, priority=4), start("quiet-job", "quiet", 1, priority=1)
     await record(db, loud, 1)
     await record(db, quiet, 2)

@@ -62,10 +62,13 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         "task_default_delivery_mode": "persistent",
         "worker_hijack_root_logger": False,
         # Remote control (inspect, pool grow/shrink, shutdown, Cairn's terminate: the gateway's
-        # /v1/workers routes) and task events (Flower, the workers' heartbeats) over the same
-        # broker: a pidbox fanout exchange with one auto-delete queue per worker, and the
-        # `celeryev` topic exchange. Neither touches the ingest queue.
-        "worker_send_task_events": True,
+        # /v1/workers routes) and worker events (heartbeats, online/offline: the gateway's worker
+        # list, Flower) over the same broker: a pidbox fanout exchange with one auto-delete queue
+        # per worker, and the `celeryev` topic exchange. Neither touches the ingest queue.
+        # Task events (`task-received`/`-started`/`-succeeded`, Flower's task list) are off, as in
+        # Celery: about three confirmed publishes per task, more broker and worker CPU than a small
+        # shard's own store writes; a worker sends them with CAIRN_WORKER_TASK_EVENTS=true.
+        "worker_send_task_events": False,
         # Not `task-sent` events: they would add a publish to every dispatch (the scheduler's hot
         # path); Flower sees a task from `task-received` on.
         "task_send_sent_event": False,

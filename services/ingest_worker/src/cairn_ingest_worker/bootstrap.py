@@ -46,6 +46,7 @@ def create_app(settings: WorkerSettings, leases: LeasesFactory = ShardLeases) ->
     app = Celery("cairn-ingest-worker")
     app.conf.update(celery_config(settings.amqp_url))
     app.conf.worker_concurrency = settings.worker_concurrency
+    app.conf.worker_send_task_events = settings.worker_task_events
     # Messages Celery cannot read are dead-lettered, not dropped (consumer.py).
     app.conf.worker_consumer = "cairn_ingest_worker.consumer:DeadLetteringConsumer"
     app.conf[MAX_BODY_CONF] = settings.max_task_body_bytes

@@ -29,6 +29,9 @@ class WorkerSettings(ServiceSettings):
 
     service_name: str = "ingest-worker"
     worker_concurrency: int = Field(2, ge=1, le=64)
+    worker_task_events: bool = Field(
+        False, description="Send Celery task events (Flower's task list); worker heartbeats are sent either way"
+    )
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     lease_ttl_s: float = Field(30.0, gt=0, description="A lease not renewed for this long may be taken over")
     heartbeat_interval_s: float = Field(5.0, gt=0)

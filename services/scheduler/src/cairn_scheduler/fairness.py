@@ -22,8 +22,10 @@ picked in bulk, as every dispatch (jobs.py): the tasks of each priority publishe
 their confirms awaited together (`dispatch_all`), then one `update_many` per priority marks the sent shards
 PLANNED -> QUEUED (publish first: a crash in between re-sends, and the worker's lease claim makes
 the second task a no-op). Passes of one scheduler never overlap: a pass asked for while one runs
-is folded into one more round of the running pass (a burst of shard events costs a few passes,
-not one each).
+is folded into one more round of the running pass, and shard events start at most one pass per
+`refill_interval_s` (CAIRN_FAIR_REFILL_INTERVAL_S): a pass reads the in-flight shards of every
+running job, so a pass per event made a 1,000-shard job cost O(shards^2) reads, while the room an
+event frees is not urgent (a capped tenant still has a full queue of tasks waiting in RabbitMQ).
 
 What is not capped: retries (their shard was in flight), reclaimed and lost tasks re-sent by the
 reaper, and lease-frontier runners (a fixed, small number per job). Two schedulers running a pass
@@ -114,20 +116,41 @@ class FairDispatch:
     dispatcher: ShardDispatcher
     default_cap: int | None
     budget: int | None = None
+    # Shortest time (s) between passes started by shard events; 0: one pass per event.
+    refill_interval_s: float = 0.1
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _last_pass: float = field(default=float("-inf"), repr=False)  # loop time the last pass started
+    _refill: "asyncio.Task[int] | None" = field(default=None, repr=False)  # the pass an event put off
     _again: bool = field(default=False, repr=False)
     # Whether the last pass may have left PLANNED shards behind (a tenant at its cap, or the
     # budget spent): only then is a shard event worth a pass (see `after_shard_finished`).
     backlog: bool = field(default=True, repr=False)
 
     async def after_shard_finished(self) -> int:
-        """A pass if the last one left shards waiting, else nothing (returns what was sent).
+        """A pass if the last one left shards waiting, else nothing (returns what was sent now).
 
         A pass reads every running job and counts each tenant's shards in flight; once every
         PLANNED shard is out, a job's remaining shard events would each pay for that and send
-        nothing. Shards planned by another scheduler meanwhile are sent by its own pass after
-        planning, or by the periodic pass of either (`run_pass`, which always runs)."""
-        return await self.run_pass() if self.backlog else 0
+        nothing. Within `refill_interval_s` of the last pass the pass is put off to the end of
+        that interval (one pass for every event in it; 0 is returned). Shards planned by another
+        scheduler meanwhile are sent by its own pass after planning, or by the periodic pass of
+        either (`run_pass`, which always runs)."""
+        if not self.backlog:
+            return 0
+        wait = self._last_pass + self.refill_interval_s - asyncio.get_running_loop().time()
+        if wait <= 0:
+            return await self.run_pass()
+        if self._refill is None or self._refill.done():
+            self._refill = asyncio.create_task(self._run_pass_in(wait), name="fair-dispatch-refill")
+        return 0
+
+    async def _run_pass_in(self, delay_s: float) -> int:
+        await asyncio.sleep(delay_s)
+        try:
+            return await self.run_pass()
+        except Exception:  # the periodic pass is the fallback; an event's refill must not crash the loop
+            logger.exception("fair dispatch: a refill pass failed; the periodic pass retries")
+            return 0
 
     async def run_pass(self) -> int:
         """Dispatch what fits now; returns how many shard tasks this call sent. If a pass is
@@ -141,6 +164,7 @@ class FairDispatch:
             self._again = True
             while self._again:
                 self._again = False
+                self._last_pass = asyncio.get_running_loop().time()
                 sent += await self._run_pass()
         return sent
 

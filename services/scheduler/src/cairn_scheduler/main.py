@@ -56,7 +56,9 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
             max_records_per_job=settings.tenant_max_records_per_job,
         )
         dependents = DependencyRelease(db, publisher, locks, defaults=defaults)
-        fair = FairDispatch(db, dispatcher, settings.tenant_max_in_flight_shards, settings.max_in_flight_shards)
+        fair = FairDispatch(
+            db, dispatcher, settings.tenant_max_in_flight_shards, settings.max_in_flight_shards, settings.fair_refill_interval_s
+        )
         scheduler = JobScheduler(
             db, dispatcher, locks=locks, dependents=dependents, fair=fair, snapshot_every_s=settings.reconcile_interval_s
         )

@@ -35,6 +35,9 @@ class SchedulerSettings(ServiceSettings):
         None, ge=1, description="Shard tasks queued or running across all tenants (None: no limit; about the workers' total concurrency)"
     )
     fair_dispatch_interval_s: float = Field(1.0, gt=0, description="How often waiting shards are dispatched besides on shard events")
+    fair_refill_interval_s: float = Field(
+        0.1, ge=0, description="Shortest time between the dispatch passes shard events start (0: one per event); fairness.py"
+    )
     # Webhooks (webhooks.py): a finished job's callback URL is POSTed a signed body.
     webhook_secret: SecretStr | None = Field(
         None, description="HMAC-SHA256 key of the Cairn-Signature header; unset: deliveries wait (logged) until it is set"
