@@ -5,9 +5,10 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
-from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
+from cairn_contracts.messages import RunFrontier, RunShard, RunShards, ShardFinished, StartJob
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import JOBS, SHARDS
+from cairn_contracts.tasks import shard_keys_of
 from cairn_contracts.tenancy import TENANTS
 from cairn_scheduler.fairness import FairDispatch, fair_pick
 from cairn_scheduler.jobs import JobScheduler
@@ -45,11 +46,11 @@ class BulkRecorder:
     def __init__(self) -> None:
         self.batches: list[tuple[list[str], int]] = []
 
-    async def dispatch(self, task: RunShard | RunFrontier, priority: int) -> None:
-        self.batches.append(([getattr(task, "shard_key", "")], priority))
+    async def dispatch(self, task: RunShard | RunShards | RunFrontier, priority: int) -> None:
+        self.batches.append((shard_keys_of(task), priority))
 
-    async def dispatch_many(self, tasks: list[RunShard | RunFrontier], priority: int) -> None:
-        self.batches.append(([getattr(task, "shard_key", "") for task in tasks], priority))
+    async def dispatch_many(self, tasks: list[RunShard | RunShards | RunFrontier], priority: int) -> None:
+        self.batches.append(([key for task in tasks for key in shard_keys_of(task)], priority))
 
     @property
     def keys(self) -> list[str]:

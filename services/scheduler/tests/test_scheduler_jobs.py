@@ -6,11 +6,12 @@ from typing import Any
 
 import pytest
 
-from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
+from cairn_contracts.messages import RunFrontier, RunShard, RunShards, ShardFinished, StartJob
 from cairn_contracts.pipelines import PIPELINES
 from cairn_contracts.sinks import RUN_MS, WINDOW, window_key
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import CHECKPOINTS, DEFAULT_TENANT, JOBS, MAIN_SUB_KEY, SHARDS
+from cairn_contracts.tasks import shard_keys_of
 from cairn_contracts.tenancy import tenant_database
 from cairn_runtime.amqp import PublishNotConfirmed
 from cairn_runtime.consumer import Unprocessable
@@ -30,9 +31,10 @@ class RecordingDispatcher:
         self.calls += 1
         if self.calls == self.fail_on_call:
             raise PublishNotConfirmed("the broker did not confirm")
-        if isinstance(task, RunShard):
-            shard = await self.db[SHARDS].find_one({"shard_key": task.shard_key})
-            self.dispatched.append((task, priority, shard["state"]))
+        if isinstance(task, RunShard | RunShards):  # a bundle is recorded as the RunShard of each of its shards
+            for key in shard_keys_of(task):
+                shard = await self.db[SHARDS].find_one({"shard_key": key})
+                self.dispatched.append((RunShard(job_id=task.job_id, shard_key=key), priority, shard["state"]))
         else:
             self.dispatched.append((task, priority, None))
 
@@ -122,10 +124,37 @@ async def test_start_job_twice_creates_nothing_new_and_dispatches_nothing(db) ->
 
     await scheduler.start_job(cmd)
 
-    assert dispatcher.calls == 4
+    assert sorted(dispatcher.keys) == [f"job-b:{i:04d}" for i in range(4)]  # each once (in one bundle: bundles.py)
     assert [s async for s in db[SHARDS].find({"job_id": "job-b"})] == first_shards
     assert await db[CHECKPOINTS].count_documents({"job_id": "job-b"}) == 4
     assert (await db[JOBS].find_one({"_id": "job-b"}))["state"] == JobState.STARTED
+
+
+async def test_small_shards_are_sent_in_bundles_of_about_one_batch_and_large_ones_alone(db) -> None:
+    cmd = StartJob.model_validate({"job_id": "job-bundles", "tenant": "default", "spec": {
+        "pipeline": "synthetic", "params": {"count": 1000}, "sharding": {"shards": 40}, "batch_size": 100}})
+    await record_job(db, cmd)
+    dispatcher = BundleRecorder()
+    await JobScheduler(db, dispatcher).start_job(cmd)
+
+    # 40 shards of 25 records, batch_size 100: ten bundles of four, in index order.
+    assert [t.shard_keys for t in dispatcher.tasks] == [[f"job-bundles:{i:04d}" for i in range(b, b + 4)] for b in range(0, 40, 4)]
+    assert await db[SHARDS].count_documents({"job_id": "job-bundles", "state": ShardState.QUEUED}) == 40
+
+    large = StartJob.model_validate({"job_id": "job-large", "tenant": "default", "spec": {
+        "pipeline": "synthetic", "params": {"count": 1000}, "sharding": {"shards": 4}, "batch_size": 100}})
+    await record_job(db, large)
+    dispatcher = BundleRecorder()
+    await JobScheduler(db, dispatcher).start_job(large)
+    assert [type(t) for t in dispatcher.tasks] == [RunShard] * 4  # 250 records each: more than a batch, a task each
+
+
+class BundleRecorder:
+    def __init__(self) -> None:
+        self.tasks: list[Any] = []
+
+    async def dispatch(self, task: Any, priority: int) -> None:
+        self.tasks.append(task)
 
 
 async def test_start_job_of_an_unknown_job_is_unprocessable(db) -> None:
@@ -159,7 +188,7 @@ async def test_failed_dispatch_leaves_every_shard_planned_and_a_redelivery_dispa
     failing = RecordingDispatcher(db, fail_on_call=2)
 
     with pytest.raises(PublishNotConfirmed):
-        await JobScheduler(db, failing).start_job(cmd)
+        await JobScheduler(db, failing, max_bundle_shards=1).start_job(cmd)  # a task per shard: the second fails
 
     states = await shard_states(db, "job-c")
     assert len(failing.keys) == 1

@@ -9,7 +9,7 @@ dead-lettered with the validation error as its reason, never half-processed.
 from datetime import datetime
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cairn_contracts.bounds import ContractModel
 from cairn_contracts.clock import utcnow
@@ -84,6 +84,34 @@ class RunShard(Message, ContractModel):  # its ids reach queries: storable text 
     schema_version: Literal[1] = 1
     job_id: str
     shard_key: str
+
+    def route(self) -> Route:
+        return Route(EXCHANGE_DEFAULT, QUEUE_INGEST)  # the route Celery sends it by
+
+
+# Most shards one RunShards task carries (the scheduler's bundles: cairn_scheduler/bundles.py).
+MAX_BUNDLE_SHARDS = 64
+
+
+class RunShards(Message, ContractModel):
+    """Celery task payload scheduler → ingest worker: run these shards of one job, in order, in
+    one task (a bundle of small shards; each is still claimed, checkpointed, fenced and finished
+    as its own shard). The shard documents are authoritative."""
+
+    message_type: ClassVar[str] = "cairn.ingest.run_shards"  # also its Celery task name
+    schema_version: Literal[1] = 1
+    job_id: str
+    shard_keys: list[str] = Field(min_length=1, max_length=MAX_BUNDLE_SHARDS)
+
+    @field_validator("shard_keys")
+    @classmethod
+    def _of_the_job(cls, keys: list[str], info: ValidationInfo) -> list[str]:
+        job_id = info.data.get("job_id")
+        if job_id is not None and any(not key.startswith(f"{job_id}:") for key in keys):
+            raise ValueError("every shard key of a bundle is one of its job's (<job id>:<index>)")
+        if len(set(keys)) != len(keys):
+            raise ValueError("a bundle names each shard once")
+        return keys
 
     def route(self) -> Route:
         return Route(EXCHANGE_DEFAULT, QUEUE_INGEST)  # the route Celery sends it by

@@ -14,8 +14,8 @@ from celery.app.amqp import AMQP
 from kombu import Connection, Exchange, Queue
 from kombu.connection import ConnectionPool, PooledConnection
 
-from cairn_contracts.messages import RunFrontier, RunShard
-from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
+from cairn_contracts.messages import RunFrontier, RunShard, RunShards
+from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD, TASK_RUN_SHARDS
 from cairn_contracts.topology import EXCHANGE_TASKS, QUEUE_INGEST, queue_spec
 from cairn_runtime.header_depth import bound_header_depth
 
@@ -30,6 +30,9 @@ INGEST_QUEUE = Queue(
 # A worker's Celery node name is this prefix and its CAIRN_WORKER_ID; a shard's `taken_by` is
 # `<worker id>/<pool process pid>`, so the gateway finds the node and process running a shard.
 WORKER_HOSTNAME_PREFIX = "cairn-ingest@"
+
+# A task the scheduler and the DLQ handler send to the ingest workers.
+ShardTask = RunShard | RunShards | RunFrontier
 
 
 def worker_hostname(worker_id: str) -> str:
@@ -49,7 +52,7 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         "broker_connection_timeout": 10,
         "task_queues": (INGEST_QUEUE,),
         "task_default_queue": QUEUE_INGEST,
-        "task_routes": {TASK_RUN_SHARD: {"queue": QUEUE_INGEST}, TASK_RUN_FRONTIER: {"queue": QUEUE_INGEST}},
+        "task_routes": {name: {"queue": QUEUE_INGEST} for name in (TASK_RUN_SHARD, TASK_RUN_SHARDS, TASK_RUN_FRONTIER)},
         "task_create_missing_queues": False,
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -159,7 +162,7 @@ class ShardDispatcher(Protocol):
     """What the scheduler and the DLQ handler need to run a shard: `ShardTaskSender` in
     production, a recording fake in unit tests."""
 
-    async def dispatch(self, task: RunShard | RunFrontier, priority: int) -> None:
+    async def dispatch(self, task: ShardTask, priority: int) -> None:
         """Put the task on the ingest queue (priority 0..MAX_PRIORITY); returns once the broker
         confirmed it, raises otherwise."""
 
@@ -177,7 +180,7 @@ class ShardTaskSender:
         app.conf.update(celery_config(broker_url))
         return cls(app)
 
-    async def dispatch(self, task: RunShard | RunFrontier, priority: int) -> None:
+    async def dispatch(self, task: ShardTask, priority: int) -> None:
         """Returns once the broker confirmed the task; raises if it did not."""
         # The Celery task name is the payload's message type (contracts.tasks), the route its own
         # (the one Celery would pick). kombu is blocking: off the event loop (contextvars, so the
@@ -192,7 +195,7 @@ class ShardTaskSender:
             routing_key=route.routing_key,
         )
 
-    async def dispatch_many(self, tasks: Sequence[RunShard | RunFrontier], priority: int, timeout_s: float = 30.0) -> None:
+    async def dispatch_many(self, tasks: Sequence[ShardTask], priority: int, timeout_s: float = 30.0) -> None:
         """Send every task, then wait for the broker's confirms of all of them together (publisher
         confirms pipelined on one channel: one round trip for the lot, not one per task).
         Returns once all are confirmed; raises `DispatchNotConfirmed` if any was nacked or not
@@ -201,7 +204,7 @@ class ShardTaskSender:
         if tasks:
             await asyncio.to_thread(self._send_many, list(tasks), priority, timeout_s)
 
-    def _send_many(self, tasks: list[RunShard | RunFrontier], priority: int, timeout_s: float) -> None:
+    def _send_many(self, tasks: list[ShardTask], priority: int, timeout_s: float) -> None:
         # Not the app's confirm_publish channel: py-amqp then waits for each confirm in turn.
         with self._app.connection_for_write(transport_options={"confirm_publish": False}) as connection:
             producer = connection.Producer()
@@ -242,7 +245,7 @@ class DispatchNotConfirmed(Exception):
     """The broker nacked, or did not confirm in time, some tasks of a bulk dispatch."""
 
 
-async def dispatch_all(dispatcher: ShardDispatcher, tasks: Sequence[RunShard | RunFrontier], priority: int) -> None:
+async def dispatch_all(dispatcher: ShardDispatcher, tasks: Sequence[ShardTask], priority: int) -> None:
     """Send `tasks` with confirms: pipelined when the dispatcher can (`dispatch_many`), else one
     by one (test doubles that implement `dispatch` only)."""
     many = getattr(dispatcher, "dispatch_many", None)

@@ -31,7 +31,7 @@ from celery.worker.consumer.consumer import Consumer
 from vine import promise
 
 from cairn_contracts.messages import OriginalMessage
-from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
+from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD, TASK_RUN_SHARDS
 from cairn_contracts.topology import QUEUE_INGEST
 from cairn_ingest_worker.publisher import BrokerPublisher
 from cairn_runtime.amqp import dead_letter_for, original_message
@@ -39,7 +39,7 @@ from cairn_runtime.amqp import dead_letter_for, original_message
 logger = logging.getLogger(__name__)
 
 SERVICE = "ingest-worker"
-CAIRN_TASKS = frozenset({TASK_RUN_SHARD, TASK_RUN_FRONTIER})
+CAIRN_TASKS = frozenset({TASK_RUN_SHARD, TASK_RUN_SHARDS, TASK_RUN_FRONTIER})
 # app.conf key holding the largest task body parsed (bytes); set from the worker's settings.
 MAX_BODY_CONF = "cairn_max_task_body_bytes"
 

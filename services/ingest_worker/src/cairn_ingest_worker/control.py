@@ -19,7 +19,7 @@ from typing import Any
 from celery.worker import state as worker_state
 from celery.worker.control import control_command, nok, ok
 
-from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
+from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD, TASK_RUN_SHARDS
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ TERMINATE_SHARD = "cairn_terminate_shard"
 
 def find_run(requests: Any, pid: int, shard_key: str, job_id: str) -> Any | None:
     """The started request of pool process `pid` that runs `shard_key`: a `run_shard` of that
-    shard, or a `run_frontier` lane of its job (a lane names no shard; its pid does). None if
+    shard, a `run_shards` bundle naming it, or a `run_frontier` lane of its job (a lane names no shard; its pid does). None if
     that process runs something else now (the shard's run ended meanwhile)."""
     for request in list(requests):
         if request.worker_pid != pid or not request.time_start:
@@ -36,6 +36,8 @@ def find_run(requests: Any, pid: int, shard_key: str, job_id: str) -> Any | None
         kwargs = request.kwargs or {}
         if request.name == TASK_RUN_SHARD and kwargs.get("shard_key") == shard_key:
             return request
+        if request.name == TASK_RUN_SHARDS and shard_key in (kwargs.get("shard_keys") or ()):
+            return request  # a bundle: the interrupt stops the shard it runs now (fenced either way)
         if request.name == TASK_RUN_FRONTIER and kwargs.get("job_id") == job_id:
             return request
     return None

@@ -8,11 +8,13 @@ slow) cannot overwrite the progress of the worker that took the shard over.
 import logging
 import threading
 import time
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import ConnectionFailure
 
@@ -72,6 +74,23 @@ def _as_read(shard: dict[str, Any]) -> dict[str, Any]:
         # $in, not $ne: the stand-in's updates skip missing fields on $ne
         "cancel_requested": {"$in": [False, None]},
     }
+
+
+def _held(claim: "Claim") -> dict[str, Any]:
+    """The filter of a write by the claim's holder: its shard, its token, still RUNNING."""
+    return {"shard_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING}
+
+
+def _renewable(claim: "Claim") -> dict[str, Any]:
+    """A lease renewal's filter. Not a handed-off lease (lease_until 0): renewing it would hold the
+    continuation back. Not a cancelled job's shard either: a run stuck in one batch must not keep
+    it alive."""
+    return {**_held(claim), "lease_until": {"$gt": 0}, "cancel_requested": {"$in": [False, None]}}
+
+
+# A hand-off: the lease ends now, the shard stays RUNNING (any runner may claim it at once), and
+# the claim's attempt is given back (a handed-off run is not a failed attempt).
+_HAND_OFF = {"$set": {"lease_until": 0}, "$inc": {"attempts": -1, "hand_offs": 1}}
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,79 @@ class ShardLeases:
                 return claim
         return None  # it kept moving under us: another worker is at it
 
+    def claim_waiting(self, shard_keys: Sequence[str]) -> dict[str, Claim]:
+        """A bundle's claim: take every shard of `shard_keys` that waits for its run (PLANNED,
+        QUEUED; its job not cancelled) in bulk. Returns {shard_key: Claim} of those taken; the
+        others (retrying, running, finished, cancelled, unknown) are the caller's to claim one by
+        one (`claim`), as a task of their own would.
+
+        Four round trips whatever the count, where claiming one by one costs two per shard: one
+        `update_many` takes them (state, lease, fencing token + 1, attempt + 1, tagged with this
+        claim's own id), one `find` reads back what it took (their tokens), one unordered
+        `bulk_write` adopts their checkpoints (conditional on an older token, as `claim` does),
+        one `find` reads the checkpoints back; a shard whose checkpoint holds another token is
+        left out (its lease expires; the reaper sends it again). Raises ConnectionFailure when
+        the store is unreachable: shards taken before it happened stay RUNNING under this
+        worker's lease until it expires, then the reaper sends them again."""
+        keys = list(dict.fromkeys(shard_keys))
+        if not keys:
+            return {}
+        tag, now, now_ms = uuid.uuid4().hex, clock.utcnow(), clock.now_ms()
+        taken = {
+            "state": ShardState.RUNNING, "taken_by": self._worker_id, "lease_until": now_ms + self._ttl_ms, "started_at": now,
+            "bundle_claim": tag,
+        }
+        self._shards.update_many(
+            {"shard_key": {"$in": keys}, "state": {"$in": [ShardState.PLANNED, ShardState.QUEUED]}, "cancel_requested": {"$in": [False, None]}},
+            {"$set": taken, "$inc": {"fencing_token": 1, "attempts": 1}},
+        )
+        shards = [
+            shard for shard in self._shards.find({"shard_key": {"$in": keys}, "bundle_claim": tag})
+            if shard.get("state") == ShardState.RUNNING and shard.get("taken_by") == self._worker_id
+        ]
+        if not shards:
+            return {}
+        tokens = {shard["shard_key"]: int(shard["fencing_token"]) for shard in shards}
+        ids = {key: f"{key}/{MAIN_SUB_KEY}" for key in tokens}  # CheckpointRecord's _id
+        self._checkpoints.bulk_write(
+            [
+                UpdateOne({"_id": ids[key], "fencing_token": {"$lt": token}}, {"$set": {"fencing_token": token, "taken_by": self._worker_id}})
+                for key, token in tokens.items()
+            ],
+            ordered=False,
+        )
+        checkpoints = {c["_id"]: c for c in self._checkpoints.find({"_id": {"$in": list(ids.values())}})}
+        claims: dict[str, Claim] = {}
+        for shard in shards:
+            key, token = shard["shard_key"], tokens[shard["shard_key"]]
+            checkpoint = checkpoints.get(ids[key])
+            if checkpoint is None or int(checkpoint.get("fencing_token") or 0) != token:
+                logger.warning("shard %s: checkpoint held by another token than %d; left to the reaper", key, token)
+                continue
+            batches = int(checkpoint.get("batches") or 0)
+            claims[key] = Claim(
+                shard=shard, token=token, cursor=checkpoint.get("cursor"), checkpoint_id=checkpoint["_id"],
+                fresh=not batches, done=bool(checkpoint.get("done")), batches=batches,
+            )
+        return claims
+
+    def renew_all(self, claims: Sequence[Claim]) -> int:
+        """Renew the leases of `claims` in one round trip (unordered bulk of `renew`'s fenced
+        update); returns how many were renewed (a taken-over or cancelled one is not)."""
+        if not claims:
+            return 0
+        until = clock.now_ms() + self._ttl_ms
+        result = self._shards.bulk_write([UpdateOne(_renewable(claim), {"$set": {"lease_until": until}}) for claim in claims], ordered=False)
+        return int(result.matched_count)
+
+    def hand_off_all(self, claims: Sequence[Claim]) -> int:
+        """`hand_off` for every claim in one round trip (a bundle's shards it will not run);
+        returns how many were handed off."""
+        if not claims:
+            return 0
+        result = self._shards.bulk_write([UpdateOne(_held(claim), _HAND_OFF) for claim in claims], ordered=False)
+        return int(result.matched_count)
+
     def claim_next(self, job_id: str) -> Claim | None:
         """Lease frontier: take the job's first claimable work item (a RETRY item once it is due).
 
@@ -192,7 +284,11 @@ class ShardLeases:
 
     def _claim(self, query: dict[str, Any], now_ms: int, sort: list[tuple[str, int]] | None = None) -> Claim | None:
         now = clock.utcnow()
-        taken = {"state": ShardState.RUNNING, "taken_by": self._worker_id, "lease_until": now_ms + self._ttl_ms, "started_at": now}
+        # `bundle_claim`: None here; a bundle's claim (`claim_waiting`) tags what it took with its own id.
+        taken = {
+            "state": ShardState.RUNNING, "taken_by": self._worker_id, "lease_until": now_ms + self._ttl_ms, "started_at": now,
+            "bundle_claim": None,
+        }
         before = self._shards.find_one_and_update(
             query,
             {"$set": taken, "$inc": {"fencing_token": 1, "attempts": 1}},
@@ -235,18 +331,7 @@ class ShardLeases:
         )
 
     def renew(self, claim: Claim) -> bool:
-        # Not a handed-off lease (lease_until 0): renewing it would hold the continuation back.
-        # Not a cancelled job's shard either: a run stuck in one batch must not keep it alive.
-        result = self._shards.update_one(
-            {
-                "shard_key": claim.shard_key,
-                "fencing_token": claim.token,
-                "state": ShardState.RUNNING,
-                "lease_until": {"$gt": 0},
-                "cancel_requested": {"$in": [False, None]},
-            },
-            {"$set": {"lease_until": clock.now_ms() + self._ttl_ms}},
-        )
+        result = self._shards.update_one(_renewable(claim), {"$set": {"lease_until": clock.now_ms() + self._ttl_ms}})
         return result.matched_count == 1
 
     def taken_over(self, claim: Claim) -> bool:
@@ -326,10 +411,7 @@ class ShardLeases:
         """End this run's lease now, keeping the shard RUNNING: the continuation task (or any
         runner) may claim it at once, and if none is sent the reaper finds an expired lease.
         A handed-off run is not a failed attempt, so the claim's attempt is given back."""
-        result = self._shards.update_one(
-            {"shard_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING},
-            {"$set": {"lease_until": 0}, "$inc": {"attempts": -1, "hand_offs": 1}},
-        )
+        result = self._shards.update_one(_held(claim), _HAND_OFF)
         return result.matched_count == 1
 
     def note_fenced_write(self, claim: Claim) -> None:
@@ -407,3 +489,45 @@ class Heartbeat:
                     return
             except Exception:  # a store hiccup: keep trying until the lease really expires
                 logger.exception("shard %s: heartbeat failed", self._claim.shard_key)
+
+
+class HeldLeases:
+    """Keeps alive the leases of a bundle's claims that have not started yet (one `renew_all`
+    per interval), so a shard waiting its turn behind slower ones is not taken for dead. A claim
+    leaves it when its run starts (`started`): its own Heartbeat renews it from then on.
+    `waiting()` lists the claims not started (handed off when the bundle ends early)."""
+
+    def __init__(self, leases: ShardLeases, claims: Sequence[Claim], interval_s: float) -> None:
+        self._leases = leases
+        self._waiting = {claim.shard_key: claim for claim in claims}
+        self._lock = threading.Lock()
+        self._interval_s = interval_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bundle-leases", daemon=True)
+
+    def started(self, claim: Claim) -> None:
+        with self._lock:
+            self._waiting.pop(claim.shard_key, None)
+
+    def waiting(self) -> list[Claim]:
+        with self._lock:
+            return list(self._waiting.values())
+
+    def __enter__(self) -> "HeldLeases":
+        if self._waiting:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self._interval_s + 5)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            if not (claims := self.waiting()):
+                continue
+            try:
+                self._leases.renew_all(claims)
+            except Exception:  # a store hiccup: the next round tries again before the leases expire
+                logger.exception("renewing the leases of %d waiting bundle shard(s) failed", len(claims))

@@ -1,6 +1,8 @@
 """The Celery tasks: decode the payload, run shards, carry out what `decisions.py` decides.
 
 - `run_shard` (range and hash-mod sharding): runs the one shard its message names.
+- `run_shards` (a bundle of small range or hash-mod shards, scheduler/bundles.py): claims the
+  waiting ones in bulk and runs them one after another, each ending as it would alone.
 - `run_frontier` (lease-frontier sharding): pulls the job's work items one at a time by lease
   until none is claimable.
 
@@ -18,6 +20,7 @@ the one place that does it (publish, write the shard, raise Celery's Retry).
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -26,8 +29,8 @@ from pydantic import ValidationError
 from pymongo.errors import ConnectionFailure
 
 from cairn_contracts import clock
-from cairn_contracts.messages import OriginalMessage, RunFrontier, RunShard, ShardFinished
-from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD
+from cairn_contracts.messages import OriginalMessage, RunFrontier, RunShard, RunShards, ShardFinished
+from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD, TASK_RUN_SHARDS
 from cairn_contracts.topology import QUEUE_INGEST
 from cairn_ingest_worker import metrics
 from cairn_ingest_worker.consumer import stable_dead_letter_id
@@ -47,7 +50,7 @@ from cairn_ingest_worker.decisions import (
     for_unclaimable,
 )
 from cairn_ingest_worker.errors import StoreUnavailable
-from cairn_ingest_worker.leases import Claim
+from cairn_ingest_worker.leases import Claim, HeldLeases
 from cairn_ingest_worker.observability import current_pipeline
 from cairn_ingest_worker.retry import JobRetryRules, RetryDefaults, decide, retry_fields, rules_for_job
 from cairn_ingest_worker.runner import ShardFailed, retry_time, run_claimed, run_shard
@@ -77,19 +80,16 @@ def register_tasks(app: Celery, build_context: Callable[[], WorkerContext]) -> N
             request = RunShard.model_validate(payload)
         except ValidationError as error:
             return _carry_out(ctx, self, DeadLetter("contract_violation", error))
+        return _run_one(ctx, self, request)
+
+    @app.task(name=TASK_RUN_SHARDS, **options)
+    def run_shards_task(self: WorkerTask, **payload: Any) -> str:
+        ctx = self.context
         try:
-            max_attempts = _rules(ctx, request.job_id).policy.max_attempts
-            outcome = run_shard(ctx.runner, request, max_attempts=max_attempts)
-        except (StoreUnavailable, ConnectionFailure) as error:
-            return _carry_out(ctx, self, _after_store_outage(ctx, self, _outage(error)))
-        except ShardFailed as failure:
-            return _carry_out(ctx, self, _after_failure(ctx, failure), failure.claim)
-        if outcome.kind == "not_claimable":
-            shard = ctx.runner.shards.find_one({"shard_key": request.shard_key})
-            return _carry_out(ctx, self, for_unclaimable(request, shard), request=request)
-        if outcome.kind == "sliced":
-            logger.info("shard %s: slice over after %d records; continuing in a new task", request.shard_key, outcome.records)
-        return _carry_out(ctx, self, after_run(outcome), outcome.claim)
+            request = RunShards.model_validate(payload)
+        except ValidationError as error:
+            return _carry_out(ctx, self, DeadLetter("contract_violation", error))
+        return _run_bundle(ctx, self, request)
 
     @app.task(name=TASK_RUN_FRONTIER, **options)
     def run_frontier_task(self: WorkerTask, **payload: Any) -> str:
@@ -122,6 +122,72 @@ def register_tasks(app: Celery, build_context: Callable[[], WorkerContext]) -> N
         return _carry_out(ctx, self, for_empty_lane(request, _job_recorded(ctx, request.job_id)), request=request)
 
 
+def _run_one(
+    ctx: WorkerContext, task: WorkerTask, request: RunShard, *, resend: RunShards | None = None, held: HeldLeases | None = None
+) -> str:
+    """Claim and run one shard, then carry out what its end decides. In a bundle: `resend`, the
+    task a RetryLater re-sends (the bundle's shards from this one on) instead of this task, and
+    `held`, the bundle's claims handed back before it is."""
+    try:
+        max_attempts = _rules(ctx, request.job_id).policy.max_attempts
+        outcome = run_shard(ctx.runner, request, max_attempts=max_attempts)
+    except (StoreUnavailable, ConnectionFailure) as error:
+        return _carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error)), resend=resend, held=held)
+    except ShardFailed as failure:
+        return _carry_out(ctx, task, _after_failure(ctx, failure), failure.claim)
+    if outcome.kind == "not_claimable":
+        shard = ctx.runner.shards.find_one({"shard_key": request.shard_key})
+        return _carry_out(ctx, task, for_unclaimable(request, shard), request=request)
+    if outcome.kind == "sliced":
+        logger.info("shard %s: slice over after %d records; continuing in a new task", request.shard_key, outcome.records)
+    return _carry_out(ctx, task, after_run(outcome), outcome.claim, resend=resend, held=held)
+
+
+def _run_bundle(ctx: WorkerContext, task: WorkerTask, request: RunShards) -> str:
+    """Run a bundle's shards one after another (scheduler/bundles.py): the waiting ones claimed in
+    bulk (`claim_waiting`: their leases kept alive while they wait their turn), any other one
+    claimed as its own task would be. Each shard ends as it would alone (its event, retry or dead
+    letter) and the bundle goes on; a store outage or the end of the time slice hands back the
+    leases not run yet and re-sends the rest of the bundle. Returns the outcomes counted
+    (`"3 succeeded, 1 already_done"`)."""
+    deadline = time.monotonic() + ctx.runner.slice_s
+    try:
+        claims = ctx.runner.leases.claim_waiting(request.shard_keys)
+    except ConnectionFailure as error:
+        return _carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error)))  # the whole bundle again
+    outcomes: Counter[str] = Counter()
+    with HeldLeases(ctx.runner.leases, list(claims.values()), ctx.runner.heartbeat_interval_s) as held:
+        for position, shard_key in enumerate(request.shard_keys):
+            rest = RunShards(job_id=request.job_id, shard_keys=request.shard_keys[position:])
+            if position and time.monotonic() >= deadline:
+                return _carry_out(ctx, task, SLICE_OVER, resend=rest, held=held)
+            claim = claims.get(shard_key)
+            if claim is None:
+                outcomes[_run_one(ctx, task, RunShard(job_id=request.job_id, shard_key=shard_key), resend=rest, held=held)] += 1
+                continue
+            held.started(claim)
+            try:
+                outcome = run_claimed(ctx.runner, claim, max_attempts=_rules(ctx, request.job_id).policy.max_attempts, deadline=deadline)
+            except (StoreUnavailable, ConnectionFailure) as error:
+                outcomes[_carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error, claim)), resend=rest, held=held)] += 1
+                continue
+            except ShardFailed as failure:
+                outcomes[_carry_out(ctx, task, _after_failure(ctx, failure), failure.claim)] += 1
+                continue
+            outcomes[_carry_out(ctx, task, after_run(outcome), outcome.claim, resend=rest, held=held)] += 1
+    return ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items()))
+
+
+def _hand_back(ctx: WorkerContext, held: HeldLeases) -> None:
+    """Hand off the bundle's claims not started yet (best effort: if the store does not answer,
+    their leases expire and the re-sent bundle, or the reaper, takes them then)."""
+    waiting = held.waiting()
+    try:
+        ctx.runner.leases.hand_off_all(waiting)
+    except ConnectionFailure:
+        logger.warning("%d bundle shard(s) not handed back (MongoDB unreachable); their leases expire", len(waiting))
+
+
 def _carry_out(
     ctx: WorkerContext,
     task: WorkerTask,
@@ -129,14 +195,21 @@ def _carry_out(
     claim: Claim | None = None,
     *,
     request: RunShard | RunFrontier | None = None,
+    resend: RunShards | None = None,
+    held: HeldLeases | None = None,
 ) -> str:
     """Do what `decision` says; returns the task's result, or raises Celery's Retry (RetryLater).
 
     `claim`: the shard this run held (for a shard's dead letter or a scheduled retry);
-    `request`: the task whose shard or job is not recorded (for an unknown shard's dead letter)."""
+    `request`: the task whose shard or job is not recorded (for an unknown shard's dead letter);
+    `resend`: what a RetryLater sends again (a bundle's rest), else this task as it came;
+    `held`: a bundle's claims not started, handed back before the re-send (which may run at once)."""
     if isinstance(decision, RetryLater):
+        if held is not None:
+            _hand_back(ctx, held)
         # Celery's retry publishes the task again (with confirms) before this delivery is acked.
-        raise task.retry(countdown=decision.delay_s, max_retries=None, priority=_priority(task))
+        kwargs = resend.model_dump() if resend is not None else None
+        raise task.retry(kwargs=kwargs, countdown=decision.delay_s, max_retries=None, priority=_priority(task))
     if isinstance(decision, ScheduleRetry):
         assert claim is not None
         if not _schedule_retry(ctx, claim, decision):

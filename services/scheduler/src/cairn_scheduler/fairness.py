@@ -42,12 +42,13 @@ from typing import Any, TypeVar
 from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts import clock
-from cairn_contracts.messages import RunShard
+from cairn_contracts.messages import MAX_BUNDLE_SHARDS
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import DEFAULT_TENANT, JOBS, SHARDS
 from cairn_contracts.tenancy import TENANTS, TenantRecord
 from cairn_runtime.celery_config import ShardDispatcher, dispatch_all
 from cairn_runtime.log import log_context
+from cairn_scheduler.bundles import PlannedShard, shard_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class Waiting:
     job_id: str
     shard_key: str
     priority: int
+    records_estimate: int = 0  # 0: unknown
+    batch_size: int = 0  # its job's records per batch: small shards are bundled (bundles.py)
 
 
 @dataclass
@@ -118,6 +121,7 @@ class FairDispatch:
     budget: int | None = None
     # Shortest time (s) between passes started by shard events; 0: one pass per event.
     refill_interval_s: float = 0.1
+    max_bundle_shards: int = MAX_BUNDLE_SHARDS  # small shards per task (bundles.py); 1: a task per shard
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _last_pass: float = field(default=float("-inf"), repr=False)  # loop time the last pass started
     _refill: "asyncio.Task[int] | None" = field(default=None, repr=False)  # the pass an event put off
@@ -173,7 +177,7 @@ class FairDispatch:
             job
             async for job in self.db[JOBS].find(
                 {"state": {"$in": [JobState.STARTED, JobState.RETRY]}, "cancel_requested": {"$in": [False, None]}},
-                {"tenant": 1, "priority": 1, "created_at_ms": 1, "created_at": 1},
+                {"tenant": 1, "priority": 1, "created_at_ms": 1, "created_at": 1, BATCH_SIZE: 1},
             )
         ]
         if not jobs:
@@ -237,11 +241,16 @@ class FairDispatch:
             if room is not None and len(found) >= room:
                 break
             cursor = self.db[SHARDS].find(
-                {"job_id": job["_id"], "state": ShardState.PLANNED, "strategy": {"$in": _TASK_PER_SHARD}}, {"shard_key": 1, "index": 1}
+                {"job_id": job["_id"], "state": ShardState.PLANNED, "strategy": {"$in": _TASK_PER_SHARD}},
+                {"shard_key": 1, "index": 1, "records_estimate": 1},
             ).sort("index", 1)
             if room is not None:
                 cursor = cursor.limit(room - len(found))
-            found += [Waiting(job["_id"], shard["shard_key"], int(job.get("priority") or 2)) async for shard in cursor]
+            priority, batch_size = int(job.get("priority") or 2), _batch_size(job)
+            found += [
+                Waiting(job["_id"], shard["shard_key"], priority, int(shard.get("records_estimate") or 0), batch_size)
+                async for shard in cursor
+            ]
         return found
 
     async def _send(self, picked: list[Waiting]) -> None:
@@ -251,14 +260,21 @@ class FairDispatch:
         one a worker claimed meanwhile is RUNNING and stays so)."""
         if not picked:
             return
-        by_priority: dict[int, list[RunShard]] = defaultdict(list)
+        by_priority: dict[int, dict[str, list[Waiting]]] = defaultdict(lambda: defaultdict(list))
         for shard in picked:
-            by_priority[shard.priority].append(RunShard(job_id=shard.job_id, shard_key=shard.shard_key))
+            by_priority[shard.priority][shard.job_id].append(shard)
         for priority in sorted(by_priority, reverse=True):  # the most urgent first
-            await dispatch_all(self.dispatcher, by_priority[priority], priority)
-        for priority, tasks in by_priority.items():  # the priority each waits at (`_ceilings`)
+            tasks = [
+                task
+                for job_id, shards in by_priority[priority].items()
+                for task in shard_tasks(
+                    job_id, [PlannedShard(s.shard_key, s.records_estimate) for s in shards], shards[0].batch_size, self.max_bundle_shards
+                )
+            ]
+            await dispatch_all(self.dispatcher, tasks, priority)
+        for priority, jobs in by_priority.items():  # the priority each waits at (`_ceilings`)
             await self.db[SHARDS].update_many(
-                {"shard_key": {"$in": [task.shard_key for task in tasks]}, "state": ShardState.PLANNED},
+                {"shard_key": {"$in": [s.shard_key for shards in jobs.values() for s in shards]}, "state": ShardState.PLANNED},
                 {"$set": {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": clock.now_ms(), "queued_priority": priority}},
             )
         sent: dict[str, int] = defaultdict(int)
@@ -266,7 +282,18 @@ class FairDispatch:
             sent[shard.job_id] += 1
         for job_id, count in sent.items():
             with log_context(job_id=job_id):  # `grep <job id>` follows its dispatch too
-                logger.info("job %s: %d shard task(s) dispatched", job_id, count)
+                logger.info("job %s: %d shard(s) dispatched", job_id, count)
+
+
+BATCH_SIZE = "spec.batch_size"
+
+
+def _batch_size(job: dict[str, Any]) -> int:
+    """The job's records per batch from a projection on `spec.batch_size` (nested on MongoDB, a
+    flat "spec.batch_size" key on the stand-in: docs/mongodb-stand-in.md); 0 if absent."""
+    spec = job.get("spec")
+    value = job.get(BATCH_SIZE, spec.get("batch_size") if isinstance(spec, dict) else None)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _ceilings(lowest: Mapping[str, int | None]) -> dict[str, int | None]:

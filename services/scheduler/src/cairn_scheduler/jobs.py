@@ -14,7 +14,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts import clock
 from cairn_contracts.jobs import JOB_SPEC_ADAPTER, JobSpec
-from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
+from cairn_contracts.messages import MAX_BUNDLE_SHARDS, RunFrontier, ShardFinished, StartJob
 from cairn_contracts.pipelines import COUNTED_SPACES, PIPELINES, BrokenEntry, CatalogEntry, CatalogRefusal, check_job
 from cairn_contracts.sinks import WRITE_COUNTERS, stale_filter, window_key
 from cairn_contracts.states import TERMINAL_JOB_STATES, JobState, ShardState, state_values
@@ -25,6 +25,7 @@ from cairn_runtime.celery_config import ShardDispatcher, dispatch_all
 from cairn_runtime.consumer import Unprocessable
 from cairn_runtime.log import log_context
 from cairn_runtime.mongo import insert_new
+from cairn_scheduler.bundles import PlannedShard, shard_tasks
 from cairn_scheduler.fairness import FairDispatch
 from cairn_scheduler.metrics import observe_job_finished
 from cairn_scheduler.planner import Plan, ShardPlan, plan_job
@@ -83,6 +84,7 @@ class JobScheduler:
     # Fair dispatch across tenants (fairness.py); None: every PLANNED shard of a job is sent at once.
     fair: FairDispatch | None = None
     plan_chunk: int = PLAN_CHUNK
+    max_bundle_shards: int = MAX_BUNDLE_SHARDS  # small shards per task (bundles.py); 1: a task per shard
     snapshot_every_s: float = 5.0  # the maintenance pass's snapshot period per SNAPSHOT_SHARDS shards
 
     async def start_job(self, command: StartJob) -> None:
@@ -137,8 +139,7 @@ class JobScheduler:
             # Within the tenants' in-flight caps (it logs what it sends); the rest as room frees up.
             await self.fair.run_pass()
         elif plan.runners is None:
-            dispatched = await self._dispatch_planned(command.job_id, int(spec.priority))
-            logger.info("job %s: %d shard task(s) dispatched", command.job_id, dispatched)
+            await self._dispatch_planned(command.job_id, int(spec.priority), int(spec.batch_size))
         elif await self._dispatch_runners(command.job_id, plan.runners, int(spec.priority)):
             logger.info("job %s: %d lease-frontier runner(s) dispatched", command.job_id, plan.runners)
 
@@ -188,27 +189,33 @@ class JobScheduler:
         await insert_new(self.db[CHECKPOINTS], [shard.checkpoint().to_document() for shard in shards])
         await insert_new(self.db[SHARDS], [shard.to_document() for shard in shards])
 
-    async def _dispatch_planned(self, job_id: str, priority: int) -> int:
-        """Send the task of every PLANNED shard of the job; returns how many were sent.
+    async def _dispatch_planned(self, job_id: str, priority: int, batch_size: int) -> int:
+        """Send the task of every PLANNED shard of the job (small ones in bundles: bundles.py);
+        returns how many shards were sent.
 
         In bulk: the tasks of up to `DISPATCH_CHUNK` shards are published together and their
         confirms awaited together, then one `update_many` marks every PLANNED shard QUEUED."""
         # Publish first, then mark: a crash in between re-dispatches on redelivery, and the
         # worker's lease claim makes the second task a no-op. The reverse order could lose a shard.
-        keys = [s["shard_key"] async for s in self.db[SHARDS].find({"job_id": job_id, "state": ShardState.PLANNED}, {"shard_key": 1})]
-        for first in range(0, len(keys), DISPATCH_CHUNK):
-            tasks = [RunShard(job_id=job_id, shard_key=key) for key in keys[first : first + DISPATCH_CHUNK]]
-            await dispatch_all(self.dispatcher, tasks, priority)
-        if keys:
+        found = self.db[SHARDS].find({"job_id": job_id, "state": ShardState.PLANNED}, {"shard_key": 1, "index": 1, "records_estimate": 1})
+        planned = sorted([s async for s in found], key=lambda s: int(s.get("index") or 0))
+        tasks = 0
+        for first in range(0, len(planned), DISPATCH_CHUNK):
+            chunk = [PlannedShard(s["shard_key"], int(s.get("records_estimate") or 0)) for s in planned[first : first + DISPATCH_CHUNK]]
+            sent = shard_tasks(job_id, chunk, batch_size, self.max_bundle_shards)
+            await dispatch_all(self.dispatcher, sent, priority)
+            tasks += len(sent)
+        if planned:
             # Only shards still PLANNED: one a worker claimed meanwhile is RUNNING and stays so.
             await self.db[SHARDS].update_many(
                 {"job_id": job_id, "state": ShardState.PLANNED},
                 {"$set": {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": clock.now_ms()}},
             )
             await self.db[JOBS].update_one(
-                {"_id": job_id, "shard_states.PLANNED": len(keys)}, {"$set": {"shard_states": {ShardState.QUEUED: len(keys)}}}
+                {"_id": job_id, "shard_states.PLANNED": len(planned)}, {"$set": {"shard_states": {ShardState.QUEUED: len(planned)}}}
             )
-        return len(keys)
+            logger.info("job %s: %d shard(s) dispatched in %d task(s)", job_id, len(planned), tasks)
+        return len(planned)
 
     async def _dispatch_runners(self, job_id: str, runners: int, priority: int) -> bool:
         """Lease frontier: the items stay claimable in MongoDB; `runners` tasks pull them.

@@ -57,10 +57,12 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
         )
         dependents = DependencyRelease(db, publisher, locks, defaults=defaults)
         fair = FairDispatch(
-            db, dispatcher, settings.tenant_max_in_flight_shards, settings.max_in_flight_shards, settings.fair_refill_interval_s
+            db, dispatcher, settings.tenant_max_in_flight_shards, settings.max_in_flight_shards, settings.fair_refill_interval_s,
+            max_bundle_shards=settings.max_bundle_shards,
         )
         scheduler = JobScheduler(
-            db, dispatcher, locks=locks, dependents=dependents, fair=fair, snapshot_every_s=settings.reconcile_interval_s
+            db, dispatcher, locks=locks, dependents=dependents, fair=fair, snapshot_every_s=settings.reconcile_interval_s,
+            max_bundle_shards=settings.max_bundle_shards,
         )
         canceller = Canceller(scheduler, settings.result_ttl_s)
         maintenance = Maintenance(

@@ -35,6 +35,9 @@ class SchedulerSettings(ServiceSettings):
         None, ge=1, description="Shard tasks queued or running across all tenants (None: no limit; about the workers' total concurrency)"
     )
     fair_dispatch_interval_s: float = Field(1.0, gt=0, description="How often waiting shards are dispatched besides on shard events")
+    max_bundle_shards: int = Field(
+        64, ge=1, le=64, description="Small shards (one batch or less) sent per task, in bundles of about one batch of records; 1: a task per shard"
+    )
     fair_refill_interval_s: float = Field(
         0.1, ge=0, description="Shortest time between the dispatch passes shard events start (0: one per event); fairness.py"
     )

@@ -1,0 +1,199 @@
+"""Bundles of small shards (issue 14; scheduler/bundles.py): one task claims its waiting shards
+in bulk and runs them one after another, each ending as it would alone. Against the MongoDB-wire
+server and a RabbitMQ vhost of the test's own (events and re-sent tasks are real messages)."""
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.exceptions import Retry
+from kombu import Connection
+from pymongo import MongoClient, monitoring
+from pymongo.database import Database
+
+from cairn_contracts.clock import now_ms
+from cairn_contracts.states import ShardState
+from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
+from cairn_contracts.tasks import TASK_RUN_SHARDS
+from cairn_contracts.topology import QUEUE_INGEST, QUEUE_SCHEDULER_EVENTS
+from cairn_ingest_worker.context import WorkerContext
+from cairn_ingest_worker.leases import HeldLeases, ShardLeases
+from cairn_ingest_worker.publisher import BrokerPublisher
+from cairn_ingest_worker.runner import ShardRunner
+from cairn_ingest_worker.settings import WorkerSettings
+from cairn_ingest_worker.tasks import register_tasks
+from cairn_runtime.celery_config import celery_config
+
+
+def spec(count: int, batch_size: int = 100, **params: object) -> dict:
+    return {"pipeline": "synthetic", "params": {"count": count, **params}, "batch_size": batch_size, "target_collection": "out"}
+
+
+def bundle_job(db: Database, seed_job: Any, seed_shard: Any, shards: int, per_shard: int = 10, **params: object) -> list[str]:
+    seed_job(db, "job", spec(shards * per_shard, **params))
+    return [seed_shard(db, "job", i, i * per_shard, (i + 1) * per_shard) for i in range(shards)]
+
+
+class Commands(monitoring.CommandListener):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.names.append(f"{event.command_name} {event.command.get(event.command_name)}")
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+@pytest.fixture
+def observed(db: Database, test_env: Any) -> Iterator[tuple[Database, Commands]]:
+    commands = Commands()
+    client: MongoClient = MongoClient(test_env.mongodb_uri, event_listeners=[commands], tz_aware=True)
+    yield client[db.name], commands
+    client.close()
+
+
+def worker(db: Database, amqp_url: str, *, slice_s: float = 600, ttl_s: float = 30) -> tuple[Celery, WorkerContext]:
+    app = Celery("bundles-test")
+    app.conf.update(celery_config(amqp_url))
+    runner = ShardRunner(
+        leases=ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=ttl_s), jobs=db[JOBS], shards=db[SHARDS],
+        records_db=db, source_db=db, heartbeat_interval_s=5, slice_s=slice_s,
+    )
+    ctx = WorkerContext(settings=WorkerSettings(max_attempts=3, retry_base_delay_s=0), runner=runner, publisher=BrokerPublisher(app))
+    register_tasks(app, lambda: ctx)
+    return app, ctx
+
+
+def take(amqp_url: str, queue: str) -> list[Any]:
+    """The messages waiting on `queue`, taken off it (basic.get: nothing is declared)."""
+    found = []
+    with Connection(amqp_url) as connection:
+        channel = connection.channel()
+        while (message := channel.basic_get(queue, no_ack=True)) is not None:
+            found.append(message)
+    return found
+
+
+def events(amqp_url: str) -> list[dict[str, Any]]:
+    """The ShardFinished events published so far."""
+    return [json.loads(message.body) for message in take(amqp_url, QUEUE_SCHEDULER_EVENTS)]
+
+
+def test_a_bundle_claims_its_waiting_shards_in_four_round_trips_with_tokens_and_checkpoints_adopted(
+    observed: tuple[Database, Commands], seed_job: Any, seed_shard: Any
+) -> None:
+    db, commands = observed
+    keys = bundle_job(db, seed_job, seed_shard, 6)
+    db[SHARDS].update_one({"_id": keys[4]}, {"$set": {"state": ShardState.SUCCEEDED}})  # finished: not taken
+    db[SHARDS].update_one({"_id": keys[5]}, {"$set": {"cancel_requested": True}})  # its job cancelled: not taken
+    leases = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=30)
+
+    commands.names.clear()
+    claims = leases.claim_waiting(keys)
+
+    assert sorted(claims) == keys[:4]
+    assert commands.names == ["update shards", "find shards", "update checkpoints", "find checkpoints"]
+    for key, claim in claims.items():
+        shard = db[SHARDS].find_one({"_id": key})
+        assert shard["state"] == ShardState.RUNNING and shard["taken_by"] == "worker-a" and shard["attempts"] == 1
+        assert claim.token == shard["fencing_token"] == 1 and claim.attempt == 1 and claim.fresh
+        assert db[CHECKPOINTS].find_one({"shard_key": key})["fencing_token"] == 1  # adopted: older tokens' commits refused
+    assert leases.claim_waiting(keys) == {}  # nothing waits any more: a duplicate delivery takes nothing
+
+
+def test_a_bundle_runs_every_shard_to_its_own_end_with_one_event_each(
+    db: Database, seed_job: Any, seed_shard: Any, amqp_url: str
+) -> None:
+    keys = bundle_job(db, seed_job, seed_shard, 5)
+    app, _ = worker(db, amqp_url)
+
+    result = app.tasks[TASK_RUN_SHARDS](job_id="job", shard_keys=keys)
+
+    assert result == "5 succeeded"
+    assert db["out"].count_documents({}) == 50
+    for key in keys:
+        shard = db[SHARDS].find_one({"_id": key})
+        assert shard["state"] == ShardState.SUCCEEDED and shard["totals"]["records_written"] == 10
+        assert db[CHECKPOINTS].find_one({"shard_key": key})["records_done"] == 10
+    assert sorted(e["shard_key"] for e in events(amqp_url)) == keys
+    # Delivered again (the ack was lost): nothing is run twice, each end is announced again.
+    assert app.tasks[TASK_RUN_SHARDS](job_id="job", shard_keys=keys) == "5 already_done"
+    assert db["out"].count_documents({}) == 50
+
+
+def test_a_failing_shard_of_a_bundle_waits_for_its_retry_and_the_others_go_on(
+    db: Database, seed_job: Any, seed_shard: Any, amqp_url: str
+) -> None:
+    keys = bundle_job(db, seed_job, seed_shard, 4, fail_at_key=15, failure="retryable")  # in shard 1
+    app, _ = worker(db, amqp_url)
+
+    result = app.tasks[TASK_RUN_SHARDS](job_id="job", shard_keys=keys)
+
+    assert result == "1 retry_scheduled, 3 succeeded"
+    states = {key: db[SHARDS].find_one({"_id": key})["state"] for key in keys}
+    assert states == {keys[0]: "SUCCEEDED", keys[1]: "RETRY", keys[2]: "SUCCEEDED", keys[3]: "SUCCEEDED"}
+    assert sorted(e["shard_key"] for e in events(amqp_url)) == [keys[0], keys[2], keys[3]]
+
+
+def test_a_shard_of_a_bundle_that_is_not_waiting_is_claimed_as_its_own_task_would_be(
+    db: Database, seed_job: Any, seed_shard: Any, amqp_url: str
+) -> None:
+    keys = bundle_job(db, seed_job, seed_shard, 3)
+    # Shard 1's holder died: RUNNING under an expired lease (taken over), shard 2 is held by a live one.
+    db[SHARDS].update_one({"_id": keys[1]}, {"$set": {"state": ShardState.RUNNING, "lease_until": now_ms() - 1000, "taken_by": "gone"}})
+    db[SHARDS].update_one({"_id": keys[2]}, {"$set": {"state": ShardState.RUNNING, "lease_until": now_ms() + 60_000, "taken_by": "alive"}})
+    app, _ = worker(db, amqp_url)
+
+    result = app.tasks[TASK_RUN_SHARDS](job_id="job", shard_keys=keys)
+
+    assert result == "1 held_elsewhere, 2 succeeded"
+    assert db[SHARDS].find_one({"_id": keys[1]})["state"] == ShardState.SUCCEEDED
+    assert db[SHARDS].find_one({"_id": keys[2]})["taken_by"] == "alive"
+
+
+def test_at_the_end_of_its_slice_a_bundle_hands_back_what_it_did_not_run_and_re_sends_the_rest(
+    db: Database, seed_job: Any, seed_shard: Any, amqp_url: str
+) -> None:
+    keys = bundle_job(db, seed_job, seed_shard, 4, delay_ms_per_record=30)  # 300 ms a shard
+    app, _ = worker(db, amqp_url, slice_s=0.2)
+
+    task = app.tasks[TASK_RUN_SHARDS]
+    # As a worker runs a delivery (not called directly: Celery's retry then publishes the re-send).
+    task.push_request(id="bundle-1", kwargs={"job_id": "job", "shard_keys": keys}, called_directly=False, retries=0,
+                      delivery_info={"routing_key": QUEUE_INGEST, "priority": 2})
+    try:
+        with pytest.raises(Retry):
+            task.run(job_id="job", shard_keys=keys)
+    finally:
+        task.pop_request()
+
+    assert db[SHARDS].find_one({"_id": keys[0]})["state"] == ShardState.SUCCEEDED
+    for key in keys[1:]:  # handed back: claimable at once, their attempt given back
+        shard = db[SHARDS].find_one({"_id": key})
+        assert shard["state"] == ShardState.RUNNING and shard["lease_until"] == 0 and shard["attempts"] == 0
+    # The re-sent task names the rest of the bundle only.
+    (message,) = take(amqp_url, QUEUE_INGEST)
+    assert message.headers["task"] == TASK_RUN_SHARDS
+    assert json.loads(message.body)[1] == {"job_id": "job", "shard_keys": keys[1:], "schema_version": 1}
+    # That task runs them (taking the handed-off leases at once) and finishes the job's records.
+    app_again, _ = worker(db, amqp_url)
+    assert app_again.tasks[TASK_RUN_SHARDS](job_id="job", shard_keys=keys[1:]) == "3 succeeded"
+    assert db["out"].count_documents({}) == 40
+
+
+def test_the_leases_of_bundle_shards_waiting_their_turn_are_kept_alive(db: Database, seed_job: Any, seed_shard: Any) -> None:
+    keys = bundle_job(db, seed_job, seed_shard, 3)
+    leases = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=1.0)
+    claims = leases.claim_waiting(keys)
+    with HeldLeases(leases, list(claims.values()), interval_s=0.2) as held:
+        held.started(claims[keys[0]])  # its own run (and Heartbeat) renews it from here
+        time.sleep(2.0)  # twice the TTL
+        alive = {key: db[SHARDS].find_one({"_id": key})["lease_until"] > now_ms() for key in keys}
+    assert alive == {keys[0]: False, keys[1]: True, keys[2]: True}
