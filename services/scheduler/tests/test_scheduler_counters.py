@@ -59,7 +59,7 @@ async def finish(db: Any, job_id: str, index: int, state: ShardState, done: int,
 
 
 def event(job_id: str, key: str, outcome: str = "succeeded") -> ShardFinished:
-    return ShardFinished(job_id=job_id, shard_key=key, outcome=outcome, records_done=0)  # type: ignore[arg-type]
+    return ShardFinished(job_id=job_id, shard_key=key, outcome=outcome, records_done=0)
 
 
 async def counts(db: Any, job_id: str) -> dict[str, int]:
@@ -214,9 +214,10 @@ async def test_a_shard_event_reads_one_job_document_not_the_jobs_shards(db, test
         await scheduler.shard_finished(event("o1", "o1:0001"))
     finally:
         await client.close()
-    # Each event reads its own shard by key and its checkpoint by _id; nothing selects by job.
+    # Each event reads its own shard by key (`$in` the keys of its batch: here one) and its
+    # checkpoint by _id; nothing selects by job.
     assert [f for c, f in listener.filters if c in (SHARDS, CHECKPOINTS) and "job_id" in f] == [], listener.filters
-    assert [f for c, f in listener.filters if c == SHARDS] == [{"shard_key": "o1:0001"}] * 2
+    assert [f for c, f in listener.filters if c == SHARDS] == [{"shard_key": {"$in": ["o1:0001"]}}] * 2
     assert [f for c, f in listener.filters if c == CHECKPOINTS] == [{"_id": "o1:0001/main"}] * 2
     assert (await counts(db, "o1"))["shards_succeeded"] == 1
 
@@ -256,3 +257,120 @@ async def test_a_succeeded_shard_with_its_totals_is_counted_from_the_shard_alone
         await client.close()
     assert [seen for seen in listener.seen if seen[1]] == [("find", SHARDS), ("findAndModify", JOBS)]
     assert (await counts(db, "tt"))["records_done"] == 7 and (await counts(db, "tt"))["shards_succeeded"] == 1
+
+
+# Batches: the events a scheduler is handed together (`consumer.Batched`) are counted with one read
+# of their shards and one write per job, still exactly once.
+
+
+async def ledger(db: Any, job_id: str) -> dict[str, str]:
+    return tally.as_dict((await db[JOBS].find_one({"_id": job_id})).get(tally.LEDGER))
+
+
+async def test_a_batch_of_one_jobs_shards_is_added_with_one_read_of_them_and_one_job_write(db, test_env) -> None:
+    await started_job(db, "b1", shards=8)
+    keys = [await finish(db, "b1", i, ShardState.SUCCEEDED, done=10 + i, batches=2) for i in range(5)]
+    keys.append(await finish(db, "b1", 5, ShardState.FAILED, done=3))
+    listener = Commands()
+    client: AsyncMongoClient = AsyncMongoClient(test_env.mongodb_uri, event_listeners=[listener], tz_aware=True)
+    try:
+        written = await tally.count_many(client[db.name], [*keys, "b1:0003", "nope:0001"], fields={tally.COUNTS: 1})
+    finally:
+        await client.close()
+
+    assert [seen for seen in listener.seen if seen[1] == SHARDS] == [("find", SHARDS)]
+    assert [seen for seen in listener.seen if seen[1] == JOBS] == [("findAndModify", JOBS)]
+    assert set(written) == {"b1"}  # the unknown key is skipped
+    assert written["b1"] is not None and tally.counts_of(written["b1"]) == await counts(db, "b1")
+    assert await counts(db, "b1") == {
+        "shards_succeeded": 5, "shards_failed": 1, "shards_cancelled": 0,
+        "records_done": sum(10 + i for i in range(5)) + 3,
+        "records_written": sum(9 + i for i in range(5)) + 2,
+        "records_redone": 6,
+        "records_inserted": sum(9 + i for i in range(5)) + 2,
+        "records_updated": 0,
+        "records_unchanged": 0,
+        "records_duplicate": 6,
+        "batches": 11,
+        "weight_done": 50,
+    }
+    assert sorted(await ledger(db, "b1")) == [f"s{i:04d}" for i in range(6)]
+    assert (await ledger(db, "b1"))["s0005"].startswith("FAILED|3|")
+
+    assert await tally.count_many(db, keys) == {"b1": None}  # the same batch again: nothing written
+    assert (await counts(db, "b1"))["shards_succeeded"] == 5
+
+
+async def test_a_batch_with_a_shard_counted_already_adds_only_the_others(db) -> None:
+    await started_job(db, "bd", shards=4)
+    keys = [await finish(db, "bd", i, ShardState.SUCCEEDED, done=10) for i in range(4)]
+    assert await tally.count_shard(db, keys[1]) is True  # its event was handled before the batch
+
+    written = await tally.count_many(db, [keys[0], keys[1], keys[2]], fields={tally.COUNTS: 1})
+
+    # The combined write found s0001 there and matched nothing; one by one, s0000 and s0002 were added.
+    assert written["bd"] is not None and tally.counts_of(written["bd"])["shards_succeeded"] == 3
+    assert (await counts(db, "bd"))["shards_succeeded"] == 3
+    assert (await counts(db, "bd"))["records_done"] == 30
+    assert sorted(await ledger(db, "bd")) == ["s0000", "s0001", "s0002"]
+
+
+async def test_batches_racing_each_other_and_single_counts_add_each_shard_once(db) -> None:
+    await started_job(db, "br", shards=12)
+    keys = [await finish(db, "br", i, ShardState.SUCCEEDED, done=10 + i) for i in range(12)]
+    await asyncio.gather(
+        tally.count_many(db, keys),
+        tally.count_many(db, list(reversed(keys))),
+        tally.count_many(db, keys[::2]),
+        *(tally.count_shard(db, key) for key in keys[1::3]),
+    )
+    assert (await counts(db, "br"))["shards_succeeded"] == 12
+    assert (await counts(db, "br"))["records_done"] == sum(10 + i for i in range(12))
+
+
+async def test_a_batch_with_shards_of_two_jobs_writes_each_job_once(db, test_env) -> None:
+    await started_job(db, "ja", shards=3)
+    await started_job(db, "jb", shards=3)
+    a = [await finish(db, "ja", i, ShardState.SUCCEEDED, done=10) for i in range(3)]
+    b = [await finish(db, "jb", i, ShardState.CANCELLED, done=2) for i in range(2)]
+    listener = Commands()
+    client: AsyncMongoClient = AsyncMongoClient(test_env.mongodb_uri, event_listeners=[listener], tz_aware=True)
+    try:
+        written = await tally.count_many(client[db.name], [a[0], b[0], a[1], b[1], a[2]])
+    finally:
+        await client.close()
+
+    assert set(written) == {"ja", "jb"} and all(written.values())
+    assert [f["_id"] for c, f in listener.filters if c == JOBS] in (["ja", "jb"], ["jb", "ja"])
+    ja, jb = await counts(db, "ja"), await counts(db, "jb")
+    assert (ja["shards_succeeded"], ja["shards_cancelled"], ja["records_done"], ja["weight_done"]) == (3, 0, 30, 30)
+    assert (jb["shards_succeeded"], jb["shards_cancelled"], jb["records_done"], jb["weight_done"]) == (0, 2, 4, 0)
+
+
+async def test_a_reopened_shard_in_a_batch_is_taken_out_while_the_others_are_added(db) -> None:
+    await started_job(db, "bo", shards=3)
+    reopened = await finish(db, "bo", 0, ShardState.FAILED, done=4)
+    await tally.count_shard(db, reopened)
+    await db[SHARDS].update_one({"_id": reopened}, {"$set": {"state": ShardState.QUEUED}})  # a DLQ replay
+    ended = [await finish(db, "bo", i, ShardState.SUCCEEDED, done=10) for i in (1, 2)]
+
+    written = await tally.count_many(db, [reopened, *ended], fields={tally.COUNTS: 1})
+
+    assert written["bo"] is not None
+    after = await counts(db, "bo")
+    assert (after["shards_failed"], after["shards_succeeded"], after["records_done"]) == (0, 2, 20)
+    assert sorted(await ledger(db, "bo")) == ["s0001", "s0002"]
+
+
+async def test_a_batch_of_events_that_ends_a_job_finishes_it(db) -> None:
+    scheduler = await started_job(db, "bf", shards=4)
+    keys = [await finish(db, "bf", i, ShardState.SUCCEEDED, done=10) for i in range(3)]
+    await scheduler.shards_finished([event("bf", key) for key in keys])
+    assert (await db[JOBS].find_one({"_id": "bf"}))["state"] == JobState.STARTED
+
+    last = await finish(db, "bf", 3, ShardState.SUCCEEDED, done=10)
+    await scheduler.shards_finished([event("bf", last), event("bf", keys[0]), event("bf", last)])  # with duplicates
+
+    job = await db[JOBS].find_one({"_id": "bf"})
+    assert job["state"] == JobState.SUCCESS
+    assert (job["result"]["records_done"], job["result"]["shards_succeeded"]) == (40, 4)

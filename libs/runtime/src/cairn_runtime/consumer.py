@@ -9,12 +9,16 @@
 A service lists what it consumes as a table of `Subscription(queue, model, handler)` rows in its
 main.py (started by `cairn_runtime.service.serve`). The model `aio_pika.IncomingMessage` means
 "any message, undecoded": the handler gets the delivered message itself (the DLQ recorder, whose
-queue carries Cairn dead letters and raw messages the broker dead-lettered alike).
+queue carries Cairn dead letters and raw messages the broker dead-lettered alike). A handler of
+many messages at once is given as `Batched(handle_many)`: the messages delivered together
+(up to the channel's prefetch) are handled together, each still acked or requeued on its own.
 """
 
 import asyncio
+import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
@@ -35,6 +39,7 @@ tracer = trace.get_tracer(__name__)
 
 # What a handler receives: a contract message, or (model `IncomingMessage`) the message itself.
 M = TypeVar("M", bound=Message | IncomingMessage)
+T = TypeVar("T")  # what a batched handler handles
 
 
 class Unprocessable(Exception):
@@ -49,6 +54,89 @@ class Subscription(Generic[M]):
     queue: str
     model: type[M]
     handler: Callable[[M], Awaitable[object]]
+
+
+class Batched(Generic[T]):
+    """A handler of many messages (`handle_many(items)`) as the one-message handler a
+    `Subscription` takes, so that messages delivered together share their work.
+
+    Each call queues its message and waits for the batch it lands in. One drain task (started by
+    a call when none runs) hands `handle_many` every message waiting, at most `max_batch`, then
+    those that arrived meanwhile, until none waits. Opportunistic, no timer: a lone message is
+    handled at once; under load, the messages delivered while a batch is handled form the next
+    (with prefetch N, a batch has at most N). Batches run one at a time.
+
+    `handle_many` returns: each call of the batch returns (its message is acked). It raises: each
+    call raises that same exception, so every message of the batch is requeued as a failing
+    handler's is, or dead-lettered for `Unprocessable` (raise that only when no message of the
+    batch can ever be handled). As any handler, it must be idempotent per message. A caller
+    cancelled before its batch is taken is left out of it; cancelled later, it changes nothing
+    for the others. Should the drain task end with messages waiting (cancelled), their calls
+    raise RuntimeError (requeued): no call is left waiting.
+
+    The drain runs in a fresh context (not the log context of the message that started it); each
+    batch is a span linked to the consume span of every message in it."""
+
+    def __init__(self, handle_many: Callable[[list[T]], Awaitable[object]], max_batch: int = 64) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        self._handle_many = handle_many
+        self._max_batch = max_batch
+        self._waiting: deque[tuple[T, trace.SpanContext, asyncio.Future[None]]] = deque()
+        self._drain: asyncio.Task[None] | None = None
+
+    async def __call__(self, item: T) -> None:
+        handled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, trace.get_current_span().get_span_context(), handled))
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.create_task(self._drain_waiting(), name="batched-drain", context=contextvars.Context())
+            self._drain.add_done_callback(self._drained)
+        await handled  # cancelling this cancels `handled`: the drain then skips it
+
+    async def _drain_waiting(self) -> None:
+        while batch := self._take():
+            await self._handle(batch)
+
+    def _take(self) -> list[tuple[T, trace.SpanContext, asyncio.Future[None]]]:
+        batch: list[tuple[T, trace.SpanContext, asyncio.Future[None]]] = []
+        while self._waiting and len(batch) < self._max_batch:
+            waiting = self._waiting.popleft()
+            if not waiting[2].done():  # its caller was cancelled
+                batch.append(waiting)
+        return batch
+
+    async def _handle(self, batch: list[tuple[T, trace.SpanContext, asyncio.Future[None]]]) -> None:
+        links = [trace.Link(context) for _, context, _ in batch if context.is_valid]
+        try:
+            with tracer.start_as_current_span("handle batch", links=links, attributes={"cairn.batch.size": len(batch)}):
+                await self._handle_many([item for item, _, _ in batch])
+        except Exception as error:
+            _settle(batch, error)
+        except BaseException as error:  # the drain itself cancelled: its callers must not wait forever
+            _settle(batch, RuntimeError(f"batch handling interrupted: {error!r}"))
+            raise
+        else:
+            _settle(batch, None)
+
+    def _drained(self, task: "asyncio.Task[None]") -> None:
+        if self._drain is not task:
+            return  # a newer drain owns what waits now
+        self._drain = None
+        if self._waiting:  # only if it was cancelled (a finished drain leaves nothing waiting)
+            if not task.cancelled() and task.exception() is not None:
+                logger.error("batch drain failed", exc_info=task.exception())
+            _settle(self._waiting, RuntimeError("the batch drain ended before handling this message"))
+            self._waiting.clear()
+
+
+def _settle(batch: Iterable[tuple[object, trace.SpanContext, asyncio.Future[None]]], error: BaseException | None) -> None:
+    for _, _, handled in batch:
+        if handled.done():
+            continue  # its caller was cancelled
+        if error is None:
+            handled.set_result(None)
+        else:
+            handled.set_exception(error)
 
 
 class ContractConsumer(Generic[M]):

@@ -17,9 +17,16 @@ crash window between "marked" and "added"):
 So the roll-up and the status read one document; only the reconcile pass reads a job's shards.
 `weight` is a succeeded shard's `records_estimate` (0 for a failed or cancelled one): the share of
 the job's progress it stands for.
+
+`count_many` counts a batch of shards with one read of the shards and one write per job (every
+entry set at once, on the condition that none of them was there), falling back to the
+shard-by-shard compare-and-set whenever that condition fails: the same exactly-once, fewer round
+trips.
 """
 
 import logging
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from pymongo import ReturnDocument
@@ -129,14 +136,26 @@ async def count_and_read(
     count) is those three round trips. Only when that write matches nothing (counted already: a
     duplicate event; or another state: a replay) is the job's one ledger entry read and swapped
     (more round trips only when another writer raced it)."""
+    if shard is None:
+        shard = await db[SHARDS].find_one({"shard_key": shard_key}, SHARD_FIELDS)
+        if shard is None:
+            return False, None
+    return await _count(db, shard, await shard_entry(db, shard), fields)
+
+
+async def _count(
+    db: AsyncDatabase, read: dict[str, Any], wanted: str | None, fields: dict[str, int] | None
+) -> tuple[bool, dict[str, Any] | None]:
+    """`count_and_read` of a shard already read (`read`, with `SHARD_FIELDS`) whose entry should
+    be `wanted` (`shard_entry`): its first write guesses the entry absent, as there."""
+    shard_key = read["shard_key"]
+    shard: dict[str, Any] | None = read
     guess = True  # first try the common case, terminal and not counted yet, without reading the job
-    wanted: str | None = None
     for _ in range(_ATTEMPTS):
-        if shard is None or guess:
+        if shard is None:
+            shard = await db[SHARDS].find_one({"shard_key": shard_key}, SHARD_FIELDS)
             if shard is None:
-                shard = await db[SHARDS].find_one({"shard_key": shard_key}, SHARD_FIELDS)
-                if shard is None:
-                    return False, None
+                return False, None
             wanted = await shard_entry(db, shard)
         job_id, field = shard["job_id"], ledger_key(shard["job_id"], shard["shard_key"])
         key = f"{LEDGER}.{field}"
@@ -159,6 +178,65 @@ async def count_and_read(
         guess = False  # counted already (a duplicate), or raced: read the ledger entry
     logger.warning("shard %s: its job's counters kept changing under %d attempts; the reconcile pass retries", shard_key, _ATTEMPTS)
     return False, None
+
+
+async def count_many(
+    db: AsyncDatabase, shard_keys: Iterable[str], fields: dict[str, int] | None = None
+) -> dict[str, dict[str, Any] | None]:
+    """`count_and_read` for many shards at once (a batch of ShardFinished events), sharing the
+    round trips: `{job_id: the job as the last counting write for it left it (projected on
+    `fields`), or None if nothing was written for it}`, one key per job of a known shard
+    (unknown keys are skipped; a key given twice is counted once).
+
+    One `find` reads every shard (`shard_key` `$in`), then each job is written once: the
+    terminal shards' entries set and their figures added in one conditional update that requires
+    the job not final and every one of those entries absent, so it is exactly what counting them
+    one by one would do. Plus a checkpoint read per shard that does not carry its totals (as in
+    `shard_entry`). A job whose combined write matches nothing (a shard of it counted already: a
+    duplicate event; another writer; the job final) has its shards counted one by one
+    (`count_and_read`: correct in every case, a round trip or more each), as does a shard that
+    is not terminal (reopened by a DLQ replay: its entry is taken out)."""
+    keys = list(dict.fromkeys(shard_keys))
+    if not keys:
+        return {}
+    shards = [shard async for shard in db[SHARDS].find({"shard_key": {"$in": keys}}, SHARD_FIELDS)]
+    groups: dict[str, list[tuple[dict[str, Any], str | None]]] = {}
+    for shard in shards:
+        groups.setdefault(shard["job_id"], []).append((shard, await shard_entry(db, shard)))
+    written: dict[str, dict[str, Any] | None] = {}
+    for job_id, group in groups.items():
+        ended = {shard["shard_key"]: wanted for shard, wanted in group if wanted is not None}
+        last = await _add_all(db, job_id, ended, fields) if ended else None
+        one_by_one = [(shard, wanted) for shard, wanted in group if wanted is None or last is None]
+        for shard, wanted in one_by_one:
+            _, job = await _count(db, shard, wanted, fields)
+            last = job or last
+        written[job_id] = last
+    return written
+
+
+async def _add_all(
+    db: AsyncDatabase, job_id: str, entries: dict[str, str], fields: dict[str, int] | None
+) -> dict[str, Any] | None:
+    """Add shards not counted yet (`{shard_key: wanted entry}`, all of one job) in one update,
+    conditional on the job not being final and none of their entries being there; returns the
+    job as written (projected on `fields`, at least its `_id`), None if the condition did not
+    hold (then nothing was written)."""
+    ledger = {f"{LEDGER}.{ledger_key(job_id, shard_key)}": wanted for shard_key, wanted in entries.items()}
+    if len(ledger) != len(entries):
+        return None  # two keys share a ledger field (`ledger_key`): one by one, as before
+    added: Counter[str] = Counter()
+    for wanted in entries.values():
+        added.update(contribution(wanted))
+    update: dict[str, Any] = {"$set": ledger}
+    if increments := {f"{COUNTS}.{field}": added[field] for field in COUNTER_FIELDS if added[field]}:
+        update["$inc"] = increments
+    where: dict[str, Any] = {
+        "_id": job_id,
+        "state": {"$nin": sorted(_FINAL_JOB_STATES)},
+        **{key: {"$exists": False} for key in ledger},
+    }
+    return await db[JOBS].find_one_and_update(where, update, projection=fields or {"_id": 1}, return_document=ReturnDocument.AFTER)
 
 
 async def _swap(

@@ -228,12 +228,19 @@ class JobScheduler:
         return True
 
     async def shard_finished(self, event: ShardFinished) -> None:
-        """Count the shard into its job (exactly once: tally.py), then roll the job up from the
-        job document the counting write returned (no second read of the job)."""
-        _, job = await tally.count_and_read(self.db, event.shard_key, fields=_ROLL_UP_FIELDS)
-        await self.roll_up_counted(event.job_id, job=job)
-        if self.fair is not None:
-            await self.fair.after_shard_finished()  # its room goes to the next tenant in turn
+        """`shards_finished` of one event."""
+        await self.shards_finished([event])
+
+    async def shards_finished(self, events: list[ShardFinished]) -> None:
+        """Count the events' shards into their jobs (exactly once, sharing the round trips:
+        `tally.count_many`), then roll each job up once from the job document its last counting
+        write returned (no second read of the job; read if nothing was written for it). One fair
+        dispatch refill for the lot. Idempotent: a batch failing part-way is redelivered whole."""
+        written = await tally.count_many(self.db, [event.shard_key for event in events], fields=_ROLL_UP_FIELDS)
+        for job_id in dict.fromkeys([*(event.job_id for event in events), *written]):
+            await self.roll_up_counted(job_id, job=written.get(job_id))
+        if self.fair is not None and events:
+            await self.fair.after_shard_finished()  # their room goes to the next tenants in turn
 
     async def stop(self, job_id: str) -> JobState | None:
         """Apply a cancel (idempotent): shards not started are cancelled, running ones are marked

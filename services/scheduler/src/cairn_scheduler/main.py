@@ -17,7 +17,7 @@ from cairn_contracts.tenancy import TenantQuotas
 from cairn_contracts.topology import QUEUE_INGEST, QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_CONTROL, QUEUE_SCHEDULER_EVENTS
 from cairn_runtime.amqp import Publisher, connect, declare_topology
 from cairn_runtime.celery_config import ShardTaskSender
-from cairn_runtime.consumer import Subscription
+from cairn_runtime.consumer import Batched, Subscription
 from cairn_runtime.instrumentation import instrument_celery
 from cairn_runtime.mongo import async_client, ensure_indexes
 from cairn_runtime.service import Every, run_service, serve
@@ -76,7 +76,7 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
         )
         handlers: list[Subscription[Any]] = [
             Subscription(QUEUE_SCHEDULER_COMMANDS, StartJob, scheduler.start_job),
-            Subscription(QUEUE_SCHEDULER_EVENTS, ShardFinished, scheduler.shard_finished),
+            Subscription(QUEUE_SCHEDULER_EVENTS, ShardFinished, Batched(scheduler.shards_finished)),
             Subscription(QUEUE_SCHEDULER_CONTROL, CancelJob, canceller.handle),
         ]
         periodic = [
