@@ -22,7 +22,7 @@ from cairn_contracts.topology import QUEUE_INGEST, QUEUE_SCHEDULER_EVENTS
 from cairn_ingest_worker.context import WorkerContext
 from cairn_ingest_worker.leases import HeldLeases, ShardLeases
 from cairn_ingest_worker.publisher import BrokerPublisher
-from cairn_ingest_worker.runner import ShardRunner
+from cairn_ingest_worker.runner import ShardRunner, run_in_one_batch
 from cairn_ingest_worker.settings import WorkerSettings
 from cairn_ingest_worker.tasks import register_tasks
 from cairn_runtime.celery_config import celery_config
@@ -197,3 +197,89 @@ def test_the_leases_of_bundle_shards_waiting_their_turn_are_kept_alive(db: Datab
         time.sleep(2.0)  # twice the TTL
         alive = {key: db[SHARDS].find_one({"_id": key})["lease_until"] > now_ms() for key in keys}
     assert alive == {keys[0]: False, keys[1]: True, keys[2]: True}
+
+
+# --- shards read whole by one batch: stored, committed and finished together ---------------------
+
+
+def runner_over(db: Database) -> ShardRunner:
+    return ShardRunner(
+        leases=ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=30), jobs=db[JOBS], shards=db[SHARDS],
+        records_db=db, source_db=db, heartbeat_interval_s=5, slice_s=600,
+    )
+
+
+def test_one_batch_shards_of_a_bundle_are_stored_committed_and_finished_in_three_writes(
+    observed: tuple[Database, Commands], seed_job: Any, seed_shard: Any
+) -> None:
+    db, commands = observed
+    keys = bundle_job(db, seed_job, seed_shard, 8)
+    runner = runner_over(db)
+    claims = runner.leases.claim_waiting(keys)
+
+    commands.names.clear()
+    done = run_in_one_batch(runner, [claims[key] for key in keys], max_attempts=3)
+
+    assert [(o.kind, o.claim.shard_key, o.records) for o in done.outcomes] == [("succeeded", key, 10) for key in keys]
+    assert not done.failures and not done.rest
+    assert commands.names == ["find jobs", "insert out", "update checkpoints", "update shards"]  # the job read once per process
+    for index, key in enumerate(keys):
+        checkpoint = db[CHECKPOINTS].find_one({"shard_key": key})
+        assert checkpoint["cursor"] == (index + 1) * 10 and checkpoint["done"] and checkpoint["batches"] == 1
+        assert checkpoint["records_done"] == checkpoint["records_written"] == 10 and checkpoint["fencing_token"] == 1
+        shard = db[SHARDS].find_one({"_id": key})
+        assert shard["state"] == ShardState.SUCCEEDED and shard["taken_by"] is None and shard["ran_by"] == "worker-a"
+        assert shard["totals"]["records_done"] == 10 and shard["totals"]["batches"] == 1
+    assert db["out"].count_documents({}) == 80
+
+
+def test_records_a_dead_earlier_attempt_stored_are_counted_as_redone_on_their_own_shard_only(
+    db: Database, seed_job: Any, seed_shard: Any
+) -> None:
+    keys = bundle_job(db, seed_job, seed_shard, 3, key_prefix="rec")
+    runner = runner_over(db)
+    claims = runner.leases.claim_waiting(keys)
+    # Shard 1's earlier attempt stored 4 of its records, then died before its commit.
+    db["out"].insert_many([{"_id": f"rec-{key:012d}"} for key in range(10, 14)])
+
+    done = run_in_one_batch(runner, [claims[key] for key in keys], max_attempts=3)
+
+    assert [o.kind for o in done.outcomes] == ["succeeded"] * 3
+    redone = [db[CHECKPOINTS].find_one({"shard_key": key})["records_redone"] for key in keys]
+    written = [db[CHECKPOINTS].find_one({"shard_key": key})["records_written"] for key in keys]
+    assert redone == [0, 4, 0] and written == [10, 6, 10]
+    assert db["out"].count_documents({}) == 30
+
+
+def test_a_shard_taken_over_meanwhile_is_not_committed_by_the_bundle_and_the_others_are(
+    db: Database, seed_job: Any, seed_shard: Any
+) -> None:
+    keys = bundle_job(db, seed_job, seed_shard, 3)
+    runner = runner_over(db)
+    claims = runner.leases.claim_waiting(keys)
+    # Another worker took shard 2 over (its lease had expired): its checkpoint holds a newer token.
+    db[SHARDS].update_one({"_id": keys[2]}, {"$set": {"taken_by": "worker-b"}, "$inc": {"fencing_token": 1}})
+    db[CHECKPOINTS].update_one({"shard_key": keys[2]}, {"$inc": {"fencing_token": 1}})
+
+    done = run_in_one_batch(runner, [claims[key] for key in keys], max_attempts=3)
+
+    assert [(o.kind, o.claim.shard_key) for o in done.outcomes] == [("succeeded", keys[0]), ("succeeded", keys[1]), ("lease_lost", keys[2])]
+    taken = db[SHARDS].find_one({"_id": keys[2]})
+    assert taken["state"] == ShardState.RUNNING and taken["taken_by"] == "worker-b" and taken["fenced_writes"] == 1
+    assert db[CHECKPOINTS].find_one({"shard_key": keys[2]})["batches"] == 0  # its holder commits it, not this bundle
+
+
+def test_shards_larger_than_one_batch_resumed_ones_and_other_write_modes_are_left_to_run_one_by_one(
+    db: Database, seed_job: Any, seed_shard: Any
+) -> None:
+    seed_job(db, "job", spec(300, batch_size=100))
+    small, large = seed_shard(db, "job", 0, 0, 50), seed_shard(db, "job", 1, 50, 300)  # 250 records: three batches
+    runner = runner_over(db)
+    claims = runner.leases.claim_waiting([small, large])
+
+    done = run_in_one_batch(runner, [claims[small], claims[large]], max_attempts=3)
+    assert [o.claim.shard_key for o in done.outcomes] == [small] and [c.shard_key for c in done.rest] == [large]
+
+    db[JOBS].update_one({"_id": "job"}, {"$set": {"spec.write_mode": "upsert"}})
+    upsert = runner_over(db)  # a fresh process's cache of the job
+    assert run_in_one_batch(upsert, [claims[large]], max_attempts=3).rest == [claims[large]]

@@ -122,6 +122,23 @@ class Claim:
         return int(self.shard["attempts"])
 
 
+@dataclass(frozen=True)
+class OneBatch:
+    """A fresh shard's whole run in one batch, read and stored (a bundle's `finish_all`): where
+    the batch ended (`cursor`, `position`), the records read and what the sink did with them."""
+
+    claim: Claim
+    cursor: Any
+    position: int | None
+    records: int
+    counts: WriteCounts
+
+    def counters(self) -> dict[str, int]:
+        """The checkpoint's counters after this batch, from 0 (CHECKPOINT_COUNTERS)."""
+        added = {"records_done": self.records, **self.counts.as_checkpoint_inc(), "batches": 1}
+        return {counter: int(added.get(counter, 0)) for counter in CHECKPOINT_COUNTERS}
+
+
 # Lease-frontier item indexes taken from the job's counter per round trip (one `$inc` of the job
 # document per this many items). Items taken but not claimed (the runner's slice ended, its
 # process died) stay claimable: any runner's scan picks them up once the counter is past the end.
@@ -235,6 +252,46 @@ class ShardLeases:
             return 0
         result = self._shards.bulk_write([UpdateOne(_held(claim), _HAND_OFF) for claim in claims], ordered=False)
         return int(result.matched_count)
+
+    def finish_all(self, batches: Sequence["OneBatch"]) -> set[str]:
+        """A bundle's one-batch shards, each fresh (nothing committed before) and done in one batch:
+        commit each one's only batch and mark it SUCCEEDED, for all of them in two round trips
+        (unordered bulks of `commit`'s and `succeed`'s fenced updates) where one by one takes two
+        per shard. Returns the keys of the shards that ended SUCCEEDED here; another worker holds
+        the others now (a fenced write; their batch's records are stored, never counted twice).
+
+        A fresh checkpoint's counters are all 0 (only a commit moves them, and it counts the batch
+        too), so each shard's totals are its batch's counts: `succeed` needs no read back."""
+        if not batches:
+            return set()
+        now = clock.utcnow()
+        commits = [
+            UpdateOne(
+                {"_id": b.claim.checkpoint_id, "fencing_token": b.claim.token, "batches": 0},
+                {"$set": {"cursor": b.cursor, "updated_at": now, "position": b.position, "done": True}, "$inc": b.counters()},
+            )
+            for b in batches
+        ]
+        result = self._checkpoints.bulk_write(commits, ordered=False)
+        committed = list(batches)
+        if result.matched_count < len(batches):  # some were fenced: find which commits landed
+            by_id = {b.claim.checkpoint_id: b for b in batches}
+            stored = self._checkpoints.find({"_id": {"$in": list(by_id)}}, {"fencing_token": 1, "batches": 1})
+            landed = {c["_id"] for c in stored if c.get("fencing_token") == by_id[c["_id"]].claim.token and c.get("batches") == 1}
+            committed = [b for b in batches if b.claim.checkpoint_id in landed]
+        if not committed:
+            return set()
+        finished = {"finished_at": now, "taken_by": None, "ran_by": self._worker_id, "state": ShardState.SUCCEEDED}
+        result = self._shards.bulk_write(
+            [UpdateOne(_held(b.claim), {"$set": {**finished, "totals": b.counters()}}) for b in committed], ordered=False
+        )
+        if result.matched_count == len(committed):
+            return {b.claim.shard_key for b in committed}
+        tokens = {b.claim.shard_key: b.claim.token for b in committed}
+        return {
+            s["shard_key"] for s in self._shards.find({"shard_key": {"$in": list(tokens)}}, {"shard_key": 1, "fencing_token": 1, "state": 1})
+            if s.get("state") == ShardState.SUCCEEDED and s.get("fencing_token") == tokens[s["shard_key"]]
+        }
 
     def claim_next(self, job_id: str) -> Claim | None:
         """Lease frontier: take the job's first claimable work item (a RETRY item once it is due).

@@ -25,7 +25,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from opentelemetry import trace
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import ConnectionFailure
+from pymongo.errors import BulkWriteError, ConnectionFailure
 
 from cairn_contracts import clock
 from cairn_contracts.messages import RunShard
@@ -34,10 +34,10 @@ from cairn_contracts.store import DEDUP, DEFAULT_TENANT
 from cairn_ingest_worker import metrics
 from cairn_ingest_worker.effects import TaskDedupLedger
 from cairn_ingest_worker.errors import BatchTimedOut, CursorNotAdvanced, StoreUnavailable, is_store_outage
-from cairn_ingest_worker.leases import Claim, Heartbeat, ShardLeases
+from cairn_ingest_worker.leases import Claim, Heartbeat, OneBatch, ShardLeases
 from cairn_ingest_worker.observability import current_pipeline, note_shard
 from cairn_ingest_worker.pipelines import build_pipeline
-from cairn_ingest_worker.store import RunStamp, write_records
+from cairn_ingest_worker.store import RunStamp, insert_groups, write_records
 from cairn_ingest_worker.tenancy import TenantNamespaces
 from cairn_runtime.log import log_context
 from cairn_runtime.tracing import span_attributes
@@ -293,6 +293,122 @@ def _run_batches(runner: ShardRunner, claim: Claim, job: dict[str, Any], pipelin
         runner.leases.note_fenced_write(claim)
         return Outcome("lease_lost", claim, records)
     return Outcome("succeeded", claim, records)
+
+
+@dataclass(frozen=True)
+class BundleRun:
+    """What `run_in_one_batch` did with a bundle's claims: the shards it ended (`outcomes`:
+    succeeded, or lease_lost when another worker holds the shard now), the ones whose pipeline
+    failed (`failures`: nothing of theirs stored or committed) and the claims it left for
+    `run_claimed` (`rest`)."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    failures: list[ShardFailed] = field(default_factory=list)
+    rest: list[Claim] = field(default_factory=list)
+
+
+def run_in_one_batch(runner: ShardRunner, claims: list[Claim], *, max_attempts: int, deadline: float | None = None) -> BundleRun:
+    """A bundle's shards that are each read whole by one batch, run together (issue 14): each is
+    read and cleaned by its own pipeline (its own RunContext, bounds and attempt), then all their
+    records are stored by one `insert_many` (`insert_groups`) and every shard is committed and
+    marked SUCCEEDED by two bulk writes (`ShardLeases.finish_all`): three round trips for the lot
+    where one by one takes three per shard. Each shard keeps its own checkpoint, fencing token,
+    totals and outcome.
+
+    Taken here: fresh claims (nothing committed) that are not poison, of an `insert` job, whose
+    first batch says `done`. Left in `rest` for `run_claimed`: every other claim, a shard whose
+    first batch is not its last (that read is redone there), and all of them when the merged
+    insert fails with anything but duplicate keys (redone one by one: nothing is stored twice).
+    Past `deadline` (time.monotonic()) no more shard is read: the claims not read yet go to `rest`.
+    Raises StoreUnavailable (claim None) when MongoDB is unreachable: the caller hands back every
+    claim not ended."""
+    if not claims:
+        return BundleRun()
+    job_id = claims[0].shard["job_id"]
+    job = runner.job(job_id)
+    spec: dict[str, Any] = (job or {}).get("spec") or {}
+    if job is None or spec.get("write_mode", "insert") != "insert":
+        return BundleRun(rest=list(claims))
+    pipeline_name = spec["pipeline"]
+    started = time.perf_counter()
+    done = BundleRun()
+    read: list[tuple[Claim, Any, int, list[dict[str, Any]], int]] = []  # claim, cursor, position, cleaned, records read
+    with tracer.start_as_current_span("cairn.bundle", attributes=span_attributes(job_id=job_id, pipeline=pipeline_name)):
+        for claim in claims:
+            past_deadline = deadline is not None and read and time.monotonic() >= deadline
+            if past_deadline or not claim.fresh or claim.done or claim.attempt > max_attempts:
+                done.rest.append(claim)
+                continue
+            with log_context(job_id=job_id, shard_key=claim.shard_key):
+                note_shard(job_id=job_id, shard_key=claim.shard_key, pipeline=pipeline_name, tenant=job.get("tenant"), attempt=claim.attempt)
+                batch = _read_whole(runner, claim, job, done)
+            if batch is not None:
+                read.append(batch)
+        if not read:
+            return done
+        target = runner.databases(job.get("tenant"))[0][spec["target_collection"]]
+        try:
+            counts = insert_groups(target, [cleaned for _, _, _, cleaned, _ in read], run=RunStamp(job_id, int(job.get("created_at_ms") or 0)))
+        except BulkWriteError:
+            logger.warning("job %s: a bundle's merged insert failed; its %d shard(s) run one by one", job_id, len(read))
+            done.rest.extend(claim for claim, *_ in read)
+            return done
+        except Exception as error:
+            if is_store_outage(error):
+                raise StoreUnavailable(error) from error
+            raise
+        batches = [OneBatch(claim, cursor, position, records, count) for (claim, cursor, position, _, records), count in zip(read, counts, strict=True)]
+        try:
+            finished = runner.leases.finish_all(batches)
+        except ConnectionFailure as error:
+            raise StoreUnavailable(error) from error
+    seconds = (time.perf_counter() - started) / len(batches)  # each shard's share of the bundle's time
+    for one in batches:
+        metrics.RECORDS.labels(pipeline_name).inc(one.records)
+        metrics.RECORDS_REDONE.labels(pipeline_name).inc(one.counts.duplicate)
+        metrics.observe_write(pipeline_name, one.counts)
+        metrics.BATCHES.labels(pipeline_name).inc()
+        metrics.BATCH_SECONDS.labels(pipeline_name).observe(seconds)
+        if one.claim.shard_key in finished:
+            done.outcomes.append(Outcome("succeeded", one.claim, one.records))
+        else:
+            runner.leases.note_fenced_write(one.claim)
+            logger.warning("shard %s: checkpoint refused, token %d is stale", one.claim.shard_key, one.claim.token)
+            done.outcomes.append(Outcome("lease_lost", one.claim, one.records))
+    return done
+
+
+def _read_whole(
+    runner: ShardRunner, claim: Claim, job: dict[str, Any], done: BundleRun
+) -> tuple[Claim, Any, int, list[dict[str, Any]], int] | None:
+    """Read and clean a fresh shard's first batch: (claim, cursor, position, cleaned records,
+    records read) when it is the shard's whole run; else None, with the claim added to
+    `done.failures` (the pipeline raised) or `done.rest` (more batches to come)."""
+    spec: dict[str, Any] = job["spec"]
+    pipeline_name, params = spec["pipeline"], spec.get("params") or {}
+    bounds = shard_bounds(claim.shard, job.get("space"), params)
+    try:
+        pipeline = build_pipeline(pipeline_name, params, _context(runner, claim, job))
+    except Exception as error:
+        done.failures.append(ShardFailed(claim, pipeline_name, error))
+        return None
+    try:
+        batch = pipeline.read(bounds, pipeline.start(bounds), int(spec["batch_size"]))
+        if not batch.done:
+            done.rest.append(claim)
+            return None
+        cleaned = identified(pipeline, batch.records)
+    except SoftTimeLimitExceeded:
+        done.failures.append(ShardFailed(claim, pipeline_name, _timed_out(claim)))
+        return None
+    except Exception as error:
+        if is_store_outage(error):
+            raise StoreUnavailable(error) from error
+        done.failures.append(ShardFailed(claim, pipeline_name, error))
+        return None
+    finally:
+        _close(pipeline, claim)
+    return claim, batch.cursor, bounds.end, cleaned, len(batch.records)
 
 
 def shard_bounds(shard: dict[str, Any], space: dict[str, Any] | None, params: dict[str, Any]) -> Bounds:

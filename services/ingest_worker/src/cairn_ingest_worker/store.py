@@ -134,6 +134,34 @@ def write_records(target: Collection, records: list[dict[str, Any]], *, mode: Wr
     raise ValueError(f"unknown write mode {mode!r}; one of {', '.join(WRITE_MODES)}")
 
 
+def insert_groups(target: Collection, groups: list[list[dict[str, Any]]], *, run: RunStamp) -> list[WriteCounts]:
+    """The `insert` mode for several batches at once (a bundle's shards, one batch each): one
+    unordered `insert_many` of every group's records (stamped in place as `write_records` does),
+    and each group's counts from the duplicate-key errors by index. Raises BulkWriteError for any
+    write error other than a duplicate key (nothing is then counted: the caller redoes the groups
+    one by one, which stores nothing twice)."""
+    documents = [record for group in groups for record in group]
+    ingested_at = clock.utcnow()
+    for record in documents:
+        record[JOB_ID] = run.job_id
+        record[INGESTED_AT] = ingested_at
+    duplicates: set[int] = set()
+    if documents:
+        try:
+            target.insert_many(documents, ordered=False)
+        except BulkWriteError as error:
+            write_errors = error.details.get("writeErrors", [])
+            if any(e.get("code") != DUPLICATE_KEY for e in write_errors):
+                raise
+            duplicates = {int(e["index"]) for e in write_errors}
+    counts, first = [], 0
+    for group in groups:
+        duplicate = sum(1 for index in range(first, first + len(group)) if index in duplicates)
+        counts.append(WriteCounts(inserted=len(group) - duplicate, duplicate=duplicate))
+        first += len(group)
+    return counts
+
+
 def _upsert(target: Collection, records: list[dict[str, Any]], run: RunStamp, *, window: bool) -> WriteCounts:
     latest: dict[Any, dict[str, Any]] = {}
     for record in records:

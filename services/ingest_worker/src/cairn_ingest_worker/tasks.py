@@ -53,7 +53,7 @@ from cairn_ingest_worker.errors import StoreUnavailable
 from cairn_ingest_worker.leases import Claim, HeldLeases
 from cairn_ingest_worker.observability import current_pipeline
 from cairn_ingest_worker.retry import JobRetryRules, RetryDefaults, decide, retry_fields, rules_for_job
-from cairn_ingest_worker.runner import ShardFailed, retry_time, run_claimed, run_shard
+from cairn_ingest_worker.runner import ShardFailed, retry_time, run_claimed, run_in_one_batch, run_shard
 from cairn_runtime.amqp import dead_letter_for
 from cairn_runtime.tracing import trace_carrier
 
@@ -144,22 +144,37 @@ def _run_one(
 
 
 def _run_bundle(ctx: WorkerContext, task: WorkerTask, request: RunShards) -> str:
-    """Run a bundle's shards one after another (scheduler/bundles.py): the waiting ones claimed in
-    bulk (`claim_waiting`: their leases kept alive while they wait their turn), any other one
-    claimed as its own task would be. Each shard ends as it would alone (its event, retry or dead
-    letter) and the bundle goes on; a store outage or the end of the time slice hands back the
-    leases not run yet and re-sends the rest of the bundle. Returns the outcomes counted
-    (`"3 succeeded, 1 already_done"`)."""
+    """Run a bundle's shards (scheduler/bundles.py): the waiting ones claimed in bulk
+    (`claim_waiting`; their leases kept alive while they wait their turn), those read whole by one
+    batch run together (`run_in_one_batch`), then every other one in order, a claimed one by
+    `run_claimed`, an unclaimed one as its own task would be. Each shard ends as it would alone
+    (its event, retry or dead letter) and the bundle goes on; a store outage or the end of the
+    time slice hands back the leases not run yet and re-sends the rest of the bundle. Returns
+    the outcomes counted (`"3 succeeded, 1 already_done"`)."""
     deadline = time.monotonic() + ctx.runner.slice_s
     try:
         claims = ctx.runner.leases.claim_waiting(request.shard_keys)
     except ConnectionFailure as error:
         return _carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error)))  # the whole bundle again
+    max_attempts = _rules(ctx, request.job_id).policy.max_attempts
     outcomes: Counter[str] = Counter()
     with HeldLeases(ctx.runner.leases, list(claims.values()), ctx.runner.heartbeat_interval_s) as held:
-        for position, shard_key in enumerate(request.shard_keys):
-            rest = RunShards(job_id=request.job_id, shard_keys=request.shard_keys[position:])
-            if position and time.monotonic() >= deadline:
+        try:
+            together = run_in_one_batch(ctx.runner, list(claims.values()), max_attempts=max_attempts, deadline=deadline)
+        except (StoreUnavailable, ConnectionFailure) as error:
+            return _carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error)), resend=request, held=held)
+        for outcome in together.outcomes:
+            assert outcome.claim is not None
+            held.started(outcome.claim)
+            outcomes[_carry_out(ctx, task, after_run(outcome), outcome.claim)] += 1
+        for failure in together.failures:
+            held.started(failure.claim)
+            outcomes[_carry_out(ctx, task, _after_failure(ctx, failure), failure.claim)] += 1
+        ended = {o.claim.shard_key for o in together.outcomes if o.claim} | {f.claim.shard_key for f in together.failures}
+        remaining = [key for key in request.shard_keys if key not in ended]
+        for position, shard_key in enumerate(remaining):
+            rest = RunShards(job_id=request.job_id, shard_keys=remaining[position:])
+            if (position or ended) and time.monotonic() >= deadline:
                 return _carry_out(ctx, task, SLICE_OVER, resend=rest, held=held)
             claim = claims.get(shard_key)
             if claim is None:
@@ -167,7 +182,7 @@ def _run_bundle(ctx: WorkerContext, task: WorkerTask, request: RunShards) -> str
                 continue
             held.started(claim)
             try:
-                outcome = run_claimed(ctx.runner, claim, max_attempts=_rules(ctx, request.job_id).policy.max_attempts, deadline=deadline)
+                outcome = run_claimed(ctx.runner, claim, max_attempts=max_attempts, deadline=deadline)
             except (StoreUnavailable, ConnectionFailure) as error:
                 outcomes[_carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error, claim)), resend=rest, held=held)] += 1
                 continue
