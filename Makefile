@@ -60,8 +60,9 @@ BENCH_ARGS ?= all
 bench: ## Benchmarks against the `make up` system: table, JSON, REPORT.md with plots (bench/results/)
 	uv run --no-sync python -m bench $(BENCH_ARGS)
 
-# Flower (a dev dependency) against Cairn's broker: workers send task events and answer remote
-# control, so its dashboard, task list and pool controls work. Needs the workers of `make up`.
+# Flower (a dev dependency) against Cairn's broker: workers send heartbeats and answer remote
+# control, so its dashboard and pool controls work (its task list: CAIRN_WORKER_TASK_EVENTS=true
+# for the workers). Needs the workers of `make up`.
 FLOWER_PORT ?= 5555
 .PHONY: flower
 flower: ## Flower (Celery's monitor) on http://127.0.0.1:5555 against Cairn's broker (CAIRN_AMQP_URL)

@@ -134,7 +134,7 @@ def test_grep_of_a_job_id_follows_the_job_through_gateway_scheduler_and_worker(s
     # not only in its message: the log store can filter on the field.
     assert all(f"job={job_id}" in line for service in found for line in found[service]), report
     assert has("gateway", r"job \S+ recorded PENDING") and has("gateway", r"StartJob published"), report
-    assert has("scheduler", r"planned: 2 range shard\(s\)") and has("scheduler", r"2 shard task\(s\) dispatched"), report
+    assert has("scheduler", r"planned: 2 range shard\(s\)") and has("scheduler", r"2 shard\(s\) dispatched in 1 task\(s\)"), report
     assert has("scheduler", r"-> SUCCESS"), report
     assert found["ingest_worker"], report
 

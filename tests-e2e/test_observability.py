@@ -327,8 +327,8 @@ def test_queue_depth_rises_while_no_worker_consumes_and_falls_to_zero(observed: 
     waits_before = scrape(observed, "ingest_worker").value("cairn_task_queue_wait_seconds_sum") or 0
     observed.services["ingest_worker"].stop()
     try:
-        job_id = observed.start_job(
-            {"pipeline": "synthetic", "params": {"count": 400}, "sharding": {"shards": 4}, "target_collection": "e2e_backlog"}
+        job_id = observed.start_job(  # shards of 100 records, batches of 50: a task each (no bundle)
+            {"pipeline": "synthetic", "params": {"count": 400}, "sharding": {"shards": 4}, "batch_size": 50, "target_collection": "e2e_backlog"}
         )
         stopped_at = time.monotonic()
 

@@ -55,6 +55,19 @@ async def test_terminate_fences_the_checkpoint_and_the_shard_and_gives_the_attem
     assert db[CHECKPOINTS].find_one({"_id": f"{key}:main"})["records_done"] == 5
 
 
+async def test_terminate_of_a_shard_a_bundle_claimed_and_has_not_started_is_fenced_not_interrupted(client_with, db) -> None:
+    # A bundle (RunShards) claims its shards together and runs them in turn: the pool process
+    # holding this one runs another shard now, which an interrupt would stop instead.
+    operator = client_with("operator")
+    key = running_shard(db, bundle_claim="c0ffee", attempts=0)
+    response = await operator.post(f"/v1/shards/{key}/terminate", json={"then": "ready"})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["interrupted"] is False and "bundle" in answer["reply"] and answer["fencing_token"] == 4, answer
+    shard = db[SHARDS].find_one({"_id": key})
+    assert shard["state"] == "RETRY" and int(shard["attempts"]) == 0  # no attempt was counted: none is given back
+
+
 async def test_terminate_as_cancelled_and_a_cancelled_jobs_shard_always_ends_cancelled(client_with, db) -> None:
     operator = client_with("operator")
     key = running_shard(db)

@@ -17,7 +17,7 @@ from pymongo.database import Database
 from cairn_contracts.clock import now_ms
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
-from cairn_contracts.tasks import TASK_RUN_SHARDS
+from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARDS
 from cairn_contracts.topology import QUEUE_INGEST, QUEUE_SCHEDULER_EVENTS
 from cairn_ingest_worker.context import WorkerContext
 from cairn_ingest_worker.leases import HeldLeases, ShardLeases
@@ -63,7 +63,7 @@ def worker(db: Database, amqp_url: str, *, slice_s: float = 600, ttl_s: float = 
     app = Celery("bundles-test")
     app.conf.update(celery_config(amqp_url))
     runner = ShardRunner(
-        leases=ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=ttl_s), jobs=db[JOBS], shards=db[SHARDS],
+        leases=ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=ttl_s, jobs=db[JOBS]), jobs=db[JOBS], shards=db[SHARDS],
         records_db=db, source_db=db, heartbeat_interval_s=5, slice_s=slice_s,
     )
     ctx = WorkerContext(settings=WorkerSettings(max_attempts=3, retry_base_delay_s=0), runner=runner, publisher=BrokerPublisher(app))
@@ -102,8 +102,10 @@ def test_a_bundle_claims_its_waiting_shards_in_four_round_trips_with_tokens_and_
     assert commands.names == ["update shards", "find shards", "update checkpoints", "find checkpoints"]
     for key, claim in claims.items():
         shard = db[SHARDS].find_one({"_id": key})
-        assert shard["state"] == ShardState.RUNNING and shard["taken_by"] == "worker-a" and shard["attempts"] == 1
-        assert claim.token == shard["fencing_token"] == 1 and claim.attempt == 1 and claim.fresh
+        # Taken, not started: its attempt is counted when its run begins (a crash of the bundle
+        # does not charge the shards waiting their turn).
+        assert shard["state"] == ShardState.RUNNING and shard["taken_by"] == "worker-a" and shard["attempts"] == 0
+        assert claim.token == shard["fencing_token"] == 1 and claim.attempt == 0 and claim.fresh and shard["bundle_claim"]
         assert db[CHECKPOINTS].find_one({"shard_key": key})["fencing_token"] == 1  # adopted: older tokens' commits refused
     assert leases.claim_waiting(keys) == {}  # nothing waits any more: a duplicate delivery takes nothing
 
@@ -209,7 +211,7 @@ def runner_over(db: Database) -> ShardRunner:
     )
 
 
-def test_one_batch_shards_of_a_bundle_are_stored_committed_and_finished_in_three_writes(
+def test_one_batch_shards_of_a_bundle_are_started_stored_committed_and_finished_in_five_round_trips(
     observed: tuple[Database, Commands], seed_job: Any, seed_shard: Any
 ) -> None:
     db, commands = observed
@@ -222,13 +224,16 @@ def test_one_batch_shards_of_a_bundle_are_stored_committed_and_finished_in_three
 
     assert [(o.kind, o.claim.shard_key, o.records) for o in done.outcomes] == [("succeeded", key, 10) for key in keys]
     assert not done.failures and not done.rest
-    assert commands.names == ["find jobs", "insert out", "update checkpoints", "update shards"]  # the job read once per process
+    # The job read once per process; attempts counted, a cancel looked for, records stored,
+    # checkpoints committed, shards finished.
+    assert commands.names == ["find jobs", "update shards", "find jobs", "insert out", "update checkpoints", "update shards"]
     for index, key in enumerate(keys):
         checkpoint = db[CHECKPOINTS].find_one({"shard_key": key})
         assert checkpoint["cursor"] == (index + 1) * 10 and checkpoint["done"] and checkpoint["batches"] == 1
         assert checkpoint["records_done"] == checkpoint["records_written"] == 10 and checkpoint["fencing_token"] == 1
         shard = db[SHARDS].find_one({"_id": key})
         assert shard["state"] == ShardState.SUCCEEDED and shard["taken_by"] is None and shard["ran_by"] == "worker-a"
+        assert shard["attempts"] == 1 and shard["bundle_claim"] is None
         assert shard["totals"]["records_done"] == 10 and shard["totals"]["batches"] == 1
     assert db["out"].count_documents({}) == 80
 
@@ -263,9 +268,10 @@ def test_a_shard_taken_over_meanwhile_is_not_committed_by_the_bundle_and_the_oth
 
     done = run_in_one_batch(runner, [claims[key] for key in keys], max_attempts=3)
 
-    assert [(o.kind, o.claim.shard_key) for o in done.outcomes] == [("succeeded", keys[0]), ("succeeded", keys[1]), ("lease_lost", keys[2])]
+    assert [(o.kind, o.claim.shard_key) for o in done.outcomes] == [("succeeded", keys[0]), ("succeeded", keys[1])]
+    assert [c.shard_key for c in done.unstarted] == [keys[2]]  # its start refused by the token: nothing read or stored
     taken = db[SHARDS].find_one({"_id": keys[2]})
-    assert taken["state"] == ShardState.RUNNING and taken["taken_by"] == "worker-b" and taken["fenced_writes"] == 1
+    assert taken["state"] == ShardState.RUNNING and taken["taken_by"] == "worker-b" and taken["attempts"] == 0
     assert db[CHECKPOINTS].find_one({"shard_key": keys[2]})["batches"] == 0  # its holder commits it, not this bundle
 
 
@@ -283,3 +289,25 @@ def test_shards_larger_than_one_batch_resumed_ones_and_other_write_modes_are_lef
     db[JOBS].update_one({"_id": "job"}, {"$set": {"spec.write_mode": "upsert"}})
     upsert = runner_over(db)  # a fresh process's cache of the job
     assert run_in_one_batch(upsert, [claims[large]], max_attempts=3).rest == [claims[large]]
+
+
+def test_a_frontier_lane_runs_its_items_a_block_of_about_one_batch_at_a_time(
+    db: Database, seed_job: Any, seed_shard: Any, amqp_url: str, test_env: Any
+) -> None:
+    job_spec = {**spec(200), "sharding": {"strategy": "lease_frontier", "shards": 1, "item_size": 10}}
+    seed_job(db, "job", job_spec)
+    db[JOBS].update_one({"_id": "job"}, {"$set": {"shard_count": 20}})
+    keys = [seed_shard(db, "job", i, i * 10, i * 10 + 10, state=ShardState.PLANNED) for i in range(20)]
+    commands = Commands()
+    client: MongoClient = MongoClient(test_env.mongodb_uri, event_listeners=[commands], tz_aware=True)
+    try:
+        app, _ = worker(client[db.name], amqp_url)
+        assert app.tasks[TASK_RUN_FRONTIER](job_id="job", lane=0) == "drained"
+    finally:
+        client.close()
+
+    assert all(db[SHARDS].find_one({"_id": key})["state"] == ShardState.SUCCEEDED for key in keys)
+    assert db["out"].count_documents({}) == 200
+    # Blocks of 100 // 10 = 10 items: two merged inserts for twenty items.
+    assert commands.names.count("insert out") == 2
+    assert sorted(e["shard_key"] for e in events(amqp_url)) == keys

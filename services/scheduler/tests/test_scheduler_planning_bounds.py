@@ -155,5 +155,5 @@ async def test_planning_dispatch_and_each_job_transition_are_logged_once_with_th
 
     lines = [r.getMessage() for r in caplog.records if "logged-job" in r.getMessage()]
     assert any("planned: 2 range shard(s)" in line and "STARTED" in line for line in lines), lines
-    assert any("2 shard(s) dispatched" in line for line in lines), lines
+    assert any("2 shard(s) dispatched in 1 task(s)" in line for line in lines), lines
     assert len([line for line in lines if "-> SUCCESS" in line]) == 1, lines

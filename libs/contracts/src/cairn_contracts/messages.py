@@ -6,6 +6,7 @@ A consumer validates the body against the model named here; a body that does not
 dead-lettered with the validation error as its reason, never half-processed.
 """
 
+import re
 from datetime import datetime
 from typing import Any, ClassVar, Literal
 
@@ -107,8 +108,10 @@ class RunShards(Message, ContractModel):
     @classmethod
     def _of_the_job(cls, keys: list[str], info: ValidationInfo) -> list[str]:
         job_id = info.data.get("job_id")
-        if job_id is not None and any(not key.startswith(f"{job_id}:") for key in keys):
-            raise ValueError("every shard key of a bundle is one of its job's (<job id>:<index>)")
+        if job_id is not None:
+            own = re.compile(re.escape(job_id) + r":\d+")
+            if any(not own.fullmatch(key) for key in keys):
+                raise ValueError("every shard key of a bundle is one of its job's (<job id>:<index>)")
         if len(set(keys)) != len(keys):
             raise ValueError("a bundle names each shard once")
         return keys

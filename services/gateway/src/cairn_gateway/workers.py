@@ -286,7 +286,8 @@ class WorkerControl:
         increments: dict[str, int] = {"fencing_token": 1, "terminations": 1}
         if then == "ready":
             fields.update(state=ShardState.RETRY, next_retry_at=now, next_retry_at_ms=now_ms, last_error=f"terminated by {actor}")
-            increments["attempts"] = -1  # not the shard's failure: its attempt is given back
+            if not shard.get("bundle_claim"):  # a bundle's claim not started has no attempt counted yet
+                increments["attempts"] = -1  # not the shard's failure: its attempt is given back
         else:
             fields.update(state=ShardState.CANCELLED, cancelled_at_ms=now_ms, finished_at=now)
         won = await shards.find_one_and_update(
@@ -298,8 +299,13 @@ class WorkerControl:
             )
             raise Conflict(f"shard {shard_key} finished or was taken over meanwhile; nothing terminated", shard_key)
         logger.warning("shard %s terminated by %s (then %s); token %d -> %d", shard_key, actor, then, token, token + 1)
-        # 3. Interrupt the run now (best effort: its fenced writes stop it anyway).
-        interrupted, reply = await self._interrupt(taken_by, shard_key, shard["job_id"])
+        # 3. Interrupt the run now (best effort: its fenced writes stop it anyway). Not a shard a
+        # bundle claimed and has not started (`bundle_claim` still set): the signal would stop
+        # the shard that bundle runs now; this one's start is refused by its token.
+        if shard.get("bundle_claim"):
+            interrupted, reply = False, "claimed by a bundle that has not started it: its start is refused by the fencing token"
+        else:
+            interrupted, reply = await self._interrupt(taken_by, shard_key, shard["job_id"])
         # 4. A cancelled shard is terminal: the job rolls up now.
         if then == "cancelled":
             await self._announce_cancelled(shard, int(checkpoint.get("records_done") or 0))

@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -184,7 +184,9 @@ class ShardLeases:
         """A bundle's claim: take every shard of `shard_keys` that waits for its run (PLANNED,
         QUEUED; its job not cancelled) in bulk. Returns {shard_key: Claim} of those taken; the
         others (retrying, running, finished, cancelled, unknown) are the caller's to claim one by
-        one (`claim`), as a task of their own would.
+        one (`claim`), as a task of their own would. A claim taken here is not started: `start`
+        (or `start_all`) counts its attempt when its run begins, and checks its job was not
+        cancelled meanwhile.
 
         Four round trips whatever the count, where claiming one by one costs two per shard: one
         `update_many` takes them (state, lease, fencing token + 1, attempt + 1, tagged with this
@@ -202,9 +204,11 @@ class ShardLeases:
             "state": ShardState.RUNNING, "taken_by": self._worker_id, "lease_until": now_ms + self._ttl_ms, "started_at": now,
             "bundle_claim": tag,
         }
+        # No attempt is counted here: a shard's attempt is counted when its run starts (`start`),
+        # so a crash of the bundle does not charge the shards still waiting their turn.
         self._shards.update_many(
             {"shard_key": {"$in": keys}, "state": {"$in": [ShardState.PLANNED, ShardState.QUEUED]}, "cancel_requested": {"$in": [False, None]}},
-            {"$set": taken, "$inc": {"fencing_token": 1, "attempts": 1}},
+            {"$set": taken, "$inc": {"fencing_token": 1}},
         )
         shards = [
             shard for shard in self._shards.find({"shard_key": {"$in": keys}, "bundle_claim": tag})
@@ -236,6 +240,34 @@ class ShardLeases:
             )
         return claims
 
+    def start(self, claim: Claim) -> Claim | None:
+        """Begin the run of a bundle's claim: count its attempt (and clear its `bundle_claim`
+        tag: the gateway's terminate interrupts only a started run), fenced, unless its job was
+        cancelled meanwhile. Returns the claim as started (attempt counted); None if another
+        worker holds the shard now or its job was cancelled (`cancel_requested` tells which)."""
+        started = self.start_all([claim])
+        return started[0] if started else None
+
+    def start_all(self, claims: Sequence[Claim]) -> list[Claim]:
+        """`start` for several claims in one round trip (one more, a read, only when some were
+        refused); returns those started, in order."""
+        if not claims:
+            return []
+        started_filter = {"cancel_requested": {"$in": [False, None]}}
+        result = self._shards.bulk_write(
+            [UpdateOne({**_held(c), **started_filter}, {"$inc": {"attempts": 1}, "$set": {"bundle_claim": None}}) for c in claims],
+            ordered=False,
+        )
+        if result.matched_count < len(claims):
+            tokens = {c.shard_key: c.token for c in claims}
+            stored = self._shards.find({"shard_key": {"$in": list(tokens)}}, {"shard_key": 1, "fencing_token": 1, "bundle_claim": 1, "state": 1})
+            ours = {
+                s["shard_key"] for s in stored
+                if s.get("fencing_token") == tokens[s["shard_key"]] and s.get("state") == ShardState.RUNNING and not s.get("bundle_claim")
+            }
+            claims = [c for c in claims if c.shard_key in ours]
+        return [replace(c, shard={**c.shard, "attempts": int(c.shard.get("attempts") or 0) + 1, "bundle_claim": None}) for c in claims]
+
     def renew_all(self, claims: Sequence[Claim]) -> int:
         """Renew the leases of `claims` in one round trip (unordered bulk of `renew`'s fenced
         update); returns how many were renewed (a taken-over or cancelled one is not)."""
@@ -246,52 +278,60 @@ class ShardLeases:
         return int(result.matched_count)
 
     def hand_off_all(self, claims: Sequence[Claim]) -> int:
-        """`hand_off` for every claim in one round trip (a bundle's shards it will not run);
-        returns how many were handed off."""
+        """`hand_off` for a bundle's claims it will not run now, in one round trip: a started
+        one's attempt is given back, a claim not started (`bundle_claim` set) had none counted.
+        Returns how many were handed off."""
         if not claims:
             return 0
-        result = self._shards.bulk_write([UpdateOne(_held(claim), _HAND_OFF) for claim in claims], ordered=False)
+        unstarted = {"$set": {"lease_until": 0}, "$inc": {"hand_offs": 1}}
+        result = self._shards.bulk_write(
+            [UpdateOne(_held(claim), unstarted if claim.shard.get("bundle_claim") else _HAND_OFF) for claim in claims], ordered=False
+        )
         return int(result.matched_count)
 
-    def finish_all(self, batches: Sequence["OneBatch"]) -> set[str]:
+    def finish_all(self, batches: Sequence["OneBatch"]) -> tuple[set[str], set[str]]:
         """A bundle's one-batch shards, each fresh (nothing committed before) and done in one batch:
         commit each one's only batch and mark it SUCCEEDED, for all of them in two round trips
         (unordered bulks of `commit`'s and `succeed`'s fenced updates) where one by one takes two
-        per shard. Returns the keys of the shards that ended SUCCEEDED here; another worker holds
-        the others now (a fenced write; their batch's records are stored, never counted twice).
+        per shard. Returns (keys of the shards that ended SUCCEEDED here, keys of those whose job
+        was cancelled: not committed, for the caller to cancel); another worker holds the others
+        now (a fenced write; their batch's records are stored, never counted twice).
 
         A fresh checkpoint's counters are all 0 (only a commit moves them, and it counts the batch
         too), so each shard's totals are its batch's counts: `succeed` needs no read back."""
         if not batches:
-            return set()
+            return set(), set()
         now = clock.utcnow()
+        # Not a cancelled job's shard ($in, not $ne: the stand-in's updates skip missing fields on $ne).
         commits = [
             UpdateOne(
-                {"_id": b.claim.checkpoint_id, "fencing_token": b.claim.token, "batches": 0},
+                {"_id": b.claim.checkpoint_id, "fencing_token": b.claim.token, "batches": 0, "cancel_requested": {"$in": [False, None]}},
                 {"$set": {"cursor": b.cursor, "updated_at": now, "position": b.position, "done": True}, "$inc": b.counters()},
             )
             for b in batches
         ]
         result = self._checkpoints.bulk_write(commits, ordered=False)
-        committed = list(batches)
-        if result.matched_count < len(batches):  # some were fenced: find which commits landed
+        committed, cancelled = list(batches), set()
+        if result.matched_count < len(batches):  # some were fenced or cancelled: find which commits landed
             by_id = {b.claim.checkpoint_id: b for b in batches}
-            stored = self._checkpoints.find({"_id": {"$in": list(by_id)}}, {"fencing_token": 1, "batches": 1})
-            landed = {c["_id"] for c in stored if c.get("fencing_token") == by_id[c["_id"]].claim.token and c.get("batches") == 1}
+            stored = list(self._checkpoints.find({"_id": {"$in": list(by_id)}}, {"fencing_token": 1, "batches": 1, "cancel_requested": 1}))
+            ours = [c for c in stored if c.get("fencing_token") == by_id[c["_id"]].claim.token]
+            landed = {c["_id"] for c in ours if c.get("batches") == 1}
+            cancelled = {by_id[c["_id"]].claim.shard_key for c in ours if c["_id"] not in landed and c.get("cancel_requested")}
             committed = [b for b in batches if b.claim.checkpoint_id in landed]
         if not committed:
-            return set()
+            return set(), cancelled
         finished = {"finished_at": now, "taken_by": None, "ran_by": self._worker_id, "state": ShardState.SUCCEEDED}
         result = self._shards.bulk_write(
             [UpdateOne(_held(b.claim), {"$set": {**finished, "totals": b.counters()}}) for b in committed], ordered=False
         )
         if result.matched_count == len(committed):
-            return {b.claim.shard_key for b in committed}
+            return {b.claim.shard_key for b in committed}, cancelled
         tokens = {b.claim.shard_key: b.claim.token for b in committed}
         return {
             s["shard_key"] for s in self._shards.find({"shard_key": {"$in": list(tokens)}}, {"shard_key": 1, "fencing_token": 1, "state": 1})
             if s.get("state") == ShardState.SUCCEEDED and s.get("fencing_token") == tokens[s["shard_key"]]
-        }
+        }, cancelled
 
     def claim_next(self, job_id: str) -> Claim | None:
         """Lease frontier: take the job's first claimable work item (a RETRY item once it is due).
@@ -310,6 +350,17 @@ class ShardLeases:
                 return claim
         return None
 
+    def take_block(self, job_id: str, size: int | None = None) -> list[str]:
+        """Lease frontier: the keys of this process's next block of items, in index order: what
+        is left of its current block, else `size` (default `frontier_block`) indexes from the
+        job's counter (one `$inc`). [] once the counter is past the last item (or there is no
+        counter here, no such job, or it is not planned yet). Items taken and never claimed stay
+        claimable: `claim_next`'s scan past the counter finds them."""
+        with self._taken_lock:
+            taken = self._taken.pop(job_id, None)
+        block = taken or self._counter_block(job_id, size or self._frontier_block)
+        return [shard_key_for(job_id, index) for index in block]
+
     def _next_index(self, job_id: str) -> int | None:
         """The next item index for this process: from its block, else from a new block of the job's
         frontier counter (None: the counter is past the last item, or there is no counter here,
@@ -318,21 +369,24 @@ class ShardLeases:
             if taken := self._taken.get(job_id):
                 return taken.pop(0)
             self._taken.pop(job_id, None)
-        if self._jobs is None:
-            return None
-        job = self._jobs.find_one_and_update(
-            {"_id": job_id}, {"$inc": {"frontier_next": self._frontier_block}}, projection={"frontier_next": 1, "shard_count": 1},
-            return_document=ReturnDocument.AFTER,
-        )
-        if job is None or not job.get("shard_count"):
-            return None
-        end = min(int(job["frontier_next"]), int(job["shard_count"]))
-        block = list(range(int(job["frontier_next"]) - self._frontier_block, end))
+        block = self._counter_block(job_id, self._frontier_block)
         if not block:
             return None
         with self._taken_lock:
             self._taken.setdefault(job_id, []).extend(block[1:])
         return block[0]
+
+    def _counter_block(self, job_id: str, size: int) -> list[int]:
+        """`size` item indexes from the job's frontier counter (those below its shard count)."""
+        if self._jobs is None:
+            return []
+        job = self._jobs.find_one_and_update(
+            {"_id": job_id}, {"$inc": {"frontier_next": size}}, projection={"frontier_next": 1, "shard_count": 1},
+            return_document=ReturnDocument.AFTER,
+        )
+        if job is None or not job.get("shard_count"):
+            return []
+        return list(range(int(job["frontier_next"]) - size, min(int(job["frontier_next"]), int(job["shard_count"]))))
 
     def _moved(self, shard: dict[str, Any]) -> bool:
         """Whether the shard changed since it was read (so a failed compare-and-set may be retried)."""
@@ -563,8 +617,15 @@ class HeldLeases:
         self._thread = threading.Thread(target=self._run, name="bundle-leases", daemon=True)
 
     def started(self, claim: Claim) -> None:
+        """The claim's run began: its own Heartbeat renews it from now on."""
         with self._lock:
             self._waiting.pop(claim.shard_key, None)
+
+    def update(self, claim: Claim) -> None:
+        """Keep this version of a claim still waiting (its attempt counted: `ShardLeases.start_all`)."""
+        with self._lock:
+            if claim.shard_key in self._waiting:
+                self._waiting[claim.shard_key] = claim
 
     def waiting(self) -> list[Claim]:
         with self._lock:

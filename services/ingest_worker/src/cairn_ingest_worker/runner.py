@@ -134,8 +134,9 @@ class ShardFailed(Exception):
         self.error = error
 
 
-def run_shard(runner: ShardRunner, request: RunShard, *, max_attempts: int) -> Outcome:
-    """Claim the request's shard and run it (see `run_claimed`).
+def run_shard(runner: ShardRunner, request: RunShard, *, max_attempts: int, deadline: float | None = None) -> Outcome:
+    """Claim the request's shard and run it (see `run_claimed`) until `deadline` (time.monotonic();
+    default: one slice from now; a bundle passes its own).
 
     Raises `ShardFailed` (the pipeline failed, or a batch ran past the soft time limit:
     `BatchTimedOut`) and `StoreUnavailable` (MongoDB unreachable; its `claim` is set if the
@@ -146,7 +147,7 @@ def run_shard(runner: ShardRunner, request: RunShard, *, max_attempts: int) -> O
         raise StoreUnavailable(error) from error
     if claim is None:
         return Outcome("not_claimable")
-    return run_claimed(runner, claim, max_attempts=max_attempts, deadline=time.monotonic() + runner.slice_s)
+    return run_claimed(runner, claim, max_attempts=max_attempts, deadline=deadline if deadline is not None else time.monotonic() + runner.slice_s)
 
 
 def run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadline: float) -> Outcome:
@@ -305,6 +306,8 @@ class BundleRun:
     outcomes: list[Outcome] = field(default_factory=list)
     failures: list[ShardFailed] = field(default_factory=list)
     rest: list[Claim] = field(default_factory=list)
+    # Claims that could not start: another worker holds the shard now, or its job was cancelled.
+    unstarted: list[Claim] = field(default_factory=list)
 
 
 def run_in_one_batch(runner: ShardRunner, claims: list[Claim], *, max_attempts: int, deadline: float | None = None) -> BundleRun:
@@ -315,29 +318,39 @@ def run_in_one_batch(runner: ShardRunner, claims: list[Claim], *, max_attempts: 
     where one by one takes three per shard. Each shard keeps its own checkpoint, fencing token,
     totals and outcome.
 
-    Taken here: fresh claims (nothing committed) that are not poison, of an `insert` job, whose
-    first batch says `done`. Left in `rest` for `run_claimed`: every other claim, a shard whose
-    first batch is not its last (that read is redone there), and all of them when the merged
-    insert fails with anything but duplicate keys (redone one by one: nothing is stored twice).
-    Past `deadline` (time.monotonic()) no more shard is read: the claims not read yet go to `rest`.
-    Raises StoreUnavailable (claim None) when MongoDB is unreachable: the caller hands back every
-    claim not ended."""
+    Taken here: fresh, not yet started claims (`ShardLeases.claim_waiting`) of an `insert` job,
+    when the job allows more than one attempt (the attempts of all of them are counted together
+    before any is read: a crash charges each one, which only a one-attempt job could not afford),
+    whose first batch says `done`. Left in `rest` for `run_claimed` (not started): every other
+    claim, and, past `deadline` (time.monotonic()), the claims not read yet. Started here and then
+    left in `rest`: a shard whose first batch is not its last (that read is redone there). A
+    shard whose records the store refused with anything but a duplicate key fails as it would
+    alone (`failures`); Celery's soft time limit during the merged writes fails every shard read
+    (BatchTimedOut, retryable). Raises StoreUnavailable (claim None) when MongoDB is
+    unreachable: the caller hands back every claim not ended."""
     if not claims:
         return BundleRun()
     job_id = claims[0].shard["job_id"]
     job = runner.job(job_id)
     spec: dict[str, Any] = (job or {}).get("spec") or {}
-    if job is None or spec.get("write_mode", "insert") != "insert":
+    if job is None or spec.get("write_mode", "insert") != "insert" or max_attempts < 2:
         return BundleRun(rest=list(claims))
     pipeline_name = spec["pipeline"]
     started = time.perf_counter()
     done = BundleRun()
+    eligible = [claim for claim in claims if claim.fresh and not claim.done and claim.attempt + 1 <= max_attempts]
+    done.rest.extend(claim for claim in claims if claim not in eligible)
+    try:
+        begun = runner.leases.start_all(eligible)
+    except ConnectionFailure as error:
+        raise StoreUnavailable(error) from error
+    keys = {claim.shard_key for claim in begun}
+    done.unstarted.extend(claim for claim in eligible if claim.shard_key not in keys)
     read: list[tuple[Claim, Any, int, list[dict[str, Any]], int]] = []  # claim, cursor, position, cleaned, records read
     with tracer.start_as_current_span("cairn.bundle", attributes=span_attributes(job_id=job_id, pipeline=pipeline_name)):
-        for claim in claims:
-            past_deadline = deadline is not None and read and time.monotonic() >= deadline
-            if past_deadline or not claim.fresh or claim.done or claim.attempt > max_attempts:
-                done.rest.append(claim)
+        for claim in begun:
+            if deadline is not None and read and time.monotonic() >= deadline:
+                done.rest.append(claim)  # started: `run_claimed` runs it as a resumed run would
                 continue
             with log_context(job_id=job_id, shard_key=claim.shard_key):
                 note_shard(job_id=job_id, shard_key=claim.shard_key, pipeline=pipeline_name, tenant=job.get("tenant"), attempt=claim.attempt)
@@ -346,22 +359,32 @@ def run_in_one_batch(runner: ShardRunner, claims: list[Claim], *, max_attempts: 
                 read.append(batch)
         if not read:
             return done
+        if _cancel_requested(runner, job_id):
+            # Cancelled while they were read: none is stored; each stops here, CANCELLED.
+            for claim, *_ in read:
+                done.outcomes.append(Outcome("cancelled" if runner.leases.cancel(claim) else "lease_lost", claim))
+            return done
         target = runner.databases(job.get("tenant"))[0][spec["target_collection"]]
         try:
-            counts = insert_groups(target, [cleaned for _, _, _, cleaned, _ in read], run=RunStamp(job_id, int(job.get("created_at_ms") or 0)))
-        except BulkWriteError:
-            logger.warning("job %s: a bundle's merged insert failed; its %d shard(s) run one by one", job_id, len(read))
-            done.rest.extend(claim for claim, *_ in read)
+            results = insert_groups(target, [cleaned for _, _, _, cleaned, _ in read], run=RunStamp(job_id, int(job.get("created_at_ms") or 0)))
+            batches = []
+            for (claim, cursor, position, _, records), result in zip(read, results, strict=True):
+                if isinstance(result, BulkWriteError):
+                    done.failures.append(ShardFailed(claim, pipeline_name, result))
+                else:
+                    batches.append(OneBatch(claim, cursor, position, records, result))
+            finished, cancelled = runner.leases.finish_all(batches)
+        except SoftTimeLimitExceeded:
+            # Interrupted (the task's soft time limit, an operator's terminate): what was read is
+            # retried as a timed-out batch is; a commit that landed is found by the next run.
+            done.failures.extend(ShardFailed(claim, pipeline_name, _timed_out(claim)) for claim, *_ in read)
             return done
         except Exception as error:
             if is_store_outage(error):
                 raise StoreUnavailable(error) from error
             raise
-        batches = [OneBatch(claim, cursor, position, records, count) for (claim, cursor, position, _, records), count in zip(read, counts, strict=True)]
-        try:
-            finished = runner.leases.finish_all(batches)
-        except ConnectionFailure as error:
-            raise StoreUnavailable(error) from error
+    if not batches:
+        return done
     seconds = (time.perf_counter() - started) / len(batches)  # each shard's share of the bundle's time
     for one in batches:
         metrics.RECORDS.labels(pipeline_name).inc(one.records)
@@ -371,11 +394,23 @@ def run_in_one_batch(runner: ShardRunner, claims: list[Claim], *, max_attempts: 
         metrics.BATCH_SECONDS.labels(pipeline_name).observe(seconds)
         if one.claim.shard_key in finished:
             done.outcomes.append(Outcome("succeeded", one.claim, one.records))
+        elif one.claim.shard_key in cancelled and runner.leases.cancel(one.claim):
+            # Its records are stored (the batch in flight when the cancel came), not committed.
+            done.outcomes.append(Outcome("cancelled", one.claim, one.records))
         else:
             runner.leases.note_fenced_write(one.claim)
             logger.warning("shard %s: checkpoint refused, token %d is stale", one.claim.shard_key, one.claim.token)
             done.outcomes.append(Outcome("lease_lost", one.claim, one.records))
     return done
+
+
+def _cancel_requested(runner: ShardRunner, job_id: str) -> bool:
+    """Whether the job was cancelled (read from the job itself, not this process's cache of it)."""
+    try:
+        job = runner.jobs.find_one({"_id": job_id}, {"cancel_requested": 1})
+    except ConnectionFailure as error:
+        raise StoreUnavailable(error) from error
+    return bool(job and job.get("cancel_requested"))  # truthiness: the stand-in reads a $set boolean back as 1
 
 
 def _read_whole(
@@ -387,6 +422,8 @@ def _read_whole(
     spec: dict[str, Any] = job["spec"]
     pipeline_name, params = spec["pipeline"], spec.get("params") or {}
     bounds = shard_bounds(claim.shard, job.get("space"), params)
+    # Its run has begun (its attempt counted): a shard read here that is not done in one batch
+    # goes on in `run_claimed`, which must not count it again.
     try:
         pipeline = build_pipeline(pipeline_name, params, _context(runner, claim, job))
     except Exception as error:

@@ -134,32 +134,33 @@ def write_records(target: Collection, records: list[dict[str, Any]], *, mode: Wr
     raise ValueError(f"unknown write mode {mode!r}; one of {', '.join(WRITE_MODES)}")
 
 
-def insert_groups(target: Collection, groups: list[list[dict[str, Any]]], *, run: RunStamp) -> list[WriteCounts]:
+def insert_groups(target: Collection, groups: list[list[dict[str, Any]]], *, run: RunStamp) -> list[WriteCounts | BulkWriteError]:
     """The `insert` mode for several batches at once (a bundle's shards, one batch each): one
-    unordered `insert_many` of every group's records (stamped in place as `write_records` does),
-    and each group's counts from the duplicate-key errors by index. Raises BulkWriteError for any
-    write error other than a duplicate key (nothing is then counted: the caller redoes the groups
-    one by one, which stores nothing twice)."""
+    unordered `insert_many` of every group's records (stamped in place as `write_records` does).
+    Returns, per group, its counts (duplicate keys attributed to it by index), or a
+    BulkWriteError with that group's own errors when any of them is not a duplicate key (what
+    `write_records` raises for that batch alone; the other groups are counted as written)."""
     documents = [record for group in groups for record in group]
     ingested_at = clock.utcnow()
     for record in documents:
         record[JOB_ID] = run.job_id
         record[INGESTED_AT] = ingested_at
-    duplicates: set[int] = set()
+    errors: dict[int, dict[str, Any]] = {}
     if documents:
         try:
             target.insert_many(documents, ordered=False)
         except BulkWriteError as error:
-            write_errors = error.details.get("writeErrors", [])
-            if any(e.get("code") != DUPLICATE_KEY for e in write_errors):
-                raise
-            duplicates = {int(e["index"]) for e in write_errors}
-    counts, first = [], 0
+            errors = {int(e["index"]): e for e in error.details.get("writeErrors", [])}
+    results: list[WriteCounts | BulkWriteError] = []
+    first = 0
     for group in groups:
-        duplicate = sum(1 for index in range(first, first + len(group)) if index in duplicates)
-        counts.append(WriteCounts(inserted=len(group) - duplicate, duplicate=duplicate))
+        own = [errors[index] for index in range(first, first + len(group)) if index in errors]
         first += len(group)
-    return counts
+        if any(e.get("code") != DUPLICATE_KEY for e in own):
+            results.append(BulkWriteError({"writeErrors": own, "nInserted": len(group) - len(own)}))
+        else:
+            results.append(WriteCounts(inserted=len(group) - len(own), duplicate=len(own)))
+    return results
 
 
 def _upsert(target: Collection, records: list[dict[str, Any]], run: RunStamp, *, window: bool) -> WriteCounts:

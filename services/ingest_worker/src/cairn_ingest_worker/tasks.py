@@ -3,8 +3,9 @@
 - `run_shard` (range and hash-mod sharding): runs the one shard its message names.
 - `run_shards` (a bundle of small range or hash-mod shards, scheduler/bundles.py): claims the
   waiting ones in bulk and runs them one after another, each ending as it would alone.
-- `run_frontier` (lease-frontier sharding): pulls the job's work items one at a time by lease
-  until none is claimable.
+- `run_frontier` (lease-frontier sharding): pulls the job's work items by lease, a block from
+  the job's counter at a time (run as a bundle is), then one by one what is claimable again,
+  until none is.
 
 Attempts are counted in the shard document at claim time (before any work), not by Celery, so a
 shard whose runs keep killing their worker is recognised as poison and dead-lettered. A task runs
@@ -21,15 +22,17 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery import Celery
+from celery.exceptions import Retry
 from pydantic import ValidationError
 from pymongo.errors import ConnectionFailure
 
 from cairn_contracts import clock
-from cairn_contracts.messages import OriginalMessage, RunFrontier, RunShard, RunShards, ShardFinished
+from cairn_contracts.messages import MAX_BUNDLE_SHARDS, OriginalMessage, RunFrontier, RunShard, RunShards, ShardFinished
 from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD, TASK_RUN_SHARDS
 from cairn_contracts.topology import QUEUE_INGEST
 from cairn_ingest_worker import metrics
@@ -50,10 +53,10 @@ from cairn_ingest_worker.decisions import (
     for_unclaimable,
 )
 from cairn_ingest_worker.errors import StoreUnavailable
-from cairn_ingest_worker.leases import Claim, HeldLeases
+from cairn_ingest_worker.leases import FRONTIER_BLOCK, Claim, HeldLeases
 from cairn_ingest_worker.observability import current_pipeline
 from cairn_ingest_worker.retry import JobRetryRules, RetryDefaults, decide, retry_fields, rules_for_job
-from cairn_ingest_worker.runner import ShardFailed, retry_time, run_claimed, run_in_one_batch, run_shard
+from cairn_ingest_worker.runner import BundleRun, ShardFailed, retry_time, run_claimed, run_in_one_batch, run_shard
 from cairn_runtime.amqp import dead_letter_for
 from cairn_runtime.tracing import trace_carrier
 
@@ -100,6 +103,13 @@ def register_tasks(app: Celery, build_context: Callable[[], WorkerContext]) -> N
             return _carry_out(ctx, self, DeadLetter("contract_violation", error))
         deadline = time.monotonic() + ctx.runner.slice_s
         claimed = False
+        # Blocks of items from the job's counter, claimed and run together like a bundle; then
+        # one by one what is claimable again past the counter (due retries, expired leases).
+        size = _frontier_block_size(ctx, request.job_id)
+        while keys := _take_block_or_retry(ctx, self, request, size):
+            claimed = _run_frontier_block(ctx, self, request, keys, deadline) or claimed
+            if time.monotonic() >= deadline:
+                _carry_out(ctx, self, SLICE_OVER)
         while (claim := _claim_next_or_retry(ctx, self, request)) is not None:
             claimed = True
             try:
@@ -122,15 +132,167 @@ def register_tasks(app: Celery, build_context: Callable[[], WorkerContext]) -> N
         return _carry_out(ctx, self, for_empty_lane(request, _job_recorded(ctx, request.job_id)), request=request)
 
 
+def _frontier_block_size(ctx: WorkerContext, job_id: str) -> int:
+    """Items a lane takes from its job's counter at a time: about one batch of records (its
+    items run together, `_run_frontier_block`), at least FRONTIER_BLOCK, at most MAX_BUNDLE_SHARDS."""
+    try:
+        spec = (ctx.runner.job(job_id) or {}).get("spec") or {}
+    except ConnectionFailure:
+        return FRONTIER_BLOCK  # the block's claim meets the outage next, and re-sends the lane
+    item_size = int((spec.get("sharding") or {}).get("item_size") or 0)
+    per_batch = int(spec.get("batch_size") or 0) // item_size if item_size > 0 else 0
+    return max(FRONTIER_BLOCK, min(MAX_BUNDLE_SHARDS, per_batch))
+
+
+def _take_block_or_retry(ctx: WorkerContext, task: WorkerTask, request: RunFrontier, size: int) -> list[str]:
+    """The lane's next block of item keys ([]: the counter is past the last item); while MongoDB
+    is unreachable, the runner is re-sent (Retry raised)."""
+    try:
+        return ctx.runner.leases.take_block(request.job_id, size)
+    except ConnectionFailure as error:
+        _carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error)))  # raises Retry: nothing was held
+        return []
+
+
+def _run_frontier_block(ctx: WorkerContext, task: WorkerTask, request: RunFrontier, keys: list[str], deadline: float) -> bool:
+    """Claim a block of a lane's items in bulk (those waiting) and run them as a bundle's shards
+    are run (`_run_claims`); items not waiting are left to the scan past the counter. A store
+    outage or the slice's end hands back the claims not started and re-sends the lane (Retry
+    raised). Returns whether anything was claimed."""
+    try:
+        max_attempts = _rules(ctx, request.job_id).policy.max_attempts
+        claims = ctx.runner.leases.claim_waiting(keys)
+    except ConnectionFailure as error:
+        _carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error)))  # raises Retry: nothing is held
+        return False
+    if not claims:
+        return False
+    with _holding(ctx, claims) as held:
+        _run_claims(ctx, task, keys, claims, held, deadline=deadline, max_attempts=max_attempts, resend=lambda rest: None)
+    return True
+
+
+def _carry_out_together(ctx: WorkerContext, task: WorkerTask, together: BundleRun, held: HeldLeases, outcomes: Counter[str]) -> set[str]:
+    """Carry out what `run_in_one_batch` decided for each shard it ended or could not start
+    (counted in `outcomes`); returns their keys."""
+    ended: set[str] = set()
+    for outcome in together.outcomes:
+        assert outcome.claim is not None
+        held.started(outcome.claim)
+        outcomes[_carry_out(ctx, task, after_run(outcome), outcome.claim)] += 1
+        ended.add(outcome.claim.shard_key)
+    for failure in together.failures:
+        held.started(failure.claim)
+        outcomes[_carry_out(ctx, task, _after_failure(ctx, failure), failure.claim)] += 1
+        ended.add(failure.claim.shard_key)
+    for claim in together.unstarted:
+        held.started(claim)
+        outcomes[_carry_out(ctx, task, _not_started(ctx, claim), claim)] += 1
+        ended.add(claim.shard_key)
+    return ended
+
+
+def _not_started(ctx: WorkerContext, claim: Claim) -> Ack:
+    """A bundle's claim whose run could not start (`ShardLeases.start`): its job was cancelled
+    (the shard ends CANCELLED here, announced), or another worker holds the shard now."""
+    shard = ctx.runner.shards.find_one({"shard_key": claim.shard_key}, {"cancel_requested": 1, "fencing_token": 1})
+    if shard and shard.get("cancel_requested") and shard.get("fencing_token") == claim.token and ctx.runner.leases.cancel(claim):
+        logger.info("shard %s: its job was cancelled before its turn in the bundle", claim.shard_key)
+        return Ack("cancelled", Announce(claim.shard["job_id"], claim.shard_key, "cancelled"), counted=True)
+    return Ack("lease_lost", counted=True)
+
+
+@contextmanager
+def _holding(ctx: WorkerContext, claims: dict[str, Claim]) -> Iterator[HeldLeases]:
+    """The leases of a group's claims kept alive while they wait their turn (`HeldLeases`); on
+    any exit but a re-send (which hands them back itself, before sending) the claims not started
+    are handed back at once, so no shard waits for its lease to expire."""
+    with HeldLeases(ctx.runner.leases, list(claims.values()), ctx.runner.heartbeat_interval_s) as held:
+        try:
+            yield held
+        except Retry:
+            raise
+        except BaseException:
+            _hand_back(ctx, held)
+            raise
+
+
+def _run_claims(
+    ctx: WorkerContext,
+    task: WorkerTask,
+    keys: list[str],
+    claims: dict[str, Claim],
+    held: HeldLeases,
+    *,
+    deadline: float,
+    max_attempts: int,
+    resend: Callable[[list[str]], RunShards | None],
+    unclaimed: Callable[[str, RunShards | None], str] | None = None,
+) -> Counter[str]:
+    """Run a group of claims in `keys`' order (a bundle's, a frontier block's): those read whole
+    by one batch together (`run_in_one_batch`), then every other one by `run_claimed`, each
+    started first (`ShardLeases.start`: its attempt counted, a cancel noticed). A key not claimed
+    goes to `unclaimed` (a bundle runs it as its own task would; None: skipped). Each shard ends
+    as it would alone. A store outage or the deadline re-sends `resend(keys left)` (None: this
+    task as it came) after handing back the claims not started (Retry raised). Returns the
+    outcomes counted."""
+    outcomes: Counter[str] = Counter()
+    try:
+        together = run_in_one_batch(ctx.runner, [claims[k] for k in keys if k in claims], max_attempts=max_attempts, deadline=deadline)
+    except (StoreUnavailable, ConnectionFailure) as error:
+        _carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error)), resend=resend(keys), held=held)  # raises Retry
+        return outcomes
+    ended = _carry_out_together(ctx, task, together, held, outcomes)
+    for left in together.rest:
+        held.update(left)  # started ones are handed back with their attempt given back
+    pending = {left.shard_key: left for left in together.rest}
+    remaining = [key for key in keys if key not in ended]
+    for position, key in enumerate(remaining):
+        rest = resend(remaining[position:])
+        if (position or ended) and time.monotonic() >= deadline:
+            _carry_out(ctx, task, SLICE_OVER, resend=rest, held=held)  # raises Retry
+        if (claim := pending.get(key)) is None:
+            if unclaimed is not None:
+                outcomes[unclaimed(key, rest)] += 1
+            continue
+        try:
+            if claim.shard.get("bundle_claim"):  # not started yet
+                started = ctx.runner.leases.start(claim)
+                if started is None:
+                    held.started(claim)
+                    outcomes[_carry_out(ctx, task, _not_started(ctx, claim), claim)] += 1
+                    continue
+                claim = started
+            held.started(claim)
+            outcome = run_claimed(ctx.runner, claim, max_attempts=max_attempts, deadline=deadline)
+        except (StoreUnavailable, ConnectionFailure) as error:
+            # A started claim is handed back by the outage handling (its attempt given back); one
+            # not started yet is still held, and handed back with the others before the re-send.
+            outage = _outage(error, claim) if not claim.shard.get("bundle_claim") else _outage(error)
+            outcomes[_carry_out(ctx, task, _after_store_outage(ctx, task, outage), resend=rest, held=held)] += 1
+            continue
+        except ShardFailed as failure:
+            outcomes[_carry_out(ctx, task, _after_failure(ctx, failure), failure.claim)] += 1
+            continue
+        outcomes[_carry_out(ctx, task, after_run(outcome), outcome.claim, resend=rest, held=held)] += 1
+    return outcomes
+
+
 def _run_one(
-    ctx: WorkerContext, task: WorkerTask, request: RunShard, *, resend: RunShards | None = None, held: HeldLeases | None = None
+    ctx: WorkerContext,
+    task: WorkerTask,
+    request: RunShard,
+    *,
+    resend: RunShards | None = None,
+    held: HeldLeases | None = None,
+    deadline: float | None = None,
 ) -> str:
     """Claim and run one shard, then carry out what its end decides. In a bundle: `resend`, the
     task a RetryLater re-sends (the bundle's shards from this one on) instead of this task, and
-    `held`, the bundle's claims handed back before it is."""
+    `held`, the bundle's claims handed back before it is, and `deadline`, the bundle's."""
     try:
         max_attempts = _rules(ctx, request.job_id).policy.max_attempts
-        outcome = run_shard(ctx.runner, request, max_attempts=max_attempts)
+        outcome = run_shard(ctx.runner, request, max_attempts=max_attempts, deadline=deadline)
     except (StoreUnavailable, ConnectionFailure) as error:
         return _carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error)), resend=resend, held=held)
     except ShardFailed as failure:
@@ -145,51 +307,29 @@ def _run_one(
 
 def _run_bundle(ctx: WorkerContext, task: WorkerTask, request: RunShards) -> str:
     """Run a bundle's shards (scheduler/bundles.py): the waiting ones claimed in bulk
-    (`claim_waiting`; their leases kept alive while they wait their turn), those read whole by one
-    batch run together (`run_in_one_batch`), then every other one in order, a claimed one by
-    `run_claimed`, an unclaimed one as its own task would be. Each shard ends as it would alone
-    (its event, retry or dead letter) and the bundle goes on; a store outage or the end of the
-    time slice hands back the leases not run yet and re-sends the rest of the bundle. Returns
-    the outcomes counted (`"3 succeeded, 1 already_done"`)."""
+    (`claim_waiting`; their leases kept alive while they wait their turn) and run by
+    `_run_claims`, any other one as its own task would be. Each shard ends as it would alone (its
+    event, retry or dead letter) and the bundle goes on; a store outage or the end of the time
+    slice hands back the claims not started and re-sends the rest of the bundle. Returns the
+    outcomes counted (`"3 succeeded, 1 already_done"`)."""
     deadline = time.monotonic() + ctx.runner.slice_s
     try:
+        max_attempts = _rules(ctx, request.job_id).policy.max_attempts
         claims = ctx.runner.leases.claim_waiting(request.shard_keys)
     except ConnectionFailure as error:
-        return _carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error)))  # the whole bundle again
-    max_attempts = _rules(ctx, request.job_id).policy.max_attempts
-    outcomes: Counter[str] = Counter()
-    with HeldLeases(ctx.runner.leases, list(claims.values()), ctx.runner.heartbeat_interval_s) as held:
-        try:
-            together = run_in_one_batch(ctx.runner, list(claims.values()), max_attempts=max_attempts, deadline=deadline)
-        except (StoreUnavailable, ConnectionFailure) as error:
-            return _carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error)), resend=request, held=held)
-        for outcome in together.outcomes:
-            assert outcome.claim is not None
-            held.started(outcome.claim)
-            outcomes[_carry_out(ctx, task, after_run(outcome), outcome.claim)] += 1
-        for failure in together.failures:
-            held.started(failure.claim)
-            outcomes[_carry_out(ctx, task, _after_failure(ctx, failure), failure.claim)] += 1
-        ended = {o.claim.shard_key for o in together.outcomes if o.claim} | {f.claim.shard_key for f in together.failures}
-        remaining = [key for key in request.shard_keys if key not in ended]
-        for position, shard_key in enumerate(remaining):
-            rest = RunShards(job_id=request.job_id, shard_keys=remaining[position:])
-            if (position or ended) and time.monotonic() >= deadline:
-                return _carry_out(ctx, task, SLICE_OVER, resend=rest, held=held)
-            claim = claims.get(shard_key)
-            if claim is None:
-                outcomes[_run_one(ctx, task, RunShard(job_id=request.job_id, shard_key=shard_key), resend=rest, held=held)] += 1
-                continue
-            held.started(claim)
-            try:
-                outcome = run_claimed(ctx.runner, claim, max_attempts=max_attempts, deadline=deadline)
-            except (StoreUnavailable, ConnectionFailure) as error:
-                outcomes[_carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error, claim)), resend=rest, held=held)] += 1
-                continue
-            except ShardFailed as failure:
-                outcomes[_carry_out(ctx, task, _after_failure(ctx, failure), failure.claim)] += 1
-                continue
-            outcomes[_carry_out(ctx, task, after_run(outcome), outcome.claim, resend=rest, held=held)] += 1
+        return _carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error)))  # the whole bundle again: nothing is held
+
+    def resend(keys: list[str]) -> RunShards:
+        return RunShards(job_id=request.job_id, shard_keys=keys)
+
+    def alone(shard_key: str, rest: RunShards | None) -> str:
+        single = RunShard(job_id=request.job_id, shard_key=shard_key)
+        return _run_one(ctx, task, single, resend=rest, held=held, deadline=deadline)
+
+    with _holding(ctx, claims) as held:
+        outcomes = _run_claims(
+            ctx, task, list(request.shard_keys), claims, held, deadline=deadline, max_attempts=max_attempts, resend=resend, unclaimed=alone
+        )
     return ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items()))
 
 
@@ -199,8 +339,10 @@ def _hand_back(ctx: WorkerContext, held: HeldLeases) -> None:
     waiting = held.waiting()
     try:
         ctx.runner.leases.hand_off_all(waiting)
-    except ConnectionFailure:
-        logger.warning("%d bundle shard(s) not handed back (MongoDB unreachable); their leases expire", len(waiting))
+    except Exception:  # never in the way of the error being handled
+        logger.warning("%d bundle shard(s) not handed back; their leases expire", len(waiting), exc_info=True)
+    for claim in waiting:
+        held.started(claim)  # handed back: not this task's any more
 
 
 def _carry_out(

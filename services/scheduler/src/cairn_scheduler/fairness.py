@@ -263,14 +263,14 @@ class FairDispatch:
         by_priority: dict[int, dict[str, list[Waiting]]] = defaultdict(lambda: defaultdict(list))
         for shard in picked:
             by_priority[shard.priority][shard.job_id].append(shard)
+        tasks_of: dict[str, int] = defaultdict(int)
         for priority in sorted(by_priority, reverse=True):  # the most urgent first
-            tasks = [
-                task
-                for job_id, shards in by_priority[priority].items()
-                for task in shard_tasks(
-                    job_id, [PlannedShard(s.shard_key, s.records_estimate) for s in shards], shards[0].batch_size, self.max_bundle_shards
-                )
-            ]
+            tasks = []
+            for job_id, shards in by_priority[priority].items():
+                planned = [PlannedShard(s.shard_key, s.records_estimate) for s in shards]
+                job_tasks = shard_tasks(job_id, planned, shards[0].batch_size, self.max_bundle_shards)
+                tasks_of[job_id] += len(job_tasks)
+                tasks += job_tasks
             await dispatch_all(self.dispatcher, tasks, priority)
         for priority, jobs in by_priority.items():  # the priority each waits at (`_ceilings`)
             await self.db[SHARDS].update_many(
@@ -282,7 +282,7 @@ class FairDispatch:
             sent[shard.job_id] += 1
         for job_id, count in sent.items():
             with log_context(job_id=job_id):  # `grep <job id>` follows its dispatch too
-                logger.info("job %s: %d shard(s) dispatched", job_id, count)
+                logger.info("job %s: %d shard(s) dispatched in %d task(s)", job_id, count, tasks_of[job_id])
 
 
 BATCH_SIZE = "spec.batch_size"
