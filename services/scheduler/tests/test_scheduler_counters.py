@@ -301,6 +301,18 @@ async def test_a_batch_of_one_jobs_shards_is_added_with_one_read_of_them_and_one
     assert (await counts(db, "b1"))["shards_succeeded"] == 5
 
 
+async def test_a_batch_of_a_hundred_shards_adds_every_one_of_them(db) -> None:
+    # Combined writes of at most COMBINED_ENTRIES entries: the stand-in drops the `$inc` of an
+    # update of 63 fields or more (docs/mongodb-stand-in.md), leaving ledger and counters apart.
+    await started_job(db, "big", shards=100)
+    keys = [await finish(db, "big", i, ShardState.SUCCEEDED, done=10) for i in range(100)]
+
+    await tally.count_many(db, keys)
+
+    assert len(await ledger(db, "big")) == 100
+    assert (await counts(db, "big"))["shards_succeeded"] == 100 and (await counts(db, "big"))["records_done"] == 1000
+
+
 async def test_a_batch_with_a_shard_counted_already_adds_only_the_others(db) -> None:
     await started_job(db, "bd", shards=4)
     keys = [await finish(db, "bd", i, ShardState.SUCCEEDED, done=10) for i in range(4)]

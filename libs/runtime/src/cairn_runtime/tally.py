@@ -49,6 +49,9 @@ SHARD_COUNTERS = {
 WEIGHT_DONE = "weight_done"  # sum of the succeeded shards' records_estimate
 COUNTER_FIELDS = (*SHARD_COUNTERS.values(), *TOTALS, WEIGHT_DONE)
 _FINAL_JOB_STATES = frozenset(state_values(TERMINAL_JOB_STATES))
+# Ledger entries one combined write sets (`count_many`). The stand-in drops an update's `$inc`
+# once it has about 63 fields or more (docs/mongodb-stand-in.md): well below that.
+COMBINED_ENTRIES = 32
 _ATTEMPTS = 8  # compare-and-set rounds before giving up (each lost one means another writer progressed)
 
 
@@ -188,8 +191,8 @@ async def count_many(
     `fields`), or None if nothing was written for it}`, one key per job of a known shard
     (unknown keys are skipped; a key given twice is counted once).
 
-    One `find` reads every shard (`shard_key` `$in`), then each job is written once: the
-    terminal shards' entries set and their figures added in one conditional update that requires
+    One `find` reads every shard (`shard_key` `$in`), then each job is written once per
+    `COMBINED_ENTRIES` shards: their entries set and their figures added in one conditional update that requires
     the job not final and every one of those entries absent, so it is exactly what counting them
     one by one would do. Plus a checkpoint read per shard that does not carry its totals (as in
     `shard_entry`). A job whose combined write matches nothing (a shard of it counted already: a
@@ -205,9 +208,15 @@ async def count_many(
         groups.setdefault(shard["job_id"], []).append((shard, await shard_entry(db, shard)))
     written: dict[str, dict[str, Any] | None] = {}
     for job_id, group in groups.items():
-        ended = {shard["shard_key"]: wanted for shard, wanted in group if wanted is not None}
-        last = await _add_all(db, job_id, ended, fields) if ended else None
-        one_by_one = [(shard, wanted) for shard, wanted in group if wanted is None or last is None]
+        last: dict[str, Any] | None = None
+        one_by_one: list[tuple[dict[str, Any], str | None]] = [(shard, wanted) for shard, wanted in group if wanted is None]
+        ended: list[tuple[dict[str, Any], str | None]] = [(shard, wanted) for shard, wanted in group if wanted is not None]
+        for first in range(0, len(ended), COMBINED_ENTRIES):
+            chunk = ended[first : first + COMBINED_ENTRIES]
+            job = await _add_all(db, job_id, {shard["shard_key"]: str(wanted) for shard, wanted in chunk}, fields)
+            if job is None:
+                one_by_one.extend(chunk)
+            last = job or last
         for shard, wanted in one_by_one:
             _, job = await _count(db, shard, wanted, fields)
             last = job or last

@@ -16,7 +16,9 @@ class SchedulerSettings(ServiceSettings):
     retry_poll_max_s: float = Field(
         1.0, gt=0, description="Longest sleep of the due-retry dispatcher (it sleeps until the next due retry, at most this)"
     )
-    prefetch: int = Field(8, ge=1)
+    # Deliveries handled at once (commands, events, control): shard events are counted in batches
+    # of what is delivered (consumer.Batched, at most 64), so this bounds a batch.
+    prefetch: int = Field(64, ge=1)
     gauges_interval_s: float = Field(15.0, gt=0, description="How often queue depths and job/shard counts are refreshed")
     # The task API (issue 5): schedules, cancel sweep, result retention.
     schedule_tick_s: float = Field(1.0, gt=0, description="How often due schedules are looked for")
