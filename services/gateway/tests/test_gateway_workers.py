@@ -68,6 +68,18 @@ async def test_terminate_of_a_shard_a_bundle_claimed_and_has_not_started_is_fenc
     assert shard["state"] == "RETRY" and int(shard["attempts"]) == 0  # no attempt was counted: none is given back
 
 
+async def test_revoke_of_a_shard_a_bundle_claimed_and_has_not_started_cancels_it_and_moves_its_token(client_with, db) -> None:
+    operator = client_with("operator")
+    key = running_shard(db, bundle_claim="c0ffee", attempts=0)
+    response = await operator.post(f"/v1/shards/{key}/revoke")
+    assert response.status_code == 200 and response.json()["state"] == "CANCELLED", response.text
+    shard = db[SHARDS].find_one({"_id": key})
+    # The bundle's start of it (conditional on token 3) is refused from now on.
+    assert shard["state"] == "CANCELLED" and int(shard["fencing_token"]) == 4 and shard["taken_by"] is None
+    started = running_shard(db)  # a run that has started is terminated, not revoked
+    assert (await operator.post(f"/v1/shards/{started}/revoke")).status_code == 409
+
+
 async def test_terminate_as_cancelled_and_a_cancelled_jobs_shard_always_ends_cancelled(client_with, db) -> None:
     operator = client_with("operator")
     key = running_shard(db)

@@ -319,22 +319,24 @@ class WorkerControl:
         }
 
     async def revoke_shard(self, shard_key: str, actor: str) -> dict[str, Any]:
-        """Cancel a shard that has not started (PLANNED, QUEUED or RETRY): its queued task finds
-        it unclaimable and is acked without running. Raises `NotFound`, `Conflict` (running or
-        finished: a running shard is terminated instead)."""
+        """Cancel a shard that has not started (PLANNED, QUEUED or RETRY, or taken by a bundle
+        that has not started it yet): its task finds it unclaimable and is acked without running
+        (a bundle's start of it is refused: its fencing token moves). Raises `NotFound`, `Conflict`
+        (running or finished: a running shard is terminated instead)."""
+        revoked = {
+            "$set": {
+                "state": ShardState.CANCELLED,
+                "cancelled_at_ms": clock.now_ms(),
+                "finished_at": clock.utcnow(),
+                "revoked_by": actor,
+                "lease_until": None,
+            }
+        }
         shard = await self.db[SHARDS].find_one_and_update(
-            {"shard_key": shard_key, "state": {"$in": state_values(WAITING_SHARD_STATES)}},
-            {
-                "$set": {
-                    "state": ShardState.CANCELLED,
-                    "cancelled_at_ms": clock.now_ms(),
-                    "finished_at": clock.utcnow(),
-                    "revoked_by": actor,
-                    "lease_until": None,
-                }
-            },
-            return_document=ReturnDocument.AFTER,
+            {"shard_key": shard_key, "state": {"$in": state_values(WAITING_SHARD_STATES)}}, revoked, return_document=ReturnDocument.AFTER
         )
+        if shard is None:
+            shard = await self._revoke_bundled(shard_key, revoked)
         if shard is None:
             existing = await self.db[SHARDS].find_one({"shard_key": shard_key}, {"state": 1})
             if existing is None:
@@ -343,6 +345,18 @@ class WorkerControl:
         logger.warning("shard %s revoked by %s before it ran", shard_key, actor)
         await self._announce_cancelled(shard, 0)
         return {"shard_key": shard_key, "state": ShardState.CANCELLED.value}
+
+    async def _revoke_bundled(self, shard_key: str, revoked: dict[str, Any]) -> dict[str, Any] | None:
+        """Revoke a shard a bundle claimed and has not started (RUNNING, `bundle_claim` set), by
+        compare-and-set on that claim; None if it is not one (or it started meanwhile)."""
+        shard = await self.db[SHARDS].find_one({"shard_key": shard_key}, {"state": 1, "fencing_token": 1, "bundle_claim": 1})
+        if shard is None or shard.get("state") != ShardState.RUNNING or not shard.get("bundle_claim"):
+            return None
+        return await self.db[SHARDS].find_one_and_update(
+            {"shard_key": shard_key, "state": ShardState.RUNNING, "fencing_token": shard.get("fencing_token"), "bundle_claim": shard["bundle_claim"]},
+            {**revoked, "$set": {**revoked["$set"], "taken_by": None}, "$inc": {"fencing_token": 1}},
+            return_document=ReturnDocument.AFTER,
+        )
 
     async def _interrupt(self, taken_by: str, shard_key: str, job_id: str) -> tuple[bool, Any]:
         worker_id, _, pid = taken_by.rpartition("/")
