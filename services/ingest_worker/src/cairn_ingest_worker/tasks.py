@@ -7,8 +7,9 @@
   the job's counter at a time (run as a bundle is), then one by one what is claimable again,
   until none is.
 
-Attempts are counted in the shard document at claim time (before any work), not by Celery, so a
-shard whose runs keep killing their worker is recognised as poison and dead-lettered. A task runs
+Attempts are counted in the shard document when a shard's run starts (at claim time; for a
+bundle's bulk claim, when its turn comes), before any work, not by Celery, so a shard whose runs
+keep killing their worker is recognised as poison and dead-lettered. A task runs
 for at most `CAIRN_TASK_SLICE_S`, then hands its lease off and re-sends itself, so no delivery
 stays unacknowledged long enough to reach RabbitMQ's consumer_timeout. For the same reason a
 retry is not held by the worker (no ETA task): the shard waits in MongoDB (`RETRY`,
