@@ -377,7 +377,8 @@ def run_in_one_batch(runner: ShardRunner, claims: list[Claim], *, max_attempts: 
         except SoftTimeLimitExceeded:
             # Interrupted (the task's soft time limit, an operator's terminate): what was read is
             # retried as a timed-out batch is; a commit that landed is found by the next run.
-            done.failures.extend(ShardFailed(claim, pipeline_name, _timed_out(claim)) for claim, *_ in read)
+            failed = {failure.claim.shard_key for failure in done.failures}
+            done.failures.extend(ShardFailed(claim, pipeline_name, _timed_out(claim)) for claim, *_ in read if claim.shard_key not in failed)
             return done
         except Exception as error:
             if is_store_outage(error):
