@@ -62,6 +62,22 @@ def event(job_id: str, key: str, outcome: str = "succeeded") -> ShardFinished:
     return ShardFinished(job_id=job_id, shard_key=key, outcome=outcome, records_done=0)
 
 
+
+# Shards 0-4 SUCCEEDED with 10 + i records done in 2 batches, shard 5 FAILED with 3 (`finish`),
+# counted into their job: what its counters must say.
+FIVE_SUCCEEDED_ONE_FAILED = {
+    "shards_succeeded": 5, "shards_failed": 1, "shards_cancelled": 0,
+    "records_done": sum(10 + i for i in range(5)) + 3,
+    "records_written": sum(9 + i for i in range(5)) + 2,
+    "records_redone": 6,
+    "records_inserted": sum(9 + i for i in range(5)) + 2,
+    "records_updated": 0,
+    "records_unchanged": 0,
+    "records_duplicate": 6,
+    "batches": 11,
+    "weight_done": 50,  # the failed shard's work is not done
+}
+
 async def counts(db: Any, job_id: str) -> dict[str, int]:
     return tally.counts_of(await db[JOBS].find_one({"_id": job_id}))
 
@@ -80,18 +96,7 @@ async def test_duplicate_and_concurrent_deliveries_count_each_shard_once(db) -> 
 
     job = await db[JOBS].find_one({"_id": "dup"})
     assert job["state"] == JobState.FAILURE
-    assert await counts(db, "dup") == {
-        "shards_succeeded": 5, "shards_failed": 1, "shards_cancelled": 0,
-        "records_done": sum(10 + i for i in range(5)) + 3,
-        "records_written": sum(9 + i for i in range(5)) + 2,
-        "records_redone": 6,
-        "records_inserted": sum(9 + i for i in range(5)) + 2,
-        "records_updated": 0,
-        "records_unchanged": 0,
-        "records_duplicate": 6,
-        "batches": 11,
-        "weight_done": 50,  # the failed shard's work is not done
-    }
+    assert await counts(db, "dup") == FIVE_SUCCEEDED_ONE_FAILED
     assert job["result"]["records_done"] == 63 and job["result"]["failed_shards"] == ["dup:0005"]
     assert job["result"]["shards_succeeded"] == 5 and job["result"]["shards_failed"] == 1
 
@@ -282,18 +287,7 @@ async def test_a_batch_of_one_jobs_shards_is_added_with_one_read_of_them_and_one
     assert [seen for seen in listener.seen if seen[1] == JOBS] == [("findAndModify", JOBS)]
     assert set(written) == {"b1"}  # the unknown key is skipped
     assert written["b1"] is not None and tally.counts_of(written["b1"]) == await counts(db, "b1")
-    assert await counts(db, "b1") == {
-        "shards_succeeded": 5, "shards_failed": 1, "shards_cancelled": 0,
-        "records_done": sum(10 + i for i in range(5)) + 3,
-        "records_written": sum(9 + i for i in range(5)) + 2,
-        "records_redone": 6,
-        "records_inserted": sum(9 + i for i in range(5)) + 2,
-        "records_updated": 0,
-        "records_unchanged": 0,
-        "records_duplicate": 6,
-        "batches": 11,
-        "weight_done": 50,
-    }
+    assert await counts(db, "b1") == FIVE_SUCCEEDED_ONE_FAILED
     assert sorted(await ledger(db, "b1")) == [f"s{i:04d}" for i in range(6)]
     assert (await ledger(db, "b1"))["s0005"].startswith("FAILED|3|")
 
