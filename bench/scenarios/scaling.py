@@ -224,7 +224,8 @@ def idle_status(ctx: BenchContext, url: str, shards: int, calls: int = 100) -> d
     """`GET /task/status` of a running job of `shards` shards with nothing else running: the job,
     its shards and checkpoints recorded as a running job leaves them (half ended), no worker or
     scheduler; `calls` sequential requests."""
-    from cairn_contracts.store import JobRecord, ShardRecord
+    from cairn_contracts.store import JOB_TALLIES, JobRecord, ShardRecord
+    from cairn_runtime import tally
 
     spec = {"pipeline": "synthetic", "params": {"count": shards * 10}, "sharding": {"strategy": "lease_frontier", "shards": 2, "item_size": 10}}
     record = JobRecord.new(spec, "default", now=None)
@@ -232,9 +233,13 @@ def idle_status(ctx: BenchContext, url: str, shards: int, calls: int = 100) -> d
     ctx.db["jobs"].insert_one(record.to_document() | {
         "state": "STARTED", "shard_count": shards, "records_total": shards * 10, "weight_total": shards * 10,
         "counts": {"shards_succeeded": half, "records_done": half * 10, "weight_done": half * 10, "batches": half},
-        "tally": {f"s{i:04d}": "SUCCEEDED|10|10|0|1|10" for i in range(half)},
         "shard_states": {"SUCCEEDED": half, "PLANNED": shards - half},
     })
+    ledger = tally.empty_buckets(record.id, [f"{record.id}:{i:04d}" for i in range(shards)])
+    for bucket in ledger:  # the ledger of the ended half, beside the job (cairn_runtime/tally.py)
+        first = bucket["bucket"] * tally.BUCKET_SHARDS
+        bucket["entries"] = {f"s{i:04d}": "SUCCEEDED|10|10|0|1|10" for i in range(first, min(half, first + tally.BUCKET_SHARDS))}
+    ctx.db[JOB_TALLIES].insert_many(ledger)
     docs = [
         ShardRecord(shard_key=f"{record.id}:{i:04d}", job_id=record.id, index=i, strategy="lease_frontier", range_start=i * 10,
                     range_end=i * 10 + 10, records_estimate=10, priority=2, state="SUCCEEDED" if i < half else "PLANNED")

@@ -16,7 +16,7 @@ from pymongo.database import Database
 
 from cairn_contracts.messages import CancelJob, StartJob
 from cairn_contracts.states import JobState, ShardState
-from cairn_contracts.store import API_KEYS, CHECKPOINTS, JOB_LOCK_KEY, JOBS, SCHEDULES, SHARDS
+from cairn_contracts.store import API_KEYS, CHECKPOINTS, JOB_LOCK_KEY, JOB_TALLIES, JOBS, SCHEDULES, SHARDS
 from cairn_contracts.tenancy import tenant_database
 from cairn_contracts.topology import QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_CONTROL
 from cairn_gateway import admin
@@ -355,10 +355,11 @@ async def test_a_finished_job_cannot_be_cancelled_and_an_unfinished_one_not_dele
     assert refused_delete.status_code == 409 and refused_delete.json()["loc"] == ["path", "job_id"]
 
 
-async def test_delete_removes_the_job_its_shards_and_checkpoints_but_not_its_records(acme, db) -> None:
+async def test_delete_removes_the_job_its_shards_checkpoints_and_ledger_but_not_its_records(acme, db) -> None:
     job_id = (await create(acme, spec())).json()["id"]
     db[SHARDS].insert_one({"_id": f"{job_id}:0000", "shard_key": f"{job_id}:0000", "job_id": job_id, "state": ShardState.SUCCEEDED})
     db[CHECKPOINTS].insert_one({"_id": f"{job_id}:0000/main", "shard_key": f"{job_id}:0000", "job_id": job_id, "cursor": 1})
+    db[JOB_TALLIES].insert_one({"_id": f"{job_id}/0", "job_id": job_id, "bucket": 0, "entries": {"s0000": "SUCCEEDED|1|1|0|1|1"}})
     db["records"].insert_one({"_id": f"rec-{job_id}", "job_id": job_id})
     finish(db, job_id)
 
@@ -366,6 +367,7 @@ async def test_delete_removes_the_job_its_shards_and_checkpoints_but_not_its_rec
 
     assert db[JOBS].count_documents({"_id": job_id}) == 0
     assert db[SHARDS].count_documents({"job_id": job_id}) == db[CHECKPOINTS].count_documents({"job_id": job_id}) == 0
+    assert db[JOB_TALLIES].count_documents({"job_id": job_id}) == 0
     assert db["records"].count_documents({"job_id": job_id}) == 1
     assert (await acme.get(f"/v1/jobs/{job_id}")).status_code == 404
 

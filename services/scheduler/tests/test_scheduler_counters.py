@@ -16,7 +16,7 @@ from pymongo import AsyncMongoClient, monitoring
 
 from cairn_contracts.messages import RunFrontier, RunShard, ShardFinished, StartJob
 from cairn_contracts.states import JobState, ShardState
-from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
+from cairn_contracts.store import CHECKPOINTS, JOB_TALLIES, JOBS, SHARDS
 from cairn_runtime import tally
 from cairn_scheduler.jobs import JobScheduler
 
@@ -160,7 +160,7 @@ _COUNTER = textwrap.dedent(
 
 
 async def test_counters_stay_exact_when_the_counting_process_is_killed_mid_way(db, test_env) -> None:
-    shards = 120
+    shards = 260  # three ledger buckets
     scheduler = await started_job(db, "killed", shards=shards, count=shards * 10)
     for i in range(shards):
         await finish(db, "killed", i, ShardState.SUCCEEDED, done=10)
@@ -227,7 +227,7 @@ async def test_a_shard_event_reads_one_job_document_not_the_jobs_shards(db, test
     assert (await counts(db, "o1"))["shards_succeeded"] == 1
 
 
-async def test_a_shards_first_event_costs_three_round_trips_and_a_duplicate_adds_nothing(db, test_env) -> None:
+async def test_a_shards_first_event_costs_four_round_trips_and_a_duplicate_adds_nothing(db, test_env) -> None:
     await started_job(db, "rt", shards=3)
     await finish(db, "rt", 0, ShardState.SUCCEEDED, done=10)
     listener = Commands()
@@ -240,12 +240,12 @@ async def test_a_shards_first_event_costs_three_round_trips_and_a_duplicate_adds
         await scheduler.shard_finished(event("rt", "rt:0000"))  # a redelivery
     finally:
         await client.close()
-    # The shard by key, its checkpoint by _id, then one write of the job that also returns what
-    # the roll-up needs: no read of the job before or after.
-    assert first == [("find", SHARDS), ("find", CHECKPOINTS), ("findAndModify", JOBS)], first
+    # The shard by key, its checkpoint by _id, one write of its ledger bucket, then one write of
+    # the job that also returns what the roll-up needs: no read of the job before or after.
+    assert first == [("find", SHARDS), ("find", CHECKPOINTS), ("findAndModify", JOB_TALLIES), ("findAndModify", JOBS)], first
     assert (await counts(db, "rt"))["shards_succeeded"] == 1
     assert (await counts(db, "rt"))["records_done"] == 10
-    assert ("find", JOBS) in listener.seen  # the duplicate's guess failed: the ledger entry was read, nothing added
+    assert ("find", JOB_TALLIES) in listener.seen  # the duplicate's guess failed: the ledger entry was read, nothing added
     assert (await db[JOBS].find_one({"_id": "rt"}))["state"] == JobState.STARTED
 
 
@@ -260,7 +260,7 @@ async def test_a_succeeded_shard_with_its_totals_is_counted_from_the_shard_alone
         await JobScheduler(client[db.name], Dispatcher()).shard_finished(event("tt", key))
     finally:
         await client.close()
-    assert [seen for seen in listener.seen if seen[1]] == [("find", SHARDS), ("findAndModify", JOBS)]
+    assert [seen for seen in listener.seen if seen[1]] == [("find", SHARDS), ("findAndModify", JOB_TALLIES), ("findAndModify", JOBS)]
     assert (await counts(db, "tt"))["records_done"] == 7 and (await counts(db, "tt"))["shards_succeeded"] == 1
 
 
@@ -269,7 +269,7 @@ async def test_a_succeeded_shard_with_its_totals_is_counted_from_the_shard_alone
 
 
 async def ledger(db: Any, job_id: str) -> dict[str, str]:
-    return tally.as_dict((await db[JOBS].find_one({"_id": job_id})).get(tally.LEDGER))
+    return await tally.ledger(db, job_id)
 
 
 async def test_a_batch_of_one_jobs_shards_is_added_with_one_read_of_them_and_one_job_write(db, test_env) -> None:
@@ -285,6 +285,7 @@ async def test_a_batch_of_one_jobs_shards_is_added_with_one_read_of_them_and_one
 
     assert [seen for seen in listener.seen if seen[1] == SHARDS] == [("find", SHARDS)]
     assert [seen for seen in listener.seen if seen[1] == JOBS] == [("findAndModify", JOBS)]
+    assert [seen for seen in listener.seen if seen[1] == JOB_TALLIES] == [("findAndModify", JOB_TALLIES)]
     assert set(written) == {"b1"}  # the unknown key is skipped
     assert written["b1"] is not None and tally.counts_of(written["b1"]) == await counts(db, "b1")
     assert await counts(db, "b1") == FIVE_SUCCEEDED_ONE_FAILED
@@ -380,3 +381,89 @@ async def test_a_batch_of_events_that_ends_a_job_finishes_it(db) -> None:
     job = await db[JOBS].find_one({"_id": "bf"})
     assert job["state"] == JobState.SUCCESS
     assert (job["result"]["records_done"], job["result"]["shards_succeeded"]) == (40, 4)
+
+
+# The ledger lives in buckets of consecutive shards beside the job (`job_tallies`); the job holds
+# one snapshot per bucket, so its document does not grow with the shards it counted.
+
+
+async def test_shards_of_several_buckets_are_counted_into_each_and_the_job_holds_one_snapshot_per_bucket(db) -> None:
+    shards = 2 * tally.BUCKET_SHARDS + 5
+    scheduler = await started_job(db, "many", shards=shards)
+    keys = [await finish(db, "many", i, ShardState.SUCCEEDED, done=10) for i in range(shards)]
+
+    await scheduler.shards_finished([event("many", key) for key in reversed(keys)])
+
+    job = await db[JOBS].find_one({"_id": "many"})
+    assert job["state"] == JobState.SUCCESS and job["result"]["records_done"] == 10 * shards
+    assert sorted(job[tally.LEDGER]) == ["b0", "b1", "b2"]  # no entry per shard in the job
+    buckets = {b["bucket"]: b async for b in db[JOB_TALLIES].find({"job_id": "many"})}
+    assert sorted(buckets) == [0, 1, 2]
+    assert [len(buckets[b]["entries"]) for b in (0, 1, 2)] == [tally.BUCKET_SHARDS, tally.BUCKET_SHARDS, 5]
+    assert sum(tally.counts_of(b)["records_done"] for b in buckets.values()) == 10 * shards
+
+
+async def test_a_count_whose_job_write_was_lost_is_applied_by_the_next_event_or_the_roll_up(db) -> None:
+    # What a scheduler killed between its two writes leaves: the bucket has the shard, the job not.
+    scheduler = await started_job(db, "half", shards=3)
+    keys = [await finish(db, "half", i, ShardState.SUCCEEDED, done=10) for i in range(3)]
+    first = await db[SHARDS].find_one({"_id": keys[0]}, tally.SHARD_FIELDS)
+    await tally._write_bucket(db, "half", 0, {"s0000": (None, await tally.shard_entry(db, first))})
+    assert (await counts(db, "half"))["shards_succeeded"] == 0
+
+    await scheduler.shard_finished(event("half", keys[0]))  # the redelivered event: a duplicate for the bucket
+    assert (await counts(db, "half"))["shards_succeeded"] == 1
+
+    second = await db[SHARDS].find_one({"_id": keys[1]}, tally.SHARD_FIELDS)
+    await tally._write_bucket(db, "half", 0, {"s0001": (None, await tally.shard_entry(db, second))})
+    await scheduler.shard_finished(event("half", keys[2]))  # the next count in that bucket catches up too
+    assert (await counts(db, "half"))["shards_succeeded"] == 3
+    assert (await db[JOBS].find_one({"_id": "half"}))["state"] == JobState.SUCCESS
+
+
+async def test_the_periodic_roll_up_applies_a_bucket_its_job_lags_behind(db) -> None:
+    scheduler = await started_job(db, "lag", shards=2)
+    keys = [await finish(db, "lag", i, ShardState.SUCCEEDED, done=10) for i in range(2)]
+    for key in keys:
+        shard = await db[SHARDS].find_one({"_id": key}, tally.SHARD_FIELDS)
+        await tally._write_bucket(db, "lag", 0, {tally.ledger_key("lag", key): (None, await tally.shard_entry(db, shard))})
+
+    assert await scheduler.roll_up("lag") == JobState.SUCCESS
+    assert (await counts(db, "lag"))["records_done"] == 20
+    assert await tally.uncounted(db, "lag") == 0  # nothing left to apply
+
+
+async def test_a_finished_jobs_counters_stay_final_until_a_replay_reopens_it(db) -> None:
+    scheduler = await started_job(db, "fin", shards=2)
+    keys = [await finish(db, "fin", i, ShardState.SUCCEEDED, done=10) for i in range(2)]
+    await scheduler.shards_finished([event("fin", key) for key in keys])
+    assert (await db[JOBS].find_one({"_id": "fin"}))["state"] == JobState.SUCCESS
+    await db[SHARDS].update_one({"_id": keys[0]}, {"$set": {"state": ShardState.QUEUED}})
+
+    await tally.count_shard(db, keys[0])  # recorded in its bucket, not applied: the job is final
+
+    assert (await counts(db, "fin"))["shards_succeeded"] == 2
+    await db[JOBS].update_one({"_id": "fin"}, {"$set": {"state": JobState.STARTED}})  # what a replay does first
+    await tally.uncounted(db, "fin")
+    assert (await counts(db, "fin"))["shards_succeeded"] == 1
+
+
+async def test_a_job_counted_by_an_older_cairn_is_moved_to_buckets_once_and_counts_on(db) -> None:
+    scheduler = await started_job(db, "old", shards=3)
+    keys = [await finish(db, "old", i, ShardState.SUCCEEDED, done=10) for i in range(3)]
+    # The in-document ledger an older scheduler left: two shards counted.
+    legacy = {f"s{i:04d}": await tally.shard_entry(db, await db[SHARDS].find_one({"_id": keys[i]}, tally.SHARD_FIELDS)) for i in (0, 1)}
+    added = {f"{tally.COUNTS}.{k}": v for k, v in {"shards_succeeded": 2, "records_done": 20, "records_written": 18,
+             "records_redone": 2, "records_inserted": 18, "records_duplicate": 2, "batches": 2, "weight_done": 20}.items()}
+    await db[JOB_TALLIES].delete_many({"job_id": "old"})  # an older scheduler made no buckets
+    await db[JOBS].update_one({"_id": "old"}, {"$set": {**{f"{tally.LEDGER}.{k}": v for k, v in legacy.items()}, **added}})
+
+    assert await tally.migrate_legacy_ledgers(db) == 1
+    assert await tally.migrate_legacy_ledgers(db) == 0  # idempotent
+
+    job = await db[JOBS].find_one({"_id": "old"})
+    assert sorted(job[tally.LEDGER]) == ["b0"] and sorted(await tally.ledger(db, "old")) == ["s0000", "s0001"]
+    await scheduler.shards_finished([event("old", key) for key in keys])  # two duplicates and the new one
+    job = await db[JOBS].find_one({"_id": "old"})
+    assert job["state"] == JobState.SUCCESS
+    assert job["result"]["records_done"] == 30 and job["result"]["shards_succeeded"] == 3

@@ -12,6 +12,9 @@ from pydantic import AfterValidator, Field
 JOBS = "jobs"
 SHARDS = "shards"
 CHECKPOINTS = "checkpoints"
+# A job's ledger of counted shards, in buckets of consecutive shards: one document per bucket
+# (cairn_runtime/tally.py), so counting a shard never rewrites an entry per shard of the job.
+JOB_TALLIES = "job_tallies"
 DEDUP = "task_dedup"  # the TaskDedup side-effect ledger (cairn_sdk.effects, the worker's effects.py)
 TASK_ERRORS = "task_errors"
 RAW_PAYLOADS = "raw_payloads"
@@ -34,7 +37,8 @@ TENANTS = "tenants"  # {_id: tenant, quotas, sources, updated_at_ms}: cairn_cont
 RAW_PAYLOAD_BUCKET = "raw_payload_blobs"
 
 CONTROL_COLLECTIONS = frozenset(
-    {JOBS, SHARDS, CHECKPOINTS, DEDUP, TASK_ERRORS, RAW_PAYLOADS, SCHEDULES, DLQ_COMMANDS, API_KEYS, PIPELINES, WEBHOOK_DELIVERIES, CHAINS, TENANTS}
+    {JOBS, SHARDS, CHECKPOINTS, JOB_TALLIES, DEDUP, TASK_ERRORS, RAW_PAYLOADS, SCHEDULES, DLQ_COMMANDS, API_KEYS, PIPELINES}
+    | {WEBHOOK_DELIVERIES, CHAINS, TENANTS}
 )
 
 

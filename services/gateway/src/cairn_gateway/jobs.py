@@ -34,7 +34,7 @@ from cairn_contracts.messages import CancelJob, StartJob
 from cairn_contracts.pipelines import MONGO_RANGE
 from cairn_contracts.sinks import WRITE_COUNTERS
 from cairn_contracts.states import ACTIVE_JOB_STATES, TERMINAL_JOB_STATES, JobState, ShardState, state_values
-from cairn_contracts.store import CHECKPOINTS, DEFAULT_TENANT, JOBS, SHARDS, STATUS_CACHE_KEY, JobRecord
+from cairn_contracts.store import CHECKPOINTS, DEFAULT_TENANT, JOB_TALLIES, JOBS, SHARDS, STATUS_CACHE_KEY, JobRecord
 from cairn_contracts.tenancy import job_demand
 from cairn_gateway.auth import ALL_TENANTS, tenant_match
 from cairn_gateway.catalog import check_spec
@@ -623,6 +623,7 @@ class JobService:
         # The job document goes last: until then a failed delete can simply be repeated.
         await self.db[SHARDS].delete_many({"job_id": job_id})
         await self.db[CHECKPOINTS].delete_many({"job_id": job_id})
+        await self.db[JOB_TALLIES].delete_many({"job_id": job_id})
         await self.db[JOBS].delete_one({"_id": job_id, "tenant": tenant, "state": {"$in": state_values(TERMINAL_JOB_STATES)}})
         try:
             await self.cache.delete(STATUS_CACHE_KEY.format(prefix=self.cache_prefix, tenant=tenant, job_id=job_id))

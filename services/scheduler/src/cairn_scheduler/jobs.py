@@ -18,7 +18,7 @@ from cairn_contracts.messages import MAX_BUNDLE_SHARDS, RunFrontier, ShardFinish
 from cairn_contracts.pipelines import COUNTED_SPACES, PIPELINES, BrokenEntry, CatalogEntry, CatalogRefusal, check_job
 from cairn_contracts.sinks import WRITE_COUNTERS, stale_filter, window_key
 from cairn_contracts.states import TERMINAL_JOB_STATES, JobState, ShardState, state_values
-from cairn_contracts.store import CHECKPOINTS, DEFAULT_TENANT, JOBS, SHARDS, ShardBucket, ShardRecord
+from cairn_contracts.store import CHECKPOINTS, DEFAULT_TENANT, JOB_TALLIES, JOBS, SHARDS, ShardBucket, ShardRecord
 from cairn_contracts.tenancy import tenant_database
 from cairn_runtime import tally
 from cairn_runtime.celery_config import ShardDispatcher, dispatch_all
@@ -188,6 +188,7 @@ class JobScheduler:
         # Checkpoints first: a shard is only claimable once its checkpoint exists.
         await insert_new(self.db[CHECKPOINTS], [shard.checkpoint().to_document() for shard in shards])
         await insert_new(self.db[SHARDS], [shard.to_document() for shard in shards])
+        await insert_new(self.db[JOB_TALLIES], tally.empty_buckets(job_id, [shard.shard_key for shard in shards]))
 
     async def _dispatch_planned(self, job_id: str, priority: int, batch_size: int) -> int:
         """Send the task of every PLANNED shard of the job (small ones in bundles: bundles.py);
@@ -372,13 +373,12 @@ class JobScheduler:
         return int((total or {}).get("records_deleted") or 0)
 
     async def _result(self, job_id: str, counts: dict[str, int]) -> dict[str, Any]:
-        ledger = await self.db[JOBS].find_one({"_id": job_id}, {tally.LEDGER: 1}) or {}
         return {
             **{field: counts[field] for field in tally.TOTALS},
             "shards_succeeded": counts["shards_succeeded"],
             "shards_failed": counts["shards_failed"],
             "shards_cancelled": counts["shards_cancelled"],
-            "failed_shards": tally.failed_shard_keys({**ledger, "_id": job_id}),
+            "failed_shards": await tally.failed_shard_keys(self.db, job_id),
         }
 
 

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from cairn_contracts.messages import CancelJob, ShardFinished, StartJob
 from cairn_contracts.tenancy import TenantQuotas
 from cairn_contracts.topology import QUEUE_INGEST, QUEUE_SCHEDULER_COMMANDS, QUEUE_SCHEDULER_CONTROL, QUEUE_SCHEDULER_EVENTS
+from cairn_runtime import tally
 from cairn_runtime.amqp import Publisher, connect, declare_topology
 from cairn_runtime.celery_config import ShardTaskSender
 from cairn_runtime.consumer import Batched, Subscription
@@ -40,6 +41,7 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     mongo = async_client(settings.mongodb_uri)
     db = mongo[settings.mongodb_database]
     await ensure_indexes(db)
+    await tally.migrate_legacy_ledgers(db)  # before anything is counted
     locks = JobLockRelease(aioredis.Redis.from_url(settings.redis_url), settings.redis_prefix)
     connection = await connect(settings.amqp_url, "cairn-scheduler")
     # Webhook deliveries: no redirects (SSRF), the proxy if one is configured.
