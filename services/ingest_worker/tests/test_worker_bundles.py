@@ -16,10 +16,11 @@ from pymongo import MongoClient, monitoring
 from pymongo.database import Database
 
 from cairn_contracts.clock import now_ms
+from cairn_contracts.messages import DeadLetter, RunShard
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
 from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD, TASK_RUN_SHARDS
-from cairn_contracts.topology import QUEUE_INGEST, QUEUE_SCHEDULER_EVENTS
+from cairn_contracts.topology import QUEUE_DLQ, QUEUE_INGEST, QUEUE_SCHEDULER_EVENTS
 from cairn_ingest_worker.context import WorkerContext
 from cairn_ingest_worker.leases import HeldLeases, ShardLeases
 from cairn_ingest_worker.publisher import BrokerPublisher
@@ -80,6 +81,11 @@ def take(amqp_url: str, queue: str) -> list[Any]:
         while (message := channel.basic_get(queue, no_ack=True)) is not None:
             found.append(message)
     return found
+
+
+def dead_letters(amqp_url: str) -> list[DeadLetter]:
+    """The dead letters published so far."""
+    return [DeadLetter.model_validate_json(message.body) for message in take(amqp_url, QUEUE_DLQ)]
 
 
 def events(amqp_url: str) -> list[dict[str, Any]]:
@@ -200,6 +206,22 @@ def test_the_leases_of_bundle_shards_waiting_their_turn_are_kept_alive(db: Datab
         time.sleep(2.0)  # twice the TTL
         alive = {key: db[SHARDS].find_one({"_id": key})["lease_until"] > now_ms() for key in keys}
     assert alive == {keys[0]: False, keys[1]: True, keys[2]: True}
+
+
+def test_a_merged_batch_running_past_the_batch_time_limit_stops_renewing_its_leases(db: Database, seed_job: Any, seed_shard: Any) -> None:
+    # A hung read or write in the merged batch: like a single shard's Heartbeat, renewing stops so
+    # other workers take the shards over (before, the leases lived on until the soft time limit).
+    keys = bundle_job(db, seed_job, seed_shard, 2)
+    leases = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=1.0)
+    claims = leases.claim_waiting(keys)
+    with HeldLeases(leases, list(claims.values()), interval_s=0.2, batch_time_limit_s=0.5) as held:
+        with held.in_batch():
+            time.sleep(0.3)
+            assert not held.overran()
+            time.sleep(2.5)  # past the limit, then past the TTL
+            assert held.overran()
+            alive = {key: db[SHARDS].find_one({"_id": key})["lease_until"] > now_ms() for key in keys}
+    assert alive == {keys[0]: False, keys[1]: False}
 
 
 # --- shards read whole by one batch: stored, committed and finished together ---------------------
@@ -436,6 +458,26 @@ def test_a_bundle_with_an_unknown_shard_key_runs_the_others_and_dead_letters_tha
     app, _ = worker(db, amqp_url)
     result = app.tasks[TASK_RUN_SHARDS](job_id="job", shard_keys=[keys[0], "job:9999", keys[1]])
     assert result == "2 succeeded, 1 unknown_shard"
+    (letter,) = dead_letters(amqp_url)
+    assert (letter.reason, letter.shard_key) == ("unknown_shard", "job:9999")
+    assert RunShard.model_validate(json.loads(letter.original.body)["kwargs"]) == RunShard(job_id="job", shard_key="job:9999")
+    assert letter.original.headers == {"task": TASK_RUN_SHARD, "id": letter.original.headers["id"], "bundle_task": TASK_RUN_SHARDS}
+
+
+def test_a_dead_lettered_shard_of_a_bundle_keeps_its_own_task_as_the_original_not_the_bundle(
+    db: Database, seed_job: Any, seed_shard: Any, amqp_url: str
+) -> None:
+    keys = bundle_job(db, seed_job, seed_shard, 3, fail_at_key=15, failure="non_retryable")  # in shard 1
+    app, _ = worker(db, amqp_url)
+
+    result = app.tasks[TASK_RUN_SHARDS](job_id="job", shard_keys=keys)
+
+    assert result == "1 failed, 2 succeeded"
+    (letter,) = dead_letters(amqp_url)
+    assert letter.shard_key == keys[1] and db[SHARDS].find_one({"_id": keys[1]})["dead_letter_id"] == letter.dead_letter_id
+    body = json.loads(letter.original.body)
+    assert body["task"] == TASK_RUN_SHARD and RunShard.model_validate(body["kwargs"]) == RunShard(job_id="job", shard_key=keys[1])
+    assert letter.original.headers["bundle_task"] == TASK_RUN_SHARDS
 
 
 def test_a_bundle_of_a_cancelled_job_runs_nothing(db: Database, seed_job: Any, seed_shard: Any, amqp_url: str) -> None:

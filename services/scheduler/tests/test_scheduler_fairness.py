@@ -152,6 +152,22 @@ async def test_a_burst_of_shard_events_is_refilled_by_one_pass_at_the_end_of_the
     assert await queued(db, "burst-job") == 3  # the three sent now (the first three SUCCEEDED)
 
 
+async def test_closing_cancels_a_refill_put_off_to_later(db) -> None:
+    dispatcher = BulkRecorder()
+    fair = FairDispatch(db, dispatcher, default_cap=3, refill_interval_s=60)
+    scheduler = JobScheduler(db, dispatcher, fair=fair)
+    job = start("closing-job", "solo", 6)
+    await record(db, job, 1)
+    await scheduler.start_job(job)  # the planning pass: 3 sent, 3 held back
+    assert await fair.after_shard_finished() == 0  # put off by a minute
+    refill = fair._refill
+    assert refill is not None and not refill.done()
+
+    await fair.close()
+
+    assert refill.cancelled() and len(dispatcher.batches) == 1  # nothing more sent
+
+
 async def test_a_tenants_own_cap_and_a_global_budget_are_honoured_round_robin(db) -> None:
     await db[TENANTS].insert_one({"_id": "gold", "quotas": {"max_in_flight_shards": 10}})
     planner = JobScheduler(db, BulkRecorder(), fair=FairDispatch(db, BulkRecorder(), default_cap=1, budget=0))  # plans, sends nothing

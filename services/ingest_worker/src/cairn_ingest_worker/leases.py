@@ -9,7 +9,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -606,15 +607,36 @@ class HeldLeases:
     """Keeps alive the leases of a bundle's claims that have not started yet (one `renew_all`
     per interval), so a shard waiting its turn behind slower ones is not taken for dead. A claim
     leaves it when its run starts (`started`): its own Heartbeat renews it from then on.
-    `waiting()` lists the claims not started (handed off when the bundle ends early)."""
+    `waiting()` lists the claims not started (handed off when the bundle ends early).
 
-    def __init__(self, leases: ShardLeases, claims: Sequence[Claim], interval_s: float) -> None:
+    The shards read whole together (`runner.run_in_one_batch`) stay here during that one batch,
+    which `in_batch()` brackets: past `batch_time_limit_s` in it (a hung read or write), renewing
+    stops, as a single shard's Heartbeat stops, so their leases expire and other workers take
+    them over while this task waits for its soft time limit (their fenced writes refuse it then)."""
+
+    def __init__(self, leases: ShardLeases, claims: Sequence[Claim], interval_s: float, batch_time_limit_s: float | None = None) -> None:
         self._leases = leases
         self._waiting = {claim.shard_key: claim for claim in claims}
         self._lock = threading.Lock()
         self._interval_s = interval_s
+        self._batch_time_limit_s = batch_time_limit_s
+        self._batch_since: float | None = None  # time.monotonic() the merged batch began
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bundle-leases", daemon=True)
+
+    @contextmanager
+    def in_batch(self) -> Iterator[None]:
+        """Bracket the merged batch: its time counts against `batch_time_limit_s`."""
+        self._batch_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._batch_since = None
+
+    def overran(self) -> bool:
+        """Whether the merged batch has run past `batch_time_limit_s` (renewing has stopped)."""
+        since, limit = self._batch_since, self._batch_time_limit_s
+        return since is not None and limit is not None and time.monotonic() - since > limit
 
     def started(self, claim: Claim) -> None:
         """The claim's run began: its own Heartbeat renews it from now on."""
@@ -642,8 +664,14 @@ class HeldLeases:
             self._thread.join(timeout=self._interval_s + 5)
 
     def _run(self) -> None:
+        warned = False
         while not self._stopped.wait(self._interval_s):
             if not (claims := self.waiting()):
+                continue
+            if self.overran():
+                if not warned:
+                    logger.warning("a bundle's batch ran past %.0f s: %d lease(s) no longer renewed", self._batch_time_limit_s, len(claims))
+                    warned = True
                 continue
             try:
                 self._leases.renew_all(claims)

@@ -208,7 +208,8 @@ def _holding(ctx: WorkerContext, claims: dict[str, Claim]) -> Iterator[HeldLease
     """The leases of a group's claims kept alive while they wait their turn (`HeldLeases`); on
     any exit but a re-send (which hands them back itself, before sending) the claims not started
     are handed back at once, so no shard waits for its lease to expire."""
-    with HeldLeases(ctx.runner.leases, list(claims.values()), ctx.runner.heartbeat_interval_s) as held:
+    runner = ctx.runner
+    with HeldLeases(runner.leases, list(claims.values()), runner.heartbeat_interval_s, runner.batch_time_limit_s) as held:
         try:
             yield held
         except Retry:
@@ -239,7 +240,8 @@ def _run_claims(
     outcomes counted."""
     outcomes: Counter[str] = Counter()
     try:
-        together = run_in_one_batch(ctx.runner, [claims[k] for k in keys if k in claims], max_attempts=max_attempts, deadline=deadline)
+        with held.in_batch():
+            together = run_in_one_batch(ctx.runner, [claims[k] for k in keys if k in claims], max_attempts=max_attempts, deadline=deadline)
     except (StoreUnavailable, ConnectionFailure) as error:
         _carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error)), resend=resend(keys), held=held)  # raises Retry
         return outcomes
@@ -435,7 +437,7 @@ def _dead_letter_shard(ctx: WorkerContext, task: WorkerTask, claim: Claim, error
         source_queue=QUEUE_INGEST,
         reason=reason,  # type: ignore[arg-type]
         error=error,
-        original=_original(task, dict(task.request.kwargs or {})),
+        original=_shard_original(task, job_id, claim.shard_key),
         job_id=job_id,
         shard_key=claim.shard_key,
         attempts=claim.attempt,
@@ -520,7 +522,7 @@ def _job_recorded(ctx: WorkerContext, job_id: str) -> bool:
 def _dead_letter_unknown_shard(ctx: WorkerContext, task: WorkerTask, request: RunShard | RunFrontier, error: BaseException) -> None:
     """A task naming a shard (or a frontier job) that is not recorded: kept in the DLQ (one entry
     however often the task is delivered), not only logged."""
-    original = _original(task, request.model_dump())
+    original = _original(task, request.model_dump(), name=request.message_type)
     dead_letter = dead_letter_for(
         source_service=SERVICE,
         source_queue=QUEUE_INGEST,
@@ -546,12 +548,24 @@ def _announce(ctx: WorkerContext, announce: Announce) -> None:
     ctx.publisher.publish(event)
 
 
-def _original(task: WorkerTask, payload: dict) -> OriginalMessage:
+def _original(task: WorkerTask, payload: dict, name: str | None = None) -> OriginalMessage:
+    """The task message a dead letter keeps: `name` (default: the task's own) with `payload` as
+    its kwargs; a shard's task taken out of a bundle names the bundle's task in its headers."""
+    name = name or task.name
+    headers = {"task": name, "id": task.request.id} | ({"bundle_task": task.name} if name != task.name else {})
     return OriginalMessage(
-        body=json.dumps({"task": task.name, "id": task.request.id, "kwargs": payload}, default=str),
-        headers={"task": task.name, "id": task.request.id},
+        body=json.dumps({"task": name, "id": task.request.id, "kwargs": payload}, default=str),
+        headers=headers,
         routing_key=(task.request.delivery_info or {}).get("routing_key"),
     )
+
+
+def _shard_original(task: WorkerTask, job_id: str, shard_key: str) -> OriginalMessage:
+    """A dead-lettered shard's original message: its task as delivered, except for a bundle's
+    shard, whose own task (RunShard) is what would run it alone, not the bundle of other shards."""
+    if task.name == TASK_RUN_SHARDS:
+        return _original(task, RunShard(job_id=job_id, shard_key=shard_key).model_dump(), name=TASK_RUN_SHARD)
+    return _original(task, dict(task.request.kwargs or {}))
 
 
 def _priority(task: WorkerTask) -> int | None:

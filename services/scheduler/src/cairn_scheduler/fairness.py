@@ -33,6 +33,7 @@ at once may each fill the same room, overshooting a cap by that much for a momen
 """
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -147,6 +148,15 @@ class FairDispatch:
         if self._refill is None or self._refill.done():
             self._refill = asyncio.create_task(self._run_pass_in(wait), name="fair-dispatch-refill")
         return 0
+
+    async def close(self) -> None:
+        """Cancel a refill pass put off to later (at shutdown): what it would have sent is sent by
+        the periodic pass of this or another scheduler."""
+        refill, self._refill = self._refill, None
+        if refill is not None and not refill.done():
+            refill.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refill
 
     async def _run_pass_in(self, delay_s: float) -> int:
         await asyncio.sleep(delay_s)

@@ -92,7 +92,10 @@ async def run(settings: SchedulerSettings, stop: asyncio.Event) -> None:
             Every(settings.gauges_interval_s, GaugeCollector(db, connection).collect_once, "gauge collection"),
             Every(settings.webhook_poll_s, WebhookDeliverer(db, webhook_client, webhook_policy(settings)).run_pass, "webhook delivery"),
         ]
-        await serve(stop, handlers, periodic, service=settings.service_name, queues=queues, publisher=publisher)
+        try:
+            await serve(stop, handlers, periodic, service=settings.service_name, queues=queues, publisher=publisher)
+        finally:
+            await fair.close()  # a refill put off to later must not outlive its connections
     finally:
         await webhook_client.aclose()
         await connection.close()
