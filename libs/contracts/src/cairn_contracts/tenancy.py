@@ -27,6 +27,7 @@ from cairn_contracts.pipelines import COUNTED_SPACES
 
 __all__ = [
     "TENANTS",
+    "MAX_CAIRN_DATABASE_NAME",
     "DatabaseName",
     "JobDemand",
     "SourceGrant",
@@ -40,6 +41,9 @@ __all__ = [
 # MongoDB database names: at most 63 bytes; none of `/\\. "$*<>:|?`; compared case-insensitively
 # by the server (two names differing only in case cannot both exist).
 _MAX_DATABASE_NAME = 63
+_HASHED_SUFFIX = len("_th_") + 24
+# The longest Cairn database name whose tenant databases all fit (`<database>_th_<24 hex>`).
+MAX_CAIRN_DATABASE_NAME = _MAX_DATABASE_NAME - _HASHED_SUFFIX
 _PLAIN_TENANT = re.compile(r"^[a-z0-9_-]+$")
 
 # A database a grant may name: letters, digits, '_' and '-' (what every server accepts).
@@ -56,6 +60,8 @@ def tenant_database(database: str, tenant: str) -> str:
     plain = f"{database}_t_{tenant}"
     if _PLAIN_TENANT.fullmatch(tenant) and len(plain.encode()) <= _MAX_DATABASE_NAME:
         return plain
+    if len(database.encode()) > MAX_CAIRN_DATABASE_NAME:  # the settings refuse such a name at start-up
+        raise ValueError(f"database name {database!r} is longer than {MAX_CAIRN_DATABASE_NAME} bytes: its tenants' databases would not fit")
     return f"{database}_th_{hashlib.sha256(tenant.encode()).hexdigest()[:24]}"
 
 

@@ -7,6 +7,8 @@ except the MongoDB address, which also honours the conventional `MONGODB_URI`.
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cairn_contracts.tenancy import MAX_CAIRN_DATABASE_NAME
+
 
 class ServiceSettings(BaseSettings):
     # `CAIRN_X=null` unsets an optional setting (e.g. CAIRN_TENANT_MAX_IN_FLIGHT_SHARDS=null: no cap).
@@ -17,7 +19,13 @@ class ServiceSettings(BaseSettings):
         "mongodb://127.0.0.1:27017",
         validation_alias=AliasChoices("MONGODB_URI", "CAIRN_MONGODB_URI"),
     )
-    mongodb_database: str = "cairn"
+    mongodb_database: str = Field(
+        "cairn",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        max_length=MAX_CAIRN_DATABASE_NAME,
+        description="Cairn's own database; each tenant's records go to `<this>_t_<tenant>` (or `<this>_th_<hash>`), "
+        "which MongoDB allows up to 63 bytes: hence at most 35 characters here",
+    )
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "cairn"
