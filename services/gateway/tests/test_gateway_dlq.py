@@ -10,7 +10,7 @@ from pymongo.database import Database
 
 from cairn_contracts.messages import DeadLetterCommand
 from cairn_contracts.states import DeadLetterStatus, JobState, ShardState
-from cairn_contracts.store import API_KEYS, JOBS, SHARDS, TASK_ERRORS
+from cairn_contracts.store import API_KEYS, JOBS, SHARDS, TASK_ERRORS, TENANTS
 from cairn_contracts.topology import HEADER_MESSAGE_TYPE, QUEUE_DLQ_COMMANDS
 from cairn_gateway.auth import new_key
 from cairn_gateway.dlq import DeadLetterService
@@ -273,3 +273,27 @@ async def test_replay_of_an_entry_already_replaying_is_409(client, db, commands)
 
     assert response.status_code == 409 and "replaying" in response.json()["detail"]
     assert await drain(commands) == []
+
+
+async def test_a_replay_that_would_reopen_a_finished_job_past_the_running_jobs_quota_is_429(client_for, db, commands) -> None:
+    tenant = f"quota-{uuid.uuid4().hex[:8]}"
+    client = client_for(tenant=tenant, name="dlq-quota")
+    db[TENANTS].insert_one({"_id": tenant, "quotas": {"max_running_jobs": 1}})
+    db[JOBS].insert_many([
+        {"_id": f"{tenant}-running", "tenant": tenant, "state": JobState.STARTED},
+        {"_id": f"{tenant}-failed", "tenant": tenant, "state": JobState.FAILURE},
+    ])
+    [of_finished] = seed(db, job_id=f"{tenant}-failed", tenant=tenant)
+    [of_running] = seed(db, job_id=f"{tenant}-running", tenant=tenant)
+
+    refused = await client.post(f"/dlq/entries/{of_finished}/replay")
+    bulk = await client.post("/dlq/replay", json={"job_id": f"{tenant}-failed"})
+
+    assert refused.status_code == bulk.status_code == 429, (refused.text, bulk.text)
+    assert "max_running_jobs" in refused.json()["detail"] and refused.headers["Retry-After"]
+    assert await drain(commands) == []  # nothing requested
+    assert "pending_command" not in db[TASK_ERRORS].find_one({"_id": of_finished})
+    # A replay inside a running job reopens nothing: not counted.
+    assert (await client.post(f"/dlq/entries/{of_running}/replay")).status_code == 202
+    db[JOBS].update_one({"_id": f"{tenant}-running"}, {"$set": {"state": JobState.SUCCESS}})
+    assert (await client.post(f"/dlq/entries/{of_finished}/replay")).status_code == 202  # room again

@@ -105,7 +105,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.chains = ChainService(db, job_service)
         app.state.pipelines = PipelineCatalog(db)
         app.state.results = ResultService(db, job_service)
-        app.state.dead_letters = DeadLetterService(db=db, publisher=publisher, payloads=RawPayloads(db))
+        app.state.dead_letters = DeadLetterService(db=db, publisher=publisher, payloads=RawPayloads(db), tenants=tenant_service)
         app.state.key_verifier = KeyVerifier(db, settings.auth_cache_ttl_s)
         app.state.keys = KeyService(db, app.state.key_verifier)
         app.state.rate_limiter = RateLimiter(cache, settings.redis_prefix, settings.rate_limit_per_minute)

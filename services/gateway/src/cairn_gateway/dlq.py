@@ -17,6 +17,8 @@ request may simply be repeated.
 import base64
 import logging
 import uuid
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -25,8 +27,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts import clock
 from cairn_contracts.messages import DeadLetterAction, DeadLetterCommand
-from cairn_contracts.states import DeadLetterStatus
-from cairn_contracts.store import DEFAULT_TENANT, DLQ_COMMANDS, TASK_ERRORS
+from cairn_contracts.states import TERMINAL_JOB_STATES, DeadLetterStatus, state_values
+from cairn_contracts.store import DEFAULT_TENANT, DLQ_COMMANDS, JOBS, TASK_ERRORS
 from cairn_gateway.auth import ALL_TENANTS, tenant_match
 from cairn_gateway.dlq_schemas import (
     BulkReplayAccepted,
@@ -38,6 +40,7 @@ from cairn_gateway.dlq_schemas import (
     DeadLetterSummary,
 )
 from cairn_gateway.errors import Conflict, NotConfirmed, NotFound
+from cairn_gateway.tenants import TenantService
 from cairn_runtime.amqp import Publisher, PublishNotConfirmed
 from cairn_runtime.payloads import RawPayloads
 
@@ -122,6 +125,8 @@ class DeadLetterService:
     db: AsyncDatabase
     publisher: Publisher
     payloads: RawPayloads
+    # Quotas: a replay that reopens a finished job counts against its tenant's running jobs (None: not checked).
+    tenants: TenantService | None = None
 
     async def list(self, tenant: str, entry_filter: EntryFilter, offset: int, limit: int) -> DeadLetterPage:
         query = entry_filter.query(tenant)
@@ -177,6 +182,8 @@ class DeadLetterService:
             raise EntryConflict(f"dead letter {entry_id} is {entry.get('status')}; only open entries can be {action}ed")
         if action == "replay" and not replayable(entry):
             raise EntryConflict(f"dead letter {entry_id} names no shard to re-dispatch; it can only be discarded")
+        if action == "replay":
+            await self._check_reopens([entry])
         return await self._publish(tenant, entry, action, requested_by, note, api_key_id)
 
     async def command(self, tenant: str, command_id: str) -> CommandStatus:
@@ -223,7 +230,9 @@ class DeadLetterService:
         matched = await self.db[TASK_ERRORS].count_documents(query)
         accepted: list[CommandAccepted] = []
         found = self.db[TASK_ERRORS].find(query, {"_id": 1, "job_id": 1}).sort([("created_at", 1), ("_id", 1)]).limit(request.limit)
-        async for entry in found:
+        entries = [entry async for entry in found]
+        await self._check_reopens(entries)
+        for entry in entries:
             try:
                 accepted.append(await self._publish(tenant, entry, "replay", requested_by, request.note, api_key_id))
             except EntryConflict:
@@ -234,6 +243,19 @@ class DeadLetterService:
                     f"{error}; {len(accepted)} replay command(s) were published before: {published}", accepted
                 ) from error
         return BulkReplayAccepted(matched=matched, published=len(accepted), remaining=max(0, matched - len(accepted)), commands=accepted)
+
+    async def _check_reopens(self, entries: Sequence[dict[str, Any]]) -> None:
+        """Refuse replays that would reopen more finished jobs than their tenants may run
+        (`TenantService.check_reopen`, 429): a replayed shard's job, if finished, runs again."""
+        job_ids = sorted({entry["job_id"] for entry in entries if isinstance(entry.get("job_id"), str)})
+        if self.tenants is None or not job_ids:
+            return
+        finished: Counter[str] = Counter()
+        terminal = state_values(TERMINAL_JOB_STATES)
+        async for job in self.db[JOBS].find({"_id": {"$in": job_ids}, "state": {"$in": terminal}}, {"tenant": 1}):
+            finished[job.get("tenant") or DEFAULT_TENANT] += 1
+        for tenant, count in sorted(finished.items()):
+            await self.tenants.check_reopen(tenant, count)
 
     async def _publish(
         self,

@@ -113,16 +113,23 @@ class TenantService:
         quotas = await self.quotas(tenant)
         for size in sizes:
             check_job_size(quotas, size)
-        if quotas.max_running_jobs is not None:
-            running = await self.db[JOBS].count_documents(
-                {"tenant": tenant, "state": {"$in": state_values(ACTIVE_JOB_STATES)}}
+        await self._check_running(tenant, quotas, len(sizes), "submits")
+
+    async def check_reopen(self, tenant: str, jobs: int) -> None:
+        """Refuse to reopen `jobs` finished jobs of the tenant (DLQ replays: a replayed shard's
+        finished job runs again) when that would take it over `max_running_jobs`: QuotaExceeded (429)."""
+        if jobs:
+            await self._check_running(tenant, await self.quotas(tenant), jobs, "would reopen")
+
+    async def _check_running(self, tenant: str, quotas: TenantQuotas, adding: int, verb: str) -> None:
+        if quotas.max_running_jobs is None:
+            return
+        running = await self.db[JOBS].count_documents({"tenant": tenant, "state": {"$in": state_values(ACTIVE_JOB_STATES)}})
+        if running + adding > quotas.max_running_jobs:
+            raise QuotaExceeded(
+                "max_running_jobs",
+                f"tenant {tenant!r} has {running} unfinished job(s) and {verb} {adding}; at most {quotas.max_running_jobs} at once",
             )
-            if running + len(sizes) > quotas.max_running_jobs:
-                raise QuotaExceeded(
-                    "max_running_jobs",
-                    f"tenant {tenant!r} has {running} unfinished job(s) and submits {len(sizes)}; "
-                    f"at most {quotas.max_running_jobs} at once",
-                )
 
     async def source_database(
         self, tenant: str, database: str | None, collection: str, at: tuple[str | int, ...] = ("body",)

@@ -37,6 +37,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem}}
 COMMAND_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem},
     409: {"model": Problem, "description": "The entry is not open, names no shard to replay, or has a command not handled yet"},
+    429: {"model": Problem, "description": "A replay would reopen finished jobs beyond the tenant's max_running_jobs quota"},
     503: {"model": Problem, "description": "The broker did not confirm the command; nothing was requested"},
 }
 
