@@ -28,6 +28,7 @@ from cairn_contracts.pipelines import COUNTED_SPACES
 __all__ = [
     "TENANTS",
     "MAX_CAIRN_DATABASE_NAME",
+    "TENANT_NAME_PATTERN",
     "DatabaseName",
     "JobDemand",
     "SourceGrant",
@@ -45,6 +46,10 @@ _HASHED_SUFFIX = len("_th_") + 24
 # The longest Cairn database name whose tenant databases all fit (`<database>_th_<24 hex>`).
 MAX_CAIRN_DATABASE_NAME = _MAX_DATABASE_NAME - _HASHED_SUFFIX
 _PLAIN_TENANT = re.compile(r"^[a-z0-9_-]+$")
+
+# A tenant's name, wherever one is made or named (API keys, `/v1/tenants/{tenant}`): ASCII only,
+# so every tenant an API key can belong to can also be configured over HTTP.
+TENANT_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
 # A database a grant may name: letters, digits, '_' and '-' (what every server accepts).
 DatabaseName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,63}$")]

@@ -20,6 +20,7 @@ takes effect within that time.
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts import clock
 from cairn_contracts.store import API_KEYS
+from cairn_contracts.tenancy import TENANT_NAME_PATTERN
 from cairn_gateway.errors import Forbidden, Invalid, NotFound, Unauthorized
 
 SCOPES = ("submit", "read", "operator", "admin")
@@ -92,8 +94,8 @@ def new_key(
     tenant: str, scopes: Iterable[str], name: str | None = None, *, rate_limit_per_minute: int | None = None
 ) -> tuple[dict[str, Any], str]:
     """A new key's document and its token (shown once: only the secret's hash is stored)."""
-    if not tenant or not tenant.replace("-", "").replace("_", "").replace(".", "").isalnum() or len(tenant) > 64:
-        raise ValueError("tenant: 1-64 letters, digits, '-', '_' or '.'")
+    if not re.fullmatch(TENANT_NAME_PATTERN, tenant):
+        raise ValueError("tenant: 1-64 ASCII letters, digits, '-', '_' or '.'")
     key_id = secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
     document = {

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path
 
-from cairn_contracts.tenancy import TenantRecord
+from cairn_contracts.tenancy import TENANT_NAME_PATTERN, TenantRecord
 from cairn_gateway.api.deps import Caller, Operator, Tenants
 from cairn_gateway.jobs_schemas import TenantView
 from cairn_gateway.problems import Problem
@@ -16,7 +16,7 @@ from cairn_gateway.tenants import TenantNotFound, TenantService
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
-TenantName = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="The tenant's name (as its API keys carry it)")]
+TenantName = Annotated[str, Path(pattern=TENANT_NAME_PATTERN, description="The tenant's name (as its API keys carry it)")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "Not the caller's tenant (and the caller is no operator)"}}
 
 
