@@ -216,11 +216,15 @@ def test_a_merged_batch_running_past_the_batch_time_limit_stops_renewing_its_lea
     claims = leases.claim_waiting(keys)
     with HeldLeases(leases, list(claims.values()), interval_s=0.2, batch_time_limit_s=0.5) as held:
         with held.in_batch():
-            time.sleep(0.3)
+            for _ in range(8):  # eight steps (shard reads) of 0.2 s: 1.6 s in all, each within the limit
+                held.lap()
+                time.sleep(0.2)
             assert not held.overran()
-            time.sleep(2.5)  # past the limit, then past the TTL
+            steady = {key: db[SHARDS].find_one({"_id": key})["lease_until"] > now_ms() for key in keys}
+            time.sleep(2.5)  # one step past the limit, then past the TTL
             assert held.overran()
             alive = {key: db[SHARDS].find_one({"_id": key})["lease_until"] > now_ms() for key in keys}
+    assert steady == {keys[0]: True, keys[1]: True}  # renewed all along (past the TTL of 1 s)
     assert alive == {keys[0]: False, keys[1]: False}
 
 

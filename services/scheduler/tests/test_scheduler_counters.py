@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -448,22 +449,77 @@ async def test_a_finished_jobs_counters_stay_final_until_a_replay_reopens_it(db)
     assert (await counts(db, "fin"))["shards_succeeded"] == 1
 
 
+async def legacy_job(db: Any, job_id: str, shards: int, counted: int, failed: int | None = None, state: JobState = JobState.STARTED) -> list[str]:
+    """A job an older Cairn counted: its first `counted` shards ended (`failed` FAILED, the others
+    SUCCEEDED) and in the in-document ledger (`tally.s<index>`), the counters their sum, no bucket."""
+    await started_job(db, job_id, shards=shards)
+    keys = [await finish(db, job_id, i, ShardState.FAILED if i == failed else ShardState.SUCCEEDED, done=10) for i in range(counted)]
+    legacy: dict[str, str] = {}
+    added: Counter[str] = Counter()
+    for i, key in enumerate(keys):
+        legacy[f"s{i:04d}"] = str(await tally.shard_entry(db, await db[SHARDS].find_one({"_id": key}, tally.SHARD_FIELDS)))
+        added.update(tally.contribution(legacy[f"s{i:04d}"]))
+    await db[JOB_TALLIES].delete_many({"job_id": job_id})  # an older scheduler made no buckets
+    await db[JOBS].update_one({"_id": job_id}, {"$set": {
+        "state": state, **{f"{tally.LEDGER}.{k}": v for k, v in legacy.items()}, **{f"{tally.COUNTS}.{k}": v for k, v in added.items()},
+    }})
+    return keys
+
+
 async def test_a_job_counted_by_an_older_cairn_is_moved_to_buckets_once_and_counts_on(db) -> None:
-    scheduler = await started_job(db, "old", shards=3)
-    keys = [await finish(db, "old", i, ShardState.SUCCEEDED, done=10) for i in range(3)]
-    # The in-document ledger an older scheduler left: two shards counted.
-    legacy = {f"s{i:04d}": await tally.shard_entry(db, await db[SHARDS].find_one({"_id": keys[i]}, tally.SHARD_FIELDS)) for i in (0, 1)}
-    added = {f"{tally.COUNTS}.{k}": v for k, v in {"shards_succeeded": 2, "records_done": 20, "records_written": 18,
-             "records_redone": 2, "records_inserted": 18, "records_duplicate": 2, "batches": 2, "weight_done": 20}.items()}
-    await db[JOB_TALLIES].delete_many({"job_id": "old"})  # an older scheduler made no buckets
-    await db[JOBS].update_one({"_id": "old"}, {"$set": {**{f"{tally.LEDGER}.{k}": v for k, v in legacy.items()}, **added}})
+    keys = await legacy_job(db, "old", shards=3, counted=2)
+    keys.append(await finish(db, "old", 2, ShardState.SUCCEEDED, done=10))
 
     assert await tally.migrate_legacy_ledgers(db) == 1
     assert await tally.migrate_legacy_ledgers(db) == 0  # idempotent
 
     job = await db[JOBS].find_one({"_id": "old"})
     assert sorted(job[tally.LEDGER]) == ["b0"] and sorted(await tally.ledger(db, "old")) == ["s0000", "s0001"]
-    await scheduler.shards_finished([event("old", key) for key in keys])  # two duplicates and the new one
+    await JobScheduler(db, Dispatcher()).shards_finished([event("old", key) for key in keys])  # two duplicates and the new one
     job = await db[JOBS].find_one({"_id": "old"})
     assert job["state"] == JobState.SUCCESS
     assert job["result"]["records_done"] == 30 and job["result"]["shards_succeeded"] == 3
+
+
+async def test_a_finished_job_of_an_older_cairn_is_moved_too_and_a_replay_of_it_counts_once(db) -> None:
+    # A DLQ replay reopens a finished job: its old ledger must be in buckets by then, or the shard
+    # would be counted in both (and the old entries broke the reconcile pass).
+    keys = await legacy_job(db, "oldfin", shards=3, counted=3, failed=2, state=JobState.FAILURE)
+    assert await tally.migrate_legacy_ledgers(db) == 1
+
+    await db[SHARDS].update_one({"_id": keys[2]}, {"$set": {"state": ShardState.QUEUED}})  # the replay
+    await db[JOBS].update_one({"_id": "oldfin"}, {"$set": {"state": JobState.STARTED}, "$unset": {"result": ""}})
+    assert await tally.count_shard(db, keys[2]) is True  # taken out
+    await finish(db, "oldfin", 2, ShardState.SUCCEEDED, done=10)
+    scheduler = JobScheduler(db, Dispatcher())
+    await scheduler.shard_finished(event("oldfin", keys[2]))
+    assert await tally.migrate_legacy_ledgers(db) == 0  # a scheduler restarting changes nothing
+    await scheduler.roll_up("oldfin")
+
+    job = await db[JOBS].find_one({"_id": "oldfin"})
+    assert job["state"] == JobState.SUCCESS
+    assert (job["result"]["shards_succeeded"], job["result"]["shards_failed"], job["result"]["records_done"]) == (3, 0, 30)
+
+
+async def test_an_old_ledger_too_large_for_one_update_is_moved_whole(db) -> None:
+    # 300 entries: one update unsetting them all is past what the stand-in applies (~129 fields).
+    keys = await legacy_job(db, "oldbig", shards=301, counted=300)
+    assert await tally.migrate_legacy_ledgers(db) == 1
+
+    job = await db[JOBS].find_one({"_id": "oldbig"})
+    assert sorted(job[tally.LEDGER]) == ["b0", "b1", "b2"]  # no old entry left
+    assert len(await tally.ledger(db, "oldbig")) == 300
+    last = await finish(db, "oldbig", 300, ShardState.SUCCEEDED, done=10)
+    await JobScheduler(db, Dispatcher()).shards_finished([event("oldbig", key) for key in [*keys[-3:], last]])
+    job = await db[JOBS].find_one({"_id": "oldbig"})
+    assert job["state"] == JobState.SUCCESS and job["result"]["records_done"] == 3010
+
+
+async def test_a_job_whose_bucket_disagrees_with_its_old_ledger_is_left_as_it_is(db, caplog) -> None:
+    await legacy_job(db, "oldx", shards=2, counted=1)
+    await db[JOB_TALLIES].insert_one({"_id": "oldx/0", "job_id": "oldx", "bucket": 0, "entries": {"s0001": "SUCCEEDED|1|1|0|1|0|0|0|0|1"}, "seq": 1})
+
+    assert await tally.migrate_legacy_ledgers(db) == 0
+
+    assert sorted((await db[JOBS].find_one({"_id": "oldx"}))[tally.LEDGER]) == ["s0000"]
+    assert "exists with other entries" in caplog.text

@@ -4,7 +4,7 @@ The job document carries the counters (`counts`): the status and the roll-up rea
 document. What each shard contributed is kept in a ledger beside it, in buckets of
 `BUCKET_SHARDS` consecutive shards: one `job_tallies` document per bucket,
 `{_id: "<job>/<bucket>", job_id, bucket, entries: {s<index>: entry}, counts, seq}`, where an entry
-is `"<state>|<records_done>|<records_written>|<records_redone>|<batches>|<weight>"`, `counts` the
+is `"<state>|<the checkpoint's counters, TOTALS order>|<weight>"`, `counts` the
 bucket's sum of its entries and `seq` how many times the bucket changed. Counting a shard is:
 
 1. one conditional update of its bucket: compare-and-set of the shard's entry together with the
@@ -37,7 +37,7 @@ entry of the bucket set at once, on the condition that none of them was there), 
 the shard-by-shard compare-and-set whenever that condition fails. `weight` is a succeeded shard's
 `records_estimate` (0 for a failed or cancelled one): the share of the job's progress it stands
 for. A job counted by an older Cairn (entries `tally.s<index>` in the job document) is moved to
-buckets by `migrate_legacy_ledgers` when a scheduler starts.
+buckets by `migrate_legacy_ledgers` when a scheduler or DLQ handler starts.
 """
 
 import logging
@@ -290,7 +290,8 @@ async def count_shard(db: AsyncDatabase, shard_key: str, shard: dict[str, Any] |
 
     Terminal and not counted: added; counted with another state (replayed and ended again): the
     difference; counted but no longer terminal (reopened): subtracted. Returns True if this call
-    changed the counters. See `count_and_read`."""
+    changed the ledger, or brought a lagging job up to it (a finished job's counters stay as they
+    are: its bucket records the change, applied if a replay reopens it). See `count_and_read`."""
     counted, _ = await count_and_read(db, shard_key, shard)
     return counted
 
@@ -414,7 +415,7 @@ async def uncounted(db: AsyncDatabase, job_id: str, shards: list[dict[str, Any]]
     job = await db[JOBS].find_one({"_id": job_id}, {LEDGER: 1})
     if job is None:
         return 0
-    held = {name: Snapshot.decode(value).seq for name, value in as_dict(job.get(LEDGER)).items()}
+    held = {name: Snapshot.decode(value).seq for name, value in as_dict(job.get(LEDGER)).items() if _is_snapshot_key(name)}
     fixed = 0
     entries: dict[str, str] = {}
     async for bucket in db[JOB_TALLIES].find({"job_id": job_id}, {ENTRIES: 1, SEQ: 1, "bucket": 1}):
@@ -438,42 +439,77 @@ async def failed_shard_keys(db: AsyncDatabase, job_id: str) -> list[str]:
 
 
 async def migrate_legacy_ledgers(db: AsyncDatabase) -> int:
-    """Move the in-document ledger of unfinished jobs counted by an older Cairn (`tally.s<index>`
-    entries in the job) into buckets; returns how many jobs it moved. Run by a scheduler before
-    it counts anything, with no older scheduler still running (README, "Upgrading").
+    """Move the in-document ledger of jobs counted by an older Cairn (`tally.s<index>` entries in
+    the job) into buckets; returns how many jobs it moved. Every service that counts (scheduler,
+    DLQ handler) runs it before it consumes anything, with no older one still running (README,
+    "Upgrading"). Finished jobs too: a DLQ replay reopens them.
 
-    Per job: each bucket is inserted with its entries, their sum and `seq` 1 (an existing bucket
-    is left alone: another mover, or this one before a crash, inserted the same), then the job's
-    entries are replaced by the snapshots of all its buckets at `seq` 1 in one update conditional
-    on the entries still being there (so of concurrent movers only one ever applies, before any
-    of them counts); the job's counters already are their sum. Idempotent."""
+    Per job not moved yet (no `tally.b<bucket>` snapshot): each bucket is inserted with its
+    entries, their sum and `seq` 1 (one already there must hold exactly those entries at `seq`
+    1: inserted by another mover, or by this one before a crash; anything else is logged and the
+    job left as it is), then one update conditional on the job still holding its old entries and
+    no snapshot sets the snapshots of all its buckets at `seq` 1 (the job's counters already are
+    their sum): of concurrent movers one applies, before any of them counts. Then the old entries
+    are unset `_UNSET_CHUNK` at a time (the stand-in drops the operators of an update of ~129
+    fields or more: docs/mongodb-stand-in.md); readers ignore any that are left. Idempotent."""
     moved = 0
-    async for job in db[JOBS].find({"state": {"$nin": sorted(_FINAL_JOB_STATES)}, LEDGER: {"$exists": True}}, {LEDGER: 1}):
-        old = {k: v for k, v in as_dict(job.get(LEDGER)).items() if k.startswith("s") and isinstance(v, str)}
+    async for job in db[JOBS].find({LEDGER: {"$exists": True}}, {LEDGER: 1}):
+        held = as_dict(job.get(LEDGER))
+        old = {k: v for k, v in held.items() if k.startswith("s") and isinstance(v, str)}
         if not old:
             continue
         job_id = job["_id"]
         buckets: dict[int, dict[str, str]] = {}
         for name, value in old.items():
             buckets.setdefault(bucket_of(job_id, shard_key_of(job_id, name)), {})[name] = value
-        snapshots: dict[str, str] = {}
-        for bucket, entries in buckets.items():
-            sums: Counter[str] = Counter()
-            for value in entries.values():
-                sums.update(contribution(value))
-            snapshot = Snapshot(1, {name: sums[name] for name in COUNTER_FIELDS})
-            try:
-                await db[JOB_TALLIES].insert_one(
-                    {"_id": bucket_id(job_id, bucket), "job_id": job_id, "bucket": bucket, ENTRIES: entries, COUNTS: snapshot.counts, SEQ: 1}
-                )
-            except DuplicateKeyError:
-                pass  # inserted by another mover (or by this one before a crash): the same entries
-            snapshots[f"{LEDGER}.b{bucket}"] = snapshot.encode()
-        first = next(iter(old))
-        result = await db[JOBS].update_one(
-            {"_id": job_id, f"{LEDGER}.{first}": {"$exists": True}},
-            {"$unset": {f"{LEDGER}.{name}": "" for name in old}, **({"$set": snapshots} if snapshots else {})},
-        )
-        moved += result.modified_count
-        logger.info("job %s: its ledger of %d shards moved to %d bucket(s)", job_id, len(old), len(buckets))
+        snapshot_keys = [f"{LEDGER}.b{bucket}" for bucket in buckets]
+        if not any(_is_snapshot_key(k) for k in held):
+            snapshots = await _insert_legacy_buckets(db, job_id, buckets)
+            if snapshots is None:
+                continue
+            first = next(iter(old))
+            where = {"_id": job_id, f"{LEDGER}.{first}": {"$exists": True}, **{key: {"$exists": False} for key in snapshots}}
+            result = await db[JOBS].update_one(where, {"$set": snapshots, "$unset": {f"{LEDGER}.{first}": ""}})
+            moved += result.modified_count
+            if result.modified_count:
+                logger.info("job %s: its ledger of %d shards moved to %d bucket(s)", job_id, len(old), len(buckets))
+        names = sorted(old)
+        for at in range(0, len(names), _UNSET_CHUNK):  # only once the job holds the snapshots
+            await db[JOBS].update_one(
+                {"_id": job_id, snapshot_keys[0]: {"$exists": True}},
+                {"$unset": {f"{LEDGER}.{name}": "" for name in names[at : at + _UNSET_CHUNK]}},
+            )
     return moved
+
+
+_UNSET_CHUNK = 100
+
+
+def _is_snapshot_key(name: str) -> bool:
+    """Whether a field of the job's `tally` is a bucket snapshot (`b<bucket>`), not an entry of
+    an older Cairn's in-document ledger (`s<index>`)."""
+    return name.startswith("b")
+
+
+async def _insert_legacy_buckets(db: AsyncDatabase, job_id: str, buckets: dict[int, dict[str, str]]) -> dict[str, str] | None:
+    """Insert the buckets of an old in-document ledger at `seq` 1; returns the job's snapshots
+    of them, or None (logged) if a bucket is there with other entries."""
+    snapshots: dict[str, str] = {}
+    for bucket, entries in buckets.items():
+        sums: Counter[str] = Counter()
+        for value in entries.values():
+            sums.update(contribution(value))
+        snapshot = Snapshot(1, {name: sums[name] for name in COUNTER_FIELDS})
+        document = {"_id": bucket_id(job_id, bucket), "job_id": job_id, "bucket": bucket, ENTRIES: entries, COUNTS: snapshot.counts, SEQ: 1}
+        try:
+            await db[JOB_TALLIES].insert_one(document)
+        except DuplicateKeyError:
+            there = await db[JOB_TALLIES].find_one({"_id": document["_id"]}) or {}
+            if as_dict(there.get(ENTRIES)) != entries or int(there.get(SEQ) or 0) != 1:
+                logger.error(
+                    "job %s: ledger bucket %d exists with other entries than the job's old ledger (was it counted by this "
+                    "version before its ledger was moved?); the job is left as it is", job_id, bucket,
+                )
+                return None
+        snapshots[f"{LEDGER}.b{bucket}"] = snapshot.encode()
+    return snapshots

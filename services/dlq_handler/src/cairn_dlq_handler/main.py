@@ -20,6 +20,7 @@ from cairn_dlq_handler.recorder import ErrorRecorder
 from cairn_dlq_handler.replay import DeadLetterCommands
 from cairn_dlq_handler.settings import DlqSettings
 from cairn_dlq_handler.status_cache import RedisStatusCache
+from cairn_runtime import tally
 from cairn_runtime.amqp import Publisher, connect, declare_topology
 from cairn_runtime.celery_config import ShardTaskSender
 from cairn_runtime.consumer import Subscription
@@ -35,6 +36,7 @@ async def run(settings: DlqSettings, stop: asyncio.Event) -> None:
     mongo = async_client(settings.mongodb_uri)
     db = mongo[settings.mongodb_database]
     await ensure_indexes(db)
+    await tally.migrate_legacy_ledgers(db)  # a replay counts: never into a job whose ledger is not moved yet
     recorder = ErrorRecorder(
         db[TASK_ERRORS],
         jobs=db[JOBS],

@@ -609,10 +609,11 @@ class HeldLeases:
     leaves it when its run starts (`started`): its own Heartbeat renews it from then on.
     `waiting()` lists the claims not started (handed off when the bundle ends early).
 
-    The shards read whole together (`runner.run_in_one_batch`) stay here during that one batch,
-    which `in_batch()` brackets: past `batch_time_limit_s` in it (a hung read or write), renewing
-    stops, as a single shard's Heartbeat stops, so their leases expire and other workers take
-    them over while this task waits for its soft time limit (their fenced writes refuse it then)."""
+    The shards read whole together (`runner.run_in_one_batch`) stay here during that batch, which
+    `in_batch()` brackets and `lap()` marks at each step (each shard's read, the merged write):
+    one step running past `batch_time_limit_s` (a hung read or write) stops renewing, as a single
+    shard's Heartbeat stops, so the leases expire and other workers take the shards over while
+    this task waits for its soft time limit (their fenced writes refuse it then)."""
 
     def __init__(self, leases: ShardLeases, claims: Sequence[Claim], interval_s: float, batch_time_limit_s: float | None = None) -> None:
         self._leases = leases
@@ -633,8 +634,14 @@ class HeldLeases:
         finally:
             self._batch_since = None
 
+    def lap(self) -> None:
+        """The merged batch's next step begins (a shard's read, the merged write): the limit
+        applies to each step, as it does to each batch of a single shard."""
+        if self._batch_since is not None:
+            self._batch_since = time.monotonic()
+
     def overran(self) -> bool:
-        """Whether the merged batch has run past `batch_time_limit_s` (renewing has stopped)."""
+        """Whether the merged batch's current step has run past `batch_time_limit_s` (renewing has stopped)."""
         since, limit = self._batch_since, self._batch_time_limit_s
         return since is not None and limit is not None and time.monotonic() - since > limit
 

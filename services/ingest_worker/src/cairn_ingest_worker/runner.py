@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -310,7 +310,9 @@ class BundleRun:
     unstarted: list[Claim] = field(default_factory=list)
 
 
-def run_in_one_batch(runner: ShardRunner, claims: list[Claim], *, max_attempts: int, deadline: float | None = None) -> BundleRun:
+def run_in_one_batch(
+    runner: ShardRunner, claims: list[Claim], *, max_attempts: int, deadline: float | None = None, lap: Callable[[], None] | None = None
+) -> BundleRun:
     """A bundle's shards that are each read whole by one batch, run together (issue 14): each is
     read and cleaned by its own pipeline (its own RunContext, bounds and attempt), then all their
     records are stored by one `insert_many` (`insert_groups`) and every shard is committed and
@@ -327,9 +329,11 @@ def run_in_one_batch(runner: ShardRunner, claims: list[Claim], *, max_attempts: 
     shard whose records the store refused with anything but a duplicate key fails as it would
     alone (`failures`); Celery's soft time limit during the merged writes fails every shard read
     (BatchTimedOut, retryable). Raises StoreUnavailable (claim None) when MongoDB is
-    unreachable: the caller hands back every claim not ended."""
+    unreachable: the caller hands back every claim not ended. `lap`: called as each shard's read
+    and the merged write begin (`HeldLeases.lap`: the batch time limit applies to each)."""
     if not claims:
         return BundleRun()
+    lap = lap or (lambda: None)
     job_id = claims[0].shard["job_id"]
     job = runner.job(job_id)
     spec: dict[str, Any] = (job or {}).get("spec") or {}
@@ -354,6 +358,7 @@ def run_in_one_batch(runner: ShardRunner, claims: list[Claim], *, max_attempts: 
                 continue
             with log_context(job_id=job_id, shard_key=claim.shard_key):
                 note_shard(job_id=job_id, shard_key=claim.shard_key, pipeline=pipeline_name, tenant=job.get("tenant"), attempt=claim.attempt)
+                lap()
                 batch = _read_whole(runner, claim, job, done)
             if batch is not None:
                 read.append(batch)
@@ -365,6 +370,7 @@ def run_in_one_batch(runner: ShardRunner, claims: list[Claim], *, max_attempts: 
                 done.outcomes.append(Outcome("cancelled" if runner.leases.cancel(claim) else "lease_lost", claim))
             return done
         target = runner.databases(job.get("tenant"))[0][spec["target_collection"]]
+        lap()
         try:
             results = insert_groups(target, [cleaned for _, _, _, cleaned, _ in read], run=RunStamp(job_id, int(job.get("created_at_ms") or 0)))
             batches = []

@@ -241,7 +241,8 @@ def _run_claims(
     outcomes: Counter[str] = Counter()
     try:
         with held.in_batch():
-            together = run_in_one_batch(ctx.runner, [claims[k] for k in keys if k in claims], max_attempts=max_attempts, deadline=deadline)
+            claimed = [claims[k] for k in keys if k in claims]
+            together = run_in_one_batch(ctx.runner, claimed, max_attempts=max_attempts, deadline=deadline, lap=held.lap)
     except (StoreUnavailable, ConnectionFailure) as error:
         _carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error)), resend=resend(keys), held=held)  # raises Retry
         return outcomes

@@ -33,7 +33,6 @@ at once may each fill the same room, overshooting a cap by that much for a momen
 """
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -155,8 +154,7 @@ class FairDispatch:
         refill, self._refill = self._refill, None
         if refill is not None and not refill.done():
             refill.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refill
+            await asyncio.wait([refill])  # never raises: a cancel of this caller still reaches it
 
     async def _run_pass_in(self, delay_s: float) -> int:
         await asyncio.sleep(delay_s)
