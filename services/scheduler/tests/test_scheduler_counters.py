@@ -422,6 +422,21 @@ async def test_a_count_whose_job_write_was_lost_is_applied_by_the_next_event_or_
     assert (await db[JOBS].find_one({"_id": "half"}))["state"] == JobState.SUCCESS
 
 
+async def test_a_roll_up_never_finishes_a_job_from_counters_a_replay_changed_meanwhile(db) -> None:
+    scheduler = await started_job(db, "race", shards=2)
+    keys = [await finish(db, "race", i, ShardState.SUCCEEDED, done=10) for i in range(2)]
+    await tally.count_shard(db, keys[0])
+    _, decided_from = await tally.count_and_read(db, keys[1], fields={"state": 1, "shard_count": 1, tally.COUNTS: 1, "spec": 1})
+    # Between that read and the roll-up's write, a replay takes shard 1 back out.
+    await db[SHARDS].update_one({"_id": keys[1]}, {"$set": {"state": ShardState.QUEUED}})
+    await tally.count_shard(db, keys[1])
+
+    await scheduler.roll_up_counted("race", job=decided_from)  # all ended, as that job document says
+
+    assert (await db[JOBS].find_one({"_id": "race"}))["state"] == JobState.STARTED
+    assert (await counts(db, "race"))["shards_succeeded"] == 1
+
+
 async def test_the_periodic_roll_up_applies_a_bucket_its_job_lags_behind(db) -> None:
     scheduler = await started_job(db, "lag", shards=2)
     keys = [await finish(db, "lag", i, ShardState.SUCCEEDED, done=10) for i in range(2)]

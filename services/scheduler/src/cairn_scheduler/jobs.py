@@ -334,8 +334,11 @@ class JobScheduler:
             # Before the SUCCESS write: if this process dies in between, the job is still
             # STARTED and the next roll-up deletes again (a repeat deletes nothing more).
             update["result"]["records_deleted"] = await self._delete_stale(job_id, job)
+        # Only from the counters this decision read: a DLQ replay that took a shard back out
+        # meanwhile changed them, and the roll-up its next event runs decides again.
+        counted_as = {f"{tally.COUNTS}.{name}": counts[name] or {"$in": [0, None]} for name in tally.SHARD_COUNTERS.values()}
         written = await self.db[JOBS].update_one(
-            {"_id": job_id, "state": {"$nin": state_values(TERMINAL_JOB_STATES)}}, {"$set": update}
+            {"_id": job_id, "state": {"$nin": state_values(TERMINAL_JOB_STATES)}, **counted_as}, {"$set": update}
         )
         if written.modified_count:
             # One line per transition: the roll-up runs for every event and every few seconds,
