@@ -9,6 +9,7 @@ from urllib.parse import quote
 import pytest
 from pymongo import MongoClient
 
+from cairn_contracts.tenancy import MAX_CAIRN_DATABASE_NAME
 from cairn_testkit.fixtures import AMQP_HOST, TestEnvironment
 from cairn_testkit.servers import rabbitmq_vhost
 from harness import System, build_system
@@ -35,6 +36,7 @@ def isolated_system(
     """A second, fully separate system (own vhost or broker, own database) for tests that kill,
     freeze or restart its parts."""
     database = f"{test_env.mongodb_database}_{name}"
+    assert len(database) <= MAX_CAIRN_DATABASE_NAME, f"system name {name!r} too long for a database name ({database!r})"
     with contextlib.ExitStack() as stack:
         if amqp_url is None:
             vhost = stack.enter_context(rabbitmq_vhost(f"cairn-test-{test_env.run_id}-{name}"))

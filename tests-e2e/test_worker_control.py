@@ -26,7 +26,7 @@ STOPPED_WITHIN_S = 20
 
 @pytest.fixture(scope="module")
 def control_system(system_factory: Callable[..., System]) -> System:
-    return system_factory("worker-control", overrides={"CAIRN_WORKER_CONCURRENCY": "2"})
+    return system_factory("control", overrides={"CAIRN_WORKER_CONCURRENCY": "2"})
 
 
 def workers(system: System) -> list[dict[str, Any]]:

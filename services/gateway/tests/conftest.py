@@ -40,7 +40,8 @@ def _module_tag(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="module")
 def database(mongo_client: MongoClient, test_env: TestEnvironment, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = f"{test_env.mongodb_database}_gw{_module_tag(request)}_{uuid.uuid4().hex[:6]}"
+    # At most 35 characters (what CAIRN_MONGODB_DATABASE allows): the tag cut to 6.
+    name = f"{test_env.mongodb_database}_g{_module_tag(request)[:6]}{uuid.uuid4().hex[:5]}"
     seed_catalog(mongo_client[name])
     yield name
     for existing in mongo_client.list_database_names():  # with the tenants' namespaces (<name>_t…)

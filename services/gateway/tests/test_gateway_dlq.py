@@ -275,25 +275,50 @@ async def test_replay_of_an_entry_already_replaying_is_409(client, db, commands)
     assert await drain(commands) == []
 
 
-async def test_a_replay_that_would_reopen_a_finished_job_past_the_running_jobs_quota_is_429(client_for, db, commands) -> None:
+def quota_tenant(db: Database, max_running_jobs: int, **jobs: JobState) -> str:
+    """A tenant of its own with that quota and these jobs (`{suffix: state}`, ids `<tenant>-<suffix>`)."""
     tenant = f"quota-{uuid.uuid4().hex[:8]}"
-    client = client_for(tenant=tenant, name="dlq-quota")
-    db[TENANTS].insert_one({"_id": tenant, "quotas": {"max_running_jobs": 1}})
-    db[JOBS].insert_many([
-        {"_id": f"{tenant}-running", "tenant": tenant, "state": JobState.STARTED},
-        {"_id": f"{tenant}-failed", "tenant": tenant, "state": JobState.FAILURE},
-    ])
-    [of_finished] = seed(db, job_id=f"{tenant}-failed", tenant=tenant)
-    [of_running] = seed(db, job_id=f"{tenant}-running", tenant=tenant)
+    db[TENANTS].insert_one({"_id": tenant, "quotas": {"max_running_jobs": max_running_jobs}})
+    db[JOBS].insert_many([{"_id": f"{tenant}-{suffix}", "tenant": tenant, "state": state} for suffix, state in jobs.items()])
+    return tenant
 
-    refused = await client.post(f"/dlq/entries/{of_finished}/replay")
+
+async def test_a_replay_that_would_reopen_a_failed_job_past_the_running_jobs_quota_is_429(client_for, db, commands) -> None:
+    tenant = quota_tenant(db, 1, running=JobState.STARTED, failed=JobState.FAILURE, cancelled=JobState.CANCELLED)
+    client = client_for(tenant=tenant, name="dlq-quota")
+    [of_failed] = seed(db, job_id=f"{tenant}-failed", tenant=tenant)
+    [of_running] = seed(db, job_id=f"{tenant}-running", tenant=tenant)
+    [of_cancelled] = seed(db, job_id=f"{tenant}-cancelled", tenant=tenant)
+
+    refused = await client.post(f"/dlq/entries/{of_failed}/replay")
     bulk = await client.post("/dlq/replay", json={"job_id": f"{tenant}-failed"})
 
     assert refused.status_code == bulk.status_code == 429, (refused.text, bulk.text)
     assert "max_running_jobs" in refused.json()["detail"] and refused.headers["Retry-After"]
     assert await drain(commands) == []  # nothing requested
-    assert "pending_command" not in db[TASK_ERRORS].find_one({"_id": of_finished})
-    # A replay inside a running job reopens nothing: not counted.
+    assert "pending_command" not in db[TASK_ERRORS].find_one({"_id": of_failed})
+    # Replays that reopen nothing are not counted: inside a running job; of a cancelled job (the
+    # DLQ handler refuses that replay itself).
     assert (await client.post(f"/dlq/entries/{of_running}/replay")).status_code == 202
+    assert (await client.post(f"/dlq/entries/{of_cancelled}/replay")).status_code == 202
     db[JOBS].update_one({"_id": f"{tenant}-running"}, {"$set": {"state": JobState.SUCCESS}})
-    assert (await client.post(f"/dlq/entries/{of_finished}/replay")).status_code == 202  # room again
+    assert (await client.post(f"/dlq/entries/{of_failed}/replay")).status_code == 202  # room again
+
+
+async def test_replays_not_handled_yet_count_against_the_quota_and_a_bulk_replay_sends_what_fits(client_for, db, commands) -> None:
+    tenant = quota_tenant(db, 2, a=JobState.FAILURE, b=JobState.FAILURE, c=JobState.FAILURE)
+    client = client_for(tenant=tenant, name="dlq-quota-pending")
+    [of_a] = seed(db, job_id=f"{tenant}-a", tenant=tenant)
+    [of_a_too, of_b_first] = [seed(db, job_id=f"{tenant}-a", tenant=tenant)[0], seed(db, job_id=f"{tenant}-b", tenant=tenant)[0]]
+    [of_c] = seed(db, job_id=f"{tenant}-c", tenant=tenant)
+
+    assert (await client.post(f"/dlq/entries/{of_a}/replay")).status_code == 202  # job a: 1 of 2, not handled yet
+    assert (await client.post(f"/dlq/entries/{of_a_too}/replay")).status_code == 202  # the same job: counted once
+
+    bulk = (await client.post("/dlq/replay", json={"reason": "retries_exhausted"})).json()
+
+    # Room for one more job: b's entry is sent, c's is held back (and left open for later).
+    assert [c["dead_letter_id"] for c in bulk["commands"]] == [of_b_first]
+    assert bulk["published"] == 1 and bulk["remaining"] >= 1 and "max_running_jobs" in bulk["held_by_quota"]
+    assert (await client.post(f"/dlq/entries/{of_c}/replay")).status_code == 429
+    assert len(await drain(commands)) == 3

@@ -66,7 +66,7 @@ def running_job(sync_db: Any) -> str:
         "records_total": SHARDS_IN_JOB * 10,
         "weight_total": SHARDS_IN_JOB * 10,
         "counts": {"shards_succeeded": 100, "records_done": 1000, "weight_done": 1000, "batches": 100},
-        "tally": {"b0": "100|100|0|0|1000|0|0|0|0|0|0|100|1000"},  # the snapshot of its one ledger bucket
+        "ledger": {"b0": "100|100|0|0|1000|0|0|0|0|0|0|100|1000"},  # the snapshot of its one ledger bucket
         "shard_states": {ShardState.SUCCEEDED: 90, ShardState.RUNNING: 2, ShardState.QUEUED: 208},
         "progress": {"percent": 30.1, "records_done": 905, "at_ms": 0},
     }

@@ -233,7 +233,7 @@ async def test_a_schedules_job_is_held_to_the_per_job_quotas_and_to_granted_sour
     assert patched.json()["detail"][0]["loc"] == ["body", "job", "sharding", "shards"]
 
 
-@pytest.mark.parametrize("tenant", ["café", "a b", "*", "", "x" * 65, "ten/ant"])
+@pytest.mark.parametrize("tenant", ["café", "a b", "*", "", "x" * 65, "ten/ant", ".", ".."])
 def test_no_key_is_made_for_a_tenant_name_the_tenants_api_could_not_name(db: Database, tenant: str) -> None:
     # One rule (cairn_contracts.tenancy.TENANT_NAME_PATTERN) for keys and `/v1/tenants/{tenant}`:
     # a tenant of non-ASCII letters had keys but could not be configured over HTTP; "*" is every tenant.

@@ -476,7 +476,7 @@ async def legacy_job(db: Any, job_id: str, shards: int, counted: int, failed: in
         added.update(tally.contribution(legacy[f"s{i:04d}"]))
     await db[JOB_TALLIES].delete_many({"job_id": job_id})  # an older scheduler made no buckets
     await db[JOBS].update_one({"_id": job_id}, {"$set": {
-        "state": state, **{f"{tally.LEDGER}.{k}": v for k, v in legacy.items()}, **{f"{tally.COUNTS}.{k}": v for k, v in added.items()},
+        "state": state, **{f"{tally.LEGACY_LEDGER}.{k}": v for k, v in legacy.items()}, **{f"{tally.COUNTS}.{k}": v for k, v in added.items()},
     }})
     return keys
 
@@ -489,7 +489,8 @@ async def test_a_job_counted_by_an_older_cairn_is_moved_to_buckets_once_and_coun
     assert await tally.migrate_legacy_ledgers(db) == 0  # idempotent
 
     job = await db[JOBS].find_one({"_id": "old"})
-    assert sorted(job[tally.LEDGER]) == ["b0"] and sorted(await tally.ledger(db, "old")) == ["s0000", "s0001"]
+    assert sorted(job[tally.LEDGER]) == ["b0"] and tally.LEGACY_LEDGER not in job
+    assert sorted(await tally.ledger(db, "old")) == ["s0000", "s0001"]
     await JobScheduler(db, Dispatcher()).shards_finished([event("old", key) for key in keys])  # two duplicates and the new one
     job = await db[JOBS].find_one({"_id": "old"})
     assert job["state"] == JobState.SUCCESS
@@ -522,7 +523,7 @@ async def test_an_old_ledger_too_large_for_one_update_is_moved_whole(db) -> None
     assert await tally.migrate_legacy_ledgers(db) == 1
 
     job = await db[JOBS].find_one({"_id": "oldbig"})
-    assert sorted(job[tally.LEDGER]) == ["b0", "b1", "b2"]  # no old entry left
+    assert sorted(job[tally.LEDGER]) == ["b0", "b1", "b2"] and tally.LEGACY_LEDGER not in job  # no old entry left
     assert len(await tally.ledger(db, "oldbig")) == 300
     last = await finish(db, "oldbig", 300, ShardState.SUCCEEDED, done=10)
     await JobScheduler(db, Dispatcher()).shards_finished([event("oldbig", key) for key in [*keys[-3:], last]])
@@ -536,5 +537,6 @@ async def test_a_job_whose_bucket_disagrees_with_its_old_ledger_is_left_as_it_is
 
     assert await tally.migrate_legacy_ledgers(db) == 0
 
-    assert sorted((await db[JOBS].find_one({"_id": "oldx"}))[tally.LEDGER]) == ["s0000"]
+    job = await db[JOBS].find_one({"_id": "oldx"})
+    assert sorted(job[tally.LEGACY_LEDGER]) == ["s0000"] and tally.LEDGER not in job
     assert "exists with other entries" in caplog.text

@@ -47,9 +47,10 @@ _HASHED_SUFFIX = len("_th_") + 24
 MAX_CAIRN_DATABASE_NAME = _MAX_DATABASE_NAME - _HASHED_SUFFIX
 _PLAIN_TENANT = re.compile(r"^[a-z0-9_-]+$")
 
-# A tenant's name, wherever one is made or named (API keys, `/v1/tenants/{tenant}`): ASCII only,
-# so every tenant an API key can belong to can also be configured over HTTP.
-TENANT_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+# A tenant's name, wherever one is made or named (API keys, `/v1/tenants/{tenant}`): ASCII only
+# and not "." or ".." (HTTP clients resolve those path segments away), so every tenant an API key
+# can belong to can also be configured over HTTP.
+TENANT_NAME_PATTERN = r"^(?:[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9_.-]{0,62}|\.\.[A-Za-z0-9_.-]{1,62})$"
 
 # A database a grant may name: letters, digits, '_' and '-' (what every server accepts).
 DatabaseName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,63}$")]

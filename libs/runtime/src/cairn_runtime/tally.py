@@ -11,7 +11,7 @@ bucket's sum of its entries and `seq` how many times the bucket changed. Countin
    `$inc` of the difference and of `seq`, so entries and counters never disagree (no transaction,
    no crash window between "marked" and "added");
 2. one conditional update of the job applying the bucket's new state: the job keeps, per bucket,
-   the snapshot (`tally.b<bucket>`: `"<seq>|<counters>"`) its `counts` include; the update swaps
+   the snapshot (`ledger.b<bucket>`: `"<seq>|<counters>"`) its `counts` include; the update swaps
    the snapshot the bucket had before for the one after and adds their difference, so the job's
    counters are always the sum of the bucket snapshots it holds.
 
@@ -57,7 +57,8 @@ from cairn_contracts.store import CHECKPOINTS, JOB_TALLIES, JOBS, MAIN_SUB_KEY, 
 logger = logging.getLogger(__name__)
 
 COUNTS = "counts"  # job (and bucket) field: the counters below
-LEDGER = "tally"  # job field: bucket -> the snapshot of it COUNTS include (`b<bucket>`: "<seq>|<counters>")
+LEDGER = "ledger"  # job field: bucket -> the snapshot of it COUNTS include (`b<bucket>`: "<seq>|<counters>")
+LEGACY_LEDGER = "tally"  # job field of an older Cairn: shard index -> its entry (`migrate_legacy_ledgers`)
 ENTRIES = "entries"  # bucket field: shard index -> what it contributed to COUNTS
 SEQ = "seq"  # bucket field: how many times it changed
 TOTALS = CHECKPOINT_COUNTERS  # a checkpoint's counters (cairn_contracts.sinks), summed per job
@@ -415,7 +416,7 @@ async def uncounted(db: AsyncDatabase, job_id: str, shards: list[dict[str, Any]]
     job = await db[JOBS].find_one({"_id": job_id}, {LEDGER: 1})
     if job is None:
         return 0
-    held = {name: Snapshot.decode(value).seq for name, value in as_dict(job.get(LEDGER)).items() if _is_snapshot_key(name)}
+    held = {name: Snapshot.decode(value).seq for name, value in as_dict(job.get(LEDGER)).items()}
     fixed = 0
     entries: dict[str, str] = {}
     async for bucket in db[JOB_TALLIES].find({"job_id": job_id}, {ENTRIES: 1, SEQ: 1, "bucket": 1}):
@@ -442,53 +443,43 @@ async def migrate_legacy_ledgers(db: AsyncDatabase) -> int:
     """Move the in-document ledger of jobs counted by an older Cairn (`tally.s<index>` entries in
     the job) into buckets; returns how many jobs it moved. Every service that counts (scheduler,
     DLQ handler) runs it before it consumes anything, with no older one still running (README,
-    "Upgrading"). Finished jobs too: a DLQ replay reopens them.
+    "Upgrading"). Finished jobs too: a DLQ replay reopens them. It reads only jobs that still have
+    the old field (`tally`, unset once moved), so later starts find nothing to read.
 
-    Per job not moved yet (no `tally.b<bucket>` snapshot): each bucket is inserted with its
-    entries, their sum and `seq` 1 (one already there must hold exactly those entries at `seq`
-    1: inserted by another mover, or by this one before a crash; anything else is logged and the
-    job left as it is), then one update conditional on the job still holding its old entries and
-    no snapshot sets the snapshots of all its buckets at `seq` 1 (the job's counters already are
-    their sum): of concurrent movers one applies, before any of them counts. Then the old entries
-    are unset `_UNSET_CHUNK` at a time (the stand-in drops the operators of an update of ~129
-    fields or more: docs/mongodb-stand-in.md); readers ignore any that are left. Idempotent."""
+    Per job not moved yet (no snapshot in `ledger`): each bucket is inserted with its entries,
+    their sum and `seq` 1 (one already there must hold exactly those entries at `seq` 1: inserted
+    by another mover, or by this one before a crash; anything else is logged and the job left as
+    it is), then one update conditional on the job still holding its old entries and no snapshot
+    sets the snapshots of all its buckets at `seq` 1 (the job's counters already are their sum):
+    of concurrent movers one applies, before any of them counts. Then the old entries are unset
+    `_UNSET_CHUNK` at a time (the stand-in drops the operators of an update of ~129 fields or
+    more: docs/mongodb-stand-in.md), the old field last. Idempotent."""
     moved = 0
-    async for job in db[JOBS].find({LEDGER: {"$exists": True}}, {LEDGER: 1}):
-        held = as_dict(job.get(LEDGER))
-        old = {k: v for k, v in held.items() if k.startswith("s") and isinstance(v, str)}
-        if not old:
-            continue
+    async for job in db[JOBS].find({LEGACY_LEDGER: {"$exists": True}}, {LEGACY_LEDGER: 1, LEDGER: 1}):
         job_id = job["_id"]
+        old = {k: v for k, v in as_dict(job.get(LEGACY_LEDGER)).items() if k.startswith("s") and isinstance(v, str)}
         buckets: dict[int, dict[str, str]] = {}
         for name, value in old.items():
             buckets.setdefault(bucket_of(job_id, shard_key_of(job_id, name)), {})[name] = value
-        snapshot_keys = [f"{LEDGER}.b{bucket}" for bucket in buckets]
-        if not any(_is_snapshot_key(k) for k in held):
+        if old and not as_dict(job.get(LEDGER)):
             snapshots = await _insert_legacy_buckets(db, job_id, buckets)
             if snapshots is None:
                 continue
             first = next(iter(old))
-            where = {"_id": job_id, f"{LEDGER}.{first}": {"$exists": True}, **{key: {"$exists": False} for key in snapshots}}
-            result = await db[JOBS].update_one(where, {"$set": snapshots, "$unset": {f"{LEDGER}.{first}": ""}})
+            where = {"_id": job_id, f"{LEGACY_LEDGER}.{first}": {"$exists": True}, **{key: {"$exists": False} for key in snapshots}}
+            result = await db[JOBS].update_one(where, {"$set": snapshots, "$unset": {f"{LEGACY_LEDGER}.{first}": ""}})
             moved += result.modified_count
             if result.modified_count:
                 logger.info("job %s: its ledger of %d shards moved to %d bucket(s)", job_id, len(old), len(buckets))
+        moved_already = {"_id": job_id, LEDGER: {"$exists": True}} if old else {"_id": job_id}
         names = sorted(old)
         for at in range(0, len(names), _UNSET_CHUNK):  # only once the job holds the snapshots
-            await db[JOBS].update_one(
-                {"_id": job_id, snapshot_keys[0]: {"$exists": True}},
-                {"$unset": {f"{LEDGER}.{name}": "" for name in names[at : at + _UNSET_CHUNK]}},
-            )
+            await db[JOBS].update_one(moved_already, {"$unset": {f"{LEGACY_LEDGER}.{name}": "" for name in names[at : at + _UNSET_CHUNK]}})
+        await db[JOBS].update_one(moved_already, {"$unset": {LEGACY_LEDGER: ""}})
     return moved
 
 
 _UNSET_CHUNK = 100
-
-
-def _is_snapshot_key(name: str) -> bool:
-    """Whether a field of the job's `tally` is a bucket snapshot (`b<bucket>`), not an entry of
-    an older Cairn's in-document ledger (`s<index>`)."""
-    return name.startswith("b")
 
 
 async def _insert_legacy_buckets(db: AsyncDatabase, job_id: str, buckets: dict[int, dict[str, str]]) -> dict[str, str] | None:

@@ -17,8 +17,7 @@ request may simply be repeated.
 import base64
 import logging
 import uuid
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import MutableSequence, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -27,7 +26,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts import clock
 from cairn_contracts.messages import DeadLetterAction, DeadLetterCommand
-from cairn_contracts.states import TERMINAL_JOB_STATES, DeadLetterStatus, state_values
+from cairn_contracts.states import DeadLetterStatus, JobState
 from cairn_contracts.store import DEFAULT_TENANT, DLQ_COMMANDS, JOBS, TASK_ERRORS
 from cairn_gateway.auth import ALL_TENANTS, tenant_match
 from cairn_gateway.dlq_schemas import (
@@ -40,7 +39,7 @@ from cairn_gateway.dlq_schemas import (
     DeadLetterSummary,
 )
 from cairn_gateway.errors import Conflict, NotConfirmed, NotFound
-from cairn_gateway.tenants import TenantService
+from cairn_gateway.tenants import QuotaExceeded, TenantService
 from cairn_runtime.amqp import Publisher, PublishNotConfirmed
 from cairn_runtime.payloads import RawPayloads
 
@@ -183,7 +182,9 @@ class DeadLetterService:
         if action == "replay" and not replayable(entry):
             raise EntryConflict(f"dead letter {entry_id} names no shard to re-dispatch; it can only be discarded")
         if action == "replay":
-            await self._check_reopens([entry])
+            _, refusal = await self._admit([entry])
+            if refusal is not None:
+                raise refusal
         return await self._publish(tenant, entry, action, requested_by, note, api_key_id)
 
     async def command(self, tenant: str, command_id: str) -> CommandStatus:
@@ -230,8 +231,9 @@ class DeadLetterService:
         matched = await self.db[TASK_ERRORS].count_documents(query)
         accepted: list[CommandAccepted] = []
         found = self.db[TASK_ERRORS].find(query, {"_id": 1, "job_id": 1}).sort([("created_at", 1), ("_id", 1)]).limit(request.limit)
-        entries = [entry async for entry in found]
-        await self._check_reopens(entries)
+        entries, refusal = await self._admit([entry async for entry in found])
+        if refusal is not None and not entries:
+            raise refusal  # nothing fits: the client learns why, as for one replay
         for entry in entries:
             try:
                 accepted.append(await self._publish(tenant, entry, "replay", requested_by, request.note, api_key_id))
@@ -242,20 +244,68 @@ class DeadLetterService:
                 raise CommandNotPublished(
                     f"{error}; {len(accepted)} replay command(s) were published before: {published}", accepted
                 ) from error
-        return BulkReplayAccepted(matched=matched, published=len(accepted), remaining=max(0, matched - len(accepted)), commands=accepted)
+        return BulkReplayAccepted(
+            matched=matched,
+            published=len(accepted),
+            remaining=max(0, matched - len(accepted)),
+            held_by_quota=str(refusal) if refusal is not None else None,
+            commands=accepted,
+        )
 
-    async def _check_reopens(self, entries: Sequence[dict[str, Any]]) -> None:
-        """Refuse replays that would reopen more finished jobs than their tenants may run
-        (`TenantService.check_reopen`, 429): a replayed shard's job, if finished, runs again."""
+    async def _admit(self, entries: Sequence[dict[str, Any]]) -> tuple[Sequence[dict[str, Any]], QuotaExceeded | None]:
+        """The entries whose replay fits their tenants' `max_running_jobs`, in order, and the
+        refusal of the others (None: all fit). A replay reopens its shard's job if that job FAILED
+        (the DLQ handler reopens nothing else): each such job counts as one more unfinished job,
+        as do the FAILED jobs replays not handled yet will reopen; entries of a job admitted
+        already, or not FAILED, always fit."""
+        if self.tenants is None:
+            return list(entries), None
         job_ids = sorted({entry["job_id"] for entry in entries if isinstance(entry.get("job_id"), str)})
-        if self.tenants is None or not job_ids:
-            return
-        finished: Counter[str] = Counter()
-        terminal = state_values(TERMINAL_JOB_STATES)
-        async for job in self.db[JOBS].find({"_id": {"$in": job_ids}, "state": {"$in": terminal}}, {"tenant": 1}):
-            finished[job.get("tenant") or DEFAULT_TENANT] += 1
-        for tenant, count in sorted(finished.items()):
-            await self.tenants.check_reopen(tenant, count)
+        failed = {
+            job["_id"]: job.get("tenant") or DEFAULT_TENANT
+            async for job in self.db[JOBS].find({"_id": {"$in": job_ids}, "state": JobState.FAILURE}, {"tenant": 1})
+        }
+        rooms: dict[str, int | None] = {}
+        admitted_jobs: set[str] = set()
+        admitted: MutableSequence[dict[str, Any]] = []  # (`list` is a method of this class)
+        refusal: QuotaExceeded | None = None
+        for entry in entries:
+            job_id = entry.get("job_id")
+            if not isinstance(job_id, str) or job_id not in failed or job_id in admitted_jobs:
+                admitted.append(entry)
+                continue
+            tenant = failed[job_id]
+            if tenant not in rooms:
+                pending = await self._pending_reopens(tenant)
+                rooms[tenant], running = await self.tenants.room(tenant, len(pending))
+                admitted_jobs |= pending  # their replays are counted already
+                if job_id in pending:
+                    admitted.append(entry)
+                    continue
+            room = rooms[tenant]
+            if room is None or room > 0:
+                rooms[tenant] = None if room is None else room - 1
+                admitted_jobs.add(job_id)
+                admitted.append(entry)
+            elif refusal is None:
+                refusal = QuotaExceeded(
+                    "max_running_jobs",
+                    f"a replay of job {job_id} would reopen it, and tenant {tenant!r} has no room for another unfinished job",
+                )
+        return admitted, refusal
+
+    async def _pending_reopens(self, tenant: str) -> set[str]:
+        """The FAILED jobs of the tenant that replay commands not handled yet will reopen."""
+        pending = {
+            entry["job_id"]
+            async for entry in self.db[TASK_ERRORS].find(
+                {"tenant": tenant, "pending_command.action": "replay", "pending_command.at_ms": {"$gte": _stale_before()}}, {"job_id": 1}
+            )
+            if isinstance(entry.get("job_id"), str)
+        }
+        if not pending:
+            return set()
+        return {job["_id"] async for job in self.db[JOBS].find({"_id": {"$in": sorted(pending)}, "state": JobState.FAILURE}, {"_id": 1})}
 
     async def _publish(
         self,
@@ -354,6 +404,10 @@ def _shape(entry: dict[str, Any]) -> dict[str, Any]:
 
 def _no_pending_command(now_ms: int | None = None) -> dict[str, Any]:
     """Entries holding no command that is not handled yet (or only a stale one)."""
-    stale_before = (now_ms if now_ms is not None else clock.now_ms()) - PENDING_COMMAND_STALE_S * 1000
-    return {"$or": [{"pending_command": None}, {"pending_command.at_ms": {"$lt": stale_before}}]}
+    return {"$or": [{"pending_command": None}, {"pending_command.at_ms": {"$lt": _stale_before(now_ms)}}]}
+
+
+def _stale_before(now_ms: int | None = None) -> int:
+    """A command pending since before this (epoch ms) is stale: taken as never handled."""
+    return (now_ms if now_ms is not None else clock.now_ms()) - PENDING_COMMAND_STALE_S * 1000
 

@@ -114,4 +114,7 @@ class BulkReplayAccepted(BaseModel):
     matched: int = Field(description="Open, replayable entries matching the filter (and holding no command not handled yet)")
     published: int = Field(description="Replay commands confirmed by the broker")
     remaining: int = Field(description="Matching entries not sent in this call (call again)")
+    held_by_quota: str | None = Field(
+        None, description="Why some were not sent: replays that would reopen FAILED jobs past their tenant's max_running_jobs"
+    )
     commands: list[CommandAccepted]

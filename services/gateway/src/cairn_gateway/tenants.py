@@ -115,16 +115,20 @@ class TenantService:
             check_job_size(quotas, size)
         await self._check_running(tenant, quotas, len(sizes), "submits")
 
-    async def check_reopen(self, tenant: str, jobs: int) -> None:
-        """Refuse to reopen `jobs` finished jobs of the tenant (DLQ replays: a replayed shard's
-        finished job runs again) when that would take it over `max_running_jobs`: QuotaExceeded (429)."""
-        if jobs:
-            await self._check_running(tenant, await self.quotas(tenant), jobs, "would reopen")
+    async def room(self, tenant: str, reopening: int = 0) -> tuple[int | None, int]:
+        """(how many more unfinished jobs the tenant may have now, None: no limit; how many it has),
+        counting `reopening` jobs about to run again (DLQ replays in flight) as unfinished."""
+        quotas = await self.quotas(tenant)
+        running = await self._running(tenant) + reopening
+        return (None if quotas.max_running_jobs is None else max(0, quotas.max_running_jobs - running)), running
+
+    async def _running(self, tenant: str) -> int:
+        return await self.db[JOBS].count_documents({"tenant": tenant, "state": {"$in": state_values(ACTIVE_JOB_STATES)}})
 
     async def _check_running(self, tenant: str, quotas: TenantQuotas, adding: int, verb: str) -> None:
         if quotas.max_running_jobs is None:
             return
-        running = await self.db[JOBS].count_documents({"tenant": tenant, "state": {"$in": state_values(ACTIVE_JOB_STATES)}})
+        running = await self._running(tenant)
         if running + adding > quotas.max_running_jobs:
             raise QuotaExceeded(
                 "max_running_jobs",

@@ -611,9 +611,9 @@ class HeldLeases:
 
     The shards read whole together (`runner.run_in_one_batch`) stay here during that batch, which
     `in_batch()` brackets and `lap()` marks at each step (each shard's read, the merged write):
-    one step running past `batch_time_limit_s` (a hung read or write) stops renewing, as a single
-    shard's Heartbeat stops, so the leases expire and other workers take the shards over while
-    this task waits for its soft time limit (their fenced writes refuse it then)."""
+    one step running past `batch_time_limit_s` (a hung read or write) stops renewing for good, as
+    a single shard's Heartbeat stops, so the leases expire and other workers take the shards over
+    while this task waits for its soft time limit (their fenced writes refuse it then)."""
 
     def __init__(self, leases: ShardLeases, claims: Sequence[Claim], interval_s: float, batch_time_limit_s: float | None = None) -> None:
         self._leases = leases
@@ -675,7 +675,7 @@ class HeldLeases:
         while not self._stopped.wait(self._interval_s):
             if not (claims := self.waiting()):
                 continue
-            if self.overran():
+            if warned or self.overran():  # given up for good, as a Heartbeat does: never renewed again
                 if not warned:
                     logger.warning("a bundle's batch ran past %.0f s: %d lease(s) no longer renewed", self._batch_time_limit_s, len(claims))
                     warned = True

@@ -37,7 +37,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": Problem}}
 COMMAND_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem},
     409: {"model": Problem, "description": "The entry is not open, names no shard to replay, or has a command not handled yet"},
-    429: {"model": Problem, "description": "A replay would reopen finished jobs beyond the tenant's max_running_jobs quota"},
+    429: {"model": Problem, "description": "A replay would reopen FAILED jobs beyond the tenant's max_running_jobs quota (bulk: none fits)"},
     503: {"model": Problem, "description": "The broker did not confirm the command; nothing was requested"},
 }
 
@@ -110,7 +110,7 @@ async def get_command(command_id: str, service: DeadLetters, tenant: Viewer) -> 
     "/replay",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=BulkReplayAccepted,
-    responses={422: {"description": "No filter given"}, 503: COMMAND_ERRORS[503]},
+    responses={422: {"description": "No filter given"}, 429: COMMAND_ERRORS[429], 503: COMMAND_ERRORS[503]},
 )
 async def replay_matching(body: BulkReplayRequest, service: DeadLetters, tenant: Viewer, requested_by: Actor) -> BulkReplayAccepted:
     """Replay the open, replayable entries matching the filter (all of a job: `{"job_id": ...}`)."""
