@@ -121,7 +121,9 @@ def test_every_unparseable_body_is_dead_lettered_once_and_the_worker_keeps_consu
     publish_raw(amqp_url, b"[1, 2, 3, 4]", "application/json", twin)
     publish_raw(amqp_url, b"[1, 2, 3, 4]", "application/json", twin)
 
-    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10, queues=[QUEUE_INGEST]):
+    # shutdown_timeout bounds the worker thread's exit (seconds, usually well under one): 10 s was
+    # passed once on a machine loaded by several test runs at once.
+    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=60, queues=[QUEUE_INGEST]):
         app.send_task("cairn.test.alive", queue=QUEUE_INGEST)
         assert ran.wait(60), "the worker stopped consuming after the poison messages"
         # A well-formed task naming a shard that is not recorded, delivered twice (same task id).
