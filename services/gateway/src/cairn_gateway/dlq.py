@@ -124,7 +124,7 @@ class DeadLetterService:
     db: AsyncDatabase
     publisher: Publisher
     payloads: RawPayloads
-    # Quotas: a replay that reopens a finished job counts against its tenant's running jobs (None: not checked).
+    # Quotas: a replay that reopens a FAILED job counts against its tenant's running jobs (None: not checked).
     tenants: TenantService | None = None
 
     async def list(self, tenant: str, entry_filter: EntryFilter, offset: int, limit: int) -> DeadLetterPage:
@@ -277,7 +277,7 @@ class DeadLetterService:
             tenant = failed[job_id]
             if tenant not in rooms:
                 pending = await self._pending_reopens(tenant)
-                rooms[tenant], running = await self.tenants.room(tenant, len(pending))
+                rooms[tenant] = await self.tenants.room(tenant, len(pending))
                 admitted_jobs |= pending  # their replays are counted already
                 if job_id in pending:
                     admitted.append(entry)

@@ -115,12 +115,13 @@ class TenantService:
             check_job_size(quotas, size)
         await self._check_running(tenant, quotas, len(sizes), "submits")
 
-    async def room(self, tenant: str, reopening: int = 0) -> tuple[int | None, int]:
-        """(how many more unfinished jobs the tenant may have now, None: no limit; how many it has),
-        counting `reopening` jobs about to run again (DLQ replays in flight) as unfinished."""
+    async def room(self, tenant: str, reopening: int = 0) -> int | None:
+        """How many more unfinished jobs the tenant may have now (None: no limit), counting
+        `reopening` jobs about to run again (DLQ replays not handled yet) as unfinished."""
         quotas = await self.quotas(tenant)
-        running = await self._running(tenant) + reopening
-        return (None if quotas.max_running_jobs is None else max(0, quotas.max_running_jobs - running)), running
+        if quotas.max_running_jobs is None:
+            return None
+        return max(0, quotas.max_running_jobs - await self._running(tenant) - reopening)
 
     async def _running(self, tenant: str) -> int:
         return await self.db[JOBS].count_documents({"tenant": tenant, "state": {"$in": state_values(ACTIVE_JOB_STATES)}})
