@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from cairn_contracts.jobs import JobSpec
+from cairn_contracts.jobs import MISSING_DEPENDENCY_GRACE_MS, JobSpec
 from cairn_contracts.messages import StartJob
 from cairn_contracts.states import JobState
 from cairn_contracts.store import CHAINS, JOBS
@@ -208,6 +208,16 @@ async def test_a_chain_whose_steps_are_deleted_or_missing_reads_from_the_recorde
     db[JOBS].update_one({"_id": half["job_ids"][1]}, {"$set": {"state": "FAILURE"}})
     chain = (await acme.get(half["url"])).json()
     assert (chain["state"], chain["current_step"]) == ("FAILURE", 1)
+
+    # No step recorded at all (the gateway died right after the chain document): WAITING while it
+    # may still be recorded, then FAILURE saying so, not WAITING forever.
+    empty = (await acme.post("/v1/chains", json={"steps": [spec(), spec()]})).json()
+    db[JOBS].delete_many({"_id": {"$in": empty["job_ids"]}})
+    assert (await acme.get(empty["url"])).json()["state"] == "WAITING"
+    db[CHAINS].update_one({"_id": empty["id"]}, {"$inc": {"created_at_ms": -MISSING_DEPENDENCY_GRACE_MS - 1000}})
+    chain = (await acme.get(empty["url"])).json()
+    assert (chain["state"], chain["current_step"], chain["steps"]) == ("FAILURE", 0, [])
+    assert "Idempotency-Key" in chain["detail"]
 
 
 

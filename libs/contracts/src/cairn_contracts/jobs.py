@@ -31,6 +31,9 @@ PIPELINE_NAME = r"^[a-z][a-z0-9_]{0,62}$"
 # (records_written, records_done, ...). README "Workflows" documents them.
 DEPENDENCY_FIELDS = ("job_id", "name", "pipeline", "state", "params", "target_collection", "records_total", "result")
 MAX_DEPENDENCIES = 100
+# A dependency (or a chain's step) not recorded within this long after its dependent (or its
+# chain) was never going to be: the gateway that recorded them died part-way (epoch ms).
+MISSING_DEPENDENCY_GRACE_MS = 60_000
 MAX_CHAIN_STEPS = 50
 JobRef = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 # A param to fill, as a dotted path into `params` (`count`, `source.collection`).

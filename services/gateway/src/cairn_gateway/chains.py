@@ -13,7 +13,8 @@ How a chain is recorded (no multi-document transaction, so the order matters):
 A gateway that dies part-way leaves a chain whose later steps wait for a step that was never
 recorded: the scheduler's dependency sweep fails them after a grace period (a missing dependency),
 and a client that retries with the same Idempotency-Key completes the chain instead (the ids are
-the same, existing documents are kept). The chain's state is never stored: it is derived from its
+the same, existing documents are kept). A chain with no step recorded at all reads FAILURE after
+that grace period, with a `detail` saying so. The chain's state is never stored: it is derived from its
 steps whenever it is read, so it cannot disagree with them.
 """
 
@@ -28,7 +29,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from cairn_contracts import clock
-from cairn_contracts.jobs import JobSpec
+from cairn_contracts.jobs import MISSING_DEPENDENCY_GRACE_MS, JobSpec
 from cairn_contracts.states import JobState
 from cairn_contracts.store import CHAINS, JOBS, JobRecord, job_id_for, spec_fingerprint
 from cairn_gateway.catalog import check_spec
@@ -72,15 +73,16 @@ def chain_fingerprint(chain: ChainSpec) -> str:
     return hashlib.sha256("\x00".join([chain.name or "", *(spec_fingerprint(step) for step in chain.steps)]).encode()).hexdigest()
 
 
-def chain_state(steps: list[dict[str, Any]]) -> tuple[JobState, int | None]:
+def chain_state(steps: list[dict[str, Any]], age_ms: int = 0) -> tuple[JobState, int | None]:
     """(state, current step) of a chain from its step jobs in order (`{}` for a step not
     recorded): the first recorded step that has not succeeded decides (its stored state); all
     succeeded: SUCCESS. A step not recorded is passed over: deleted once finished (`DELETE
     /v1/jobs/{id}`), or never recorded (a half-recorded chain, see the module docstring), whose
     later steps the scheduler ends FAILURE; it would otherwise read WAITING forever. No step
-    recorded at all (the chain is being recorded): WAITING at step 0."""
+    recorded at all: WAITING at step 0 while the chain is being recorded, FAILURE once it is
+    `MISSING_DEPENDENCY_GRACE_MS` old (`age_ms`): its gateway died before recording any step."""
     if not any(steps):
-        return JobState.WAITING, 0
+        return (JobState.FAILURE if age_ms > MISSING_DEPENDENCY_GRACE_MS else JobState.WAITING), 0
     for index, job in enumerate(steps):
         if job and job["state"] != JobState.SUCCESS:
             return JobState(job["state"]), index
@@ -199,13 +201,16 @@ class ChainService:
         ids = list(chain["job_ids"])
         jobs = {job["_id"]: job async for job in self.db[JOBS].find({"_id": {"$in": ids}, "tenant": chain["tenant"]}, _STEP_FIELDS)}
         ordered = [jobs.get(job_id, {}) for job_id in ids]
-        state, current = chain_state(ordered)
+        state, current = chain_state(ordered, clock.now_ms() - int(chain.get("created_at_ms") or 0))
         steps = [
             ChainStep(index=index, job=JobSummary.model_validate(summary(job)), progress=job_progress(job, JobState(job["state"]))[0])
             for index, job in enumerate(ordered)
             if job
         ]
+        detail = None
+        if not steps and state == JobState.FAILURE:
+            detail = "no step was recorded: the submission stopped part-way; submit the chain again with the same Idempotency-Key"
         return ChainView(
             id=chain["_id"], name=chain.get("name"), state=state, current_step=current, steps=steps,
-            created_at=chain["created_at"], url=f"/v1/chains/{chain['_id']}",
+            created_at=chain["created_at"], url=f"/v1/chains/{chain['_id']}", detail=detail,
         )

@@ -116,6 +116,7 @@ class ChainView(BaseModel):
     steps: list[ChainStep]
     created_at: UtcDatetime
     url: str
+    detail: str | None = Field(None, description="Why the chain failed when no step of it could say (none was recorded)")
 
 
 class ChainAccepted(BaseModel):

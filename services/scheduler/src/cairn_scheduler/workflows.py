@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts import clock
-from cairn_contracts.jobs import JOB_SPEC_ADAPTER, JobSpec
+from cairn_contracts.jobs import JOB_SPEC_ADAPTER, MISSING_DEPENDENCY_GRACE_MS, JobSpec
 from cairn_contracts.messages import StartJob
 from cairn_contracts.pipelines import CatalogRefusal
 from cairn_contracts.states import JobState
@@ -49,7 +49,7 @@ from cairn_scheduler.stopping import empty_result
 logger = logging.getLogger(__name__)
 
 # A dependency not recorded (yet): a chain's steps are inserted together, but not atomically.
-MISSING_GRACE_MS = 60_000
+MISSING_GRACE_MS = MISSING_DEPENDENCY_GRACE_MS
 _DEPENDENCY_FIELDS = {"tenant": 1, "name": 1, "pipeline": 1, "state": 1, "spec": 1, "records_total": 1, "result": 1, "records_deleted": 1}
 
 
