@@ -132,16 +132,21 @@ async def test_shard_events_run_passes_only_while_shards_are_left_waiting(db) ->
     assert await fair.run_pass() == 1  # ...the periodic (or after-planning) pass does
 
 
+async def capped_job(db: Any, job_id: str, shards: int, refill_interval_s: float) -> tuple[BulkRecorder, FairDispatch]:
+    """A planned job of one tenant under a cap of 3: its planning pass sent 3, held back the rest."""
+    dispatcher = BulkRecorder()
+    fair = FairDispatch(db, dispatcher, default_cap=3, refill_interval_s=refill_interval_s)
+    job = start(job_id, "solo", shards)
+    await record(db, job, 1)
+    await JobScheduler(db, dispatcher, fair=fair).start_job(job)
+    assert await queued(db, job_id) == 3 and len(dispatcher.batches) == 1
+    return dispatcher, fair
+
+
 async def test_a_burst_of_shard_events_is_refilled_by_one_pass_at_the_end_of_the_refill_interval(db) -> None:
     """A pass reads every in-flight shard of the running jobs: events that come within
     `refill_interval_s` of the last pass share one pass, run when the interval is over."""
-    dispatcher = BulkRecorder()
-    fair = FairDispatch(db, dispatcher, default_cap=3, refill_interval_s=0.3)
-    scheduler = JobScheduler(db, dispatcher, fair=fair)
-    job = start("burst-job", "solo", 9)
-    await record(db, job, 1)
-    await scheduler.start_job(job)  # the planning pass: 3 sent, 6 held back
-    assert await queued(db, "burst-job") == 3 and len(dispatcher.batches) == 1
+    dispatcher, fair = await capped_job(db, "burst-job", 9, refill_interval_s=0.3)
 
     for index in range(3):
         await db[SHARDS].update_one({"shard_key": f"burst-job:{index:04d}"}, {"$set": {"state": ShardState.SUCCEEDED}})
@@ -153,12 +158,7 @@ async def test_a_burst_of_shard_events_is_refilled_by_one_pass_at_the_end_of_the
 
 
 async def test_closing_cancels_a_refill_put_off_to_later(db) -> None:
-    dispatcher = BulkRecorder()
-    fair = FairDispatch(db, dispatcher, default_cap=3, refill_interval_s=60)
-    scheduler = JobScheduler(db, dispatcher, fair=fair)
-    job = start("closing-job", "solo", 6)
-    await record(db, job, 1)
-    await scheduler.start_job(job)  # the planning pass: 3 sent, 3 held back
+    dispatcher, fair = await capped_job(db, "closing-job", 6, refill_interval_s=60)
     assert await fair.after_shard_finished() == 0  # put off by a minute
     refill = fair._refill
     assert refill is not None and not refill.done()

@@ -491,7 +491,7 @@ async def _insert_legacy_buckets(db: AsyncDatabase, job_id: str, buckets: dict[i
         for value in entries.values():
             sums.update(contribution(value))
         snapshot = Snapshot(1, {name: sums[name] for name in COUNTER_FIELDS})
-        document = {"_id": bucket_id(job_id, bucket), "job_id": job_id, "bucket": bucket, ENTRIES: entries, COUNTS: snapshot.counts, SEQ: 1}
+        document = _empty_bucket(job_id, bucket) | {ENTRIES: entries, COUNTS: snapshot.counts, SEQ: 1}
         try:
             await db[JOB_TALLIES].insert_one(document)
         except DuplicateKeyError:

@@ -621,7 +621,7 @@ class HeldLeases:
         self._lock = threading.Lock()
         self._interval_s = interval_s
         self._batch_time_limit_s = batch_time_limit_s
-        self._batch_since: float | None = None  # time.monotonic() the merged batch began
+        self._batch_since: float | None = None  # time.monotonic() the merged batch's current step began
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bundle-leases", daemon=True)
 
