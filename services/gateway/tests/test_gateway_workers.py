@@ -10,7 +10,7 @@ import pytest
 from pymongo.database import Database
 
 from cairn_contracts.states import ShardState
-from cairn_contracts.store import CHECKPOINTS, SHARDS
+from cairn_contracts.store import CHECKPOINTS, SHARDS, checkpoint_id
 
 GATEWAY_SETTINGS = {"worker_control_timeout_s": 0.5}  # conftest.py `settings`: no worker answers here
 
@@ -32,7 +32,7 @@ def running_shard(db: Database, *, token: int = 3, checkpoint_token: int | None 
         }
     )
     db[CHECKPOINTS].insert_one(
-        {"_id": f"{key}:main", "shard_key": key, "sub_key": "main", "job_id": job_id, "fencing_token": checkpoint_token or token,
+        {"_id": checkpoint_id(key), "shard_key": key, "sub_key": "main", "job_id": job_id, "fencing_token": checkpoint_token or token,
          "cursor": 5, "records_done": 5}
     )
     return key
@@ -51,8 +51,8 @@ async def test_terminate_fences_the_checkpoint_and_the_shard_and_gives_the_attem
     assert shard["taken_by"] is None and shard["lease_until"] is None and shard["terminated_by"] == "alice"
     assert isinstance(shard["next_retry_at_ms"], int)
     # The old run's commit (conditional on its token 3) no longer matches its checkpoint.
-    assert db[CHECKPOINTS].update_one({"_id": f"{key}:main", "fencing_token": 3}, {"$inc": {"records_done": 5}}).matched_count == 0
-    assert db[CHECKPOINTS].find_one({"_id": f"{key}:main"})["records_done"] == 5
+    assert db[CHECKPOINTS].update_one({"_id": checkpoint_id(key), "fencing_token": 3}, {"$inc": {"records_done": 5}}).matched_count == 0
+    assert db[CHECKPOINTS].find_one({"_id": checkpoint_id(key)})["records_done"] == 5
 
 
 async def test_terminate_of_a_shard_a_bundle_claimed_and_has_not_started_is_fenced_not_interrupted(client_with, db) -> None:

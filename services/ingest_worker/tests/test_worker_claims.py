@@ -10,18 +10,27 @@ from pymongo import MongoClient, monitoring
 from cairn_contracts.clock import now_ms
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
-from cairn_ingest_worker.leases import ShardLeases
+from cairn_ingest_worker.leases import OneBatch, ShardLeases
+from cairn_ingest_worker.store import WriteCounts
 
 
 class Filters(monitoring.CommandListener):
     def __init__(self) -> None:
-        self.seen: list[tuple[str, str, dict[str, Any]]] = []
+        self.seen: list[tuple[str, str, dict[str, Any]]] = []  # reads and compare-and-sets
+        self.writes: list[tuple[str, str, dict[str, Any]]] = []  # every filter of a write command
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         target = event.command.get(event.command_name)
-        if isinstance(target, str) and event.command_name in ("find", "findAndModify"):
+        if not isinstance(target, str):
+            return
+        if event.command_name in ("find", "findAndModify"):
             query = event.command.get("filter") or event.command.get("query") or {}
             self.seen.append((event.command_name, target, dict(query)))
+        if event.command_name == "findAndModify":
+            self.writes.append((event.command_name, target, dict(event.command.get("query") or {})))
+        elif event.command_name in ("update", "delete"):
+            statements = event.command.get("updates") or event.command.get("deletes") or []
+            self.writes.extend((event.command_name, target, dict(statement["q"])) for statement in statements)
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
@@ -55,10 +64,10 @@ def test_a_waiting_shard_is_taken_in_one_compare_and_set_by_key(observed, seed_s
 
     assert claim is not None and claim.token == 1
     shard_commands = [(name, query) for name, target, query in filters.seen if target == SHARDS]
-    # One round trip on the shard: the compare-and-set itself, by its unique key, no read first.
+    # One round trip on the shard: the compare-and-set itself, by its `_id` (the shard key), no read first.
     assert [name for name, _ in shard_commands] == ["findAndModify"], shard_commands
     query = shard_commands[0][1]
-    assert query["shard_key"] == key and query["state"] == {"$in": [ShardState.PLANNED, ShardState.QUEUED]}
+    assert query["_id"] == key and "shard_key" not in query and query["state"] == {"$in": [ShardState.PLANNED, ShardState.QUEUED]}
     assert "$or" not in query and "job_id" not in query
 
 
@@ -71,9 +80,35 @@ def test_a_held_shard_is_read_by_key_and_judged_in_code(observed, seed_shard) ->
     assert leases(db, "worker-b").claim(key) is None  # live lease: judged in code, nothing written
 
     shard_filters = [query for _, target, query in filters.seen if target == SHARDS]
-    assert {"shard_key": key} in shard_filters
+    assert {"_id": key} in shard_filters
     assert all("$or" not in query and "job_id" not in query for query in shard_filters), shard_filters
     assert db[SHARDS].find_one({"_id": key})["fencing_token"] == 1
+
+
+def test_every_write_of_a_shard_or_checkpoint_goes_by_id(observed, seed_shard) -> None:
+    """A run's writes (claim, adopt, commit, renew, hand-off, succeed; a bundle's bulk claim, start
+    and finish) address one shard or checkpoint by `_id`: the primary key every server serves
+    from its index, where the stand-in scans the whole collection for a write on `shard_key`."""
+    db, filters = observed
+    alone = seed_shard(db, "job", 0, 0, 10)
+    bundled = [seed_shard(db, "job", i, i * 10, i * 10 + 10) for i in range(1, 4)]
+    lease = leases(db)
+
+    claim = lease.claim(alone)
+    assert claim is not None and lease.renew(claim)
+    assert lease.commit(claim, 10, 10, WriteCounts(inserted=10)).stored
+    assert lease.hand_off(claim)
+    claim = lease.claim(alone)
+    assert claim is not None and lease.succeed(claim, {"records_done": 10})
+    claims = lease.claim_waiting(bundled)
+    started = lease.start_all(list(claims.values()))
+    assert lease.renew_all(started) == 3
+    finished, _ = lease.finish_all([OneBatch(c, 10, None, 10, WriteCounts(inserted=10)) for c in started])
+    assert finished == set(bundled)
+
+    writes = [(name, target, query) for name, target, query in filters.writes if target in (SHARDS, CHECKPOINTS)]
+    assert {target for _, target, _ in writes} == {SHARDS, CHECKPOINTS}
+    assert all("_id" in query and "shard_key" not in query for _, _, query in writes), writes
 
 
 def test_claim_next_hands_out_items_in_order_by_the_jobs_counter(observed, seed_shard) -> None:

@@ -220,10 +220,10 @@ async def test_a_shard_event_reads_one_job_document_not_the_jobs_shards(db, test
         await scheduler.shard_finished(event("o1", "o1:0001"))
     finally:
         await client.close()
-    # Each event reads its own shard by key (`$in` the keys of its batch: here one) and its
+    # Each event reads its own shard by `_id` (`$in` the keys of its batch: here one) and its
     # checkpoint by _id; nothing selects by job.
     assert [f for c, f in listener.filters if c in (SHARDS, CHECKPOINTS) and "job_id" in f] == [], listener.filters
-    assert [f for c, f in listener.filters if c == SHARDS] == [{"shard_key": {"$in": ["o1:0001"]}}] * 2
+    assert [f for c, f in listener.filters if c == SHARDS] == [{"_id": {"$in": ["o1:0001"]}}] * 2
     assert [f for c, f in listener.filters if c == CHECKPOINTS] == [{"_id": "o1:0001/main"}] * 2
     assert (await counts(db, "o1"))["shards_succeeded"] == 1
 

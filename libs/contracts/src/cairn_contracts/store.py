@@ -218,11 +218,23 @@ class JobRecord(BaseModel):
 # --- the shards and checkpoints documents ------------------------------------------------------
 # The scheduler records them when it plans a job; the worker claims and advances them, the gateway
 # reads them for progress. Tests seed them through these models, so there is one layout.
+#
+# One shard or checkpoint is read and written by `_id` (a shard's `_id` is its `shard_key`, a
+# checkpoint's is `checkpoint_id(shard_key)`), never by `shard_key`: the primary key is the one
+# index every server uses for every command. On MongoDB the unique `shard_key` index would serve
+# as well; the stand-in uses a secondary index for `find` only, so an update, findAndModify or
+# count filtered on `shard_key` scans every shard of every job (docs/mongodb-stand-in.md).
 
 
 def shard_key_for(job_id: str, index: int) -> str:
-    """The key of a job's shard (or lease-frontier item) `index`: `{job_id}:{index:04d}`."""
+    """The key of a job's shard (or lease-frontier item) `index`: `{job_id}:{index:04d}`; the
+    shard document's `_id`."""
     return f"{job_id}:{index:04d}"
+
+
+def checkpoint_id(shard_key: str, sub_key: str = MAIN_SUB_KEY) -> str:
+    """The `_id` of a shard's checkpoint for one cursor (`sub_key`): `{shard_key}/{sub_key}`."""
+    return f"{shard_key}/{sub_key}"
 
 
 class CheckpointRecord(BaseModel):
@@ -259,7 +271,7 @@ class CheckpointRecord(BaseModel):
 
     @property
     def id(self) -> str:
-        return f"{self.shard_key}/{self.sub_key}"
+        return checkpoint_id(self.shard_key, self.sub_key)
 
     def to_document(self) -> dict[str, Any]:
         return {"_id": self.id, **self.model_dump()}

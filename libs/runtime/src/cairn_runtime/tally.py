@@ -52,7 +52,7 @@ from pymongo.errors import DuplicateKeyError
 
 from cairn_contracts.sinks import CHECKPOINT_COUNTERS
 from cairn_contracts.states import TERMINAL_JOB_STATES, ShardState, state_values
-from cairn_contracts.store import CHECKPOINTS, JOB_TALLIES, JOBS, MAIN_SUB_KEY, SHARDS
+from cairn_contracts.store import CHECKPOINTS, JOB_TALLIES, JOBS, SHARDS, checkpoint_id
 
 logger = logging.getLogger(__name__)
 
@@ -159,10 +159,6 @@ class Snapshot:
 
     def plus(self, delta: dict[str, int]) -> "Snapshot":
         return Snapshot(self.seq + 1, {name: self.counts.get(name, 0) + delta.get(name, 0) for name in COUNTER_FIELDS})
-
-
-def checkpoint_id(shard_key: str) -> str:
-    return f"{shard_key}/{MAIN_SUB_KEY}"
 
 
 async def shard_entry(db: AsyncDatabase, shard: dict[str, Any]) -> str | None:
@@ -303,13 +299,13 @@ async def count_and_read(
     """`count_shard`, also returning the job document as the counting write left it (projected on
     `fields`; None when nothing was written), so a roll-up after it need not read the job again.
 
-    Reads the shard by `shard_key` (unique index) and, unless it carries its totals, its
+    Reads the shard by `_id` (its `shard_key`) and, unless it carries its totals, its
     checkpoint, then writes its bucket once, conditional on the shard's entry being absent, and
     the job once: the common case (a shard's first count). Only when the bucket write matches
     nothing (counted already: a duplicate event; or another state: a replay) is the entry read
     and swapped (more round trips only when another writer raced it)."""
     if shard is None:
-        shard = await db[SHARDS].find_one({"shard_key": shard_key}, SHARD_FIELDS)
+        shard = await db[SHARDS].find_one({"_id": shard_key}, SHARD_FIELDS)
         if shard is None:
             return False, None
     return await _count(db, shard, await shard_entry(db, shard), fields)
@@ -325,7 +321,7 @@ async def _count(
     guess = True  # first try the common case, terminal and not counted yet, without reading the bucket
     for _ in range(_ATTEMPTS):
         if shard is None:
-            shard = await db[SHARDS].find_one({"shard_key": shard_key}, SHARD_FIELDS)
+            shard = await db[SHARDS].find_one({"_id": shard_key}, SHARD_FIELDS)
             if shard is None:
                 return False, None
             wanted = await shard_entry(db, shard)
@@ -358,7 +354,7 @@ async def count_many(
     `fields`), or None if nothing was written for it}`, one key per job of a known shard
     (unknown keys are skipped; a key given twice is counted once).
 
-    One `find` reads every shard (`shard_key` `$in`), then each bucket is written once per
+    One `find` reads every shard (`_id` `$in`), then each bucket is written once per
     `COMBINED_ENTRIES` of its shards (their entries set and their figures added in one update
     that requires every one of those entries absent: exactly what counting them one by one would
     do) and applied to its job. Plus a checkpoint read per shard that does not carry its totals
@@ -369,7 +365,7 @@ async def count_many(
     keys = list(dict.fromkeys(shard_keys))
     if not keys:
         return {}
-    shards = [shard async for shard in db[SHARDS].find({"shard_key": {"$in": keys}}, SHARD_FIELDS)]
+    shards = [shard async for shard in db[SHARDS].find({"_id": {"$in": keys}}, SHARD_FIELDS)]
     groups: dict[str, dict[int, list[tuple[dict[str, Any], str | None]]]] = {}
     for shard in shards:
         bucket = bucket_of(shard["job_id"], shard["shard_key"])

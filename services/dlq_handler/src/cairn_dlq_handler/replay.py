@@ -150,7 +150,7 @@ class DeadLetterCommands:
         entry = await self.db[TASK_ERRORS].find_one({"_id": entry_id, "status": DeadLetterStatus.REPLAYING})
         if entry is None:
             return None
-        shard = await self.db[SHARDS].find_one({"shard_key": entry["shard_key"]})
+        shard = await self.db[SHARDS].find_one({"_id": entry["shard_key"]})
         if shard is None or shard.get("replay_command_id") != entry["replay"]["command_id"]:
             return None  # not reopened by this replay yet
         if shard["state"] == ShardState.SUCCEEDED:
@@ -169,7 +169,7 @@ class DeadLetterCommands:
     # --- steps -----------------------------------------------------------------------------------
     async def _reopen_shard(self, entry: dict[str, Any], command: DeadLetterCommand) -> dict[str, Any]:
         shards = self.db[SHARDS]
-        shard = await shards.find_one({"shard_key": entry["shard_key"]})
+        shard = await shards.find_one({"_id": entry["shard_key"]})
         if shard is None:
             raise NotReplayable(f"shard {entry['shard_key']} is not recorded")
         if shard.get("replay_command_id") == command.command_id:

@@ -41,7 +41,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from cairn_contracts import clock
 from cairn_contracts.messages import ShardFinished
 from cairn_contracts.states import WAITING_SHARD_STATES, ShardState, state_values
-from cairn_contracts.store import CHECKPOINTS, MAIN_SUB_KEY, SHARDS
+from cairn_contracts.store import CHECKPOINTS, SHARDS, checkpoint_id
 from cairn_gateway.errors import Conflict, Invalid, NotConfirmed, NotFound
 from cairn_runtime.amqp import Publisher
 from cairn_runtime.celery_config import WORKER_HOSTNAME_PREFIX, worker_hostname
@@ -249,7 +249,7 @@ class WorkerControl:
         (RETRY | CANCELLED), "fencing_token", "worker", "interrupted": bool, "reply"}`.
         Raises `NotFound` (no such shard), `Conflict` (not running, or it moved meanwhile)."""
         shards, checkpoints = self.db[SHARDS], self.db[CHECKPOINTS]
-        shard = await shards.find_one({"shard_key": shard_key})
+        shard = await shards.find_one({"_id": shard_key})
         if shard is None:
             raise NotFound(f"no shard {shard_key}", shard_key)
         if shard.get("state") != ShardState.RUNNING:
@@ -264,7 +264,7 @@ class WorkerControl:
         fence = uuid.uuid4().hex
         # 1. Fence the checkpoint first: the run's commit of its batch in flight is refused from here.
         checkpoint = await checkpoints.find_one_and_update(
-            {"shard_key": shard_key, "sub_key": MAIN_SUB_KEY, "fencing_token": token},
+            {"_id": checkpoint_id(shard_key), "fencing_token": token},
             {"$set": {"fencing_token": token + 1, "fenced_by": fence}},
             projection={"records_done": 1},
             return_document=ReturnDocument.AFTER,
@@ -333,12 +333,12 @@ class WorkerControl:
             }
         }
         shard = await self.db[SHARDS].find_one_and_update(
-            {"shard_key": shard_key, "state": {"$in": state_values(WAITING_SHARD_STATES)}}, revoked, return_document=ReturnDocument.AFTER
+            {"_id": shard_key, "state": {"$in": state_values(WAITING_SHARD_STATES)}}, revoked, return_document=ReturnDocument.AFTER
         )
         if shard is None:
             shard = await self._revoke_bundled(shard_key, revoked)
         if shard is None:
-            existing = await self.db[SHARDS].find_one({"shard_key": shard_key}, {"state": 1})
+            existing = await self.db[SHARDS].find_one({"_id": shard_key}, {"state": 1})
             if existing is None:
                 raise NotFound(f"no shard {shard_key}", shard_key)
             raise Conflict(f"shard {shard_key} is {existing.get('state')}: only a shard not started can be revoked", shard_key)
@@ -349,11 +349,11 @@ class WorkerControl:
     async def _revoke_bundled(self, shard_key: str, revoked: dict[str, Any]) -> dict[str, Any] | None:
         """Revoke a shard a bundle claimed and has not started (RUNNING, `bundle_claim` set), by
         compare-and-set on that claim; None if it is not one (or it started meanwhile)."""
-        shard = await self.db[SHARDS].find_one({"shard_key": shard_key}, {"state": 1, "fencing_token": 1, "bundle_claim": 1})
+        shard = await self.db[SHARDS].find_one({"_id": shard_key}, {"state": 1, "fencing_token": 1, "bundle_claim": 1})
         if shard is None or shard.get("state") != ShardState.RUNNING or not shard.get("bundle_claim"):
             return None
         return await self.db[SHARDS].find_one_and_update(
-            {"shard_key": shard_key, "state": ShardState.RUNNING, "fencing_token": shard.get("fencing_token"), "bundle_claim": shard["bundle_claim"]},
+            {"_id": shard_key, "state": ShardState.RUNNING, "fencing_token": shard.get("fencing_token"), "bundle_claim": shard["bundle_claim"]},
             {**revoked, "$set": {**revoked["$set"], "taken_by": None}, "$inc": {"fencing_token": 1}},
             return_document=ReturnDocument.AFTER,
         )

@@ -22,7 +22,7 @@ from pymongo.errors import ConnectionFailure
 from cairn_contracts import clock
 from cairn_contracts.sinks import CHECKPOINT_COUNTERS
 from cairn_contracts.states import ShardState
-from cairn_contracts.store import MAIN_SUB_KEY, shard_key_for
+from cairn_contracts.store import checkpoint_id, shard_key_for
 from cairn_ingest_worker import metrics
 from cairn_ingest_worker.errors import StoreUnavailable
 from cairn_ingest_worker.store import WriteCounts
@@ -57,9 +57,9 @@ def claimable(shard: dict[str, Any], now_ms: int, *, due_only: bool = False) -> 
 
 def _waiting(shard_key: str) -> dict[str, Any]:
     """The claim filter of the common case, a shard waiting for its first run: equality on the
-    unique `shard_key` and the rest checked on that one document (no `$or`)."""
+    shard's `_id` (its `shard_key`) and the rest checked on that one document (no `$or`)."""
     return {
-        "shard_key": shard_key,
+        "_id": shard_key,
         "state": {"$in": [ShardState.PLANNED, ShardState.QUEUED]},
         "cancel_requested": {"$in": [False, None]},  # $in, not $ne: see _as_read
     }
@@ -68,7 +68,7 @@ def _waiting(shard_key: str) -> dict[str, Any]:
 def _as_read(shard: dict[str, Any]) -> dict[str, Any]:
     """The compare-and-set filter of a claim: the shard exactly as it was judged claimable."""
     return {
-        "shard_key": shard["shard_key"],
+        "_id": shard["shard_key"],
         "state": shard["state"],
         "fencing_token": shard.get("fencing_token", 0),
         "lease_until": shard.get("lease_until"),
@@ -79,7 +79,7 @@ def _as_read(shard: dict[str, Any]) -> dict[str, Any]:
 
 def _held(claim: "Claim") -> dict[str, Any]:
     """The filter of a write by the claim's holder: its shard, its token, still RUNNING."""
-    return {"shard_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING}
+    return {"_id": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING}
 
 
 def _renewable(claim: "Claim") -> dict[str, Any]:
@@ -172,7 +172,7 @@ class ShardLeases:
         if (claim := self._claim(_waiting(shard_key), clock.now_ms())) is not None:
             return claim
         for _ in range(_CLAIM_ROUNDS):
-            shard = self._shards.find_one({"shard_key": shard_key}, _CLAIM_FIELDS)
+            shard = self._shards.find_one({"_id": shard_key}, _CLAIM_FIELDS)
             now_ms = clock.now_ms()
             if shard is None or not claimable(shard, now_ms):
                 return None
@@ -208,17 +208,17 @@ class ShardLeases:
         # No attempt is counted here: a shard's attempt is counted when its run starts (`start`),
         # so a crash of the bundle does not charge the shards still waiting their turn.
         self._shards.update_many(
-            {"shard_key": {"$in": keys}, "state": {"$in": [ShardState.PLANNED, ShardState.QUEUED]}, "cancel_requested": {"$in": [False, None]}},
+            {"_id": {"$in": keys}, "state": {"$in": [ShardState.PLANNED, ShardState.QUEUED]}, "cancel_requested": {"$in": [False, None]}},
             {"$set": taken, "$inc": {"fencing_token": 1}},
         )
         shards = [
-            shard for shard in self._shards.find({"shard_key": {"$in": keys}, "bundle_claim": tag})
+            shard for shard in self._shards.find({"_id": {"$in": keys}, "bundle_claim": tag})
             if shard.get("state") == ShardState.RUNNING and shard.get("taken_by") == self._worker_id
         ]
         if not shards:
             return {}
         tokens = {shard["shard_key"]: int(shard["fencing_token"]) for shard in shards}
-        ids = {key: f"{key}/{MAIN_SUB_KEY}" for key in tokens}  # CheckpointRecord's _id
+        ids = {key: checkpoint_id(key) for key in tokens}
         self._checkpoints.bulk_write(
             [
                 UpdateOne({"_id": ids[key], "fencing_token": {"$lt": token}}, {"$set": {"fencing_token": token, "taken_by": self._worker_id}})
@@ -261,7 +261,7 @@ class ShardLeases:
         )
         if result.matched_count < len(claims):
             tokens = {c.shard_key: c.token for c in claims}
-            stored = self._shards.find({"shard_key": {"$in": list(tokens)}}, {"shard_key": 1, "fencing_token": 1, "bundle_claim": 1, "state": 1})
+            stored = self._shards.find({"_id": {"$in": list(tokens)}}, {"shard_key": 1, "fencing_token": 1, "bundle_claim": 1, "state": 1})
             ours = {
                 s["shard_key"] for s in stored
                 if s.get("fencing_token") == tokens[s["shard_key"]] and s.get("state") == ShardState.RUNNING and not s.get("bundle_claim")
@@ -330,7 +330,7 @@ class ShardLeases:
             return {b.claim.shard_key for b in committed}, cancelled
         tokens = {b.claim.shard_key: b.claim.token for b in committed}
         return {
-            s["shard_key"] for s in self._shards.find({"shard_key": {"$in": list(tokens)}}, {"shard_key": 1, "fencing_token": 1, "state": 1})
+            s["shard_key"] for s in self._shards.find({"_id": {"$in": list(tokens)}}, {"shard_key": 1, "fencing_token": 1, "state": 1})
             if s.get("state") == ShardState.SUCCEEDED and s.get("fencing_token") == tokens[s["shard_key"]]
         }, cancelled
 
@@ -391,7 +391,7 @@ class ShardLeases:
 
     def _moved(self, shard: dict[str, Any]) -> bool:
         """Whether the shard changed since it was read (so a failed compare-and-set may be retried)."""
-        now = self._shards.find_one({"shard_key": shard["shard_key"]}, _CLAIM_FIELDS)
+        now = self._shards.find_one({"_id": shard["shard_key"]}, _CLAIM_FIELDS)
         return now is not None and _as_read(now) != _as_read(shard)
 
     def _claim(self, query: dict[str, Any], now_ms: int, sort: list[tuple[str, int]] | None = None) -> Claim | None:
@@ -420,7 +420,7 @@ class ShardLeases:
         # Adopt the checkpoint: from now on only writes carrying this token move it.
         try:
             checkpoint = self._checkpoints.find_one_and_update(
-                {"shard_key": shard_key, "sub_key": MAIN_SUB_KEY, "fencing_token": {"$lt": token}},
+                {"_id": checkpoint_id(shard_key), "fencing_token": {"$lt": token}},
                 {"$set": {"fencing_token": token, "taken_by": self._worker_id}},
                 return_document=ReturnDocument.AFTER,
             )
@@ -448,12 +448,12 @@ class ShardLeases:
 
     def taken_over(self, claim: Claim) -> bool:
         """Whether a newer claim holds the shard (not merely: this run finished or handed off)."""
-        shard = self._shards.find_one({"shard_key": claim.shard_key}, {"fencing_token": 1})
+        shard = self._shards.find_one({"_id": claim.shard_key}, {"fencing_token": 1})
         return shard is not None and int(shard["fencing_token"]) > claim.token
 
     def cancel_requested(self, claim: Claim) -> bool:
         """Whether the shard's job was cancelled (read from the shard, not the checkpoint)."""
-        shard = self._shards.find_one({"shard_key": claim.shard_key}, {"cancel_requested": 1})
+        shard = self._shards.find_one({"_id": claim.shard_key}, {"cancel_requested": 1})
         return bool(shard and shard.get("cancel_requested"))
 
     def commit(
@@ -463,14 +463,8 @@ class ShardLeases:
         checkpoint's write counters; `stored` is False if another worker holds the shard now) and
         learn, in the same round trip (a find_one_and_update that
         returns the checkpoint's `cancel_requested`), whether the job was cancelled meanwhile."""
-        # Once per batch, so by primary key (read at claim time): one _id lookup on any server,
-        # where (shard_key, sub_key) needs the compound index (the stand-in scans instead).
-        if claim.checkpoint_id is not None:
-            where: dict[str, Any] = {"_id": claim.checkpoint_id}
-        else:
-            where = {"shard_key": claim.shard_key, "sub_key": MAIN_SUB_KEY}
         after = self._checkpoints.find_one_and_update(
-            {**where, "fencing_token": claim.token},
+            {"_id": claim.checkpoint_id or checkpoint_id(claim.shard_key), "fencing_token": claim.token},
             {
                 # `cursor` is the pipeline's (any JSON value); `position`, when it says one, the
                 # progress in space units that the job's percent done is computed from.
@@ -528,11 +522,11 @@ class ShardLeases:
 
     def note_fenced_write(self, claim: Claim) -> None:
         """Count a write refused because a newer holder took the shard (evidence for operators)."""
-        self._shards.update_one({"shard_key": claim.shard_key}, {"$inc": {"fenced_writes": 1}})
+        self._shards.update_one({"_id": claim.shard_key}, {"$inc": {"fenced_writes": 1}})
 
     def _finish(self, claim: Claim, fields: dict[str, Any]) -> bool:
         result = self._shards.update_one(
-            {"shard_key": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING},
+            _held(claim),
             # `ran_by` keeps who ran it last once the lease is released (GET /v1/results lists it).
             {"$set": {**fields, "finished_at": clock.utcnow(), "taken_by": None, "ran_by": self._worker_id}},
         )

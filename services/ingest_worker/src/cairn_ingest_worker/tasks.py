@@ -196,7 +196,7 @@ def _carry_out_together(ctx: WorkerContext, task: WorkerTask, together: BundleRu
 def _not_started(ctx: WorkerContext, claim: Claim) -> Ack:
     """A bundle's claim whose run could not start (`ShardLeases.start`): its job was cancelled
     (the shard ends CANCELLED here, announced), or another worker holds the shard now."""
-    shard = ctx.runner.shards.find_one({"shard_key": claim.shard_key}, {"cancel_requested": 1, "fencing_token": 1})
+    shard = ctx.runner.shards.find_one({"_id": claim.shard_key}, {"cancel_requested": 1, "fencing_token": 1})
     if shard and shard.get("cancel_requested") and shard.get("fencing_token") == claim.token and ctx.runner.leases.cancel(claim):
         logger.info("shard %s: its job was cancelled before its turn in the bundle", claim.shard_key)
         return Ack("cancelled", Announce(claim.shard["job_id"], claim.shard_key, "cancelled"), counted=True)
@@ -302,7 +302,7 @@ def _run_one(
     except ShardFailed as failure:
         return _carry_out(ctx, task, _after_failure(ctx, failure), failure.claim)
     if outcome.kind == "not_claimable":
-        shard = ctx.runner.shards.find_one({"shard_key": request.shard_key})
+        shard = ctx.runner.shards.find_one({"_id": request.shard_key})
         return _carry_out(ctx, task, for_unclaimable(request, shard), request=request)
     if outcome.kind == "sliced":
         logger.info("shard %s: slice over after %d records; continuing in a new task", request.shard_key, outcome.records)
@@ -446,7 +446,7 @@ def _dead_letter_shard(ctx: WorkerContext, task: WorkerTask, claim: Claim, error
     if not ctx.runner.leases.fail(claim, _describe(error), dead_letter.dead_letter_id):
         return  # another worker holds the shard now; it decides
     ctx.publisher.publish(dead_letter)
-    ctx.runner.shards.update_one({"shard_key": claim.shard_key}, {"$set": {"dead_lettered_at": clock.utcnow()}})
+    ctx.runner.shards.update_one({"_id": claim.shard_key}, {"$set": {"dead_lettered_at": clock.utcnow()}})
     logger.error("shard %s dead-lettered (%s): %s", claim.shard_key, reason, error)
     metrics.SHARD_OUTCOMES.labels(current_pipeline(), "dead_lettered").inc()
     _announce(ctx, Announce(job_id, claim.shard_key, "failed", error=_describe(error)))

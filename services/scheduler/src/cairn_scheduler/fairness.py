@@ -282,7 +282,7 @@ class FairDispatch:
             await dispatch_all(self.dispatcher, tasks, priority)
         for priority, jobs in by_priority.items():  # the priority each waits at (`_ceilings`)
             await self.db[SHARDS].update_many(
-                {"shard_key": {"$in": [s.shard_key for shards in jobs.values() for s in shards]}, "state": ShardState.PLANNED},
+                {"_id": {"$in": [s.shard_key for shards in jobs.values() for s in shards]}, "state": ShardState.PLANNED},
                 {"$set": {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": clock.now_ms(), "queued_priority": priority}},
             )
         sent: dict[str, int] = defaultdict(int)
