@@ -32,7 +32,7 @@ def running_shard(db: Database, *, token: int = 3, checkpoint_token: int | None 
         }
     )
     db[CHECKPOINTS].insert_one(
-        {"_id": checkpoint_id(key), "shard_key": key, "sub_key": "main", "job_id": job_id, "fencing_token": checkpoint_token or token,
+        {"_id": checkpoint_id(key), "shard_key": key, "sub_key": "main", "job_id": job_id, "fencing_token": token if checkpoint_token is None else checkpoint_token,
          "cursor": 5, "records_done": 5}
     )
     return key
@@ -53,6 +53,18 @@ async def test_terminate_fences_the_checkpoint_and_the_shard_and_gives_the_attem
     # The old run's commit (conditional on its token 3) no longer matches its checkpoint.
     assert db[CHECKPOINTS].update_one({"_id": checkpoint_id(key), "fencing_token": 3}, {"$inc": {"records_done": 5}}).matched_count == 0
     assert db[CHECKPOINTS].find_one({"_id": checkpoint_id(key)})["records_done"] == 5
+
+
+async def test_terminate_of_a_bundles_first_claim_fences_its_checkpoint_still_as_planned(client_with, db) -> None:
+    # A bundle's first claim of a shard (token 1) adopts its checkpoint (token 0, as planned) only
+    # with its first commit: terminate fences it all the same.
+    operator = client_with("operator")
+    key = running_shard(db, token=1, checkpoint_token=0)
+    response = await operator.post(f"/v1/shards/{key}/terminate", json={"then": "ready"})
+    assert response.status_code == 200, response.text
+    assert db[CHECKPOINTS].find_one({"_id": checkpoint_id(key)})["fencing_token"] == 2
+    # That claim's commit (conditional on a token older than its own 1) no longer matches.
+    assert db[CHECKPOINTS].update_one({"_id": checkpoint_id(key), "fencing_token": {"$lt": 1}}, {"$set": {"done": True}}).matched_count == 0
 
 
 async def test_terminate_of_a_shard_a_bundle_claimed_and_has_not_started_is_fenced_not_interrupted(client_with, db) -> None:

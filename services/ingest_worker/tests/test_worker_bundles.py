@@ -22,10 +22,11 @@ from cairn_contracts.store import CHECKPOINTS, JOBS, SHARDS
 from cairn_contracts.tasks import TASK_RUN_FRONTIER, TASK_RUN_SHARD, TASK_RUN_SHARDS
 from cairn_contracts.topology import QUEUE_DLQ, QUEUE_INGEST, QUEUE_SCHEDULER_EVENTS
 from cairn_ingest_worker.context import WorkerContext
-from cairn_ingest_worker.leases import HeldLeases, ShardLeases
+from cairn_ingest_worker.leases import HeldLeases, OneBatch, ShardLeases
 from cairn_ingest_worker.publisher import BrokerPublisher
 from cairn_ingest_worker.runner import ShardRunner, run_in_one_batch
 from cairn_ingest_worker.settings import WorkerSettings
+from cairn_ingest_worker.store import WriteCounts
 from cairn_ingest_worker.tasks import register_tasks
 from cairn_runtime.celery_config import celery_config
 
@@ -93,7 +94,7 @@ def events(amqp_url: str) -> list[dict[str, Any]]:
     return [json.loads(message.body) for message in take(amqp_url, QUEUE_SCHEDULER_EVENTS)]
 
 
-def test_a_bundle_claims_its_waiting_shards_in_four_round_trips_with_tokens_and_checkpoints_adopted(
+def test_a_bundle_claims_its_waiting_shards_in_two_round_trips_and_first_claims_adopt_their_checkpoints_later(
     observed: tuple[Database, Commands], seed_job: Any, seed_shard: Any
 ) -> None:
     db, commands = observed
@@ -106,15 +107,87 @@ def test_a_bundle_claims_its_waiting_shards_in_four_round_trips_with_tokens_and_
     claims = leases.claim_waiting(keys)
 
     assert sorted(claims) == keys[:4]
-    assert commands.names == ["update shards", "find shards", "update checkpoints", "find checkpoints"]
+    assert commands.names == ["update shards", "find shards"]
     for key, claim in claims.items():
         shard = db[SHARDS].find_one({"_id": key})
         # Taken, not started: its attempt is counted when its run begins (a crash of the bundle
         # does not charge the shards waiting their turn).
         assert shard["state"] == ShardState.RUNNING and shard["taken_by"] == "worker-a" and shard["attempts"] == 0
         assert claim.token == shard["fencing_token"] == 1 and claim.attempt == 0 and claim.fresh and shard["bundle_claim"]
-        assert db[CHECKPOINTS].find_one({"shard_key": key})["fencing_token"] == 1  # adopted: older tokens' commits refused
+        # Never held before, so its checkpoint is as planned: adopted by the claim's first write to it.
+        assert not claim.adopted and claim.cursor is None and not claim.done
+        assert db[CHECKPOINTS].find_one({"_id": claim.checkpoint_id})["fencing_token"] == 0
     assert leases.claim_waiting(keys) == {}  # nothing waits any more: a duplicate delivery takes nothing
+
+
+def test_a_bundle_claim_of_shards_held_before_adopts_their_checkpoints_and_leaves_out_a_newer_holders(
+    observed: tuple[Database, Commands], seed_job: Any, seed_shard: Any
+) -> None:
+    db, commands = observed
+    keys = bundle_job(db, seed_job, seed_shard, 3)
+    # Each was held before (handed back, re-queued): its checkpoint may carry an older run's work.
+    db[SHARDS].update_many({"_id": {"$in": keys}}, {"$set": {"fencing_token": 2}})
+    db[CHECKPOINTS].update_one({"shard_key": keys[0]}, {"$set": {"fencing_token": 2, "cursor": 5, "batches": 1}})
+    db[CHECKPOINTS].update_one({"shard_key": keys[2]}, {"$set": {"fencing_token": 7}})  # a newer holder's
+    leases = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=30)
+
+    commands.names.clear()
+    claims = leases.claim_waiting(keys)
+
+    assert commands.names == ["update shards", "find shards", "update checkpoints", "find checkpoints"]
+    assert sorted(claims) == keys[:2]  # the third is left to its lease's expiry and the reaper
+    assert all(claim.adopted and claim.token == 3 for claim in claims.values())
+    assert claims[keys[0]].cursor == 5 and not claims[keys[0]].fresh and claims[keys[1]].fresh
+    for key in keys[:2]:
+        assert db[CHECKPOINTS].find_one({"shard_key": key})["fencing_token"] == 3  # older tokens' commits refused
+
+
+def test_a_first_claims_commit_is_refused_once_a_newer_holder_adopted_the_checkpoint_and_lands_before(
+    db: Database, seed_job: Any, seed_shard: Any
+) -> None:
+    keys = bundle_job(db, seed_job, seed_shard, 2)
+    runner = runner_over(db)
+    claims = runner.leases.claim_waiting(keys)
+    started = runner.leases.start_all([claims[key] for key in keys])
+    # Shard 0: worker-b takes it over now (the lease expired) and adopts its checkpoint.
+    db[SHARDS].update_one({"_id": keys[0]}, {"$set": {"lease_until": 1}})
+    other = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-b", ttl_s=30)
+    newer = other.claim(keys[0])
+    assert newer is not None and newer.token == 2 and newer.adopted
+
+    finished, cancelled = runner.leases.finish_all([OneBatch(claim, 10, None, 10, WriteCounts(inserted=10)) for claim in started])
+
+    assert finished == {keys[1]} and not cancelled
+    assert db[CHECKPOINTS].find_one({"shard_key": keys[0]})["batches"] == 0  # its holder commits it, not this bundle
+    assert db[CHECKPOINTS].find_one({"shard_key": keys[1]})["fencing_token"] == 1  # adopted by its commit
+    # Shard 1, the other order: the first claim committed before a newer holder came, which then
+    # finds the shard done by that commit (and ends it without reading it again).
+    db[SHARDS].update_one({"_id": keys[1]}, {"$set": {"state": ShardState.RUNNING, "lease_until": 1}})
+    resumed = other.claim(keys[1])
+    assert resumed is not None and resumed.done and resumed.batches == 1 and resumed.token == 2
+
+
+def test_a_first_claim_left_to_run_alone_adopts_its_checkpoint_before_its_run(
+    db: Database, seed_job: Any, seed_shard: Any, amqp_url: str
+) -> None:
+    seed_job(db, "job", spec(300, batch_size=100))
+    small, large = seed_shard(db, "job", 0, 0, 50), seed_shard(db, "job", 1, 50, 300)  # 250 records: three batches
+    app, _ = worker(db, amqp_url)
+
+    assert app.tasks[TASK_RUN_SHARDS](job_id="job", shard_keys=[small, large]) == "2 succeeded"
+
+    for key, batches in ((small, 1), (large, 3)):
+        checkpoint = db[CHECKPOINTS].find_one({"shard_key": key})
+        assert checkpoint["fencing_token"] == 1 and checkpoint["batches"] == batches and checkpoint["done"]
+    assert db["out"].count_documents({}) == 300
+    # A newer holder's checkpoint: the bundle's first claim does not run the shard.
+    leases = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=30)
+    seed_job(db, "job2", spec(300, batch_size=100))
+    alone = seed_shard(db, "job2", 0, 0, 250)
+    claim = leases.claim_waiting([alone])[alone]
+    db[CHECKPOINTS].update_one({"shard_key": alone}, {"$set": {"fencing_token": 5}})
+    adopted, lost = leases.adopt_all([claim])
+    assert adopted == [] and lost == [claim]
 
 
 def test_a_bundle_runs_every_shard_to_its_own_end_with_one_event_each(

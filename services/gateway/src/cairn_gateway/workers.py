@@ -7,8 +7,9 @@ control client is blocking, so every call runs in a thread (`asyncio.to_thread`)
 
 Terminate (a shard's run stopped now, its lease released, the batch in flight not committed):
 
-1. the checkpoint's fencing token is bumped (conditional on the run's token `T`): from now on the
-   run's commit of its batch in flight is refused, wherever it is;
+1. the checkpoint's fencing token is set to `T + 1` (conditional on holding at most the run's
+   token `T`: a bundle's first claim adopts its checkpoint only with its first commit): from now
+   on the run's commit of its batch in flight is refused, wherever it is;
 2. the shard moves, in one conditional update on (`RUNNING`, token `T`), to `RETRY` due now
    ("ready": the scheduler sends its task; the run's attempt is given back) or to `CANCELLED`, its
    token bumped too (the run's later lease writes are refused) and its lease dropped; if the shard
@@ -263,8 +264,9 @@ class WorkerControl:
         taken_by = str(shard.get("taken_by") or "")
         fence = uuid.uuid4().hex
         # 1. Fence the checkpoint first: the run's commit of its batch in flight is refused from here.
+        # `$lte`: a bundle's first claim adopts its checkpoint only with its first commit.
         checkpoint = await checkpoints.find_one_and_update(
-            {"_id": checkpoint_id(shard_key), "fencing_token": token},
+            {"_id": checkpoint_id(shard_key), "fencing_token": {"$lte": token}},
             {"$set": {"fencing_token": token + 1, "fenced_by": fence}},
             projection={"records_done": 1},
             return_document=ReturnDocument.AFTER,

@@ -89,6 +89,12 @@ def _renewable(claim: "Claim") -> dict[str, Any]:
     return {**_held(claim), "lease_until": {"$gt": 0}, "cancel_requested": {"$in": [False, None]}}
 
 
+def _holds(claim: "Claim", checkpoint_token: int) -> bool:
+    """Whether no newer holder has written the claim's checkpoint: it holds the claim's token,
+    or, for a claim not adopted yet, an older one."""
+    return checkpoint_token == claim.token or (not claim.adopted and checkpoint_token < claim.token)
+
+
 # A hand-off: the lease ends now, the shard stays RUNNING (any runner may claim it at once), and
 # the claim's attempt is given back (a handed-off run is not a failed attempt).
 _HAND_OFF = {"$set": {"lease_until": 0}, "$inc": {"attempts": -1, "hand_offs": 1}}
@@ -113,6 +119,10 @@ class Claim:
     fresh: bool = True  # no batch committed yet: the runner asks the pipeline where to start
     done: bool = False  # the last committed batch ended the shard (a crash came before its SUCCEEDED)
     batches: int = 0  # batches committed before this claim: the next one's index (the sink's BATCH stamp)
+    # Whether the checkpoint holds this claim's token. False only for a bundle's first-ever claim
+    # of a shard (`claim_waiting`): its checkpoint is as planned, and is adopted by the claim's
+    # first write to it (`finish_all`'s commit, or `adopt_all` before a run of its own).
+    adopted: bool = True
 
     @property
     def shard_key(self) -> str:
@@ -189,14 +199,17 @@ class ShardLeases:
         (or `start_all`) counts its attempt when its run begins, and checks its job was not
         cancelled meanwhile.
 
-        Four round trips whatever the count, where claiming one by one costs two per shard: one
-        `update_many` takes them (state, lease, fencing token + 1, attempt + 1, tagged with this
-        claim's own id), one `find` reads back what it took (their tokens), one unordered
-        `bulk_write` adopts their checkpoints (conditional on an older token, as `claim` does),
-        one `find` reads the checkpoints back; a shard whose checkpoint holds another token is
-        left out (its lease expires; the reaper sends it again). Raises ConnectionFailure when
-        the store is unreachable: shards taken before it happened stay RUNNING under this
-        worker's lease until it expires, then the reaper sends them again."""
+        Two round trips whatever the count, where claiming one by one takes two per shard: one
+        `update_many` takes them (state, lease, fencing token + 1, tagged with this claim's own
+        id), one `find` reads back what it took (their tokens). A shard taken for the first time
+        (token 1: no lease was ever held on it) has its checkpoint as planned: nothing to read,
+        and nothing to fence off, so it is adopted later, by the claim's first write to it
+        (`adopted` False: `finish_all`, `adopt_all`). A shard claimed before (its lease expired,
+        it was handed off, replayed) may have a checkpoint written by an older holder: two more
+        round trips adopt those checkpoints (`adopt_all`), and a shard whose checkpoint holds
+        another token is left out (its lease expires; the reaper sends it again). Raises
+        ConnectionFailure when the store is unreachable: shards taken before it happened stay
+        RUNNING under this worker's lease until it expires, then the reaper sends them again."""
         keys = list(dict.fromkeys(shard_keys))
         if not keys:
             return {}
@@ -215,31 +228,48 @@ class ShardLeases:
             shard for shard in self._shards.find({"_id": {"$in": keys}, "bundle_claim": tag})
             if shard.get("state") == ShardState.RUNNING and shard.get("taken_by") == self._worker_id
         ]
-        if not shards:
-            return {}
-        tokens = {shard["shard_key"]: int(shard["fencing_token"]) for shard in shards}
-        ids = {key: checkpoint_id(key) for key in tokens}
+        claims = [
+            Claim(shard=shard, token=int(shard["fencing_token"]), cursor=None, checkpoint_id=checkpoint_id(shard["shard_key"]), adopted=False)
+            for shard in shards
+        ]
+        first = [claim for claim in claims if claim.token == 1]
+        adopted, lost = self.adopt_all([claim for claim in claims if claim.token != 1])
+        for claim in lost:
+            logger.warning("shard %s: checkpoint held by another token than %d; left to the reaper", claim.shard_key, claim.token)
+        return {claim.shard_key: claim for claim in [*first, *adopted]}
+
+    def adopt_all(self, claims: Sequence[Claim]) -> tuple[list[Claim], list[Claim]]:
+        """Adopt the checkpoints of the claims not adopted yet (`Claim.adopted`), as `claim` does
+        for one (from now on only writes carrying their tokens move them), in two round trips: an
+        unordered `bulk_write` conditional on an older token, then a `find` of what they hold.
+        Returns (the claims, adopted, with the cursor, batches and `done` read back; those
+        adopted already unchanged, in order), (the claims whose checkpoint holds another token:
+        a newer holder's; theirs is not to run)."""
+        todo = {claim.checkpoint_id or checkpoint_id(claim.shard_key): claim for claim in claims if not claim.adopted}
+        if not todo:
+            return list(claims), []
         self._checkpoints.bulk_write(
             [
-                UpdateOne({"_id": ids[key], "fencing_token": {"$lt": token}}, {"$set": {"fencing_token": token, "taken_by": self._worker_id}})
-                for key, token in tokens.items()
+                UpdateOne({"_id": _id, "fencing_token": {"$lt": claim.token}}, {"$set": {"fencing_token": claim.token, "taken_by": self._worker_id}})
+                for _id, claim in todo.items()
             ],
             ordered=False,
         )
-        checkpoints = {c["_id"]: c for c in self._checkpoints.find({"_id": {"$in": list(ids.values())}})}
-        claims: dict[str, Claim] = {}
-        for shard in shards:
-            key, token = shard["shard_key"], tokens[shard["shard_key"]]
-            checkpoint = checkpoints.get(ids[key])
-            if checkpoint is None or int(checkpoint.get("fencing_token") or 0) != token:
-                logger.warning("shard %s: checkpoint held by another token than %d; left to the reaper", key, token)
+        stored = {c["_id"]: c for c in self._checkpoints.find({"_id": {"$in": list(todo)}})}
+        adopted: dict[str, Claim] = {}
+        lost: list[Claim] = []
+        for _id, claim in todo.items():
+            checkpoint = stored.get(_id)
+            if checkpoint is None or int(checkpoint.get("fencing_token") or 0) != claim.token:
+                lost.append(claim)
                 continue
             batches = int(checkpoint.get("batches") or 0)
-            claims[key] = Claim(
-                shard=shard, token=token, cursor=checkpoint.get("cursor"), checkpoint_id=checkpoint["_id"],
-                fresh=not batches, done=bool(checkpoint.get("done")), batches=batches,
+            adopted[claim.shard_key] = replace(
+                claim, cursor=checkpoint.get("cursor"), checkpoint_id=_id, fresh=not batches, done=bool(checkpoint.get("done")),
+                batches=batches, adopted=True,
             )
-        return claims
+        gone = {claim.shard_key for claim in lost}
+        return [adopted.get(claim.shard_key, claim) for claim in claims if claim.shard_key not in gone], lost
 
     def start(self, claim: Claim) -> Claim | None:
         """Begin the run of a bundle's claim: count its attempt (and clear its `bundle_claim`
@@ -299,15 +329,26 @@ class ShardLeases:
         now (a fenced write; their batch's records are stored, never counted twice).
 
         A fresh checkpoint's counters are all 0 (only a commit moves them, and it counts the batch
-        too), so each shard's totals are its batch's counts: `succeed` needs no read back."""
+        too), so each shard's totals are its batch's counts: `succeed` needs no read back. A
+        claim not adopted yet (a first claim: `claim_waiting`) adopts its checkpoint in its commit:
+        conditional on an older token instead of its own, and writing its token."""
         if not batches:
             return set(), set()
         now = clock.utcnow()
         # Not a cancelled job's shard ($in, not $ne: the stand-in's updates skip missing fields on $ne).
         commits = [
             UpdateOne(
-                {"_id": b.claim.checkpoint_id, "fencing_token": b.claim.token, "batches": 0, "cancel_requested": {"$in": [False, None]}},
-                {"$set": {"cursor": b.cursor, "updated_at": now, "position": b.position, "done": True}, "$inc": b.counters()},
+                {
+                    "_id": b.claim.checkpoint_id, "fencing_token": b.claim.token if b.claim.adopted else {"$lt": b.claim.token},
+                    "batches": 0, "cancel_requested": {"$in": [False, None]},
+                },
+                {
+                    "$set": {
+                        "cursor": b.cursor, "updated_at": now, "position": b.position, "done": True, "fencing_token": b.claim.token,
+                        "taken_by": self._worker_id,
+                    },
+                    "$inc": b.counters(),
+                },
             )
             for b in batches
         ]
@@ -316,9 +357,11 @@ class ShardLeases:
         if result.matched_count < len(batches):  # some were fenced or cancelled: find which commits landed
             by_id = {b.claim.checkpoint_id: b for b in batches}
             stored = list(self._checkpoints.find({"_id": {"$in": list(by_id)}}, {"fencing_token": 1, "batches": 1, "cancel_requested": 1}))
-            ours = [c for c in stored if c.get("fencing_token") == by_id[c["_id"]].claim.token]
-            landed = {c["_id"] for c in ours if c.get("batches") == 1}
-            cancelled = {by_id[c["_id"]].claim.shard_key for c in ours if c["_id"] not in landed and c.get("cancel_requested")}
+            landed = {c["_id"] for c in stored if c.get("fencing_token") == by_id[c["_id"]].claim.token and c.get("batches") == 1}
+            # Refused for the cancel, not for a newer holder: the checkpoint holds this claim's
+            # token, or (not adopted yet) no newer one.
+            held = [c for c in stored if _holds(by_id[c["_id"]].claim, int(c.get("fencing_token") or 0))]
+            cancelled = {by_id[c["_id"]].claim.shard_key for c in held if c["_id"] not in landed and c.get("cancel_requested")}
             committed = [b for b in batches if b.claim.checkpoint_id in landed]
         if not committed:
             return set(), cancelled

@@ -176,6 +176,11 @@ def _timed_out(claim: Claim) -> BatchTimedOut:
 
 
 def _run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadline: float) -> Outcome:
+    if not claim.adopted:  # a bundle's first claim: its commits below are fenced on its checkpoint
+        adopted, _ = runner.leases.adopt_all([claim])
+        if not adopted:
+            return Outcome("lease_lost", claim)
+        claim = adopted[0]
     if claim.attempt > max_attempts:
         # Earlier attempts died without recording a failure: the shard kills its workers.
         return Outcome("poison", claim)

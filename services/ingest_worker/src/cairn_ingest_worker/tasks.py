@@ -249,7 +249,17 @@ def _run_claims(
     ended = _carry_out_together(ctx, task, together, held, outcomes)
     for left in together.rest:
         held.update(left)  # started ones are handed back with their attempt given back
-    pending = {left.shard_key: left for left in together.rest}
+    try:
+        # A first claim run on its own adopts its checkpoint before it (its commits are fenced on it).
+        alone, lost = ctx.runner.leases.adopt_all(together.rest)
+    except ConnectionFailure as error:
+        _carry_out(ctx, task, _after_store_outage(ctx, task, _outage(error)), resend=resend([k for k in keys if k not in ended]), held=held)
+        return outcomes  # not reached: the outage re-sends (Retry raised)
+    for gone in lost:  # a newer holder wrote its checkpoint: the shard is theirs
+        held.started(gone)
+        outcomes[_carry_out(ctx, task, Ack("lease_lost", counted=True), gone)] += 1
+        ended.add(gone.shard_key)
+    pending = {left.shard_key: left for left in alone}
     remaining = [key for key in keys if key not in ended]
     for position, key in enumerate(remaining):
         rest = resend(remaining[position:])
