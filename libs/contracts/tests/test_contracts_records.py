@@ -27,13 +27,14 @@ def test_a_planned_shard_and_its_checkpoint_as_stored() -> None:
         "_id": "job:0001", "shard_key": "job:0001", "job_id": "job", "index": 1, "strategy": "hash_mod",
         "range_start": 0, "range_end": 100, "bucket": {"modulus": 4, "remainder": 1}, "records_estimate": 25,
         "priority": 3, "state": "PLANNED", "attempts": 0, "fencing_token": 0, "lease_until": None, "taken_by": None,
-        "created_at": NOW,
+        "job_created_at_ms": None, "created_at": NOW,
     }
     assert shard.checkpoint().to_document() == {
         "_id": f"job:0001/{MAIN_SUB_KEY}", "shard_key": "job:0001", "sub_key": MAIN_SUB_KEY, "job_id": "job",
         "cursor": None, "position": 0, "range_start": 0, "range_end": 100, "records_estimate": 25, "records_done": 0,
         "records_written": 0, "records_redone": 0, "records_inserted": 0, "records_updated": 0,
-        "records_unchanged": 0, "records_duplicate": 0, "batches": 0, "fencing_token": 0, "updated_at": NOW,
+        "records_unchanged": 0, "records_duplicate": 0, "batches": 0, "fencing_token": 0, "job_created_at_ms": None,
+        "updated_at": NOW,
     }
 
 

@@ -4,13 +4,17 @@ worker runs here, so remote control gets no reply (the e2e suite drives real wor
 
 import uuid
 from collections.abc import Callable
+from typing import Any, cast
 
 import httpx
 import pytest
+from pymongo import AsyncMongoClient
 from pymongo.database import Database
 
 from cairn_contracts.states import ShardState
 from cairn_contracts.store import CHECKPOINTS, SHARDS, checkpoint_id
+from cairn_gateway.errors import Conflict
+from cairn_gateway.workers import WorkerControl
 
 GATEWAY_SETTINGS = {"worker_control_timeout_s": 0.5}  # conftest.py `settings`: no worker answers here
 
@@ -65,6 +69,40 @@ async def test_terminate_of_a_bundles_first_claim_fences_its_checkpoint_still_as
     assert db[CHECKPOINTS].find_one({"_id": checkpoint_id(key)})["fencing_token"] == 2
     # That claim's commit (conditional on a token older than its own 1) no longer matches.
     assert db[CHECKPOINTS].update_one({"_id": checkpoint_id(key), "fencing_token": {"$lt": 1}}, {"$set": {"done": True}}).matched_count == 0
+
+
+class _MovesTheShardAfterTheFence:
+    """The checkpoints collection, but the shard moves (the reaper re-queues it) right after
+    terminate fences the checkpoint: the interleaving that makes terminate undo its fence."""
+
+    def __init__(self, checkpoints: Any, move: Callable[[], None]) -> None:
+        self._checkpoints, self._move = checkpoints, move
+
+    async def find_one_and_update(self, *args: Any, **kwargs: Any) -> Any:
+        fenced = await self._checkpoints.find_one_and_update(*args, **kwargs)
+        self._move()
+        return fenced
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._checkpoints, name)
+
+
+async def test_terminate_that_finds_the_shard_moved_restores_the_checkpoints_token_exactly(db, test_env) -> None:
+    # A bundle's first claim (token 1) whose checkpoint is still as planned (token 0).
+    key = running_shard(db, token=1, checkpoint_token=0)
+    client: AsyncMongoClient = AsyncMongoClient(test_env.mongodb_uri, tz_aware=True)
+    try:
+        real = client[db.name]
+        moved = _MovesTheShardAfterTheFence(
+            real[CHECKPOINTS], lambda: db[SHARDS].update_one({"_id": key}, {"$set": {"state": ShardState.QUEUED}})
+        )
+        control = WorkerControl(app=None, db=cast(Any, {SHARDS: real[SHARDS], CHECKPOINTS: moved}), publisher=None)  # type: ignore[arg-type]
+        with pytest.raises(Conflict):
+            await control.terminate_shard(key, "ready", "alice")
+    finally:
+        await client.close()
+    checkpoint = db[CHECKPOINTS].find_one({"_id": checkpoint_id(key)})
+    assert checkpoint["fencing_token"] == 0 and "fenced_by" not in checkpoint  # as it was, not the run's token
 
 
 async def test_terminate_of_a_shard_a_bundle_claimed_and_has_not_started_is_fenced_not_interrupted(client_with, db) -> None:

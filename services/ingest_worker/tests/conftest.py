@@ -46,6 +46,7 @@ def _seed_shard(
     *,
     state: ShardState = ShardState.QUEUED,
     attempts: int = 0,
+    job_created_at_ms: int | None = None,
 ) -> str:
     shard = ShardRecord(
         shard_key=f"{job_id}:{index:04d}",
@@ -58,6 +59,7 @@ def _seed_shard(
         priority=2,
         state=state,
         attempts=attempts,
+        job_created_at_ms=job_created_at_ms,
     )
     db[CHECKPOINTS].insert_one(shard.checkpoint().to_document())
     db[SHARDS].insert_one(shard.to_document())
@@ -73,7 +75,7 @@ def _seed_job(db: Database, job_id: str, spec: dict[str, Any]) -> dict[str, Any]
 
 @pytest.fixture
 def seed_shard() -> Callable[..., str]:
-    """seed_shard(db, job_id, index, start, end, *, state=QUEUED, attempts=0) -> the shard key"""
+    """seed_shard(db, job_id, index, start, end, *, state=QUEUED, attempts=0, job_created_at_ms=None) -> the shard key"""
     return _seed_shard
 
 

@@ -167,6 +167,34 @@ def test_a_first_claims_commit_is_refused_once_a_newer_holder_adopted_the_checkp
     assert resumed is not None and resumed.done and resumed.batches == 1 and resumed.token == 2
 
 
+def test_a_late_claim_never_writes_the_documents_of_the_job_submitted_again_under_the_same_id(
+    db: Database, seed_job: Any, seed_shard: Any
+) -> None:
+    # Submitted, claimed by a bundle (token 1, its checkpoint not adopted yet), then the worker stalls.
+    seed_job(db, "job", spec(10))
+    key = seed_shard(db, "job", 0, 0, 10, job_created_at_ms=1_000)
+    runner = runner_over(db)
+    (stale,) = runner.leases.start_all(list(runner.leases.claim_waiting([key]).values()))
+    # Meanwhile the job was deleted and submitted again with the same Idempotency-Key (same id,
+    # same shard keys), and its shard claimed by another worker: token 1 again, checkpoint at 0.
+    db[SHARDS].delete_many({"job_id": "job"})
+    db[CHECKPOINTS].delete_many({"job_id": "job"})
+    seed_shard(db, "job", 0, 0, 10, job_created_at_ms=2_000)
+    other = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-b", ttl_s=30)
+    (newer,) = other.start_all(list(other.claim_waiting([key]).values()))
+    assert newer.token == stale.token == 1
+
+    # The stalled worker wakes up: neither its commit nor its shard writes touch the new job's.
+    assert runner.leases.finish_all([OneBatch(stale, 10, None, 10, WriteCounts(inserted=10))]) == (set(), set())
+    assert not runner.leases.succeed(stale, {"records_done": 10}) and not runner.leases.renew(stale)
+    assert runner.leases.adopt_all([stale]) == ([], [stale])
+    checkpoint = db[CHECKPOINTS].find_one({"_id": stale.checkpoint_id})
+    assert checkpoint["batches"] == 0 and checkpoint["fencing_token"] == 0 and checkpoint["job_created_at_ms"] == 2_000
+    assert db[SHARDS].find_one({"_id": key})["taken_by"] == "worker-b"
+    # The new job's own claim commits as usual.
+    assert other.finish_all([OneBatch(newer, 10, None, 10, WriteCounts(inserted=10))]) == ({key}, set())
+
+
 def test_a_first_claim_left_to_run_alone_adopts_its_checkpoint_before_its_run(
     db: Database, seed_job: Any, seed_shard: Any, amqp_url: str
 ) -> None:

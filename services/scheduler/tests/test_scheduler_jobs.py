@@ -441,6 +441,19 @@ async def test_a_job_is_planned_over_the_space_the_gateway_recorded(db) -> None:
     assert job["records_total"] is None  # a time window says nothing of how many records it holds
 
 
+async def test_planned_shards_and_checkpoints_carry_the_submission_of_their_job(db) -> None:
+    # A job deleted and submitted again keeps its id (and shard keys): the stamp tells them apart.
+    cmd = command("job-stamp", count=10, shards=2)
+    await record_job(db, cmd)
+    await db[JOBS].update_one({"_id": "job-stamp"}, {"$set": {"created_at_ms": 1_764_000_000_123}})  # as the gateway records it
+
+    await JobScheduler(db, RecordingDispatcher(db)).start_job(cmd)
+
+    stamps = [s.get("job_created_at_ms") async for s in db[SHARDS].find({"job_id": "job-stamp"})]
+    stamps += [c.get("job_created_at_ms") async for c in db[CHECKPOINTS].find({"job_id": "job-stamp"})]
+    assert stamps == [1_764_000_000_123] * 4
+
+
 async def test_a_job_recorded_without_a_space_is_planned_from_the_catalog(db) -> None:
     cmd = command("job-sched", count=10, shards=2, start=5)
     await record_job(db, cmd)  # as a schedule's run records it: no space

@@ -232,6 +232,11 @@ def shard_key_for(job_id: str, index: int) -> str:
     return f"{job_id}:{index:04d}"
 
 
+# A job deleted and submitted again with the same Idempotency-Key gets the same id, so the same
+# shard keys and checkpoint ids: this stamp tells the documents of one submission from the next.
+_JOB_CREATED_AT_MS = "Its job's created_at_ms: tells this submission's documents from those of an earlier job of the same id"
+
+
 def checkpoint_id(shard_key: str, sub_key: str = MAIN_SUB_KEY) -> str:
     """The `_id` of a shard's checkpoint for one cursor (`sub_key`): `{shard_key}/{sub_key}`."""
     return f"{shard_key}/{sub_key}"
@@ -267,6 +272,7 @@ class CheckpointRecord(BaseModel):
     records_duplicate: int = 0
     batches: int = 0
     fencing_token: int = 0
+    job_created_at_ms: int | None = Field(None, description=_JOB_CREATED_AT_MS)
     updated_at: datetime = Field(default_factory=utcnow)
 
     @property
@@ -308,6 +314,7 @@ class ShardRecord(BaseModel):
     fencing_token: int = 0
     lease_until: int | None = None
     taken_by: str | None = None
+    job_created_at_ms: int | None = Field(None, description=_JOB_CREATED_AT_MS)
     created_at: datetime = Field(default_factory=utcnow)
 
     def checkpoint(self, *, updated_at: datetime | None = None) -> CheckpointRecord:
@@ -319,6 +326,7 @@ class ShardRecord(BaseModel):
             range_start=self.range_start,
             range_end=self.range_end,
             records_estimate=self.records_estimate,
+            job_created_at_ms=self.job_created_at_ms,
             updated_at=updated_at or self.created_at,
         )
 

@@ -13,7 +13,7 @@ Terminate (a shard's run stopped now, its lease released, the batch in flight no
 2. the shard moves, in one conditional update on (`RUNNING`, token `T`), to `RETRY` due now
    ("ready": the scheduler sends its task; the run's attempt is given back) or to `CANCELLED`, its
    token bumped too (the run's later lease writes are refused) and its lease dropped; if the shard
-   moved meanwhile (finished, taken over) the checkpoint's fence is undone and 409 answered;
+   moved meanwhile (finished, taken over) the checkpoint's earlier token is restored and 409 answered;
 3. the run is interrupted at once by Cairn's remote-control command `cairn_terminate_shard` in the
    worker holding it (worker/control.py: SIGUSR1 to that pool process, Celery's soft time limit);
    if it does not answer, the run still stops at its next heartbeat or commit, both fenced;
@@ -268,8 +268,8 @@ class WorkerControl:
         checkpoint = await checkpoints.find_one_and_update(
             {"_id": checkpoint_id(shard_key), "fencing_token": {"$lte": token}},
             {"$set": {"fencing_token": token + 1, "fenced_by": fence}},
-            projection={"records_done": 1},
-            return_document=ReturnDocument.AFTER,
+            projection={"records_done": 1, "fencing_token": 1},
+            return_document=ReturnDocument.BEFORE,  # the token held before: restored if the shard moved meanwhile
         )
         if checkpoint is None:
             raise Conflict(f"shard {shard_key} was taken over meanwhile (its checkpoint holds a newer token)", shard_key)
@@ -297,7 +297,8 @@ class WorkerControl:
         )
         if won is None:
             await checkpoints.update_one(
-                {"_id": checkpoint["_id"], "fencing_token": token + 1, "fenced_by": fence}, {"$set": {"fencing_token": token}}
+                {"_id": checkpoint["_id"], "fencing_token": token + 1, "fenced_by": fence},
+                {"$set": {"fencing_token": int(checkpoint.get("fencing_token") or 0)}, "$unset": {"fenced_by": ""}},
             )
             raise Conflict(f"shard {shard_key} finished or was taken over meanwhile; nothing terminated", shard_key)
         logger.warning("shard %s terminated by %s (then %s); token %d -> %d", shard_key, actor, then, token, token + 1)

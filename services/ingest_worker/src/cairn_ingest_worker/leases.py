@@ -78,8 +78,9 @@ def _as_read(shard: dict[str, Any]) -> dict[str, Any]:
 
 
 def _held(claim: "Claim") -> dict[str, Any]:
-    """The filter of a write by the claim's holder: its shard, its token, still RUNNING."""
-    return {"_id": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING}
+    """The filter of a write by the claim's holder: its shard (of its submission of the job), its
+    token, still RUNNING."""
+    return {"_id": claim.shard_key, "fencing_token": claim.token, "state": ShardState.RUNNING, **_same_submission(claim.shard)}
 
 
 def _renewable(claim: "Claim") -> dict[str, Any]:
@@ -89,10 +90,21 @@ def _renewable(claim: "Claim") -> dict[str, Any]:
     return {**_held(claim), "lease_until": {"$gt": 0}, "cancel_requested": {"$in": [False, None]}}
 
 
-def _holds(claim: "Claim", checkpoint_token: int) -> bool:
+def _same_submission(shard: dict[str, Any]) -> dict[str, Any]:
+    """The filter part that keeps an adoption to a checkpoint of the shard's own submission of its
+    job: one deleted and submitted again (same id) has new documents under the same ids, their
+    tokens back at 0, which a late claim of the earlier one must not take for its own."""
+    stamp = shard.get("job_created_at_ms")
+    return {} if stamp is None else {"job_created_at_ms": stamp}
+
+
+def _holds(claim: "Claim", checkpoint: dict[str, Any]) -> bool:
     """Whether no newer holder has written the claim's checkpoint: it holds the claim's token,
-    or, for a claim not adopted yet, an older one."""
-    return checkpoint_token == claim.token or (not claim.adopted and checkpoint_token < claim.token)
+    or, for a claim not adopted yet, an older one (of the claim's submission of the job)."""
+    token = int(checkpoint.get("fencing_token") or 0)
+    if token == claim.token or claim.adopted:
+        return token == claim.token
+    return token < claim.token and all(checkpoint.get(field) == value for field, value in _same_submission(claim.shard).items())
 
 
 # A hand-off: the lease ends now, the shard stays RUNNING (any runner may claim it at once), and
@@ -250,7 +262,10 @@ class ShardLeases:
             return list(claims), []
         self._checkpoints.bulk_write(
             [
-                UpdateOne({"_id": _id, "fencing_token": {"$lt": claim.token}}, {"$set": {"fencing_token": claim.token, "taken_by": self._worker_id}})
+                UpdateOne(
+                    {"_id": _id, "fencing_token": {"$lt": claim.token}, **_same_submission(claim.shard)},
+                    {"$set": {"fencing_token": claim.token, "taken_by": self._worker_id}},
+                )
                 for _id, claim in todo.items()
             ],
             ordered=False,
@@ -339,8 +354,8 @@ class ShardLeases:
         commits = [
             UpdateOne(
                 {
-                    "_id": b.claim.checkpoint_id, "fencing_token": b.claim.token if b.claim.adopted else {"$lt": b.claim.token},
-                    "batches": 0, "cancel_requested": {"$in": [False, None]},
+                    "_id": b.claim.checkpoint_id, "batches": 0, "cancel_requested": {"$in": [False, None]},
+                    **({"fencing_token": b.claim.token} if b.claim.adopted else {"fencing_token": {"$lt": b.claim.token}, **_same_submission(b.claim.shard)}),
                 },
                 {
                     "$set": {
@@ -356,11 +371,13 @@ class ShardLeases:
         committed, cancelled = list(batches), set()
         if result.matched_count < len(batches):  # some were fenced or cancelled: find which commits landed
             by_id = {b.claim.checkpoint_id: b for b in batches}
-            stored = list(self._checkpoints.find({"_id": {"$in": list(by_id)}}, {"fencing_token": 1, "batches": 1, "cancel_requested": 1}))
+            stored = list(
+                self._checkpoints.find({"_id": {"$in": list(by_id)}}, {"fencing_token": 1, "batches": 1, "cancel_requested": 1, "job_created_at_ms": 1})
+            )
             landed = {c["_id"] for c in stored if c.get("fencing_token") == by_id[c["_id"]].claim.token and c.get("batches") == 1}
             # Refused for the cancel, not for a newer holder: the checkpoint holds this claim's
             # token, or (not adopted yet) no newer one.
-            held = [c for c in stored if _holds(by_id[c["_id"]].claim, int(c.get("fencing_token") or 0))]
+            held = [c for c in stored if _holds(by_id[c["_id"]].claim, c)]
             cancelled = {by_id[c["_id"]].claim.shard_key for c in held if c["_id"] not in landed and c.get("cancel_requested")}
             committed = [b for b in batches if b.claim.checkpoint_id in landed]
         if not committed:
@@ -463,7 +480,7 @@ class ShardLeases:
         # Adopt the checkpoint: from now on only writes carrying this token move it.
         try:
             checkpoint = self._checkpoints.find_one_and_update(
-                {"_id": checkpoint_id(shard_key), "fencing_token": {"$lt": token}},
+                {"_id": checkpoint_id(shard_key), "fencing_token": {"$lt": token}, **_same_submission(before)},
                 {"$set": {"fencing_token": token, "taken_by": self._worker_id}},
                 return_document=ReturnDocument.AFTER,
             )

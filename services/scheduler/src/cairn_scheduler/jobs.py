@@ -109,7 +109,7 @@ class JobScheduler:
         space = job.get("space") or await self._space_from_catalog(command.job_id, spec)
         start, end = int(space["start"]), int(space["end"])
         plan = plan_job(command.job_id, (start, end), spec.sharding)
-        if not await self._record_shards(command.job_id, spec, plan):
+        if not await self._record_shards(command.job_id, spec, plan, int(job.get("created_at_ms") or 0)):
             logger.info("job %s cancelled while it was being planned; planning stopped", command.job_id)
             await self.stop(command.job_id)  # the shards recorded so far are cancelled, none dispatched
             return
@@ -158,17 +158,17 @@ class JobScheduler:
         job = await self.db[JOBS].find_one({"_id": job_id}, {"cancel_requested": 1})
         return bool((job or {}).get("cancel_requested"))
 
-    async def _record_shards(self, job_id: str, spec: JobSpec, plan: Plan) -> bool:
+    async def _record_shards(self, job_id: str, spec: JobSpec, plan: Plan, job_created_at_ms: int) -> bool:
         """Record the plan's checkpoints and shards, `plan_chunk` at a time, ignoring those that
         exist (a redelivered command). False if the job was cancelled meanwhile: planning stops
         there, and the caller cancels what was recorded."""
         for chunk in plan.chunks(self.plan_chunk):
             if await self._cancel_requested(job_id):
                 return False
-            await self._record_chunk(job_id, spec, chunk)
+            await self._record_chunk(job_id, spec, chunk, job_created_at_ms)
         return True
 
-    async def _record_chunk(self, job_id: str, spec: JobSpec, plans: list[ShardPlan]) -> None:
+    async def _record_chunk(self, job_id: str, spec: JobSpec, plans: list[ShardPlan], job_created_at_ms: int) -> None:
         now = clock.utcnow()
         shards = [
             ShardRecord(
@@ -181,6 +181,7 @@ class JobScheduler:
                 bucket=ShardBucket(modulus=p.bucket[0], remainder=p.bucket[1]) if p.bucket else None,
                 records_estimate=p.records_estimate,
                 priority=int(spec.priority),
+                job_created_at_ms=job_created_at_ms,
                 created_at=now,
             )
             for p in plans
