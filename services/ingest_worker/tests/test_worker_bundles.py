@@ -195,6 +195,26 @@ def test_a_late_claim_never_writes_the_documents_of_the_job_submitted_again_unde
     assert other.finish_all([OneBatch(newer, 10, None, 10, WriteCounts(inserted=10))]) == ({key}, set())
 
 
+def test_a_late_single_claims_commit_never_lands_in_the_job_submitted_again_with_the_same_token(
+    db: Database, seed_job: Any, seed_shard: Any
+) -> None:
+    seed_job(db, "job", spec(10))
+    key = seed_shard(db, "job", 0, 0, 10, job_created_at_ms=1_000)
+    stale = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=30).claim(key)
+    assert stale is not None and stale.token == 1 and stale.adopted
+    db[SHARDS].delete_many({"job_id": "job"})
+    db[CHECKPOINTS].delete_many({"job_id": "job"})
+    seed_shard(db, "job", 0, 0, 10, job_created_at_ms=2_000)
+    newer = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-b", ttl_s=30).claim(key)
+    assert newer is not None and newer.token == 1  # the same token, on the new documents
+
+    late = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=30)
+    assert not late.commit(stale, 10, 10, WriteCounts(inserted=10), done=True).stored
+    assert not late.succeed(stale, {"records_done": 10})
+    assert db[CHECKPOINTS].find_one({"_id": stale.checkpoint_id})["batches"] == 0
+    assert db[SHARDS].find_one({"_id": key})["state"] == ShardState.RUNNING
+
+
 def test_a_first_claim_left_to_run_alone_adopts_its_checkpoint_before_its_run(
     db: Database, seed_job: Any, seed_shard: Any, amqp_url: str
 ) -> None:

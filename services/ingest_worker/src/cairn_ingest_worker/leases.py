@@ -99,12 +99,12 @@ def _same_submission(shard: dict[str, Any]) -> dict[str, Any]:
 
 
 def _holds(claim: "Claim", checkpoint: dict[str, Any]) -> bool:
-    """Whether no newer holder has written the claim's checkpoint: it holds the claim's token,
-    or, for a claim not adopted yet, an older one (of the claim's submission of the job)."""
+    """Whether no newer holder has written the claim's checkpoint: it is of the claim's
+    submission of the job and holds the claim's token, or, for a claim not adopted yet, an older one."""
+    if any(checkpoint.get(field) != value for field, value in _same_submission(claim.shard).items()):
+        return False
     token = int(checkpoint.get("fencing_token") or 0)
-    if token == claim.token or claim.adopted:
-        return token == claim.token
-    return token < claim.token and all(checkpoint.get(field) == value for field, value in _same_submission(claim.shard).items())
+    return token == claim.token or (not claim.adopted and token < claim.token)
 
 
 # A hand-off: the lease ends now, the shard stays RUNNING (any runner may claim it at once), and
@@ -354,8 +354,8 @@ class ShardLeases:
         commits = [
             UpdateOne(
                 {
-                    "_id": b.claim.checkpoint_id, "batches": 0, "cancel_requested": {"$in": [False, None]},
-                    **({"fencing_token": b.claim.token} if b.claim.adopted else {"fencing_token": {"$lt": b.claim.token}, **_same_submission(b.claim.shard)}),
+                    "_id": b.claim.checkpoint_id, "batches": 0, "cancel_requested": {"$in": [False, None]}, **_same_submission(b.claim.shard),
+                    "fencing_token": b.claim.token if b.claim.adopted else {"$lt": b.claim.token},
                 },
                 {
                     "$set": {
@@ -374,7 +374,7 @@ class ShardLeases:
             stored = list(
                 self._checkpoints.find({"_id": {"$in": list(by_id)}}, {"fencing_token": 1, "batches": 1, "cancel_requested": 1, "job_created_at_ms": 1})
             )
-            landed = {c["_id"] for c in stored if c.get("fencing_token") == by_id[c["_id"]].claim.token and c.get("batches") == 1}
+            landed = {c["_id"] for c in stored if _holds(by_id[c["_id"]].claim, c) and c.get("fencing_token") == by_id[c["_id"]].claim.token and c.get("batches") == 1}
             # Refused for the cancel, not for a newer holder: the checkpoint holds this claim's
             # token, or (not adopted yet) no newer one.
             held = [c for c in stored if _holds(by_id[c["_id"]].claim, c)]
@@ -524,7 +524,7 @@ class ShardLeases:
         learn, in the same round trip (a find_one_and_update that
         returns the checkpoint's `cancel_requested`), whether the job was cancelled meanwhile."""
         after = self._checkpoints.find_one_and_update(
-            {"_id": claim.checkpoint_id or checkpoint_id(claim.shard_key), "fencing_token": claim.token},
+            {"_id": claim.checkpoint_id or checkpoint_id(claim.shard_key), "fencing_token": claim.token, **_same_submission(claim.shard)},
             {
                 # `cursor` is the pipeline's (any JSON value); `position`, when it says one, the
                 # progress in space units that the job's percent done is computed from.
