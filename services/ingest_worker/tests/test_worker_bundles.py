@@ -6,6 +6,7 @@ server and a RabbitMQ vhost of the test's own (events and re-sent tasks are real
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -211,8 +212,31 @@ def test_a_late_single_claims_commit_never_lands_in_the_job_submitted_again_with
     late = ShardLeases(db[SHARDS], db[CHECKPOINTS], "worker-a", ttl_s=30)
     assert not late.commit(stale, 10, 10, WriteCounts(inserted=10), done=True).stored
     assert not late.succeed(stale, {"records_done": 10})
+    # Nor does a read-back take the new documents (same token) for the late claim's own.
+    assert late.start_all([stale]) == []
+    assert late.adopt_all([replace(stale, adopted=False)]) == ([], [replace(stale, adopted=False)])
     assert db[CHECKPOINTS].find_one({"_id": stale.checkpoint_id})["batches"] == 0
     assert db[SHARDS].find_one({"_id": key})["state"] == ShardState.RUNNING
+
+
+def test_a_worker_runs_a_job_submitted_again_under_the_same_id_with_its_new_spec_not_the_cached_one(
+    db: Database, seed_job: Any, seed_shard: Any, amqp_url: str
+) -> None:
+    first = seed_job(db, "job", spec(10))
+    key = seed_shard(db, "job", 0, 0, 10, job_created_at_ms=first["created_at_ms"])
+    app, _ = worker(db, amqp_url)
+    assert app.tasks[TASK_RUN_SHARD](job_id="job", shard_key=key) == "succeeded"
+    # Deleted and submitted again with the same Idempotency-Key: same id, another target.
+    for collection in (JOBS, SHARDS, CHECKPOINTS):
+        db[collection].delete_many({"job_id": "job"} if collection != JOBS else {"_id": "job"})
+    again = seed_job(db, "job", {**spec(10), "target_collection": "out2"})
+    db[JOBS].update_one({"_id": "job"}, {"$set": {"created_at_ms": first["created_at_ms"] + 1}})
+    seed_shard(db, "job", 0, 0, 10, job_created_at_ms=first["created_at_ms"] + 1)
+
+    assert app.tasks[TASK_RUN_SHARD](job_id="job", shard_key=key) == "succeeded"  # the same process
+
+    assert again["spec"]["target_collection"] == "out2"
+    assert db["out2"].count_documents({}) == 10 and db["out"].count_documents({}) == 10
 
 
 def test_a_first_claim_left_to_run_alone_adopts_its_checkpoint_before_its_run(

@@ -454,6 +454,22 @@ async def test_planned_shards_and_checkpoints_carry_the_submission_of_their_job(
     assert stamps == [1_764_000_000_123] * 4
 
 
+async def test_checkpoints_an_earlier_scheduler_recorded_before_it_stopped_get_the_stamp_on_redelivery(db) -> None:
+    # An earlier version recorded a chunk's checkpoints (no stamp) and stopped before its shards.
+    cmd = command("job-upgrade", count=10, shards=2)
+    await record_job(db, cmd)
+    await db[JOBS].update_one({"_id": "job-upgrade"}, {"$set": {"created_at_ms": 1_764_000_000_456}})
+    await db[CHECKPOINTS].insert_many(
+        [{"_id": f"job-upgrade:{i:04d}/{MAIN_SUB_KEY}", "shard_key": f"job-upgrade:{i:04d}", "sub_key": MAIN_SUB_KEY,
+          "job_id": "job-upgrade", "cursor": None, "batches": 0, "fencing_token": 0} for i in range(2)]
+    )
+
+    await JobScheduler(db, RecordingDispatcher(db)).start_job(cmd)  # the redelivered StartJob
+
+    stamps = [c.get("job_created_at_ms") async for c in db[CHECKPOINTS].find({"job_id": "job-upgrade"})]
+    assert stamps == [1_764_000_000_456] * 2  # so the stamped shards' claims match them
+
+
 async def test_a_job_recorded_without_a_space_is_planned_from_the_catalog(db) -> None:
     cmd = command("job-sched", count=10, shards=2, start=5)
     await record_job(db, cmd)  # as a schedule's run records it: no space

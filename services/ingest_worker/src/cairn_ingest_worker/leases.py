@@ -98,6 +98,12 @@ def _same_submission(shard: dict[str, Any]) -> dict[str, Any]:
     return {} if stamp is None else {"job_created_at_ms": stamp}
 
 
+def _is_held_by(shard: dict[str, Any], claim: "Claim") -> bool:
+    """Whether the shard as read is the claim's: its token, of its submission of the job."""
+    same = all(shard.get(field) == value for field, value in _same_submission(claim.shard).items())
+    return same and shard.get("fencing_token") == claim.token
+
+
 def _holds(claim: "Claim", checkpoint: dict[str, Any]) -> bool:
     """Whether no newer holder has written the claim's checkpoint: it is of the claim's
     submission of the job and holds the claim's token, or, for a claim not adopted yet, an older one."""
@@ -275,7 +281,7 @@ class ShardLeases:
         lost: list[Claim] = []
         for _id, claim in todo.items():
             checkpoint = stored.get(_id)
-            if checkpoint is None or int(checkpoint.get("fencing_token") or 0) != claim.token:
+            if checkpoint is None or not _holds(replace(claim, adopted=True), checkpoint):
                 lost.append(claim)
                 continue
             batches = int(checkpoint.get("batches") or 0)
@@ -305,11 +311,13 @@ class ShardLeases:
             ordered=False,
         )
         if result.matched_count < len(claims):
-            tokens = {c.shard_key: c.token for c in claims}
-            stored = self._shards.find({"_id": {"$in": list(tokens)}}, {"shard_key": 1, "fencing_token": 1, "bundle_claim": 1, "state": 1})
+            by_key = {c.shard_key: c for c in claims}
+            stored = self._shards.find(
+                {"_id": {"$in": list(by_key)}}, {"shard_key": 1, "fencing_token": 1, "bundle_claim": 1, "state": 1, "job_created_at_ms": 1}
+            )
             ours = {
                 s["shard_key"] for s in stored
-                if s.get("fencing_token") == tokens[s["shard_key"]] and s.get("state") == ShardState.RUNNING and not s.get("bundle_claim")
+                if s.get("state") == ShardState.RUNNING and not s.get("bundle_claim") and _is_held_by(s, by_key[s["shard_key"]])
             }
             claims = [c for c in claims if c.shard_key in ours]
         return [replace(c, shard={**c.shard, "attempts": int(c.shard.get("attempts") or 0) + 1, "bundle_claim": None}) for c in claims]
@@ -388,10 +396,11 @@ class ShardLeases:
         )
         if result.matched_count == len(committed):
             return {b.claim.shard_key for b in committed}, cancelled
-        tokens = {b.claim.shard_key: b.claim.token for b in committed}
+        by_key = {b.claim.shard_key: b.claim for b in committed}
         return {
-            s["shard_key"] for s in self._shards.find({"_id": {"$in": list(tokens)}}, {"shard_key": 1, "fencing_token": 1, "state": 1})
-            if s.get("state") == ShardState.SUCCEEDED and s.get("fencing_token") == tokens[s["shard_key"]]
+            s["shard_key"]
+            for s in self._shards.find({"_id": {"$in": list(by_key)}}, {"shard_key": 1, "fencing_token": 1, "state": 1, "job_created_at_ms": 1})
+            if s.get("state") == ShardState.SUCCEEDED and _is_held_by(s, by_key[s["shard_key"]])
         }, cancelled
 
     def claim_next(self, job_id: str) -> Claim | None:

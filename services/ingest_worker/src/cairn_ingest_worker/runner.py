@@ -57,17 +57,21 @@ class JobDocuments:
     than once or twice per shard: a 1,024-shard job's runs read their job once per process.
 
     Bounded (least recently used out); only found documents are kept (a job not recorded yet is
-    read again next time). Thread-safe (the threads pool shares one runner)."""
+    read again next time). Thread-safe (the threads pool shares one runner). A job deleted and
+    submitted again keeps its id: a caller that knows which submission it runs (its shard's
+    `job_created_at_ms`) gets that one, read again when the cached one is an earlier one."""
 
     def __init__(self, size: int = 256) -> None:
         self._size = size
         self._docs: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, jobs: Collection, job_id: str) -> dict[str, Any] | None:
-        """The job's `JOB_FIELDS` (None: no such job)."""
+    def get(self, jobs: Collection, job_id: str, submission: int | None = None) -> dict[str, Any] | None:
+        """The job's `JOB_FIELDS` (None: no such job). `submission`: the `created_at_ms` the
+        caller's shard was planned for (None: any)."""
         with self._lock:
-            if (job := self._docs.get(job_id)) is not None:
+            job = self._docs.get(job_id)
+            if job is not None and (submission is None or int(job.get("created_at_ms") or 0) == submission):
                 self._docs.move_to_end(job_id)
                 return job
         job = jobs.find_one({"_id": job_id}, JOB_FIELDS)
@@ -100,9 +104,15 @@ class ShardRunner:
     allow_private_networks: bool = False
     job_documents: JobDocuments = field(default_factory=JobDocuments, repr=False)
 
-    def job(self, job_id: str) -> dict[str, Any] | None:
-        """The job's `JOB_FIELDS` (spec, tenant, created_at_ms, space), from this process's cache."""
-        return self.job_documents.get(self.jobs, job_id)
+    def job(self, job_id: str, submission: int | None = None) -> dict[str, Any] | None:
+        """The job's `JOB_FIELDS` (spec, tenant, created_at_ms, space), from this process's cache;
+        `submission`: see `JobDocuments.get` (`job_of` passes a claim's)."""
+        return self.job_documents.get(self.jobs, job_id, submission)
+
+    def job_of(self, claim: Claim) -> dict[str, Any] | None:
+        """The job document of the submission the claim's shard was planned for."""
+        stamp = claim.shard.get("job_created_at_ms")
+        return self.job(claim.shard["job_id"], None if stamp is None else int(stamp))
 
     # Each job's tenant namespace (records, sources, raw pages) and granted sources (tenancy.py).
     # None: `records_db` and `source_db` for every job (single-namespace unit tests only: the
@@ -185,7 +195,7 @@ def _run_claimed(runner: ShardRunner, claim: Claim, *, max_attempts: int, deadli
         # Earlier attempts died without recording a failure: the shard kills its workers.
         return Outcome("poison", claim)
     job_id = claim.shard["job_id"]
-    job = runner.job(job_id)
+    job = runner.job_of(claim)
     if job is None:
         raise ShardFailed(claim, "unknown", LookupError(f"job {job_id} is not recorded"))
     spec: dict[str, Any] = job["spec"]
@@ -340,7 +350,7 @@ def run_in_one_batch(
         return BundleRun()
     lap = lap or (lambda: None)
     job_id = claims[0].shard["job_id"]
-    job = runner.job(job_id)
+    job = runner.job_of(claims[0])
     spec: dict[str, Any] = (job or {}).get("spec") or {}
     if job is None or spec.get("write_mode", "insert") != "insert" or max_attempts < 2:
         return BundleRun(rest=list(claims))

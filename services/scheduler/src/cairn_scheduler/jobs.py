@@ -187,7 +187,13 @@ class JobScheduler:
             for p in plans
         ]
         # Checkpoints first: a shard is only claimable once its checkpoint exists.
-        await insert_new(self.db[CHECKPOINTS], [shard.checkpoint().to_document() for shard in shards])
+        checkpoints = [shard.checkpoint().to_document() for shard in shards]
+        await insert_new(self.db[CHECKPOINTS], checkpoints)
+        # Those a scheduler of an earlier version recorded before it stopped (this is a
+        # redelivery) carry no stamp: stamped now, or no claim of their shards could match them.
+        await self.db[CHECKPOINTS].update_many(
+            {"_id": {"$in": [c["_id"] for c in checkpoints]}, "job_created_at_ms": None}, {"$set": {"job_created_at_ms": job_created_at_ms}}
+        )
         await insert_new(self.db[SHARDS], [shard.to_document() for shard in shards])
         await insert_new(self.db[JOB_TALLIES], tally.empty_buckets(job_id, [shard.shard_key for shard in shards]))
 
