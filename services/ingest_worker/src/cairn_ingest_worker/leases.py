@@ -91,9 +91,10 @@ def _renewable(claim: "Claim") -> dict[str, Any]:
 
 
 def _same_submission(shard: dict[str, Any]) -> dict[str, Any]:
-    """The filter part that keeps an adoption to a checkpoint of the shard's own submission of its
-    job: one deleted and submitted again (same id) has new documents under the same ids, their
-    tokens back at 0, which a late claim of the earlier one must not take for its own."""
+    """The filter part that keeps a claim's writes (fenced writes, commits, adoptions) to the
+    documents of its shard's own submission of the job: one deleted and submitted again (same id)
+    has new documents under the same ids, their tokens back at 0, which a late claim of the
+    earlier one must not take for its own. {} for a shard planned before the stamp existed."""
     stamp = shard.get("job_created_at_ms")
     return {} if stamp is None else {"job_created_at_ms": stamp}
 
