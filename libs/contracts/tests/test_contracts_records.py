@@ -12,7 +12,7 @@ from cairn_contracts.states import (
     ShardState,
     state_values,
 )
-from cairn_contracts.store import MAIN_SUB_KEY, ShardBucket, ShardRecord
+from cairn_contracts.store import MAIN_SUB_KEY, NOT_CANCELLED, ShardBucket, ShardRecord
 
 NOW = datetime(2026, 1, 2, tzinfo=UTC)
 
@@ -36,6 +36,10 @@ def test_a_planned_shard_and_its_checkpoint_as_stored() -> None:
         "records_unchanged": 0, "records_duplicate": 0, "batches": 0, "fencing_token": 0, "job_created_at_ms": None,
         "updated_at": NOW,
     }
+    # The lease protocol's writes match "not cancelled" as a missing field (NOT_CANCELLED): a
+    # planned record carrying `cancel_requested: false` would never be claimed.
+    assert NOT_CANCELLED == {"cancel_requested": None}
+    assert "cancel_requested" not in shard.to_document() and "cancel_requested" not in shard.checkpoint().to_document()
 
 
 def test_the_state_sets_partition_the_states_and_query_as_plain_sorted_strings() -> None:

@@ -3,11 +3,14 @@
 from collections.abc import Iterator
 
 import pytest
+from amqp.exceptions import MessageNacked
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from cairn_contracts.messages import DeadLetter, ShardFinished
 from cairn_contracts.topology import (
     EXCHANGE_COMMANDS,
+    EXCHANGE_EVENTS,
     EXCHANGE_TASKS,
     HEADER_MESSAGE_TYPE,
     HEADER_SCHEMA_VERSION,
@@ -18,6 +21,7 @@ from cairn_contracts.topology import (
     QUEUE_SCHEDULER_EVENTS,
     ROUTING_INGEST,
     ROUTING_SHARD_FAILED,
+    ROUTING_SHARD_SUCCEEDED,
     ROUTING_START_JOB,
 )
 from cairn_ingest_worker.publisher import BrokerPublisher, declare_topology
@@ -76,3 +80,36 @@ async def test_broker_publisher_dead_letters_reach_the_dlq(broker, celery_app) -
     assert DeadLetter.model_validate_json(message.body) == letter
     assert message.headers[HEADER_SOURCE_QUEUE] == QUEUE_INGEST
     assert message.routing_key == QUEUE_INGEST
+
+
+async def test_publish_all_publishes_every_message_persistent_in_order_on_its_route(broker, celery_app) -> None:
+    events = [
+        ShardFinished(job_id="job", shard_key=f"job:{i:04d}", outcome="failed" if i == 2 else "succeeded", records_done=i, error="boom" if i == 2 else None)
+        for i in range(5)
+    ]
+
+    BrokerPublisher(celery_app).publish_all(events)
+
+    received = [await next_message(broker.queues[QUEUE_SCHEDULER_EVENTS]) for _ in events]
+    assert [ShardFinished.model_validate_json(m.body) for m in received] == events
+    assert [m.routing_key for m in received] == [ROUTING_SHARD_SUCCEEDED] * 2 + [ROUTING_SHARD_FAILED] + [ROUTING_SHARD_SUCCEEDED] * 2
+    assert {m.delivery_mode for m in received} == {2}
+    assert {m.headers[HEADER_MESSAGE_TYPE] for m in received} == {ShardFinished.message_type}
+
+
+async def test_publish_all_raises_when_the_broker_refuses_the_messages(broker, celery_app) -> None:
+    # A queue that rejects every publish routed to it makes RabbitMQ nack those messages: the
+    # pipelined attempt sees the nacks, publishes them again one by one, and those are refused too,
+    # so the caller gets `publish`'s error (kombu's, after its retries), not a quiet return.
+    refusing = await broker.channel.declare_queue(
+        "cairn-test-refusing", arguments={"x-max-length": 0, "x-overflow": "reject-publish"}, auto_delete=False
+    )
+    try:
+        await refusing.bind(EXCHANGE_EVENTS, ROUTING_SHARD_SUCCEEDED)
+        events = [ShardFinished(job_id="job", shard_key=f"job:{i:04d}", outcome="succeeded", records_done=1) for i in range(3)]
+
+        with pytest.raises(OperationalError) as raised:
+            BrokerPublisher(celery_app).publish_all(events)
+        assert isinstance(raised.value.__cause__, MessageNacked)
+    finally:
+        await refusing.delete(if_unused=False, if_empty=False)

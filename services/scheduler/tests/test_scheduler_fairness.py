@@ -108,6 +108,28 @@ async def test_a_large_job_is_held_at_its_tenants_cap_and_another_tenants_job_is
     assert await fair.run_pass() == 0  # nothing fits: every tenant is at its cap or has nothing left
 
 
+async def test_a_tenants_room_is_what_its_running_jobs_have_in_flight_no_other_shard(db) -> None:
+    """In flight for a tenant: the QUEUED and RUNNING shards of all its running jobs. Shards
+    another tenant has in flight, or left RUNNING by a job being cancelled, take none of its room."""
+    dispatcher = BulkRecorder()
+    fair = FairDispatch(db, dispatcher, default_cap=4, refill_interval_s=0)
+    scheduler = JobScheduler(db, dispatcher, fair=fair)
+    jobs = [start("t-first", "t", 2), start("o-job", "o", 3), start("t-cancelled", "t", 3)]
+    for created, command in enumerate(jobs):
+        await record(db, command, created)
+        await scheduler.start_job(command)
+    assert [await queued(db, job.job_id) for job in jobs] == [2, 3, 2]  # t at its cap of 4
+    await db[SHARDS].update_many({"job_id": {"$in": ["t-cancelled", "o-job"]}, "state": ShardState.QUEUED}, {"$set": {"state": ShardState.RUNNING}})
+    await db[SHARDS].update_one({"_id": "t-first:0000"}, {"$set": {"state": ShardState.RUNNING}})
+    await db[JOBS].update_one({"_id": "t-cancelled"}, {"$set": {"cancel_requested": True}})
+
+    second = start("t-second", "t", 10)
+    await record(db, second, 3)
+    await scheduler.start_job(second)
+
+    assert await queued(db, "t-second") == 2  # 4 - t-first's 2 in flight (one queued, one running)
+
+
 async def test_shard_events_run_passes_only_while_shards_are_left_waiting(db) -> None:
     """Once every PLANNED shard is out, a shard event costs no pass (no scan of running jobs and
     shards in flight); while the cap holds some back, each event refills the freed room."""

@@ -45,6 +45,14 @@ STATUS_CACHE_KEY = "{prefix}:status:{tenant}:{job_id}"
 # scheduler releases it (only if it still holds that job id) when the job is terminal.
 JOB_LOCK_KEY = "{prefix}:joblock:{tenant}:{fingerprint}"
 
+# The filter part "its job is not cancelled" of a write to a shard or checkpoint. Neither record
+# has the field until a cancel or terminate sets it true (cairn_scheduler.stopping; never false,
+# never unset), and an equality on null matches a missing field on MongoDB, as on the stand-in,
+# where it costs an update half as much as `$in: [false, null]` does ($ne: true would not match
+# a missing field in the stand-in's updates). A writer that stored `false` would make every
+# claim of the shard miss: ShardRecord and CheckpointRecord must never carry the field.
+NOT_CANCELLED: dict[str, None] = {"cancel_requested": None}
+
 DEFAULT_TENANT = "default"
 MAIN_SUB_KEY = "main"  # sub-key of a shard's only cursor; multi-cursor shards use others
 

@@ -22,7 +22,7 @@ from pymongo.errors import ConnectionFailure
 from cairn_contracts import clock
 from cairn_contracts.sinks import CHECKPOINT_COUNTERS
 from cairn_contracts.states import ShardState
-from cairn_contracts.store import checkpoint_id, shard_key_for
+from cairn_contracts.store import NOT_CANCELLED, checkpoint_id, shard_key_for
 from cairn_ingest_worker import metrics
 from cairn_ingest_worker.errors import StoreUnavailable
 from cairn_ingest_worker.store import WriteCounts
@@ -61,7 +61,7 @@ def _waiting(shard_key: str) -> dict[str, Any]:
     return {
         "_id": shard_key,
         "state": {"$in": [ShardState.PLANNED, ShardState.QUEUED]},
-        "cancel_requested": {"$in": [False, None]},  # $in, not $ne: see _as_read
+        **NOT_CANCELLED,
     }
 
 
@@ -72,8 +72,7 @@ def _as_read(shard: dict[str, Any]) -> dict[str, Any]:
         "state": shard["state"],
         "fencing_token": shard.get("fencing_token", 0),
         "lease_until": shard.get("lease_until"),
-        # $in, not $ne: the stand-in's updates skip missing fields on $ne
-        "cancel_requested": {"$in": [False, None]},
+        **NOT_CANCELLED,
     }
 
 
@@ -87,7 +86,7 @@ def _renewable(claim: "Claim") -> dict[str, Any]:
     """A lease renewal's filter. Not a handed-off lease (lease_until 0): renewing it would hold the
     continuation back. Not a cancelled job's shard either: a run stuck in one batch must not keep
     it alive."""
-    return {**_held(claim), "lease_until": {"$gt": 0}, "cancel_requested": {"$in": [False, None]}}
+    return {**_held(claim), "lease_until": {"$gt": 0}, **NOT_CANCELLED}
 
 
 def _same_submission(shard: dict[str, Any]) -> dict[str, Any]:
@@ -240,7 +239,7 @@ class ShardLeases:
         # No attempt is counted here: a shard's attempt is counted when its run starts (`start`),
         # so a crash of the bundle does not charge the shards still waiting their turn.
         self._shards.update_many(
-            {"_id": {"$in": keys}, "state": {"$in": [ShardState.PLANNED, ShardState.QUEUED]}, "cancel_requested": {"$in": [False, None]}},
+            {"_id": {"$in": keys}, "state": {"$in": [ShardState.PLANNED, ShardState.QUEUED]}, **NOT_CANCELLED},
             {"$set": taken, "$inc": {"fencing_token": 1}},
         )
         shards = [
@@ -306,9 +305,8 @@ class ShardLeases:
         refused); returns those started, in order."""
         if not claims:
             return []
-        started_filter = {"cancel_requested": {"$in": [False, None]}}
         result = self._shards.bulk_write(
-            [UpdateOne({**_held(c), **started_filter}, {"$inc": {"attempts": 1}, "$set": {"bundle_claim": None}}) for c in claims],
+            [UpdateOne({**_held(c), **NOT_CANCELLED}, {"$inc": {"attempts": 1}, "$set": {"bundle_claim": None}}) for c in claims],
             ordered=False,
         )
         if result.matched_count < len(claims):
@@ -359,11 +357,10 @@ class ShardLeases:
         if not batches:
             return set(), set()
         now = clock.utcnow()
-        # Not a cancelled job's shard ($in, not $ne: the stand-in's updates skip missing fields on $ne).
         commits = [
             UpdateOne(
                 {
-                    "_id": b.claim.checkpoint_id, "batches": 0, "cancel_requested": {"$in": [False, None]}, **_same_submission(b.claim.shard),
+                    "_id": b.claim.checkpoint_id, "batches": 0, **NOT_CANCELLED, **_same_submission(b.claim.shard),
                     "fencing_token": b.claim.token if b.claim.adopted else {"$lt": b.claim.token},
                 },
                 {

@@ -175,21 +175,28 @@ def _run_frontier_block(ctx: WorkerContext, task: WorkerTask, request: RunFronti
 
 def _carry_out_together(ctx: WorkerContext, task: WorkerTask, together: BundleRun, held: HeldLeases, outcomes: Counter[str]) -> set[str]:
     """Carry out what `run_in_one_batch` decided for each shard it ended or could not start
-    (counted in `outcomes`); returns their keys."""
+    (counted in `outcomes`), their `ShardFinished` events published together at the end (one
+    wait for all their confirms); returns their keys."""
     ended: set[str] = set()
-    for outcome in together.outcomes:
-        assert outcome.claim is not None
-        held.started(outcome.claim)
-        outcomes[_carry_out(ctx, task, after_run(outcome), outcome.claim)] += 1
-        ended.add(outcome.claim.shard_key)
-    for failure in together.failures:
-        held.started(failure.claim)
-        outcomes[_carry_out(ctx, task, _after_failure(ctx, failure), failure.claim)] += 1
-        ended.add(failure.claim.shard_key)
-    for claim in together.unstarted:
-        held.started(claim)
-        outcomes[_carry_out(ctx, task, _not_started(ctx, claim), claim)] += 1
-        ended.add(claim.shard_key)
+    events: list[Announce] = []
+    try:
+        for outcome in together.outcomes:
+            assert outcome.claim is not None
+            held.started(outcome.claim)
+            outcomes[_carry_out(ctx, task, after_run(outcome), outcome.claim, announced=events)] += 1
+            ended.add(outcome.claim.shard_key)
+        for failure in together.failures:
+            held.started(failure.claim)
+            outcomes[_carry_out(ctx, task, _after_failure(ctx, failure), failure.claim, announced=events)] += 1
+            ended.add(failure.claim.shard_key)
+        for claim in together.unstarted:
+            held.started(claim)
+            outcomes[_carry_out(ctx, task, _not_started(ctx, claim), claim, announced=events)] += 1
+            ended.add(claim.shard_key)
+    except BaseException:
+        _announce_all(ctx, events, quietly=True)  # what ended before the error is announced still
+        raise
+    _announce_all(ctx, events)
     return ended
 
 
@@ -368,13 +375,16 @@ def _carry_out(
     request: RunShard | RunFrontier | None = None,
     resend: RunShards | None = None,
     held: HeldLeases | None = None,
+    announced: list[Announce] | None = None,
 ) -> str:
     """Do what `decision` says; returns the task's result, or raises Celery's Retry (RetryLater).
 
     `claim`: the shard this run held (for a shard's dead letter or a scheduled retry);
     `request`: the task whose shard or job is not recorded (for an unknown shard's dead letter);
     `resend`: what a RetryLater sends again (a bundle's rest), else this task as it came;
-    `held`: a bundle's claims not started, handed back before the re-send (which may run at once)."""
+    `held`: a bundle's claims not started, handed back before the re-send (which may run at once);
+    `announced`: where the shard's `ShardFinished` is put for the caller to publish with others
+    (`_announce_all`), instead of published here."""
     if isinstance(decision, RetryLater):
         if held is not None:
             _hand_back(ctx, held)
@@ -400,7 +410,9 @@ def _carry_out(
         assert claim is not None
         _dead_letter_shard(ctx, task, claim, decision.error, reason=decision.reason)
         return "poison" if decision.reason == "poison" else "failed"
-    if decision.announce is not None:
+    if decision.announce is not None and announced is not None:
+        announced.append(decision.announce)
+    elif decision.announce is not None:
         _announce(ctx, decision.announce)
     if decision.counted:
         metrics.SHARD_OUTCOMES.labels(current_pipeline(), decision.outcome).inc()
@@ -549,14 +561,29 @@ def _dead_letter_unknown_shard(ctx: WorkerContext, task: WorkerTask, request: Ru
 
 
 def _announce(ctx: WorkerContext, announce: Announce) -> None:
-    event = ShardFinished(
+    ctx.publisher.publish(_shard_finished(announce))
+
+
+def _announce_all(ctx: WorkerContext, announces: list[Announce], *, quietly: bool = False) -> None:
+    """Publish the `ShardFinished` of several shards, their confirms awaited together. `quietly`
+    (an error is on its way up already): a failure is logged, not raised; the periodic roll-up
+    counts a shard whose event was lost."""
+    try:
+        ctx.publisher.publish_all([_shard_finished(announce) for announce in announces])
+    except Exception:
+        if not quietly:
+            raise
+        logger.warning("%d ShardFinished event(s) not published; the periodic roll-up counts them", len(announces), exc_info=True)
+
+
+def _shard_finished(announce: Announce) -> ShardFinished:
+    return ShardFinished(
         job_id=announce.job_id,
         shard_key=announce.shard_key,
         outcome=announce.outcome,
         records_done=announce.records,
         error=announce.error,
     )
-    ctx.publisher.publish(event)
 
 
 def _original(task: WorkerTask, payload: dict, name: str | None = None) -> OriginalMessage:

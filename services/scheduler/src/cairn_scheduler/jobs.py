@@ -240,15 +240,19 @@ class JobScheduler:
         await self.shards_finished([event])
 
     async def shards_finished(self, events: list[ShardFinished]) -> None:
-        """Count the events' shards into their jobs (exactly once, sharing the round trips:
-        `tally.count_many`), then roll each job up once from the job document its last counting
-        write returned (no second read of the job; read if nothing was written for it). One fair
-        dispatch refill for the lot. Idempotent: a batch failing part-way is redelivered whole."""
+        """One fair dispatch refill for the lot, then count the events' shards into their jobs
+        (exactly once, sharing the round trips: `tally.count_many`) and roll each job up once from
+        the job document its last counting write returned (no second read of the job; read if
+        nothing was written for it). Idempotent: a batch failing part-way is redelivered whole.
+
+        The refill comes first: the room the shards left is in their states already (the worker
+        ended them before it announced them), and the workers wait for it, while the counting
+        only keeps the job's totals and may wait."""
+        if self.fair is not None and events:
+            await self.fair.after_shard_finished()  # their room goes to the next tenants in turn
         written = await tally.count_many(self.db, [event.shard_key for event in events], fields=_ROLL_UP_FIELDS)
         for job_id in dict.fromkeys([*(event.job_id for event in events), *written]):
             await self.roll_up_counted(job_id, job=written.get(job_id))
-        if self.fair is not None and events:
-            await self.fair.after_shard_finished()  # their room goes to the next tenants in turn
 
     async def stop(self, job_id: str) -> JobState | None:
         """Apply a cancel (idempotent): shards not started are cancelled, running ones are marked

@@ -24,7 +24,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts import clock
 from cairn_contracts.states import ShardState
-from cairn_contracts.store import SHARDS
+from cairn_contracts.store import NOT_CANCELLED, SHARDS
 from cairn_runtime.celery_config import ShardDispatcher, task_for_shard
 from cairn_runtime.tracing import continued_trace
 from cairn_scheduler.metrics import LEASE_RECLAIMS, SHARD_REDISPATCHES
@@ -141,7 +141,7 @@ class LeaseReaper:
                 "_id": shard["_id"],
                 "state": ShardState.RETRY,
                 "next_retry_at_ms": due_ms,
-                "cancel_requested": {"$in": [False, None]},  # a cancelled job's shard never starts
+                **NOT_CANCELLED,  # a cancelled job's shard never starts
             },
             {"$set": {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": now_ms}, "$inc": {"retry_dispatches": 1}},
         )
