@@ -108,8 +108,15 @@ async def test_publish_all_raises_when_the_broker_refuses_the_messages(broker, c
         await refusing.bind(EXCHANGE_EVENTS, ROUTING_SHARD_SUCCEEDED)
         events = [ShardFinished(job_id="job", shard_key=f"job:{i:04d}", outcome="succeeded", records_done=1) for i in range(3)]
 
+        publisher = BrokerPublisher(celery_app)
         with pytest.raises(OperationalError) as raised:
-            BrokerPublisher(celery_app).publish_all(events)
+            publisher.publish_all(events)
         assert isinstance(raised.value.__cause__, MessageNacked)
     finally:
         await refusing.delete(if_unused=False, if_empty=False)
+    await broker.queues[QUEUE_SCHEDULER_EVENTS].purge()  # what the other bound queue took
+
+    # The failed attempt dropped its pooled connection: the next batch reconnects and goes out.
+    publisher.publish_all(events)
+    received = [ShardFinished.model_validate_json((await next_message(broker.queues[QUEUE_SCHEDULER_EVENTS])).body) for _ in events]
+    assert received == events

@@ -130,6 +130,41 @@ async def test_a_tenants_room_is_what_its_running_jobs_have_in_flight_no_other_s
     assert await queued(db, "t-second") == 2  # 4 - t-first's 2 in flight (one queued, one running)
 
 
+class UnconfirmedDispatch(BulkRecorder):
+    """A dispatcher whose broker stops confirming once `down` is set."""
+
+    down = False
+
+    async def dispatch_many(self, tasks: list[RunShard | RunShards | RunFrontier], priority: int) -> None:
+        if self.down:
+            raise ConnectionError("the broker did not confirm")
+        await super().dispatch_many(tasks, priority)
+
+
+async def test_a_failing_refill_does_not_keep_a_batch_of_shard_events_uncounted(db) -> None:
+    """The refill runs before the counting; if it fails, the events are counted all the same (and
+    the periodic pass sends what the refill could not), so one tenant's dispatch cannot hold back
+    another tenant's job from finishing."""
+    dispatcher = UnconfirmedDispatch()
+    fair = FairDispatch(db, dispatcher, default_cap=1, refill_interval_s=0)
+    scheduler = JobScheduler(db, dispatcher, fair=fair)
+    for created, command in enumerate([start("big", "a", 3), start("small", "b", 1)]):
+        await record(db, command, created)
+        await scheduler.start_job(command)
+    for shard_key in ("small:0000", "big:0000"):
+        await db[SHARDS].update_one({"_id": shard_key}, {"$set": {"state": ShardState.SUCCEEDED}})
+    dispatcher.down = True
+
+    await scheduler.shards_finished(
+        [ShardFinished(job_id=job, shard_key=f"{job}:0000", outcome="succeeded", records_done=10) for job in ("big", "small")]
+    )
+
+    assert (await db[JOBS].find_one({"_id": "small"}))["state"] == JobState.SUCCESS
+    assert fair.backlog  # big's next shard still waits for a pass
+    dispatcher.down = False
+    assert await fair.run_pass() == 1 and dispatcher.keys[-1] == "big:0001"
+
+
 async def test_shard_events_run_passes_only_while_shards_are_left_waiting(db) -> None:
     """Once every PLANNED shard is out, a shard event costs no pass (no scan of running jobs and
     shards in flight); while the cap holds some back, each event refills the freed room."""

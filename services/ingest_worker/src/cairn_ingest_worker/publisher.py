@@ -11,11 +11,12 @@ from amqp.exceptions import AMQPError, MessageNacked
 from amqp.spec import Basic
 from celery import Celery
 from kombu import Connection, Exchange, Queue
+from kombu.exceptions import OperationalError
 
 from cairn_contracts.messages import Message
 from cairn_contracts.topology import EXCHANGES, QUEUES
 from cairn_runtime.amqp import message_headers
-from cairn_runtime.metrics import timed_publish
+from cairn_runtime.metrics import PUBLISH_FAILURES, PUBLISH_SECONDS, timed_publish
 from cairn_runtime.tracing import producer_span
 
 logger = logging.getLogger(__name__)
@@ -58,35 +59,42 @@ class BrokerPublisher:
         where `publish` waits a round trip for each: a bundle's `ShardFinished` events).
 
         If the pipelined attempt fails (the connection lost, a message nacked, no confirms within
-        CONFIRMS_TIMEOUT_S) every message is published again by `publish` (its retries, then its
-        connection error): a message may then reach the broker twice, which the consumers of
-        events take (they are idempotent)."""
+        CONFIRMS_TIMEOUT_S; its connection is then dropped, not closed) every message is published
+        again by `publish` (its retries, then its connection error): messages confirmed before the
+        failure reach the broker twice, which the consumers of events take (they are idempotent).
+        Each message's `cairn_publish_confirm_seconds` runs from its publish to the last confirm;
+        a failed attempt counts each of its messages in `cairn_publish_failures_total`."""
         if len(messages) < 2:
             for message in messages:
                 self.publish(message)
             return
         try:
             self._publish_pipelined(messages)
-        except (OSError, AMQPError, MessageNacked) as error:
+        except (OSError, AMQPError, MessageNacked, OperationalError) as error:
             logger.warning("%d messages: pipelined publish failed (%r); publishing them one by one", len(messages), error)
             for message in messages:
                 self.publish(message)
 
     def _publish_pipelined(self, messages: Sequence[Message]) -> None:
+        published: list[tuple[str, float]] = []  # (exchange, when) of each message, in tag order
         with self._app.pool.acquire(block=True) as connection:  # Celery's broker connection pool
-            channel = connection.channel()
             try:
+                # A pooled connection may come back closed (kombu closes it after a failed publish's
+                # retries) or dropped (below): connect it again, at most one attempt here.
+                connection.ensure_connection(max_retries=1)
+                channel = connection.channel()
                 channel.confirm_select()
                 confirms = _Confirms()
                 channel.events["basic_ack"].add(confirms.ack)
                 channel.events["basic_nack"].add(confirms.nack)
                 for message in messages:
                     route = message.route()
-                    with producer_span(route.exchange, route.routing_key, message), timed_publish(route.exchange):
+                    with producer_span(route.exchange, route.routing_key, message):
                         prepared = channel.prepare_message(
                             message.model_dump_json().encode(), None, "application/json", "utf-8",
                             message_headers(message, None), {"delivery_mode": 2},
                         )
+                        published.append((route.exchange, time.perf_counter()))
                         # The class's publish, not the channel's: with confirm_publish on, kombu
                         # makes each channel's `basic_publish` wait for its own confirm.
                         amqp.Channel.basic_publish(channel, prepared, exchange=route.exchange, routing_key=route.routing_key)
@@ -95,8 +103,20 @@ class BrokerPublisher:
                     channel.wait([Basic.Ack, Basic.Nack], timeout=max(0.01, deadline - time.monotonic()))
                 if confirms.nacked:
                     raise MessageNacked(f"the broker refused message(s) {sorted(confirms.nacked)}")
-            finally:
+            except BaseException:
+                for exchange, _ in published:
+                    PUBLISH_FAILURES.labels(exchange).inc()
+                # The channel's state is unknown (a confirm may still come, the broker may not
+                # answer a close): drop the connection without waiting on it; the pool reconnects.
+                connection.collect()
+                raise
+            confirmed = time.perf_counter()
+            for exchange, started in published:
+                PUBLISH_SECONDS.labels(exchange).observe(confirmed - started)
+            try:
                 channel.close()
+            except (OSError, AMQPError):
+                connection.collect()  # all confirmed already; the next batch reconnects
 
 
 class _Confirms:

@@ -247,9 +247,13 @@ class JobScheduler:
 
         The refill comes first: the room the shards left is in their states already (the worker
         ended them before it announced them), and the workers wait for it, while the counting
-        only keeps the job's totals and may wait."""
+        only keeps the job's totals and may wait. A refill that fails (the broker refusing the
+        tasks) is logged and left to the periodic pass: it must not keep the events uncounted."""
         if self.fair is not None and events:
-            await self.fair.after_shard_finished()  # their room goes to the next tenants in turn
+            try:
+                await self.fair.after_shard_finished()  # their room goes to the next tenants in turn
+            except Exception:
+                logger.exception("fair dispatch: a refill pass after %d shard event(s) failed; the periodic pass sends it", len(events))
         written = await tally.count_many(self.db, [event.shard_key for event in events], fields=_ROLL_UP_FIELDS)
         for job_id in dict.fromkeys([*(event.job_id for event in events), *written]):
             await self.roll_up_counted(job_id, job=written.get(job_id))
