@@ -12,7 +12,8 @@ too: counters are reset in a forked child) writes its counters to `<dir>/<name>-
      "tasks": {"cairn.ingest.run_shard": n}}
 
 `mongo` keys are `<command> <collection>` with the count and the summed client-side latency (s);
-`publish` counts kombu publishes (Celery tasks, the worker's events) and aio-pika publishes (the
+`publish` counts kombu publishes (Celery tasks, the worker's events; those a bundle publishes
+together through `BrokerPublisher.publish_all` too) and aio-pika publishes (the
 asyncio services) by exchange and routing key; `tasks` counts Celery task deliveries by name.
 Nothing else changes: the service's own code and wiring run as `make up` runs them.
 """
@@ -83,6 +84,7 @@ def _patch_publishers() -> None:
         return publish(self, body, routing_key, *args, **kwargs)
 
     Producer.publish = counted_publish  # type: ignore[method-assign]
+    _patch_pipelined_publishes()
     try:
         import aio_pika
     except ImportError:
@@ -94,6 +96,24 @@ def _patch_publishers() -> None:
         return await exchange_publish(self, message, routing_key, *args, **kwargs)
 
     aio_pika.Exchange.publish = counted_exchange_publish  # type: ignore[method-assign]
+
+
+def _patch_pipelined_publishes() -> None:
+    """The worker's `BrokerPublisher.publish_all` publishes on a channel of its own, past kombu's
+    Producer: each of its messages is counted here instead."""
+    try:
+        from cairn_ingest_worker.publisher import BrokerPublisher
+    except ImportError:
+        return
+    pipelined = BrokerPublisher._publish_pipelined
+
+    def counted_pipelined(self: Any, messages: Any) -> None:
+        for message in messages:
+            route = message.route()
+            _count_publish(f"{route.exchange} {route.routing_key}")
+        pipelined(self, messages)
+
+    BrokerPublisher._publish_pipelined = counted_pipelined  # type: ignore[method-assign]
 
 
 def _count_tasks() -> None:
