@@ -108,10 +108,10 @@ def _patch_pipelined_publishes() -> None:
     pipelined = BrokerPublisher._publish_pipelined
 
     def counted_pipelined(self: Any, messages: Any) -> None:
+        pipelined(self, messages)  # a failed attempt's messages are counted by the fallback's publishes
         for message in messages:
             route = message.route()
             _count_publish(f"{route.exchange} {route.routing_key}")
-        pipelined(self, messages)
 
     BrokerPublisher._publish_pipelined = counted_pipelined  # type: ignore[method-assign]
 

@@ -24,7 +24,7 @@ from cairn_contracts.topology import (
     ROUTING_SHARD_SUCCEEDED,
     ROUTING_START_JOB,
 )
-from cairn_ingest_worker.publisher import BrokerPublisher, declare_topology
+from cairn_ingest_worker.publisher import BrokerPublisher, _Confirms, declare_topology
 from cairn_runtime.celery_config import celery_config
 from cairn_testkit.aio import next_message
 from cairn_testkit.records import dead_letter
@@ -120,3 +120,17 @@ async def test_publish_all_raises_when_the_broker_refuses_the_messages(broker, c
     publisher.publish_all(events)
     received = [ShardFinished.model_validate_json((await next_message(broker.queues[QUEUE_SCHEDULER_EVENTS])).body) for _ in events]
     assert received == events
+
+
+def test_confirms_settle_by_delivery_tag_single_multiple_and_out_of_order() -> None:
+    confirms = _Confirms()
+    confirms.ack(2, multiple=False)  # out of order: 1 is not settled yet
+    assert confirms.up_to == 0
+    confirms.ack(1, multiple=False)
+    assert confirms.up_to == 2
+    confirms.ack(2, multiple=False)  # a duplicate changes nothing
+    confirms.ack(5, multiple=False)
+    confirms.nack(4, multiple=True)  # settles 3 and 4, refuses both; 5 was acked on its own
+    assert confirms.up_to == 5 and confirms.nacked == {3, 4}
+    confirms.ack(7, multiple=True)
+    assert confirms.up_to == 7 and confirms.nacked == {3, 4}

@@ -142,9 +142,9 @@ class UnconfirmedDispatch(BulkRecorder):
 
 
 async def test_a_failing_refill_does_not_keep_a_batch_of_shard_events_uncounted(db) -> None:
-    """The refill runs before the counting; if it fails, the events are counted all the same (and
-    the periodic pass sends what the refill could not), so one tenant's dispatch cannot hold back
-    another tenant's job from finishing."""
+    """A refill that fails after a batch of shard events is logged, not raised: the events are
+    counted (another tenant's job finishes) and acked, and what the refill could not send is
+    left for the next pass (`backlog` stays set)."""
     dispatcher = UnconfirmedDispatch()
     fair = FairDispatch(db, dispatcher, default_cap=1, refill_interval_s=0)
     scheduler = JobScheduler(db, dispatcher, fair=fair)

@@ -63,7 +63,9 @@ class BrokerPublisher:
         again by `publish` (its retries, then its connection error): messages confirmed before the
         failure reach the broker twice, which the consumers of events take (they are idempotent).
         Each message's `cairn_publish_confirm_seconds` runs from its publish to the last confirm;
-        a failed attempt counts each of its messages in `cairn_publish_failures_total`."""
+        a failed attempt counts each message it had published in `cairn_publish_failures_total`.
+        The closing of the channel after the last confirm waits for the broker's answer, as
+        `publish` does: the one wait not bounded here."""
         if len(messages) < 2:
             for message in messages:
                 self.publish(message)
@@ -80,8 +82,9 @@ class BrokerPublisher:
         with self._app.pool.acquire(block=True) as connection:  # Celery's broker connection pool
             try:
                 # A pooled connection may come back closed (kombu closes it after a failed publish's
-                # retries) or dropped (below): connect it again, at most one attempt here.
-                connection.ensure_connection(max_retries=1)
+                # retries) or dropped (below): connect it again, one attempt (`publish`'s retries
+                # are the fallback's).
+                connection.ensure_connection(max_retries=0)
                 channel = connection.channel()
                 channel.confirm_select()
                 confirms = _Confirms()
@@ -139,7 +142,8 @@ class _Confirms:
         self._above = {tag for tag in self._above if tag > self.up_to}
 
     def nack(self, delivery_tag: int, multiple: bool) -> None:
-        self.nacked.add(delivery_tag)
+        unsettled = range(self.up_to + 1, delivery_tag + 1) if multiple else (delivery_tag,)
+        self.nacked.update(tag for tag in unsettled if tag not in self._above)
         self.ack(delivery_tag, multiple)
 
 

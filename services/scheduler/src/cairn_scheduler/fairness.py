@@ -212,7 +212,11 @@ class FairDispatch:
         self.backlog = len(picked) < sum(len(found) for found in waiting.values()) or any(
             (room := rooms[tenant]) is not None and len(waiting[tenant]) >= room for tenant in waiting
         )
-        await self._send(picked)
+        try:
+            await self._send(picked)
+        except BaseException:
+            self.backlog = True  # what it picked is still PLANNED: the next event's pass sends it
+            raise
         if picked:
             logger.debug("fair dispatch: %d shard task(s) sent (%s)", len(picked), _per_tenant(picked, by_tenant))
         return len(picked)

@@ -240,23 +240,20 @@ class JobScheduler:
         await self.shards_finished([event])
 
     async def shards_finished(self, events: list[ShardFinished]) -> None:
-        """One fair dispatch refill for the lot, then count the events' shards into their jobs
-        (exactly once, sharing the round trips: `tally.count_many`) and roll each job up once from
-        the job document its last counting write returned (no second read of the job; read if
-        nothing was written for it). Idempotent: a batch failing part-way is redelivered whole.
-
-        The refill comes first: the room the shards left is in their states already (the worker
-        ended them before it announced them), and the workers wait for it, while the counting
-        only keeps the job's totals and may wait. A refill that fails (the broker refusing the
-        tasks) is logged and left to the periodic pass: it must not keep the events uncounted."""
+        """Count the events' shards into their jobs (exactly once, sharing the round trips:
+        `tally.count_many`), then roll each job up once from the job document its last counting
+        write returned (no second read of the job; read if nothing was written for it). One fair
+        dispatch refill for the lot. Idempotent: a batch failing part-way is redelivered whole.
+        A refill that fails (the broker refusing the tasks) is logged and left to the periodic
+        pass: the events are counted, and redelivering them would only run the refill again."""
+        written = await tally.count_many(self.db, [event.shard_key for event in events], fields=_ROLL_UP_FIELDS)
+        for job_id in dict.fromkeys([*(event.job_id for event in events), *written]):
+            await self.roll_up_counted(job_id, job=written.get(job_id))
         if self.fair is not None and events:
             try:
                 await self.fair.after_shard_finished()  # their room goes to the next tenants in turn
             except Exception:
                 logger.exception("fair dispatch: a refill pass after %d shard event(s) failed; the periodic pass sends it", len(events))
-        written = await tally.count_many(self.db, [event.shard_key for event in events], fields=_ROLL_UP_FIELDS)
-        for job_id in dict.fromkeys([*(event.job_id for event in events), *written]):
-            await self.roll_up_counted(job_id, job=written.get(job_id))
 
     async def stop(self, job_id: str) -> JobState | None:
         """Apply a cancel (idempotent): shards not started are cancelled, running ones are marked
