@@ -57,12 +57,21 @@ class BulkRecorder:
         return [key for keys, _ in self.batches for key in keys]
 
 
-def start(job_id: str, tenant: str, shards: int, priority: int = 2) -> StartJob:
+def start(job_id: str, tenant: str, shards: int, priority: int = 2, batch_size: int = 5) -> StartJob:
+    """A job of `shards` shards of 10 records: with the default batch of 5 each is larger than a
+    batch and goes in a task of its own (bundles.py), so a task is a shard; a batch of 10 or more
+    bundles them."""
     return StartJob.model_validate(
         {
             "job_id": job_id,
             "tenant": tenant,
-            "spec": {"pipeline": "synthetic", "params": {"count": shards * 10}, "sharding": {"shards": shards}, "priority": priority},
+            "spec": {
+                "pipeline": "synthetic",
+                "params": {"count": shards * 10},
+                "sharding": {"shards": shards},
+                "priority": priority,
+                "batch_size": batch_size,
+            },
         }
     )
 
@@ -269,3 +278,66 @@ async def test_a_tenants_high_priority_backlog_does_not_bury_another_tenants_tas
     sent = len(dispatcher.batches)
     await finish(3)
     assert [priority for _, priority in dispatcher.batches[sent:]] == [4]
+
+
+class TaskRecorder(BulkRecorder):
+    """A BulkRecorder that also keeps each task's shard keys."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks: list[list[str]] = []
+
+    async def dispatch_many(self, tasks: list[RunShard | RunShards | RunFrontier], priority: int) -> None:
+        self.tasks += [shard_keys_of(task) for task in tasks]
+        await super().dispatch_many(tasks, priority)
+
+
+async def in_flight_tasks(db: Any, job_id: str) -> set[str]:
+    return {
+        shard.get("queued_task") or shard["_id"]
+        async for shard in db[SHARDS].find({"job_id": job_id, "state": {"$in": [ShardState.QUEUED, ShardState.RUNNING]}})
+    }
+
+
+async def test_a_bundle_of_small_shards_counts_once_towards_the_cap_while_any_of_its_shards_is_in_flight(db) -> None:
+    """The cap counts tasks: 40 shards of 10 records in batches of 100 go in bundles of 10, and a
+    cap of 2 sends two bundles (20 shards). A bundle holds its slot until its last shard ends; then
+    its room goes to the next bundle."""
+    dispatcher = TaskRecorder()
+    fair = FairDispatch(db, dispatcher, default_cap=2, refill_interval_s=0)
+    scheduler = JobScheduler(db, dispatcher, fair=fair)
+    job = start("small-shards", "t", 40, batch_size=100)
+    await record(db, job, 1)
+
+    await scheduler.start_job(job)
+
+    assert dispatcher.tasks == [[f"small-shards:{i:04d}" for i in range(10)], [f"small-shards:{i:04d}" for i in range(10, 20)]]
+    assert await queued(db, "small-shards") == 20
+    assert await in_flight_tasks(db, "small-shards") == {"small-shards:0000", "small-shards:0010"}
+    for index in range(9):  # the first bundle's shards end, all but its last
+        await db[SHARDS].update_one({"_id": f"small-shards:{index:04d}"}, {"$set": {"state": ShardState.SUCCEEDED}})
+    await db[SHARDS].update_one({"_id": "small-shards:0009"}, {"$set": {"state": ShardState.RUNNING}})
+    assert await fair.run_pass() == 0  # its task is still in flight
+
+    await db[SHARDS].update_one({"_id": "small-shards:0009"}, {"$set": {"state": ShardState.SUCCEEDED}})
+    assert await fair.run_pass() == 10
+    assert dispatcher.tasks[-1] == [f"small-shards:{i:04d}" for i in range(20, 30)]
+
+
+async def test_a_shard_sent_again_on_its_own_counts_as_a_task_of_its_own(db) -> None:
+    """A bundle's shard re-sent alone (a retry due, a reclaimed lease, a replay: `queued_task`
+    null) takes a slot of its own, beside the bundle it came from."""
+    dispatcher = TaskRecorder()
+    fair = FairDispatch(db, dispatcher, default_cap=3, refill_interval_s=0)
+    scheduler = JobScheduler(db, dispatcher, fair=fair)
+    job = start("resent", "t", 40, batch_size=100)
+    await record(db, job, 1)
+    await scheduler.start_job(job)
+    assert len(dispatcher.tasks) == 3  # bundles 0-9, 10-19, 20-29
+    for index in range(10, 30):  # two bundles end
+        await db[SHARDS].update_one({"_id": f"resent:{index:04d}"}, {"$set": {"state": ShardState.SUCCEEDED}})
+    for index in (3, 4):  # two shards of the first bundle are sent again, each on its own
+        await db[SHARDS].update_one({"_id": f"resent:{index:04d}"}, {"$set": {"state": ShardState.QUEUED, "queued_task": None}})
+
+    assert await in_flight_tasks(db, "resent") == {"resent:0000", "resent:0003", "resent:0004"}
+    assert await fair.run_pass() == 0  # the cap of 3 is full: the bundle and the two sent alone

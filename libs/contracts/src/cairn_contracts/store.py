@@ -53,6 +53,11 @@ JOB_LOCK_KEY = "{prefix}:joblock:{tenant}:{fingerprint}"
 # claim of the shard miss: ShardRecord and CheckpointRecord must never carry the field.
 NOT_CANCELLED: dict[str, None] = {"cancel_requested": None}
 
+# A QUEUED or RUNNING shard's task as fair dispatch counts it (cairn_scheduler.fairness): the
+# first shard key of the bundle it was sent in (its own key when sent alone). A shard re-sent on
+# its own (a retry, a reclaim, a replay) has it set to null: it counts as a task of its own.
+QUEUED_TASK = "queued_task"
+
 DEFAULT_TENANT = "default"
 MAIN_SUB_KEY = "main"  # sub-key of a shard's only cursor; multi-cursor shards use others
 

@@ -88,7 +88,7 @@ class TenantQuotas(ContractModel):
         None, ge=1, le=2**62, description="Key-space size of one job, where the pipeline's params give it (over: 422)"
     )
     max_in_flight_shards: int | None = Field(
-        None, ge=1, le=100_000, description="Shard tasks the scheduler keeps queued or running for the tenant at once"
+        None, ge=1, le=100_000, description="Shard tasks the scheduler keeps queued or running for the tenant at once (a bundle of small shards is one task)"
     )
 
     def merged(self, defaults: "TenantQuotas") -> "TenantQuotas":

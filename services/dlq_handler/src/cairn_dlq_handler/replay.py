@@ -34,7 +34,7 @@ from pymongo.errors import DuplicateKeyError
 from cairn_contracts import clock
 from cairn_contracts.messages import DeadLetterCommand, ShardFinished
 from cairn_contracts.states import TERMINAL_SHARD_STATES, WAITING_SHARD_STATES, DeadLetterStatus, JobState, ReplayOutcome, ShardState
-from cairn_contracts.store import DEFAULT_TENANT, DLQ_COMMANDS, JOBS, SHARDS, TASK_ERRORS
+from cairn_contracts.store import DEFAULT_TENANT, DLQ_COMMANDS, JOBS, QUEUED_TASK, SHARDS, TASK_ERRORS
 from cairn_dlq_handler.metrics import REPLAY_COMMANDS, REPLAY_OUTCOMES
 from cairn_runtime import tally
 from cairn_runtime.celery_config import ShardDispatcher, task_for_shard
@@ -191,6 +191,7 @@ class DeadLetterCommands:
                     "$set": {
                         **marks,
                         "state": ShardState.QUEUED,
+                        QUEUED_TASK: None,  # sent on its own: fair dispatch counts it alone
                         "attempts": 0,  # a fresh attempt budget; the spent ones are counted below
                         "lease_until": None,
                         "taken_by": None,

@@ -8,7 +8,7 @@ the job's `batch_size`) are sent in bundles (`RunShards`) of about one batch of 
 `max_shards` each; the worker claims a bundle's shards in bulk and runs them one after another,
 each still a shard of its own (its checkpoint, fencing token, attempts, outcome and event).
 Larger shards, and shards whose size is unknown, go one task each: their batches dwarf that cost.
-A bundle counts as its shards towards a tenant's in-flight cap (fairness.py).
+A bundle counts once towards a tenant's in-flight cap, as one task (fairness.py).
 """
 
 from collections.abc import Sequence

@@ -5,8 +5,17 @@ sends the tasks of a 1,000-shard job at once puts every other tenant's shard beh
 scheduler therefore keeps a job's shards PLANNED in MongoDB and sends only as many tasks as each
 tenant may have in flight (QUEUED or RUNNING): `max_in_flight_shards` of the tenant's quotas
 (`tenants` collection), else `CAIRN_TENANT_MAX_IN_FLIGHT_SHARDS`. Free room is handed out
-round-robin, one shard per tenant per round, the tenant with the fewest shards in flight first,
-within a tenant by job priority, then age, then shard index. A pass runs when a job is planned,
+round-robin, one task per tenant per round, the tenant with the fewest tasks in flight first,
+within a tenant by job priority, then age, then shard index.
+
+The cap counts shard *tasks*, as a worker sees them: a bundle of small shards (bundles.py, about
+one batch of records in all) is one task, in flight while any of its shards is. What a cap bounds
+is how long another tenant's task can wait behind this tenant's in the queue, and a bundle takes a
+worker no longer than a large shard's task does; counted shard by shard, a cap of 64 let a job of
+64-record shards keep only four bundles queued, and its workers waited for the refills (issue 14:
+1,024 such shards took 1.6-2.3x the time of 8 large ones with the cap, 1.45x without). Each shard
+sent records its task's first shard key (`queued_task`); one re-sent alone (a retry, a reclaim, a
+replay) has none and counts alone. A pass runs when a job is planned,
 when a shard finishes while shards are left waiting, and every `CAIRN_FAIR_DISPATCH_INTERVAL_S`.
 
 Priorities across tenants: the ingest queue delivers a higher priority before every lower one, so
@@ -39,12 +48,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+from pymongo import UpdateMany
 from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts import clock
-from cairn_contracts.messages import MAX_BUNDLE_SHARDS
+from cairn_contracts.messages import MAX_BUNDLE_SHARDS, RunShard, RunShards
 from cairn_contracts.states import JobState, ShardState
-from cairn_contracts.store import DEFAULT_TENANT, JOBS, SHARDS
+from cairn_contracts.store import DEFAULT_TENANT, JOBS, QUEUED_TASK, SHARDS
+from cairn_contracts.tasks import shard_keys_of
 from cairn_contracts.tenancy import TENANTS, TenantRecord
 from cairn_runtime.celery_config import ShardDispatcher, dispatch_all
 from cairn_runtime.log import log_context
@@ -106,6 +117,20 @@ class Waiting:
     batch_size: int = 0  # its job's records per batch: small shards are bundled (bundles.py)
 
 
+@dataclass(frozen=True)
+class WaitingTask:
+    """The task that would send some PLANNED shards of one job (a bundle, or one shard): what the
+    caps count and `fair_pick` hands out."""
+
+    job_id: str
+    shards: tuple[Waiting, ...]
+    priority: int
+
+    @property
+    def shard_keys(self) -> list[str]:
+        return [shard.shard_key for shard in self.shards]
+
+
 @dataclass
 class FairDispatch:
     """Sends PLANNED shard tasks within each tenant's in-flight cap, round-robin across tenants.
@@ -165,7 +190,7 @@ class FairDispatch:
             return 0
 
     async def run_pass(self) -> int:
-        """Dispatch what fits now; returns how many shard tasks this call sent. If a pass is
+        """Dispatch what fits now; returns how many shards this call sent (in tasks: bundles count once towards the caps). If a pass is
         running already, it runs one more round for this call instead (0 is returned here), so a
         shard event never waits behind a queue of passes."""
         if self._lock.locked():
@@ -196,7 +221,7 @@ class FairDispatch:
             by_tenant[job.get("tenant") or DEFAULT_TENANT].append(job)
         caps = {tenant: await self._cap(tenant) for tenant in by_tenant}
         in_flight, lowest = await self._in_flight(jobs)
-        waiting: dict[str, list[Waiting]] = {}
+        waiting: dict[str, list[WaitingTask]] = {}
         rooms: dict[str, int | None] = {}
         for tenant, tenant_jobs in by_tenant.items():
             cap = caps[tenant]
@@ -207,7 +232,7 @@ class FairDispatch:
             waiting[tenant] = await self._waiting(tenant_jobs, room)
         budget = None if self.budget is None else max(0, self.budget - sum(in_flight.values()))
         ceilings = _ceilings(lowest)
-        picked = [_capped(shard, ceilings[tenant]) for tenant, shard in fair_pick(waiting, in_flight, caps.__getitem__, budget)]
+        picked = [_capped(task, ceilings[tenant]) for tenant, task in fair_pick(waiting, in_flight, caps.__getitem__, budget)]
         # More may wait where the look-up stopped at the tenant's room, or where the budget cut.
         self.backlog = len(picked) < sum(len(found) for found in waiting.values()) or any(
             (room := rooms[tenant]) is not None and len(waiting[tenant]) >= room for tenant in waiting
@@ -219,10 +244,11 @@ class FairDispatch:
             raise
         if picked:
             logger.debug("fair dispatch: %d shard task(s) sent (%s)", len(picked), _per_tenant(picked, by_tenant))
-        return len(picked)
+        return sum(len(task.shards) for task in picked)
 
     async def _in_flight(self, jobs: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, int | None]]:
-        """Per tenant of `jobs`: (their shards QUEUED or RUNNING, the lowest priority their QUEUED
+        """Per tenant of `jobs`: (their tasks in flight: distinct `queued_task`s of their shards
+        QUEUED or RUNNING, a shard without one counting alone; the lowest priority their QUEUED
         tasks wait at: the one a pass published them at, else their job's; None: none is queued).
 
         One read per in-flight state, by equality on `state` (a prefix of the (state, ...)
@@ -232,30 +258,32 @@ class FairDispatch:
         of the store in Python on every pass."""
         tenant_of = {job["_id"]: job.get("tenant") or DEFAULT_TENANT for job in jobs}
         priority_of = {job["_id"]: int(job.get("priority") or 2) for job in jobs}
-        count: dict[str, int] = dict.fromkeys(tenant_of.values(), 0)
+        tasks: dict[str, set[tuple[str, str]]] = {tenant: set() for tenant in tenant_of.values()}
         lowest: dict[str, int | None] = dict.fromkeys(tenant_of.values())
         for state in (ShardState.QUEUED, ShardState.RUNNING):
-            async for shard in self.db[SHARDS].find({"state": state}, {"job_id": 1, "queued_priority": 1}):
+            async for shard in self.db[SHARDS].find({"state": state}, {"job_id": 1, "queued_priority": 1, QUEUED_TASK: 1}):
                 tenant = tenant_of.get(shard.get("job_id"))
                 if tenant is None:
                     continue
-                count[tenant] += 1
+                tasks[tenant].add((shard["job_id"], shard.get(QUEUED_TASK) or shard["_id"]))
                 if state == ShardState.QUEUED:
                     priority = int(shard.get("queued_priority") or priority_of[shard["job_id"]])
                     now_lowest = lowest[tenant]
                     lowest[tenant] = priority if now_lowest is None else min(now_lowest, priority)
-        return count, lowest
+        return {tenant: len(found) for tenant, found in tasks.items()}, lowest
 
     async def _cap(self, tenant: str) -> int | None:
         record = TenantRecord.of(await self.db[TENANTS].find_one({"_id": tenant}, {"quotas": 1}))
         own = record.quotas.max_in_flight_shards
         return own if own is not None else self.default_cap
 
-    async def _waiting(self, jobs: list[dict[str, Any]], room: int | None) -> list[Waiting]:
-        """Up to `room` PLANNED shards of these jobs (one tenant's): higher priority first, then
-        older jobs, then shard index."""
+    async def _waiting(self, jobs: list[dict[str, Any]], room: int | None) -> list[WaitingTask]:
+        """Up to `room` tasks of PLANNED shards of these jobs (one tenant's): higher priority
+        first, then older jobs, then shard index; each job's shards grouped into tasks as they
+        would be sent (`shard_tasks`: small ones in bundles). A job's read stops at what `room`
+        tasks could carry (`max_bundle_shards` shards each)."""
         ordered = sorted(jobs, key=lambda job: (-int(job.get("priority") or 0), int(job.get("created_at_ms") or 0), job["_id"]))
-        found: list[Waiting] = []
+        found: list[WaitingTask] = []
         for job in ordered:
             if room is not None and len(found) >= room:
                 break
@@ -264,44 +292,52 @@ class FairDispatch:
                 {"shard_key": 1, "index": 1, "records_estimate": 1},
             ).sort("index", 1)
             if room is not None:
-                cursor = cursor.limit(room - len(found))
+                cursor = cursor.limit((room - len(found)) * max(1, self.max_bundle_shards))
             priority, batch_size = int(job.get("priority") or 2), _batch_size(job)
-            found += [
-                Waiting(job["_id"], shard["shard_key"], priority, int(shard.get("records_estimate") or 0), batch_size)
+            shards = {
+                shard["shard_key"]: Waiting(job["_id"], shard["shard_key"], priority, int(shard.get("records_estimate") or 0), batch_size)
                 async for shard in cursor
-            ]
-        return found
+            }
+            planned = [PlannedShard(shard.shard_key, shard.records_estimate) for shard in shards.values()]
+            for task in shard_tasks(job["_id"], planned, batch_size, self.max_bundle_shards):
+                found.append(WaitingTask(job["_id"], tuple(shards[key] for key in shard_keys_of(task)), priority))
+        return found if room is None else found[:room]
 
-    async def _send(self, picked: list[Waiting]) -> None:
-        """The bulk dispatch of the picked shards: per priority, every task published with its
-        confirm awaited together, then one `update_many` per priority marks them QUEUED with that
-        `queued_priority` (still PLANNED only:
-        one a worker claimed meanwhile is RUNNING and stays so)."""
+    async def _send(self, picked: list[WaitingTask]) -> None:
+        """The bulk dispatch of the picked tasks: per priority, every task published with its
+        confirm awaited together, then one bulk write per priority marks their shards QUEUED with
+        that `queued_priority` and their task's `queued_task` (still PLANNED only: one a worker
+        claimed meanwhile is RUNNING and stays so)."""
         if not picked:
             return
-        by_priority: dict[int, dict[str, list[Waiting]]] = defaultdict(lambda: defaultdict(list))
-        for shard in picked:
-            by_priority[shard.priority][shard.job_id].append(shard)
-        tasks_of: dict[str, int] = defaultdict(int)
+        by_priority: dict[int, list[WaitingTask]] = defaultdict(list)
+        for task in picked:
+            by_priority[task.priority].append(task)
         for priority in sorted(by_priority, reverse=True):  # the most urgent first
-            tasks = []
-            for job_id, shards in by_priority[priority].items():
-                planned = [PlannedShard(s.shard_key, s.records_estimate) for s in shards]
-                job_tasks = shard_tasks(job_id, planned, shards[0].batch_size, self.max_bundle_shards)
-                tasks_of[job_id] += len(job_tasks)
-                tasks += job_tasks
-            await dispatch_all(self.dispatcher, tasks, priority)
-        for priority, jobs in by_priority.items():  # the priority each waits at (`_ceilings`)
-            await self.db[SHARDS].update_many(
-                {"_id": {"$in": [s.shard_key for shards in jobs.values() for s in shards]}, "state": ShardState.PLANNED},
-                {"$set": {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": clock.now_ms(), "queued_priority": priority}},
+            await dispatch_all(self.dispatcher, [_message(task) for task in by_priority[priority]], priority)
+        for priority, tasks in by_priority.items():  # the priority each waits at (`_ceilings`)
+            queued = {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": clock.now_ms(), "queued_priority": priority}
+            await self.db[SHARDS].bulk_write(
+                [
+                    UpdateMany({"_id": {"$in": task.shard_keys}, "state": ShardState.PLANNED}, {"$set": {**queued, QUEUED_TASK: task.shard_keys[0]}})
+                    for task in tasks
+                ],
+                ordered=False,
             )
-        sent: dict[str, int] = defaultdict(int)
-        for shard in picked:
-            sent[shard.job_id] += 1
-        for job_id, count in sent.items():
+        sent: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for task in picked:
+            sent[task.job_id][0] += len(task.shards)
+            sent[task.job_id][1] += 1
+        for job_id, (shards, tasks_sent) in sent.items():
             with log_context(job_id=job_id):  # `grep <job id>` follows its dispatch too
-                logger.info("job %s: %d shard(s) dispatched in %d task(s)", job_id, count, tasks_of[job_id])
+                logger.info("job %s: %d shard(s) dispatched in %d task(s)", job_id, shards, tasks_sent)
+
+
+def _message(task: WaitingTask) -> RunShard | RunShards:
+    """The task's message: a bundle (RunShards) of several shards, a RunShard of one."""
+    if len(task.shards) == 1:
+        return RunShard(job_id=task.job_id, shard_key=task.shards[0].shard_key)
+    return RunShards(job_id=task.job_id, shard_keys=task.shard_keys)
 
 
 BATCH_SIZE = "spec.batch_size"
@@ -321,13 +357,13 @@ def _ceilings(lowest: Mapping[str, int | None]) -> dict[str, int | None]:
     return {tenant: min((p for other, p in lowest.items() if other != tenant and p is not None), default=None) for tenant in lowest}
 
 
-def _capped(shard: Waiting, ceiling: int | None) -> Waiting:
-    return shard if ceiling is None or shard.priority <= ceiling else replace(shard, priority=ceiling)
+def _capped(task: WaitingTask, ceiling: int | None) -> WaitingTask:
+    return task if ceiling is None or task.priority <= ceiling else replace(task, priority=ceiling)
 
 
-def _per_tenant(picked: list[Waiting], by_tenant: Mapping[str, list[dict[str, Any]]]) -> str:
+def _per_tenant(picked: list[WaitingTask], by_tenant: Mapping[str, list[dict[str, Any]]]) -> str:
     tenant_of = {job["_id"]: tenant for tenant, jobs in by_tenant.items() for job in jobs}
     counts: dict[str, int] = defaultdict(int)
-    for shard in picked:
-        counts[tenant_of.get(shard.job_id, "?")] += 1
+    for task in picked:
+        counts[tenant_of.get(task.job_id, "?")] += 1
     return ", ".join(f"{tenant}: {n}" for tenant, n in sorted(counts.items()))

@@ -24,7 +24,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from cairn_contracts import clock
 from cairn_contracts.states import ShardState
-from cairn_contracts.store import NOT_CANCELLED, SHARDS
+from cairn_contracts.store import NOT_CANCELLED, QUEUED_TASK, SHARDS
 from cairn_runtime.celery_config import ShardDispatcher, task_for_shard
 from cairn_runtime.tracing import continued_trace
 from cairn_scheduler.metrics import LEASE_RECLAIMS, SHARD_REDISPATCHES
@@ -97,7 +97,7 @@ class LeaseReaper:
             won = await self.db[SHARDS].find_one_and_update(
                 {"_id": shard["_id"], "fencing_token": shard["fencing_token"], **expired},
                 {
-                    "$set": {"state": ShardState.QUEUED, "taken_by": None, "reclaimed_at": clock.utcnow(), "queued_at_ms": now_ms},
+                    "$set": {"state": ShardState.QUEUED, "taken_by": None, "reclaimed_at": clock.utcnow(), "queued_at_ms": now_ms, QUEUED_TASK: None},
                     "$inc": {"reclaims": 1},
                 },
             )
@@ -143,7 +143,7 @@ class LeaseReaper:
                 "next_retry_at_ms": due_ms,
                 **NOT_CANCELLED,  # a cancelled job's shard never starts
             },
-            {"$set": {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": now_ms}, "$inc": {"retry_dispatches": 1}},
+            {"$set": {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": now_ms, QUEUED_TASK: None}, "$inc": {"retry_dispatches": 1}},
         )
         if won is None:
             return False  # another scheduler, a frontier runner's claim or a cancel came first
@@ -177,7 +177,7 @@ class LeaseReaper:
         async for shard in self.db[SHARDS].find(lost, {**_SHARD_FIELDS, "queued_at_ms": 1}):
             won = await self.db[SHARDS].find_one_and_update(
                 {"_id": shard["_id"], "state": ShardState.QUEUED, "queued_at_ms": shard["queued_at_ms"]},
-                {"$set": {"queued_at_ms": clock.now_ms()}, "$inc": {"redispatches": 1}},
+                {"$set": {"queued_at_ms": clock.now_ms(), QUEUED_TASK: None}, "$inc": {"redispatches": 1}},
             )
             if won is None:
                 continue  # claimed meanwhile, or another scheduler re-sent it

@@ -25,7 +25,7 @@ class SchedulerSettings(ServiceSettings):
     result_ttl_s: float = Field(7 * 86_400, gt=0, description="A finished job's result is dropped this long after it finished")
     # Fair dispatch across tenants (issue 15, fairness.py).
     tenant_max_in_flight_shards: int | None = Field(
-        64, ge=1, description="Shard tasks one tenant may have queued or running at once, unless its quotas say (None: no cap)"
+        64, ge=1, description="Shard tasks (a bundle of small shards is one) one tenant may have queued or running at once, unless its quotas say (None: no cap)"
     )
     # A tenant's quotas where the scheduler records or releases its jobs (schedules.py: running
     # jobs; workflows.py: a params_from job's per-job quotas): the gateway's settings of the same
