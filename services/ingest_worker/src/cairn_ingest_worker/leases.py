@@ -413,7 +413,10 @@ class ShardLeases:
             if (claim := self.claim(shard_key_for(job_id, index))) is not None:
                 return claim
         now_ms = clock.now_ms()
-        for shard in self._shards.find({"job_id": job_id}, _CLAIM_FIELDS).sort("index", 1):
+        # Only unfinished items can be claimable: at the end of a job that is a few of its
+        # thousands, and every lane reads them once (the ended ones are not sent back).
+        unfinished = {"job_id": job_id, "state": {"$in": [ShardState.PLANNED, ShardState.QUEUED, ShardState.RETRY, ShardState.RUNNING]}}
+        for shard in self._shards.find(unfinished, _CLAIM_FIELDS).sort("index", 1):
             if claimable(shard, now_ms, due_only=True) and (claim := self.claim(shard["shard_key"])) is not None:
                 return claim
         return None
