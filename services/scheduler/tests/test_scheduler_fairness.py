@@ -5,6 +5,8 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
+from pymongo import AsyncMongoClient, monitoring
+
 from cairn_contracts.messages import RunFrontier, RunShard, RunShards, ShardFinished, StartJob
 from cairn_contracts.states import JobState, ShardState
 from cairn_contracts.store import JOBS, SHARDS
@@ -341,3 +343,48 @@ async def test_a_shard_sent_again_on_its_own_counts_as_a_task_of_its_own(db) -> 
 
     assert await in_flight_tasks(db, "resent") == {"resent:0000", "resent:0003", "resent:0004"}
     assert await fair.run_pass() == 0  # the cap of 3 is full: the bundle and the two sent alone
+
+
+class PlannedReads(monitoring.CommandListener):
+    """The `limit` of every read of PLANNED shards (a fair pass's look for what to send)."""
+
+    def __init__(self) -> None:
+        self.limits: list[int] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "find" and event.command.get("find") == SHARDS and event.command.get("filter", {}).get("state") == ShardState.PLANNED:
+            self.limits.append(int(event.command.get("limit") or 0))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_a_pass_reads_a_jobs_large_shards_only_as_far_as_its_room_and_small_ones_as_far_as_bundles_carry(db, test_env) -> None:
+    """A job of large shards: a pass reads at most its tenant's room of them, as before bundles
+    counted once; a job of small shards: on, up to what the room's bundles can carry."""
+    reads = PlannedReads()
+    client: AsyncMongoClient = AsyncMongoClient(test_env.mongodb_uri, event_listeners=[reads], tz_aware=True)
+    try:
+        watched = client[db.name]
+        dispatcher = TaskRecorder()
+        fair = FairDispatch(watched, dispatcher, default_cap=3, refill_interval_s=0)
+        scheduler = JobScheduler(watched, dispatcher, fair=fair)
+        large = start("large-shards", "l", 40)  # 10 records a shard, batches of 5
+        await record(watched, large, 1)
+        await scheduler.start_job(large)
+        assert reads.limits == [3] and len(dispatcher.tasks) == 3
+        await watched[SHARDS].update_one({"_id": "large-shards:0000"}, {"$set": {"state": ShardState.SUCCEEDED}})
+        assert await fair.run_pass() == 1
+        assert reads.limits == [3, 1]
+
+        reads.limits.clear()
+        small = start("small-shards", "s", 40, batch_size=100)  # bundles of 10
+        await record(watched, small, 2)
+        await scheduler.start_job(small)
+        assert reads.limits == [3, 3 * 63]  # its room, then on for three bundles of up to 64
+        assert dispatcher.tasks[-3:] == [[f"small-shards:{i:04d}" for i in range(first, first + 10)] for first in (0, 10, 20)]
+    finally:
+        await client.close()

@@ -25,6 +25,11 @@ class PlannedShard:
     records_estimate: int
 
 
+def fits_one_batch(records_estimate: int, batch_size: int) -> bool:
+    """Whether a shard of `records_estimate` records (0: unknown) is small: sent in a bundle."""
+    return 0 < records_estimate <= batch_size
+
+
 def shard_tasks(job_id: str, shards: Sequence[PlannedShard], batch_size: int, max_shards: int = MAX_BUNDLE_SHARDS) -> list[RunShard | RunShards]:
     """The tasks that send `shards` (of job `job_id`, in the order given): consecutive small
     shards bundled while their estimates add up to at most `batch_size` records (and at most
@@ -43,7 +48,7 @@ def shard_tasks(job_id: str, shards: Sequence[PlannedShard], batch_size: int, ma
         bundle.clear()
 
     for shard in shards:
-        small = 0 < shard.records_estimate <= batch_size
+        small = fits_one_batch(shard.records_estimate, batch_size)
         if not small or limit == 1:
             close()  # the tasks keep the shards' order
             records = 0

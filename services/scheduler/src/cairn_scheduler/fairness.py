@@ -59,7 +59,7 @@ from cairn_contracts.tasks import shard_keys_of
 from cairn_contracts.tenancy import TENANTS, TenantRecord
 from cairn_runtime.celery_config import ShardDispatcher, dispatch_all
 from cairn_runtime.log import log_context
-from cairn_scheduler.bundles import PlannedShard, shard_tasks
+from cairn_scheduler.bundles import PlannedShard, fits_one_batch, shard_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,12 @@ class Waiting:
     priority: int
     records_estimate: int = 0  # 0: unknown
     batch_size: int = 0  # its job's records per batch: small shards are bundled (bundles.py)
+    index: int = 0
+
+    @property
+    def small(self) -> bool:
+        """Whether it fits in one batch: sent in a bundle with its neighbours (bundles.py)."""
+        return fits_one_batch(self.records_estimate, self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -280,28 +286,39 @@ class FairDispatch:
     async def _waiting(self, jobs: list[dict[str, Any]], room: int | None) -> list[WaitingTask]:
         """Up to `room` tasks of PLANNED shards of these jobs (one tenant's): higher priority
         first, then older jobs, then shard index; each job's shards grouped into tasks as they
-        would be sent (`shard_tasks`: small ones in bundles). A job's read stops at what `room`
-        tasks could carry (`max_bundle_shards` shards each)."""
+        would be sent (`shard_tasks`: small ones in bundles). A job's shards are read `room` at a
+        time, and on only while they are small (one batch or less: bundled), up to what `room`
+        tasks could carry (`max_bundle_shards` shards each): a job of large shards costs a pass
+        no more reads than before bundles counted once."""
         ordered = sorted(jobs, key=lambda job: (-int(job.get("priority") or 0), int(job.get("created_at_ms") or 0), job["_id"]))
         found: list[WaitingTask] = []
         for job in ordered:
             if room is not None and len(found) >= room:
                 break
-            cursor = self.db[SHARDS].find(
-                {"job_id": job["_id"], "state": ShardState.PLANNED, "strategy": {"$in": _TASK_PER_SHARD}},
-                {"shard_key": 1, "index": 1, "records_estimate": 1},
-            ).sort("index", 1)
-            if room is not None:
-                cursor = cursor.limit((room - len(found)) * max(1, self.max_bundle_shards))
-            priority, batch_size = int(job.get("priority") or 2), _batch_size(job)
-            shards = {
-                shard["shard_key"]: Waiting(job["_id"], shard["shard_key"], priority, int(shard.get("records_estimate") or 0), batch_size)
-                async for shard in cursor
-            }
-            planned = [PlannedShard(shard.shard_key, shard.records_estimate) for shard in shards.values()]
-            for task in shard_tasks(job["_id"], planned, batch_size, self.max_bundle_shards):
-                found.append(WaitingTask(job["_id"], tuple(shards[key] for key in shard_keys_of(task)), priority))
+            want = None if room is None else room - len(found)
+            shards = await self._planned(job, want)
+            if want is not None and len(shards) == want and self.max_bundle_shards > 1 and any(shard.small for shard in shards):
+                shards += await self._planned(job, want * (self.max_bundle_shards - 1), after=shards[-1].index)
+            by_key = {shard.shard_key: shard for shard in shards}
+            planned = [PlannedShard(shard.shard_key, shard.records_estimate) for shard in shards]
+            for task in shard_tasks(job["_id"], planned, _batch_size(job), self.max_bundle_shards):
+                found.append(WaitingTask(job["_id"], tuple(by_key[key] for key in shard_keys_of(task)), int(job.get("priority") or 2)))
         return found if room is None else found[:room]
+
+    async def _planned(self, job: dict[str, Any], limit: int | None, after: int | None = None) -> list[Waiting]:
+        """The job's PLANNED shards of task-per-shard strategies in index order (past index
+        `after`), at most `limit` of them (None: all)."""
+        query: dict[str, Any] = {"job_id": job["_id"], "state": ShardState.PLANNED, "strategy": {"$in": _TASK_PER_SHARD}}
+        if after is not None:
+            query["index"] = {"$gt": after}
+        cursor = self.db[SHARDS].find(query, {"shard_key": 1, "index": 1, "records_estimate": 1}).sort("index", 1)
+        if limit is not None:
+            cursor = cursor.limit(limit)
+        priority, batch_size = int(job.get("priority") or 2), _batch_size(job)
+        return [
+            Waiting(job["_id"], shard["shard_key"], priority, int(shard.get("records_estimate") or 0), batch_size, int(shard.get("index") or 0))
+            async for shard in cursor
+        ]
 
     async def _send(self, picked: list[WaitingTask]) -> None:
         """The bulk dispatch of the picked tasks: per priority, every task published with its
