@@ -166,6 +166,25 @@ async def test_cancel_command_of_an_unknown_job_is_unprocessable_and_of_a_finish
     assert (await db[JOBS].find_one({"_id": record.id}))["state"] == JobState.SUCCESS
 
 
+async def test_a_cancel_of_a_deleted_submission_delivered_late_leaves_the_new_one_of_the_same_id_alone(db) -> None:
+    """Every sender marks the job before it publishes CancelJob. A job deleted and submitted again
+    under the same id is not marked: a CancelJob of the deleted submission, delivered late,
+    changes nothing; once the new one is cancelled (marked), the command stops it."""
+    scheduler, record, _ = await started(db)
+    canceller = Canceller(scheduler, result_ttl_s=3600)
+
+    await canceller.handle(CancelJob(job_id=record.id, tenant="acme"))
+
+    job = await db[JOBS].find_one({"_id": record.id})
+    assert not job.get("cancel_requested") and job["state"] == JobState.STARTED
+    assert ShardState.CANCELLED not in await shard_states(db, record.id)
+
+    await request_cancel(db, record.id)
+    await canceller.handle(CancelJob(job_id=record.id, tenant="acme"))
+
+    assert (await db[JOBS].find_one({"_id": record.id}))["state"] == JobState.CANCELLED
+
+
 async def test_the_sweep_cancels_what_a_lost_command_left_and_shards_back_from_a_retry(db) -> None:
     scheduler, record, _ = await started(db)
     await request_cancel(db, record.id)  # marked, but the command never came

@@ -62,7 +62,9 @@ class CancelJob(Message):
     """Command gateway → scheduler: stop this job. Cooperative: shards that have not started are
     cancelled, running ones stop at their next batch boundary. The job is marked
     `cancel_requested` in MongoDB before this is published, so a lost command is made up for by
-    the scheduler's periodic sweep; handling it twice changes nothing."""
+    the scheduler's periodic sweep; handling it twice changes nothing. A sender must mark first:
+    the scheduler ignores the command for a job that is not marked (a job deleted and submitted
+    again under the same id since the command was sent)."""
 
     message_type: ClassVar[str] = "cairn.command.cancel_job"
     schema_version: Literal[1] = 1

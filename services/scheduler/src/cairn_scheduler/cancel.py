@@ -46,11 +46,13 @@ class Canceller:
         if JobState(job["state"]).is_terminal:
             logger.info("job %s is already %s; cancel ignored", command.job_id, job["state"])
             return
-        if not job.get("cancel_requested"):  # the gateway marks before it publishes; mark it for any other sender
-            await self.db[JOBS].update_one(
-                {"_id": command.job_id, "state": {"$in": state_values(ACTIVE_JOB_STATES)}},
-                {"$set": {"cancel_requested": True, "cancel_requested_at_ms": clock.now_ms()}},
-            )
+        if not job.get("cancel_requested"):
+            # Every sender marks the job before it publishes (the gateway, a schedule's
+            # cancel_other), so an unmarked job is not the one this command was sent for: the job
+            # was deleted and its id submitted again since (the same Idempotency-Key), and this
+            # command, delivered late, belongs to the deleted submission.
+            logger.warning("cancel of job %s ignored: the job is not marked for a cancel (submitted again since the command was sent)", command.job_id)
+            return
         state = await self.scheduler.stop(command.job_id)
         logger.info("cancel of job %s requested by %s applied; job now %s", command.job_id, command.requested_by, state or "stopping")
 
