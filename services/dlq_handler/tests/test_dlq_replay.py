@@ -66,6 +66,7 @@ async def seed_failure(db, *, strategy: str = "range", shard_state: ShardState =
         {
             **shard(1, shard_state, 3),
             "dead_letter_id": ENTRY, "last_error": "RetryableError: down", "retries": [{"attempt": 1}, {"attempt": 2}],
+            "queued_task": f"{JOB}:0000",  # the bundle it was first sent in
         }
     )
     await db[TASK_ERRORS].insert_one(
@@ -96,6 +97,7 @@ async def test_a_replay_reopens_the_shard_and_the_job_and_sends_the_shard_task(c
     assert shard["state"] == ShardState.QUEUED and shard["attempts"] == 0
     assert shard["replays"] == 1 and shard["attempts_before_replays"] == 3
     assert shard["replay_of"] == ENTRY and shard["replay_command_id"] == "cmd-1" and shard["retries"] == []
+    assert shard["queued_task"] is None  # sent alone: a task of its own for fair dispatch
     job = await db[JOBS].find_one({"_id": JOB})
     assert job["state"] == JobState.STARTED and "result" not in job and "finished_at" not in job
     assert await cache._client.get(cache_key) is None

@@ -115,6 +115,7 @@ def test_a_bundle_claims_its_waiting_shards_in_two_round_trips_and_first_claims_
         # does not charge the shards waiting their turn).
         assert shard["state"] == ShardState.RUNNING and shard["taken_by"] == "worker-a" and shard["attempts"] == 0
         assert claim.token == shard["fencing_token"] == 1 and claim.attempt == 0 and claim.fresh and shard["bundle_claim"]
+        assert shard["queued_task"] == keys[0]  # one task for fair dispatch, also if claimed before the scheduler marked it
         # Never held before, so its checkpoint is as planned: adopted by the claim's first write to it.
         assert not claim.adopted and claim.cursor is None and not claim.done
         assert db[CHECKPOINTS].find_one({"_id": claim.checkpoint_id})["fencing_token"] == 0

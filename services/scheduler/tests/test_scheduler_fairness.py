@@ -295,8 +295,9 @@ class TaskRecorder(BulkRecorder):
 
 
 async def in_flight_tasks(db: Any, job_id: str) -> set[str]:
+    """The job's tasks in flight: a task's key, or `alone:<key>` for a shard sent alone."""
     return {
-        shard.get("queued_task") or shard["_id"]
+        shard.get("queued_task") or f"alone:{shard['_id']}"
         async for shard in db[SHARDS].find({"job_id": job_id, "state": {"$in": [ShardState.QUEUED, ShardState.RUNNING]}})
     }
 
@@ -328,7 +329,8 @@ async def test_a_bundle_of_small_shards_counts_once_towards_the_cap_while_any_of
 
 async def test_a_shard_sent_again_on_its_own_counts_as_a_task_of_its_own(db) -> None:
     """A bundle's shard re-sent alone (a retry due, a reclaimed lease, a replay: `queued_task`
-    null) takes a slot of its own, beside the bundle it came from."""
+    null) takes a slot of its own beside the bundle it came from, also the bundle's first shard
+    (whose key is the bundle's)."""
     dispatcher = TaskRecorder()
     fair = FairDispatch(db, dispatcher, default_cap=3, refill_interval_s=0)
     scheduler = JobScheduler(db, dispatcher, fair=fair)
@@ -338,10 +340,10 @@ async def test_a_shard_sent_again_on_its_own_counts_as_a_task_of_its_own(db) -> 
     assert len(dispatcher.tasks) == 3  # bundles 0-9, 10-19, 20-29
     for index in range(10, 30):  # two bundles end
         await db[SHARDS].update_one({"_id": f"resent:{index:04d}"}, {"$set": {"state": ShardState.SUCCEEDED}})
-    for index in (3, 4):  # two shards of the first bundle are sent again, each on its own
+    for index in (0, 4):  # two shards of the first bundle are sent again, each on its own
         await db[SHARDS].update_one({"_id": f"resent:{index:04d}"}, {"$set": {"state": ShardState.QUEUED, "queued_task": None}})
 
-    assert await in_flight_tasks(db, "resent") == {"resent:0000", "resent:0003", "resent:0004"}
+    assert await in_flight_tasks(db, "resent") == {"resent:0000", "alone:resent:0000", "alone:resent:0004"}
     assert await fair.run_pass() == 0  # the cap of 3 is full: the bundle and the two sent alone
 
 

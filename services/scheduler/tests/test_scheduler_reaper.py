@@ -24,7 +24,7 @@ shard = functools.partial(seed_shard, fencing_token=2, attempts=2)  # a shard cl
 
 async def test_reap_returns_shards_with_an_expired_lease_to_ready_and_dispatches_them(db) -> None:
     now = now_ms()
-    await shard(db, "job:0000", ShardState.RUNNING, lease_until=now - 1_000, taken_by="dead-worker")
+    await shard(db, "job:0000", ShardState.RUNNING, lease_until=now - 1_000, taken_by="dead-worker", queued_task="job:bundle")
     await shard(db, "job:0001", ShardState.RUNNING, lease_until=now + 60_000, taken_by="live-worker")
     await shard(db, "job:0002", ShardState.SUCCEEDED, lease_until=now - 1_000)
     recorder = Recorder()
@@ -34,6 +34,7 @@ async def test_reap_returns_shards_with_an_expired_lease_to_ready_and_dispatches
     reaped = await db[SHARDS].find_one({"_id": "job:0000"})
     assert (reaped["state"], reaped["taken_by"], reaped["reclaims"]) == (ShardState.QUEUED, None, 1)
     assert reaped["fencing_token"] == 2  # the next claim raises it; the dead holder stays fenced out
+    assert reaped["queued_task"] is None  # sent alone: fair dispatch counts it as a task of its own
     assert recorder.dispatched == [(RunShard(job_id="job", shard_key="job:0000"), 3)]
     live = await db[SHARDS].find_one({"_id": "job:0001"})
     assert (live["state"], live["taken_by"]) == (ShardState.RUNNING, "live-worker")
@@ -61,7 +62,7 @@ async def test_reap_of_a_lease_frontier_item_sends_a_runner_for_its_lane(db) -> 
 
 async def test_redispatch_lost_resends_the_task_of_each_shard_queued_before_the_cutoff_once(db) -> None:
     now = now_ms()
-    await shard(db, "job:0000", ShardState.QUEUED, queued_at_ms=now - 600_000)
+    await shard(db, "job:0000", ShardState.QUEUED, queued_at_ms=now - 600_000, queued_task="job:bundle")
     await shard(db, "job:0001", ShardState.QUEUED, queued_at_ms=now)
     await shard(db, "job:0002", ShardState.RUNNING, queued_at_ms=now - 600_000)
     await shard(db, "front:0003", ShardState.QUEUED, strategy="lease_frontier", index=3, queued_at_ms=now - 600_000)
@@ -76,6 +77,6 @@ async def test_redispatch_lost_resends_the_task_of_each_shard_queued_before_the_
         [(RunShard(job_id="job", shard_key="job:0000"), 3), (RunFrontier(job_id="front", lane=3), 3)], key=repr
     )
     stale = await db[SHARDS].find_one({"_id": "job:0000"})
-    assert stale["redispatches"] == 1
+    assert stale["redispatches"] == 1 and stale["queued_task"] is None  # sent alone
     assert stale["queued_at_ms"] >= now
     assert await reaper.redispatch_lost(cutoff_ms=now - 1) == 0  # the clock restarted

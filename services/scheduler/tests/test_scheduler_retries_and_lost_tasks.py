@@ -53,7 +53,7 @@ def redispatches(reason: str) -> float:
 
 async def test_a_due_retry_goes_back_to_queued_and_its_task_is_sent_and_one_not_due_waits(db) -> None:
     now = clock.now_ms()
-    await seed_shard(db, "job:0000", ShardState.RETRY, next_retry_at_ms=now - 10, retry={"attempt": 1})
+    await seed_shard(db, "job:0000", ShardState.RETRY, next_retry_at_ms=now - 10, retry={"attempt": 1}, queued_task="job:bundle")
     await seed_shard(db, "job:0001", ShardState.RETRY, next_retry_at_ms=now + 3_600_000)
     await seed_shard(db, "job:0002", ShardState.RETRY, next_retry_at_ms=now - 10, cancel_requested=True)
     recorder = Recorder()
@@ -65,6 +65,7 @@ async def test_a_due_retry_goes_back_to_queued_and_its_task_is_sent_and_one_not_
     assert recorder.dispatched == [(RunShard(job_id="job", shard_key="job:0000"), 3)]
     sent = await db[SHARDS].find_one({"_id": "job:0000"})
     assert (sent["state"], sent["queued_at_ms"], sent["retry_dispatches"]) == (ShardState.QUEUED, now, 1)
+    assert sent["queued_task"] is None  # sent alone, not in the bundle it came in: a task of its own for fair dispatch
     assert (await db[SHARDS].find_one({"_id": "job:0001"}))["state"] == ShardState.RETRY
     assert (await db[SHARDS].find_one({"_id": "job:0002"}))["state"] == ShardState.RETRY  # cancelled: never sent
     assert redispatches("retry_due") == before + 1

@@ -22,7 +22,7 @@ from pymongo.errors import ConnectionFailure
 from cairn_contracts import clock
 from cairn_contracts.sinks import CHECKPOINT_COUNTERS
 from cairn_contracts.states import ShardState
-from cairn_contracts.store import NOT_CANCELLED, checkpoint_id, shard_key_for
+from cairn_contracts.store import NOT_CANCELLED, QUEUED_TASK, checkpoint_id, shard_key_for
 from cairn_ingest_worker import metrics
 from cairn_ingest_worker.errors import StoreUnavailable
 from cairn_ingest_worker.store import WriteCounts
@@ -235,6 +235,9 @@ class ShardLeases:
         taken = {
             "state": ShardState.RUNNING, "taken_by": self._worker_id, "lease_until": now_ms + self._ttl_ms, "started_at": now,
             "bundle_claim": tag,
+            # The task fair dispatch counts them as (cairn_contracts.store.QUEUED_TASK): one, also
+            # when this claim came before the scheduler marked them QUEUED.
+            QUEUED_TASK: keys[0],
         }
         # No attempt is counted here: a shard's attempt is counted when its run starts (`start`),
         # so a crash of the bundle does not charge the shards still waiting their turn.

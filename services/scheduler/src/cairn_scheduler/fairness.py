@@ -37,7 +37,10 @@ running job, so a pass per event made a 1,000-shard job cost O(shards^2) reads, 
 event frees is not urgent (a capped tenant still has a full queue of tasks waiting in RabbitMQ).
 
 What is not capped: retries (their shard was in flight), reclaimed and lost tasks re-sent by the
-reaper, and lease-frontier runners (a fixed, small number per job). Two schedulers running a pass
+reaper, and lease-frontier runners (a fixed, small number per job). Since a slot holds a bundle,
+a tenant whose small shards all fail at once may have up to cap x max_bundle_shards retries sent
+outside the cap when they come due (each a task of one small shard, at most at the priority
+ceiling); sending them through this pass, in bundles, would bound them too. Two schedulers running a pass
 at once may each fill the same room, overshooting a cap by that much for a moment.
 """
 
@@ -196,7 +199,7 @@ class FairDispatch:
             return 0
 
     async def run_pass(self) -> int:
-        """Dispatch what fits now; returns how many shards this call sent (in tasks: bundles count once towards the caps). If a pass is
+        """Dispatch what fits now; returns how many shards this call sent (in however many tasks). If a pass is
         running already, it runs one more round for this call instead (0 is returned here), so a
         shard event never waits behind a queue of passes."""
         if self._lock.locked():
@@ -264,14 +267,17 @@ class FairDispatch:
         of the store in Python on every pass."""
         tenant_of = {job["_id"]: job.get("tenant") or DEFAULT_TENANT for job in jobs}
         priority_of = {job["_id"]: int(job.get("priority") or 2) for job in jobs}
-        tasks: dict[str, set[tuple[str, str]]] = {tenant: set() for tenant in tenant_of.values()}
+        tasks: dict[str, set[tuple[str, str, str]]] = {tenant: set() for tenant in tenant_of.values()}
         lowest: dict[str, int | None] = dict.fromkeys(tenant_of.values())
         for state in (ShardState.QUEUED, ShardState.RUNNING):
             async for shard in self.db[SHARDS].find({"state": state}, {"job_id": 1, "queued_priority": 1, QUEUED_TASK: 1}):
                 tenant = tenant_of.get(shard.get("job_id"))
                 if tenant is None:
                     continue
-                tasks[tenant].add((shard["job_id"], shard.get(QUEUED_TASK) or shard["_id"]))
+                # A task's key and a shard sent alone are told apart, also where the shard sent
+                # alone is the first of the bundle it came from (its key is the bundle's).
+                task = ("task", shard[QUEUED_TASK]) if shard.get(QUEUED_TASK) else ("alone", shard["_id"])
+                tasks[tenant].add((shard["job_id"], *task))
                 if state == ShardState.QUEUED:
                     priority = int(shard.get("queued_priority") or priority_of[shard["job_id"]])
                     now_lowest = lowest[tenant]
