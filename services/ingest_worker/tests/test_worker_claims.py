@@ -137,12 +137,15 @@ def test_claim_next_past_the_counter_finds_due_retries_and_expired_leases(db, se
 
     assert other.claim_next("tail") is None  # a retry not due, a live lease
 
-    db[SHARDS].update_one({"_id": keys[0]}, {"$set": {"next_retry_at_ms": now_ms() - 1}})
-    db[SHARDS].update_one({"_id": keys[1]}, {"$set": {"lease_until": now_ms() - 1}})
+    # Both were once claimed in one frontier block (its task for fair dispatch, `queued_task`).
+    db[SHARDS].update_one({"_id": keys[0]}, {"$set": {"next_retry_at_ms": now_ms() - 1, "queued_task": keys[0]}})
+    db[SHARDS].update_one({"_id": keys[1]}, {"$set": {"lease_until": now_ms() - 1, "queued_task": keys[0]}})
     taken = [other.claim_next("tail"), other.claim_next("tail")]
     assert [c.shard_key for c in taken] == keys
     assert [c.token for c in taken] == [one.token + 1, two.token + 1]
     assert other.claim_next("tail") is None
+    # Each claimed alone now: a task of its own each, not one under the old block's key.
+    assert [db[SHARDS].find_one({"_id": key})["queued_task"] for key in keys] == [None, None]
 
 
 def test_claim_next_takes_the_counter_a_block_at_a_time(observed, seed_shard) -> None:

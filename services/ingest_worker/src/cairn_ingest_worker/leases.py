@@ -470,9 +470,12 @@ class ShardLeases:
     def _claim(self, query: dict[str, Any], now_ms: int, sort: list[tuple[str, int]] | None = None) -> Claim | None:
         now = clock.utcnow()
         # `bundle_claim`: None here; a bundle's claim (`claim_waiting`) tags what it took with its own id.
+        # `QUEUED_TASK` None: a shard claimed alone is a task of its own for fair dispatch, not part
+        # of the bundle or frontier block it was once claimed with (two lanes taking items of one
+        # old block would count as one task).
         taken = {
             "state": ShardState.RUNNING, "taken_by": self._worker_id, "lease_until": now_ms + self._ttl_ms, "started_at": now,
-            "bundle_claim": None,
+            "bundle_claim": None, QUEUED_TASK: None,
         }
         before = self._shards.find_one_and_update(
             query,

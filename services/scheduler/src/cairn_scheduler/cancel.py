@@ -1,7 +1,9 @@
 """Cancel: the `CancelJob` handler and the periodic sweep behind it.
 
 The gateway marks the job `cancel_requested` and then publishes `CancelJob` (queue
-`cairn.scheduler.control`). Handling it is `JobScheduler.stop`: shards not started become
+`cairn.scheduler.control`; a schedule's cancel_other does the same). A command for a job that is
+not marked is ignored: it belongs to a job deleted and submitted again under the same id since.
+Handling it is `JobScheduler.stop`: shards not started become
 CANCELLED, running shards are marked and stop at their next batch boundary (the worker announces
 them), and the job is rolled up: CANCELLED once every shard is terminal and some were cancelled.
 No process is killed and no batch is cut in half; each stopped shard keeps its checkpoint.

@@ -6,7 +6,9 @@ scheduler therefore keeps a job's shards PLANNED in MongoDB and sends only as ma
 tenant may have in flight (QUEUED or RUNNING): `max_in_flight_shards` of the tenant's quotas
 (`tenants` collection), else `CAIRN_TENANT_MAX_IN_FLIGHT_SHARDS`. Free room is handed out
 round-robin, one task per tenant per round, the tenant with the fewest tasks in flight first,
-within a tenant by job priority, then age, then shard index.
+within a tenant by job priority, then age, then shard index. The caps count what is in flight as
+`QUEUED_TASK` records it (cairn_contracts.store: written by a pass, by a worker's bulk claim of a
+bundle or frontier block; null from any re-send of a shard alone).
 
 The cap counts shard *tasks*, as a worker sees them: a bundle of small shards (bundles.py, about
 one batch of records in all) is one task, in flight while any of its shards is. What a cap bounds
@@ -38,9 +40,10 @@ event frees is not urgent (a capped tenant still has a full queue of tasks waiti
 
 What is not capped: retries (their shard was in flight), reclaimed and lost tasks re-sent by the
 reaper, and lease-frontier runners (a fixed, small number per job). Since a slot holds a bundle,
-a tenant whose small shards all fail at once may have up to cap x max_bundle_shards retries sent
-outside the cap when they come due (each a task of one small shard, at most at the priority
-ceiling); sending them through this pass, in bundles, would bound them too. Two schedulers running a pass
+each wave of failures of a tenant's small shards (a target outage) puts about cap x
+max_bundle_shards retries outside the cap, sent alone when they come due (each a task of one
+small shard, at most at the priority ceiling), and waves can overlap; sending due retries through
+this pass, in bundles, would bound them too. Two schedulers running a pass
 at once may each fill the same room, overshooting a cap by that much for a moment.
 """
 
