@@ -19,10 +19,12 @@ from cairn_contracts.messages import MAX_BUNDLE_SHARDS, RunShard, RunShards
 
 @dataclass(frozen=True)
 class PlannedShard:
-    """A PLANNED shard as dispatch sees it: its key and its expected records (0: unknown)."""
+    """A PLANNED shard as dispatch sees it: its key, its expected records (0: unknown) and its
+    index in the job."""
 
     shard_key: str
     records_estimate: int
+    index: int = 0
 
 
 def fits_one_batch(records_estimate: int, batch_size: int) -> bool:

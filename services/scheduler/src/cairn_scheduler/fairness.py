@@ -6,9 +6,7 @@ scheduler therefore keeps a job's shards PLANNED in MongoDB and sends only as ma
 tenant may have in flight (QUEUED or RUNNING): `max_in_flight_shards` of the tenant's quotas
 (`tenants` collection), else `CAIRN_TENANT_MAX_IN_FLIGHT_SHARDS`. Free room is handed out
 round-robin, one task per tenant per round, the tenant with the fewest tasks in flight first,
-within a tenant by job priority, then age, then shard index. The caps count what is in flight as
-`QUEUED_TASK` records it (cairn_contracts.store: written by a pass, by a worker's bulk claim of a
-bundle or frontier block; null from any re-send of a shard alone).
+within a tenant by job priority, then age, then shard index.
 
 The cap counts shard *tasks*, as a worker sees them: a bundle of small shards (bundles.py, about
 one batch of records in all) is one task, in flight while any of its shards is. What a cap bounds
@@ -16,8 +14,9 @@ is how long another tenant's task can wait behind this tenant's in the queue, an
 worker no longer than a large shard's task does; counted shard by shard, a cap of 64 let a job of
 64-record shards keep only four bundles queued, and its workers waited for the refills (issue 14:
 1,024 such shards took 1.6-2.3x the time of 8 large ones with the cap, 1.45x without). Each shard
-sent records its task's first shard key (`queued_task`); one re-sent alone (a retry, a reclaim, a
-replay) has none and counts alone. A pass runs when a job is planned,
+sent records its task's first shard key (`QUEUED_TASK`, cairn_contracts.store: written by the pass
+and again by a worker's bulk claim of a bundle or frontier block); one sent or claimed alone (a
+retry, a reclaim, a lost task, a replay) has none and counts alone. A pass runs when a job is planned,
 when a shard finishes while shards are left waiting, and every `CAIRN_FAIR_DISPATCH_INTERVAL_S`.
 
 Priorities across tenants: the ingest queue delivers a higher priority before every lower one, so
@@ -113,34 +112,21 @@ def _has_room(cap: int | None, flying: int) -> bool:
 
 
 @dataclass(frozen=True)
-class Waiting:
-    """A PLANNED shard of a running job, ready to be sent."""
+class WaitingTask:
+    """The task that would send some PLANNED shards of one job (`message`: a bundle, or one
+    shard): what the caps count and `fair_pick` hands out."""
 
-    job_id: str
-    shard_key: str
+    message: RunShard | RunShards
+    shards: int
     priority: int
-    records_estimate: int = 0  # 0: unknown
-    batch_size: int = 0  # its job's records per batch: small shards are bundled (bundles.py)
-    index: int = 0
 
     @property
-    def small(self) -> bool:
-        """Whether it fits in one batch: sent in a bundle with its neighbours (bundles.py)."""
-        return fits_one_batch(self.records_estimate, self.batch_size)
-
-
-@dataclass(frozen=True)
-class WaitingTask:
-    """The task that would send some PLANNED shards of one job (a bundle, or one shard): what the
-    caps count and `fair_pick` hands out."""
-
-    job_id: str
-    shards: tuple[Waiting, ...]
-    priority: int
+    def job_id(self) -> str:
+        return self.message.job_id
 
     @property
     def shard_keys(self) -> list[str]:
-        return [shard.shard_key for shard in self.shards]
+        return shard_keys_of(self.message)
 
 
 @dataclass
@@ -202,8 +188,8 @@ class FairDispatch:
             return 0
 
     async def run_pass(self) -> int:
-        """Dispatch what fits now; returns how many shards this call sent (in however many tasks). If a pass is
-        running already, it runs one more round for this call instead (0 is returned here), so a
+        """Dispatch what fits now; returns how many shards this call sent (in however many
+        tasks). If a pass is running already, it runs one more round for this call instead (0 is returned here), so a
         shard event never waits behind a queue of passes."""
         if self._lock.locked():
             self._again = True
@@ -256,7 +242,7 @@ class FairDispatch:
             raise
         if picked:
             logger.debug("fair dispatch: %d shard task(s) sent (%s)", len(picked), _per_tenant(picked, by_tenant))
-        return sum(len(task.shards) for task in picked)
+        return sum(task.shards for task in picked)
 
     async def _in_flight(self, jobs: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, int | None]]:
         """Per tenant of `jobs`: (their tasks in flight: distinct `queued_task`s of their shards
@@ -305,28 +291,26 @@ class FairDispatch:
             if room is not None and len(found) >= room:
                 break
             want = None if room is None else room - len(found)
-            shards = await self._planned(job, want)
-            if want is not None and len(shards) == want and self.max_bundle_shards > 1 and any(shard.small for shard in shards):
-                shards += await self._planned(job, want * (self.max_bundle_shards - 1), after=shards[-1].index)
-            by_key = {shard.shard_key: shard for shard in shards}
-            planned = [PlannedShard(shard.shard_key, shard.records_estimate) for shard in shards]
-            for task in shard_tasks(job["_id"], planned, _batch_size(job), self.max_bundle_shards):
-                found.append(WaitingTask(job["_id"], tuple(by_key[key] for key in shard_keys_of(task)), int(job.get("priority") or 2)))
+            batch_size = _batch_size(job)
+            shards = await self._planned(job["_id"], want)
+            small = any(fits_one_batch(shard.records_estimate, batch_size) for shard in shards)
+            if want is not None and len(shards) == want and self.max_bundle_shards > 1 and small:
+                shards += await self._planned(job["_id"], want * (self.max_bundle_shards - 1), after=shards[-1].index)
+            for task in shard_tasks(job["_id"], shards, batch_size, self.max_bundle_shards):
+                found.append(WaitingTask(task, len(shard_keys_of(task)), int(job.get("priority") or 2)))
         return found if room is None else found[:room]
 
-    async def _planned(self, job: dict[str, Any], limit: int | None, after: int | None = None) -> list[Waiting]:
+    async def _planned(self, job_id: str, limit: int | None, after: int | None = None) -> list[PlannedShard]:
         """The job's PLANNED shards of task-per-shard strategies in index order (past index
         `after`), at most `limit` of them (None: all)."""
-        query: dict[str, Any] = {"job_id": job["_id"], "state": ShardState.PLANNED, "strategy": {"$in": _TASK_PER_SHARD}}
+        query: dict[str, Any] = {"job_id": job_id, "state": ShardState.PLANNED, "strategy": {"$in": _TASK_PER_SHARD}}
         if after is not None:
             query["index"] = {"$gt": after}
         cursor = self.db[SHARDS].find(query, {"shard_key": 1, "index": 1, "records_estimate": 1}).sort("index", 1)
         if limit is not None:
             cursor = cursor.limit(limit)
-        priority, batch_size = int(job.get("priority") or 2), _batch_size(job)
         return [
-            Waiting(job["_id"], shard["shard_key"], priority, int(shard.get("records_estimate") or 0), batch_size, int(shard.get("index") or 0))
-            async for shard in cursor
+            PlannedShard(shard["shard_key"], int(shard.get("records_estimate") or 0), int(shard.get("index") or 0)) async for shard in cursor
         ]
 
     async def _send(self, picked: list[WaitingTask]) -> None:
@@ -340,7 +324,7 @@ class FairDispatch:
         for task in picked:
             by_priority[task.priority].append(task)
         for priority in sorted(by_priority, reverse=True):  # the most urgent first
-            await dispatch_all(self.dispatcher, [_message(task) for task in by_priority[priority]], priority)
+            await dispatch_all(self.dispatcher, [task.message for task in by_priority[priority]], priority)
         for priority, tasks in by_priority.items():  # the priority each waits at (`_ceilings`)
             queued = {"state": ShardState.QUEUED, "queued_at": clock.utcnow(), "queued_at_ms": clock.now_ms(), "queued_priority": priority}
             await self.db[SHARDS].bulk_write(
@@ -352,18 +336,11 @@ class FairDispatch:
             )
         sent: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for task in picked:
-            sent[task.job_id][0] += len(task.shards)
+            sent[task.job_id][0] += task.shards
             sent[task.job_id][1] += 1
         for job_id, (shards, tasks_sent) in sent.items():
             with log_context(job_id=job_id):  # `grep <job id>` follows its dispatch too
                 logger.info("job %s: %d shard(s) dispatched in %d task(s)", job_id, shards, tasks_sent)
-
-
-def _message(task: WaitingTask) -> RunShard | RunShards:
-    """The task's message: a bundle (RunShards) of several shards, a RunShard of one."""
-    if len(task.shards) == 1:
-        return RunShard(job_id=task.job_id, shard_key=task.shards[0].shard_key)
-    return RunShards(job_id=task.job_id, shard_keys=task.shard_keys)
 
 
 BATCH_SIZE = "spec.batch_size"
