@@ -302,17 +302,22 @@ async def in_flight_tasks(db: Any, job_id: str) -> set[str]:
     }
 
 
+async def small_shard_job(db: Any, job_id: str, cap: int) -> tuple[TaskRecorder, FairDispatch]:
+    """A job of 40 shards of 10 records in batches of 100 (bundles of 10), planned and sent under a
+    tenant cap of `cap` tasks."""
+    dispatcher = TaskRecorder()
+    fair = FairDispatch(db, dispatcher, default_cap=cap, refill_interval_s=0)
+    job = start(job_id, "t", 40, batch_size=100)
+    await record(db, job, 1)
+    await JobScheduler(db, dispatcher, fair=fair).start_job(job)
+    return dispatcher, fair
+
+
 async def test_a_bundle_of_small_shards_counts_once_towards_the_cap_while_any_of_its_shards_is_in_flight(db) -> None:
     """The cap counts tasks: 40 shards of 10 records in batches of 100 go in bundles of 10, and a
     cap of 2 sends two bundles (20 shards). A bundle holds its slot until its last shard ends; then
     its room goes to the next bundle."""
-    dispatcher = TaskRecorder()
-    fair = FairDispatch(db, dispatcher, default_cap=2, refill_interval_s=0)
-    scheduler = JobScheduler(db, dispatcher, fair=fair)
-    job = start("small-shards", "t", 40, batch_size=100)
-    await record(db, job, 1)
-
-    await scheduler.start_job(job)
+    dispatcher, fair = await small_shard_job(db, "small-shards", cap=2)
 
     assert dispatcher.tasks == [[f"small-shards:{i:04d}" for i in range(10)], [f"small-shards:{i:04d}" for i in range(10, 20)]]
     assert await queued(db, "small-shards") == 20
@@ -331,12 +336,7 @@ async def test_a_shard_sent_again_on_its_own_counts_as_a_task_of_its_own(db) -> 
     """A bundle's shard re-sent alone (a retry due, a reclaimed lease, a replay: `queued_task`
     null) takes a slot of its own beside the bundle it came from, also the bundle's first shard
     (whose key is the bundle's)."""
-    dispatcher = TaskRecorder()
-    fair = FairDispatch(db, dispatcher, default_cap=3, refill_interval_s=0)
-    scheduler = JobScheduler(db, dispatcher, fair=fair)
-    job = start("resent", "t", 40, batch_size=100)
-    await record(db, job, 1)
-    await scheduler.start_job(job)
+    dispatcher, fair = await small_shard_job(db, "resent", cap=3)
     assert len(dispatcher.tasks) == 3  # bundles 0-9, 10-19, 20-29
     for index in range(10, 30):  # two bundles end
         await db[SHARDS].update_one({"_id": f"resent:{index:04d}"}, {"$set": {"state": ShardState.SUCCEEDED}})

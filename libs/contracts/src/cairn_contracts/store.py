@@ -57,7 +57,7 @@ NOT_CANCELLED: dict[str, None] = {"cancel_requested": None}
 # first shard key of the bundle it was sent in (its own key when sent alone), written by the pass
 # that sends it and again by a worker's bulk claim of a bundle or frontier block (which may come
 # before the pass marks them). A shard re-sent on its own (a retry, a reclaim, a lost task, a
-# replay) has it set to null: it counts as a task of its own.
+# replay) or claimed on its own by a worker has it set to null: it counts as a task of its own.
 QUEUED_TASK = "queued_task"
 
 DEFAULT_TENANT = "default"
